@@ -1,0 +1,131 @@
+//! Plain HTTP on the gRPC port: the legacy `GET /port-events` JSON shim,
+//! `/healthz` and `/metrics`.
+
+use crate::log::{Event, Since};
+use crate::monitor::Handle;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use porthole::pb::v1::EventType;
+use serde::Serialize;
+use std::collections::HashMap;
+
+pub fn router(monitor: Handle) -> Router {
+    Router::new()
+        .route("/port-events", any(port_events))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .with_state(monitor)
+}
+
+/// One element of the legacy JSON array. `seq` and `process` are additions
+/// old clients ignore.
+#[derive(Serialize)]
+struct JsonEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    port: &'a str,
+    timestamp: String,
+    seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    process: Option<JsonProcess<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonProcess<'a> {
+    pid: u32,
+    name: &'a str,
+    cmdline: &'a [String],
+}
+
+fn json_event(e: &Event) -> JsonEvent<'_> {
+    JsonEvent {
+        kind: match e.kind {
+            EventType::Closed => "closed",
+            _ => "opened",
+        },
+        port: &e.port.key,
+        timestamp: porthole::time::rfc3339(e.at),
+        seq: e.seq,
+        process: e.port.process.as_ref().map(|p| JsonProcess {
+            pid: p.pid,
+            name: &p.name,
+            cmdline: &p.cmdline,
+        }),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+/// Parses `since`. A `+` offset sent unencoded arrives as a space; take it
+/// back rather than fail an old client.
+fn parse_since(raw: &str) -> Result<Since, String> {
+    porthole::time::parse_rfc3339(raw)
+        .or_else(|e| porthole::time::parse_rfc3339(&raw.replace(' ', "+")).map_err(|_| e))
+        .map(Since::Time)
+        .map_err(|e| {
+            format!("bad since {raw:?}: {e}; want RFC 3339, e.g. 2026-11-22T10:00:00Z or 2026-11-22T10:00:00.5+01:00\n")
+        })
+}
+
+async fn port_events(
+    method: Method,
+    State(monitor): State<Handle>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if method != Method::GET {
+        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, format!("{method} not allowed; use GET\n"));
+        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return resp;
+    }
+    let Ok(Query(params)) = query else {
+        return text(StatusCode::BAD_REQUEST, "malformed query string\n".into());
+    };
+    let since = match params.get("since").map(|s| parse_since(s)) {
+        None => Since::Start,
+        Some(Ok(since)) => since,
+        Some(Err(msg)) => return text(StatusCode::BAD_REQUEST, msg),
+    };
+    let reply = match monitor.events(since).await {
+        Ok(reply) => reply,
+        Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    };
+    let events: Vec<JsonEvent> = reply.page.events.iter().map(json_event).collect();
+    let body = serde_json::to_vec(&events).expect("plain data serializes");
+    let mut resp = (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if reply.page.truncated {
+        // Old clients ignore it; new ones know to resync from ListPorts.
+        resp.headers_mut()
+            .insert("x-porthole-truncated", HeaderValue::from_static("true"));
+    }
+    resp
+}
+
+async fn metrics(State(monitor): State<Handle>) -> Response {
+    let body = monitor.metrics.render(monitor.source);
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_accepts_rfc3339_forms_and_names_itself_when_wrong() {
+        assert!(matches!(parse_since("2026-11-22T10:00:00Z"), Ok(Since::Time(_))));
+        assert!(matches!(parse_since("2026-11-22T10:00:00.123+01:00"), Ok(Since::Time(_))));
+        let space = parse_since("2026-11-22T11:00:00 01:00").unwrap();
+        assert_eq!(space, parse_since("2026-11-22T10:00:00Z").unwrap());
+        let err = parse_since("yesterday").unwrap_err();
+        assert!(err.contains("since"), "{err}");
+    }
+}

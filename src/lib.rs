@@ -1,0 +1,15 @@
+//! Wire types and shared plumbing of porthole.
+//!
+//! The generated gRPC API lives in [`pb`]; [`key`] writes the legacy port key
+//! strings; [`server`] runs gRPC and plain HTTP on one port with health,
+//! reflection and an optional bearer token; [`shutdown`] and [`telemetry`]
+//! are the start-up and stop plumbing both services share.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod key;
+pub mod pb;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
