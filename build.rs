@@ -17,6 +17,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(PROTOS, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("porthole_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Relay data frames are handed on without copying.
+    tonic_prost_build::configure()
+        .bytes(".porthole.v1.RelayFrame")
+        .compile_fds(fds)?;
     Ok(())
 }

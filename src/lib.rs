@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod key;
 pub mod pb;
+pub mod relay;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -10,9 +10,11 @@ pub mod log;
 pub mod metrics;
 pub mod monitor;
 pub mod process;
+pub mod relay;
 pub mod scan;
 
 use porthole::pb::v1::port_events_server::{PortEventsServer, SERVICE_NAME as PORT_EVENTS};
+use porthole::pb::v1::relay_server::{RelayServer, SERVICE_NAME as RELAY};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -42,8 +44,9 @@ pub async fn run(listener: TcpListener, opts: Options, shutdown: CancellationTok
         "monitor-svc listening"
     );
     let app = porthole::server::App {
-        grpc: tonic::service::Routes::new(PortEventsServer::new(grpc::PortEventsService::new(handle.clone()))),
-        grpc_names: vec![PORT_EVENTS],
+        grpc: tonic::service::Routes::new(PortEventsServer::new(grpc::PortEventsService::new(handle.clone())))
+            .add_service(RelayServer::new(relay::RelayService::new(handle.clone(), shutdown.clone()))),
+        grpc_names: vec![PORT_EVENTS, RELAY],
         http: http::router(handle),
         token: opts.token,
     };

@@ -131,6 +131,8 @@ impl ScanError {
 /// Lists listening sockets; see the module docs.
 pub struct Scanner {
     backend: Backend,
+    /// Sockets found last time, to size the next result in one allocation.
+    last_len: usize,
 }
 
 enum Backend {
@@ -166,12 +168,16 @@ impl Scanner {
             Source::Netlink => Backend::Netlink(netlink::Netlink::open(bindv6only())?),
             Source::Procfs => return Ok(Scanner::procfs()),
         };
-        Ok(Scanner { backend })
+        Ok(Scanner {
+            backend,
+            last_len: 0,
+        })
     }
 
     fn procfs() -> Scanner {
         Scanner {
             backend: Backend::Procfs(procfs::Procfs::new("/proc/net".as_ref(), bindv6only())),
+            last_len: 0,
         }
     }
 
@@ -188,11 +194,12 @@ impl Scanner {
     /// An error fails the whole scan (no partial lists, which would read as
     /// ports closing); the next call starts afresh on the same source.
     pub fn scan(&mut self) -> Result<Vec<Socket>, ScanError> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(self.last_len + self.last_len / 8 + 4);
         match &mut self.backend {
             Backend::Netlink(netlink) => netlink.scan(&mut out)?,
             Backend::Procfs(procfs) => procfs.scan(&mut out)?,
         }
+        self.last_len = out.len();
         Ok(out)
     }
 }

@@ -145,8 +145,11 @@ impl Netlink {
             if len > self.buf.len() {
                 return Err(malformed(dump, "datagram larger than the receive buffer"));
             }
-            if parse_datagram(&self.buf[..len], self.seq, dump, self.bindv6only, out)? {
-                return Ok(());
+            match parse_datagram(&self.buf[..len], self.seq, dump, self.bindv6only, out) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(err) if no_ipv6(dump, &err) => return Ok(()),
+                Err(err) => return Err(err),
             }
         }
     }
@@ -255,6 +258,15 @@ fn parse_datagram(
         }
     }
     Ok(false)
+}
+
+/// ENOENT is sock_diag's "no handler for this family/protocol". The IPv4
+/// dump of the same protocol has just worked, so its module is there: the
+/// kernel was built without IPv6, and there are no IPv6 sockets to list.
+fn no_ipv6(dump: &Dump, err: &ScanError) -> bool {
+    const ENOENT: i32 = 2;
+    dump.family == AF_INET6
+        && matches!(err, ScanError::Netlink { source, .. } if source.raw_os_error() == Some(ENOENT))
 }
 
 fn kernel_error(dump: &Dump, errno: i32) -> ScanError {
@@ -616,6 +628,20 @@ mod tests {
         payload[..4].copy_from_slice(&0i32.to_ne_bytes());
         let data = Fixture::default().message(NLMSG_ERROR, 9, &payload).done(9);
         assert!(parse(&data.0, 9, UDP6).unwrap().0);
+    }
+
+    #[test]
+    fn enoent_means_no_ipv6_only_for_ipv6_dumps() {
+        let data = Fixture::default().message(NLMSG_ERROR, 1, &(-2i32).to_ne_bytes());
+        let v6 = parse(&data.0, 1, UDP6).unwrap_err();
+        assert!(no_ipv6(UDP6, &v6));
+        let v4 = parse(&data.0, 1, UDP4).unwrap_err();
+        assert!(
+            !no_ipv6(UDP4, &v4),
+            "no UDP diag module: fail, then fall back"
+        );
+        let data = Fixture::default().message(NLMSG_ERROR, 1, &(-1i32).to_ne_bytes());
+        assert!(!no_ipv6(TCP6, &parse(&data.0, 1, TCP6).unwrap_err()));
     }
 
     #[test]

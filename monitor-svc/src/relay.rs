@@ -1,0 +1,134 @@
+//! `porthole.v1.Relay`: carries one TCP connection per call to a port that
+//! is listening inside the container right now, and nowhere else.
+
+use crate::monitor::Handle;
+use porthole::pb::v1::{relay_frame::Kind, relay_server::Relay, DialReply, Protocol, RelayFrame};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Frames buffered per direction; with 64 KiB frames this bounds a
+/// connection's memory to about half a megabyte each way.
+const FRAMES_IN_FLIGHT: usize = 8;
+
+pub struct RelayService {
+    monitor: Handle,
+    shutdown: CancellationToken,
+}
+
+impl RelayService {
+    pub fn new(monitor: Handle, shutdown: CancellationToken) -> Self {
+        RelayService { monitor, shutdown }
+    }
+}
+
+/// Where to reach a listener: its own address, or loopback of the same
+/// family for a wildcard.
+pub fn reach(addr: IpAddr, port: u16) -> SocketAddr {
+    let ip = match addr {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        other => other,
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// Reads and checks the dial frame; returns the port.
+async fn dial_request(inbound: &mut Streaming<RelayFrame>) -> Result<u16, Status> {
+    let first = inbound
+        .message()
+        .await?
+        .ok_or_else(|| Status::invalid_argument("the stream ended before a dial frame"))?;
+    let Some(Kind::Dial(dial)) = first.kind else {
+        return Err(Status::invalid_argument("the first frame must be a dial frame"));
+    };
+    match Protocol::try_from(dial.protocol) {
+        Ok(Protocol::Tcp | Protocol::Unspecified) => {}
+        _ => return Err(Status::invalid_argument("only TCP ports can be relayed")),
+    }
+    u16::try_from(dial.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| Status::invalid_argument(format!("port {} is not in 1..65535", dial.port)))
+}
+
+#[tonic::async_trait]
+impl Relay for RelayService {
+    type DialStream = ReceiverStream<Result<RelayFrame, Status>>;
+
+    async fn dial(&self, request: Request<Streaming<RelayFrame>>) -> Result<Response<Self::DialStream>, Status> {
+        let mut inbound = request.into_inner();
+        let port = dial_request(&mut inbound).await?;
+        let (_, ports) = self.monitor.ports().await?;
+        let mut candidates: Vec<SocketAddr> = ports
+            .iter()
+            .filter(|p| p.protocol == Protocol::Tcp as i32 && p.port == u32::from(port))
+            .filter_map(|p| p.address.parse().ok().map(|ip| reach(ip, port)))
+            .collect();
+        candidates.sort_by_key(|a| a.is_ipv6());
+        candidates.dedup();
+        if candidates.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "no TCP listener on port {port} inside the container"
+            )));
+        }
+        let mut last_err = None;
+        let mut conn = None;
+        for addr in &candidates {
+            match TcpStream::connect(addr).await {
+                Ok(c) => {
+                    conn = Some((c, *addr));
+                    break;
+                }
+                Err(e) => last_err = Some(format!("{addr}: {e}")),
+            }
+        }
+        let Some((conn, addr)) = conn else {
+            return Err(Status::unavailable(format!(
+                "cannot connect to port {port}: {}",
+                last_err.unwrap_or_default()
+            )));
+        };
+        let _ = conn.set_nodelay(true);
+
+        let (out_tx, out_rx) = mpsc::channel::<Result<RelayFrame, Status>>(FRAMES_IN_FLIGHT);
+        let dialed = RelayFrame { kind: Some(Kind::Dialed(DialReply { address: addr.to_string() })) };
+        out_tx.send(Ok(dialed)).await.map_err(|_| Status::cancelled("caller went away"))?;
+        let metrics = self.monitor.metrics.clone();
+        let shutdown = self.shutdown.clone();
+        metrics.relays_total.fetch_add(1, Relaxed);
+        metrics.relays_active.fetch_add(1, Relaxed);
+        tokio::spawn(async move {
+            let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+            let pump = porthole::relay::pump(conn, inbound, out_tx, Ok, &sent, &received);
+            tokio::select! {
+                result = pump => {
+                    if let Err(e) = result {
+                        tracing::debug!(port, error = %e, "relay ended early");
+                    }
+                }
+                _ = shutdown.cancelled() => {}
+            }
+            metrics.relays_active.fetch_sub(1, Relaxed);
+            tracing::debug!(port, %addr, sent = sent.load(Relaxed), received = received.load(Relaxed), "relay closed");
+        });
+        Ok(Response::new(ReceiverStream::new(out_rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reach;
+
+    #[test]
+    fn wildcards_are_reached_on_loopback_of_their_family() {
+        assert_eq!(reach("0.0.0.0".parse().unwrap(), 80).to_string(), "127.0.0.1:80");
+        assert_eq!(reach("::".parse().unwrap(), 80).to_string(), "[::1]:80");
+        assert_eq!(reach("198.18.0.2".parse().unwrap(), 80).to_string(), "198.18.0.2:80");
+        assert_eq!(reach("::1".parse().unwrap(), 80).to_string(), "[::1]:80");
+    }
+}

@@ -1,0 +1,160 @@
+//! Moving bytes: between two sockets (`copy`), and between a socket and a
+//! `Relay.Dial` stream (`pump`). Both keep TCP half-close semantics: when one
+//! side stops sending, the other side's write half is shut down and the
+//! opposite direction carries on until it ends too.
+
+use crate::pb::v1::{relay_frame::Kind, RelayFrame};
+use prost::bytes::BytesMut;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Read size per hop. Large enough for multi-Gbit/s on loopback, small
+/// enough that a few thousand idle connections cost little.
+pub const CHUNK: usize = 64 * 1024;
+
+/// Copies `a` → `b` and `b` → `a` until both directions have ended, adding
+/// the bytes moved to `a_to_b` and `b_to_a` as they go.
+pub async fn copy<A, B>(a: A, b: B, a_to_b: &AtomicU64, b_to_a: &AtomicU64) -> std::io::Result<()>
+where
+    A: AsyncRead + AsyncWrite,
+    B: AsyncRead + AsyncWrite,
+{
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let up = one_way(&mut ar, &mut bw, a_to_b);
+    let down = one_way(&mut br, &mut aw, b_to_a);
+    let (up, down) = tokio::join!(up, down);
+    up.and(down)
+}
+
+async fn one_way<R, W>(r: &mut R, w: &mut W, counter: &AtomicU64) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close: the peer sees EOF, the other direction goes on.
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        counter.fetch_add(n as u64, Relaxed);
+    }
+}
+
+/// Why a relay stream ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stream: {0}")]
+    Stream(#[from] tonic::Status),
+    #[error("peer went away")]
+    PeerGone,
+    #[error("unexpected frame: {0}")]
+    Protocol(&'static str),
+}
+
+/// Carries a socket over a relay stream: bytes read from `sock` go out as
+/// `data` frames (then `close_write` at EOF); `data` frames coming in are
+/// written to `sock` (and its write half shut at `close_write`). Returns once
+/// both directions have ended, or as soon as either fails. `sent` /
+/// `received` count payload bytes.
+/// `wrap` shapes an outgoing frame for the channel (`Ok` on the server side,
+/// where the channel carries `Result<RelayFrame, Status>`).
+pub async fn pump<S, I, T>(
+    sock: S,
+    mut inbound: I,
+    outbound: mpsc::Sender<T>,
+    wrap: fn(RelayFrame) -> T,
+    sent: &AtomicU64,
+    received: &AtomicU64,
+) -> Result<(), PumpError>
+where
+    S: AsyncRead + AsyncWrite,
+    I: futures_util::Stream<Item = Result<RelayFrame, tonic::Status>> + Unpin,
+{
+    use futures_util::StreamExt;
+    let (mut r, mut w) = tokio::io::split(sock);
+    let up = async {
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        loop {
+            buf.reserve(CHUNK);
+            let n = r.read_buf(&mut buf).await?;
+            let frame = if n == 0 {
+                Kind::CloseWrite(true)
+            } else {
+                sent.fetch_add(n as u64, Relaxed);
+                Kind::Data(buf.split().freeze())
+            };
+            outbound
+                .send(wrap(RelayFrame { kind: Some(frame) }))
+                .await
+                .map_err(|_| PumpError::PeerGone)?;
+            if n == 0 {
+                return Ok::<_, PumpError>(());
+            }
+        }
+    };
+    let down = async {
+        while let Some(frame) = inbound.next().await {
+            match frame?.kind {
+                Some(Kind::Data(data)) => {
+                    w.write_all(&data).await?;
+                    received.fetch_add(data.len() as u64, Relaxed);
+                }
+                Some(Kind::CloseWrite(_)) => {
+                    w.shutdown().await?;
+                    return Ok(());
+                }
+                Some(Kind::Dial(_) | Kind::Dialed(_)) => return Err(PumpError::Protocol("dial after start")),
+                None => return Err(PumpError::Protocol("empty frame")),
+            }
+        }
+        // The stream ended without close_write: the peer went away.
+        Err(PumpError::PeerGone)
+    };
+    // Either side failing ends both: nothing waits on a dead peer.
+    tokio::try_join!(up, down).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    #[tokio::test]
+    async fn copy_moves_both_ways_with_half_close() {
+        let (client, relay_a) = duplex(1024);
+        let (relay_b, server) = duplex(1024);
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let relay = copy(relay_a, relay_b, &up, &down);
+        let ends = async {
+            let (mut cr, mut cw) = tokio::io::split(client);
+            let (mut sr, mut sw) = tokio::io::split(server);
+            let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+            let send = async {
+                cw.write_all(&big).await.unwrap();
+                cw.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let recv = sr.read_to_end(&mut got);
+            let (_, n) = tokio::join!(send, recv);
+            assert_eq!(n.unwrap(), big.len());
+            assert_eq!(got, big, "bytes arrive intact and in order");
+            // The server still answers after the client's half-close.
+            sw.write_all(b"reply").await.unwrap();
+            sw.shutdown().await.unwrap();
+            let mut reply = Vec::new();
+            cr.read_to_end(&mut reply).await.unwrap();
+            assert_eq!(reply, b"reply");
+        };
+        let (result, ()) = tokio::join!(relay, ends);
+        result.unwrap();
+        assert_eq!(up.load(Relaxed), 200_000);
+        assert_eq!(down.load(Relaxed), 5);
+    }
+}
