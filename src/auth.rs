@@ -45,10 +45,14 @@ impl Token {
 
     pub fn new(secret: &str) -> Result<Token, TokenError> {
         if secret.is_empty() {
-            return Err(TokenError::Empty { path: String::new() });
+            return Err(TokenError::Empty {
+                path: String::new(),
+            });
         }
         if HeaderValue::from_str(&format!("Bearer {secret}")).is_err() {
-            return Err(TokenError::Invalid { path: String::new() });
+            return Err(TokenError::Invalid {
+                path: String::new(),
+            });
         }
         Ok(Token(secret.into()))
     }
@@ -61,6 +65,21 @@ impl Token {
         v
     }
 
+    /// The same, as gRPC request metadata.
+    pub fn metadata_value(&self) -> tonic::metadata::AsciiMetadataValue {
+        let mut v: tonic::metadata::AsciiMetadataValue = format!("Bearer {}", self.0)
+            .parse()
+            .expect("checked when the token was made");
+        v.set_sensitive(true);
+        v
+    }
+
+    /// Adds the token to an outgoing gRPC request.
+    pub fn authorize<T>(&self, req: &mut tonic::Request<T>) {
+        req.metadata_mut()
+            .insert("authorization", self.metadata_value());
+    }
+
     /// Whether an `authorization` header carries this token. The comparison
     /// takes the same time wherever the first difference is.
     pub fn accepts(&self, header: Option<&HeaderValue>) -> bool {
@@ -68,7 +87,12 @@ impl Token {
             return false;
         };
         let want = self.0.as_bytes();
-        given.len() == want.len() && given.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        given.len() == want.len()
+            && given
+                .iter()
+                .zip(want)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
     }
 }
 
@@ -116,8 +140,14 @@ mod tests {
     #[test]
     fn rejects_empty_and_unprintable_tokens() {
         assert!(matches!(Token::new(""), Err(TokenError::Empty { .. })));
-        assert!(matches!(Token::new("a\nb"), Err(TokenError::Invalid { .. })));
+        assert!(matches!(
+            Token::new("a\nb"),
+            Err(TokenError::Invalid { .. })
+        ));
         let err = Token::from_file(Path::new("/nonexistent/porthole-token")).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/porthole-token"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/porthole-token"),
+            "{err}"
+        );
     }
 }

@@ -44,7 +44,10 @@ mod tests {
             "tcp:[::1]:9090"
         );
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
-        assert_eq!(format("tcp", mapped, 80, false), "tcp:[::ffff:127.0.0.1]:80");
+        assert_eq!(
+            format("tcp", mapped, 80, false),
+            "tcp:[::ffff:127.0.0.1]:80"
+        );
     }
 
     #[test]

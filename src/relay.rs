@@ -24,8 +24,8 @@ where
     let (mut br, mut bw) = tokio::io::split(b);
     let up = one_way(&mut ar, &mut bw, a_to_b);
     let down = one_way(&mut br, &mut aw, b_to_a);
-    let (up, down) = tokio::join!(up, down);
-    up.and(down)
+    // Either side failing ends both: nothing waits on a dead peer.
+    tokio::try_join!(up, down).map(|_| ())
 }
 
 async fn one_way<R, W>(r: &mut R, w: &mut W, counter: &AtomicU64) -> std::io::Result<()>
@@ -110,7 +110,9 @@ where
                     w.shutdown().await?;
                     return Ok(());
                 }
-                Some(Kind::Dial(_) | Kind::Dialed(_)) => return Err(PumpError::Protocol("dial after start")),
+                Some(Kind::Dial(_) | Kind::Dialed(_)) => {
+                    return Err(PumpError::Protocol("dial after start"))
+                }
                 None => return Err(PumpError::Protocol("empty frame")),
             }
         }

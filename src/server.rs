@@ -11,6 +11,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
+/// HTTP/2 flow-control windows. The 64 KiB default caps a relayed
+/// connection far below what loopback carries; these bound per-stream and
+/// per-connection buffering instead.
+pub const STREAM_WINDOW: u32 = 2 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot build the reflection service: {0}")]
@@ -41,7 +47,9 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
     for name in &app.grpc_names {
-        health.set_service_status(*name, ServingStatus::Serving).await;
+        health
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
     }
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -54,7 +62,10 @@ pub async fn serve(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?);
 
-    let mut router = routes.into_axum_router().merge(app.http).fallback(not_found);
+    let mut router = routes
+        .into_axum_router()
+        .merge(app.http)
+        .fallback(not_found);
     if let Some(token) = app.token {
         router = router.layer(axum::middleware::from_fn(move |req, next| {
             auth::require(token.clone(), req, next)
@@ -66,10 +77,14 @@ pub async fn serve(
         .accept_http1(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .add_routes(Routes::from(router))
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.cancelled().await;
-            health.set_service_status("", ServingStatus::NotServing).await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
         })
         .await?;
     Ok(())
@@ -79,7 +94,9 @@ pub async fn serve(
 async fn not_found(req: Request) -> Response {
     if auth::is_grpc(&req) {
         let msg = format!("no such method {}", req.uri().path());
-        let (parts, ()) = tonic::Status::unimplemented(msg).into_http::<()>().into_parts();
+        let (parts, ()) = tonic::Status::unimplemented(msg)
+            .into_http::<()>()
+            .into_parts();
         return Response::from_parts(parts, Body::empty());
     }
     Response::builder()

@@ -24,7 +24,8 @@ impl std::str::FromStr for LogFormat {
 
 /// Installs the global subscriber, writing to stderr.
 pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
-    let filter = EnvFilter::try_new(filter).map_err(|e| format!("bad log level {filter:?}: {e}"))?;
+    let filter =
+        EnvFilter::try_new(filter).map_err(|e| format!("bad log level {filter:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -49,9 +49,15 @@ mod tests {
 
     #[test]
     fn rejects_out_of_range_proto_nanos() {
-        let bad = prost_types::Timestamp { seconds: 0, nanos: -1 };
+        let bad = prost_types::Timestamp {
+            seconds: 0,
+            nanos: -1,
+        };
         assert_eq!(from_proto(&bad), None);
-        let bad = prost_types::Timestamp { seconds: 0, nanos: 1_000_000_000 };
+        let bad = prost_types::Timestamp {
+            seconds: 0,
+            nanos: 1_000_000_000,
+        };
         assert_eq!(from_proto(&bad), None);
     }
 }

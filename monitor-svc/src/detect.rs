@@ -14,7 +14,10 @@ pub struct Detector {
 
 impl Detector {
     pub fn new(scanner: Scanner) -> Detector {
-        Detector { scanner, owners: HashMap::new() }
+        Detector {
+            scanner,
+            owners: HashMap::new(),
+        }
     }
 
     pub fn source(&self) -> Source {
@@ -25,9 +28,17 @@ impl Detector {
     /// (SO_REUSEPORT) are one port.
     pub fn poll(&mut self) -> Result<BTreeMap<String, v1::Port>, ScanError> {
         let sockets = self.scanner.scan()?;
-        let live: HashSet<u64> = sockets.iter().map(|s| s.inode).filter(|i| *i != 0).collect();
+        let live: HashSet<u64> = sockets
+            .iter()
+            .map(|s| s.inode)
+            .filter(|i| *i != 0)
+            .collect();
         self.owners.retain(|inode, _| live.contains(inode));
-        let unknown: HashSet<u64> = live.iter().filter(|i| !self.owners.contains_key(i)).copied().collect();
+        let unknown: HashSet<u64> = live
+            .iter()
+            .filter(|i| !self.owners.contains_key(i))
+            .copied()
+            .collect();
         if !unknown.is_empty() {
             let mut found = process::owners(&unknown);
             for inode in unknown {
@@ -61,6 +72,10 @@ fn to_port(s: &Socket, process: Option<ProcessInfo>) -> v1::Port {
         address: s.addr.to_string(),
         port: u32::from(s.port),
         key: porthole::key::format(protocol_name(s.protocol), s.addr, s.port, s.dual_stack),
-        process: process.map(|p| v1::Process { pid: p.pid, name: p.name, cmdline: p.cmdline }),
+        process: process.map(|p| v1::Process {
+            pid: p.pid,
+            name: p.name,
+            cmdline: p.cmdline,
+        }),
     }
 }

@@ -58,7 +58,12 @@ fn json_event(e: &Event) -> JsonEvent<'_> {
 }
 
 fn text(status: StatusCode, body: String) -> Response {
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 /// Parses `since`. A `+` offset sent unencoded arrives as a space; take it
@@ -78,8 +83,12 @@ async fn port_events(
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     if method != Method::GET {
-        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, format!("{method} not allowed; use GET\n"));
-        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+        let mut resp = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} not allowed; use GET\n"),
+        );
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET"));
         return resp;
     }
     let Ok(Query(params)) = query else {
@@ -96,7 +105,12 @@ async fn port_events(
     };
     let events: Vec<JsonEvent> = reply.page.events.iter().map(json_event).collect();
     let body = serde_json::to_vec(&events).expect("plain data serializes");
-    let mut resp = (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    let mut resp = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response();
     if reply.page.truncated {
         // Old clients ignore it; new ones know to resync from ListPorts.
         resp.headers_mut()
@@ -109,7 +123,10 @@ async fn metrics(State(monitor): State<Handle>) -> Response {
     let body = monitor.metrics.render(monitor.source);
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         body,
     )
         .into_response()
@@ -121,8 +138,14 @@ mod tests {
 
     #[test]
     fn since_accepts_rfc3339_forms_and_names_itself_when_wrong() {
-        assert!(matches!(parse_since("2026-11-22T10:00:00Z"), Ok(Since::Time(_))));
-        assert!(matches!(parse_since("2026-11-22T10:00:00.123+01:00"), Ok(Since::Time(_))));
+        assert!(matches!(
+            parse_since("2026-11-22T10:00:00Z"),
+            Ok(Since::Time(_))
+        ));
+        assert!(matches!(
+            parse_since("2026-11-22T10:00:00.123+01:00"),
+            Ok(Since::Time(_))
+        ));
         let space = parse_since("2026-11-22T11:00:00 01:00").unwrap();
         assert_eq!(space, parse_since("2026-11-22T10:00:00Z").unwrap());
         let err = parse_since("yesterday").unwrap_err();

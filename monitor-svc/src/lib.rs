@@ -29,12 +29,19 @@ pub struct Options {
 }
 
 /// Runs the monitor on `listener` until `shutdown` is cancelled.
-pub async fn run(listener: TcpListener, opts: Options, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    opts: Options,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let scanner = match opts.source {
         None => scan::Scanner::auto(),
         Some(src) => scan::Scanner::with_source(src)?,
     };
-    let config = monitor::Config { interval: opts.interval, buffer_size: opts.buffer_size };
+    let config = monitor::Config {
+        interval: opts.interval,
+        buffer_size: opts.buffer_size,
+    };
     let (handle, task) = monitor::spawn(detect::Detector::new(scanner), config, shutdown.clone());
     tracing::info!(
         addr = %listener.local_addr()?,
@@ -44,8 +51,13 @@ pub async fn run(listener: TcpListener, opts: Options, shutdown: CancellationTok
         "monitor-svc listening"
     );
     let app = porthole::server::App {
-        grpc: tonic::service::Routes::new(PortEventsServer::new(grpc::PortEventsService::new(handle.clone())))
-            .add_service(RelayServer::new(relay::RelayService::new(handle.clone(), shutdown.clone()))),
+        grpc: tonic::service::Routes::new(PortEventsServer::new(grpc::PortEventsService::new(
+            handle.clone(),
+        )))
+        .add_service(RelayServer::new(relay::RelayService::new(
+            handle.clone(),
+            shutdown.clone(),
+        ))),
         grpc_names: vec![PORT_EVENTS, RELAY],
         http: http::router(handle),
         token: opts.token,

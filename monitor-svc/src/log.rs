@@ -84,7 +84,11 @@ impl EventLog {
     /// stepped back), so "strictly after the last timestamp I saw" never
     /// skips a sibling of the same scan nor a later scan. Returns the new
     /// events.
-    pub fn append_scan(&mut self, now: DateTime<Utc>, changes: Vec<(EventType, Port)>) -> Vec<Event> {
+    pub fn append_scan(
+        &mut self,
+        now: DateTime<Utc>,
+        changes: Vec<(EventType, Port)>,
+    ) -> Vec<Event> {
         if changes.is_empty() {
             return Vec::new();
         }
@@ -96,7 +100,12 @@ impl EventLog {
         let mut appended = Vec::with_capacity(changes.len());
         for (kind, port) in changes {
             self.last_seq += 1;
-            let event = Event { seq: self.last_seq, at, kind, port };
+            let event = Event {
+                seq: self.last_seq,
+                at,
+                kind,
+                port,
+            };
             if self.ring.len() == self.capacity {
                 let dropped = self.ring.pop_front().expect("full ring is not empty");
                 self.last_dropped_at = Some(dropped.at);
@@ -145,7 +154,10 @@ impl EventLog {
 
 /// The events that turn `current` into `scanned` (both keyed by the port's
 /// key): closes first, then opens, each in key order.
-pub fn diff(current: &BTreeMap<String, Port>, scanned: &BTreeMap<String, Port>) -> Vec<(EventType, Port)> {
+pub fn diff(
+    current: &BTreeMap<String, Port>,
+    scanned: &BTreeMap<String, Port>,
+) -> Vec<(EventType, Port)> {
     let closed = current
         .iter()
         .filter(|(k, _)| !scanned.contains_key(*k))
@@ -189,7 +201,10 @@ mod tests {
         let mut log = EventLog::new(10);
         assert_eq!((log.first_seq(), log.last_seq()), (0, 0));
         assert_eq!(seqs(&log.append_scan(t(0), opened(&[1, 2]))), [1, 2]);
-        assert!(log.append_scan(t(1), vec![]).is_empty(), "an empty scan logs nothing");
+        assert!(
+            log.append_scan(t(1), vec![]).is_empty(),
+            "an empty scan logs nothing"
+        );
         assert_eq!(seqs(&log.append_scan(t(2), opened(&[3]))), [3]);
         assert_eq!((log.first_seq(), log.last_seq()), (1, 3));
     }
@@ -246,7 +261,10 @@ mod tests {
         log.append_scan(t(0), opened(&[1]));
         log.append_scan(t(1), opened(&[2]));
         log.append_scan(t(2), opened(&[3])); // drops seq 1 (t0)
-        assert!(!log.since(Since::Time(t(0))).truncated, "the dropped event is not after t0");
+        assert!(
+            !log.since(Since::Time(t(0))).truncated,
+            "the dropped event is not after t0"
+        );
         assert!(log.since(Since::Time(t(-1))).truncated);
     }
 
@@ -279,12 +297,20 @@ mod tests {
 
     #[test]
     fn diff_reports_closes_then_opens() {
-        let map = |ns: &[u32]| ns.iter().map(|n| (port(*n).key, port(*n))).collect::<BTreeMap<_, _>>();
+        let map = |ns: &[u32]| {
+            ns.iter()
+                .map(|n| (port(*n).key, port(*n)))
+                .collect::<BTreeMap<_, _>>()
+        };
         let changes = diff(&map(&[1, 2, 3]), &map(&[2, 3, 4, 5]));
         let got: Vec<(EventType, u32)> = changes.iter().map(|(k, p)| (*k, p.port)).collect();
         assert_eq!(
             got,
-            [(EventType::Closed, 1), (EventType::Opened, 4), (EventType::Opened, 5)]
+            [
+                (EventType::Closed, 1),
+                (EventType::Opened, 4),
+                (EventType::Opened, 5)
+            ]
         );
         assert!(diff(&map(&[1]), &map(&[1])).is_empty());
     }

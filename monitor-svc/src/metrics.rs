@@ -69,8 +69,14 @@ impl Metrics {
             "counter",
             "Port events logged.",
             &[
-                ("{type=\"opened\"}", self.events_opened.load(Relaxed).to_string()),
-                ("{type=\"closed\"}", self.events_closed.load(Relaxed).to_string()),
+                (
+                    "{type=\"opened\"}",
+                    self.events_opened.load(Relaxed).to_string(),
+                ),
+                (
+                    "{type=\"closed\"}",
+                    self.events_closed.load(Relaxed).to_string(),
+                ),
             ],
         );
         metric(
@@ -118,10 +124,25 @@ mod tests {
         m.scan_took(Duration::from_millis(4));
         m.events_opened.fetch_add(3, Relaxed);
         let text = m.render("netlink");
-        assert!(text.contains("porthole_monitor_scans_total{source=\"netlink\"} 2\n"), "{text}");
-        assert!(text.contains("porthole_monitor_scan_duration_seconds_sum 0.006\n"), "{text}");
-        assert!(text.contains("porthole_monitor_scan_duration_seconds_count 2\n"), "{text}");
-        assert!(text.contains("porthole_monitor_events_total{type=\"opened\"} 3\n"), "{text}");
-        assert!(text.contains("# TYPE porthole_monitor_subscribers gauge\n"), "{text}");
+        assert!(
+            text.contains("porthole_monitor_scans_total{source=\"netlink\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("porthole_monitor_scan_duration_seconds_sum 0.006\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("porthole_monitor_scan_duration_seconds_count 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("porthole_monitor_events_total{type=\"opened\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE porthole_monitor_subscribers gauge\n"),
+            "{text}"
+        );
     }
 }

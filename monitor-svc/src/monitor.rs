@@ -49,9 +49,18 @@ impl From<Stopped> for Status {
 }
 
 enum Command {
-    Events { since: Since, reply: oneshot::Sender<EventsReply> },
-    Ports { reply: oneshot::Sender<(u64, Vec<v1::Port>)> },
-    Watch { instance_id: String, after_seq: u64, reply: oneshot::Sender<mpsc::Receiver<WatchItem>> },
+    Events {
+        since: Since,
+        reply: oneshot::Sender<EventsReply>,
+    },
+    Ports {
+        reply: oneshot::Sender<(u64, Vec<v1::Port>)>,
+    },
+    Watch {
+        instance_id: String,
+        after_seq: u64,
+        reply: oneshot::Sender<mpsc::Receiver<WatchItem>>,
+    },
 }
 
 /// A cheap, cloneable way to ask the monitor task things.
@@ -80,14 +89,27 @@ impl Handle {
     }
 
     /// A subscription: a Snapshot or the resumed events, then live events.
-    pub async fn watch(&self, instance_id: String, after_seq: u64) -> Result<mpsc::Receiver<WatchItem>, Stopped> {
-        self.ask(|reply| Command::Watch { instance_id, after_seq, reply }).await
+    pub async fn watch(
+        &self,
+        instance_id: String,
+        after_seq: u64,
+    ) -> Result<mpsc::Receiver<WatchItem>, Stopped> {
+        self.ask(|reply| Command::Watch {
+            instance_id,
+            after_seq,
+            reply,
+        })
+        .await
     }
 }
 
 /// Starts the monitor task. The first scan runs before any request is
 /// answered, so ports already listening are logged as `opened` at start-up.
-pub fn spawn(detector: Detector, config: Config, shutdown: CancellationToken) -> (Handle, JoinHandle<()>) {
+pub fn spawn(
+    detector: Detector,
+    config: Config,
+    shutdown: CancellationToken,
+) -> (Handle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
     let instance_id: Arc<str> = new_instance_id().into();
     let metrics = Arc::new(Metrics::default());
@@ -115,7 +137,11 @@ pub fn spawn(detector: Detector, config: Config, shutdown: CancellationToken) ->
 /// never mistaken for the previous one.
 fn new_instance_id() -> String {
     let now = Utc::now();
-    format!("{:x}-{:x}", now.timestamp_nanos_opt().unwrap_or_default(), std::process::id())
+    format!(
+        "{:x}-{:x}",
+        now.timestamp_nanos_opt().unwrap_or_default(),
+        std::process::id()
+    )
 }
 
 struct Subscriber {
@@ -132,7 +158,11 @@ struct Monitor {
     metrics: Arc<Metrics>,
 }
 
-type ScanResult = (Detector, Result<BTreeMap<String, v1::Port>, ScanError>, Duration);
+type ScanResult = (
+    Detector,
+    Result<BTreeMap<String, v1::Port>, ScanError>,
+    Duration,
+);
 
 fn scan_in_background(mut detector: Detector) -> JoinHandle<ScanResult> {
     tokio::task::spawn_blocking(move || {
@@ -184,9 +214,9 @@ impl Monitor {
             }
         }
         for sub in self.subscribers.drain(..) {
-            let _ = sub
-                .tx
-                .try_send(Err(Status::unavailable("monitor-svc is shutting down; reconnect to resume")));
+            let _ = sub.tx.try_send(Err(Status::unavailable(
+                "monitor-svc is shutting down; reconnect to resume",
+            )));
         }
         self.metrics.subscribers.store(0, Relaxed);
     }
@@ -236,7 +266,9 @@ impl Monitor {
                 continue;
             }
             for e in events {
-                let item = Ok(WatchEventsResponse { kind: Some(Kind::Event(e.to_proto())) });
+                let item = Ok(WatchEventsResponse {
+                    kind: Some(Kind::Event(e.to_proto())),
+                });
                 if let Err(mpsc::error::TrySendError::Full(_)) = sub.tx.try_send(item) {
                     sub.resync = true;
                     self.metrics.resyncs.fetch_add(1, Relaxed);
@@ -250,7 +282,11 @@ impl Monitor {
 
     /// Sends owed snapshots to subscribers that have room again.
     fn resync_waiting(&mut self) {
-        if self.subscribers.iter().any(|s| s.resync && s.tx.capacity() > 0) {
+        if self
+            .subscribers
+            .iter()
+            .any(|s| s.resync && s.tx.capacity() > 0)
+        {
             let snapshot = self.snapshot();
             for sub in self.subscribers.iter_mut().filter(|s| s.resync) {
                 if sub.tx.try_send(Ok(snapshot.clone())).is_ok() {
@@ -263,7 +299,9 @@ impl Monitor {
 
     fn drop_closed(&mut self) {
         self.subscribers.retain(|s| !s.tx.is_closed());
-        self.metrics.subscribers.store(self.subscribers.len() as u64, Relaxed);
+        self.metrics
+            .subscribers
+            .store(self.subscribers.len() as u64, Relaxed);
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -278,7 +316,11 @@ impl Monitor {
             Command::Ports { reply } => {
                 let _ = reply.send((self.log.last_seq(), self.ports.values().cloned().collect()));
             }
-            Command::Watch { instance_id, after_seq, reply } => {
+            Command::Watch {
+                instance_id,
+                after_seq,
+                reply,
+            } => {
                 let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
                 let resumed = (instance_id == *self.instance_id)
                     .then(|| self.log.resume(after_seq))
@@ -287,14 +329,21 @@ impl Monitor {
                 match resumed {
                     Some(events) => {
                         for e in events {
-                            let item = Ok(WatchEventsResponse { kind: Some(Kind::Event(e.to_proto())) });
-                            tx.try_send(item).expect("fewer events than the queue holds");
+                            let item = Ok(WatchEventsResponse {
+                                kind: Some(Kind::Event(e.to_proto())),
+                            });
+                            tx.try_send(item)
+                                .expect("fewer events than the queue holds");
                         }
                     }
-                    None => tx.try_send(Ok(self.snapshot())).expect("new queue has room"),
+                    None => tx
+                        .try_send(Ok(self.snapshot()))
+                        .expect("new queue has room"),
                 }
                 self.subscribers.push(Subscriber { tx, resync: false });
-                self.metrics.subscribers.store(self.subscribers.len() as u64, Relaxed);
+                self.metrics
+                    .subscribers
+                    .store(self.subscribers.len() as u64, Relaxed);
                 let _ = reply.send(rx);
             }
         }

@@ -44,7 +44,9 @@ async fn dial_request(inbound: &mut Streaming<RelayFrame>) -> Result<u16, Status
         .await?
         .ok_or_else(|| Status::invalid_argument("the stream ended before a dial frame"))?;
     let Some(Kind::Dial(dial)) = first.kind else {
-        return Err(Status::invalid_argument("the first frame must be a dial frame"));
+        return Err(Status::invalid_argument(
+            "the first frame must be a dial frame",
+        ));
     };
     match Protocol::try_from(dial.protocol) {
         Ok(Protocol::Tcp | Protocol::Unspecified) => {}
@@ -60,7 +62,10 @@ async fn dial_request(inbound: &mut Streaming<RelayFrame>) -> Result<u16, Status
 impl Relay for RelayService {
     type DialStream = ReceiverStream<Result<RelayFrame, Status>>;
 
-    async fn dial(&self, request: Request<Streaming<RelayFrame>>) -> Result<Response<Self::DialStream>, Status> {
+    async fn dial(
+        &self,
+        request: Request<Streaming<RelayFrame>>,
+    ) -> Result<Response<Self::DialStream>, Status> {
         let mut inbound = request.into_inner();
         let port = dial_request(&mut inbound).await?;
         let (_, ports) = self.monitor.ports().await?;
@@ -96,8 +101,15 @@ impl Relay for RelayService {
         let _ = conn.set_nodelay(true);
 
         let (out_tx, out_rx) = mpsc::channel::<Result<RelayFrame, Status>>(FRAMES_IN_FLIGHT);
-        let dialed = RelayFrame { kind: Some(Kind::Dialed(DialReply { address: addr.to_string() })) };
-        out_tx.send(Ok(dialed)).await.map_err(|_| Status::cancelled("caller went away"))?;
+        let dialed = RelayFrame {
+            kind: Some(Kind::Dialed(DialReply {
+                address: addr.to_string(),
+            })),
+        };
+        out_tx
+            .send(Ok(dialed))
+            .await
+            .map_err(|_| Status::cancelled("caller went away"))?;
         let metrics = self.monitor.metrics.clone();
         let shutdown = self.shutdown.clone();
         metrics.relays_total.fetch_add(1, Relaxed);
@@ -126,9 +138,15 @@ mod tests {
 
     #[test]
     fn wildcards_are_reached_on_loopback_of_their_family() {
-        assert_eq!(reach("0.0.0.0".parse().unwrap(), 80).to_string(), "127.0.0.1:80");
+        assert_eq!(
+            reach("0.0.0.0".parse().unwrap(), 80).to_string(),
+            "127.0.0.1:80"
+        );
         assert_eq!(reach("::".parse().unwrap(), 80).to_string(), "[::1]:80");
-        assert_eq!(reach("198.18.0.2".parse().unwrap(), 80).to_string(), "198.18.0.2:80");
+        assert_eq!(
+            reach("198.18.0.2".parse().unwrap(), 80).to_string(),
+            "198.18.0.2:80"
+        );
         assert_eq!(reach("::1".parse().unwrap(), 80).to_string(), "[::1]:80");
     }
 }

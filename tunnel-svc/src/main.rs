@@ -1,1 +1,151 @@
-fn main() {}
+#![forbid(unsafe_code)]
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use porthole::telemetry::LogFormat;
+use std::{net::IpAddr, net::SocketAddr, path::PathBuf};
+use tunnel_svc::config;
+
+/// Keeps one host tunnel per open port of one or more containers.
+#[derive(Parser, Debug)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// List tunnels of a running tunnel-svc as a table.
+    Ls(ClientArgs),
+    /// Close a tunnel by id (e.g. default:tcp:8080).
+    Close {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ClientArgs {
+    /// Admin API of the running tunnel-svc.
+    #[arg(long, env = "PORTHOLE_ADMIN", default_value = "127.0.0.1:7071")]
+    admin: SocketAddr,
+    /// File holding the bearer token, if the service requires one.
+    #[arg(long, env = "PORTHOLE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OnConflict {
+    /// Use the next free host port, and say so.
+    Next,
+    /// Mark the tunnel FAILED with the reason.
+    Fail,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Monitor to watch, as target "default" (e.g. http://198.18.0.2:7070).
+    #[arg(long, env = "PORTHOLE_MONITOR")]
+    monitor: Option<String>,
+    /// A named monitor to watch: NAME=URL. Repeatable.
+    #[arg(long = "target", value_name = "NAME=URL")]
+    targets: Vec<String>,
+    /// Backend for every target (grpc, ssh, direct), or TARGET=BACKEND for one. Repeatable.
+    #[arg(long = "backend", value_name = "[TARGET=]BACKEND")]
+    backends: Vec<String>,
+    /// ssh destination (an alias from your ssh config) for every ssh target, or TARGET=ALIAS.
+    /// Default: the monitor URL's host.
+    #[arg(long = "ssh-host", value_name = "[TARGET=]ALIAS")]
+    ssh_hosts: Vec<String>,
+    /// Extra `-o` option for every ssh command (e.g. StrictHostKeyChecking=accept-new). Repeatable.
+    #[arg(long = "ssh-option", value_name = "OPTION")]
+    ssh_options: Vec<String>,
+    /// Container ports never forwarded automatically: ports and ranges, "" for none.
+    #[arg(long, env = "PORTHOLE_SKIP", default_value = config::DEFAULT_SKIP)]
+    skip: config::PortSet,
+    /// Most automatic tunnels per target (the lowest ports win).
+    #[arg(long, env = "PORTHOLE_MAX_TUNNELS", default_value_t = 10)]
+    max_tunnels: usize,
+    /// What to do when a host port is taken.
+    #[arg(long, value_enum, default_value_t = OnConflict::Next)]
+    on_conflict: OnConflict,
+    /// Host address tunnels listen on. Repeatable. Default 127.0.0.1 and ::1.
+    #[arg(long = "bind", value_name = "ADDR")]
+    bind: Vec<IpAddr>,
+    /// Address of the admin gRPC API (and /healthz, /metrics).
+    #[arg(long, env = "PORTHOLE_ADMIN", default_value = "127.0.0.1:7071")]
+    admin: SocketAddr,
+    /// File holding a bearer token: required on the admin API and sent to monitors.
+    #[arg(long, env = "PORTHOLE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Log level or tracing filter.
+    #[arg(long, env = "PORTHOLE_LOG", default_value = "info")]
+    log_level: String,
+    /// Log format: text or json.
+    #[arg(long, env = "PORTHOLE_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<porthole::auth::Token>> {
+    Ok(path.map(porthole::auth::Token::from_file).transpose()?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Cmd::Ls(c)) => {
+            tunnel_svc::cli::ls(c.admin, read_token(c.token_file.as_deref())?).await
+        }
+        Some(Cmd::Close { id, client }) => {
+            tunnel_svc::cli::close(client.admin, read_token(client.token_file.as_deref())?, id)
+                .await
+        }
+        None => run(cli.run).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    porthole::telemetry::init(&args.log_level, args.log_format).map_err(anyhow::Error::msg)?;
+    let targets = config::targets(
+        args.monitor.as_deref(),
+        &args.targets,
+        &args.backends,
+        &args.ssh_hosts,
+    )?;
+    let token = read_token(args.token_file.as_deref())?;
+    let bind = if args.bind.is_empty() {
+        config::default_bind()
+    } else {
+        args.bind
+    };
+    let opts = tunnel_svc::Options {
+        targets,
+        reconcile: tunnel_svc::reconcile::Options {
+            bind,
+            skip: args.skip,
+            max_tunnels: args.max_tunnels,
+            remap: matches!(args.on_conflict, OnConflict::Next),
+        },
+        token,
+        ssh_options: args.ssh_options,
+    };
+    let shutdown = porthole::shutdown::on_signal()?;
+    let admin = tokio::net::TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("cannot listen on --admin {}", args.admin))?;
+    tunnel_svc::run(admin, opts, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn flags_are_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

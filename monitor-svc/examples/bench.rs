@@ -1,0 +1,775 @@
+//! Benchmark for monitor-svc: scan cost, detection latency, idle CPU and RSS.
+//!
+//! ```text
+//! ulimit -n 20000
+//! cargo build --release -p monitor-svc && cargo run --release -p monitor-svc --example bench
+//! ```
+//!
+//! Loopback only. Starts one real `monitor-svc` (next to this example's
+//! executable: `target/release/monitor-svc`) on `127.0.0.1:<free port>` with
+//! the default interval, and stops it with SIGTERM at the end. Progress goes
+//! to stderr; stdout is a markdown report that can be pasted into the README.
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, ensure, Context};
+use monitor_svc::detect::Detector;
+use monitor_svc::scan::{Scanner, Source};
+use porthole::pb::v1::{
+    port_events_client::PortEventsClient, watch_events_response::Kind, EventType, ListPortsRequest,
+    WatchEventsRequest,
+};
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Ports opened (and closed) one by one for the latency measurement.
+const LATENCY_PORTS: usize = 200;
+/// Upper bound of the random pause before each opening.
+const MAX_GAP_MS: u64 = 100;
+/// How long one event may take before the run is declared broken.
+const EVENT_DEADLINE: Duration = Duration::from_secs(5);
+/// `Detector::poll()` calls timed per (listeners, source).
+const POLLS: usize = 50;
+/// Extra TCP listeners held by the bench for the scan-cost cases.
+const LISTENER_COUNTS: [usize; 3] = [10, 1_000, 10_000];
+const IDLE_WINDOW: Duration = Duration::from_secs(10);
+/// Monitor CPU window per scan-cost case.
+const LOAD_WINDOW: Duration = Duration::from_secs(4);
+/// Environment the monitor would otherwise read its flags from.
+const MONITOR_ENV: [&str; 7] = [
+    "PORTHOLE_LISTEN",
+    "PORTHOLE_INTERVAL",
+    "PORTHOLE_BUFFER_SIZE",
+    "PORTHOLE_TOKEN_FILE",
+    "PORTHOLE_SOURCE",
+    "PORTHOLE_LOG",
+    "PORTHOLE_LOG_FORMAT",
+];
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let clk_tck = clock_ticks();
+    let fd_limit = fd_soft_limit()?;
+    println!("## monitor-svc benchmark\n");
+    println!("| machine | |");
+    println!("| --- | --- |");
+    println!("| cores (`nproc`) | {} |", nproc());
+    println!("| kernel | {} |", read_trim("/proc/sys/kernel/osrelease"));
+    println!("| clock ticks (`getconf CLK_TCK`) | {clk_tck} |");
+    println!("| fd soft limit | {fd_limit} |");
+
+    let mut monitor = Monitor::start().await?;
+    let result = run(&mut monitor, clk_tck, fd_limit).await;
+    let stopped = monitor.stop().await;
+    result?;
+    let code = stopped?;
+    println!();
+    println!(
+        "monitor-svc stopped with SIGTERM: exit code {code}; whole run {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(
+        code == 0,
+        "monitor-svc exited with {code} after SIGTERM (log: {})",
+        monitor.log.display()
+    );
+    Ok(())
+}
+
+async fn run(monitor: &mut Monitor, clk_tck: u64, fd_limit: u64) -> anyhow::Result<()> {
+    let metrics = monitor.metrics().await?;
+    println!("| monitor interval | 100 ms (default; no `--interval`, `PORTHOLE_*` unset) |");
+    println!("| monitor source | {} (auto) |", metrics.source);
+    println!(
+        "| monitor | pid {}, `127.0.0.1:{}` |",
+        monitor.pid,
+        monitor.addr.port()
+    );
+
+    // --- Detection latency -------------------------------------------------
+    let mut events = watch(monitor.addr).await?;
+    let mut rng = XorShift::from_time();
+    let mut opened = Vec::with_capacity(LATENCY_PORTS);
+    let mut closed = Vec::with_capacity(LATENCY_PORTS);
+    eprintln!("latency: opening {LATENCY_PORTS} ports, 0-{MAX_GAP_MS} ms apart");
+    for i in 0..LATENCY_PORTS {
+        tokio::time::sleep(Duration::from_millis(rng.next() % (MAX_GAP_MS + 1))).await;
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding a latency listener")?;
+        let listened = Instant::now();
+        let key = format!("tcp:127.0.0.1:{}", listener.local_addr()?.port());
+        let seen = events.wait(&key, true).await?;
+        opened.push(seen.saturating_duration_since(listened));
+        // A random phase for the closing too (the opened event arrived just
+        // after a scan).
+        tokio::time::sleep(Duration::from_millis(rng.next() % (MAX_GAP_MS + 1))).await;
+        drop(listener);
+        let closing = Instant::now();
+        let seen = events.wait(&key, false).await?;
+        closed.push(seen.saturating_duration_since(closing));
+        if (i + 1) % 50 == 0 {
+            eprintln!("latency: {} / {LATENCY_PORTS}", i + 1);
+        }
+    }
+    println!();
+    println!(
+        "### Detection latency ({LATENCY_PORTS} ports, one at a time, random 0-{MAX_GAP_MS} ms before each open and each close)\n"
+    );
+    println!("From `listen()` (or `close()`) in the bench to the event arriving on a `WatchEvents` stream.\n");
+    println!("| event | n | p50 | p90 | p99 | max | target | met |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |");
+    for (name, samples) in [("opened", &mut opened), ("closed", &mut closed)] {
+        let s = Stats::of(samples);
+        let (target, met) = if name == "opened" {
+            let met = s.p50 <= Duration::from_millis(100) && s.p99 <= Duration::from_millis(250);
+            (
+                "p50 ≤ 100 ms, p99 ≤ 250 ms",
+                if met { "yes" } else { "**no**" },
+            )
+        } else {
+            ("(none)", "")
+        };
+        println!(
+            "| {name} | {} | {} | {} | {} | {} | {target} | {met} |",
+            samples.len(),
+            ms(s.p50),
+            ms(s.p90),
+            ms(s.p99),
+            ms(s.max)
+        );
+    }
+    if events.resyncs > 0 {
+        println!(
+            "\n(the stream was resynced {} times during the run)",
+            events.resyncs
+        );
+    }
+
+    // --- Idle CPU and RSS --------------------------------------------------
+    eprintln!(
+        "idle: measuring monitor CPU over {} s",
+        IDLE_WINDOW.as_secs()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = monitor.window(IDLE_WINDOW, clk_tck).await?;
+    let mem = monitor.memory()?;
+    println!();
+    println!("### Idle monitor (no port changes, one WatchEvents stream open)\n");
+    println!("| metric | value | target | met |");
+    println!("| --- | ---: | --- | --- |");
+    println!(
+        "| CPU over {} s (utime+stime) | {:.2} % of one core | ≤ 0.5 % | {} |",
+        IDLE_WINDOW.as_secs(),
+        idle.cpu_percent,
+        if idle.cpu_percent <= 0.5 {
+            "yes"
+        } else {
+            "**no**"
+        }
+    );
+    if let Some(precise) = idle.sched_percent {
+        println!(
+            "| CPU over {} s (schedstat, ns) | {precise:.3} % of one core | | |",
+            IDLE_WINDOW.as_secs()
+        );
+    }
+    println!(
+        "| scans per second | {:.1} | 10 (100 ms) | |",
+        idle.scans_per_sec
+    );
+    println!("| mean scan duration | {} | | |", ms(idle.mean_scan));
+    println!("| ports seen | {} | | |", idle.ports);
+    println!("| VmRSS | {} | | |", kib(mem.rss_kib));
+    println!("| VmHWM (peak RSS so far) | {} | | |", kib(mem.hwm_kib));
+
+    // --- Scan cost, and the monitor under the same load --------------------
+    let mut scan_rows = Vec::new();
+    let mut load_rows = Vec::new();
+    let mut skipped = Vec::new();
+    let mut listeners: Vec<TcpListener> = Vec::new();
+    let mut client = PortEventsClient::connect(format!("http://{}", monitor.addr)).await?;
+    for n in LISTENER_COUNTS {
+        let open_fds = std::fs::read_dir("/proc/self/fd")?.count() as u64;
+        let need = n as u64 - listeners.len() as u64 + open_fds + 64;
+        if need > fd_limit {
+            let line = format!(
+                "skipped {n}: raise the fd limit with `ulimit -n 20000` (soft limit {fd_limit}, need about {need})"
+            );
+            eprintln!("{line}");
+            skipped.push(line);
+            continue;
+        }
+        eprintln!("scan cost: {n} listeners");
+        while listeners.len() < n {
+            listeners.push(
+                TcpListener::bind("127.0.0.1:0")
+                    .with_context(|| format!("binding listener {} of {n}", listeners.len() + 1))?,
+            );
+        }
+        for source in [Source::Netlink, Source::Procfs] {
+            scan_rows.push(scan_cost(n, source).await?);
+        }
+        // Let the monitor see them all (and resolve their owner) before
+        // measuring it.
+        // One scan's changes land together, so the last one bound stands for all.
+        let last_key = format!("tcp:127.0.0.1:{}", listeners[n - 1].local_addr()?.port());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ports = client
+                .list_ports(ListPortsRequest {})
+                .await?
+                .into_inner()
+                .ports;
+            if ports.iter().any(|p| p.key == last_key) {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the monitor did not see {last_key} within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let w = monitor.window(LOAD_WINDOW, clk_tck).await?;
+        let last = monitor.metrics().await?.last_scan;
+        let mem = monitor.memory()?;
+        load_rows.push(format!(
+            "| {n} | {} | {} | {} | {:.2} % | {} | {} |",
+            w.ports,
+            ms(last),
+            ms(w.mean_scan),
+            w.cpu_percent,
+            kib(mem.rss_kib),
+            kib(mem.hwm_kib)
+        ));
+    }
+    drop(listeners);
+
+    println!();
+    println!(
+        "### Scan cost (`Detector::poll()` in the bench process, {POLLS} polls after the first)\n"
+    );
+    println!(
+        "The first poll of a fresh `Detector` also resolves every socket's owning process (walks `/proc/*/fd`); later polls reuse that.\n"
+    );
+    println!(
+        "| extra listeners | sockets seen | source | first poll (process lookup) | poll median | poll p99 | `Scanner::scan()` alone, median |"
+    );
+    println!("| ---: | ---: | --- | ---: | ---: | ---: | ---: |");
+    for row in &scan_rows {
+        println!("{row}");
+    }
+    for line in &skipped {
+        println!("\n{line}");
+    }
+    println!();
+    println!(
+        "### The running monitor with the bench's listeners (default interval, {} s CPU window)\n",
+        LOAD_WINDOW.as_secs()
+    );
+    println!(
+        "| extra listeners | ports seen | last scan (`porthole_monitor_last_scan_duration_seconds`) | mean scan | CPU (one core) | VmRSS | VmHWM |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for row in &load_rows {
+        println!("{row}");
+    }
+    Ok(())
+}
+
+/// One scan-cost row: a fresh detector on `source`, its first poll, then
+/// [`POLLS`] more.
+async fn scan_cost(n: usize, source: Source) -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let scanner = Scanner::with_source(source).with_context(|| format!("opening {source}"))?;
+        let mut detector = Detector::new(scanner);
+        let t = Instant::now();
+        let first = detector.poll().with_context(|| format!("{source} scan"))?;
+        let first_took = t.elapsed();
+        let mut samples = Vec::with_capacity(POLLS);
+        let mut seen = first.len();
+        for _ in 0..POLLS {
+            let t = Instant::now();
+            seen = detector
+                .poll()
+                .with_context(|| format!("{source} scan"))?
+                .len();
+            samples.push(t.elapsed());
+        }
+        let s = Stats::of(&mut samples);
+        // The source alone, without keys, owners and maps.
+        let mut scanner =
+            Scanner::with_source(source).with_context(|| format!("opening {source}"))?;
+        let mut raw = Vec::with_capacity(POLLS);
+        for _ in 0..POLLS {
+            let t = Instant::now();
+            scanner.scan().with_context(|| format!("{source} scan"))?;
+            raw.push(t.elapsed());
+        }
+        let r = Stats::of(&mut raw);
+        Ok(format!(
+            "| {n} | {seen} | {source} | {} | {} | {} | {} |",
+            ms(first_took),
+            ms(s.p50),
+            ms(s.p99),
+            ms(r.p50)
+        ))
+    })
+    .await?
+}
+
+// --- The monitor process -----------------------------------------------------
+
+struct Monitor {
+    child: tokio::process::Child,
+    pid: u32,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+struct Window {
+    cpu_percent: f64,
+    sched_percent: Option<f64>,
+    scans_per_sec: f64,
+    mean_scan: Duration,
+    ports: u64,
+}
+
+struct Memory {
+    rss_kib: u64,
+    hwm_kib: u64,
+}
+
+impl Monitor {
+    async fn start() -> anyhow::Result<Monitor> {
+        let exe = std::env::current_exe()?;
+        // target/release/examples/bench -> target/release/monitor-svc
+        let bin = exe
+            .parent()
+            .and_then(|examples| examples.parent())
+            .map(|dir| dir.join("monitor-svc"))
+            .context("locating target/<profile>/ from the bench executable")?;
+        ensure!(
+            bin.is_file(),
+            "{} not found: build it first with `cargo build --release -p monitor-svc`",
+            bin.display()
+        );
+        let addr = {
+            let probe = TcpListener::bind("127.0.0.1:0")?;
+            probe.local_addr()?
+        };
+        let log =
+            std::env::temp_dir().join(format!("monitor-svc-bench-{}.log", std::process::id()));
+        let log_file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.arg("--listen")
+            .arg(addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            // Only if the bench fails before its SIGTERM: SIGKILL this one pid.
+            .kill_on_drop(true);
+        for var in MONITOR_ENV {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child.id().context("monitor-svc exited at once")?;
+        eprintln!(
+            "started {} (pid {pid}) on {addr}; log {}",
+            bin.display(),
+            log.display()
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "monitor-svc exited at start-up with {status}; see {}",
+                    log.display()
+                );
+            }
+            if http_get(addr, "/healthz").await.is_ok() {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "monitor-svc not answering on {addr} after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Monitor {
+            child,
+            pid,
+            addr,
+            log,
+        })
+    }
+
+    async fn metrics(&self) -> anyhow::Result<Metrics> {
+        Metrics::parse(&http_get(self.addr, "/metrics").await?)
+    }
+
+    /// CPU of the monitor over `window`, and its scan rate in the same span.
+    async fn window(&self, window: Duration, clk_tck: u64) -> anyhow::Result<Window> {
+        let m0 = self.metrics().await?;
+        let (c0, s0, t0) = (self.cpu_ticks()?, self.sched_nanos(), Instant::now());
+        tokio::time::sleep(window).await;
+        let (c1, s1, t1) = (self.cpu_ticks()?, self.sched_nanos(), Instant::now());
+        let m1 = self.metrics().await?;
+        let wall = (t1 - t0).as_secs_f64();
+        let scans = m1.scans.saturating_sub(m0.scans);
+        let scan_secs = (m1.scan_sum_secs - m0.scan_sum_secs).max(0.0);
+        Ok(Window {
+            cpu_percent: (c1 - c0) as f64 / clk_tck as f64 / wall * 100.0,
+            sched_percent: match (s0, s1) {
+                // Threads that exit in the window take their count with them.
+                (Some(a), Some(b)) if b >= a => Some((b - a) as f64 / 1e9 / wall * 100.0),
+                _ => None,
+            },
+            scans_per_sec: scans as f64 / wall,
+            mean_scan: Duration::from_secs_f64(if scans > 0 {
+                scan_secs / scans as f64
+            } else {
+                0.0
+            }),
+            ports: m1.ports,
+        })
+    }
+
+    /// utime + stime from /proc/PID/stat, in clock ticks.
+    fn cpu_ticks(&self) -> anyhow::Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
+        // Fields after "(comm)": state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| -> anyhow::Result<u64> {
+            Ok(fields.get(n - 3).context("short /proc/PID/stat")?.parse()?)
+        };
+        Ok(field(14)? + field(15)?)
+    }
+
+    /// Nanoseconds on CPU summed over the monitor's live threads
+    /// (/proc/PID/task/*/schedstat), if the kernel has schedstat.
+    fn sched_nanos(&self) -> Option<u64> {
+        let mut total = 0;
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()? {
+            let text = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+            total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+        Some(total)
+    }
+
+    fn memory(&self) -> anyhow::Result<Memory> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        let get = |name: &str| -> anyhow::Result<u64> {
+            let line = status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .with_context(|| format!("no {name} in /proc/PID/status"))?;
+            Ok(line.trim().trim_end_matches("kB").trim().parse()?)
+        };
+        Ok(Memory {
+            rss_kib: get("VmRSS:")?,
+            hwm_kib: get("VmHWM:")?,
+        })
+    }
+
+    /// SIGTERM (via `kill`, by pid) and the exit code, waiting up to 10 s.
+    async fn stop(&mut self) -> anyhow::Result<i32> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "monitor-svc had already exited with {status}; see {}",
+                self.log.display()
+            );
+        }
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .context("running kill")?;
+        ensure!(sent.success(), "kill -TERM {} failed: {sent}", self.pid);
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .context("monitor-svc still running 10 s after SIGTERM")??;
+        status
+            .code()
+            .with_context(|| format!("monitor-svc killed by a signal: {status}"))
+    }
+}
+
+/// The few values of `GET /metrics` the bench reads.
+struct Metrics {
+    source: String,
+    scans: u64,
+    scan_sum_secs: f64,
+    last_scan: Duration,
+    ports: u64,
+}
+
+impl Metrics {
+    fn parse(text: &str) -> anyhow::Result<Metrics> {
+        let mut m = Metrics {
+            source: String::new(),
+            scans: 0,
+            scan_sum_secs: 0.0,
+            last_scan: Duration::ZERO,
+            ports: 0,
+        };
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            if let Some(labels) = name.strip_prefix("porthole_monitor_scans_total") {
+                m.scans = value.parse()?;
+                m.source = labels
+                    .trim_start_matches("{source=\"")
+                    .trim_end_matches("\"}")
+                    .to_string();
+            } else if name == "porthole_monitor_scan_duration_seconds_sum" {
+                m.scan_sum_secs = value.parse()?;
+            } else if name == "porthole_monitor_last_scan_duration_seconds" {
+                m.last_scan = Duration::from_secs_f64(value.parse()?);
+            } else if name == "porthole_monitor_ports" {
+                m.ports = value.parse()?;
+            }
+        }
+        ensure!(
+            !m.source.is_empty(),
+            "no porthole_monitor_scans_total in /metrics:\n{text}"
+        );
+        Ok(m)
+    }
+}
+
+/// A plain HTTP/1.1 GET; the body of a 200 answer.
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
+        .await
+        .context("GET timed out")??;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .context("no HTTP header end")?;
+    ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "GET {path}: {}",
+        head.lines().next().unwrap_or("")
+    );
+    Ok(body.to_string())
+}
+
+// --- The WatchEvents stream --------------------------------------------------
+
+enum Seen {
+    Event { opened: bool, key: String },
+    Snapshot(HashSet<String>),
+}
+
+struct Events {
+    rx: mpsc::UnboundedReceiver<anyhow::Result<(Instant, Seen)>>,
+    resyncs: usize,
+}
+
+/// Opens a WatchEvents stream; a task stamps each message as it arrives.
+async fn watch(addr: SocketAddr) -> anyhow::Result<Events> {
+    let mut client = PortEventsClient::connect(format!("http://{addr}")).await?;
+    let mut stream = client
+        .watch_events(WatchEventsRequest::default())
+        .await?
+        .into_inner();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let item = match stream.message().await {
+                Ok(Some(item)) => item,
+                Ok(None) => {
+                    let _ = tx.send(Err(anyhow::anyhow!("WatchEvents stream ended")));
+                    return;
+                }
+                Err(status) => {
+                    let _ = tx.send(Err(anyhow::anyhow!("WatchEvents stream failed: {status}")));
+                    return;
+                }
+            };
+            let at = Instant::now();
+            let seen = match item.kind {
+                Some(Kind::Event(e)) => Seen::Event {
+                    opened: e.r#type() == EventType::Opened,
+                    key: e.port.map(|p| p.key).unwrap_or_default(),
+                },
+                Some(Kind::Snapshot(s)) => {
+                    Seen::Snapshot(s.ports.into_iter().map(|p| p.key).collect())
+                }
+                None => continue,
+            };
+            if tx.send(Ok((at, seen))).is_err() {
+                return;
+            }
+        }
+    });
+    let mut events = Events { rx, resyncs: 0 };
+    // The stream starts with a snapshot.
+    match events.next().await? {
+        (_, Seen::Snapshot(_)) => Ok(events),
+        _ => bail!("WatchEvents did not start with a snapshot"),
+    }
+}
+
+impl Events {
+    async fn next(&mut self) -> anyhow::Result<(Instant, Seen)> {
+        match tokio::time::timeout(EVENT_DEADLINE, self.rx.recv()).await {
+            Ok(Some(item)) => item,
+            Ok(None) => bail!("WatchEvents reader stopped"),
+            Err(_) => bail!("no message on WatchEvents for {EVENT_DEADLINE:?}"),
+        }
+    }
+
+    /// When `key` was reported opened (or closed). A snapshot (after a
+    /// resync) that shows the new state counts too.
+    async fn wait(&mut self, key: &str, want_open: bool) -> anyhow::Result<Instant> {
+        let deadline = Instant::now() + EVENT_DEADLINE;
+        loop {
+            ensure!(
+                Instant::now() < deadline,
+                "{key} not reported {} within {EVENT_DEADLINE:?}",
+                if want_open { "opened" } else { "closed" }
+            );
+            let (at, seen) = self
+                .next()
+                .await
+                .with_context(|| format!("waiting for {key}"))?;
+            match seen {
+                Seen::Event { opened, key: k } if opened == want_open && k == key => return Ok(at),
+                Seen::Event { .. } => {}
+                Seen::Snapshot(keys) => {
+                    self.resyncs += 1;
+                    if keys.contains(key) == want_open {
+                        return Ok(at);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// --- Small helpers -----------------------------------------------------------
+
+/// Nearest-rank percentiles.
+struct Stats {
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+impl Stats {
+    fn of(samples: &mut [Duration]) -> Stats {
+        samples.sort_unstable();
+        let pct = |p: f64| {
+            if samples.is_empty() {
+                return Duration::ZERO;
+            }
+            let rank = (p / 100.0 * samples.len() as f64).ceil() as usize;
+            samples[rank.clamp(1, samples.len()) - 1]
+        };
+        Stats {
+            p50: pct(50.0),
+            p90: pct(90.0),
+            p99: pct(99.0),
+            max: pct(100.0),
+        }
+    }
+}
+
+/// xorshift64, seeded from the clock: random phases, no rand crate.
+struct XorShift(u64);
+
+impl XorShift {
+    fn from_time() -> XorShift {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        XorShift((nanos as u64 ^ 0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+fn ms(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms < 1.0 {
+        format!("{ms:.3} ms")
+    } else if ms < 100.0 {
+        format!("{ms:.2} ms")
+    } else {
+        format!("{ms:.1} ms")
+    }
+}
+
+fn kib(k: u64) -> String {
+    format!("{:.1} MiB", k as f64 / 1024.0)
+}
+
+fn read_trim(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| format!("? ({e})"))
+}
+
+fn nproc() -> String {
+    std::process::Command::new("nproc")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or("?".into(), |n| n.to_string())
+        })
+}
+
+/// `getconf CLK_TCK`, else the usual 100 Hz.
+fn clock_ticks() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(100)
+}
+
+/// Soft "Max open files" from /proc/self/limits.
+fn fd_soft_limit() -> anyhow::Result<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits")?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no \"Max open files\" in /proc/self/limits")?;
+    let soft = line["Max open files".len()..]
+        .split_whitespace()
+        .next()
+        .context("malformed Max open files line")?;
+    Ok(if soft == "unlimited" {
+        u64::MAX
+    } else {
+        soft.parse()?
+    })
+}

@@ -1,0 +1,888 @@
+//! End-to-end test harness shared by every file in `tests/`.
+//!
+//! A "container" is a network namespace ([`Netns`]) with a veth pair to the
+//! host: host side `198.18.X.1/30`, inside `198.18.X.2/30`, one /30 per
+//! namespace so tests (in one process and across processes) run in parallel.
+//! Real processes run inside it with `ip netns exec`: the services under test
+//! ([`MonitorProc`], or [`Netns::spawn`] for anything else) and plain
+//! listening sockets ([`Listener`]). Everything is torn down on drop, and the
+//! logs of the processes a failed test started are printed.
+//!
+//! Synchronisation is by polling a condition with a deadline
+//! ([`wait_until`], [`poll_until`]); nothing sleeps to "let things settle".
+#![allow(dead_code)]
+
+use porthole::pb::v1::port_events_client::PortEventsClient;
+use std::fs::{self, File};
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+/// How long anything in a test may take before it counts as hung.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// How often [`wait_until`] and friends look again.
+const POLL: Duration = Duration::from_millis(20);
+
+// ---------------------------------------------------------------------------
+// Root check
+
+/// Whether this test can run: network namespaces need root. Without root it
+/// prints that the test was skipped and returns `false`; with `CI` set it
+/// panics instead, so CI never passes by skipping.
+pub fn require_root() -> bool {
+    if euid() == Some(0) {
+        return true;
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_string();
+    skip_or_fail(&test, "needs root (network namespaces)");
+    false
+}
+
+/// Prints `SKIPPED test: why`, or panics when env `CI` is set.
+pub fn skip_or_fail(test: &str, why: &str) {
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!("{test}: {why}; CI is set, so this is a failure, not a skip");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+}
+
+/// The effective uid, from the `Uid:` line of /proc/self/status (real,
+/// effective, saved, fs).
+fn euid() -> Option<u32> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------
+// Binaries under test
+
+/// Path of a workspace binary (`monitor-svc`, `tunnel-svc`) in the same
+/// target directory and profile as this test, built (once per test process)
+/// so it is never stale.
+pub fn binary(name: &str) -> PathBuf {
+    let dir = profile_dir();
+    ensure_built(&dir);
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} does not exist after building the workspace binaries",
+        path.display()
+    );
+    path
+}
+
+/// `target/<profile>/`: the test binary is `target/<profile>/deps/NAME-HASH`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test binary has a directory");
+    if deps.file_name().is_some_and(|n| n == "deps") {
+        deps.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        deps.to_path_buf()
+    }
+}
+
+fn ensure_built(profile_dir: &Path) {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let result = BUILT.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(&cargo);
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+            "build",
+            "-p",
+            "monitor-svc",
+            "-p",
+            "tunnel-svc",
+            "--bins",
+        ]);
+        match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some("release") => {
+                cmd.arg("--release");
+            }
+            Some(other) => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        let started = Instant::now();
+        let out = cmd
+            .output()
+            .map_err(|e| format!("cannot run {cargo:?}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "`cargo build -p monitor-svc -p tunnel-svc --bins` failed ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        eprintln!(
+            "built workspace binaries in {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Network namespaces
+
+/// Namespaces made by this process, for unique names.
+static NEXT_NETNS: AtomicU32 = AtomicU32::new(0);
+
+/// /30 subnets in 198.18.0.0/15.
+const SUBNETS: u32 = 1 << 15;
+
+/// A network namespace standing in for a container, with a veth pair to the
+/// host. Dropping it kills every process inside and deletes it.
+pub struct Netns {
+    name: String,
+    veth: String,
+    host: Ipv4Addr,
+    inside: Ipv4Addr,
+    logs: PathBuf,
+    next_log: AtomicU32,
+}
+
+impl Netns {
+    /// Creates the namespace: `lo` up (127.0.0.1 and ::1), `eth0` inside
+    /// with `198.18.X.2/30`, its host end with `198.18.X.1/30`.
+    pub fn new() -> Netns {
+        let n = NEXT_NETNS.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let name = format!("ph-{pid}-{n}");
+        // A namespace of this name can only be left over from a dead process
+        // that had our pid: no live process shares it.
+        if Path::new("/run/netns").join(&name).exists() {
+            let _ = ip(&["netns", "del", &name]);
+        }
+        ip(&["netns", "add", &name]).unwrap_or_else(|e| panic!("{e}"));
+        let mut ns = Netns {
+            name,
+            veth: String::new(),
+            host: Ipv4Addr::UNSPECIFIED,
+            inside: Ipv4Addr::UNSPECIFIED,
+            logs: PathBuf::new(),
+            next_log: AtomicU32::new(0),
+        };
+        // The host-side interface name `ph<X>h` is the lock on subnet X:
+        // creating it fails if another test (or process) holds X, and then
+        // the next X is tried.
+        let start = (pid.wrapping_mul(64).wrapping_add(n.wrapping_mul(7))) % SUBNETS;
+        let mut last_err = String::new();
+        for i in 0..2048 {
+            let x = (start + i) % SUBNETS;
+            let veth = format!("ph{x}h");
+            match ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            ]) {
+                Ok(()) => {
+                    let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + 4 * x;
+                    ns.veth = veth;
+                    ns.host = Ipv4Addr::from(base + 1);
+                    ns.inside = Ipv4Addr::from(base + 2);
+                    break;
+                }
+                Err(e) if e.contains("File exists") => last_err = e,
+                Err(e) => panic!("creating the veth pair of {}: {e}", ns.name),
+            }
+        }
+        assert!(
+            !ns.veth.is_empty(),
+            "no free 198.18.X.0/30 subnet for {}: {last_err}",
+            ns.name
+        );
+        let host_cidr = format!("{}/30", ns.host);
+        let inside_cidr = format!("{}/30", ns.inside);
+        let steps: [&[&str]; 5] = [
+            &["addr", "add", &host_cidr, "dev", &ns.veth],
+            &["link", "set", &ns.veth, "up"],
+            &["-n", &ns.name, "link", "set", "lo", "up"],
+            &["-n", &ns.name, "addr", "add", &inside_cidr, "dev", "eth0"],
+            &["-n", &ns.name, "link", "set", "eth0", "up"],
+        ];
+        for step in steps {
+            ip(step).unwrap_or_else(|e| panic!("setting up {}: {e}", ns.name));
+        }
+        ns.logs = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("porthole-e2e")
+            .join(&ns.name);
+        let _ = fs::remove_dir_all(&ns.logs);
+        fs::create_dir_all(&ns.logs).expect("create the log directory");
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The host end of the veth pair, `198.18.X.1`.
+    pub fn host_addr(&self) -> Ipv4Addr {
+        self.host
+    }
+
+    /// The namespace's own address, `198.18.X.2`, reachable from the host.
+    pub fn addr(&self) -> Ipv4Addr {
+        self.inside
+    }
+
+    /// Where this namespace's process logs go.
+    pub fn log_dir(&self) -> &Path {
+        &self.logs
+    }
+
+    /// `ip netns exec NAME program`, to be completed by the caller.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Starts `program args...` inside the namespace with stdout and stderr
+    /// going to a log file (printed if the test fails). `ip netns exec`
+    /// execs, so [`Proc::pid`] is the program's own pid.
+    pub fn spawn<I, S>(&self, program: impl AsRef<std::ffi::OsStr>, args: I) -> Proc
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let label = Path::new(program.as_ref())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "proc".into());
+        let mut cmd = self.command(program);
+        cmd.args(args).stdin(Stdio::null());
+        self.spawn_command(&label, cmd)
+    }
+
+    /// Starts a prepared command (from [`Netns::command`]) with stdout and
+    /// stderr going to a log file.
+    pub fn spawn_command(&self, label: &str, mut cmd: Command) -> Proc {
+        let log = self.new_log(label);
+        let file = File::create(&log).expect("create a log file");
+        let out = file.try_clone().expect("clone the log file");
+        cmd.stdout(out).stderr(file);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {label} in {}: {e}", self.name));
+        Proc {
+            label: label.to_string(),
+            child,
+            log,
+        }
+    }
+
+    fn new_log(&self, label: &str) -> PathBuf {
+        let n = self.next_log.fetch_add(1, Ordering::Relaxed);
+        self.logs.join(format!("{n:02}-{label}.log"))
+    }
+
+    /// Pids of every process inside the namespace.
+    pub fn pids(&self) -> Vec<u32> {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .expect("run ip netns pids");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// Like [`Netns::spawn_command`], but stdin and stdout are piped to the
+    /// caller; stderr goes to the log.
+    pub fn spawn_piped(&self, label: &str, mut cmd: Command) -> Proc {
+        let log = self.new_log(label);
+        let file = File::create(&log).expect("create a log file");
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(file);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {label} in {}: {e}", self.name));
+        Proc {
+            label: label.to_string(),
+            child,
+            log,
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Kill whatever is still inside, by pid, and wait until it is gone,
+        // so nothing outlives the test and the namespace can really go.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pids = self.pids();
+            if pids.is_empty() || Instant::now() > deadline {
+                break;
+            }
+            for pid in pids {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            std::thread::sleep(POLL);
+        }
+        if !self.veth.is_empty() {
+            let _ = ip(&["link", "del", &self.veth]);
+        }
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("warning: {e}");
+        }
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.logs);
+        }
+    }
+}
+
+/// Runs `ip ARGS...`; the error carries the command and its stderr.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// A process started inside a namespace. Dropping it kills it (by its pid)
+/// and waits for it; if the test is failing, its log is printed.
+pub struct Proc {
+    label: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`, `KILL`) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} {} failed", self.pid());
+    }
+
+    /// The exit status if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Waits (polling, without blocking the runtime) until it exits; panics
+    /// after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} (pid {}) did not exit within {timeout:?}",
+                    self.label,
+                    self.pid()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// SIGTERM, then the exit status (panics if it takes over [`DEADLINE`]).
+    pub async fn terminate(&mut self) -> ExitStatus {
+        if let Some(status) = self.try_wait() {
+            return status;
+        }
+        self.signal("TERM");
+        self.wait_exit(DEADLINE).await
+    }
+
+    /// SIGKILL and reap: once this returns, every socket it held is closed.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Everything it wrote to its log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- log of {} (pid {}) -----\n{}----- end of log -----",
+                self.label,
+                self.pid(),
+                self.log()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Listening sockets
+
+/// Binds one socket from argv, listens (TCP), says "ready", then holds it
+/// until stdin closes or the process is killed.
+const LISTENER_PY: &str = r#"
+import socket, sys
+proto, addr, port, v6only = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+s = socket.socket(family, kind)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if family == socket.AF_INET6 and v6only != "-":
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+s.bind((addr, port))
+if proto == "tcp":
+    s.listen(16)
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// A real process (python3) inside a namespace holding one listening socket:
+/// a TCP socket in LISTEN or a bound UDP socket. Dropping it (or
+/// [`Listener::close`]) kills it and waits, so the port is closed then.
+pub struct Listener {
+    proc: Proc,
+    pub proto: Proto,
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+impl Listener {
+    /// Binds `proto` on `addr:port`. For IPv6 addresses `v6only` sets
+    /// IPV6_V6ONLY (`None` leaves the system default). Returns once bound.
+    pub fn start(
+        ns: &Netns,
+        proto: Proto,
+        addr: &str,
+        port: u16,
+        v6only: Option<bool>,
+    ) -> Listener {
+        let ip: IpAddr = addr.parse().expect("listener address is an IP");
+        let v6only = match v6only {
+            None => "-",
+            Some(true) => "1",
+            Some(false) => "0",
+        };
+        let mut cmd = ns.command("python3");
+        cmd.args([
+            "-c",
+            LISTENER_PY,
+            proto.as_str(),
+            addr,
+            &port.to_string(),
+            v6only,
+        ]);
+        let label = format!("listen-{}-{port}", proto.as_str());
+        let mut proc = ns.spawn_piped(&label, cmd);
+        let stdout = proc.child_mut().stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep draining so the listener never blocks on a full pipe.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        match rx.recv_timeout(DEADLINE) {
+            Ok(line) if line.trim() == "ready" => {}
+            got => {
+                let status = proc.try_wait();
+                panic!(
+                    "listener {} {addr} port {port} in {} did not get ready ({got:?}, exit {status:?}):\n{}",
+                    proto.as_str(),
+                    ns.name(),
+                    proc.log()
+                );
+            }
+        }
+        Listener {
+            proc,
+            proto,
+            addr: ip,
+            port,
+        }
+    }
+
+    /// TCP on an IPv4 address (`0.0.0.0`, `127.0.0.1`, the namespace's own).
+    pub fn tcp4(ns: &Netns, addr: &str, port: u16) -> Listener {
+        Listener::start(ns, Proto::Tcp, addr, port, None)
+    }
+
+    /// TCP on an IPv6 address with IPV6_V6ONLY set.
+    pub fn tcp6_only(ns: &Netns, addr: &str, port: u16) -> Listener {
+        Listener::start(ns, Proto::Tcp, addr, port, Some(true))
+    }
+
+    /// TCP on `::` with IPV6_V6ONLY off: takes IPv4 too.
+    pub fn tcp_dual(ns: &Netns, port: u16) -> Listener {
+        Listener::start(ns, Proto::Tcp, "::", port, Some(false))
+    }
+
+    /// UDP bound to `addr` (IPv6 addresses get IPV6_V6ONLY set).
+    pub fn udp(ns: &Netns, addr: &str, port: u16) -> Listener {
+        let v6only = addr.contains(':').then_some(true);
+        Listener::start(ns, Proto::Udp, addr, port, v6only)
+    }
+
+    /// The pid of the process holding the socket.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Closes the socket: kills the process and waits until it is gone.
+    pub fn close(mut self) {
+        self.proc.kill();
+    }
+}
+
+/// `/proc/PID/comm` of a process (the name the monitor reports).
+pub fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------
+// monitor-svc
+
+/// monitor-svc running inside a namespace, answering on
+/// `http://198.18.X.2:PORT`.
+pub struct MonitorProc {
+    proc: Proc,
+    addr: SocketAddr,
+}
+
+impl MonitorProc {
+    /// Starts monitor-svc with `args`, plus `--listen 0.0.0.0:7070` and
+    /// `--interval 50ms` unless `args` sets them, and waits until it answers
+    /// HTTP (any status: with a token /healthz says 401, which is an answer).
+    pub async fn start(ns: &Netns, args: &[&str]) -> MonitorProc {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let has = |flag: &str| {
+            args.iter()
+                .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
+        };
+        if !has("--listen") {
+            all.extend(["--listen".into(), "0.0.0.0:7070".into()]);
+        }
+        if !has("--interval") {
+            all.extend(["--interval".into(), "50ms".into()]);
+        }
+        let listen: SocketAddr = all
+            .iter()
+            .enumerate()
+            .find_map(|(i, a)| match a.strip_prefix("--listen") {
+                Some("") => all.get(i + 1).map(String::as_str),
+                Some(rest) => rest.strip_prefix('='),
+                None => None,
+            })
+            .and_then(|a| a.parse().ok())
+            .expect("--listen is a socket address");
+        let ip = if listen.ip().is_unspecified() {
+            IpAddr::V4(ns.addr())
+        } else {
+            listen.ip()
+        };
+        let addr = SocketAddr::new(ip, listen.port());
+        let bin = binary("monitor-svc");
+        let mut cmd = ns.command(&bin);
+        cmd.args(&all)
+            .stdin(Stdio::null())
+            .env_remove("PORTHOLE_TOKEN_FILE")
+            .env("PORTHOLE_LOG", "info,monitor_svc=debug");
+        let mut proc = ns.spawn_command("monitor-svc", cmd);
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = proc.try_wait() {
+                panic!(
+                    "monitor-svc {all:?} exited during start-up ({status}):\n{}",
+                    proc.log()
+                );
+            }
+            if http(addr, "GET", "/healthz", &[]).await.is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "monitor-svc at {addr} did not answer within {DEADLINE:?}:\n{}",
+                proc.log()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+        MonitorProc { proc, addr }
+    }
+
+    /// Where it answers, e.g. `198.18.X.2:7070`.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://198.18.X.2:7070`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+
+    /// A connected gRPC channel (its own HTTP/2 connection). Wrap calls in
+    /// [`within`] so a hang fails the test.
+    pub async fn channel(&self) -> Channel {
+        let endpoint = Channel::from_shared(self.url())
+            .expect("valid url")
+            .connect_timeout(DEADLINE);
+        within("gRPC connect", endpoint.connect())
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.url()))
+    }
+
+    /// A `PortEvents` client on a new connection.
+    pub async fn client(&self) -> PortEventsClient<Channel> {
+        PortEventsClient::new(self.channel().await)
+    }
+
+    /// SIGTERM to the monitor itself; returns its exit status.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.proc.terminate().await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Waiting
+
+/// Runs `fut`, panicking with `what` if it takes longer than [`DEADLINE`].
+pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(DEADLINE, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {DEADLINE:?}: {what}"),
+    }
+}
+
+/// Polls `cond` until it holds; panics with `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Async [`wait_for`].
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    poll_until(what, timeout, || {
+        let fut = cond();
+        async move { fut.await.then_some(()) }
+    })
+    .await
+}
+
+/// Polls `f` until it returns `Some`, and returns that; panics with `what`
+/// after `timeout`.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if let Ok(Some(v)) = tokio::time::timeout(remaining, f()).await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Plain HTTP/1.1
+
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first header of that name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request (`Connection: close`), read to the end.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpResponse> {
+    let io = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if method != "GET" && method != "HEAD" {
+            req.push_str("Content-Length: 0\r\n");
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        parse_response(&raw)
+    };
+    tokio::time::timeout(DEADLINE, io)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "HTTP request timed out"))?
+}
+
+/// [`http`] GET that must succeed at the transport level.
+pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
+    http(addr, "GET", path, &[])
+        .await
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+fn parse_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("headers are not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or_else(|| bad("empty response"))?;
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    if chunked {
+        body = dechunk(&body).ok_or_else(|| bad("bad chunked body"))?;
+    }
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8(body).map_err(|_| bad("body is not UTF-8"))?,
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&data[..eol]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tools on PATH
+
+/// Finds an executable on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}

@@ -1,0 +1,1090 @@
+//! monitor-svc end to end: the real binary inside a network namespace,
+//! real listening sockets opened and closed by real processes, and every
+//! check made the way a user (or tunnel-svc) would make it: over gRPC, the
+//! JSON shim and grpcurl.
+//!
+//! Each test makes its own namespace, so they all run in parallel.
+
+mod common;
+
+use common::{
+    binary, comm, http, http_get, poll_until, require_root, skip_or_fail, which, within, Listener,
+    MonitorProc, Netns, DEADLINE,
+};
+use porthole::pb::v1::{
+    port_events_client::PortEventsClient, watch_events_response::Kind, EventType,
+    ListEventsRequest, ListEventsResponse, ListPortsRequest, ListPortsResponse, Port, PortEvent,
+    Protocol, Snapshot, WatchEventsRequest, WatchEventsResponse,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+type Client = PortEventsClient<Channel>;
+
+/// The monitor's own port, as it reports it.
+const MONITOR_KEY: &str = "tcp:0.0.0.0:7070";
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+async fn list_ports(client: &mut Client) -> ListPortsResponse {
+    within("ListPorts", client.list_ports(ListPortsRequest {}))
+        .await
+        .expect("ListPorts")
+        .into_inner()
+}
+
+async fn list_events(client: &mut Client, req: ListEventsRequest) -> ListEventsResponse {
+    within("ListEvents", client.list_events(req))
+        .await
+        .expect("ListEvents")
+        .into_inner()
+}
+
+fn after_seq(seq: u64) -> ListEventsRequest {
+    ListEventsRequest {
+        since: None,
+        after_seq: seq,
+    }
+}
+
+fn port_keys(ports: &[Port]) -> BTreeSet<String> {
+    ports.iter().map(|p| p.key.clone()).collect()
+}
+
+/// Polls ListPorts until `pred` holds for its keys; returns that answer.
+async fn wait_ports(
+    client: &mut Client,
+    what: &str,
+    pred: impl Fn(&BTreeSet<String>) -> bool,
+) -> ListPortsResponse {
+    poll_until(what, DEADLINE, || {
+        let mut c = client.clone();
+        let pred = &pred;
+        async move {
+            let resp = list_ports(&mut c).await;
+            pred(&port_keys(&resp.ports)).then_some(resp)
+        }
+    })
+    .await
+}
+
+/// Polls ListEvents until an event of `kind` for `key` is logged; returns it.
+async fn wait_event(client: &mut Client, kind: EventType, key: &str) -> PortEvent {
+    poll_until(&format!("{kind:?} event for {key}"), DEADLINE, || {
+        let mut c = client.clone();
+        async move {
+            list_events(&mut c, ListEventsRequest::default())
+                .await
+                .events
+                .into_iter()
+                .find(|e| e.r#type == kind as i32 && key_of(e) == key)
+        }
+    })
+    .await
+}
+
+async fn watch(
+    client: &mut Client,
+    instance_id: &str,
+    after_seq: u64,
+) -> Streaming<WatchEventsResponse> {
+    let req = WatchEventsRequest {
+        instance_id: instance_id.to_string(),
+        after_seq,
+    };
+    within("WatchEvents", client.watch_events(req))
+        .await
+        .expect("WatchEvents")
+        .into_inner()
+}
+
+/// The next message of a watch stream; panics on end, error or timeout.
+async fn next(stream: &mut Streaming<WatchEventsResponse>) -> Kind {
+    match within("the next WatchEvents message", stream.message()).await {
+        Ok(Some(WatchEventsResponse { kind: Some(kind) })) => kind,
+        other => panic!("expected a WatchEvents message, got {other:?}"),
+    }
+}
+
+async fn next_snapshot(stream: &mut Streaming<WatchEventsResponse>) -> Snapshot {
+    match next(stream).await {
+        Kind::Snapshot(s) => s,
+        Kind::Event(e) => panic!("expected a Snapshot first, got event {e:?}"),
+    }
+}
+
+async fn next_event(stream: &mut Streaming<WatchEventsResponse>) -> PortEvent {
+    match next(stream).await {
+        Kind::Event(e) => e,
+        Kind::Snapshot(s) => panic!("expected an event, got a snapshot {s:?}"),
+    }
+}
+
+fn key_of(e: &PortEvent) -> &str {
+    e.port.as_ref().map(|p| p.key.as_str()).unwrap_or("")
+}
+
+fn kind_of(e: &PortEvent) -> EventType {
+    EventType::try_from(e.r#type).unwrap_or(EventType::Unspecified)
+}
+
+/// `(type, key, seq)` of each event, for comparisons.
+fn summary(events: &[PortEvent]) -> Vec<(EventType, String, u64)> {
+    events
+        .iter()
+        .map(|e| (kind_of(e), key_of(e).to_string(), e.seq))
+        .collect()
+}
+
+fn timestamp_of(e: &PortEvent) -> chrono::DateTime<chrono::Utc> {
+    let ts = e.timestamp.as_ref().expect("event has a timestamp");
+    chrono::DateTime::from_timestamp(ts.seconds, ts.nanos as u32).expect("valid timestamp")
+}
+
+/// Reads events until one of each `keys` of `kind` has arrived; checks
+/// nothing else arrives in between and seqs follow on from `last_seq`
+/// without gaps. Returns the events and the last seq.
+async fn expect_events(
+    stream: &mut Streaming<WatchEventsResponse>,
+    kind: EventType,
+    keys: &BTreeSet<String>,
+    mut last_seq: u64,
+) -> (Vec<PortEvent>, u64) {
+    let mut got = Vec::new();
+    let mut seen = BTreeSet::new();
+    while seen != *keys {
+        let e = next_event(stream).await;
+        assert_eq!(e.seq, last_seq + 1, "seqs increase by one: {e:?}");
+        last_seq = e.seq;
+        assert_eq!(kind_of(&e), kind, "unexpected event {e:?}");
+        assert!(
+            keys.contains(key_of(&e)),
+            "unexpected event {e:?}, want only {keys:?}"
+        );
+        assert!(seen.insert(key_of(&e).to_string()), "duplicate event {e:?}");
+        got.push(e);
+    }
+    (got, last_seq)
+}
+
+fn set(keys: &[&str]) -> BTreeSet<String> {
+    keys.iter().map(|k| k.to_string()).collect()
+}
+
+/// The JSON shim's events as `(type, port, seq)`, checking the legacy fields.
+fn json_summary(body: &str) -> Vec<(String, String, u64)> {
+    let value: serde_json::Value = serde_json::from_str(body).expect("body is JSON");
+    let array = value.as_array().expect("body is a JSON array");
+    array
+        .iter()
+        .map(|e| {
+            let field = |name: &str| {
+                e.get(name)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_else(|| panic!("event {e} has no string {name:?}"))
+                    .to_string()
+            };
+            let ts = field("timestamp");
+            chrono::DateTime::parse_from_rfc3339(&ts)
+                .unwrap_or_else(|err| panic!("timestamp {ts:?} is not RFC 3339: {err}"));
+            (
+                field("type"),
+                field("port"),
+                e.get("seq").and_then(|v| v.as_u64()).unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+fn proto_as_json(events: &[PortEvent]) -> Vec<(String, String, u64)> {
+    events
+        .iter()
+        .map(|e| {
+            let kind = match kind_of(e) {
+                EventType::Opened => "opened",
+                EventType::Closed => "closed",
+                EventType::Unspecified => "unspecified",
+            };
+            (kind.to_string(), key_of(e).to_string(), e.seq)
+        })
+        .collect()
+}
+
+/// Percent-encodes what a query value cannot carry as is.
+fn query_escape(s: &str) -> String {
+    s.replace('+', "%2B").replace(':', "%3A")
+}
+
+// ---------------------------------------------------------------------------
+// 1. Ports listening before the monitor starts
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ports_open_before_start_are_reported_as_opened() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let wildcard = Listener::tcp4(&ns, "0.0.0.0", 8080);
+    let own_addr = ns.addr().to_string();
+    let specific = Listener::tcp4(&ns, &own_addr, 8090);
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let mut client = monitor.client().await;
+
+    let wildcard_key = "tcp:0.0.0.0:8080".to_string();
+    let specific_key = format!("tcp:{own_addr}:8090");
+    let events = list_events(&mut client, ListEventsRequest::default()).await;
+    assert!(!events.instance_id.is_empty());
+    assert!(!events.truncated);
+    let start_up = summary(&events.events);
+    let keys: BTreeSet<String> = start_up.iter().map(|(_, k, _)| k.clone()).collect();
+    assert_eq!(
+        keys,
+        set(&[MONITOR_KEY, &wildcard_key, &specific_key]),
+        "start-up events: {start_up:?}"
+    );
+    assert!(
+        start_up.iter().all(|(t, _, _)| *t == EventType::Opened),
+        "{start_up:?}"
+    );
+    let seqs: Vec<u64> = start_up.iter().map(|(_, _, s)| *s).collect();
+    assert_eq!(seqs, [1, 2, 3], "seq starts at 1 and increases");
+    assert_eq!((events.first_seq, events.last_seq), (1, 3));
+
+    let ports = list_ports(&mut client).await;
+    assert_eq!(ports.instance_id, events.instance_id);
+    assert_eq!(ports.seq, 3);
+    let by_key: BTreeMap<&str, &Port> = ports.ports.iter().map(|p| (p.key.as_str(), p)).collect();
+    for (key, listener, address, port) in [
+        (&wildcard_key, &wildcard, "0.0.0.0", 8080),
+        (&specific_key, &specific, own_addr.as_str(), 8090),
+    ] {
+        let p = by_key
+            .get(key.as_str())
+            .unwrap_or_else(|| panic!("{key} not in {by_key:?}"));
+        assert_eq!(p.protocol, Protocol::Tcp as i32, "{p:?}");
+        assert_eq!((p.address.as_str(), p.port), (address, port), "{p:?}");
+        let process = p
+            .process
+            .as_ref()
+            .unwrap_or_else(|| panic!("{key} has no process"));
+        assert_eq!(process.pid, listener.pid(), "{p:?}");
+        assert_eq!(process.name, comm(listener.pid()), "{p:?}");
+        assert!(process.name.starts_with("python"), "{p:?}");
+        assert!(process.cmdline.iter().any(|a| a == "-c"), "{p:?}");
+        // The opened event carries the same port.
+        let e = events
+            .events
+            .iter()
+            .find(|e| key_of(e) == key.as_str())
+            .unwrap();
+        assert_eq!(e.port.as_ref(), Some(*p));
+    }
+    let own = by_key
+        .get(MONITOR_KEY)
+        .expect("the monitor's own port is listed");
+    assert_eq!(own.process.as_ref().map(|p| p.pid), Some(monitor.pid()));
+}
+
+// ---------------------------------------------------------------------------
+// 2. Live events over WatchEvents, ListPorts and the JSON shim
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_reports_every_kind_of_listener_opening_and_closing() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let mut client = monitor.client().await;
+    let mut stream = watch(&mut client, "", 0).await;
+    let snapshot = next_snapshot(&mut stream).await;
+    assert!(!snapshot.instance_id.is_empty());
+    assert_eq!(port_keys(&snapshot.ports), set(&[MONITOR_KEY]));
+    assert_eq!(
+        snapshot.seq, 1,
+        "the start-up event of the monitor's own port"
+    );
+
+    let listeners = [
+        Listener::tcp4(&ns, "0.0.0.0", 8081),
+        Listener::tcp6_only(&ns, "::", 8082),
+        Listener::tcp_dual(&ns, 8083),
+        Listener::tcp6_only(&ns, "::1", 8084),
+        Listener::udp(&ns, "127.0.0.1", 5353),
+    ];
+    let keys = [
+        "tcp:0.0.0.0:8081",
+        "tcp:[::]:8082",
+        "tcp:*:8083",
+        "tcp:[::1]:8084",
+        "udp:127.0.0.1:5353",
+    ];
+    let (opened, last) =
+        expect_events(&mut stream, EventType::Opened, &set(&keys), snapshot.seq).await;
+
+    // Each event describes its socket and the process holding it.
+    let expected = [
+        (Protocol::Tcp, "0.0.0.0", 8081),
+        (Protocol::Tcp, "::", 8082),
+        (Protocol::Tcp, "::", 8083),
+        (Protocol::Tcp, "::1", 8084),
+        (Protocol::Udp, "127.0.0.1", 5353),
+    ];
+    for ((key, listener), (protocol, address, port)) in keys.iter().zip(&listeners).zip(expected) {
+        let e = opened.iter().find(|e| key_of(e) == *key).unwrap();
+        let p = e.port.as_ref().unwrap();
+        assert_eq!(
+            (p.protocol, p.address.as_str(), p.port),
+            (protocol as i32, address, port),
+            "{e:?}"
+        );
+        assert_eq!(
+            p.process.as_ref().map(|p| p.pid),
+            Some(listener.pid()),
+            "{e:?}"
+        );
+        assert!(e.timestamp.is_some(), "{e:?}");
+    }
+    let ports = list_ports(&mut client).await;
+    let mut want = set(&keys);
+    want.insert(MONITOR_KEY.into());
+    assert_eq!(port_keys(&ports.ports), want);
+    assert_eq!(ports.seq, last);
+    assert_eq!(ports.instance_id, snapshot.instance_id);
+
+    for l in listeners {
+        l.close();
+    }
+    let (closed, last) = expect_events(&mut stream, EventType::Closed, &set(&keys), last).await;
+    assert_eq!(
+        port_keys(&list_ports(&mut client).await.ports),
+        set(&[MONITOR_KEY])
+    );
+
+    // The JSON shim shows the same history, oldest first.
+    let all = list_events(&mut client, ListEventsRequest::default()).await;
+    assert_eq!(all.last_seq, last);
+    let streamed: Vec<PortEvent> = opened.into_iter().chain(closed).collect();
+    assert_eq!(summary(&all.events[1..]), summary(&streamed));
+    let resp = http_get(monitor.addr(), "/port-events").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    assert_eq!(json_summary(&resp.body), proto_as_json(&all.events));
+    let value: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+    for (json, proto) in value.as_array().unwrap().iter().zip(&all.events) {
+        let ts = json["timestamp"].as_str().unwrap();
+        let parsed = chrono::DateTime::parse_from_rfc3339(ts).unwrap();
+        assert_eq!(parsed, timestamp_of(proto), "JSON and gRPC agree on {ts}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 3. ListEvents: since / after_seq
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_events_since_is_strictly_after() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let mut client = monitor.client().await;
+    let _a = Listener::tcp4(&ns, "0.0.0.0", 8081);
+    let a = wait_event(&mut client, EventType::Opened, "tcp:0.0.0.0:8081").await;
+    let _b = Listener::tcp4(&ns, "0.0.0.0", 8082);
+    let b = wait_event(&mut client, EventType::Opened, "tcp:0.0.0.0:8082").await;
+    assert!(b.seq > a.seq);
+    assert!(
+        timestamp_of(&b) > timestamp_of(&a),
+        "separate scans, later timestamp"
+    );
+
+    let since_a = ListEventsRequest {
+        since: a.timestamp,
+        after_seq: 0,
+    };
+    let page = list_events(&mut client, since_a).await;
+    assert!(!page.truncated);
+    assert_eq!(
+        summary(&page.events),
+        summary(&[b.clone()]),
+        "only events after A"
+    );
+    assert!(page
+        .events
+        .iter()
+        .all(|e| timestamp_of(e) > timestamp_of(&a)));
+
+    let since_b = ListEventsRequest {
+        since: b.timestamp,
+        after_seq: 0,
+    };
+    assert!(list_events(&mut client, since_b).await.events.is_empty());
+
+    let page = list_events(&mut client, after_seq(a.seq)).await;
+    assert_eq!(summary(&page.events), summary(&[b.clone()]));
+    let everything = list_events(&mut client, after_seq(0)).await;
+    assert_eq!(everything.events.first().map(|e| e.seq), Some(1));
+    assert_eq!(everything.last_seq, b.seq);
+
+    let both = ListEventsRequest {
+        since: a.timestamp,
+        after_seq: a.seq,
+    };
+    let err = within("ListEvents with both", client.list_events(both))
+        .await
+        .expect_err("since and after_seq together are refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    let bad = ListEventsRequest {
+        since: Some(prost_types::Timestamp {
+            seconds: 0,
+            nanos: -1,
+        }),
+        after_seq: 0,
+    };
+    let err = within("ListEvents with a bad since", client.list_events(bad))
+        .await
+        .expect_err("invalid timestamp is refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("since"), "{err:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 4. The JSON shim's legacy contract
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_shim_keeps_the_legacy_contract() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let addr = monitor.addr();
+    let mut client = monitor.client().await;
+    let _l = Listener::tcp4(&ns, "0.0.0.0", 8081);
+    wait_event(&mut client, EventType::Opened, "tcp:0.0.0.0:8081").await;
+
+    let resp = http_get(addr, "/port-events").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    let all = json_summary(&resp.body);
+    assert_eq!(
+        all.iter()
+            .map(|(t, p, _)| (t.as_str(), p.as_str()))
+            .collect::<Vec<_>>(),
+        [("opened", MONITOR_KEY), ("opened", "tcp:0.0.0.0:8081")]
+    );
+    let value: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+    let first_ts = value[0]["timestamp"].as_str().unwrap().to_string();
+    assert!(first_ts.ends_with('Z'), "{first_ts}");
+
+    // since = the first event's own timestamp: only what came after it.
+    let resp = http_get(
+        addr,
+        &format!("/port-events?since={}", query_escape(&first_ts)),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let after: Vec<(String, String, u64)> = all[1..].to_vec();
+    assert_eq!(json_summary(&resp.body), after);
+
+    // The same instant written with a +01:00 offset, `+` sent as %2B.
+    let t = chrono::DateTime::parse_from_rfc3339(&first_ts).unwrap();
+    let plus_one = t
+        .with_timezone(&chrono::FixedOffset::east_opt(3600).unwrap())
+        .to_rfc3339_opts(chrono::SecondsFormat::Nanos, false);
+    assert!(plus_one.ends_with("+01:00"), "{plus_one}");
+    let resp = http_get(
+        addr,
+        &format!("/port-events?since={}", query_escape(&plus_one)),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(json_summary(&resp.body), after);
+
+    // Whole seconds, no fraction: a second before the first event gets all.
+    let earlier = (t - chrono::TimeDelta::seconds(1))
+        .with_timezone(&chrono::Utc)
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let resp = http_get(
+        addr,
+        &format!("/port-events?since={}", query_escape(&earlier)),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(json_summary(&resp.body), all);
+
+    // Nothing after a future instant: an empty array, never null.
+    let resp = http_get(addr, "/port-events?since=2999-01-01T00:00:00Z").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    assert_eq!(resp.body.trim(), "[]");
+
+    let resp = http_get(addr, "/port-events?since=garbage").await;
+    assert_eq!(resp.status, 400, "{resp:?}");
+    assert!(
+        resp.body.contains("since"),
+        "the error names the parameter: {resp:?}"
+    );
+
+    for method in ["POST", "DELETE", "PUT"] {
+        let resp = http(addr, method, "/port-events", &[]).await.expect(method);
+        assert_eq!(resp.status, 405, "{method}: {resp:?}");
+        assert_eq!(resp.header("allow"), Some("GET"), "{method}: {resp:?}");
+    }
+
+    let resp = http_get(addr, "/healthz").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let resp = http_get(addr, "/metrics").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert!(
+        resp.body.contains("porthole_monitor_scans_total"),
+        "{}",
+        resp.body
+    );
+    let resp = http_get(addr, "/no-such-path").await;
+    assert_eq!(resp.status, 404, "{resp:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 5. Resuming a watch
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_resumes_with_exactly_the_missed_events() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let mut client = monitor.client().await;
+    let mut stream = watch(&mut client, "", 0).await;
+    let snapshot = next_snapshot(&mut stream).await;
+    let _first = Listener::tcp4(&ns, "0.0.0.0", 8081);
+    let seen = next_event(&mut stream).await;
+    assert_eq!(key_of(&seen), "tcp:0.0.0.0:8081");
+    drop(stream);
+
+    let _second = Listener::tcp4(&ns, "0.0.0.0", 8082);
+    let _third = Listener::udp(&ns, "0.0.0.0", 8083);
+    wait_ports(&mut client, "8082 and 8083 listed", |k| {
+        k.contains("tcp:0.0.0.0:8082") && k.contains("udp:0.0.0.0:8083")
+    })
+    .await;
+    let missed = list_events(&mut client, after_seq(seen.seq)).await;
+    assert_eq!(
+        summary(&missed.events)
+            .into_iter()
+            .map(|(t, k, _)| (t, k))
+            .collect::<BTreeSet<_>>(),
+        [
+            (EventType::Opened, "tcp:0.0.0.0:8082".to_string()),
+            (EventType::Opened, "udp:0.0.0.0:8083".to_string()),
+        ]
+        .into_iter()
+        .collect(),
+    );
+
+    let mut resumed = watch(&mut client, &snapshot.instance_id, seen.seq).await;
+    let mut got = Vec::new();
+    for _ in 0..missed.events.len() {
+        got.push(next_event(&mut resumed).await);
+    }
+    assert_eq!(got, missed.events, "exactly the missed events, no snapshot");
+
+    // And the resumed stream is live.
+    let _fourth = Listener::tcp4(&ns, "127.0.0.1", 8084);
+    let e = next_event(&mut resumed).await;
+    assert_eq!(
+        (kind_of(&e), key_of(&e)),
+        (EventType::Opened, "tcp:127.0.0.1:8084")
+    );
+    assert_eq!(e.seq, missed.last_seq + 1);
+}
+
+// ---------------------------------------------------------------------------
+// 6. Resuming from a point the buffer no longer holds
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_past_a_wrapped_buffer_gets_a_snapshot() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &["--buffer-size", "5"]).await;
+    let mut client = monitor.client().await;
+    let listeners: Vec<Listener> = (8081..=8086)
+        .map(|port| Listener::tcp4(&ns, "0.0.0.0", port))
+        .collect();
+    let ports = wait_ports(&mut client, "all six listed", |k| k.len() == 7).await;
+    assert!(ports.seq >= 7, "{ports:?}");
+
+    let events = list_events(&mut client, ListEventsRequest::default()).await;
+    assert_eq!(events.events.len(), 5, "the buffer holds five");
+    assert_eq!(events.first_seq, events.last_seq - 4);
+    assert!(events.truncated, "older events were dropped");
+    let fell_off = list_events(&mut client, after_seq(1)).await;
+    assert!(fell_off.truncated, "seq 2 fell off: {fell_off:?}");
+    let held = list_events(&mut client, after_seq(events.first_seq - 1)).await;
+    assert!(!held.truncated, "{held:?}");
+    assert_eq!(held.events, events.events);
+
+    let mut stream = watch(&mut client, &events.instance_id, 1).await;
+    let snapshot = next_snapshot(&mut stream).await;
+    let now = list_ports(&mut client).await;
+    assert_eq!(snapshot.instance_id, now.instance_id);
+    assert_eq!(snapshot.seq, now.seq);
+    let sorted = |mut v: Vec<Port>| {
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    };
+    assert_eq!(sorted(snapshot.ports), sorted(now.ports));
+
+    // A point the buffer still holds resumes without a snapshot.
+    let mut stream = watch(&mut client, &events.instance_id, events.last_seq - 2).await;
+    let e = next_event(&mut stream).await;
+    assert_eq!(e.seq, events.last_seq - 1);
+    drop(listeners);
+}
+
+// ---------------------------------------------------------------------------
+// 7. A restarted monitor is a new instance
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_against_a_restarted_monitor_gets_a_snapshot() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let _l = Listener::tcp4(&ns, "0.0.0.0", 8081);
+    let mut first = MonitorProc::start(&ns, &[]).await;
+    let mut client = first.client().await;
+    let before = list_events(&mut client, ListEventsRequest::default()).await;
+    assert!(before.last_seq >= 2);
+    let status = first.terminate().await;
+    assert!(status.success(), "monitor-svc exited with {status}");
+    drop(client);
+
+    let second = MonitorProc::start(&ns, &[]).await;
+    let mut client = second.client().await;
+    let mut stream = watch(&mut client, &before.instance_id, before.last_seq).await;
+    let snapshot = next_snapshot(&mut stream).await;
+    assert_ne!(snapshot.instance_id, before.instance_id);
+    assert_eq!(
+        snapshot.instance_id,
+        list_ports(&mut client).await.instance_id
+    );
+    assert_eq!(
+        port_keys(&snapshot.ports),
+        set(&[MONITOR_KEY, "tcp:0.0.0.0:8081"])
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 8. Bearer token
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_is_required_on_grpc_and_http() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let token_file = ns.log_dir().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let monitor = MonitorProc::start(&ns, &["--token-file", token_file.to_str().unwrap()]).await;
+
+    let mut plain = monitor.client().await;
+    let err = within(
+        "ListPorts without a token",
+        plain.list_ports(ListPortsRequest {}),
+    )
+    .await
+    .expect_err("no token is refused");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let err = within(
+        "WatchEvents without a token",
+        plain.watch_events(WatchEventsRequest::default()),
+    )
+    .await
+    .expect_err("no token is refused");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    let with_token = |value: &'static str| {
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+            Ok(req)
+        }
+    };
+    let mut wrong = PortEventsClient::with_interceptor(
+        monitor.channel().await,
+        with_token("Bearer wrong-token"),
+    );
+    let err = within(
+        "ListPorts with a wrong token",
+        wrong.list_ports(ListPortsRequest {}),
+    )
+    .await
+    .expect_err("a wrong token is refused");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    let mut authed = PortEventsClient::with_interceptor(
+        monitor.channel().await,
+        with_token("Bearer s3cret-token"),
+    );
+    let ports = within(
+        "ListPorts with the token",
+        authed.list_ports(ListPortsRequest {}),
+    )
+    .await
+    .expect("the token is accepted")
+    .into_inner();
+    assert!(port_keys(&ports.ports).contains(MONITOR_KEY));
+    let mut stream = within(
+        "WatchEvents with the token",
+        authed.watch_events(WatchEventsRequest::default()),
+    )
+    .await
+    .expect("the token is accepted")
+    .into_inner();
+    next_snapshot(&mut stream).await;
+
+    let addr = monitor.addr();
+    let resp = http_get(addr, "/port-events").await;
+    assert_eq!(resp.status, 401, "{resp:?}");
+    let resp = http(
+        addr,
+        "GET",
+        "/port-events",
+        &[("Authorization", "Bearer wrong")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status, 401, "{resp:?}");
+    let resp = http(
+        addr,
+        "GET",
+        "/port-events",
+        &[("Authorization", "Bearer s3cret-token")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(json_summary(&resp.body)[0].1, MONITOR_KEY);
+}
+
+// ---------------------------------------------------------------------------
+// 9. Graceful shutdown
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_open_streams_and_exits_zero() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let mut monitor = MonitorProc::start(&ns, &[]).await;
+    let mut client = monitor.client().await;
+    let mut stream = watch(&mut client, "", 0).await;
+    next_snapshot(&mut stream).await;
+
+    monitor.proc().signal("TERM");
+    match within("the stream to end after SIGTERM", stream.message()).await {
+        Ok(None) => {}
+        Err(status) if status.code() == Code::Unavailable => {}
+        other => panic!("expected UNAVAILABLE or a clean end, got {other:?}"),
+    }
+    let status = monitor.proc().wait_exit(DEADLINE).await;
+    assert!(
+        status.success(),
+        "monitor-svc exited with {status}:\n{}",
+        monitor.log()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 10. /proc/net as the source
+
+#[tokio::test(flavor = "multi_thread")]
+async fn procfs_source_sees_what_netlink_sees() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let netlink = MonitorProc::start(&ns, &["--source", "netlink"]).await;
+    let procfs = MonitorProc::start(&ns, &["--source", "procfs", "--listen", "0.0.0.0:7071"]).await;
+    let mut nl = netlink.client().await;
+    let mut pf = procfs.client().await;
+    let mut stream = watch(&mut pf, "", 0).await;
+    let snapshot = next_snapshot(&mut stream).await;
+
+    // /proc/net cannot tell a v6-only `::` socket from a dual-stack one on
+    // its own; beside an IPv4 listener on the same port it must be v6-only.
+    let listeners = [
+        Listener::tcp4(&ns, "0.0.0.0", 8081),
+        Listener::tcp6_only(&ns, "::", 8081),
+        Listener::tcp_dual(&ns, 8083),
+        Listener::tcp6_only(&ns, "::1", 8084),
+        Listener::udp(&ns, "127.0.0.1", 5353),
+        Listener::udp(&ns, "::1", 5354),
+    ];
+    let keys = set(&[
+        "tcp:0.0.0.0:8081",
+        "tcp:[::]:8081",
+        "tcp:*:8083",
+        "tcp:[::1]:8084",
+        "udp:127.0.0.1:5353",
+        "udp:[::1]:5354",
+    ]);
+    let (opened, last) = expect_events(&mut stream, EventType::Opened, &keys, snapshot.seq).await;
+    for e in &opened {
+        let process = e.port.as_ref().and_then(|p| p.process.as_ref());
+        assert!(
+            listeners
+                .iter()
+                .any(|l| Some(l.pid()) == process.map(|p| p.pid)),
+            "{e:?}"
+        );
+    }
+    let mut want = keys.clone();
+    want.extend([
+        "tcp:0.0.0.0:7070".to_string(),
+        "tcp:0.0.0.0:7071".to_string(),
+    ]);
+    let from_netlink = wait_ports(&mut nl, "netlink lists the listeners", |k| *k == want).await;
+    let from_procfs = list_ports(&mut pf).await;
+    let strip = |ports: Vec<Port>| -> BTreeMap<String, (i32, String, u32)> {
+        ports
+            .into_iter()
+            .map(|p| (p.key.clone(), (p.protocol, p.address, p.port)))
+            .collect()
+    };
+    assert_eq!(strip(from_procfs.ports), strip(from_netlink.ports));
+
+    // Closed newest first: with the IPv4 listener gone first, /proc/net
+    // alone would (rightly, as far as it can tell) re-key `::` 8081 as `*`.
+    for l in listeners.into_iter().rev() {
+        l.close();
+    }
+    expect_events(&mut stream, EventType::Closed, &keys, last).await;
+    let gone = set(&["tcp:0.0.0.0:7070", "tcp:0.0.0.0:7071"]);
+    wait_ports(&mut nl, "netlink sees them closed", |k| *k == gone).await;
+    assert_eq!(port_keys(&list_ports(&mut pf).await.ports), gone);
+}
+
+// ---------------------------------------------------------------------------
+// 11. grpcurl, health and reflection with no .proto files
+
+/// Runs grpcurl with `args`; returns stdout, panicking with stderr on failure.
+async fn grpcurl(bin: &std::path::Path, args: &[&str]) -> String {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(args).kill_on_drop(true);
+    let out = within(&format!("grpcurl {args:?}"), cmd.output())
+        .await
+        .expect("run grpcurl");
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpcurl_works_without_proto_files() {
+    if !require_root() {
+        return;
+    }
+    let Some(grpcurl_bin) = which("grpcurl") else {
+        skip_or_fail(
+            "grpcurl_works_without_proto_files",
+            "grpcurl is not on PATH",
+        );
+        return;
+    };
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let _l = Listener::tcp4(&ns, "0.0.0.0", 8081);
+    let mut client = monitor.client().await;
+    wait_ports(&mut client, "8081 listed", |k| {
+        k.contains("tcp:0.0.0.0:8081")
+    })
+    .await;
+    let addr = monitor.addr().to_string();
+
+    let services = grpcurl(&grpcurl_bin, &["--plaintext", &addr, "list"]).await;
+    for name in ["porthole.v1.PortEvents", "grpc.health.v1.Health"] {
+        assert!(
+            services.lines().any(|l| l.trim() == name),
+            "{name} in:\n{services}"
+        );
+    }
+    let described = grpcurl(
+        &grpcurl_bin,
+        &["--plaintext", &addr, "describe", "porthole.v1.PortEvents"],
+    )
+    .await;
+    for method in ["ListEvents", "WatchEvents", "ListPorts"] {
+        assert!(described.contains(method), "{method} in:\n{described}");
+    }
+
+    let out = grpcurl(
+        &grpcurl_bin,
+        &[
+            "--plaintext",
+            "-d",
+            "{}",
+            &addr,
+            "porthole.v1.PortEvents/ListPorts",
+        ],
+    )
+    .await;
+    let json: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let keys: Vec<&str> = json["ports"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no ports in {out}"))
+        .iter()
+        .filter_map(|p| p["key"].as_str())
+        .collect();
+    assert!(keys.contains(&"tcp:0.0.0.0:8081"), "{out}");
+
+    let out = grpcurl(
+        &grpcurl_bin,
+        &[
+            "--plaintext",
+            "-d",
+            "{}",
+            &addr,
+            "grpc.health.v1.Health/Check",
+        ],
+    )
+    .await;
+    assert!(out.contains("SERVING"), "{out}");
+    let out = grpcurl(
+        &grpcurl_bin,
+        &[
+            "--plaintext",
+            "-d",
+            r#"{"service":"porthole.v1.PortEvents"}"#,
+            &addr,
+            "grpc.health.v1.Health/Check",
+        ],
+    )
+    .await;
+    assert!(out.contains("SERVING"), "{out}");
+
+    // grpcurl 1.8 speaks only reflection v1alpha: both versions answer.
+    let channel = monitor.channel().await;
+    let v1alpha = {
+        use tonic_reflection::pb::v1alpha::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut c = ServerReflectionClient::new(channel.clone());
+        let mut s = within(
+            "reflection v1alpha",
+            c.server_reflection_info(tokio_stream::iter([req])),
+        )
+        .await
+        .expect("reflection v1alpha is served")
+        .into_inner();
+        match within("reflection v1alpha reply", s.message()).await {
+            Ok(Some(r)) => match r.message_response {
+                Some(MessageResponse::ListServicesResponse(l)) => l
+                    .service
+                    .into_iter()
+                    .map(|s| s.name)
+                    .collect::<BTreeSet<_>>(),
+                other => panic!("unexpected v1alpha reply {other:?}"),
+            },
+            other => panic!("unexpected v1alpha reply {other:?}"),
+        }
+    };
+    let v1 = {
+        use tonic_reflection::pb::v1::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut c = ServerReflectionClient::new(channel);
+        let mut s = within(
+            "reflection v1",
+            c.server_reflection_info(tokio_stream::iter([req])),
+        )
+        .await
+        .expect("reflection v1 is served")
+        .into_inner();
+        match within("reflection v1 reply", s.message()).await {
+            Ok(Some(r)) => match r.message_response {
+                Some(MessageResponse::ListServicesResponse(l)) => l
+                    .service
+                    .into_iter()
+                    .map(|s| s.name)
+                    .collect::<BTreeSet<_>>(),
+                other => panic!("unexpected v1 reply {other:?}"),
+            },
+            other => panic!("unexpected v1 reply {other:?}"),
+        }
+    };
+    for name in ["porthole.v1.PortEvents", "grpc.health.v1.Health"] {
+        assert!(v1alpha.contains(name), "{name} in v1alpha {v1alpha:?}");
+        assert!(v1.contains(name), "{name} in v1 {v1:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 12. Bad flags (no namespace, no root)
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_flags_exit_non_zero_and_name_the_flag() {
+    let bin = binary("monitor-svc");
+    let cases: [(&[&str], &str); 5] = [
+        (&["--interval", "0ms"], "--interval"),
+        (&["--interval", "soon"], "--interval"),
+        (&["--buffer-size", "0"], "--buffer-size"),
+        (&["--listen", "nonsense"], "--listen"),
+        (
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--token-file",
+                "/nonexistent/porthole-token",
+            ],
+            "/nonexistent/porthole-token",
+        ),
+    ];
+    for (args, named) in cases {
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.args(args).kill_on_drop(true);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("PORTHOLE_") {
+                cmd.env_remove(k);
+            }
+        }
+        let out = within(&format!("monitor-svc {args:?} to exit"), cmd.output())
+            .await
+            .expect("run monitor-svc");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "monitor-svc {args:?} succeeded:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(named),
+            "monitor-svc {args:?}: stderr does not name {named}:\n{stderr}"
+        );
+    }
+}

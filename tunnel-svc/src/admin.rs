@@ -1,0 +1,183 @@
+//! `porthole.v1.TunnelAdmin` over gRPC, plus `/healthz` and `/metrics` on
+//! the same port.
+
+use crate::reconcile::{Command, UpdateItem};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use porthole::pb::v1::{
+    tunnel_admin_server::TunnelAdmin, CloseTunnelRequest, CloseTunnelResponse, ListTunnelsRequest,
+    ListTunnelsResponse, OpenTunnelRequest, OpenTunnelResponse, Protocol, Tunnel, TunnelState,
+    WatchTunnelsRequest,
+};
+use std::fmt::Write;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response as GrpcResponse, Status};
+
+#[derive(Clone)]
+pub struct Admin {
+    commands: mpsc::Sender<Command>,
+}
+
+impl Admin {
+    pub fn new(commands: mpsc::Sender<Command>) -> Admin {
+        Admin { commands }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
+        let (reply, rx) = oneshot::channel();
+        let stopping = || Status::unavailable("tunnel-svc is shutting down");
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())
+    }
+
+    pub async fn list(&self, target: Option<String>) -> Result<Vec<Tunnel>, Status> {
+        self.ask(|reply| Command::List { target, reply }).await
+    }
+}
+
+#[tonic::async_trait]
+impl TunnelAdmin for Admin {
+    async fn list_tunnels(
+        &self,
+        req: Request<ListTunnelsRequest>,
+    ) -> Result<GrpcResponse<ListTunnelsResponse>, Status> {
+        let target = Some(req.into_inner().target).filter(|t| !t.is_empty());
+        let tunnels = self.list(target).await?;
+        Ok(GrpcResponse::new(ListTunnelsResponse { tunnels }))
+    }
+
+    async fn close_tunnel(
+        &self,
+        req: Request<CloseTunnelRequest>,
+    ) -> Result<GrpcResponse<CloseTunnelResponse>, Status> {
+        let id = req.into_inner().id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument(
+                "id is required, e.g. default:tcp:8080",
+            ));
+        }
+        let tunnel = self.ask(|reply| Command::Close { id, reply }).await??;
+        Ok(GrpcResponse::new(CloseTunnelResponse {
+            tunnel: Some(tunnel),
+        }))
+    }
+
+    async fn open_tunnel(
+        &self,
+        req: Request<OpenTunnelRequest>,
+    ) -> Result<GrpcResponse<OpenTunnelResponse>, Status> {
+        let OpenTunnelRequest {
+            target,
+            container_port,
+            host_port,
+            protocol,
+        } = req.into_inner();
+        if !matches!(
+            Protocol::try_from(protocol),
+            Ok(Protocol::Tcp | Protocol::Unspecified)
+        ) {
+            return Err(Status::invalid_argument("only TCP ports can be forwarded"));
+        }
+        let tunnel = self
+            .ask(|reply| Command::Open {
+                target,
+                container_port,
+                host_port,
+                reply,
+            })
+            .await??;
+        Ok(GrpcResponse::new(OpenTunnelResponse {
+            tunnel: Some(tunnel),
+        }))
+    }
+
+    type WatchTunnelsStream = ReceiverStream<UpdateItem>;
+
+    async fn watch_tunnels(
+        &self,
+        _: Request<WatchTunnelsRequest>,
+    ) -> Result<GrpcResponse<Self::WatchTunnelsStream>, Status> {
+        let rx = self.ask(|reply| Command::Watch { reply }).await?;
+        Ok(GrpcResponse::new(ReceiverStream::new(rx)))
+    }
+}
+
+pub fn http_router(admin: Admin) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .with_state(admin)
+}
+
+async fn metrics(State(admin): State<Admin>) -> Response {
+    let tunnels = match admin.list(None).await {
+        Ok(t) => t,
+        Err(e) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, e.message().to_string()).into_response()
+        }
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP porthole_tunnels Tunnels by target and state.\n# TYPE porthole_tunnels gauge"
+    );
+    let mut counts = std::collections::BTreeMap::new();
+    for t in &tunnels {
+        let state = TunnelState::try_from(t.state)
+            .unwrap_or_default()
+            .as_str_name();
+        *counts.entry((t.target.as_str(), state)).or_insert(0u64) += 1;
+    }
+    for ((target, state), n) in counts {
+        let _ = writeln!(
+            out,
+            "porthole_tunnels{{target=\"{target}\",state=\"{state}\"}} {n}"
+        );
+    }
+    let per_tunnel: [(&str, &str, &str, fn(&Tunnel) -> u64); 4] = [
+        (
+            "porthole_tunnel_active_connections",
+            "gauge",
+            "Connections open now.",
+            |t| t.active_connections,
+        ),
+        (
+            "porthole_tunnel_connections_total",
+            "counter",
+            "Connections accepted.",
+            |t| t.total_connections,
+        ),
+        (
+            "porthole_tunnel_bytes_in_total",
+            "counter",
+            "Bytes from host clients to the container.",
+            |t| t.bytes_in,
+        ),
+        (
+            "porthole_tunnel_bytes_out_total",
+            "counter",
+            "Bytes from the container to host clients.",
+            |t| t.bytes_out,
+        ),
+    ];
+    for (name, kind, help, get) in per_tunnel {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for t in &tunnels {
+            let _ = writeln!(out, "{name}{{id=\"{}\"}} {}", t.id, get(t));
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}

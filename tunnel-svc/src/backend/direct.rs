@@ -1,0 +1,31 @@
+//! direct backend: a plain TCP relay to the container's own address, for
+//! servers bound beyond loopback.
+
+use super::CarryError;
+use crate::tunnel::Stats;
+use std::net::IpAddr;
+use tokio::net::TcpStream;
+
+pub struct Direct {
+    /// The container's address (the monitor URL's host).
+    pub host: String,
+}
+
+impl Direct {
+    pub async fn carry(&self, conn: TcpStream, port: u16, stats: &Stats) -> Result<(), CarryError> {
+        let upstream = TcpStream::connect((self.host.as_str(), port)).await?;
+        let _ = upstream.set_nodelay(true);
+        porthole::relay::copy(conn, upstream, &stats.bytes_in, &stats.bytes_out).await?;
+        Ok(())
+    }
+
+    /// A server bound only to loopback inside the container cannot be
+    /// reached from outside it.
+    pub fn unreachable(&self, addresses: &[IpAddr]) -> Option<String> {
+        (!addresses.is_empty() && addresses.iter().all(|a| a.is_loopback())).then(|| {
+            "the server listens on loopback only; the direct backend reaches servers bound to \
+             0.0.0.0, :: or the container's address (use --backend grpc or ssh)"
+                .to_string()
+        })
+    }
+}

@@ -1,0 +1,158 @@
+//! `tunnel-svc ls` and `tunnel-svc close`: the admin API for people.
+
+use anyhow::Context;
+use porthole::pb::v1::{
+    tunnel_admin_client::TunnelAdminClient, CloseTunnelRequest, ListTunnelsRequest, Tunnel,
+    TunnelState,
+};
+use std::net::SocketAddr;
+use tonic::transport::Channel;
+
+async fn client(admin: SocketAddr) -> anyhow::Result<TunnelAdminClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{admin}"))?
+        .connect()
+        .await
+        .with_context(|| {
+            format!("cannot reach tunnel-svc at {admin} (is it running? see --admin)")
+        })?;
+    Ok(TunnelAdminClient::new(channel))
+}
+
+fn request<T>(msg: T, token: &Option<porthole::auth::Token>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(t) = token {
+        t.authorize(&mut req);
+    }
+    req
+}
+
+fn state_name(t: &Tunnel) -> &'static str {
+    match TunnelState::try_from(t.state).unwrap_or_default() {
+        TunnelState::Pending => "pending",
+        TunnelState::Active => "active",
+        TunnelState::Failed => "failed",
+        TunnelState::Closed => "closed",
+        TunnelState::Unspecified => "?",
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// The table `tunnel-svc ls` prints.
+pub fn table(tunnels: &[Tunnel]) -> String {
+    let mut rows = vec![[
+        "ID".to_string(),
+        "STATE".into(),
+        "HOST".into(),
+        "PROCESS".into(),
+        "CONNS".into(),
+        "IN".into(),
+        "OUT".into(),
+        "NOTE".into(),
+    ]];
+    for t in tunnels {
+        let host = match t.host_port {
+            0 => "-".to_string(),
+            p => format!("localhost:{p}"),
+        };
+        let process = t
+            .process
+            .as_ref()
+            .map_or("-".to_string(), |p| format!("{}[{}]", p.name, p.pid));
+        rows.push([
+            t.id.clone(),
+            state_name(t).into(),
+            host,
+            process,
+            format!("{}/{}", t.active_connections, t.total_connections),
+            human_bytes(t.bytes_in),
+            human_bytes(t.bytes_out),
+            t.error.clone(),
+        ]);
+    }
+    let mut widths = [0usize; 8];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub async fn ls(admin: SocketAddr, token: Option<porthole::auth::Token>) -> anyhow::Result<()> {
+    let resp = client(admin)
+        .await?
+        .list_tunnels(request(ListTunnelsRequest::default(), &token))
+        .await?;
+    let tunnels = resp.into_inner().tunnels;
+    if tunnels.is_empty() {
+        println!("no tunnels");
+    } else {
+        print!("{}", table(&tunnels));
+    }
+    Ok(())
+}
+
+pub async fn close(
+    admin: SocketAddr,
+    token: Option<porthole::auth::Token>,
+    id: String,
+) -> anyhow::Result<()> {
+    let resp = client(admin)
+        .await?
+        .close_tunnel(request(CloseTunnelRequest { id: id.clone() }, &token))
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    let t = resp.into_inner().tunnel.unwrap_or_default();
+    println!("closed {} (was localhost:{})", t.id, t.host_port);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = Tunnel {
+            id: "default:tcp:8080".into(),
+            state: TunnelState::Active as i32,
+            host_port: 8081,
+            bytes_in: 2048,
+            error: "host port 8080 is busy; forwarded on 8081 instead".into(),
+            ..Default::default()
+        };
+        let out = table(&[t]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("ID "), "{out}");
+        assert!(
+            lines[1].contains("default:tcp:8080") && lines[1].contains("localhost:8081"),
+            "{out}"
+        );
+        assert!(lines[1].contains("2.0 KiB"), "{out}");
+        assert_eq!(lines[0].find("STATE"), lines[1].find("active"), "{out}");
+    }
+}

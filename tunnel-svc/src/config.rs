@@ -1,0 +1,348 @@
+//! What tunnel-svc is asked to do, checked before anything starts: targets,
+//! backends, the skip list, bind addresses.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+use std::str::FromStr;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("bad target {0:?}: want NAME=URL, e.g. dev=http://198.18.0.2:7070")]
+    TargetSyntax(String),
+    #[error(
+        "bad target name {0:?}: use letters, digits, '-' and '_' (it becomes part of tunnel ids)"
+    )]
+    TargetName(String),
+    #[error("bad monitor URL {url:?}: {why}")]
+    Url { url: String, why: String },
+    #[error("target {0:?} is given twice")]
+    DuplicateTarget(String),
+    #[error("no monitor to watch: give --monitor URL or --target NAME=URL")]
+    NoTarget,
+    #[error("{flag} names target {target:?}, which no --monitor/--target defines")]
+    UnknownTarget { flag: &'static str, target: String },
+    #[error("bad backend {0:?}: use grpc, ssh or direct")]
+    Backend(String),
+    #[error("bad port list {0:?}: want ports and ranges like 22,80,6000-6100")]
+    Ports(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Grpc,
+    Ssh,
+    Direct,
+}
+
+impl FromStr for BackendKind {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "grpc" => Ok(BackendKind::Grpc),
+            "ssh" => Ok(BackendKind::Ssh),
+            "direct" => Ok(BackendKind::Direct),
+            other => Err(ConfigError::Backend(other.into())),
+        }
+    }
+}
+
+/// A monitor URL, checked: `http://HOST[:PORT]` (port 7070 when omitted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MonitorUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl MonitorUrl {
+    pub fn endpoint(&self) -> String {
+        if self.host.contains(':') {
+            format!("http://[{}]:{}", self.host, self.port)
+        } else {
+            format!("http://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for MonitorUrl {
+    type Err = ConfigError;
+    fn from_str(url: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::Url {
+            url: url.into(),
+            why: why.into(),
+        };
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(bad(
+                    "TLS is not supported; use http:// (the monitor speaks plaintext)",
+                ))
+            }
+            Some(other) => return Err(bad(&format!("scheme {other:?} is not http"))),
+            None => return Err(bad("missing http:// in front")),
+        }
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(bad("a monitor URL has no path"));
+        }
+        let host = uri
+            .host()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| bad("missing host"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(7070);
+        if port == 0 {
+            return Err(bad("port 0"));
+        }
+        Ok(MonitorUrl { host, port })
+    }
+}
+
+/// Parses `NAME=URL`.
+pub fn parse_target(s: &str) -> Result<(String, MonitorUrl), ConfigError> {
+    let (name, url) = s
+        .split_once('=')
+        .ok_or_else(|| ConfigError::TargetSyntax(s.into()))?;
+    check_name(name)?;
+    Ok((name.to_string(), url.parse()?))
+}
+
+fn check_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::TargetName(name.into()))
+    }
+}
+
+/// A set of ports written as `22,80,6000-6100` (empty: no ports).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortSet(Vec<RangeInclusive<u16>>);
+
+impl PortSet {
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.iter().any(|r| r.contains(&port))
+    }
+}
+
+impl FromStr for PortSet {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::Ports(s.into());
+        let mut ranges = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+            let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+            let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+            if lo == 0 || lo > hi {
+                return Err(bad());
+            }
+            ranges.push(lo..=hi);
+        }
+        Ok(PortSet(ranges))
+    }
+}
+
+/// The classic system ports a developer never wants forwarded.
+pub const DEFAULT_SKIP: &str = "22,25,53,80,110,143,443,993,995";
+
+/// Per-target settings after merging the flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub name: String,
+    pub url: MonitorUrl,
+    pub backend: BackendKind,
+    /// ssh destination (an alias from the user's ssh config); defaults to the URL's host.
+    pub ssh_host: String,
+}
+
+/// `[TARGET=]VALUE` flags: a value for every target, or for one.
+pub fn split_scoped(s: &str) -> (Option<&str>, &str) {
+    match s.split_once('=') {
+        Some((t, v)) if check_name(t).is_ok() && !v.is_empty() => (Some(t), v),
+        _ => (None, s),
+    }
+}
+
+/// Builds the target list from `--monitor`, `--target`, `--backend` and `--ssh-host`.
+pub fn targets(
+    monitor: Option<&str>,
+    target_flags: &[String],
+    backend_flags: &[String],
+    ssh_host_flags: &[String],
+) -> Result<Vec<Target>, ConfigError> {
+    let mut urls: BTreeMap<String, MonitorUrl> = BTreeMap::new();
+    if let Some(url) = monitor {
+        urls.insert("default".into(), url.parse()?);
+    }
+    for t in target_flags {
+        let (name, url) = parse_target(t)?;
+        if urls.insert(name.clone(), url).is_some() {
+            return Err(ConfigError::DuplicateTarget(name));
+        }
+    }
+    if urls.is_empty() {
+        return Err(ConfigError::NoTarget);
+    }
+    let mut out: Vec<Target> = urls
+        .into_iter()
+        .map(|(name, url)| Target {
+            ssh_host: url.host.clone(),
+            name,
+            url,
+            backend: BackendKind::Grpc,
+        })
+        .collect();
+    let mut apply =
+        |flag: &'static str,
+         values: &[String],
+         set: &dyn Fn(&mut Target, &str) -> Result<(), ConfigError>| {
+            // Unscoped values first, so `--backend ssh --backend web=grpc` means what it says.
+            for scoped in [false, true] {
+                for v in values {
+                    let (target, value) = split_scoped(v);
+                    if target.is_some() != scoped {
+                        continue;
+                    }
+                    let mut matched = false;
+                    for t in out
+                        .iter_mut()
+                        .filter(|t| target.is_none_or(|n| n == t.name))
+                    {
+                        set(t, value)?;
+                        matched = true;
+                    }
+                    if let (Some(name), false) = (target, matched) {
+                        return Err(ConfigError::UnknownTarget {
+                            flag,
+                            target: name.into(),
+                        });
+                    }
+                }
+            }
+            Ok(())
+        };
+    apply("--backend", backend_flags, &|t, v| {
+        t.backend = v.parse()?;
+        Ok(())
+    })?;
+    apply("--ssh-host", ssh_host_flags, &|t, v| {
+        t.ssh_host = v.to_string();
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Host addresses tunnels listen on by default: both loopbacks, so
+/// `localhost` works whichever way it resolves.
+pub fn default_bind() -> Vec<IpAddr> {
+    vec![
+        "127.0.0.1".parse().expect("literal"),
+        "::1".parse().expect("literal"),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monitor_urls() {
+        let u: MonitorUrl = "http://198.18.0.2:7070".parse().unwrap();
+        assert_eq!(
+            u,
+            MonitorUrl {
+                host: "198.18.0.2".into(),
+                port: 7070
+            }
+        );
+        assert_eq!(u.endpoint(), "http://198.18.0.2:7070");
+        let u: MonitorUrl = "http://[::1]".parse().unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 7070));
+        assert_eq!(u.endpoint(), "http://[::1]:7070");
+        for bad in [
+            "198.18.0.2:7070",
+            "https://x:1",
+            "ftp://x",
+            "http://",
+            "http://x:7070/path",
+            "http://x:0",
+            "::",
+        ] {
+            let err = bad.parse::<MonitorUrl>().unwrap_err();
+            assert!(err.to_string().contains(bad), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn port_sets() {
+        let s: PortSet = "22, 80,6000-6002".parse().unwrap();
+        assert!(s.contains(22) && s.contains(80) && s.contains(6001) && s.contains(6002));
+        assert!(!s.contains(23) && !s.contains(6003));
+        assert_eq!("".parse::<PortSet>().unwrap(), PortSet::default());
+        for bad in ["x", "0", "10-5", "70000", "1-"] {
+            assert!(bad.parse::<PortSet>().is_err(), "{bad}");
+        }
+        let d: PortSet = DEFAULT_SKIP.parse().unwrap();
+        assert!(d.contains(443) && !d.contains(8080));
+    }
+
+    #[test]
+    fn targets_merge_flags() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let ts = targets(
+            Some("http://10.0.0.1:7070"),
+            &s(&["web=http://198.18.0.6:7070"]),
+            &s(&["web=ssh", "direct"]),
+            &s(&["web=devbox"]),
+        )
+        .unwrap();
+        assert_eq!(ts.len(), 2);
+        assert_eq!(
+            (ts[0].name.as_str(), ts[0].backend),
+            ("default", BackendKind::Direct)
+        );
+        assert_eq!(ts[0].ssh_host, "10.0.0.1");
+        assert_eq!(
+            (ts[1].name.as_str(), ts[1].backend),
+            ("web", BackendKind::Ssh)
+        );
+        assert_eq!(ts[1].ssh_host, "devbox");
+    }
+
+    #[test]
+    fn targets_reject_mistakes() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(targets(None, &[], &[], &[]), Err(ConfigError::NoTarget));
+        assert_eq!(
+            targets(Some("http://a"), &s(&["default=http://b"]), &[], &[]),
+            Err(ConfigError::DuplicateTarget("default".into()))
+        );
+        assert!(matches!(
+            targets(Some("http://a"), &[], &s(&["nope=ssh"]), &[]),
+            Err(ConfigError::UnknownTarget { .. })
+        ));
+        assert_eq!(
+            targets(Some("http://a"), &[], &s(&["telnet"]), &[]),
+            Err(ConfigError::Backend("telnet".into()))
+        );
+        assert!(matches!(
+            targets(None, &s(&["no-equals"]), &[], &[]),
+            Err(ConfigError::TargetSyntax(_))
+        ));
+        assert!(matches!(
+            targets(None, &s(&["a b=http://x"]), &[], &[]),
+            Err(ConfigError::TargetName(_))
+        ));
+    }
+}

@@ -1,0 +1,129 @@
+//! tunnel-svc: runs on the host, follows one or more monitors and keeps one
+//! tunnel per open container port, over gRPC, OpenSSH or a direct relay.
+//! Its own gRPC admin API (`porthole.v1.TunnelAdmin`) lists and closes them.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod backend;
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod reconcile;
+pub mod tunnel;
+pub mod watch;
+
+use backend::Backend;
+use porthole::pb::v1::tunnel_admin_server::{TunnelAdminServer, SERVICE_NAME as TUNNEL_ADMIN};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub targets: Vec<config::Target>,
+    pub reconcile: reconcile::Options,
+    pub token: Option<porthole::auth::Token>,
+    /// Extra `-o` options for every ssh command.
+    pub ssh_options: Vec<String>,
+}
+
+/// A lazily connecting channel to a monitor, tuned for relaying: no Nagle,
+/// large HTTP/2 windows, keepalives that notice a dead monitor.
+pub fn monitor_channel(url: &config::MonitorUrl) -> anyhow::Result<tonic::transport::Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.endpoint())?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(porthole::server::STREAM_WINDOW)
+        .initial_connection_window_size(porthole::server::CONNECTION_WINDOW);
+    Ok(endpoint.connect_lazy())
+}
+
+/// A private directory for ssh control and forward sockets.
+fn runtime_dir() -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::var_os("XDG_RUNTIME_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    let dir = base.join(format!("porthole-{}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(&dir)?;
+    Ok(dir)
+}
+
+/// Runs tunnel-svc with its admin API on `admin` until `shutdown` is
+/// cancelled; then every tunnel and ssh process is gone before it returns.
+pub async fn run(
+    admin: TcpListener,
+    opts: Options,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut specs = Vec::new();
+    let mut watchers = Vec::new();
+    let (commands, reconciler) = {
+        let mut runtime: Option<PathBuf> = None;
+        for t in &opts.targets {
+            let channel = monitor_channel(&t.url)?;
+            let backend = match t.backend {
+                config::BackendKind::Grpc => Backend::Grpc(backend::grpc::Grpc {
+                    channel: channel.clone(),
+                    token: opts.token.clone(),
+                }),
+                config::BackendKind::Direct => Backend::Direct(backend::direct::Direct {
+                    host: t.url.host.clone(),
+                }),
+                config::BackendKind::Ssh => {
+                    let dir = match &runtime {
+                        Some(d) => d.clone(),
+                        None => runtime.insert(runtime_dir()?).clone(),
+                    };
+                    Backend::Ssh(backend::ssh::Ssh::start(backend::ssh::SshConfig {
+                        target: t.name.clone(),
+                        host: t.ssh_host.clone(),
+                        options: opts.ssh_options.clone(),
+                        runtime_dir: dir.join(&t.name),
+                    }))
+                }
+            };
+            specs.push(reconcile::TargetSpec {
+                name: t.name.clone(),
+                backend: Arc::new(backend),
+                monitor_port: t.url.port,
+            });
+            watchers.push((t.name.clone(), channel));
+        }
+        let (commands, task) = reconcile::spawn(specs, opts.reconcile.clone(), shutdown.clone());
+        (commands, (task, runtime))
+    };
+    for (target, channel) in watchers {
+        tracing::info!(target = %target, "watching monitor");
+        let w = watch::Watcher {
+            target,
+            channel,
+            token: opts.token.clone(),
+            commands: commands.clone(),
+        };
+        tokio::spawn(w.run(shutdown.clone()));
+    }
+    tracing::info!(addr = %admin.local_addr()?, "tunnel-svc admin API listening");
+    let admin_svc = admin::Admin::new(commands);
+    let app = porthole::server::App {
+        grpc: tonic::service::Routes::new(TunnelAdminServer::new(admin_svc.clone())),
+        grpc_names: vec![TUNNEL_ADMIN],
+        http: admin::http_router(admin_svc),
+        token: opts.token.clone(),
+    };
+    let served = porthole::server::serve(admin, app, shutdown.clone()).await;
+    shutdown.cancel();
+    let (task, runtime) = reconciler;
+    task.await?;
+    if let Some(dir) = runtime {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    served?;
+    Ok(())
+}

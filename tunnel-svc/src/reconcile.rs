@@ -1,0 +1,672 @@
+//! The reconciler owns every tunnel. Watchers tell it which ports are open
+//! in each target; the admin API asks it to close or open tunnels. After
+//! every change it compares the tunnels that should exist with those that
+//! do and fixes the difference, so restarts, reconnects and lost ssh
+//! masters need no special paths.
+
+use crate::backend::Backend;
+use crate::config::PortSet;
+use crate::tunnel::{self, Stats};
+use porthole::pb::v1::{Origin, Port, Process, Protocol, Tunnel, TunnelState, TunnelUpdate};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+/// Updates queued per WatchTunnels subscriber before it counts as slow.
+const SUBSCRIBER_QUEUE: usize = 256;
+/// How often FAILED tunnels are tried again.
+const RETRY: Duration = Duration::from_secs(2);
+
+pub type UpdateItem = Result<TunnelUpdate, Status>;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AdminError {
+    #[error("no tunnel {0:?}; ListTunnels shows the ids")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<AdminError> for Status {
+    fn from(e: AdminError) -> Status {
+        match e {
+            AdminError::NotFound(_) => Status::not_found(e.to_string()),
+            AdminError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        }
+    }
+}
+
+pub enum Command {
+    /// Every port now open in a target (from its watcher).
+    Ports { target: String, ports: Vec<Port> },
+    /// A watcher's stream came up or went down.
+    Link { target: String, up: bool },
+    List {
+        target: Option<String>,
+        reply: oneshot::Sender<Vec<Tunnel>>,
+    },
+    Close {
+        id: String,
+        reply: oneshot::Sender<Result<Tunnel, AdminError>>,
+    },
+    Open {
+        target: String,
+        container_port: u32,
+        host_port: u32,
+        reply: oneshot::Sender<Result<Tunnel, AdminError>>,
+    },
+    Watch {
+        reply: oneshot::Sender<mpsc::Receiver<UpdateItem>>,
+    },
+    /// A backend finished making a port reachable.
+    Opened {
+        id: String,
+        generation: u64,
+        result: Result<(), String>,
+    },
+}
+
+pub struct TargetSpec {
+    pub name: String,
+    pub backend: Arc<Backend>,
+    /// The monitor's own port, never forwarded.
+    pub monitor_port: u16,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub bind: Vec<IpAddr>,
+    pub skip: PortSet,
+    pub max_tunnels: usize,
+    /// Busy host port: take the next free one (true) or fail.
+    pub remap: bool,
+}
+
+/// `TARGET:tcp:PORT`.
+pub fn tunnel_id(target: &str, port: u16) -> String {
+    format!("{target}:tcp:{port}")
+}
+
+struct Target {
+    backend: Arc<Backend>,
+    monitor_port: u16,
+    /// Open TCP ports by number, with every listener on that port.
+    ports: BTreeMap<u16, Vec<Port>>,
+    up: bool,
+    capped: bool,
+}
+
+/// A tunnel that should exist.
+struct Want {
+    target: String,
+    port: u16,
+    origin: Origin,
+    host_port: u16,
+    process: Option<Process>,
+    addresses: Vec<IpAddr>,
+}
+
+struct Entry {
+    info: Tunnel,
+    stats: Arc<Stats>,
+    cancel: Option<CancellationToken>,
+    generation: u64,
+    backend: Arc<Backend>,
+}
+
+impl Entry {
+    fn view(&self) -> Tunnel {
+        let mut t = self.info.clone();
+        t.active_connections = self.stats.active.load(Relaxed);
+        t.total_connections = self.stats.total.load(Relaxed);
+        t.bytes_in = self.stats.bytes_in.load(Relaxed);
+        t.bytes_out = self.stats.bytes_out.load(Relaxed);
+        t
+    }
+
+    fn state(&self) -> TunnelState {
+        TunnelState::try_from(self.info.state).unwrap_or(TunnelState::Unspecified)
+    }
+
+    /// Closes the host listeners and connections, and the backend's forward.
+    fn stop(&mut self) {
+        if let Some(cancel) = self.cancel.take() {
+            cancel.cancel();
+            let (backend, port) = (self.backend.clone(), self.info.container_port as u16);
+            tokio::spawn(async move { backend.close(port).await });
+        }
+    }
+}
+
+struct Subscriber {
+    tx: mpsc::Sender<UpdateItem>,
+    resync: bool,
+}
+
+pub struct Reconciler {
+    opts: Options,
+    targets: BTreeMap<String, Target>,
+    entries: BTreeMap<String, Entry>,
+    /// Auto tunnels an admin closed; they stay closed until the port closes.
+    closed: BTreeSet<String>,
+    /// Manual tunnels: id → (target, container port, wanted host port).
+    manual: BTreeMap<String, (String, u16, u16)>,
+    subscribers: Vec<Subscriber>,
+    commands: mpsc::Sender<Command>,
+    generation: u64,
+}
+
+/// Starts the reconciler; returns where to send it commands.
+pub fn spawn(
+    specs: Vec<TargetSpec>,
+    opts: Options,
+    shutdown: CancellationToken,
+) -> (mpsc::Sender<Command>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(256);
+    let targets = specs
+        .into_iter()
+        .map(|s| {
+            let t = Target {
+                backend: s.backend,
+                monitor_port: s.monitor_port,
+                ports: BTreeMap::new(),
+                up: false,
+                capped: false,
+            };
+            (s.name, t)
+        })
+        .collect();
+    let r = Reconciler {
+        opts,
+        targets,
+        entries: BTreeMap::new(),
+        closed: BTreeSet::new(),
+        manual: BTreeMap::new(),
+        subscribers: Vec::new(),
+        commands: tx.clone(),
+        generation: 0,
+    };
+    (tx, tokio::spawn(r.run(rx, shutdown)))
+}
+
+impl Reconciler {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+        let mut retry = tokio::time::interval(RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(cmd) = rx.recv() => self.handle(cmd),
+                _ = retry.tick() => self.retry_failed(),
+            }
+        }
+        for entry in self.entries.values_mut() {
+            if let Some(cancel) = entry.cancel.take() {
+                cancel.cancel();
+            }
+        }
+        for t in self.targets.values() {
+            t.backend.shutdown().await;
+        }
+        tracing::info!(tunnels = self.entries.len(), "all tunnels closed");
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Ports { target, ports } => {
+                let Some(t) = self.targets.get_mut(&target) else {
+                    return;
+                };
+                let mut by_port: BTreeMap<u16, Vec<Port>> = BTreeMap::new();
+                for p in ports
+                    .into_iter()
+                    .filter(|p| p.protocol == Protocol::Tcp as i32)
+                {
+                    if let Ok(n) = u16::try_from(p.port) {
+                        by_port.entry(n).or_default().push(p);
+                    }
+                }
+                t.ports = by_port;
+                // A closed port forgets that an admin closed its tunnel.
+                let gone: Vec<String> = self
+                    .closed
+                    .iter()
+                    .filter(|id| {
+                        id.split_once(':').is_some_and(|(tn, _)| tn == target)
+                            && !t.ports.keys().any(|p| tunnel_id(&target, *p) == **id)
+                    })
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    self.closed.remove(&id);
+                }
+                self.reconcile();
+            }
+            Command::Link { target, up } => {
+                if let Some(t) = self.targets.get_mut(&target) {
+                    if t.up != up {
+                        tracing::info!(target = %target, up, "monitor link");
+                    }
+                    t.up = up;
+                }
+            }
+            Command::List { target, reply } => {
+                let list = self
+                    .entries
+                    .values()
+                    .filter(|e| target.as_ref().is_none_or(|t| *t == e.info.target))
+                    .map(Entry::view)
+                    .collect();
+                let _ = reply.send(list);
+            }
+            Command::Close { id, reply } => {
+                let _ = reply.send(self.close(&id));
+            }
+            Command::Open {
+                target,
+                container_port,
+                host_port,
+                reply,
+            } => {
+                let _ = reply.send(self.open(target, container_port, host_port));
+            }
+            Command::Watch { reply } => {
+                let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+                let mut sub = Subscriber { tx, resync: false };
+                self.send_all(&mut sub);
+                self.subscribers.push(sub);
+                let _ = reply.send(rx);
+            }
+            Command::Opened {
+                id,
+                generation,
+                result,
+            } => {
+                let Some(e) = self
+                    .entries
+                    .get_mut(&id)
+                    .filter(|e| e.generation == generation)
+                else {
+                    return;
+                };
+                match result {
+                    Ok(()) => {
+                        e.info.state = TunnelState::Active as i32;
+                        tracing::info!(id = %id, host_port = e.info.host_port, "tunnel active");
+                    }
+                    Err(why) => {
+                        e.stop();
+                        e.info.state = TunnelState::Failed as i32;
+                        e.info.error = why;
+                        tracing::warn!(id = %id, error = %e.info.error, "tunnel failed");
+                    }
+                }
+                self.publish(&id);
+            }
+        }
+    }
+
+    /// Everything that should exist right now.
+    fn desired(&mut self) -> BTreeMap<String, Want> {
+        let mut want = BTreeMap::new();
+        for (name, t) in &mut self.targets {
+            let mut count = 0;
+            let mut capped = false;
+            for (&port, listeners) in &t.ports {
+                let id = tunnel_id(name, port);
+                if self.manual.contains_key(&id)
+                    || port == t.monitor_port
+                    || self.opts.skip.contains(port)
+                    || self.closed.contains(&id)
+                {
+                    continue;
+                }
+                if count == self.opts.max_tunnels {
+                    capped = true;
+                    continue;
+                }
+                count += 1;
+                want.insert(id, Want::new(name, port, port, Origin::Auto, listeners));
+            }
+            if capped && !t.capped {
+                tracing::warn!(target = %name, max = self.opts.max_tunnels, "more ports open than --max-tunnels; the lowest ports are forwarded");
+            }
+            t.capped = capped;
+        }
+        for (id, (target, port, host_port)) in &self.manual {
+            let listeners = self
+                .targets
+                .get(target)
+                .and_then(|t| t.ports.get(port))
+                .map_or(&[][..], |v| v);
+            want.insert(
+                id.clone(),
+                Want::new(target, *port, *host_port, Origin::Manual, listeners),
+            );
+        }
+        want
+    }
+
+    fn reconcile(&mut self) {
+        let desired = self.desired();
+        let stale: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(id, e)| {
+                !desired.contains_key(*id)
+                    && !(e.state() == TunnelState::Closed && self.closed.contains(*id))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            if let Some(mut e) = self.entries.remove(&id) {
+                e.stop();
+                tracing::info!(id = %id, "tunnel removed");
+                self.publish_removed(e.view());
+            }
+        }
+        for (id, want) in desired {
+            match self.entries.get_mut(&id) {
+                None => self.start(id, want),
+                Some(e) => {
+                    if e.info.process != want.process {
+                        e.info.process = want.process;
+                        self.publish(&id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn retry_failed(&mut self) {
+        let failed: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.state() == TunnelState::Failed)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if failed.is_empty() {
+            return;
+        }
+        let mut desired = self.desired();
+        for id in failed {
+            if let Some(want) = desired.remove(&id) {
+                let before = self.entries.remove(&id).map(|e| e.info.error);
+                self.start_quietly(id, want, before);
+            }
+        }
+    }
+
+    fn start(&mut self, id: String, want: Want) {
+        self.start_quietly(id, want, None);
+    }
+
+    /// Starts a tunnel. `previous_error` is the error of a failed attempt
+    /// being retried: when it fails the same way again, nobody is told twice.
+    fn start_quietly(&mut self, id: String, want: Want, previous_error: Option<String>) {
+        let t = &self.targets[&want.target];
+        let backend = t.backend.clone();
+        self.generation += 1;
+        let mut entry = Entry {
+            info: Tunnel {
+                id: id.clone(),
+                target: want.target.clone(),
+                protocol: Protocol::Tcp as i32,
+                container_port: u32::from(want.port),
+                host_port: 0,
+                host_addresses: Vec::new(),
+                state: TunnelState::Pending as i32,
+                backend: backend.kind() as i32,
+                origin: want.origin as i32,
+                error: String::new(),
+                opened_at: Some(porthole::time::to_proto(chrono::Utc::now())),
+                process: want.process.clone(),
+                ..Default::default()
+            },
+            stats: Arc::new(Stats::default()),
+            cancel: None,
+            generation: self.generation,
+            backend: backend.clone(),
+        };
+        let failure = if let Some(why) = backend.unreachable(&want.addresses) {
+            Some(why)
+        } else {
+            match tunnel::allocate(&self.opts.bind, want.host_port, self.opts.remap) {
+                Ok((host_port, listeners)) => {
+                    entry.info.host_port = u32::from(host_port);
+                    entry.info.host_addresses = listeners
+                        .iter()
+                        .filter_map(|l| l.local_addr().ok())
+                        .map(|a| a.to_string())
+                        .collect();
+                    if host_port != want.host_port {
+                        entry.info.error = format!(
+                            "host port {} is busy; forwarded on {host_port} instead",
+                            want.host_port
+                        );
+                        tracing::warn!(id = %id, wanted = want.host_port, host_port, "host port busy; remapped");
+                    }
+                    let cancel = CancellationToken::new();
+                    tunnel::serve(
+                        listeners,
+                        backend.clone(),
+                        want.port,
+                        entry.stats.clone(),
+                        cancel.clone(),
+                    );
+                    entry.cancel = Some(cancel);
+                    if matches!(*backend, Backend::Ssh(_)) {
+                        let (tx, id, generation, port) = (
+                            self.commands.clone(),
+                            id.clone(),
+                            entry.generation,
+                            want.port,
+                        );
+                        let backend = backend.clone();
+                        tokio::spawn(async move {
+                            let result = backend.open(port).await;
+                            let _ = tx
+                                .send(Command::Opened {
+                                    id,
+                                    generation,
+                                    result,
+                                })
+                                .await;
+                        });
+                    } else {
+                        entry.info.state = TunnelState::Active as i32;
+                    }
+                    tracing::info!(
+                        id = %id,
+                        host = ?entry.info.host_addresses,
+                        backend = ?backend.kind(),
+                        "tunnel open"
+                    );
+                    None
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Some(format!(
+                    "host port {} is busy (--on-conflict=fail)",
+                    want.host_port
+                )),
+                Err(e) => Some(format!(
+                    "cannot listen on host port {}: {e}",
+                    want.host_port
+                )),
+            }
+        };
+        if let Some(why) = failure {
+            entry.info.state = TunnelState::Failed as i32;
+            let repeated = previous_error.as_deref() == Some(why.as_str());
+            entry.info.error = why;
+            if !repeated {
+                tracing::warn!(id = %id, error = %entry.info.error, "tunnel failed");
+            }
+            self.entries.insert(id.clone(), entry);
+            if !repeated {
+                self.publish(&id);
+            }
+            return;
+        }
+        self.entries.insert(id.clone(), entry);
+        self.publish(&id);
+    }
+
+    fn close(&mut self, id: &str) -> Result<Tunnel, AdminError> {
+        let e = self
+            .entries
+            .get_mut(id)
+            .ok_or_else(|| AdminError::NotFound(id.into()))?;
+        if e.state() == TunnelState::Closed {
+            return Ok(e.view());
+        }
+        e.stop();
+        e.info.state = TunnelState::Closed as i32;
+        let view = e.view();
+        tracing::info!(id = %id, "tunnel closed by admin");
+        if self.manual.remove(id).is_some() {
+            self.entries.remove(id);
+            self.publish_removed(view.clone());
+        } else {
+            self.closed.insert(id.to_string());
+            self.publish(id);
+        }
+        self.reconcile();
+        Ok(view)
+    }
+
+    fn open(
+        &mut self,
+        target: String,
+        container_port: u32,
+        host_port: u32,
+    ) -> Result<Tunnel, AdminError> {
+        let target = if target.is_empty() {
+            match self.targets.keys().collect::<Vec<_>>().as_slice() {
+                [only] => (*only).clone(),
+                names => {
+                    return Err(AdminError::Invalid(format!(
+                        "target is required: tunnel-svc watches {} targets ({})",
+                        names.len(),
+                        names
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )))
+                }
+            }
+        } else {
+            target
+        };
+        if !self.targets.contains_key(&target) {
+            let names: Vec<&str> = self.targets.keys().map(String::as_str).collect();
+            return Err(AdminError::Invalid(format!(
+                "no target {target:?}; targets are {}",
+                names.join(", ")
+            )));
+        }
+        let port = u16::try_from(container_port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                AdminError::Invalid(format!(
+                    "container_port {container_port} is not in 1..65535"
+                ))
+            })?;
+        let host = match host_port {
+            0 => port,
+            h => u16::try_from(h)
+                .map_err(|_| AdminError::Invalid(format!("host_port {h} is not in 1..65535")))?,
+        };
+        let id = tunnel_id(&target, port);
+        self.closed.remove(&id);
+        self.manual.insert(id.clone(), (target, port, host));
+        let keep = self.entries.get(&id).is_some_and(|e| {
+            matches!(e.state(), TunnelState::Active | TunnelState::Pending)
+                && (host_port == 0 || e.info.host_port == u32::from(host))
+        });
+        if keep {
+            let e = self.entries.get_mut(&id).expect("checked");
+            e.info.origin = Origin::Manual as i32;
+            self.publish(&id);
+        } else if let Some(mut e) = self.entries.remove(&id) {
+            e.stop();
+        }
+        self.reconcile();
+        Ok(self
+            .entries
+            .get(&id)
+            .map(Entry::view)
+            .expect("a manual tunnel always has an entry"))
+    }
+
+    fn send_all(&self, sub: &mut Subscriber) {
+        if self.entries.len() >= SUBSCRIBER_QUEUE {
+            sub.resync = true;
+            return;
+        }
+        for e in self.entries.values() {
+            let _ = sub.tx.try_send(Ok(TunnelUpdate {
+                tunnel: Some(e.view()),
+                removed: false,
+            }));
+        }
+    }
+
+    fn publish(&mut self, id: &str) {
+        if let Some(t) = self.entries.get(id).map(Entry::view) {
+            self.broadcast(TunnelUpdate {
+                tunnel: Some(t),
+                removed: false,
+            });
+        }
+    }
+
+    fn publish_removed(&mut self, tunnel: Tunnel) {
+        self.broadcast(TunnelUpdate {
+            tunnel: Some(tunnel),
+            removed: true,
+        });
+    }
+
+    fn broadcast(&mut self, update: TunnelUpdate) {
+        let mut subs = std::mem::take(&mut self.subscribers);
+        subs.retain(|s| !s.tx.is_closed());
+        for sub in &mut subs {
+            if sub.resync {
+                // It fell behind: once it has room for everything, send everything again.
+                if sub.tx.capacity() > self.entries.len() {
+                    sub.resync = false;
+                    self.send_all(sub);
+                }
+                continue;
+            }
+            if sub.tx.try_send(Ok(update.clone())).is_err() {
+                sub.resync = true;
+            }
+        }
+        self.subscribers = subs;
+    }
+}
+
+impl Want {
+    fn new(target: &str, port: u16, host_port: u16, origin: Origin, listeners: &[Port]) -> Want {
+        Want {
+            target: target.to_string(),
+            port,
+            origin,
+            host_port,
+            process: listeners.iter().find_map(|l| l.process.clone()),
+            addresses: listeners
+                .iter()
+                .filter_map(|l| l.address.parse().ok())
+                .collect(),
+        }
+    }
+}
