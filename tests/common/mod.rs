@@ -346,7 +346,9 @@ impl Drop for Netns {
         if let Err(e) = ip(&["netns", "del", &self.name]) {
             eprintln!("warning: {e}");
         }
-        if !std::thread::panicking() {
+        if std::thread::panicking() {
+            eprintln!("logs of {} kept in {}", self.name, self.logs.display());
+        } else {
             let _ = fs::remove_dir_all(&self.logs);
         }
     }
@@ -650,6 +652,7 @@ impl MonitorProc {
         cmd.args(&all)
             .stdin(Stdio::null())
             .env_remove("PORTHOLE_TOKEN_FILE")
+            .env("NO_COLOR", "1")
             .env("PORTHOLE_LOG", "info,monitor_svc=debug");
         let mut proc = ns.spawn_command("monitor-svc", cmd);
         let deadline = Instant::now() + DEADLINE;

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod reconcile;
 pub mod tunnel;
 pub mod watch;

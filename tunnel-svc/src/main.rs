@@ -26,6 +26,26 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Show porthole working, with nothing set up but root: a throwaway
+    /// network-namespace container, monitor-svc and an HTTP server inside,
+    /// a tunnel to it and a request through it. Ctrl-C cleans up.
+    Demo {
+        /// Port of the HTTP server inside the container.
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Admin API address while the demo runs.
+        #[arg(long, default_value = "127.0.0.1:7071")]
+        admin: SocketAddr,
+        /// Exit after the first request succeeds.
+        #[arg(long)]
+        once: bool,
+    },
+    /// The demo's sample HTTP server (runs inside the demo namespace).
+    #[command(hide = true)]
+    DemoServer {
+        #[arg(long)]
+        port: u16,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -105,6 +125,12 @@ async fn main() -> anyhow::Result<()> {
             tunnel_svc::cli::close(client.admin, read_token(client.token_file.as_deref())?, id)
                 .await
         }
+        Some(Cmd::Demo { port, admin, once }) => {
+            porthole::telemetry::init("warn", LogFormat::Text).map_err(anyhow::Error::msg)?;
+            let shutdown = porthole::shutdown::on_signal()?;
+            tunnel_svc::demo::run(tunnel_svc::demo::DemoArgs { port, admin, once }, shutdown).await
+        }
+        Some(Cmd::DemoServer { port }) => tunnel_svc::demo::serve_sample(port).await,
         None => run(cli.run).await,
     }
 }
