@@ -24,6 +24,8 @@ pub enum ConfigError {
     UnknownTarget { flag: &'static str, target: String },
     #[error("bad backend {0:?}: use grpc, ssh or direct")]
     Backend(String),
+    #[error("{0} only applies to targets with --backend ssh, and no target uses it")]
+    SshOnly(&'static str),
     #[error("bad port list {0:?}: want ports and ranges like 22,80,6000-6100")]
     Ports(String),
 }
@@ -240,6 +242,9 @@ pub fn targets(
         t.ssh_host = v.to_string();
         Ok(())
     })?;
+    if !ssh_host_flags.is_empty() && !out.iter().any(|t| t.backend == BackendKind::Ssh) {
+        return Err(ConfigError::SshOnly("--ssh-host"));
+    }
     Ok(out)
 }
 

@@ -114,8 +114,22 @@ fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<porthole:
     Ok(path.map(porthole::auth::Token::from_file).transpose()?)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Exit status for configuration mistakes (as clap uses for bad flags).
+const EXIT_CONFIG: i32 = 2;
+
+fn main() -> std::process::ExitCode {
+    let runtime = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
+    match runtime.block_on(real_main()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            let config = e.downcast_ref::<config::ConfigError>().is_some();
+            std::process::ExitCode::from(if config { EXIT_CONFIG as u8 } else { 1 })
+        }
+    }
+}
+
+async fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Cmd::Ls(c)) => {
@@ -143,6 +157,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         &args.backends,
         &args.ssh_hosts,
     )?;
+    if !args.ssh_options.is_empty()
+        && !targets
+            .iter()
+            .any(|t| t.backend == config::BackendKind::Ssh)
+    {
+        return Err(config::ConfigError::SshOnly("--ssh-option").into());
+    }
     let token = read_token(args.token_file.as_deref())?;
     let bind = if args.bind.is_empty() {
         config::default_bind()
