@@ -409,7 +409,7 @@ async fn list_events_since_is_strictly_after() {
     assert!(!page.truncated);
     assert_eq!(
         summary(&page.events),
-        summary(&[b.clone()]),
+        summary(std::slice::from_ref(&b)),
         "only events after A"
     );
     assert!(page
@@ -424,7 +424,7 @@ async fn list_events_since_is_strictly_after() {
     assert!(list_events(&mut client, since_b).await.events.is_empty());
 
     let page = list_events(&mut client, after_seq(a.seq)).await;
-    assert_eq!(summary(&page.events), summary(&[b.clone()]));
+    assert_eq!(summary(&page.events), summary(std::slice::from_ref(&b)));
     let everything = list_events(&mut client, after_seq(0)).await;
     assert_eq!(everything.events.first().map(|e| e.seq), Some(1));
     assert_eq!(everything.last_seq, b.seq);

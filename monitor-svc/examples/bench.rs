@@ -78,6 +78,8 @@ async fn main() -> anyhow::Result<()> {
         "monitor-svc exited with {code} after SIGTERM (log: {})",
         monitor.log.display()
     );
+    // Kept when anything failed, for the error message above.
+    let _ = std::fs::remove_file(&monitor.log);
     Ok(())
 }
 

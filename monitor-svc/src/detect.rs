@@ -10,6 +10,8 @@ pub struct Detector {
     scanner: Scanner,
     /// Owner per socket inode; `None` when /proc does not show it.
     owners: HashMap<u64, Option<ProcessInfo>>,
+    /// The previous scan, sorted, to tell cheaply whether anything changed.
+    last: Option<Vec<Socket>>,
 }
 
 impl Detector {
@@ -17,7 +19,21 @@ impl Detector {
         Detector {
             scanner,
             owners: HashMap::new(),
+            last: None,
         }
+    }
+
+    /// Like [`Detector::poll`], but `None` when the sockets are exactly those
+    /// of the previous call: an idle container costs one dump and a compare.
+    pub fn poll_changed(&mut self) -> Result<Option<BTreeMap<String, v1::Port>>, ScanError> {
+        let mut sockets = self.scanner.scan()?;
+        sockets.sort_unstable_by_key(|s| (s.protocol, s.addr, s.port, s.dual_stack, s.inode));
+        if self.last.as_ref() == Some(&sockets) {
+            return Ok(None);
+        }
+        let ports = self.ports(&sockets);
+        self.last = Some(sockets);
+        Ok(Some(ports))
     }
 
     pub fn source(&self) -> Source {
@@ -28,6 +44,10 @@ impl Detector {
     /// (SO_REUSEPORT) are one port.
     pub fn poll(&mut self) -> Result<BTreeMap<String, v1::Port>, ScanError> {
         let sockets = self.scanner.scan()?;
+        Ok(self.ports(&sockets))
+    }
+
+    fn ports(&mut self, sockets: &[Socket]) -> BTreeMap<String, v1::Port> {
         let live: HashSet<u64> = sockets
             .iter()
             .map(|s| s.inode)
@@ -48,10 +68,10 @@ impl Detector {
         let mut ports = BTreeMap::new();
         for socket in sockets {
             let process = self.owners.get(&socket.inode).cloned().flatten();
-            let port = to_port(&socket, process);
+            let port = to_port(socket, process);
             ports.entry(port.key.clone()).or_insert(port);
         }
-        Ok(ports)
+        ports
     }
 }
 

@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub interval: Duration,
+    /// Scan period; `None`: 100 ms with netlink, 1 s with the far costlier
+    /// /proc/net fallback.
+    pub interval: Option<Duration>,
     pub buffer_size: usize,
     /// `None`: netlink, falling back to /proc/net.
     pub source: Option<scan::Source>,
@@ -38,15 +40,19 @@ pub async fn run(
         None => scan::Scanner::auto(),
         Some(src) => scan::Scanner::with_source(src)?,
     };
+    let interval = opts.interval.unwrap_or(match scanner.source() {
+        scan::Source::Netlink => Duration::from_millis(100),
+        scan::Source::Procfs => Duration::from_secs(1),
+    });
     let config = monitor::Config {
-        interval: opts.interval,
+        interval,
         buffer_size: opts.buffer_size,
     };
-    let (handle, task) = monitor::spawn(detect::Detector::new(scanner), config, shutdown.clone());
+    let (handle, task) = monitor::spawn(detect::Detector::new(scanner), config, shutdown.clone())?;
     tracing::info!(
         addr = %listener.local_addr()?,
         instance_id = %handle.instance_id,
-        interval = ?opts.interval,
+        interval = ?interval,
         buffer = opts.buffer_size,
         "monitor-svc listening"
     );

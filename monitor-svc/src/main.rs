@@ -15,8 +15,9 @@ struct Args {
     #[arg(long, env = "PORTHOLE_LISTEN", default_value = "0.0.0.0:7070")]
     listen: SocketAddr,
     /// How often to scan for listening sockets (e.g. 100ms, 2s).
-    #[arg(long, env = "PORTHOLE_INTERVAL", default_value = "100ms", value_parser = porthole::time::parse_duration)]
-    interval: Duration,
+    /// Default: 100ms with netlink, 1s with the /proc/net fallback.
+    #[arg(long, env = "PORTHOLE_INTERVAL", value_parser = porthole::time::parse_duration)]
+    interval: Option<Duration>,
     /// Events kept for ListEvents, resumes and /port-events.
     #[arg(long, env = "PORTHOLE_BUFFER_SIZE", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]

@@ -5,7 +5,6 @@
 use crate::detect::Detector;
 use crate::log::{diff, Event, EventLog, Page, Since};
 use crate::metrics::Metrics;
-use crate::scan::ScanError;
 use chrono::Utc;
 use porthole::pb::v1::{self, watch_events_response::Kind, EventType, WatchEventsResponse};
 use std::collections::BTreeMap;
@@ -20,6 +19,9 @@ use tonic::Status;
 
 /// Messages queued per WatchEvents subscriber before it counts as slow.
 pub const SUBSCRIBER_QUEUE: usize = 256;
+/// How often a subscriber that fell behind is checked for room for its
+/// fresh snapshot.
+const RESYNC_CHECK: Duration = Duration::from_millis(100);
 
 pub type WatchItem = Result<WatchEventsResponse, Status>;
 
@@ -109,7 +111,7 @@ pub fn spawn(
     detector: Detector,
     config: Config,
     shutdown: CancellationToken,
-) -> (Handle, JoinHandle<()>) {
+) -> std::io::Result<(Handle, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(64);
     let instance_id: Arc<str> = new_instance_id().into();
     let metrics = Arc::new(Metrics::default());
@@ -129,8 +131,21 @@ pub fn spawn(
         subscribers: Vec::new(),
         metrics,
     };
-    let join = tokio::spawn(task.run(detector, config.interval, rx, shutdown));
-    (handle, join)
+    let (scans_tx, scans_rx) = mpsc::channel(4);
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+    let thread = spawn_detector(
+        detector,
+        config.interval,
+        handle.metrics.clone(),
+        scans_tx,
+        stop_rx,
+    )?;
+    let join = tokio::spawn(async move {
+        task.run(scans_rx, rx, shutdown).await;
+        drop(stop_tx);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    });
+    Ok((handle, join))
 }
 
 /// A random-enough id for this run: time and pid, so a restarted monitor is
@@ -158,59 +173,86 @@ struct Monitor {
     metrics: Arc<Metrics>,
 }
 
-type ScanResult = (
-    Detector,
-    Result<BTreeMap<String, v1::Port>, ScanError>,
-    Duration,
-);
+/// What the detector thread reports.
+enum Scan {
+    /// The ports now, sent on the first scan and whenever they changed.
+    Ports(BTreeMap<String, v1::Port>),
+}
 
-fn scan_in_background(mut detector: Detector) -> JoinHandle<ScanResult> {
-    tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let result = detector.poll();
-        (detector, result, started.elapsed())
-    })
+/// Runs the detector on a thread of its own: it scans every `interval` and
+/// wakes the monitor task only when the ports changed, so an idle monitor
+/// costs one socket dump and a compare per tick. It stops when `stop` is
+/// dropped or the monitor task goes away.
+fn spawn_detector(
+    mut detector: Detector,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+    scans: mpsc::Sender<Scan>,
+    stop: std::sync::mpsc::Receiver<()>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("detector".into())
+        .spawn(move || {
+            let mut last_error = String::new();
+            loop {
+                let started = Instant::now();
+                let result = detector.poll_changed();
+                metrics.scan_took(started.elapsed());
+                match result {
+                    Ok(Some(ports)) => {
+                        if scans.blocking_send(Scan::Ports(ports)).is_err() {
+                            return;
+                        }
+                        last_error.clear();
+                    }
+                    Ok(None) => last_error.clear(),
+                    Err(e) => {
+                        metrics.scan_errors.fetch_add(1, Relaxed);
+                        let msg = e.to_string();
+                        if msg != last_error {
+                            tracing::warn!(error = %msg, "scan failed; retrying every tick");
+                            last_error = msg;
+                        }
+                    }
+                }
+                match stop.recv_timeout(interval) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                    _ => return,
+                }
+            }
+        })
 }
 
 impl Monitor {
     async fn run(
         mut self,
-        detector: Detector,
-        interval: Duration,
+        mut scans: mpsc::Receiver<Scan>,
         mut commands: mpsc::Receiver<Command>,
         shutdown: CancellationToken,
     ) {
-        let mut scanning = Some(scan_in_background(detector));
-        let mut idle: Option<Detector> = None;
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // Answer nothing before the first scan: start-up ports come first.
-        if let Some(first) = scanning.take() {
-            match first.await {
-                Ok(result) => idle = Some(self.scanned(result)),
-                Err(e) => {
-                    tracing::error!(error = %e, "scanner panicked");
-                    return;
-                }
-            }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            first = scans.recv() => match first {
+                Some(scan) => self.scanned(scan),
+                None => return,
+            },
         }
+        let mut resync = tokio::time::interval(RESYNC_CHECK);
+        resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
+            let lagging = self.subscribers.iter().any(|s| s.resync);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(cmd) = commands.recv() => self.handle(cmd),
-                _ = ticker.tick(), if idle.is_some() => {
-                    scanning = idle.take().map(scan_in_background);
-                }
-                done = async { scanning.as_mut().expect("guarded").await }, if scanning.is_some() => {
-                    scanning = None;
-                    match done {
-                        Ok(result) => idle = Some(self.scanned(result)),
-                        Err(e) => {
-                            tracing::error!(error = %e, "scanner panicked");
-                            break;
-                        }
+                scan = scans.recv() => match scan {
+                    Some(scan) => self.scanned(scan),
+                    None => {
+                        tracing::error!("detector stopped");
+                        break;
                     }
-                }
+                },
+                _ = resync.tick(), if lagging => self.resync_waiting(),
             }
         }
         for sub in self.subscribers.drain(..) {
@@ -221,33 +263,24 @@ impl Monitor {
         self.metrics.subscribers.store(0, Relaxed);
     }
 
-    fn scanned(&mut self, (detector, result, took): ScanResult) -> Detector {
-        self.metrics.scan_took(took);
-        match result {
-            Ok(scanned) => {
-                let changes = diff(&self.ports, &scanned);
-                self.ports = scanned;
-                self.metrics.ports.store(self.ports.len() as u64, Relaxed);
-                if !changes.is_empty() {
-                    let events = self.log.append_scan(Utc::now(), changes);
-                    for e in &events {
-                        let counter = match e.kind {
-                            EventType::Closed => &self.metrics.events_closed,
-                            _ => &self.metrics.events_opened,
-                        };
-                        counter.fetch_add(1, Relaxed);
-                        tracing::info!(seq = e.seq, kind = ?e.kind, port = %e.port.key, "port event");
-                    }
-                    self.publish(&events);
-                }
+    fn scanned(&mut self, scan: Scan) {
+        let Scan::Ports(scanned) = scan;
+        let changes = diff(&self.ports, &scanned);
+        self.ports = scanned;
+        self.metrics.ports.store(self.ports.len() as u64, Relaxed);
+        if !changes.is_empty() {
+            let events = self.log.append_scan(Utc::now(), changes);
+            for e in &events {
+                let counter = match e.kind {
+                    EventType::Closed => &self.metrics.events_closed,
+                    _ => &self.metrics.events_opened,
+                };
+                counter.fetch_add(1, Relaxed);
+                tracing::info!(seq = e.seq, kind = ?e.kind, port = %e.port.key, "port event");
             }
-            Err(e) => {
-                self.metrics.scan_errors.fetch_add(1, Relaxed);
-                tracing::warn!(error = %e, "scan failed; retrying next tick");
-            }
+            self.publish(&events);
         }
         self.resync_waiting();
-        detector
     }
 
     fn snapshot(&self) -> WatchEventsResponse {

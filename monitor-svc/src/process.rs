@@ -48,7 +48,7 @@ pub fn owners_in(proc_root: &Path, inodes: &HashSet<u64>) -> HashMap<u64, Proces
         .collect();
     pids.sort_unstable_by_key(|&(pid, _)| pid);
 
-    let mut held = Vec::new();
+    let mut held = HashSet::new();
     for (pid, dir) in pids {
         held.clear();
         let Ok(fds) = fs::read_dir(dir.join("fd")) else {
@@ -59,9 +59,8 @@ pub fn owners_in(proc_root: &Path, inodes: &HashSet<u64>) -> HashMap<u64, Proces
                 continue;
             };
             if let Some(inode) = target.to_str().and_then(socket_inode) {
-                if inodes.contains(&inode) && !found.contains_key(&inode) && !held.contains(&inode)
-                {
-                    held.push(inode);
+                if inodes.contains(&inode) && !found.contains_key(&inode) {
+                    held.insert(inode);
                 }
             }
         }

@@ -13,6 +13,7 @@
 #![allow(dead_code)]
 
 use porthole::pb::v1::port_events_client::PortEventsClient;
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::future::Future;
 use std::io::{BufRead, BufReader};
@@ -20,7 +21,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, OnceLock};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
@@ -68,16 +69,22 @@ fn euid() -> Option<u32> {
 // ---------------------------------------------------------------------------
 // Binaries under test
 
-/// Path of a workspace binary (`monitor-svc`, `tunnel-svc`) in the same
-/// target directory and profile as this test, built (once per test process)
-/// so it is never stale.
+/// Path of a workspace binary (`monitor-svc`, `tunnel-svc`: each is the
+/// binary of the package of the same name) in the same target directory and
+/// profile as this test, built first (once per binary and test process) so
+/// it is never stale.
+///
+/// Each binary is built on its own (`cargo build -p NAME --bin NAME`) so a
+/// test of one service does not fail because the other does not compile.
+/// `cargo test` releases its build lock before it runs tests, so this works
+/// under `cargo test --workspace` too; `CARGO_TARGET_DIR` is inherited.
 pub fn binary(name: &str) -> PathBuf {
     let dir = profile_dir();
-    ensure_built(&dir);
+    ensure_built(name, &dir);
     let path = dir.join(name);
     assert!(
         path.is_file(),
-        "{} does not exist after building the workspace binaries",
+        "{} does not exist after building it",
         path.display()
     );
     path
@@ -94,48 +101,49 @@ fn profile_dir() -> PathBuf {
     }
 }
 
-fn ensure_built(profile_dir: &Path) {
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    let result = BUILT.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(&cargo);
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-            "build",
-            "-p",
-            "monitor-svc",
-            "-p",
-            "tunnel-svc",
-            "--bins",
-        ]);
-        match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => {}
-            Some("release") => {
-                cmd.arg("--release");
-            }
-            Some(other) => {
-                cmd.args(["--profile", other]);
-            }
-        }
-        let started = Instant::now();
-        let out = cmd
-            .output()
-            .map_err(|e| format!("cannot run {cargo:?}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "`cargo build -p monitor-svc -p tunnel-svc --bins` failed ({}):\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        eprintln!(
-            "built workspace binaries in {:.1}s",
-            started.elapsed().as_secs_f64()
-        );
-        Ok(())
-    });
+fn ensure_built(name: &str, profile_dir: &Path) {
+    static BUILT: OnceLock<Mutex<HashMap<String, Result<(), String>>>> = OnceLock::new();
+    // Held while building: one cargo at a time, and every test that needs
+    // the binary waits for the one build.
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let result = built
+        .entry(name.to_string())
+        .or_insert_with(|| build(name, profile_dir));
     if let Err(e) = result {
         panic!("{e}");
     }
+}
+
+fn build(name: &str, profile_dir: &Path) -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "-p", name, "--bin", name]);
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some(other) => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let started = Instant::now();
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cargo:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`cargo build -p {name} --bin {name}` failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    eprintln!("built {name} in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -649,9 +657,14 @@ impl MonitorProc {
         let addr = SocketAddr::new(ip, listen.port());
         let bin = binary("monitor-svc");
         let mut cmd = ns.command(&bin);
+        // Only the flags given here configure it, not the caller's env.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PORTHOLE_") {
+                cmd.env_remove(key);
+            }
+        }
         cmd.args(&all)
             .stdin(Stdio::null())
-            .env_remove("PORTHOLE_TOKEN_FILE")
             .env("NO_COLOR", "1")
             .env("PORTHOLE_LOG", "info,monitor_svc=debug");
         let mut proc = ns.spawn_command("monitor-svc", cmd);
