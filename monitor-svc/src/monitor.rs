@@ -382,3 +382,116 @@ impl Monitor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use porthole::pb::v1::{Port, Protocol};
+
+    fn monitor() -> Monitor {
+        Monitor {
+            instance_id: "test-instance".into(),
+            log: EventLog::new(10_000),
+            ports: BTreeMap::new(),
+            subscribers: Vec::new(),
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    fn ports(n: u32) -> BTreeMap<String, Port> {
+        (1..=n)
+            .map(|p| {
+                let key = format!("tcp:0.0.0.0:{p}");
+                let port = Port {
+                    protocol: Protocol::Tcp as i32,
+                    address: "0.0.0.0".into(),
+                    port: p,
+                    key: key.clone(),
+                    process: None,
+                };
+                (key, port)
+            })
+            .collect()
+    }
+
+    async fn subscribe(
+        m: &mut Monitor,
+        instance_id: &str,
+        after_seq: u64,
+    ) -> mpsc::Receiver<WatchItem> {
+        let (reply, rx) = oneshot::channel();
+        m.handle(Command::Watch {
+            instance_id: instance_id.into(),
+            after_seq,
+            reply,
+        });
+        rx.await.unwrap()
+    }
+
+    fn kind(item: WatchItem) -> Kind {
+        item.unwrap().kind.unwrap()
+    }
+
+    #[tokio::test]
+    async fn slow_subscriber_is_resynced_never_skipped() {
+        let mut m = monitor();
+        let mut sub = subscribe(&mut m, "", 0).await;
+        assert!(matches!(kind(sub.try_recv().unwrap()), Kind::Snapshot(_)));
+        // Far more scans than the queue holds, nobody reading.
+        let scans = SUBSCRIBER_QUEUE as u32 + 50;
+        for n in 1..=scans {
+            m.scanned(Scan::Ports(ports(n)));
+        }
+        assert!(m.subscribers[0].resync, "the subscriber is marked behind");
+        assert_eq!(m.metrics.resyncs.load(Relaxed), 1);
+        // What it got is a gapless prefix...
+        let mut seqs = Vec::new();
+        while let Ok(item) = sub.try_recv() {
+            match kind(item) {
+                Kind::Event(e) => seqs.push(e.seq),
+                Kind::Snapshot(_) => panic!("no snapshot while the queue is full"),
+            }
+        }
+        assert_eq!(seqs, (1..=SUBSCRIBER_QUEUE as u64).collect::<Vec<_>>());
+        // ...and once it has room, a snapshot of everything, then live events.
+        m.resync_waiting();
+        match kind(sub.try_recv().unwrap()) {
+            Kind::Snapshot(s) => {
+                assert_eq!(s.seq, u64::from(scans));
+                assert_eq!(s.ports.len(), scans as usize);
+            }
+            other => panic!("expected a snapshot, got {other:?}"),
+        }
+        m.scanned(Scan::Ports(ports(scans + 1)));
+        match kind(sub.try_recv().unwrap()) {
+            Kind::Event(e) => assert_eq!(e.seq, u64::from(scans) + 1),
+            other => panic!("expected the next event, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn resume_replays_only_for_the_same_instance() {
+        let mut m = monitor();
+        m.scanned(Scan::Ports(ports(3)));
+        let mut resumed = subscribe(&mut m, "test-instance", 1).await;
+        let seqs: Vec<u64> = std::iter::from_fn(|| resumed.try_recv().ok())
+            .map(|i| match kind(i) {
+                Kind::Event(e) => e.seq,
+                Kind::Snapshot(_) => panic!("resume must not snapshot"),
+            })
+            .collect();
+        assert_eq!(seqs, [2, 3]);
+        let mut other = subscribe(&mut m, "another-instance", 1).await;
+        assert!(matches!(kind(other.try_recv().unwrap()), Kind::Snapshot(s) if s.seq == 3));
+    }
+
+    #[tokio::test]
+    async fn closed_subscribers_are_dropped() {
+        let mut m = monitor();
+        let sub = subscribe(&mut m, "", 0).await;
+        assert_eq!(m.metrics.subscribers.load(Relaxed), 1);
+        drop(sub);
+        m.scanned(Scan::Ports(ports(1)));
+        assert_eq!(m.metrics.subscribers.load(Relaxed), 0);
+    }
+}
