@@ -263,6 +263,22 @@ mod tests {
         }
     }
 
+    /// An IPv6-only `::` listener and an IPv4 listener on the same port.
+    /// Other tests' IPv4 sockets may hold the port the kernel picked for the
+    /// IPv6 one, so try a few.
+    fn v6only_with_ipv4_beside() -> (Option<TcpListener>, Option<TcpListener>) {
+        for _ in 0..50 {
+            let Some(v6) = v6_listener("[::]:0", true) else {
+                return (None, None);
+            };
+            let port = v6.local_addr().unwrap().port();
+            if let Ok(v4) = TcpListener::bind(("0.0.0.0", port)) {
+                return (Some(v6), Some(v4));
+            }
+        }
+        panic!("no port was free on both IPv4 and IPv6 in 50 tries");
+    }
+
     fn live(source: Source) {
         let mut scanner = Scanner::with_source(source).unwrap();
         assert_eq!(scanner.source(), source);
@@ -279,12 +295,9 @@ mod tests {
         let tcp6 = TcpListener::bind("[::1]:0").ok();
         let udp6 = UdpSocket::bind("[::1]:0").ok();
         let dual = v6_listener("[::]:0", false);
-        let v6only = v6_listener("[::]:0", true);
         // An IPv4 listener on the IPv6-only socket's port: possible only
         // because it is IPv6-only, and what lets procfs tell.
-        let beside = v6only
-            .as_ref()
-            .map(|l| TcpListener::bind(("0.0.0.0", l.local_addr().unwrap().port())).unwrap());
+        let (v6only, beside) = v6only_with_ipv4_beside();
         let mapped = v6_listener("[::ffff:127.0.0.1]:0", false);
 
         let sockets = scanner.scan().unwrap();
