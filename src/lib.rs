@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod fanout;
 pub mod key;
 pub mod pb;
 pub mod relay;

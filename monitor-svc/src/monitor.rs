@@ -6,6 +6,7 @@ use crate::detect::Detector;
 use crate::log::{diff, Event, EventLog, Page, Since};
 use crate::metrics::Metrics;
 use chrono::Utc;
+use porthole::fanout::Fanout;
 use porthole::pb::v1::{self, watch_events_response::Kind, EventType, WatchEventsResponse};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -128,7 +129,7 @@ pub fn spawn(
         instance_id,
         log: EventLog::new(config.buffer_size),
         ports: BTreeMap::new(),
-        subscribers: Vec::new(),
+        subscribers: Fanout::new(SUBSCRIBER_QUEUE),
         metrics,
     };
     let (scans_tx, scans_rx) = mpsc::channel(4);
@@ -159,17 +160,11 @@ fn new_instance_id() -> String {
     )
 }
 
-struct Subscriber {
-    tx: mpsc::Sender<WatchItem>,
-    /// Fell behind: owes a fresh snapshot before any further event.
-    resync: bool,
-}
-
 struct Monitor {
     instance_id: Arc<str>,
     log: EventLog,
     ports: BTreeMap<String, v1::Port>,
-    subscribers: Vec<Subscriber>,
+    subscribers: Fanout<WatchEventsResponse>,
     metrics: Arc<Metrics>,
 }
 
@@ -177,6 +172,20 @@ struct Monitor {
 enum Scan {
     /// The ports now, sent on the first scan and whenever they changed.
     Ports(BTreeMap<String, v1::Port>),
+}
+
+fn snapshot(
+    instance_id: &str,
+    log: &EventLog,
+    ports: &BTreeMap<String, v1::Port>,
+) -> WatchEventsResponse {
+    WatchEventsResponse {
+        kind: Some(Kind::Snapshot(v1::Snapshot {
+            instance_id: instance_id.to_string(),
+            seq: log.last_seq(),
+            ports: ports.values().cloned().collect(),
+        })),
+    }
 }
 
 /// Runs the detector on a thread of its own: it scans every `interval` and
@@ -241,7 +250,7 @@ impl Monitor {
         let mut resync = tokio::time::interval(RESYNC_CHECK);
         resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            let lagging = self.subscribers.iter().any(|s| s.resync);
+            let lagging = self.subscribers.any_behind();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(cmd) = commands.recv() => self.handle(cmd),
@@ -255,11 +264,9 @@ impl Monitor {
                 _ = resync.tick(), if lagging => self.resync_waiting(),
             }
         }
-        for sub in self.subscribers.drain(..) {
-            let _ = sub.tx.try_send(Err(Status::unavailable(
-                "monitor-svc is shutting down; reconnect to resume",
-            )));
-        }
+        self.subscribers.close(Status::unavailable(
+            "monitor-svc is shutting down; reconnect to resume",
+        ));
         self.metrics.subscribers.store(0, Relaxed);
     }
 
@@ -284,54 +291,35 @@ impl Monitor {
     }
 
     fn snapshot(&self) -> WatchEventsResponse {
-        WatchEventsResponse {
-            kind: Some(Kind::Snapshot(v1::Snapshot {
-                instance_id: self.instance_id.to_string(),
-                seq: self.log.last_seq(),
-                ports: self.ports.values().cloned().collect(),
-            })),
-        }
+        snapshot(&self.instance_id, &self.log, &self.ports)
     }
 
     fn publish(&mut self, events: &[Event]) {
-        for sub in &mut self.subscribers {
-            if sub.resync {
-                continue;
-            }
-            for e in events {
-                let item = Ok(WatchEventsResponse {
-                    kind: Some(Kind::Event(e.to_proto())),
-                });
-                if let Err(mpsc::error::TrySendError::Full(_)) = sub.tx.try_send(item) {
-                    sub.resync = true;
-                    self.metrics.resyncs.fetch_add(1, Relaxed);
-                    tracing::info!("subscriber fell behind; it will get a fresh snapshot");
-                    break;
-                }
-            }
+        let items: Vec<WatchEventsResponse> = events
+            .iter()
+            .map(|e| WatchEventsResponse {
+                kind: Some(Kind::Event(e.to_proto())),
+            })
+            .collect();
+        let behind = self.subscribers.publish(&items);
+        if behind > 0 {
+            self.metrics.resyncs.fetch_add(behind as u64, Relaxed);
+            tracing::info!(
+                subscribers = behind,
+                "subscriber fell behind; it will get a fresh snapshot"
+            );
         }
-        self.drop_closed();
+        self.count_subscribers();
     }
 
     /// Sends owed snapshots to subscribers that have room again.
     fn resync_waiting(&mut self) {
-        if self
-            .subscribers
-            .iter()
-            .any(|s| s.resync && s.tx.capacity() > 0)
-        {
-            let snapshot = self.snapshot();
-            for sub in self.subscribers.iter_mut().filter(|s| s.resync) {
-                if sub.tx.try_send(Ok(snapshot.clone())).is_ok() {
-                    sub.resync = false;
-                }
-            }
-        }
-        self.drop_closed();
+        let (id, log, ports) = (&self.instance_id, &self.log, &self.ports);
+        self.subscribers.resync(|| vec![snapshot(id, log, ports)]);
+        self.count_subscribers();
     }
 
-    fn drop_closed(&mut self) {
-        self.subscribers.retain(|s| !s.tx.is_closed());
+    fn count_subscribers(&self) {
         self.metrics
             .subscribers
             .store(self.subscribers.len() as u64, Relaxed);
@@ -354,29 +342,20 @@ impl Monitor {
                 after_seq,
                 reply,
             } => {
-                let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
                 let resumed = (instance_id == *self.instance_id)
                     .then(|| self.log.resume(after_seq))
-                    .flatten()
-                    .filter(|events| events.len() < SUBSCRIBER_QUEUE);
-                match resumed {
-                    Some(events) => {
-                        for e in events {
-                            let item = Ok(WatchEventsResponse {
-                                kind: Some(Kind::Event(e.to_proto())),
-                            });
-                            tx.try_send(item)
-                                .expect("fewer events than the queue holds");
-                        }
-                    }
-                    None => tx
-                        .try_send(Ok(self.snapshot()))
-                        .expect("new queue has room"),
-                }
-                self.subscribers.push(Subscriber { tx, resync: false });
-                self.metrics
-                    .subscribers
-                    .store(self.subscribers.len() as u64, Relaxed);
+                    .flatten();
+                let initial = match resumed {
+                    Some(events) => events
+                        .iter()
+                        .map(|e| WatchEventsResponse {
+                            kind: Some(Kind::Event(e.to_proto())),
+                        })
+                        .collect(),
+                    None => vec![self.snapshot()],
+                };
+                let rx = self.subscribers.subscribe(initial);
+                self.count_subscribers();
                 let _ = reply.send(rx);
             }
         }
@@ -393,7 +372,7 @@ mod tests {
             instance_id: "test-instance".into(),
             log: EventLog::new(10_000),
             ports: BTreeMap::new(),
-            subscribers: Vec::new(),
+            subscribers: Fanout::new(SUBSCRIBER_QUEUE),
             metrics: Arc::new(Metrics::default()),
         }
     }
@@ -442,7 +421,10 @@ mod tests {
         for n in 1..=scans {
             m.scanned(Scan::Ports(ports(n)));
         }
-        assert!(m.subscribers[0].resync, "the subscriber is marked behind");
+        assert!(
+            m.subscribers.any_behind(),
+            "the subscriber is marked behind"
+        );
         assert_eq!(m.metrics.resyncs.load(Relaxed), 1);
         // What it got is a gapless prefix...
         let mut seqs = Vec::new();
