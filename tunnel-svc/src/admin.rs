@@ -140,7 +140,8 @@ async fn metrics(State(admin): State<Admin>) -> Response {
             "porthole_tunnels{{target=\"{target}\",state=\"{state}\"}} {n}"
         );
     }
-    let per_tunnel: [(&str, &str, &str, fn(&Tunnel) -> u64); 4] = [
+    type Counter = (&'static str, &'static str, &'static str, fn(&Tunnel) -> u64);
+    let per_tunnel: [Counter; 4] = [
         (
             "porthole_tunnel_active_connections",
             "gauge",

@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod gate;
 pub mod reconcile;
 pub mod tunnel;
 pub mod watch;
@@ -46,14 +47,41 @@ pub fn monitor_channel(url: &config::MonitorUrl) -> anyhow::Result<tonic::transp
 
 /// A private directory for ssh control and forward sockets.
 fn runtime_dir() -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
+    use anyhow::Context;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let base = std::env::var_os("XDG_RUNTIME_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
     let dir = base.join(format!("porthole-{}", std::process::id()));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .recursive(true)
-        .create(&dir)?;
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        // Left by an earlier process with our pid: reuse it only if it is
+        // ours and private, never a directory someone else planted.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::symlink_metadata(&dir)?;
+            let mine = meta.is_dir()
+                && meta.uid() == current_uid()
+                && meta.permissions().mode() & 0o077 == 0;
+            if !mine {
+                anyhow::bail!(
+                    "{} exists and is not a private directory of this user; remove it",
+                    dir.display()
+                );
+            }
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
     Ok(dir)
+}
+
+/// The real uid of this process (from /proc, to stay free of unsafe code).
+fn current_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|u| u.parse().ok()))
+        })
+        .unwrap_or(u32::MAX)
 }
 
 /// Runs tunnel-svc with its admin API on `admin` until `shutdown` is

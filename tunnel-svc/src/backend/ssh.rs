@@ -1,9 +1,60 @@
-//! ssh backend: one OpenSSH ControlMaster per target.
+//! ssh backend: one OpenSSH ControlMaster per target, run and restarted by
+//! a supervisor task; every tunnel is one forward added to that master.
+//!
+//! The forwards go from a UNIX socket per tunnel (`RUNTIME_DIR/fwd-PORT.sock`)
+//! to `localhost:PORT` in the container, not from a host TCP port:
+//! tunnel-svc owns the host listeners for every backend (127.0.0.1 and ::1,
+//! conflict remapping, connection and byte counts), and ssh only carries
+//! the bytes. [`Ssh::carry`] joins an accepted host connection to that socket.
+//!
+//! The master lives in its own 0700 runtime directory next to its control
+//! socket (`ctl`). It is ready when `ssh -O check` answers; a dead master
+//! is restarted with capped, jittered backoff and gets every wanted forward
+//! back before it counts as up again. Every ssh command runs with
+//! `BatchMode=yes` and a time bound, so a prompt or a hung peer cannot
+//! stall a tunnel, and shutdown reaps the master: no ssh process outlives
+//! tunnel-svc.
 
 use super::CarryError;
+use crate::backoff::Backoff;
 use crate::tunnel::Stats;
-use std::path::PathBuf;
-use tokio::net::TcpStream;
+use std::collections::{BTreeMap, VecDeque};
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::process::{Child, Command};
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// How long the master may take to log in before it counts as failed.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a starting master is checked.
+const POLL: Duration = Duration::from_millis(20);
+/// Bound on every `ssh -O ...` control command.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Ssh::open`] waits for a master that is not up.
+const OPEN_WAIT: Duration = Duration::from_secs(15);
+/// How long a connection waits for a restarting master.
+const CARRY_WAIT: Duration = Duration::from_secs(10);
+/// How long the master may take to exit after `-O exit`.
+const EXIT_WAIT: Duration = Duration::from_secs(3);
+/// Restart delays of a dead master.
+const RESTART_MIN: Duration = Duration::from_millis(200);
+const RESTART_MAX: Duration = Duration::from_secs(10);
+/// A master up this long resets the restart backoff.
+const STABLE: Duration = Duration::from_secs(10);
+/// Lines of the master's stderr kept to explain its death.
+const TAIL_LINES: usize = 5;
+/// `sun_path` holds 107 bytes and a NUL; ssh binds the control socket
+/// under a temporary name 17 bytes longer than the ControlPath.
+const MAX_CTL_PATH: usize = 107 - 17;
 
 /// Settings of one target's ssh connection.
 #[derive(Clone, Debug)]
@@ -17,32 +68,711 @@ pub struct SshConfig {
     pub runtime_dir: PathBuf,
 }
 
-pub struct Ssh {
+/// The master as the rest of the backend sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Master {
+    /// Not connected (yet, or again), and why the last attempt failed.
+    Connecting { last_error: Option<String> },
+    /// Connected with every wanted forward added. Each master that comes
+    /// up gets the next generation.
+    Up { generation: u64 },
+    /// Shut down for good.
+    Stopped,
+}
+
+/// State shared by the supervisor and the tunnels' calls.
+struct Shared {
     config: SshConfig,
+    ctl: PathBuf,
+    /// Container ports to forward, each with the number of [`Ssh::open`]s
+    /// not yet matched by a [`Ssh::close`] (the reconciler may close a
+    /// tunnel's old entry after opening its new one). The lock is also held
+    /// while ssh adds or removes a forward, so a restart's re-adding and
+    /// open/close never interleave.
+    wanted: Mutex<BTreeMap<u16, u32>>,
+    master: watch::Sender<Master>,
+    open_wait: Duration,
+    /// `ssh{target, host}`: every log line of this backend is inside it.
+    span: tracing::Span,
+}
+
+/// One target's ControlMaster and its forwards.
+pub struct Ssh {
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    supervisor: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Ssh {
+    /// Starts the supervisor task, which connects the master in the
+    /// background. Must be called inside a tokio runtime.
     pub fn start(config: SshConfig) -> Ssh {
-        Ssh { config }
+        Ssh::start_with(config, OPEN_WAIT)
     }
 
+    fn start_with(config: SshConfig, open_wait: Duration) -> Ssh {
+        let span = tracing::info_span!("ssh", target = %config.target, host = %config.host);
+        let shared = Arc::new(Shared {
+            ctl: config.runtime_dir.join("ctl"),
+            config,
+            wanted: Mutex::new(BTreeMap::new()),
+            master: watch::Sender::new(Master::Connecting { last_error: None }),
+            open_wait,
+            span: span.clone(),
+        });
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(shared.clone().supervise(cancel.clone()).instrument(span));
+        Ssh {
+            shared,
+            cancel,
+            supervisor: std::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    /// Adds the forward for container `port`, waiting (bounded) for the
+    /// master if it is not up. Idempotent; each call is undone by one
+    /// [`Ssh::close`].
     pub async fn open(&self, port: u16) -> Result<(), String> {
-        Err(format!(
-            "ssh backend for {} is not available yet (port {port})",
-            self.config.host
-        ))
+        let s = &self.shared;
+        s.open(port).instrument(s.span.clone()).await
     }
 
-    pub async fn close(&self, _port: u16) {}
-
-    pub async fn carry(
-        &self,
-        _conn: TcpStream,
-        _port: u16,
-        _stats: &Stats,
-    ) -> Result<(), CarryError> {
-        Err(CarryError::Other("ssh backend is not available yet".into()))
+    /// Undoes one [`Ssh::open`]; the forward goes when none is left.
+    pub async fn close(&self, port: u16) {
+        let s = &self.shared;
+        s.close(port).instrument(s.span.clone()).await
     }
 
-    pub async fn shutdown(&self) {}
+    /// Carries one accepted host connection through the forward of `port`.
+    pub async fn carry(&self, conn: TcpStream, port: u16, stats: &Stats) -> Result<(), CarryError> {
+        let s = &self.shared;
+        let path = forward_path(&s.config.runtime_dir, port);
+        let upstream = match UnixStream::connect(&path).await {
+            Ok(u) => u,
+            Err(e) => {
+                // A restarting master re-adds every wanted forward before it
+                // counts as up: wait for that once, unless the master is
+                // alive and the forward is simply not there.
+                let up = match *s.master.borrow() {
+                    Master::Up { generation } => Some(generation),
+                    _ => None,
+                };
+                let wanted = s.wanted.lock().await.contains_key(&port);
+                if !wanted || (up.is_some() && s.control(&["-O", "check"]).await.is_ok()) {
+                    return Err(e.into());
+                }
+                s.wait_up(CARRY_WAIT, up).await.map_err(CarryError::Other)?;
+                UnixStream::connect(&path).await?
+            }
+        };
+        porthole::relay::copy(conn, upstream, &stats.bytes_in, &stats.bytes_out).await?;
+        Ok(())
+    }
+
+    /// Stops the master (`-O exit`, then SIGKILL if need be), waits for it
+    /// and removes the sockets. No ssh process is left when this returns.
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        let task = self.supervisor.lock().expect("not poisoned").take();
+        if let Some(task) = task {
+            if let Err(e) = task.await {
+                let _in = self.shared.span.enter();
+                tracing::error!(error = %e, "ssh supervisor failed");
+            }
+        }
+    }
+}
+
+impl Drop for Ssh {
+    /// Without [`Ssh::shutdown`] the supervisor still stops the master, in
+    /// the background.
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// How one master's life ended.
+enum Life {
+    Cancelled,
+    Died {
+        error: String,
+        up_for: Option<Duration>,
+    },
+}
+
+impl Shared {
+    /// See [`Ssh::open`].
+    async fn open(&self, port: u16) -> Result<(), String> {
+        *self.wanted.lock().await.entry(port).or_insert(0) += 1;
+        let mut newer_than = None;
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            let generation = self.wait_up(self.open_wait, newer_than).await?;
+            let wanted = self.wanted.lock().await;
+            if !wanted.contains_key(&port) {
+                return Err(format!(
+                    "the forward of port {port} was closed while opening"
+                ));
+            }
+            match self.forward(port).await {
+                Ok(()) => {
+                    tracing::info!(port, "ssh forward added");
+                    return Ok(());
+                }
+                Err(e) => last_error = e,
+            }
+            drop(wanted);
+            if self.control(&["-O", "check"]).await.is_ok() {
+                break; // The master is fine; the forward itself failed.
+            }
+            // The master went away meanwhile; the next one re-adds the port.
+            newer_than = Some(generation);
+        }
+        Err(last_error)
+    }
+
+    /// See [`Ssh::close`].
+    async fn close(&self, port: u16) {
+        let mut wanted = self.wanted.lock().await;
+        match wanted.get_mut(&port) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                return;
+            }
+            Some(_) => {
+                wanted.remove(&port);
+            }
+            None => return,
+        }
+        let up = matches!(*self.master.borrow(), Master::Up { .. });
+        if up {
+            let spec = forward_spec(&self.config.runtime_dir, port);
+            let cancel = [os("-O"), os("cancel"), os("-L"), spec];
+            match self.control_os(&cancel).await {
+                Ok(()) => tracing::info!(port, "ssh forward removed"),
+                Err(e) => tracing::warn!(port, error = %e, "cannot remove ssh forward"),
+            }
+        }
+        let _ = std::fs::remove_file(forward_path(&self.config.runtime_dir, port));
+    }
+
+    /// Keeps a master running until `cancel`, restarting it with backoff.
+    async fn supervise(self: Arc<Self>, cancel: CancellationToken) {
+        let mut backoff = Backoff::new(RESTART_MIN, RESTART_MAX);
+        let mut generation = 0;
+        loop {
+            let (error, up_for) = match self.run_master(&cancel, &mut generation).await {
+                Life::Cancelled => break,
+                Life::Died { error, up_for } => (error, up_for),
+            };
+            if up_for.is_some_and(|d| d >= STABLE) {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            tracing::warn!(error = %error, retry_in = ?delay, "ssh master is down");
+            self.master.send_replace(Master::Connecting {
+                last_error: Some(error),
+            });
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        self.master.send_replace(Master::Stopped);
+        self.remove_sockets();
+        let _ = std::fs::remove_dir(&self.config.runtime_dir);
+        tracing::info!("ssh master stopped");
+    }
+
+    /// Starts one master, waits until it answers on the control socket,
+    /// re-adds every wanted forward, then waits for it to die or `cancel`.
+    async fn run_master(&self, cancel: &CancellationToken, generation: &mut u64) -> Life {
+        let died = |error: String| Life::Died {
+            error,
+            up_for: None,
+        };
+        if let Err(e) = self.prepare_dir() {
+            return died(e);
+        }
+        let mut cmd = Command::new("ssh");
+        cmd.args(master_args(&self.config, &self.ctl))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            // Its own process group: a Ctrl-C meant for tunnel-svc must not
+            // kill the master before shutdown stops it in order.
+            .process_group(0);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => return died(format!("cannot run ssh: {e}")),
+        };
+        let mut tail = Tail::capture(&mut child);
+        tracing::info!(pid = child.id(), "ssh master starting");
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    self.stop(&mut child).await;
+                    return Life::Cancelled;
+                }
+                status = child.wait() => return died(tail.explain(status).await),
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            if self.ctl.exists() && self.control(&["-O", "check"]).await.is_ok() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill().await;
+                let why = tail.explain(child.wait().await).await;
+                return died(format!(
+                    "not connected after {}s: {why}",
+                    READY_TIMEOUT.as_secs()
+                ));
+            }
+        }
+
+        let up_since = Instant::now();
+        {
+            let wanted = self.wanted.lock().await;
+            for &port in wanted.keys() {
+                if let Err(e) = self.forward(port).await {
+                    tracing::warn!(port, error = %e, "cannot re-add ssh forward");
+                }
+            }
+            *generation += 1;
+            self.master.send_replace(Master::Up {
+                generation: *generation,
+            });
+            tracing::info!(pid = child.id(), forwards = wanted.len(), "ssh master up");
+        }
+
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                self.stop(&mut child).await;
+                Life::Cancelled
+            }
+            status = child.wait() => Life::Died {
+                error: tail.explain(status).await,
+                up_for: Some(up_since.elapsed()),
+            },
+        }
+    }
+
+    /// Asks the master to exit, kills it if it does not, and reaps it.
+    async fn stop(&self, child: &mut Child) {
+        self.master.send_replace(Master::Stopped);
+        if matches!(child.try_wait(), Ok(None)) {
+            let asked = self.control(&["-O", "exit"]).await.is_ok();
+            if !asked || tokio::time::timeout(EXIT_WAIT, child.wait()).await.is_err() {
+                tracing::debug!("killing the ssh master");
+                // SIGKILL, then waits: no zombie is left.
+                let _ = child.kill().await;
+            }
+        }
+    }
+
+    /// Creates the runtime directory (0700) and clears sockets of an earlier
+    /// master: a stale control socket would make ssh run without one.
+    fn prepare_dir(&self) -> Result<(), String> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let dir = &self.config.runtime_dir;
+        let err = |e: std::io::Error| format!("runtime directory {}: {e}", dir.display());
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
+        let mode = std::fs::metadata(dir).map_err(err)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "runtime directory {} is open to other users (mode {:o}); it must be 0700",
+                dir.display(),
+                mode & 0o777
+            ));
+        }
+        if self.ctl.as_os_str().len() > MAX_CTL_PATH {
+            return Err(format!(
+                "runtime directory {} is too long for ssh's control socket (at most {} bytes)",
+                dir.display(),
+                MAX_CTL_PATH - "/ctl".len()
+            ));
+        }
+        self.remove_sockets();
+        Ok(())
+    }
+
+    fn remove_sockets(&self) {
+        let _ = std::fs::remove_file(&self.ctl);
+        let Ok(entries) = std::fs::read_dir(&self.config.runtime_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("fwd-") && name.ends_with(".sock") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Waits until a master is up (one newer than `newer_than`, if given);
+    /// returns its generation, or why there is none.
+    async fn wait_up(&self, timeout: Duration, newer_than: Option<u64>) -> Result<u64, String> {
+        let mut rx = self.master.subscribe();
+        let wanted = |m: &Master| match m {
+            Master::Up { generation } => newer_than.is_none_or(|g| *generation > g),
+            Master::Stopped => true,
+            Master::Connecting { .. } => false,
+        };
+        let stopped = || format!("the ssh backend for {} is shut down", self.config.host);
+        let found = tokio::time::timeout(timeout, rx.wait_for(wanted))
+            .await
+            .map(|r| r.map(|state| state.clone()));
+        let state = match found {
+            Ok(Ok(state)) => state,
+            Ok(Err(_)) => return Err(stopped()),
+            Err(_) => self.master.borrow().clone(),
+        };
+        match state {
+            Master::Up { generation } if newer_than.is_none_or(|g| generation > g) => {
+                Ok(generation)
+            }
+            Master::Stopped => Err(stopped()),
+            Master::Connecting {
+                last_error: Some(why),
+            } => Err(format!(
+                "ssh master for {} is not connected: {why}",
+                self.config.host
+            )),
+            _ => Err(format!(
+                "ssh master for {} is not connected after {}s",
+                self.config.host,
+                timeout.as_secs()
+            )),
+        }
+    }
+
+    /// `ssh -O forward -L RUNTIME_DIR/fwd-PORT.sock:localhost:PORT`.
+    async fn forward(&self, port: u16) -> Result<(), String> {
+        let spec = forward_spec(&self.config.runtime_dir, port);
+        self.control_os(&[os("-O"), os("forward"), os("-L"), spec])
+            .await
+    }
+
+    async fn control(&self, op: &[&str]) -> Result<(), String> {
+        let op: Vec<OsString> = op.iter().map(OsString::from).collect();
+        self.control_os(&op).await
+    }
+
+    /// Runs one control command against the master, bounded in time;
+    /// the error is ssh's stderr.
+    async fn control_os(&self, op: &[OsString]) -> Result<(), String> {
+        let mut cmd = Command::new("ssh");
+        cmd.args(control_args(&self.config, &self.ctl, op))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let what = op
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let out = match tokio::time::timeout(CONTROL_TIMEOUT, cmd.output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err(format!("cannot run ssh: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "ssh {what} timed out after {}s",
+                    CONTROL_TIMEOUT.as_secs()
+                ))
+            }
+        };
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(if stderr.is_empty() {
+            format!("ssh {what} failed ({})", out.status)
+        } else {
+            stderr
+        })
+    }
+}
+
+/// The last lines the master wrote to stderr; each line is also logged.
+struct Tail {
+    lines: Arc<std::sync::Mutex<VecDeque<String>>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Tail {
+    fn capture(child: &mut Child) -> Tail {
+        let lines = Arc::new(std::sync::Mutex::new(VecDeque::new()));
+        let reader = child.stderr.take().map(|stderr| {
+            let lines = lines.clone();
+            tokio::spawn(
+                async move {
+                    let mut reader = BufReader::new(stderr).lines();
+                    while let Ok(Some(line)) = reader.next_line().await {
+                        let line = line.trim().to_string();
+                        if line.is_empty() {
+                            continue;
+                        }
+                        tracing::debug!(stderr = %line, "ssh master");
+                        let mut l = lines.lock().expect("not poisoned");
+                        if l.len() == TAIL_LINES {
+                            l.pop_front();
+                        }
+                        l.push_back(line);
+                    }
+                }
+                .in_current_span(),
+            )
+        });
+        Tail { lines, reader }
+    }
+
+    /// Why the master ended: its exit status and last words.
+    async fn explain(&mut self, status: std::io::Result<ExitStatus>) -> String {
+        if let Some(mut reader) = self.reader.take() {
+            // Its stderr closes as it exits, unless a child of its
+            // (a ProxyCommand) holds it open.
+            if tokio::time::timeout(Duration::from_secs(1), &mut reader)
+                .await
+                .is_err()
+            {
+                reader.abort();
+            }
+        }
+        let status = match status {
+            Ok(s) => format!("the ssh master ended with {s}"),
+            Err(e) => format!("cannot wait for the ssh master: {e}"),
+        };
+        let lines = self.lines.lock().expect("not poisoned");
+        if lines.is_empty() {
+            status
+        } else {
+            let said: Vec<&str> = lines.iter().map(String::as_str).collect();
+            format!("{} ({status})", said.join("; "))
+        }
+    }
+}
+
+fn os(s: &str) -> OsString {
+    OsString::from(s)
+}
+
+/// ssh expands `%` tokens in the control path and forward paths.
+fn escape_percent(p: &Path) -> OsString {
+    let mut out = Vec::new();
+    for &b in p.as_os_str().as_bytes() {
+        out.push(b);
+        if b == b'%' {
+            out.push(b'%');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+fn forward_path(dir: &Path, port: u16) -> PathBuf {
+    dir.join(format!("fwd-{port}.sock"))
+}
+
+/// `DIR/fwd-PORT.sock:localhost:PORT`, the `-L` argument of a forward.
+fn forward_spec(dir: &Path, port: u16) -> OsString {
+    let mut spec = escape_percent(&forward_path(dir, port));
+    spec.push(format!(":localhost:{port}"));
+    spec
+}
+
+/// Options every ssh command gets: `-S CTL`, `BatchMode` so no prompt can
+/// hang us, then the user's, then defaults they may override (ssh keeps
+/// the first value it sees of an option).
+fn common_args(config: &SshConfig, ctl: &Path, own: &[&str], defaults: &[&str]) -> Vec<OsString> {
+    let mut args = vec![os("-S"), escape_percent(ctl)];
+    for opt in own.iter().chain(&["BatchMode=yes"]) {
+        args.extend([os("-o"), os(opt)]);
+    }
+    for opt in &config.options {
+        args.extend([os("-o"), os(opt)]);
+    }
+    for opt in defaults {
+        args.extend([os("-o"), os(opt)]);
+    }
+    args
+}
+
+/// `ssh -M -N -S CTL -o ... -- HOST`: the master, forwarding nothing until
+/// asked to. `ControlPersist=no` keeps it our child (no fork to the
+/// background); `StreamLocalBindUnlink` lets a forward replace a stale
+/// socket file; `ClearAllForwardings` leaves out the forwards the user's
+/// config may list for that host, which belong to their own sessions.
+fn master_args(config: &SshConfig, ctl: &Path) -> Vec<OsString> {
+    let mut args = vec![os("-M"), os("-N")];
+    args.extend(common_args(
+        config,
+        ctl,
+        &[
+            "ControlPersist=no",
+            "ExitOnForwardFailure=yes",
+            "StreamLocalBindUnlink=yes",
+            "ClearAllForwardings=yes",
+        ],
+        &["ServerAliveInterval=10", "ServerAliveCountMax=3"],
+    ));
+    args.extend([os("--"), os(&config.host)]);
+    args
+}
+
+/// `ssh -S CTL -o ... OP... -- HOST`: one request to the running master.
+fn control_args(config: &SshConfig, ctl: &Path, op: &[OsString]) -> Vec<OsString> {
+    let mut args = common_args(config, ctl, &[], &[]);
+    args.extend(op.iter().cloned());
+    args.extend([os("--"), os(&config.host)]);
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> SshConfig {
+        SshConfig {
+            target: "dev".into(),
+            host: "box".into(),
+            options: vec!["User=me".into()],
+            runtime_dir: dir.to_path_buf(),
+        }
+    }
+
+    fn strings(args: &[OsString]) -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn master_command_line() {
+        let c = config(Path::new("/run/ph"));
+        let args = strings(&master_args(&c, Path::new("/run/ph/ctl")));
+        assert_eq!(&args[..4], ["-M", "-N", "-S", "/run/ph/ctl"]);
+        assert_eq!(&args[args.len() - 2..], ["--", "box"]);
+        let opts: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "-o")
+            .map(|w| w[1].as_str())
+            .collect();
+        for must in [
+            "ControlPersist=no",
+            "ExitOnForwardFailure=yes",
+            "BatchMode=yes",
+            "StreamLocalBindUnlink=yes",
+            "ServerAliveInterval=10",
+            "ServerAliveCountMax=3",
+        ] {
+            assert!(opts.contains(&must), "{must} missing from {args:?}");
+        }
+        let pos = |o: &str| opts.iter().position(|x| *x == o).unwrap();
+        // ssh keeps the first value: ours that must hold come before the
+        // user's, the tunable defaults after.
+        assert!(pos("BatchMode=yes") < pos("User=me"));
+        assert!(pos("User=me") < pos("ServerAliveInterval=10"));
+    }
+
+    #[test]
+    fn forward_and_cancel_command_lines() {
+        let c = config(Path::new("/tmp/a%b"));
+        let spec = forward_spec(&c.runtime_dir, 8080);
+        assert_eq!(spec, "/tmp/a%%b/fwd-8080.sock:localhost:8080");
+        let args = strings(&control_args(
+            &c,
+            &c.runtime_dir.join("ctl"),
+            &[os("-O"), os("forward"), os("-L"), spec],
+        ));
+        assert_eq!(
+            args,
+            [
+                "-S",
+                "/tmp/a%%b/ctl",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "User=me",
+                "-O",
+                "forward",
+                "-L",
+                "/tmp/a%%b/fwd-8080.sock:localhost:8080",
+                "--",
+                "box"
+            ]
+        );
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ph-ssh-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// No sshd needed: a master that cannot connect makes `open` fail with
+    /// ssh's own words, and shutdown leaves nothing behind.
+    #[tokio::test]
+    async fn unreachable_host_fails_open_with_ssh_error() {
+        if which_ssh().is_none() {
+            eprintln!("SKIPPED: no ssh on PATH");
+            return;
+        }
+        let base = temp_dir("unreachable");
+        let dir = base.join("dev");
+        let mut c = config(&dir);
+        // Port 1 on loopback: refused at once.
+        c.host = "127.0.0.1".into();
+        c.options = vec![
+            "Port=1".into(),
+            "UserKnownHostsFile=/dev/null".into(),
+            "ConnectTimeout=2".into(),
+        ];
+        let ssh = Ssh::start_with(c, Duration::from_secs(2));
+        let err = ssh.open(8080).await.unwrap_err();
+        assert!(
+            err.contains("not connected") && err.contains("refused"),
+            "{err}"
+        );
+        ssh.close(8080).await;
+        ssh.shutdown().await;
+        assert!(!dir.exists(), "runtime dir removed");
+        let err = ssh.open(8080).await.unwrap_err();
+        assert!(err.contains("shut down"), "{err}");
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[tokio::test]
+    async fn refuses_a_runtime_dir_others_can_enter() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("open");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let ssh = Ssh::start_with(config(&dir), Duration::from_millis(500));
+        let err = ssh.open(8080).await.unwrap_err();
+        assert!(err.contains("must be 0700"), "{err}");
+        ssh.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn which_ssh() -> Option<PathBuf> {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("ssh"))
+                .find(|p| p.is_file())
+        })
+    }
 }

@@ -1,0 +1,723 @@
+//! tunnel-svc's ssh backend end to end: a real OpenSSH `sshd` inside a
+//! network namespace (its own host key, a client key made by the test),
+//! monitor-svc beside it, and the real tunnel-svc binary on the host with
+//! `--backend ssh`. Every check is one a user would make: connect to
+//! `localhost:PORT`, look at ListTunnels, look for leftover ssh processes.
+//!
+//! Each test makes its own namespace, sshd and tunnel-svc, so they run in
+//! parallel.
+
+mod common;
+
+use common::{
+    binary, poll_until, require_root, skip_or_fail, which, within, MonitorProc, Netns, Proc,
+    DEADLINE,
+};
+use porthole::pb::v1::{
+    tunnel_admin_client::TunnelAdminClient, Backend, ListTunnelsRequest, Tunnel, TunnelState,
+};
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SSHD: &str = "/usr/sbin/sshd";
+/// The ssh alias tunnel-svc is given; `-o HostName=` says where it is.
+const ALIAS: &str = "ph-test";
+/// Bytes sent each way in the big transfers.
+const BIG: usize = 8 << 20;
+
+// ---------------------------------------------------------------------------
+// sshd
+
+/// Whether OpenSSH is installed; if not, says the test was skipped (or
+/// fails it under CI).
+fn have_openssh(test: &str) -> bool {
+    let missing: Vec<&str> = ["ssh", "ssh-keygen"]
+        .into_iter()
+        .filter(|t| which(t).is_none())
+        .chain((!Path::new(SSHD).is_file()).then_some(SSHD))
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    skip_or_fail(
+        test,
+        &format!("needs OpenSSH (openssh-server); missing {missing:?}"),
+    );
+    false
+}
+
+/// `sshd -D -e` inside the namespace on `198.18.X.2:22`, accepting one
+/// key the test generated. Dropping it removes its keys.
+struct Sshd {
+    proc: Proc,
+    dir: PathBuf,
+}
+
+impl Sshd {
+    async fn start(ns: &Netns) -> Sshd {
+        // sshd refuses to start without its privilege separation directory
+        // (the Debian package makes it at boot, a container may not have it).
+        fs::create_dir_all("/run/sshd").expect("create /run/sshd");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("porthole-sshd")
+            .join(ns.name());
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create the sshd directory");
+        for key in ["host_key", "client_key"] {
+            let out = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", "porthole-test", "-f"])
+                .arg(dir.join(key))
+                .output()
+                .expect("run ssh-keygen");
+            assert!(
+                out.status.success(),
+                "ssh-keygen {key}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))
+            .expect("write authorized_keys");
+        // Forwarding to a UNIX socket on the client side needs only TCP
+        // forwarding on the server: stream-local forwarding stays off.
+        let config = format!(
+            "ListenAddress {addr}\n\
+             Port 22\n\
+             HostKey {dir}/host_key\n\
+             AuthorizedKeysFile {dir}/authorized_keys\n\
+             PidFile none\n\
+             StrictModes no\n\
+             UsePAM no\n\
+             PermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\n\
+             AllowTcpForwarding yes\n\
+             AllowStreamLocalForwarding no\n\
+             LogLevel VERBOSE\n",
+            addr = ns.addr(),
+            dir = dir.display(),
+        );
+        let config_path = dir.join("sshd_config");
+        fs::write(&config_path, config).expect("write sshd_config");
+        let mut proc = ns.spawn(
+            SSHD,
+            [
+                "-D".as_ref(),
+                "-e".as_ref(),
+                "-f".as_ref(),
+                config_path.as_os_str(),
+            ],
+        );
+        let addr = SocketAddr::new(IpAddr::V4(ns.addr()), 22);
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = proc.try_wait() {
+                panic!("sshd exited during start-up ({status}):\n{}", proc.log());
+            }
+            if TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not listen on {addr} within {DEADLINE:?}:\n{}",
+                proc.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Sshd { proc, dir }
+    }
+
+    /// What a user's `~/.ssh/config` entry for [`ALIAS`] would say, as
+    /// `-o` options for tunnel-svc's `--ssh-option`.
+    fn client_options(&self, ns: &Netns) -> Vec<String> {
+        vec![
+            format!("HostName={}", ns.addr()),
+            "User=root".into(),
+            format!("IdentityFile={}", self.dir.join("client_key").display()),
+            "IdentitiesOnly=yes".into(),
+            "UserKnownHostsFile=/dev/null".into(),
+            "StrictHostKeyChecking=no".into(),
+            "LogLevel=ERROR".into(),
+        ]
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        self.proc.kill();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The server inside, and the tunnel's client side
+
+/// Answers every byte with its complement (255 - b) and half-closes when
+/// the client does, so a test sees that its bytes reached the server and
+/// that the server's came back. Says "ready" once listening.
+const SERVER_PY: &str = r#"
+import socket, sys, threading
+flip = bytes(255 - b for b in range(256))
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(64)
+print("ready", flush=True)
+def serve(c):
+    with c:
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            c.sendall(d.translate(flip))
+        c.shutdown(socket.SHUT_WR)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// A server on 127.0.0.1:`port` ONLY, inside the namespace.
+async fn start_server(ns: &Netns, port: u16) -> Proc {
+    let mut cmd = ns.command("python3");
+    cmd.args(["-c", SERVER_PY, &port.to_string()])
+        .stdin(Stdio::null());
+    let mut proc = ns.spawn_command("server", cmd);
+    let deadline = Instant::now() + DEADLINE;
+    while !proc.log().contains("ready") {
+        if let Some(status) = proc.try_wait() {
+            panic!("the server exited ({status}):\n{}", proc.log());
+        }
+        assert!(Instant::now() < deadline, "the server did not get ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proc
+}
+
+fn flipped(data: &[u8]) -> Vec<u8> {
+    data.iter().map(|b| 255 - b).collect()
+}
+
+/// Deterministic bytes that do not repeat in any short period.
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `data` (then half-closes) while reading the answer to its end.
+async fn exchange(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut r, mut w) = stream.into_split();
+    let send = async {
+        w.write_all(data).await?;
+        w.shutdown().await
+    };
+    let mut got = Vec::with_capacity(data.len());
+    let (sent, read) = tokio::join!(send, r.read_to_end(&mut got));
+    sent?;
+    read?;
+    Ok(got)
+}
+
+/// [`exchange`] that must come back complete and intact.
+async fn transfer(addr: SocketAddr, data: &[u8]) {
+    let got = within(
+        &format!("{} bytes through {addr}", data.len()),
+        exchange(addr, data),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("transfer through {addr}: {e}"));
+    assert_eq!(got.len(), data.len(), "answer length through {addr}");
+    assert!(
+        got == flipped(data),
+        "the answer through {addr} is corrupted"
+    );
+}
+
+/// Whether the host has `::1` (tunnel-svc leaves it out if not).
+fn host_has_ipv6() -> bool {
+    std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok()
+}
+
+/// A port free on the host's 127.0.0.1 (and ::1), for the server inside
+/// to listen on, so the tunnel gets the same port on the host.
+fn free_port() -> u16 {
+    for _ in 0..100 {
+        let v4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+        let port = v4.local_addr().expect("local_addr").port();
+        if !host_has_ipv6() || std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and ::1");
+}
+
+/// Whether `port` can be bound on the host's loopback addresses.
+fn host_port_free(port: u16) -> bool {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+        && (!host_has_ipv6() || std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, port)).is_ok())
+}
+
+// ---------------------------------------------------------------------------
+// tunnel-svc
+
+/// tunnel-svc on the host, following the namespace's monitor with
+/// `--backend ssh`.
+struct TunnelSvc {
+    proc: Proc,
+    admin: SocketAddr,
+}
+
+impl TunnelSvc {
+    async fn start(ns: &Netns, sshd: &Sshd, monitor: &MonitorProc) -> TunnelSvc {
+        let mut cmd = Command::new(binary("tunnel-svc"));
+        cmd.args([
+            "--monitor",
+            &monitor.url(),
+            "--backend",
+            "ssh",
+            "--ssh-host",
+            ALIAS,
+            "--admin",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info,tunnel_svc=debug",
+        ]);
+        for opt in sshd.client_options(ns) {
+            cmd.args(["--ssh-option", &opt]);
+        }
+        // Sockets go to /tmp/porthole-PID, where the tests look for them.
+        cmd.stdin(Stdio::null())
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("TMPDIR");
+        for var in [
+            "PORTHOLE_MONITOR",
+            "PORTHOLE_ADMIN",
+            "PORTHOLE_TOKEN_FILE",
+            "PORTHOLE_SKIP",
+            "PORTHOLE_MAX_TUNNELS",
+            "PORTHOLE_LOG",
+            "PORTHOLE_LOG_FORMAT",
+        ] {
+            cmd.env_remove(var);
+        }
+        let mut proc = ns.spawn_command("tunnel-svc", cmd);
+        let deadline = Instant::now() + DEADLINE;
+        let admin = loop {
+            if let Some(addr) = admin_addr(&proc.log()) {
+                break addr;
+            }
+            if let Some(status) = proc.try_wait() {
+                panic!(
+                    "tunnel-svc exited during start-up ({status}):\n{}",
+                    proc.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tunnel-svc did not log its admin address:\n{}",
+                proc.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        TunnelSvc { proc, admin }
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Where it keeps its ssh sockets (XDG_RUNTIME_DIR and TMPDIR unset).
+    fn runtime_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/tmp/porthole-{}", self.pid()))
+    }
+
+    /// SIGTERM; it must exit 0.
+    async fn stop(&mut self) {
+        let status = self.proc.terminate().await;
+        assert!(
+            status.success(),
+            "tunnel-svc exit status {status}:\n{}",
+            self.proc.log()
+        );
+    }
+
+    async fn tunnels(&self) -> Vec<Tunnel> {
+        let call = async {
+            let mut client = TunnelAdminClient::connect(format!("http://{}", self.admin)).await?;
+            let resp = client
+                .list_tunnels(ListTunnelsRequest::default())
+                .await
+                .map_err(|s| anyhow::anyhow!("ListTunnels: {s}"))?;
+            anyhow::Ok(resp.into_inner().tunnels)
+        };
+        within("ListTunnels", call)
+            .await
+            .unwrap_or_else(|e| panic!("ListTunnels at {}: {e}", self.admin))
+    }
+
+    /// Polls ListTunnels until tunnel `id` satisfies `pred`.
+    async fn wait_tunnel(&self, what: &str, id: &str, pred: impl Fn(&Tunnel) -> bool) -> Tunnel {
+        poll_until(&format!("{id}: {what}"), DEADLINE, || {
+            let pred = &pred;
+            async move {
+                self.tunnels()
+                    .await
+                    .into_iter()
+                    .find(|t| t.id == id && pred(t))
+            }
+        })
+        .await
+    }
+
+    /// Waits until the tunnel of `port` is ACTIVE.
+    async fn wait_active(&self, port: u16) -> Tunnel {
+        self.wait_tunnel("ACTIVE", &format!("default:tcp:{port}"), |t| {
+            t.state == TunnelState::Active as i32
+        })
+        .await
+    }
+}
+
+/// The admin address from tunnel-svc's JSON log.
+fn admin_addr(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "tunnel-svc admin API listening")
+        .and_then(|v| v["addr"].as_str()?.parse().ok())
+}
+
+/// `(pid, argv)` of every ssh process whose parent is `parent`.
+fn ssh_children(parent: u32) -> Vec<(u32, Vec<String>)> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let ppid = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if comm == "ssh" && ppid == Some(parent) {
+            found.push((pid, argv(pid)));
+        }
+    }
+    found
+}
+
+fn argv(pid: u32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The pid of tunnel-svc's ControlMaster (`ssh -M ...`), once it runs.
+async fn master_pid(tunnel: &TunnelSvc, other_than: Option<u32>) -> u32 {
+    poll_until("tunnel-svc's ssh master", DEADLINE, || async {
+        ssh_children(tunnel.pid())
+            .into_iter()
+            .find(|(pid, args)| Some(*pid) != other_than && args.iter().any(|a| a == "-M"))
+            .map(|(pid, _)| pid)
+    })
+    .await
+}
+
+/// Every process whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<(u32, Vec<String>)> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .map(|pid| (pid, argv(pid)))
+        .filter(|(_, args)| args.iter().any(|a| a.contains(needle)))
+        .collect()
+}
+
+fn gone(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+// ---------------------------------------------------------------------------
+// Set-up shared by the tests
+
+/// Fields drop in order: tunnel-svc first, the namespace (which kills
+/// everything inside) last.
+struct World {
+    tunnel: TunnelSvc,
+    server: Proc,
+    _monitor: MonitorProc,
+    _sshd: Sshd,
+    port: u16,
+    _ns: Netns,
+}
+
+impl World {
+    /// Namespace, sshd, monitor-svc, a loopback-only server, and
+    /// tunnel-svc; returns once the server's tunnel is ACTIVE.
+    async fn start() -> World {
+        let ns = Netns::new();
+        let sshd = Sshd::start(&ns).await;
+        let monitor = MonitorProc::start(&ns, &[]).await;
+        let port = free_port();
+        let server = start_server(&ns, port).await;
+        let tunnel = TunnelSvc::start(&ns, &sshd, &monitor).await;
+        tunnel.wait_active(port).await;
+        World {
+            tunnel,
+            server,
+            _monitor: monitor,
+            _sshd: sshd,
+            port,
+            _ns: ns,
+        }
+    }
+
+    fn v4(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), self.port)
+    }
+
+    fn v6(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), self.port)
+    }
+
+    fn id(&self) -> String {
+        format!("default:tcp:{}", self.port)
+    }
+}
+
+impl Drop for World {
+    /// A failed test kills tunnel-svc, which leaves its socket directory.
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(self.tunnel.runtime_dir());
+    }
+}
+
+fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("<unnamed>")
+        .to_string()
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+
+/// A server listening on 127.0.0.1 only inside the container is reachable
+/// at localhost:SAME_PORT on the host, over IPv4 and IPv6, megabytes intact
+/// both ways, and ListTunnels shows it ACTIVE over ssh with the bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn loopback_only_server_reachable_on_same_host_port() {
+    if !require_root() || !have_openssh(&test_name()) {
+        return;
+    }
+    let started = Instant::now();
+    let mut w = World::start().await;
+    let t = w.tunnel.wait_active(w.port).await;
+    assert_eq!(t.backend, Backend::Ssh as i32, "{t:?}");
+    assert_eq!(
+        t.host_port,
+        u32::from(w.port),
+        "same port on the host: {t:?}"
+    );
+    assert!(
+        t.host_addresses.contains(&w.v4().to_string()),
+        "{:?}",
+        t.host_addresses
+    );
+    let data = pattern(BIG);
+    transfer(w.v4(), &data).await;
+    let mut transfers = 1u64;
+    if host_has_ipv6() {
+        assert!(
+            t.host_addresses.contains(&w.v6().to_string()),
+            "{:?}",
+            t.host_addresses
+        );
+        transfer(w.v6(), &data).await;
+        transfers += 1;
+    } else {
+        eprintln!("host has no ::1; IPv6 localhost not checked");
+    }
+    let want = transfers * BIG as u64;
+    let t = w
+        .tunnel
+        .wait_tunnel("bytes counted", &w.id(), |t| {
+            t.bytes_in == want && t.bytes_out == want
+        })
+        .await;
+    assert_eq!(t.state, TunnelState::Active as i32);
+    assert_eq!(t.total_connections, transfers, "{t:?}");
+    // The tunnel rides the ControlMaster: one ssh process, no per-tunnel ssh -L.
+    let masters = ssh_children(w.tunnel.pid());
+    assert_eq!(masters.len(), 1, "ssh children of tunnel-svc: {masters:?}");
+
+    // The server stops: the tunnel goes, and with it the forward's socket
+    // and the host port.
+    let socket = w
+        .tunnel
+        .runtime_dir()
+        .join(format!("default/fwd-{}.sock", w.port));
+    assert!(
+        socket.exists(),
+        "{} exists while forwarded",
+        socket.display()
+    );
+    w.server.kill();
+    poll_until("the tunnel to go with its server", DEADLINE, || async {
+        let tunnels = w.tunnel.tunnels().await;
+        (!tunnels.iter().any(|t| t.id == w.id())).then_some(())
+    })
+    .await;
+    poll_until("the forward to be cancelled", DEADLINE, || async {
+        (!socket.exists() && host_port_free(w.port)).then_some(())
+    })
+    .await;
+    w.tunnel.stop().await;
+    eprintln!(
+        "{} took {:.1}s",
+        test_name(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Killing the ssh master: tunnel-svc reaps it, starts another and puts
+/// the forward back, so new connections work again.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_master_is_restarted_and_forward_restored() {
+    if !require_root() || !have_openssh(&test_name()) {
+        return;
+    }
+    let started = Instant::now();
+    let mut w = World::start().await;
+    transfer(w.v4(), b"before").await;
+    let old = master_pid(&w.tunnel, None).await;
+    let status = Command::new("kill")
+        .args(["-KILL", &old.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -KILL {old}");
+    let killed = Instant::now();
+    poll_until("the killed master to be reaped", DEADLINE, || async {
+        gone(old).then_some(())
+    })
+    .await;
+    let new = master_pid(&w.tunnel, Some(old)).await;
+    assert_ne!(new, old);
+    poll_until(
+        "a connection through the restored tunnel",
+        DEADLINE,
+        || async {
+            let attempt = tokio::time::timeout(Duration::from_secs(3), exchange(w.v4(), b"again"));
+            match attempt.await {
+                Ok(Ok(got)) => (got == flipped(b"again")).then_some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    let restored = killed.elapsed();
+    transfer(w.v4(), &pattern(1 << 20)).await;
+    let t = w.tunnel.wait_active(w.port).await;
+    assert_eq!(t.backend, Backend::Ssh as i32);
+    let masters = ssh_children(w.tunnel.pid());
+    assert_eq!(masters.len(), 1, "one master, no leftovers: {masters:?}");
+    w.tunnel.stop().await;
+    eprintln!(
+        "{} took {:.1}s (forward back {:.0} ms after the kill)",
+        test_name(),
+        started.elapsed().as_secs_f64(),
+        restored.as_secs_f64() * 1000.0
+    );
+}
+
+/// SIGTERM: tunnel-svc exits 0, its ssh master is gone (stopped and
+/// reaped, not orphaned), its sockets are removed and the host port is
+/// free again, even with a connection open through the tunnel.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_leaves_no_ssh_process_behind() {
+    if !require_root() || !have_openssh(&test_name()) {
+        return;
+    }
+    let started = Instant::now();
+    let mut w = World::start().await;
+    transfer(w.v4(), b"hello").await;
+    let pid = w.tunnel.pid();
+    let master = master_pid(&w.tunnel, None).await;
+    let runtime = w.tunnel.runtime_dir();
+    assert!(
+        runtime.is_dir(),
+        "{} exists while running",
+        runtime.display()
+    );
+    // A connection left open through the tunnel must not hold shutdown up.
+    let mut open = within("connect through the tunnel", TcpStream::connect(w.v4()))
+        .await
+        .expect("connect through the tunnel");
+    open.write_all(b"x").await.expect("write");
+    let mut one = [0u8; 1];
+    within(
+        "echo through the open connection",
+        open.read_exact(&mut one),
+    )
+    .await
+    .expect("read");
+    assert_eq!(one, [255 - b'x']);
+
+    w.tunnel.stop().await;
+    assert!(gone(master), "ssh master {master} outlived tunnel-svc");
+    let leftovers = ssh_children(pid);
+    assert!(leftovers.is_empty(), "ssh children left: {leftovers:?}");
+    let marker = format!("porthole-{pid}/");
+    let leftovers = processes_mentioning(&marker);
+    assert!(
+        leftovers.is_empty(),
+        "processes still using tunnel-svc's sockets: {leftovers:?}"
+    );
+    assert!(!runtime.exists(), "{} removed", runtime.display());
+    assert!(host_port_free(w.port), "host port {} is free again", w.port);
+    let mut rest = Vec::new();
+    let closed = within("the open connection to end", open.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_err() || rest.is_empty(),
+        "the connection ended with tunnel-svc"
+    );
+    eprintln!(
+        "{} took {:.1}s",
+        test_name(),
+        started.elapsed().as_secs_f64()
+    );
+}
