@@ -76,6 +76,11 @@ impl<T: Clone> Fanout<T> {
         }
     }
 
+    /// Forgets subscribers whose stream has gone away.
+    pub fn prune(&mut self) {
+        self.subscribers.retain(|s| !s.tx.is_closed());
+    }
+
     pub fn any_behind(&self) -> bool {
         self.subscribers.iter().any(|s| s.behind)
     }

@@ -25,6 +25,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+const HEALTH: &str = "grpc.health.v1.Health";
+
 /// What a service puts on its port.
 pub struct App {
     /// The service's own gRPC services.
@@ -51,10 +53,16 @@ pub async fn serve(
             .set_service_status(*name, ServingStatus::Serving)
             .await;
     }
+    // List only what this port serves (the descriptor set holds every
+    // porthole service); symbols of the others still resolve.
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        app.grpc_names.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name(HEALTH),
+            |b, name| b.with_service_name(*name),
+        )
     };
     let routes = app
         .grpc

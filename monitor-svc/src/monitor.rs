@@ -23,6 +23,8 @@ pub const SUBSCRIBER_QUEUE: usize = 256;
 /// How often a subscriber that fell behind is checked for room for its
 /// fresh snapshot.
 const RESYNC_CHECK: Duration = Duration::from_millis(100);
+/// How often subscribers that went away are forgotten when no event does it.
+const HOUSEKEEPING: Duration = Duration::from_secs(5);
 
 pub type WatchItem = Result<WatchEventsResponse, Status>;
 
@@ -247,6 +249,9 @@ impl Monitor {
                 None => return,
             },
         }
+        // Notices subscribers that went away while nothing happened.
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut resync = tokio::time::interval(RESYNC_CHECK);
         resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -262,6 +267,10 @@ impl Monitor {
                     }
                 },
                 _ = resync.tick(), if lagging => self.resync_waiting(),
+                _ = housekeeping.tick() => {
+                    self.subscribers.prune();
+                    self.count_subscribers();
+                }
             }
         }
         self.subscribers.close(Status::unavailable(
