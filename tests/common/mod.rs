@@ -902,3 +902,249 @@ pub fn which(name: &str) -> Option<PathBuf> {
             .find(|p| p.is_file())
     })
 }
+
+// ---------------------------------------------------------------------------
+// tunnel-svc on the host
+
+use porthole::pb::v1::tunnel_admin_client::TunnelAdminClient;
+use porthole::pb::v1::{ListTunnelsRequest, Tunnel, TunnelState};
+
+/// The real tunnel-svc binary (or `tunnel-svc gate ...`) running on the
+/// host, where its tunnels listen, with its log kept among a namespace's
+/// logs. Dropping it kills it (SIGKILL); [`TunnelProc::terminate`] stops it
+/// the way a user does and returns the exit status.
+pub struct TunnelProc {
+    proc: Proc,
+    admin: SocketAddr,
+    token: Option<porthole::auth::Token>,
+    channel: Channel,
+}
+
+impl TunnelProc {
+    /// Starts `tunnel-svc ARGS...` plus, unless ARGS set them, `--admin
+    /// 127.0.0.1:0` (the kernel picks a free port; it is read back from the
+    /// log), `--log-format json` and `--log-level info,tunnel_svc=debug`.
+    /// Returns once the admin API listens. With `--token-file F` in ARGS,
+    /// every call made through [`TunnelProc::request`] carries that token.
+    /// The caller's `PORTHOLE_*` variables are not passed on.
+    pub async fn start(ns: &Netns, args: &[&str]) -> TunnelProc {
+        let flag = |name: &str| -> Option<String> {
+            args.iter().enumerate().find_map(|(i, a)| {
+                if *a == name {
+                    args.get(i + 1).map(|v| v.to_string())
+                } else {
+                    a.strip_prefix(name)
+                        .and_then(|rest| rest.strip_prefix('='))
+                        .map(str::to_string)
+                }
+            })
+        };
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let admin_flag = flag("--admin");
+        if admin_flag.is_none() {
+            all.extend(["--admin".into(), "127.0.0.1:0".into()]);
+        }
+        if flag("--log-format").is_none() {
+            all.extend(["--log-format".into(), "json".into()]);
+        }
+        if flag("--log-level").is_none() {
+            all.extend(["--log-level".into(), "info,tunnel_svc=debug".into()]);
+        }
+        // A fixed --admin is polled; port 0 is read back from the log.
+        let fixed: Option<SocketAddr> = admin_flag
+            .as_deref()
+            .map(|a| a.parse().expect("--admin is a socket address"))
+            .filter(|a: &SocketAddr| a.port() != 0);
+        let token = flag("--token-file").map(|path| {
+            porthole::auth::Token::from_file(Path::new(&path))
+                .unwrap_or_else(|e| panic!("--token-file {path}: {e}"))
+        });
+        let mut cmd = Command::new(binary("tunnel-svc"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PORTHOLE_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.args(&all).stdin(Stdio::null()).env("NO_COLOR", "1");
+        let mut proc = ns.spawn_command("tunnel-svc", cmd);
+        let deadline = Instant::now() + DEADLINE;
+        let admin = loop {
+            if let Some(addr) = logged_admin_addr(&proc.log()) {
+                break addr;
+            }
+            if let Some(addr) = fixed {
+                if std::net::TcpStream::connect_timeout(&addr, POLL * 10).is_ok() {
+                    break addr;
+                }
+            }
+            if let Some(status) = proc.try_wait() {
+                panic!(
+                    "tunnel-svc {all:?} exited during start-up ({status}):\n{}",
+                    proc.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tunnel-svc {all:?} did not listen on its admin address within {DEADLINE:?}:\n{}",
+                proc.log()
+            );
+            tokio::time::sleep(POLL).await;
+        };
+        let channel = Channel::from_shared(format!("http://{admin}"))
+            .expect("valid url")
+            .connect_timeout(DEADLINE)
+            .connect_lazy();
+        TunnelProc {
+            proc,
+            admin,
+            token,
+            channel,
+        }
+    }
+
+    /// Where the admin API answers.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+
+    /// A `TunnelAdmin` client on the shared connection. Calls need
+    /// [`TunnelProc::request`] for the token, and [`within`] against hangs.
+    pub fn client(&self) -> TunnelAdminClient<Channel> {
+        TunnelAdminClient::new(self.channel.clone())
+    }
+
+    /// `msg` as a request carrying the token, if the service has one.
+    pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(token) = &self.token {
+            token.authorize(&mut req);
+        }
+        req
+    }
+
+    /// ListTunnels (with the token), or its error.
+    pub async fn try_tunnels(&self) -> Result<Vec<Tunnel>, tonic::Status> {
+        let mut client = self.client();
+        let req = self.request(ListTunnelsRequest::default());
+        within("ListTunnels", client.list_tunnels(req))
+            .await
+            .map(|r| r.into_inner().tunnels)
+    }
+
+    /// ListTunnels, which must succeed.
+    pub async fn tunnels(&self) -> Vec<Tunnel> {
+        self.try_tunnels()
+            .await
+            .unwrap_or_else(|s| panic!("ListTunnels at {}: {s}", self.admin))
+    }
+
+    /// The tunnel `id`, if listed.
+    pub async fn tunnel(&self, id: &str) -> Option<Tunnel> {
+        self.tunnels().await.into_iter().find(|t| t.id == id)
+    }
+
+    /// Polls ListTunnels until tunnel `id` satisfies `pred`; returns it.
+    /// The panic after [`DEADLINE`] shows the last listing.
+    pub async fn wait_tunnel(
+        &self,
+        id: &str,
+        what: &str,
+        pred: impl Fn(&Tunnel) -> bool,
+    ) -> Tunnel {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let tunnels = self.tunnels().await;
+            if let Some(t) = tunnels.iter().find(|t| t.id == id && pred(t)) {
+                return t.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {DEADLINE:?} waiting for {id}: {what}; last ListTunnels: {tunnels:#?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until tunnel `id` is ACTIVE.
+    pub async fn wait_active(&self, id: &str) -> Tunnel {
+        self.wait_tunnel(id, "ACTIVE", |t| t.state == TunnelState::Active as i32)
+            .await
+    }
+
+    /// Waits until tunnel `id` is no longer listed.
+    pub async fn wait_gone(&self, id: &str) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let tunnels = self.tunnels().await;
+            if !tunnels.iter().any(|t| t.id == id) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {DEADLINE:?} waiting for {id} to go; last ListTunnels: {tunnels:#?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// SIGTERM; returns the exit status (panics if it takes over `timeout`).
+    pub async fn terminate_within(&mut self, timeout: Duration) -> ExitStatus {
+        if let Some(status) = self.proc.try_wait() {
+            return status;
+        }
+        self.proc.signal("TERM");
+        self.proc.wait_exit(timeout).await
+    }
+
+    /// SIGTERM; returns the exit status (panics if it takes over [`DEADLINE`]).
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.terminate_within(DEADLINE).await
+    }
+}
+
+/// The admin address a tunnel-svc (or gate) JSON log announces.
+pub fn logged_admin_addr(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.ends_with("admin API listening"))
+        })
+        .and_then(|v| v["addr"].as_str()?.parse().ok())
+}
+
+/// Whether the host has `::1` (tunnel-svc leaves it out if not).
+pub fn host_has_ipv6() -> bool {
+    std::net::TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok()
+}
+
+/// Whether nothing listens on `port` of the host's 127.0.0.1 (and ::1, if
+/// the host has it): both can be bound right now.
+pub fn host_port_is_free(port: u16) -> bool {
+    let v4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port));
+    v4.is_ok()
+        && (!host_has_ipv6()
+            || std::net::TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, port)).is_ok())
+}
+
+/// A port of 127.0.0.1 nothing listens on right now (bound on port 0, read
+/// and released), for an address that must be known before a process starts.
+pub fn unused_local_port() -> u16 {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}

@@ -46,6 +46,37 @@ enum Cmd {
         #[arg(long)]
         port: u16,
     },
+    /// SSH egress gate: relay each upstream declared in --config, listening
+    /// on that upstream's own port (a port in a git URL overrides
+    /// ~/.ssh/config, so it must match). Forwards show in ListTunnels.
+    Gate(GateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct GateArgs {
+    /// Upstreams, .toml or .json: `[[upstream]]` tables of host (the
+    /// sandbox's ssh alias), hostname and port (default 22).
+    #[arg(long, env = "PORTHOLE_GATE_CONFIG", value_name = "FILE")]
+    config: PathBuf,
+    /// Print the ssh config Host blocks that send each alias through the
+    /// gate at GATE_HOST (as the sandbox reaches it), then exit.
+    #[arg(long, value_name = "GATE_HOST")]
+    print_ssh_config: Option<String>,
+    /// Address the forwards listen on, each on its upstream's port. Repeatable.
+    #[arg(long = "listen", value_name = "ADDR", default_value = "0.0.0.0")]
+    listen: Vec<IpAddr>,
+    /// Address of the admin gRPC API (and /healthz, /metrics).
+    #[arg(long, env = "PORTHOLE_ADMIN", default_value = "127.0.0.1:7071")]
+    admin: SocketAddr,
+    /// File holding a bearer token required on the admin API.
+    #[arg(long, env = "PORTHOLE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Log level or tracing filter.
+    #[arg(long, env = "PORTHOLE_LOG", default_value = "info")]
+    log_level: String,
+    /// Log format: text or json.
+    #[arg(long, env = "PORTHOLE_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(clap::Args, Debug)]
@@ -123,7 +154,9 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {e:#}");
-            let config = e.downcast_ref::<config::ConfigError>().is_some();
+            let config = e.downcast_ref::<config::ConfigError>().is_some()
+                || e.downcast_ref::<tunnel_svc::gate::LoadError>().is_some()
+                || e.downcast_ref::<tunnel_svc::gate::GateError>().is_some();
             std::process::ExitCode::from(if config { EXIT_CONFIG as u8 } else { 1 })
         }
     }
@@ -145,6 +178,7 @@ async fn real_main() -> anyhow::Result<()> {
             tunnel_svc::demo::run(tunnel_svc::demo::DemoArgs { port, admin, once }, shutdown).await
         }
         Some(Cmd::DemoServer { port }) => tunnel_svc::demo::serve_sample(port).await,
+        Some(Cmd::Gate(args)) => gate(args).await,
         None => run(cli.run).await,
     }
 }
@@ -186,6 +220,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on --admin {}", args.admin))?;
     tunnel_svc::run(admin, opts, shutdown).await
+}
+
+/// `tunnel-svc gate`: the whole config is checked before anything listens.
+async fn gate(args: GateArgs) -> anyhow::Result<()> {
+    use tunnel_svc::gate;
+    let upstreams = gate::load(&args.config)?;
+    if let Some(host) = args.print_ssh_config {
+        print!("{}", gate::ssh_config(&upstreams, &host)?);
+        return Ok(());
+    }
+    gate::check_admin(&upstreams, &args.listen, args.admin)?;
+    porthole::telemetry::init(&args.log_level, args.log_format).map_err(anyhow::Error::msg)?;
+    let token = read_token(args.token_file.as_deref())?;
+    let shutdown = porthole::shutdown::on_signal()?;
+    let admin = tokio::net::TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("cannot listen on --admin {}", args.admin))?;
+    let opts = gate::Options {
+        upstreams,
+        listen: args.listen,
+        token,
+    };
+    gate::run(admin, opts, shutdown).await
 }
 
 #[cfg(test)]

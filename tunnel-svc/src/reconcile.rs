@@ -31,6 +31,8 @@ pub enum AdminError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Precondition(String),
 }
 
 impl From<AdminError> for Status {
@@ -38,6 +40,7 @@ impl From<AdminError> for Status {
         match e {
             AdminError::NotFound(_) => Status::not_found(e.to_string()),
             AdminError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            AdminError::Precondition(_) => Status::failed_precondition(e.to_string()),
         }
     }
 }
@@ -127,6 +130,9 @@ impl Entry {
         t.total_connections = self.stats.total.load(Relaxed);
         t.bytes_in = self.stats.bytes_in.load(Relaxed);
         t.bytes_out = self.stats.bytes_out.load(Relaxed);
+        if t.error.is_empty() {
+            t.error = self.stats.last_error().unwrap_or_default();
+        }
         t
     }
 
@@ -157,6 +163,9 @@ pub struct Reconciler {
     closed: BTreeSet<String>,
     /// Manual tunnels: id → (target, container port, wanted host port).
     manual: BTreeMap<String, (String, u16, u16)>,
+    /// Static tunnels (the egress gate's): id → (target, port). Always
+    /// wanted; no skip list, cap or admin close applies to them.
+    statics: BTreeMap<String, (String, u16)>,
     subscribers: Vec<Subscriber>,
     commands: mpsc::Sender<Command>,
     generation: u64,
@@ -166,6 +175,18 @@ pub struct Reconciler {
 pub fn spawn(
     specs: Vec<TargetSpec>,
     opts: Options,
+    shutdown: CancellationToken,
+) -> (mpsc::Sender<Command>, JoinHandle<()>) {
+    spawn_with_statics(specs, opts, Vec::new(), shutdown)
+}
+
+/// [`spawn`], plus static tunnels `(target, port)` that exist from the
+/// start whatever the watchers report (origin EGRESS, host port = port):
+/// the egress gate's forwards.
+pub fn spawn_with_statics(
+    specs: Vec<TargetSpec>,
+    opts: Options,
+    statics: Vec<(String, u16)>,
     shutdown: CancellationToken,
 ) -> (mpsc::Sender<Command>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(256);
@@ -188,6 +209,10 @@ pub fn spawn(
         entries: BTreeMap::new(),
         closed: BTreeSet::new(),
         manual: BTreeMap::new(),
+        statics: statics
+            .into_iter()
+            .map(|(target, port)| (tunnel_id(&target, port), (target, port)))
+            .collect(),
         subscribers: Vec::new(),
         commands: tx.clone(),
         generation: 0,
@@ -199,6 +224,8 @@ impl Reconciler {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, shutdown: CancellationToken) {
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Static tunnels need no watcher to appear.
+        self.reconcile();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -321,6 +348,7 @@ impl Reconciler {
             for (&port, listeners) in &t.ports {
                 let id = tunnel_id(name, port);
                 if self.manual.contains_key(&id)
+                    || self.statics.contains_key(&id)
                     || port == t.monitor_port
                     || self.opts.skip.contains(port)
                     || self.closed.contains(&id)
@@ -350,6 +378,12 @@ impl Reconciler {
                 Want::new(target, *port, *host_port, Origin::Manual, listeners),
             );
         }
+        for (id, (target, port)) in &self.statics {
+            want.insert(
+                id.clone(),
+                Want::new(target, *port, *port, Origin::Egress, &[]),
+            );
+        }
         want
     }
 
@@ -359,8 +393,8 @@ impl Reconciler {
             .entries
             .iter()
             .filter(|(id, e)| {
-                !desired.contains_key(*id)
-                    && !(e.state() == TunnelState::Closed && self.closed.contains(*id))
+                let kept_closed = e.state() == TunnelState::Closed && self.closed.contains(*id);
+                !desired.contains_key(*id) && !kept_closed
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -456,6 +490,7 @@ impl Reconciler {
                     tunnel::serve(
                         listeners,
                         backend.clone(),
+                        &want.target,
                         want.port,
                         entry.stats.clone(),
                         cancel.clone(),
@@ -490,10 +525,17 @@ impl Reconciler {
                     );
                     None
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Some(format!(
-                    "host port {} is busy (--on-conflict=fail)",
-                    want.host_port
-                )),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    Some(if want.origin == Origin::Egress {
+                        format!(
+                            "port {} is busy: the gate must listen on the upstream's own port \
+                             (a port in a git URL overrides the ssh config's), so it waits for it",
+                            want.host_port
+                        )
+                    } else {
+                        format!("host port {} is busy (--on-conflict=fail)", want.host_port)
+                    })
+                }
                 Err(e) => Some(format!(
                     "cannot listen on host port {}: {e}",
                     want.host_port
@@ -518,6 +560,11 @@ impl Reconciler {
     }
 
     fn close(&mut self, id: &str) -> Result<Tunnel, AdminError> {
+        if self.statics.contains_key(id) {
+            return Err(AdminError::Precondition(format!(
+                "{id} cannot be closed: egress forwards come from the gate config"
+            )));
+        }
         let e = self
             .entries
             .get_mut(id)
@@ -529,7 +576,14 @@ impl Reconciler {
         e.info.state = TunnelState::Closed as i32;
         let view = e.view();
         tracing::info!(id = %id, "tunnel closed by admin");
-        if self.manual.remove(id).is_some() {
+        // A manual tunnel of a port open in the container stays closed like
+        // an automatic one: forgetting it would bring the automatic tunnel
+        // straight back.
+        let open_inside = self
+            .targets
+            .get(&view.target)
+            .is_some_and(|t| t.ports.contains_key(&(view.container_port as u16)));
+        if self.manual.remove(id).is_some() && !open_inside {
             self.entries.remove(id);
             self.publish_removed(view.clone());
         } else {
@@ -569,6 +623,11 @@ impl Reconciler {
             return Err(AdminError::Invalid(format!(
                 "no target {target:?}; targets are {}",
                 names.join(", ")
+            )));
+        }
+        if self.statics.values().any(|(t, _)| *t == target) {
+            return Err(AdminError::Precondition(format!(
+                "{target:?} is an egress gate upstream: its forwards come from the gate config"
             )));
         }
         let port = u16::try_from(container_port)

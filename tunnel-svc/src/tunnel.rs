@@ -5,7 +5,7 @@ use crate::backend::Backend;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +18,31 @@ pub struct Stats {
     pub bytes_in: AtomicU64,
     /// Container → host client.
     pub bytes_out: AtomicU64,
+    /// Why the latest connection failed, until one gets through again:
+    /// an ACTIVE tunnel whose far end is unreachable says so.
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl Stats {
+    /// A connection failed; ListTunnels shows why.
+    pub fn set_error(&self, why: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    /// A backend reached the far end: the last failure no longer holds.
+    pub fn connected(&self) {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Binds `port` on every address, or none: a port counts as free only if
@@ -73,17 +98,20 @@ pub fn allocate(addrs: &[IpAddr], wanted: u16, next: bool) -> io::Result<(u16, V
 }
 
 /// Accepts connections on `listeners` until `cancel`, carrying each one to
-/// `container_port` through `backend`. Cancelling also ends the
+/// `container_port` of `target` through `backend`. Cancelling also ends the
 /// connections in flight; the listeners are closed when this returns.
 pub fn serve(
     listeners: Vec<TcpListener>,
     backend: Arc<Backend>,
+    target: &str,
     container_port: u16,
     stats: Arc<Stats>,
     cancel: CancellationToken,
 ) {
+    let target: Arc<str> = target.into();
     for listener in listeners {
         let (backend, stats, cancel) = (backend.clone(), stats.clone(), cancel.clone());
+        let target = target.clone();
         tokio::spawn(async move {
             loop {
                 let (conn, peer) = tokio::select! {
@@ -100,12 +128,14 @@ pub fn serve(
                 stats.active.fetch_add(1, Relaxed);
                 stats.total.fetch_add(1, Relaxed);
                 let (backend, stats, cancel) = (backend.clone(), stats.clone(), cancel.clone());
+                let target = target.clone();
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = cancel.cancelled() => {}
                         result = backend.carry(conn, container_port, &stats) => {
                             if let Err(e) = result {
-                                tracing::info!(%peer, port = container_port, error = %e, "connection ended with an error");
+                                tracing::warn!(target = %target, %peer, port = container_port, error = %e, "connection failed");
+                                stats.set_error(format!("last connection failed: {e}"));
                             }
                         }
                     }

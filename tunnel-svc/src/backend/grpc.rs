@@ -42,6 +42,8 @@ impl Grpc {
             }) => {}
             _ => return Err(CarryError::Other("monitor did not confirm the dial".into())),
         }
+        // The far end is reached: an earlier failure no longer holds.
+        stats.connected();
         porthole::relay::pump(conn, inbound, tx, |f| f, &stats.bytes_in, &stats.bytes_out).await?;
         Ok(())
     }

@@ -1,0 +1,1470 @@
+//! tunnel-svc end to end: monitor-svc inside a network namespace (the
+//! "container"), the real tunnel-svc binary on the host, real servers inside
+//! opened and closed by real processes, and every check made the way a user
+//! would make it: connecting to localhost:PORT on the host, the admin API,
+//! `tunnel-svc ls/close` and grpcurl.
+//!
+//! Each test makes its own namespace(s). Tunnels listen on the host's
+//! loopback, so each test leases its own block of container ports (see
+//! [`ports`]), and tests run in parallel, even with another run of this
+//! file on the same host.
+
+mod common;
+
+use common::{
+    binary, comm, host_has_ipv6, host_port_is_free, require_root, skip_or_fail, unused_local_port,
+    wait_for, which, within, MonitorProc, Netns, Proc, TunnelProc, DEADLINE,
+};
+use porthole::pb::v1::{
+    relay_client::RelayClient, relay_frame::Kind as FrameKind, Backend as PbBackend,
+    CloseTunnelRequest, DialRequest, ListTunnelsRequest, OpenTunnelRequest, Origin, Protocol,
+    RelayFrame, Tunnel, TunnelState, TunnelUpdate, WatchTunnelsRequest,
+};
+use std::collections::BTreeSet;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::Output;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tonic::{Code, Streaming};
+
+// ---------------------------------------------------------------------------
+// Ports
+
+/// Consecutive ports one test may use inside its containers (and so on the
+/// host, where tunnels take the same numbers).
+const BLOCK: u16 = 50;
+/// Blocks lie in 20000..30000: below the kernel's ephemeral range, so no
+/// outgoing connection ever takes one of their ports.
+const FIRST_PORT: u16 = 20000;
+const BLOCKS: u16 = 200;
+/// A block is leased by listening on its first port at this address: any
+/// test (of this run, or of another run on the same host) that wants it
+/// finds it taken and moves on to the next. Tunnels bind 127.0.0.1 and ::1
+/// only, so the lease never gets in their way.
+const LEASE_ADDR: Ipv4Addr = Ipv4Addr::new(127, 0, 77, 1);
+
+/// The port block of one test, leased until dropped.
+struct Ports {
+    base: u16,
+    _lease: std::net::TcpListener,
+}
+
+/// Leases a block of [`BLOCK`] ports free on the host's loopback for test
+/// number `test`: preferably `21000 + 100 * test` (the upper half for the
+/// direct backend), or the next block nobody holds.
+fn ports(test: u16, backend: Backend) -> Ports {
+    let preferred = 20
+        + 2 * test
+        + match backend {
+            Backend::Grpc => 0,
+            Backend::Direct => 1,
+        };
+    for i in 0..BLOCKS {
+        let base = FIRST_PORT + ((preferred + i) % BLOCKS) * BLOCK;
+        let Ok(lease) = std::net::TcpListener::bind((LEASE_ADDR, base)) else {
+            continue;
+        };
+        if (base..base + BLOCK).all(host_port_is_free) {
+            return Ports {
+                base,
+                _lease: lease,
+            };
+        }
+    }
+    panic!(
+        "no free block of {BLOCK} ports in {FIRST_PORT}..{}",
+        FIRST_PORT + BLOCKS * BLOCK
+    );
+}
+
+fn v4(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+}
+
+fn v6(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)
+}
+
+fn id(port: u16) -> String {
+    format!("default:tcp:{port}")
+}
+
+fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("<unnamed>")
+        .to_string()
+}
+
+// ---------------------------------------------------------------------------
+// Backends
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Grpc,
+    Direct,
+}
+
+impl Backend {
+    fn flag(self) -> &'static str {
+        match self {
+            Backend::Grpc => "grpc",
+            Backend::Direct => "direct",
+        }
+    }
+
+    fn kind(self) -> i32 {
+        match self {
+            Backend::Grpc => PbBackend::Grpc as i32,
+            Backend::Direct => PbBackend::Direct as i32,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A server inside the container
+
+/// A small TCP server: the first line of a connection is a command.
+/// `ping` → `pong LABEL`; `echo` → every byte back as it comes, then after
+/// the client's half-close `END <count>`; `source N` → `N CRC32` and N
+/// random bytes; `hold` → `holding`, then nothing until the client goes.
+const SERVER_PY: &str = r#"
+import random, socket, sys, threading, zlib
+addr, port, label = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if family == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind((addr, port))
+s.listen(64)
+print("ready", flush=True)
+
+def serve(c):
+    with c:
+        buf = b""
+        while b"\n" not in buf:
+            d = c.recv(65536)
+            if not d:
+                return
+            buf += d
+        line, rest = buf.split(b"\n", 1)
+        cmd = line.split()
+        if cmd[0] == b"ping":
+            c.sendall(b"pong " + label + b"\n")
+        elif cmd[0] == b"echo":
+            n = len(rest)
+            c.sendall(rest)
+            while True:
+                d = c.recv(1 << 18)
+                if not d:
+                    break
+                c.sendall(d)
+                n += len(d)
+            c.sendall(b"END %d\n" % n)
+        elif cmd[0] == b"source":
+            data = random.randbytes(int(cmd[1]))
+            c.sendall(b"%d %d\n" % (len(data), zlib.crc32(data)))
+            c.sendall(data)
+        elif cmd[0] == b"hold":
+            c.sendall(b"holding\n")
+            while c.recv(65536):
+                pass
+
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// [`SERVER_PY`] running inside a namespace. Dropping it (or
+/// [`Server::close`]) kills it, which closes its port.
+struct Server {
+    proc: Proc,
+}
+
+impl Server {
+    /// Listens on `addr:port` (`::` is dual-stack) and answers `ping` with
+    /// `pong LABEL`; returns once it listens.
+    async fn start(ns: &Netns, addr: &str, port: u16, label: &str) -> Server {
+        let mut cmd = ns.command("python3");
+        cmd.args(["-u", "-c", SERVER_PY, addr, &port.to_string(), label])
+            .stdin(std::process::Stdio::null());
+        let mut proc = ns.spawn_command(&format!("server-{port}"), cmd);
+        let deadline = Instant::now() + DEADLINE;
+        while !proc.log().contains("ready") {
+            if let Some(status) = proc.try_wait() {
+                panic!(
+                    "server {addr} port {port} exited ({status}):\n{}",
+                    proc.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server {addr} port {port} not ready:\n{}",
+                proc.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Server { proc }
+    }
+
+    /// A dual-stack server on every address of the namespace.
+    async fn any(ns: &Netns, port: u16) -> Server {
+        Server::start(ns, "::", port, "srv").await
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Closes the port: kills the server and waits until it is gone.
+    fn close(mut self) {
+        self.proc.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clients on the host
+
+/// Sends `request`, half-closes, and reads the answer to its end.
+async fn exchange(addr: SocketAddr, request: &[u8]) -> io::Result<Vec<u8>> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut r, mut w) = stream.into_split();
+    let send = async {
+        w.write_all(request).await?;
+        w.shutdown().await?;
+        Ok::<_, io::Error>(w)
+    };
+    let mut got = Vec::with_capacity(request.len() + 64);
+    let (sent, read) = tokio::join!(send, r.read_to_end(&mut got));
+    sent?;
+    read?;
+    Ok(got)
+}
+
+/// `ping` through `addr`; the server's answer (`pong LABEL`), or the error.
+async fn try_ping(addr: SocketAddr) -> io::Result<String> {
+    let got = tokio::time::timeout(DEADLINE, exchange(addr, b"ping\n"))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "ping timed out"))??;
+    let text = String::from_utf8_lossy(&got).trim_end().to_string();
+    if text.starts_with("pong ") {
+        Ok(text)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("no pong, got {text:?}"),
+        ))
+    }
+}
+
+/// `ping` that must succeed; returns the label of the server that answered.
+async fn ping(addr: SocketAddr) -> String {
+    let pong = try_ping(addr)
+        .await
+        .unwrap_or_else(|e| panic!("ping through {addr}: {e}"));
+    pong["pong ".len()..].to_string()
+}
+
+/// Deterministic bytes that never repeat in a short period (xorshift64).
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// CRC-32 (IEEE, as Python's `zlib.crc32`).
+fn crc32(data: &[u8]) -> u32 {
+    let mut table = [0u32; 256];
+    for (i, slot) in table.iter_mut().enumerate() {
+        let mut c = i as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+        *slot = c;
+    }
+    let mut crc = !0u32;
+    for &b in data {
+        crc = table[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+/// Where two byte strings first differ, for a readable failure.
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or_else(|| (a.len() != b.len()).then(|| a.len().min(b.len())))
+}
+
+/// Sends `echo` and `data` through `addr` while reading the echo, then
+/// half-closes; the server answers `END <count>` after that. Returns the
+/// bytes sent and received.
+async fn echo_through(addr: SocketAddr, data: &[u8]) -> (u64, u64) {
+    let mut request = b"echo\n".to_vec();
+    request.extend_from_slice(data);
+    let got = within(
+        &format!("echo of {} bytes through {addr}", data.len()),
+        exchange(addr, &request),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("echo through {addr}: {e}"));
+    let trailer = format!("END {}\n", data.len());
+    assert_eq!(
+        got.len(),
+        data.len() + trailer.len(),
+        "echo through {addr}: answer length (sent {} bytes)",
+        data.len()
+    );
+    let (body, tail) = got.split_at(data.len());
+    assert!(
+        body == data,
+        "echo through {addr}: the bytes came back corrupted, first difference at {:?}",
+        first_difference(body, data)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(tail),
+        trailer,
+        "the server answers after the client's half-close"
+    );
+    (request.len() as u64, got.len() as u64)
+}
+
+/// Asks the server for `n` random bytes through `addr` and checks them
+/// against the CRC it announces first. Returns the bytes sent and received.
+async fn source_through(addr: SocketAddr, n: usize) -> (u64, u64) {
+    let request = format!("source {n}\n");
+    let got = within(
+        &format!("{n} bytes from the server through {addr}"),
+        exchange(addr, request.as_bytes()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("source through {addr}: {e}"));
+    let eol = got
+        .iter()
+        .position(|b| *b == b'\n')
+        .unwrap_or_else(|| panic!("no header line in {} bytes from {addr}", got.len()));
+    let header = String::from_utf8_lossy(&got[..eol]).to_string();
+    let data = &got[eol + 1..];
+    let (len, crc) = header
+        .split_once(' ')
+        .and_then(|(l, c)| Some((l.parse::<usize>().ok()?, c.parse::<u32>().ok()?)))
+        .unwrap_or_else(|| panic!("bad header {header:?}"));
+    assert_eq!(
+        (len, data.len()),
+        (n, n),
+        "bytes from the server via {addr}"
+    );
+    assert_eq!(
+        crc32(data),
+        crc,
+        "the bytes from the server via {addr} are corrupted"
+    );
+    (request.len() as u64, got.len() as u64)
+}
+
+/// Waits until the host port is free on 127.0.0.1 and ::1 (the listeners
+/// of a removed tunnel close a moment after ListTunnels drops it).
+fn wait_port_free(port: u16) {
+    wait_for(&format!("host port {port} free"), DEADLINE, || {
+        host_port_is_free(port)
+    });
+}
+
+fn state(t: &Tunnel) -> TunnelState {
+    TunnelState::try_from(t.state).unwrap_or(TunnelState::Unspecified)
+}
+
+fn is_active(t: &Tunnel) -> bool {
+    state(t) == TunnelState::Active
+}
+
+/// `(id, state, host_port)` of each tunnel, to compare listings.
+fn summary(tunnels: &[Tunnel]) -> Vec<(String, TunnelState, u32)> {
+    tunnels
+        .iter()
+        .map(|t| (t.id.clone(), state(t), t.host_port))
+        .collect()
+}
+
+fn ids(tunnels: &[Tunnel]) -> BTreeSet<String> {
+    tunnels.iter().map(|t| t.id.clone()).collect()
+}
+
+async fn next_update(stream: &mut Streaming<TunnelUpdate>) -> TunnelUpdate {
+    match within("the next WatchTunnels update", stream.message()).await {
+        Ok(Some(u)) => u,
+        other => panic!("expected a TunnelUpdate, got {other:?}"),
+    }
+}
+
+async fn watch(tunnel: &TunnelProc) -> Streaming<TunnelUpdate> {
+    let req = tunnel.request(WatchTunnelsRequest {});
+    within("WatchTunnels", tunnel.client().watch_tunnels(req))
+        .await
+        .expect("WatchTunnels")
+        .into_inner()
+}
+
+/// Runs `tunnel-svc ARGS` (a CLI command) to its end.
+async fn run_cli(args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(binary("tunnel-svc"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PORTHOLE_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.args(args)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    within(&format!("tunnel-svc {args:?}"), cmd.output())
+        .await
+        .expect("run tunnel-svc")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+// ---------------------------------------------------------------------------
+// Set-up
+
+/// A namespace with monitor-svc inside and tunnel-svc on the host following
+/// it. Fields drop in order: tunnel-svc first, the namespace last.
+struct World {
+    tunnel: TunnelProc,
+    monitor: MonitorProc,
+    ns: Netns,
+}
+
+impl World {
+    /// tunnel-svc with `--backend BACKEND` and `extra` flags.
+    async fn start(backend: Backend, extra: &[&str]) -> World {
+        let ns = Netns::new();
+        let monitor = MonitorProc::start(&ns, &[]).await;
+        let tunnel = start_tunnel(&ns, &monitor, backend, extra).await;
+        World {
+            tunnel,
+            monitor,
+            ns,
+        }
+    }
+}
+
+async fn start_tunnel(
+    ns: &Netns,
+    monitor: &MonitorProc,
+    backend: Backend,
+    extra: &[&str],
+) -> TunnelProc {
+    let url = monitor.url();
+    let mut args = vec!["--monitor", url.as_str(), "--backend", backend.flag()];
+    args.extend_from_slice(extra);
+    TunnelProc::start(ns, &args).await
+}
+
+// ---------------------------------------------------------------------------
+// 1. A port opened inside is reachable at the same port on the host
+
+async fn reachable_then_gone(backend: Backend) {
+    if !require_root() {
+        return;
+    }
+    let block = ports(0, backend);
+    let port = block.base;
+    let w = World::start(backend, &[]).await;
+    let server = Server::any(&w.ns, port).await;
+    let t = w.tunnel.wait_active(&id(port)).await;
+    assert_eq!(t.target, "default");
+    assert_eq!(t.protocol, Protocol::Tcp as i32);
+    assert_eq!((t.container_port, t.host_port), (port.into(), port.into()));
+    assert_eq!(t.origin, Origin::Auto as i32, "{t:?}");
+    assert_eq!(t.backend, backend.kind(), "{t:?}");
+    assert!(t.error.is_empty(), "no error on a clean tunnel: {t:?}");
+    assert!(t.opened_at.is_some(), "{t:?}");
+    let process = t.process.clone().expect("the server's process is known");
+    assert_eq!(process.pid, server.pid(), "{t:?}");
+    assert_eq!(process.name, comm(server.pid()), "{t:?}");
+    let addrs: BTreeSet<&str> = t.host_addresses.iter().map(String::as_str).collect();
+    assert!(addrs.contains(v4(port).to_string().as_str()), "{t:?}");
+
+    assert_eq!(ping(v4(port)).await, "srv", "through 127.0.0.1:{port}");
+    if host_has_ipv6() {
+        assert!(addrs.contains(v6(port).to_string().as_str()), "{t:?}");
+        assert_eq!(ping(v6(port)).await, "srv", "through [::1]:{port}");
+    } else {
+        eprintln!("{}: the host has no ::1; IPv6 not checked", test_name());
+    }
+    let connections = if host_has_ipv6() { 2 } else { 1 };
+    let t = w
+        .tunnel
+        .wait_tunnel(&id(port), "every connection counted and done", |t| {
+            t.total_connections == connections && t.active_connections == 0
+        })
+        .await;
+    assert!(t.bytes_in > 0 && t.bytes_out > 0, "{t:?}");
+
+    server.close();
+    w.tunnel.wait_gone(&id(port)).await;
+    wait_port_free(port);
+    assert!(
+        try_ping(v4(port)).await.is_err(),
+        "nothing answers on {port} any more"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reachable_on_same_port_then_gone_grpc() {
+    reachable_then_gone(Backend::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reachable_on_same_port_then_gone_direct() {
+    reachable_then_gone(Backend::Direct).await;
+}
+
+// ---------------------------------------------------------------------------
+// 2. Data integrity: megabytes both ways, half-close, byte counters
+
+async fn data_integrity(backend: Backend) {
+    if !require_root() {
+        return;
+    }
+    const N: usize = 16 << 20;
+    let block = ports(1, backend);
+    let port = block.base;
+    let w = World::start(backend, &[]).await;
+    let _server = Server::start(&w.ns, "0.0.0.0", port, "srv").await;
+    w.tunnel.wait_active(&id(port)).await;
+
+    let data = pattern(N);
+    let started = Instant::now();
+    let (in1, out1) = echo_through(v4(port), &data).await;
+    let echo_time = started.elapsed();
+    let via = if host_has_ipv6() { v6(port) } else { v4(port) };
+    let (in2, out2) = source_through(via, N).await;
+    eprintln!(
+        "{}: 2 x 16 MiB echoed in {:.2}s, total {:.2}s",
+        test_name(),
+        echo_time.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    let (want_in, want_out) = (in1 + in2, out1 + out2);
+    w.tunnel
+        .wait_tunnel(
+            &id(port),
+            &format!("bytes_in {want_in}, bytes_out {want_out}, 2 connections done"),
+            |t| {
+                t.bytes_in == want_in
+                    && t.bytes_out == want_out
+                    && t.total_connections == 2
+                    && t.active_connections == 0
+            },
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_mib_both_ways_intact_grpc() {
+    data_integrity(Backend::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_mib_both_ways_intact_direct() {
+    data_integrity(Backend::Direct).await;
+}
+
+// ---------------------------------------------------------------------------
+// 3. Busy host port: the next free one, or FAILED with --on-conflict fail
+
+async fn busy_host_port(backend: Backend) {
+    if !require_root() {
+        return;
+    }
+    let block = ports(2, backend);
+    let port = block.base;
+    let held = std::net::TcpListener::bind(v4(port)).expect("hold the host port");
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let _server = Server::any(&ns, port).await;
+
+    // Default: the next free port, said loudly.
+    let mut tunnel = start_tunnel(&ns, &monitor, backend, &[]).await;
+    let t = tunnel.wait_active(&id(port)).await;
+    let host = u16::try_from(t.host_port).expect("a port");
+    assert_ne!(host, port, "the busy port is not used: {t:?}");
+    assert!(host > port, "{t:?}");
+    for needle in [format!("{port} is busy"), format!("on {host}")] {
+        assert!(t.error.contains(&needle), "{needle:?} in {:?}", t.error);
+    }
+    assert_eq!(ping(v4(host)).await, "srv");
+    assert!(tunnel.terminate().await.success(), "{}", tunnel.log());
+    assert!(host_port_is_free(host), "tunnel-svc left {host} bound");
+
+    // --on-conflict fail: FAILED with the reason, nothing bound.
+    let tunnel = start_tunnel(&ns, &monitor, backend, &["--on-conflict", "fail"]).await;
+    let t = tunnel
+        .wait_tunnel(&id(port), "FAILED", |t| state(t) == TunnelState::Failed)
+        .await;
+    for needle in [format!("host port {port} is busy"), "fail".to_string()] {
+        assert!(t.error.contains(&needle), "{needle:?} in {:?}", t.error);
+    }
+    assert_eq!(t.host_port, 0, "a failed tunnel holds no host port: {t:?}");
+    assert!(host_port_is_free(port + 1), "nothing was bound elsewhere");
+    // Once the port is free, the tunnel is retried and comes up on it.
+    drop(held);
+    let t = tunnel.wait_active(&id(port)).await;
+    assert_eq!(t.host_port, u32::from(port), "{t:?}");
+    assert!(t.error.is_empty(), "the old error is gone: {t:?}");
+    assert_eq!(ping(v4(port)).await, "srv");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_host_port_grpc() {
+    busy_host_port(Backend::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_host_port_direct() {
+    busy_host_port(Backend::Direct).await;
+}
+
+// ---------------------------------------------------------------------------
+// 4. Skip list, --max-tunnels, the monitor's own port
+
+#[tokio::test(flavor = "multi_thread")]
+async fn skip_list_and_max_tunnels() {
+    if !require_root() {
+        return;
+    }
+    let block = ports(3, Backend::Grpc);
+    let base = block.base;
+    let skip = format!("{}-{}", base, base + 2);
+    let w = World::start(Backend::Grpc, &["--skip", &skip, "--max-tunnels", "2"]).await;
+    let mut servers = Vec::new();
+    for p in base..=base + 2 {
+        servers.push(Server::any(&w.ns, p).await);
+    }
+    // The highest of three first: it gets a tunnel while it is among the two lowest.
+    let (a, b, c) = (base + 10, base + 11, base + 12);
+    servers.push(Server::any(&w.ns, c).await);
+    w.tunnel.wait_active(&id(c)).await;
+    servers.push(Server::any(&w.ns, a).await);
+    servers.push(Server::any(&w.ns, b).await);
+    // The monitor saw every port before b (opened last), so once b has its
+    // tunnel the listing reflects them all.
+    w.tunnel.wait_active(&id(b)).await;
+    w.tunnel.wait_gone(&id(c)).await;
+    let listed = ids(&w.tunnel.tunnels().await);
+    assert_eq!(
+        listed,
+        [id(a), id(b)].into_iter().collect(),
+        "only the two lowest non-skipped ports; never 7070 or {skip}"
+    );
+    wait_port_free(c);
+    for p in base..=base + 2 {
+        assert!(host_port_is_free(p), "skipped port {p} bound on the host");
+    }
+    assert_eq!(ping(v4(a)).await, "srv");
+
+    // One of the two closes: the third gets its tunnel back.
+    servers.pop().expect("b").close();
+    w.tunnel.wait_active(&id(c)).await;
+    w.tunnel.wait_gone(&id(b)).await;
+}
+
+// ---------------------------------------------------------------------------
+// 5. An admin close stays closed; reopening; manual tunnels; the CLI
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_close_stays_closed_until_reopened() {
+    if !require_root() {
+        return;
+    }
+    let block = ports(4, Backend::Grpc);
+    let base = block.base;
+    let (p, q, r) = (base, base + 1, base + 2);
+    let w = World::start(Backend::Grpc, &[]).await;
+    let tunnel = &w.tunnel;
+    let server = Server::any(&w.ns, p).await;
+    tunnel.wait_active(&id(p)).await;
+
+    let closed = within(
+        "CloseTunnel",
+        tunnel
+            .client()
+            .close_tunnel(tunnel.request(CloseTunnelRequest { id: id(p) })),
+    )
+    .await
+    .expect("CloseTunnel")
+    .into_inner()
+    .tunnel
+    .expect("the closed tunnel");
+    assert_eq!(state(&closed), TunnelState::Closed, "{closed:?}");
+    let t = tunnel.tunnel(&id(p)).await.expect("still listed");
+    assert_eq!(state(&t), TunnelState::Closed, "{t:?}");
+    wait_port_free(p);
+
+    // While the port stays open inside, other ports come and go (each a
+    // monitor event and a reconcile): the closed tunnel stays closed.
+    let mut updates = watch(tunnel).await;
+    let first = next_update(&mut updates).await;
+    assert_eq!(
+        (first.tunnel.as_ref().map(state), first.removed),
+        (Some(TunnelState::Closed), false),
+        "the listing shows the closed tunnel: {first:?}"
+    );
+    for round in 0..3 {
+        let other = Server::any(&w.ns, q).await;
+        loop {
+            let u = next_update(&mut updates).await;
+            let t = u.tunnel.expect("a tunnel");
+            assert_ne!(t.id, id(p), "round {round}: the closed tunnel changed");
+            if t.id == id(q) && is_active(&t) && !u.removed {
+                break;
+            }
+        }
+        assert!(host_port_is_free(p), "round {round}: {p} is bound again");
+        other.close();
+        loop {
+            let u = next_update(&mut updates).await;
+            let t = u.tunnel.expect("a tunnel");
+            assert_ne!(t.id, id(p), "round {round}: the closed tunnel changed");
+            if t.id == id(q) && u.removed {
+                break;
+            }
+        }
+        let t = tunnel.tunnel(&id(p)).await.expect("still listed");
+        assert_eq!(state(&t), TunnelState::Closed, "round {round}: {t:?}");
+    }
+    assert!(host_port_is_free(p));
+
+    // The port closes and reopens inside: the tunnel is back.
+    server.close();
+    tunnel.wait_gone(&id(p)).await;
+    let _server = Server::any(&w.ns, p).await;
+    let t = tunnel.wait_active(&id(p)).await;
+    assert_eq!(
+        (t.host_port, t.origin),
+        (u32::from(p), Origin::Auto as i32),
+        "{t:?}"
+    );
+    assert_eq!(ping(v4(p)).await, "srv");
+
+    // The CLI: `ls` shows it, `close` closes it.
+    let admin = tunnel.admin().to_string();
+    let out = run_cli(&["ls", "--admin", &admin]).await;
+    assert!(out.status.success(), "ls: {}", text(&out.stderr));
+    let table = text(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&id(p)))
+        .unwrap_or_else(|| panic!("{} in:\n{table}", id(p)));
+    assert!(row.contains("active"), "{row}");
+    assert!(row.contains(&format!("localhost:{p}")), "{row}");
+    assert!(
+        table.lines().next().unwrap_or("").starts_with("ID"),
+        "{table}"
+    );
+    let out = run_cli(&["close", &id(p), "--admin", &admin]).await;
+    assert!(out.status.success(), "close: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&id(p)), "{}", text(&out.stdout));
+    let t = tunnel.tunnel(&id(p)).await.expect("listed");
+    assert_eq!(state(&t), TunnelState::Closed, "{t:?}");
+    wait_port_free(p);
+    let out = run_cli(&["ls", "--admin", &admin]).await;
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with(&id(p)) && l.contains("closed")),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // OpenTunnel reopens it (as a manual tunnel).
+    let opened = within(
+        "OpenTunnel",
+        tunnel
+            .client()
+            .open_tunnel(tunnel.request(OpenTunnelRequest {
+                container_port: p.into(),
+                ..Default::default()
+            })),
+    )
+    .await
+    .expect("OpenTunnel")
+    .into_inner()
+    .tunnel
+    .expect("the opened tunnel");
+    assert_eq!(opened.id, id(p));
+    assert_eq!(state(&opened), TunnelState::Active, "{opened:?}");
+    assert_eq!(opened.origin, Origin::Manual as i32, "{opened:?}");
+    assert_eq!(opened.host_port, u32::from(p), "{opened:?}");
+    assert_eq!(ping(v4(p)).await, "srv");
+
+    // Closing it again, while the port is open inside, keeps it closed.
+    within(
+        "CloseTunnel",
+        tunnel
+            .client()
+            .close_tunnel(tunnel.request(CloseTunnelRequest { id: id(p) })),
+    )
+    .await
+    .expect("CloseTunnel of the reopened tunnel");
+    let other = Server::any(&w.ns, q).await;
+    tunnel.wait_active(&id(q)).await;
+    other.close();
+    tunnel.wait_gone(&id(q)).await;
+    let t = tunnel.tunnel(&id(p)).await.expect("still listed");
+    assert_eq!(state(&t), TunnelState::Closed, "{t:?}");
+    wait_port_free(p);
+
+    // OpenTunnel with an explicit host port.
+    let _third = Server::start(&w.ns, "0.0.0.0", r, "third").await;
+    tunnel.wait_active(&id(r)).await;
+    let host = r + 20;
+    let opened = within(
+        "OpenTunnel with host_port",
+        tunnel
+            .client()
+            .open_tunnel(tunnel.request(OpenTunnelRequest {
+                target: "default".into(),
+                container_port: r.into(),
+                host_port: host.into(),
+                protocol: Protocol::Tcp as i32,
+            })),
+    )
+    .await
+    .expect("OpenTunnel with host_port")
+    .into_inner()
+    .tunnel
+    .expect("the opened tunnel");
+    assert_eq!(
+        (
+            opened.id.as_str(),
+            opened.host_port,
+            opened.origin,
+            state(&opened)
+        ),
+        (
+            id(r).as_str(),
+            u32::from(host),
+            Origin::Manual as i32,
+            TunnelState::Active
+        ),
+        "{opened:?}"
+    );
+    assert_eq!(ping(v4(host)).await, "third");
+    wait_port_free(r);
+    let listed = tunnel.tunnel(&id(r)).await.expect("listed");
+    assert_eq!(listed.host_port, u32::from(host), "{listed:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 6. A server on loopback only inside the container
+
+async fn loopback_only(backend: Backend) {
+    if !require_root() {
+        return;
+    }
+    let block = ports(5, backend);
+    let port = block.base;
+    let w = World::start(backend, &[]).await;
+    let _server = Server::start(&w.ns, "127.0.0.1", port, "lo").await;
+    match backend {
+        Backend::Grpc => {
+            w.tunnel.wait_active(&id(port)).await;
+            assert_eq!(ping(v4(port)).await, "lo");
+        }
+        Backend::Direct => {
+            let t = w
+                .tunnel
+                .wait_tunnel(&id(port), "FAILED", |t| state(t) == TunnelState::Failed)
+                .await;
+            assert!(t.error.contains("loopback"), "{t:?}");
+            assert!(host_port_is_free(port), "a failed tunnel binds nothing");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loopback_only_server_grpc_reaches_it() {
+    loopback_only(Backend::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loopback_only_server_direct_fails_and_says_why() {
+    loopback_only(Backend::Direct).await;
+}
+
+// ---------------------------------------------------------------------------
+// 7. Two targets with the same port
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_targets_same_port_both_forwarded() {
+    if !require_root() {
+        return;
+    }
+    let block = ports(6, Backend::Grpc);
+    let port = block.base;
+    let (ns_a, ns_b) = (Netns::new(), Netns::new());
+    let (mon_a, mon_b) = (
+        MonitorProc::start(&ns_a, &[]).await,
+        MonitorProc::start(&ns_b, &[]).await,
+    );
+    let (ta, tb) = (format!("a={}", mon_a.url()), format!("b={}", mon_b.url()));
+    let tunnel = TunnelProc::start(&ns_a, &["--target", &ta, "--target", &tb]).await;
+    let _sa = Server::start(&ns_a, "::", port, "in-a").await;
+    let _sb = Server::start(&ns_b, "::", port, "in-b").await;
+    let (ida, idb) = (format!("a:tcp:{port}"), format!("b:tcp:{port}"));
+    let a = tunnel.wait_active(&ida).await;
+    let b = tunnel.wait_active(&idb).await;
+    assert_eq!((a.target.as_str(), b.target.as_str()), ("a", "b"));
+    let hosts: BTreeSet<u32> = [a.host_port, b.host_port].into_iter().collect();
+    assert_eq!(hosts.len(), 2, "different host ports: {a:?} {b:?}");
+    assert!(hosts.contains(&u32::from(port)), "{a:?} {b:?}");
+    let remapped = if a.host_port == u32::from(port) {
+        &b
+    } else {
+        &a
+    };
+    assert!(
+        remapped.error.contains(&format!("{port} is busy")),
+        "{remapped:?}"
+    );
+    assert_eq!(ping(v4(a.host_port as u16)).await, "in-a");
+    assert_eq!(ping(v4(b.host_port as u16)).await, "in-b");
+
+    let only_b = within(
+        "ListTunnels target b",
+        tunnel
+            .client()
+            .list_tunnels(tunnel.request(ListTunnelsRequest { target: "b".into() })),
+    )
+    .await
+    .expect("ListTunnels")
+    .into_inner()
+    .tunnels;
+    assert_eq!(ids(&only_b), [idb].into_iter().collect(), "{only_b:?}");
+    drop(tunnel);
+}
+
+// ---------------------------------------------------------------------------
+// 8. WatchTunnels
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_tunnels_lists_then_streams_changes() {
+    if !require_root() {
+        return;
+    }
+    let block = ports(7, Backend::Grpc);
+    let base = block.base;
+    let (p, q) = (base, base + 1);
+    let w = World::start(Backend::Grpc, &[]).await;
+    let _first = Server::any(&w.ns, p).await;
+    w.tunnel.wait_active(&id(p)).await;
+
+    let mut updates = watch(&w.tunnel).await;
+    let u = next_update(&mut updates).await;
+    let t = u.tunnel.clone().expect("a tunnel");
+    assert_eq!(
+        (t.id.as_str(), state(&t), u.removed),
+        (id(p).as_str(), TunnelState::Active, false),
+        "{u:?}"
+    );
+
+    let second = Server::any(&w.ns, q).await;
+    let u = next_update(&mut updates).await;
+    let t = u.tunnel.clone().expect("a tunnel");
+    assert_eq!(
+        (t.id.as_str(), state(&t), u.removed),
+        (id(q).as_str(), TunnelState::Active, false),
+        "{u:?}"
+    );
+    assert_eq!(t.host_port, u32::from(q));
+
+    second.close();
+    let u = next_update(&mut updates).await;
+    let t = u.tunnel.clone().expect("a tunnel");
+    assert_eq!((t.id.as_str(), u.removed), (id(q).as_str(), true), "{u:?}");
+
+    within(
+        "CloseTunnel",
+        w.tunnel
+            .client()
+            .close_tunnel(w.tunnel.request(CloseTunnelRequest { id: id(p) })),
+    )
+    .await
+    .expect("CloseTunnel");
+    let u = next_update(&mut updates).await;
+    let t = u.tunnel.clone().expect("a tunnel");
+    assert_eq!(
+        (t.id.as_str(), state(&t), u.removed),
+        (id(p).as_str(), TunnelState::Closed, false),
+        "{u:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 9. The monitor dies and comes back
+
+async fn monitor_restart(backend: Backend) {
+    if !require_root() {
+        return;
+    }
+    let block = ports(8, backend);
+    let base = block.base;
+    let (keep, lose, new) = (base, base + 1, base + 2);
+    let mut w = World::start(backend, &[]).await;
+    let _kept = Server::any(&w.ns, keep).await;
+    let lost = Server::any(&w.ns, lose).await;
+    let before = w.tunnel.wait_active(&id(keep)).await;
+    w.tunnel.wait_active(&id(lose)).await;
+
+    w.monitor.proc().kill();
+    // Tunnels stay up while the monitor is down.
+    let conn = within("connect during the outage", TcpStream::connect(v4(keep)))
+        .await
+        .expect("the host listener is still bound");
+    drop(conn);
+    match backend {
+        Backend::Direct => assert_eq!(ping(v4(keep)).await, "srv", "direct needs no monitor"),
+        // The connection cannot be carried; the tunnel says why.
+        Backend::Grpc => {
+            w.tunnel
+                .wait_tunnel(&id(keep), "the failed connection reported", |t| {
+                    is_active(t) && t.error.contains("connection failed")
+                })
+                .await;
+        }
+    }
+    let listed = w.tunnel.tunnels().await;
+    for p in [keep, lose] {
+        let t = listed.iter().find(|t| t.id == id(p));
+        assert!(
+            t.is_some_and(is_active),
+            "{p} during the outage: {listed:?}"
+        );
+    }
+    // Changes during the outage.
+    lost.close();
+    let _new = Server::any(&w.ns, new).await;
+
+    let monitor = MonitorProc::start(&w.ns, &[]).await;
+    w.tunnel.wait_active(&id(new)).await;
+    w.tunnel.wait_gone(&id(lose)).await;
+    let listed = w.tunnel.tunnels().await;
+    assert_eq!(
+        ids(&listed),
+        [id(keep), id(new)].into_iter().collect(),
+        "{listed:#?}"
+    );
+    let kept: Vec<&Tunnel> = listed
+        .iter()
+        .filter(|t| t.container_port == u32::from(keep))
+        .collect();
+    assert_eq!(kept.len(), 1, "exactly one tunnel for {keep}: {listed:#?}");
+    assert_eq!(kept[0].host_port, u32::from(keep), "{:?}", kept[0]);
+    assert_eq!(
+        kept[0].opened_at, before.opened_at,
+        "the tunnel of {keep} was never torn down: {:?}",
+        kept[0]
+    );
+    assert!(is_active(kept[0]), "{:?}", kept[0]);
+    wait_port_free(lose);
+    // A duplicate of `keep` would have been remapped to the next port.
+    assert!(host_port_is_free(keep + 1), "no duplicate listener");
+    assert_eq!(ping(v4(keep)).await, "srv", "after the restart");
+    w.tunnel
+        .wait_tunnel(&id(keep), "no error once a connection gets through", |t| {
+            t.error.is_empty()
+        })
+        .await;
+    assert_eq!(ping(v4(new)).await, "srv");
+    drop(monitor);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn monitor_killed_and_restarted_grpc() {
+    monitor_restart(Backend::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn monitor_killed_and_restarted_direct() {
+    monitor_restart(Backend::Direct).await;
+}
+
+// ---------------------------------------------------------------------------
+// 10. SIGTERM
+
+async fn sigterm(backend: Backend) {
+    if !require_root() {
+        return;
+    }
+    let block = ports(9, backend);
+    let base = block.base;
+    let (p, q) = (base, base + 1);
+    let mut w = World::start(backend, &[]).await;
+    let _a = Server::any(&w.ns, p).await;
+    let _b = Server::any(&w.ns, q).await;
+    w.tunnel.wait_active(&id(p)).await;
+    w.tunnel.wait_active(&id(q)).await;
+
+    // A connection in flight and a WatchTunnels stream open.
+    let mut held = within("connect", TcpStream::connect(v4(p)))
+        .await
+        .expect("connect");
+    held.write_all(b"hold\n").await.expect("write");
+    let mut line = String::new();
+    let mut reader = BufReader::new(&mut held);
+    within("holding", reader.read_line(&mut line))
+        .await
+        .expect("read");
+    assert_eq!(line, "holding\n");
+    let mut updates = watch(&w.tunnel).await;
+    next_update(&mut updates).await;
+
+    let admin = w.tunnel.admin();
+    let status = w.tunnel.terminate_within(Duration::from_secs(5)).await;
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        w.tunnel.log()
+    );
+    for port in [p, q, admin.port()] {
+        assert!(host_port_is_free(port), "{port} still bound after exit");
+    }
+    let mut rest = Vec::new();
+    let ended = within("the held connection ends", held.read_to_end(&mut rest)).await;
+    assert!(
+        !matches!(ended, Ok(n) if n > 0),
+        "nothing more through a closed tunnel: {rest:?}"
+    );
+    // The watch stream ends (cleanly or not) instead of hanging.
+    while let Ok(Some(_)) = within("the watch stream ends", updates.message()).await {}
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_exits_0_and_frees_every_port_grpc() {
+    sigterm(Backend::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_exits_0_and_frees_every_port_direct() {
+    sigterm(Backend::Direct).await;
+}
+
+// ---------------------------------------------------------------------------
+// 11. Bad input
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_admin_requests_change_nothing() {
+    if !require_root() {
+        return;
+    }
+    let block = ports(10, Backend::Grpc);
+    let port = block.base;
+    let w = World::start(Backend::Grpc, &[]).await;
+    let tunnel = &w.tunnel;
+    let _server = Server::any(&w.ns, port).await;
+    tunnel.wait_active(&id(port)).await;
+    let before = summary(&tunnel.tunnels().await);
+
+    let close = |id: &str| {
+        let req = tunnel.request(CloseTunnelRequest { id: id.into() });
+        async move {
+            within("CloseTunnel", tunnel.client().close_tunnel(req))
+                .await
+                .expect_err("CloseTunnel must fail")
+        }
+    };
+    for (bad, code, needle) in [
+        ("default:tcp:1", Code::NotFound, "default:tcp:1"),
+        ("nope:tcp:8080", Code::NotFound, "nope:tcp:8080"),
+        ("", Code::InvalidArgument, "id"),
+    ] {
+        let status = close(bad).await;
+        assert_eq!(status.code(), code, "CloseTunnel {bad:?}: {status:?}");
+        assert!(
+            status.message().contains(needle),
+            "CloseTunnel {bad:?}: {status:?}"
+        );
+    }
+
+    let open = |req: OpenTunnelRequest| {
+        let req = tunnel.request(req);
+        async move {
+            within("OpenTunnel", tunnel.client().open_tunnel(req))
+                .await
+                .expect_err("OpenTunnel must fail")
+        }
+    };
+    let cases = [
+        (
+            OpenTunnelRequest {
+                container_port: 0,
+                ..Default::default()
+            },
+            "0",
+        ),
+        (
+            OpenTunnelRequest {
+                container_port: 70000,
+                ..Default::default()
+            },
+            "70000",
+        ),
+        (
+            OpenTunnelRequest {
+                target: "nope".into(),
+                container_port: u32::from(port),
+                ..Default::default()
+            },
+            "nope",
+        ),
+        (
+            OpenTunnelRequest {
+                container_port: u32::from(port) + 1,
+                host_port: 70000,
+                ..Default::default()
+            },
+            "70000",
+        ),
+        (
+            OpenTunnelRequest {
+                container_port: u32::from(port) + 1,
+                protocol: Protocol::Udp as i32,
+                ..Default::default()
+            },
+            "TCP",
+        ),
+    ];
+    for (req, needle) in cases {
+        let shown = format!("{req:?}");
+        let status = open(req).await;
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "OpenTunnel {shown}: {status:?}"
+        );
+        assert!(
+            status.message().contains(needle),
+            "OpenTunnel {shown}: {needle:?} in {status:?}"
+        );
+    }
+    assert_eq!(
+        summary(&tunnel.tunnels().await),
+        before,
+        "bad requests changed nothing"
+    );
+    assert!(host_port_is_free(port + 1));
+
+    // The monitor's Relay refuses a port nothing listens on.
+    let closed_port = port + 5;
+    let frames = tokio_stream::iter(vec![RelayFrame {
+        kind: Some(FrameKind::Dial(DialRequest {
+            protocol: Protocol::Tcp as i32,
+            port: closed_port.into(),
+        })),
+    }]);
+    let mut relay = RelayClient::new(w.monitor.channel().await);
+    let status = within("Relay.Dial", relay.dial(frames))
+        .await
+        .expect_err("Dial of a closed port must fail");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    for needle in [closed_port.to_string(), "no TCP listener".to_string()] {
+        assert!(
+            status.message().contains(&needle),
+            "{needle:?} in {status:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_flags_exit_2_and_nothing_listens() {
+    let cases: [(&[&str], &[&str]); 7] = [
+        (&["--monitor", "ftp://x"], &["ftp://x", "scheme"]),
+        (&["--monitor", "not-a-url"], &["not-a-url", "http://"]),
+        (&["--target", "noequals"], &["noequals", "NAME=URL"]),
+        (
+            &["--monitor", "http://a", "--target", "default=http://b"],
+            &["default", "twice"],
+        ),
+        (&[], &["--monitor", "--target"]),
+        (
+            &["--monitor", "http://a", "--backend", "telnet"],
+            &["telnet"],
+        ),
+        (&["--monitor", "http://a", "--skip", "10-5"], &["10-5"]),
+    ];
+    for (args, needles) in cases {
+        let admin = format!("127.0.0.1:{}", unused_local_port());
+        let mut all = args.to_vec();
+        all.extend(["--admin", &admin]);
+        let out = run_cli(&all).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "tunnel-svc {all:?}: {}\n{stderr}",
+            out.status
+        );
+        for needle in needles {
+            assert!(
+                stderr.contains(needle),
+                "tunnel-svc {all:?}: {needle:?} in stderr:\n{stderr}"
+            );
+        }
+        assert!(
+            std::net::TcpListener::bind(admin.as_str()).is_ok(),
+            "tunnel-svc {all:?} left {admin} bound"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 12. Bearer token
+
+async fn token(backend: Backend) {
+    if !require_root() {
+        return;
+    }
+    let block = ports(11, backend);
+    let port = block.base;
+    let ns = Netns::new();
+    let token_file = ns.log_dir().join("token");
+    std::fs::write(&token_file, "tunnel-e2e-secret\n").expect("write the token");
+    let token_path = token_file.to_str().expect("utf-8 path");
+    let monitor = MonitorProc::start(&ns, &["--token-file", token_path]).await;
+    let tunnel = start_tunnel(&ns, &monitor, backend, &["--token-file", token_path]).await;
+    let _server = Server::any(&ns, port).await;
+    tunnel.wait_active(&id(port)).await;
+    assert_eq!(ping(v4(port)).await, "srv");
+
+    let mut client = tunnel.client();
+    let status = within(
+        "ListTunnels without a token",
+        client.list_tunnels(ListTunnelsRequest::default()),
+    )
+    .await
+    .expect_err("no token is refused");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let mut req = tonic::Request::new(ListTunnelsRequest::default());
+    porthole::auth::Token::new("wrong")
+        .expect("token")
+        .authorize(&mut req);
+    let status = within("ListTunnels with a wrong token", client.list_tunnels(req))
+        .await
+        .expect_err("a wrong token is refused");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+    let admin = tunnel.admin().to_string();
+    let out = run_cli(&["ls", "--admin", &admin]).await;
+    assert!(!out.status.success(), "ls without the token must fail");
+    let out = run_cli(&["ls", "--admin", &admin, "--token-file", token_path]).await;
+    assert!(out.status.success(), "ls: {}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&id(port)),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_on_both_services_grpc() {
+    token(Backend::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_on_both_services_direct() {
+    token(Backend::Direct).await;
+}
+
+// ---------------------------------------------------------------------------
+// 13. grpcurl with no .proto files
+
+async fn grpcurl(bin: &std::path::Path, args: &[&str]) -> String {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(args).kill_on_drop(true);
+    let out = within(&format!("grpcurl {args:?}"), cmd.output())
+        .await
+        .expect("run grpcurl");
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed ({}):\n{}{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpcurl_lists_tunnels_without_proto_files() {
+    if !require_root() {
+        return;
+    }
+    let Some(bin) = which("grpcurl") else {
+        skip_or_fail(&test_name(), "grpcurl is not on PATH");
+        return;
+    };
+    let block = ports(12, Backend::Grpc);
+    let port = block.base;
+    let w = World::start(Backend::Grpc, &[]).await;
+    let _server = Server::any(&w.ns, port).await;
+    w.tunnel.wait_active(&id(port)).await;
+    let addr = w.tunnel.admin().to_string();
+
+    let services = grpcurl(&bin, &["--plaintext", &addr, "list"]).await;
+    for name in ["porthole.v1.TunnelAdmin", "grpc.health.v1.Health"] {
+        assert!(
+            services.lines().any(|l| l.trim() == name),
+            "{name} in:\n{services}"
+        );
+    }
+    let out = grpcurl(
+        &bin,
+        &["--plaintext", &addr, "porthole.v1.TunnelAdmin/ListTunnels"],
+    )
+    .await;
+    let json: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let tunnels = json["tunnels"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tunnels in {out}"));
+    let t = tunnels
+        .iter()
+        .find(|t| t["id"] == id(port).as_str())
+        .unwrap_or_else(|| panic!("{} in {out}", id(port)));
+    assert_eq!(t["state"], "TUNNEL_STATE_ACTIVE", "{out}");
+    assert_eq!(t["hostPort"], u64::from(port), "{out}");
+
+    let out = grpcurl(
+        &bin,
+        &[
+            "--plaintext",
+            "-d",
+            "{}",
+            &addr,
+            "grpc.health.v1.Health/Check",
+        ],
+    )
+    .await;
+    assert!(out.contains("SERVING"), "{out}");
+}
