@@ -33,7 +33,13 @@ pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        // Without the module path: services log a `target` field of their own
+        // (a tunnel target), and JSON objects cannot hold the key twice.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_target(false)
+            .try_init(),
     };
     result.map_err(|e| format!("cannot install the logger: {e}"))
 }

@@ -113,6 +113,8 @@ struct Want {
     host_port: u16,
     process: Option<Process>,
     addresses: Vec<IpAddr>,
+    /// Never remap: the host port was asked for explicitly.
+    exact: bool,
 }
 
 struct Entry {
@@ -162,7 +164,8 @@ pub struct Reconciler {
     /// Auto tunnels an admin closed; they stay closed until the port closes.
     closed: BTreeSet<String>,
     /// Manual tunnels: id → (target, container port, wanted host port).
-    manual: BTreeMap<String, (String, u16, u16)>,
+    /// Manual tunnels: id → (target, container port, host port asked for).
+    manual: BTreeMap<String, (String, u16, Option<u16>)>,
     /// Static tunnels (the egress gate's): id → (target, port). Always
     /// wanted; no skip list, cap or admin close applies to them.
     statics: BTreeMap<String, (String, u16)>,
@@ -367,7 +370,7 @@ impl Reconciler {
             }
             t.capped = capped;
         }
-        for (id, (target, port, host_port)) in &self.manual {
+        for (id, (target, port, asked)) in &self.manual {
             let listeners = self
                 .targets
                 .get(target)
@@ -375,7 +378,17 @@ impl Reconciler {
                 .map_or(&[][..], |v| v);
             want.insert(
                 id.clone(),
-                Want::new(target, *port, *host_port, Origin::Manual, listeners),
+                Want {
+                    // A host port asked for is that port or a failure.
+                    exact: asked.is_some(),
+                    ..Want::new(
+                        target,
+                        *port,
+                        asked.unwrap_or(*port),
+                        Origin::Manual,
+                        listeners,
+                    )
+                },
             );
         }
         for (id, (target, port)) in &self.statics {
@@ -459,7 +472,6 @@ impl Reconciler {
                 backend: backend.kind() as i32,
                 origin: want.origin as i32,
                 error: String::new(),
-                opened_at: Some(porthole::time::to_proto(chrono::Utc::now())),
                 process: want.process.clone(),
                 ..Default::default()
             },
@@ -471,8 +483,13 @@ impl Reconciler {
         let failure = if let Some(why) = backend.unreachable(&want.addresses) {
             Some(why)
         } else {
-            match tunnel::allocate(&self.opts.bind, want.host_port, self.opts.remap) {
+            match tunnel::allocate(
+                &self.opts.bind,
+                want.host_port,
+                self.opts.remap && !want.exact,
+            ) {
                 Ok((host_port, listeners)) => {
+                    entry.info.opened_at = Some(porthole::time::to_proto(chrono::Utc::now()));
                     entry.info.host_port = u32::from(host_port);
                     entry.info.host_addresses = listeners
                         .iter()
@@ -530,6 +547,11 @@ impl Reconciler {
                         format!(
                             "port {} is busy: the gate must listen on the upstream's own port \
                              (a port in a git URL overrides the ssh config's), so it waits for it",
+                            want.host_port
+                        )
+                    } else if want.exact {
+                        format!(
+                            "host port {} is busy (asked for by OpenTunnel)",
                             want.host_port
                         )
                     } else {
@@ -645,7 +667,8 @@ impl Reconciler {
         };
         let id = tunnel_id(&target, port);
         self.closed.remove(&id);
-        self.manual.insert(id.clone(), (target, port, host));
+        self.manual
+            .insert(id.clone(), (target, port, (host_port != 0).then_some(host)));
         let keep = self.entries.get(&id).is_some_and(|e| {
             matches!(e.state(), TunnelState::Active | TunnelState::Pending)
                 && (host_port == 0 || e.info.host_port == u32::from(host))
@@ -687,7 +710,8 @@ impl Reconciler {
         }
     }
 
-    fn publish_removed(&mut self, tunnel: Tunnel) {
+    fn publish_removed(&mut self, mut tunnel: Tunnel) {
+        tunnel.state = TunnelState::Closed as i32;
         self.broadcast(TunnelUpdate {
             tunnel: Some(tunnel),
             removed: true,
@@ -726,6 +750,7 @@ impl Want {
                 .iter()
                 .filter_map(|l| l.address.parse().ok())
                 .collect(),
+            exact: false,
         }
     }
 }
