@@ -64,9 +64,14 @@ pub fn table(tunnels: &[Tunnel]) -> String {
         "NOTE".into(),
     ]];
     for t in tunnels {
-        let host = match t.host_port {
-            0 => "-".to_string(),
-            p => format!("localhost:{p}"),
+        let loopback_only = t.host_addresses.iter().all(|a| {
+            a.parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip().is_loopback())
+        });
+        let host = match (t.host_port, loopback_only) {
+            (0, _) => "-".to_string(),
+            (p, true) => format!("localhost:{p}"),
+            (_, false) => t.host_addresses.join(","),
         };
         let process = t
             .process
