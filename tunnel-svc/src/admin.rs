@@ -108,7 +108,26 @@ impl TunnelAdmin for Admin {
     }
 }
 
-pub fn http_router(admin: Admin) -> axum::Router {
+/// Serves the TunnelAdmin API, `/healthz` and `/metrics` on `listener`
+/// until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    commands: mpsc::Sender<Command>,
+    token: Option<porthole::auth::Token>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), porthole::server::ServeError> {
+    use porthole::pb::v1::tunnel_admin_server::{TunnelAdminServer, SERVICE_NAME};
+    let admin = Admin::new(commands);
+    let app = porthole::server::App {
+        grpc: tonic::service::Routes::new(TunnelAdminServer::new(admin.clone())),
+        grpc_names: vec![SERVICE_NAME],
+        http: http_router(admin),
+        token,
+    };
+    porthole::server::serve(listener, app, shutdown).await
+}
+
+fn http_router(admin: Admin) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))

@@ -26,7 +26,6 @@ use crate::admin;
 use crate::backend::{direct::Direct, Backend};
 use crate::config::PortSet;
 use crate::reconcile;
-use porthole::pb::v1::tunnel_admin_server::{TunnelAdminServer, SERVICE_NAME as TUNNEL_ADMIN};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -316,14 +315,7 @@ pub async fn run(
     let (commands, task) =
         reconcile::spawn_with_statics(specs, reconcile_opts, statics, shutdown.clone());
     tracing::info!(addr = %admin.local_addr()?, "egress gate admin API listening");
-    let admin_svc = admin::Admin::new(commands);
-    let app = porthole::server::App {
-        grpc: tonic::service::Routes::new(TunnelAdminServer::new(admin_svc.clone())),
-        grpc_names: vec![TUNNEL_ADMIN],
-        http: admin::http_router(admin_svc),
-        token: opts.token.clone(),
-    };
-    let served = porthole::server::serve(admin, app, shutdown.clone()).await;
+    let served = admin::serve(admin, commands, opts.token.clone(), shutdown.clone()).await;
     shutdown.cancel();
     task.await?;
     served?;

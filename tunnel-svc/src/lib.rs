@@ -15,7 +15,6 @@ pub mod tunnel;
 pub mod watch;
 
 use backend::Backend;
-use porthole::pb::v1::tunnel_admin_server::{TunnelAdminServer, SERVICE_NAME as TUNNEL_ADMIN};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,14 +138,7 @@ pub async fn run(
         tokio::spawn(w.run(shutdown.clone()));
     }
     tracing::info!(addr = %admin.local_addr()?, "tunnel-svc admin API listening");
-    let admin_svc = admin::Admin::new(commands);
-    let app = porthole::server::App {
-        grpc: tonic::service::Routes::new(TunnelAdminServer::new(admin_svc.clone())),
-        grpc_names: vec![TUNNEL_ADMIN],
-        http: admin::http_router(admin_svc),
-        token: opts.token.clone(),
-    };
-    let served = porthole::server::serve(admin, app, shutdown.clone()).await;
+    let served = admin::serve(admin, commands, opts.token.clone(), shutdown.clone()).await;
     shutdown.cancel();
     let (task, runtime) = reconciler;
     task.await?;

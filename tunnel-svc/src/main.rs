@@ -65,18 +65,8 @@ struct GateArgs {
     /// Address the forwards listen on, each on its upstream's port. Repeatable.
     #[arg(long = "listen", value_name = "ADDR", default_value = "0.0.0.0")]
     listen: Vec<IpAddr>,
-    /// Address of the admin gRPC API (and /healthz, /metrics).
-    #[arg(long, env = "PORTHOLE_ADMIN", default_value = "127.0.0.1:7071")]
-    admin: SocketAddr,
-    /// File holding a bearer token required on the admin API.
-    #[arg(long, env = "PORTHOLE_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-    /// Log level or tracing filter.
-    #[arg(long, env = "PORTHOLE_LOG", default_value = "info")]
-    log_level: String,
-    /// Log format: text or json.
-    #[arg(long, env = "PORTHOLE_LOG_FORMAT", default_value = "text")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    service: ServiceArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -127,10 +117,18 @@ struct RunArgs {
     /// Host address tunnels listen on. Repeatable. Default 127.0.0.1 and ::1.
     #[arg(long = "bind", value_name = "ADDR")]
     bind: Vec<IpAddr>,
+    #[command(flatten)]
+    service: ServiceArgs,
+}
+
+/// What every long-running command takes: its admin API, token and logs.
+#[derive(clap::Args, Debug)]
+struct ServiceArgs {
     /// Address of the admin gRPC API (and /healthz, /metrics).
     #[arg(long, env = "PORTHOLE_ADMIN", default_value = "127.0.0.1:7071")]
     admin: SocketAddr,
-    /// File holding a bearer token: required on the admin API and sent to monitors.
+    /// File holding a bearer token, required on the admin API (and sent to
+    /// monitors).
     #[arg(long, env = "PORTHOLE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Log level or tracing filter.
@@ -139,6 +137,20 @@ struct RunArgs {
     /// Log format: text or json.
     #[arg(long, env = "PORTHOLE_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
+}
+
+impl ServiceArgs {
+    /// Starts logging and reads the token; returns the token.
+    fn start(&self) -> anyhow::Result<Option<porthole::auth::Token>> {
+        porthole::telemetry::init(&self.log_level, self.log_format).map_err(anyhow::Error::msg)?;
+        read_token(self.token_file.as_deref())
+    }
+
+    async fn bind_admin(&self) -> anyhow::Result<tokio::net::TcpListener> {
+        tokio::net::TcpListener::bind(self.admin)
+            .await
+            .with_context(|| format!("cannot listen on --admin {}", self.admin))
+    }
 }
 
 fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<porthole::auth::Token>> {
@@ -184,7 +196,7 @@ async fn real_main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    porthole::telemetry::init(&args.log_level, args.log_format).map_err(anyhow::Error::msg)?;
+    let token = args.service.start()?;
     let targets = config::targets(
         args.monitor.as_deref(),
         &args.targets,
@@ -198,7 +210,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     {
         return Err(config::ConfigError::SshOnly("--ssh-option").into());
     }
-    let token = read_token(args.token_file.as_deref())?;
     let bind = if args.bind.is_empty() {
         config::default_bind()
     } else {
@@ -216,9 +227,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ssh_options: args.ssh_options,
     };
     let shutdown = porthole::shutdown::on_signal()?;
-    let admin = tokio::net::TcpListener::bind(args.admin)
-        .await
-        .with_context(|| format!("cannot listen on --admin {}", args.admin))?;
+    let admin = args.service.bind_admin().await?;
     tunnel_svc::run(admin, opts, shutdown).await
 }
 
@@ -230,13 +239,10 @@ async fn gate(args: GateArgs) -> anyhow::Result<()> {
         print!("{}", gate::ssh_config(&upstreams, &host)?);
         return Ok(());
     }
-    gate::check_admin(&upstreams, &args.listen, args.admin)?;
-    porthole::telemetry::init(&args.log_level, args.log_format).map_err(anyhow::Error::msg)?;
-    let token = read_token(args.token_file.as_deref())?;
+    gate::check_admin(&upstreams, &args.listen, args.service.admin)?;
+    let token = args.service.start()?;
     let shutdown = porthole::shutdown::on_signal()?;
-    let admin = tokio::net::TcpListener::bind(args.admin)
-        .await
-        .with_context(|| format!("cannot listen on --admin {}", args.admin))?;
+    let admin = args.service.bind_admin().await?;
     let opts = gate::Options {
         upstreams,
         listen: args.listen,
