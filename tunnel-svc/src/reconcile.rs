@@ -7,6 +7,7 @@
 use crate::backend::Backend;
 use crate::config::PortSet;
 use crate::tunnel::{self, Stats};
+use porthole::fanout::Fanout;
 use porthole::pb::v1::{Origin, Port, Process, Protocol, Tunnel, TunnelState, TunnelUpdate};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -152,11 +153,6 @@ impl Entry {
     }
 }
 
-struct Subscriber {
-    tx: mpsc::Sender<UpdateItem>,
-    resync: bool,
-}
-
 pub struct Reconciler {
     opts: Options,
     targets: BTreeMap<String, Target>,
@@ -169,7 +165,7 @@ pub struct Reconciler {
     /// Static tunnels (the egress gate's): id → (target, port). Always
     /// wanted; no skip list, cap or admin close applies to them.
     statics: BTreeMap<String, (String, u16)>,
-    subscribers: Vec<Subscriber>,
+    subscribers: Fanout<TunnelUpdate>,
     commands: mpsc::Sender<Command>,
     generation: u64,
 }
@@ -216,7 +212,7 @@ pub fn spawn_with_statics(
             .into_iter()
             .map(|(target, port)| (tunnel_id(&target, port), (target, port)))
             .collect(),
-        subscribers: Vec::new(),
+        subscribers: Fanout::new(SUBSCRIBER_QUEUE),
         commands: tx.clone(),
         generation: 0,
     };
@@ -233,7 +229,10 @@ impl Reconciler {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(cmd) = rx.recv() => self.handle(cmd),
-                _ = retry.tick() => self.retry_failed(),
+                _ = retry.tick() => {
+                    self.retry_failed();
+                    self.resync_subscribers();
+                }
             }
         }
         for entry in self.entries.values_mut() {
@@ -307,10 +306,7 @@ impl Reconciler {
                 let _ = reply.send(self.open(target, container_port, host_port));
             }
             Command::Watch { reply } => {
-                let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
-                let mut sub = Subscriber { tx, resync: false };
-                self.send_all(&mut sub);
-                self.subscribers.push(sub);
+                let rx = self.subscribers.subscribe(all_updates(&self.entries));
                 let _ = reply.send(rx);
             }
             Command::Opened {
@@ -688,17 +684,10 @@ impl Reconciler {
             .expect("a manual tunnel always has an entry"))
     }
 
-    fn send_all(&self, sub: &mut Subscriber) {
-        if self.entries.len() >= SUBSCRIBER_QUEUE {
-            sub.resync = true;
-            return;
-        }
-        for e in self.entries.values() {
-            let _ = sub.tx.try_send(Ok(TunnelUpdate {
-                tunnel: Some(e.view()),
-                removed: false,
-            }));
-        }
+    /// Subscribers that fell behind get every tunnel again once they have room.
+    fn resync_subscribers(&mut self) {
+        let entries = &self.entries;
+        self.subscribers.resync(|| all_updates(entries));
     }
 
     fn publish(&mut self, id: &str) {
@@ -719,23 +708,20 @@ impl Reconciler {
     }
 
     fn broadcast(&mut self, update: TunnelUpdate) {
-        let mut subs = std::mem::take(&mut self.subscribers);
-        subs.retain(|s| !s.tx.is_closed());
-        for sub in &mut subs {
-            if sub.resync {
-                // It fell behind: once it has room for everything, send everything again.
-                if sub.tx.capacity() > self.entries.len() {
-                    sub.resync = false;
-                    self.send_all(sub);
-                }
-                continue;
-            }
-            if sub.tx.try_send(Ok(update.clone())).is_err() {
-                sub.resync = true;
-            }
-        }
-        self.subscribers = subs;
+        self.subscribers.publish(&[update]);
+        self.resync_subscribers();
     }
+}
+
+/// Every tunnel as an update: what a new or resynced subscriber gets.
+fn all_updates(entries: &BTreeMap<String, Entry>) -> Vec<TunnelUpdate> {
+    entries
+        .values()
+        .map(|e| TunnelUpdate {
+            tunnel: Some(e.view()),
+            removed: false,
+        })
+        .collect()
 }
 
 impl Want {
