@@ -43,7 +43,9 @@ enum SourceArg {
     Procfs,
 }
 
-#[tokio::main]
+// One thread: the monitor is a small sidecar (the detector has a thread of
+// its own), and relaying on one thread saves cross-thread wake-ups.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     porthole::telemetry::init(&args.log_level, args.log_format).map_err(anyhow::Error::msg)?;

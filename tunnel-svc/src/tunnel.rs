@@ -1,7 +1,7 @@
 //! The host side of one tunnel: listeners on the host addresses, an accept
 //! loop per address, and one task per connection handed to the backend.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, CarryError};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -133,9 +133,15 @@ pub fn serve(
                     tokio::select! {
                         _ = cancel.cancelled() => {}
                         result = backend.carry(conn, container_port, &stats) => {
-                            if let Err(e) = result {
-                                tracing::warn!(target = %target, %peer, port = container_port, error = %e, "connection failed");
-                                stats.set_error(format!("last connection failed: {e}"));
+                            match result {
+                                Ok(()) => {}
+                                Err(CarryError::Dial(why)) => {
+                                    tracing::warn!(target = %target, %peer, port = container_port, error = %why, "connection failed");
+                                    stats.set_error(format!("last connection failed: {why}"));
+                                }
+                                Err(e) => {
+                                    tracing::debug!(target = %target, %peer, port = container_port, error = %e, "connection ended badly");
+                                }
                             }
                         }
                     }

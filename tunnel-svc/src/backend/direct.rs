@@ -20,7 +20,7 @@ pub struct Direct {
 impl Direct {
     pub async fn carry(&self, conn: TcpStream, port: u16, stats: &Stats) -> Result<(), CarryError> {
         let unreachable =
-            |why: String| CarryError::Other(format!("cannot reach {}:{port}: {why}", self.host));
+            |why: String| CarryError::Dial(format!("cannot reach {}:{port}: {why}", self.host));
         let upstream = match tokio::time::timeout(
             CONNECT_TIMEOUT,
             TcpStream::connect((self.host.as_str(), port)),

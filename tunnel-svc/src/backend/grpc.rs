@@ -18,6 +18,26 @@ pub struct Grpc {
 
 impl Grpc {
     pub async fn carry(&self, conn: TcpStream, port: u16, stats: &Stats) -> Result<(), CarryError> {
+        let (tx, inbound) = self.dial(port).await.map_err(|status| {
+            CarryError::Dial(match status.code() {
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                    format!("monitor unreachable: {}", status.message())
+                }
+                _ => format!("monitor refused: {}", status.message()),
+            })
+        })?;
+        // The far end is reached: an earlier failure no longer holds.
+        stats.connected();
+        porthole::relay::pump(conn, inbound, tx, |f| f, &stats.bytes_in, &stats.bytes_out).await?;
+        Ok(())
+    }
+
+    /// Opens a `Relay.Dial` stream to `port` and waits for the monitor to
+    /// confirm it connected.
+    async fn dial(
+        &self,
+        port: u16,
+    ) -> Result<(mpsc::Sender<RelayFrame>, tonic::Streaming<RelayFrame>), tonic::Status> {
         let (tx, rx) = mpsc::channel(8);
         let dial = DialRequest {
             protocol: Protocol::Tcp as i32,
@@ -27,7 +47,7 @@ impl Grpc {
             kind: Some(Kind::Dial(dial)),
         })
         .await
-        .map_err(|_| CarryError::Other("relay stream closed".into()))?;
+        .map_err(|_| tonic::Status::cancelled("relay stream closed"))?;
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
         if let Some(token) = &self.token {
             token.authorize(&mut req);
@@ -39,12 +59,8 @@ impl Grpc {
         match inbound.message().await? {
             Some(RelayFrame {
                 kind: Some(Kind::Dialed(_)),
-            }) => {}
-            _ => return Err(CarryError::Other("monitor did not confirm the dial".into())),
+            }) => Ok((tx, inbound)),
+            _ => Err(tonic::Status::internal("monitor did not confirm the dial")),
         }
-        // The far end is reached: an earlier failure no longer holds.
-        stats.connected();
-        porthole::relay::pump(conn, inbound, tx, |f| f, &stats.bytes_in, &stats.bytes_out).await?;
-        Ok(())
     }
 }

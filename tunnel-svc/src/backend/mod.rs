@@ -13,14 +13,14 @@ use tokio::net::TcpStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CarryError {
+    /// The far end could not be reached: the tunnel's `error` says so.
+    #[error("{0}")]
+    Dial(String),
+    /// A connection that was carried ended badly (a reset, a peer gone).
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("monitor refused: {}", .0.message())]
-    Status(#[from] tonic::Status),
     #[error("relay: {0}")]
     Relay(#[from] porthole::relay::PumpError),
-    #[error("{0}")]
-    Other(String),
 }
 
 pub enum Backend {

@@ -41,8 +41,11 @@ const POLL: Duration = Duration::from_millis(20);
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long [`Ssh::open`] waits for a master that is not up.
 const OPEN_WAIT: Duration = Duration::from_secs(15);
-/// How long a connection waits for a restarting master.
+/// How long a connection waits for its forward (being added, or being
+/// re-added by a restarting master).
 const CARRY_WAIT: Duration = Duration::from_secs(10);
+/// How often a connection waiting for its forward looks again.
+const FORWARD_POLL: Duration = Duration::from_millis(5);
 /// How long the master may take to exit after `-O exit`.
 const EXIT_WAIT: Duration = Duration::from_secs(3);
 /// Restart delays of a dead master.
@@ -147,22 +150,35 @@ impl Ssh {
     pub async fn carry(&self, conn: TcpStream, port: u16, stats: &Stats) -> Result<(), CarryError> {
         let s = &self.shared;
         let path = forward_path(&s.config.runtime_dir, port);
-        let upstream = match UnixStream::connect(&path).await {
-            Ok(u) => u,
-            Err(e) => {
-                // A restarting master re-adds every wanted forward before it
-                // counts as up: wait for that once, unless the master is
-                // alive and the forward is simply not there.
-                let up = match *s.master.borrow() {
-                    Master::Up { generation } => Some(generation),
-                    _ => None,
-                };
-                let wanted = s.wanted.lock().await.contains_key(&port);
-                if !wanted || (up.is_some() && s.control(&["-O", "check"]).await.is_ok()) {
-                    return Err(e.into());
+        let deadline = tokio::time::Instant::now() + CARRY_WAIT;
+        let upstream = loop {
+            let err = match UnixStream::connect(&path).await {
+                Ok(u) => break u,
+                Err(e) => e,
+            };
+            // Not there (yet): the tunnel's host listener opens before its
+            // forward is added, and a restarting master re-adds every wanted
+            // forward before it counts as up. Wait for either, boundedly;
+            // give up at once on a port nobody wants any more.
+            if !s.wanted.lock().await.contains_key(&port) {
+                return Err(CarryError::Dial(format!(
+                    "no ssh forward for port {port}: {err}"
+                )));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(CarryError::Dial(format!(
+                    "the ssh forward of port {port} did not come up: {err}"
+                )));
+            }
+            let up = match *s.master.borrow() {
+                Master::Up { generation } => Some(generation),
+                _ => None,
+            };
+            match up {
+                Some(_) => tokio::time::sleep(FORWARD_POLL).await,
+                None => {
+                    s.wait_up(CARRY_WAIT, up).await.map_err(CarryError::Dial)?;
                 }
-                s.wait_up(CARRY_WAIT, up).await.map_err(CarryError::Other)?;
-                UnixStream::connect(&path).await?
             }
         };
         porthole::relay::copy(conn, upstream, &stats.bytes_in, &stats.bytes_out).await?;

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! ulimit -n 20000
-//! cargo build --release -p monitor-svc && cargo run --release -p monitor-svc --example bench
+//! cargo build --release -p monitor-svc && cargo run --release -p monitor-svc --example monitor-bench
 //! ```
 //!
 //! Loopback only. Starts one real `monitor-svc` (next to this example's
@@ -349,7 +349,7 @@ struct Memory {
 impl Monitor {
     async fn start() -> anyhow::Result<Monitor> {
         let exe = std::env::current_exe()?;
-        // target/release/examples/bench -> target/release/monitor-svc
+        // target/release/examples/monitor-bench -> target/release/monitor-svc
         let bin = exe
             .parent()
             .and_then(|examples| examples.parent())

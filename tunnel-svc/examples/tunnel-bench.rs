@@ -4,8 +4,9 @@
 //! `ssh -L`).
 //!
 //! ```text
-//! cargo build --release -p monitor-svc -p tunnel-svc
-//! sudo cargo run --release -p tunnel-svc --example bench
+//! cargo build --release -p monitor-svc -p tunnel-svc --bins
+//! cargo build --release -p tunnel-svc --example tunnel-bench
+//! sudo ./target/release/examples/tunnel-bench
 //! ```
 //!
 //! Needs root (the container is a network namespace), `ip` and `python3`;
@@ -71,11 +72,15 @@ fn main() -> ExitCode {
              sudo {}",
             std::env::current_exe()
                 .map(|p| p.display().to_string())
-                .unwrap_or_else(|_| "target/release/examples/bench".into())
+                .unwrap_or_else(|_| "target/release/examples/tunnel-bench".into())
         );
         return ExitCode::from(1);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    // One worker besides the main thread: while a guard's Drop blocks the
+    // main thread, the worker still drives the gRPC connections, so
+    // monitor-svc can drain them and exit on SIGTERM.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
     {
@@ -307,11 +312,13 @@ async fn bench(bins: &Binaries, work: &Path) -> anyhow::Result<()> {
          interval (100 ms); tunnel-svc with `--skip {SKIP} --max-tunnels 1000`. One warm-up port first \
          (it also pays for the first HTTP/2 connection or ssh master), not in the percentiles. \
          \"After the event\": from the monitor's `opened` event reaching the host (on the bench's own \
-         WatchEvents stream) to usable, i.e. tunnel-svc's share; the rest is detection (the scan interval).\n",
+         WatchEvents stream) to usable, i.e. tunnel-svc's share; the rest is detection (the scan interval). \
+         \"Probes dropped\": probe connections tunnel-svc accepted but could not carry (its \
+         `connection failed` log lines), i.e. a client that came too early got a reset instead of a wait.\n",
         POLL.as_millis()
     );
-    println!("| backend | server bound to | n | warm-up | p50 | p90 | p99 | max | after the event: p50 / p99 / max | failed | tunnel-svc exit |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
+    println!("| backend | server bound to | n | warm-up | p50 | p90 | p99 | max | after the event: p50 / p99 / max | probes dropped | failed | tunnel-svc exit |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
     let mut failures = Vec::new();
     for (kind, result, note) in &mut latency {
         match result {
@@ -319,7 +326,7 @@ async fn bench(bins: &Binaries, work: &Path) -> anyhow::Result<()> {
                 let s = Stats::of(&mut l.samples);
                 let e = Stats::of(&mut l.after_event);
                 println!(
-                    "| {} | `{}` | {}{} | {} | {} | {} | {} | {} | {} / {} / {} (n {}) | {} | {note} |",
+                    "| {} | `{}` | {}{} | {} | {} | {} | {} | {} | {} / {} / {} (n {}) | {} | {} | {note} |",
                     kind.name(),
                     kind.bind(),
                     l.samples.len(),
@@ -333,6 +340,7 @@ async fn bench(bins: &Binaries, work: &Path) -> anyhow::Result<()> {
                     ms(e.p99),
                     ms(e.max),
                     l.after_event.len(),
+                    l.dropped,
                     l.failures.len()
                 );
                 for f in l.failures.iter().take(3) {
@@ -340,7 +348,7 @@ async fn bench(bins: &Binaries, work: &Path) -> anyhow::Result<()> {
                 }
             }
             Err(e) => println!(
-                "| {} | `{}` | not measured: {} | | | | | | | | {note} |",
+                "| {} | `{}` | not measured: {} | | | | | | | | | {note} |",
                 kind.name(),
                 kind.bind(),
                 one_line(e)
@@ -348,7 +356,7 @@ async fn bench(bins: &Binaries, work: &Path) -> anyhow::Result<()> {
         }
     }
     println!(
-        "| original design (`ss` every 5 s, host polls every 10 s) | | | | | | | up to 15 s | | | |"
+        "| original design (`ss` every 5 s, host polls every 10 s) | | | | | | | up to 15 s | | | | |"
     );
     for f in &failures {
         println!("\n- failed: {}", one_line(f));
@@ -462,6 +470,10 @@ struct Latency {
     warmup: Duration,
     failures: Vec<String>,
     stopped_early: bool,
+    /// Host connections tunnel-svc accepted but could not carry (its
+    /// "connection failed" log lines) during the run: probes that got in
+    /// before the tunnel could reach the port.
+    dropped: usize,
 }
 
 /// Host → container, then container → host (`iperf3 -R`).
@@ -497,6 +509,10 @@ impl Lab {
         let lat = self
             .latency(&mut tunnel, ports, kind.bind())
             .await
+            .map(|l| Latency {
+                dropped: tunnel.failed_connections(),
+                ..l
+            })
             .map_err(|e| format!("{e:#}"));
         let thr = match iperf_port {
             None => Err("iperf3 missing (apt-get install -y iperf3)".into()),
@@ -536,6 +552,7 @@ impl Lab {
             warmup,
             failures: Vec::new(),
             stopped_early: false,
+            dropped: 0,
         };
         let t0 = Instant::now();
         for (i, &port) in rest.iter().enumerate() {
@@ -599,17 +616,13 @@ impl Lab {
             false,
         )?;
         wait_host_listening(&mut server, port).await?;
-        iperf_both(loopback(port), &[], self.clk_tck).await
+        self.iperf(loopback(port), &[]).await
     }
 
     async fn baseline_direct(&mut self, port: u16) -> anyhow::Result<Both> {
         let _server = self.iperf_server(port).await?;
-        iperf_both(
-            SocketAddr::new(self.ns.inside.into(), port),
-            &[],
-            self.clk_tck,
-        )
-        .await
+        self.iperf(SocketAddr::new(self.ns.inside.into(), port), &[])
+            .await
     }
 
     /// socat with its default 8 KiB buffer, or `-b block`.
@@ -626,7 +639,7 @@ impl Lab {
         .arg(format!("TCP:{}:{port}", self.ns.inside));
         let mut socat = Proc::start("socat", cmd, self.work.join("socat.log"), false)?;
         wait_host_listening(&mut socat, host_port).await?;
-        let m = iperf_both(loopback(host_port), &[socat.pid], self.clk_tck).await;
+        let m = self.iperf(loopback(host_port), &[socat.pid]).await;
         socat.stop(Duration::from_secs(3)).await?;
         m
     }
@@ -648,7 +661,7 @@ impl Lab {
         wait_host_listening(&mut ssh, host_port).await?;
         let mut pids = vec![ssh.pid];
         pids.extend(self.ns.pids_named("sshd"));
-        let m = iperf_both(loopback(host_port), &pids, self.clk_tck).await;
+        let m = self.iperf(loopback(host_port), &pids).await;
         ssh.stop(Duration::from_secs(3)).await?;
         m
     }
@@ -678,6 +691,7 @@ impl Lab {
         let sshd = self.sshd.as_ref().map_err(|e| anyhow!("{e}"))?;
         let ctl = self.work.join("cm.sock");
         let ctl_arg = ctl.display().to_string();
+        let ctl_log = self.work.join("ssh-O.log");
         let mut cmd = Command::new("ssh");
         cmd.args(["-M", "-N", "-S", &ctl_arg])
             .args(["-o", "ControlPersist=no", "-o", "ExitOnForwardFailure=yes"])
@@ -703,7 +717,7 @@ impl Lab {
             if let Some(status) = master.exited() {
                 bail!("the ControlMaster exited ({status}): {}", master.log_tail());
             }
-            if run_quiet(control("check", None)).await.is_ok() {
+            if run_quiet(control("check", None), &ctl_log).await.is_ok() {
                 break;
             }
             ensure!(
@@ -717,18 +731,18 @@ impl Lab {
             let host_port = free_port()?;
             let spec = format!("127.0.0.1:{host_port}:127.0.0.1:{target}");
             let t0 = Instant::now();
-            run_quiet(control("forward", Some(spec.clone())))
+            run_quiet(control("forward", Some(spec.clone())), &ctl_log)
                 .await
                 .context("ssh -O forward")?;
             usable(loopback(host_port), PORT_DEADLINE)
                 .await
                 .map_err(|e| anyhow!("forward {spec}: {e}"))?;
             samples.push(t0.elapsed());
-            run_quiet(control("cancel", Some(spec)))
+            run_quiet(control("cancel", Some(spec)), &ctl_log)
                 .await
                 .context("ssh -O cancel")?;
         }
-        let _ = run_quiet(control("exit", None)).await;
+        let _ = run_quiet(control("exit", None), &ctl_log).await;
         master.stop(Duration::from_secs(3)).await?;
         Ok(samples)
     }
@@ -782,18 +796,19 @@ impl Lab {
             }
             Kind::Direct => {}
         }
-        iperf_both(loopback(host_port), &pids, self.clk_tck).await
+        self.iperf(loopback(host_port), &pids).await
     }
-}
 
-/// iperf3 against `target` both ways; `pids` are the relay processes whose
-/// CPU is measured.
-async fn iperf_both(target: SocketAddr, pids: &[u32], clk_tck: u64) -> anyhow::Result<Both> {
-    let up = iperf_client(target, false, pids, clk_tck).await?;
-    let down = iperf_client(target, true, pids, clk_tck)
-        .await
-        .context("reverse (-R)")?;
-    Ok([up, down])
+    /// iperf3 against `target` both ways; `pids` are the relay processes
+    /// whose CPU is measured.
+    async fn iperf(&self, target: SocketAddr, pids: &[u32]) -> anyhow::Result<Both> {
+        let log = self.work.join("iperf3-client.log");
+        let up = iperf_client(target, false, pids, self.clk_tck, &log).await?;
+        let down = iperf_client(target, true, pids, self.clk_tck, &log)
+            .await
+            .context("reverse (-R)")?;
+        Ok([up, down])
+    }
 }
 
 /// One iperf3 client run against `target` (with `reverse`, `-R`: the
@@ -804,6 +819,7 @@ async fn iperf_client(
     reverse: bool,
     pids: &[u32],
     clk_tck: u64,
+    log: &Path,
 ) -> anyhow::Result<Measured> {
     let mut cmd = Command::new("iperf3");
     cmd.args([
@@ -813,29 +829,22 @@ async fn iperf_client(
         &target.port().to_string(),
     ])
     .args(["-t", &IPERF_SECS.to_string(), "-J"])
-    .args(reverse.then_some("-R"))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    // Only on a timeout: SIGKILL to this one pid.
-    .kill_on_drop(true);
+    .args(reverse.then_some("-R"));
     let before = cpu_ticks(pids);
     let t0 = Instant::now();
-    let out = tokio::time::timeout(Duration::from_secs(IPERF_SECS + 15), cmd.output())
-        .await
-        .with_context(|| format!("iperf3 -c {target} did not finish"))?
-        .context("running iperf3")?;
+    let (status, stdout, stderr) = Proc::run(
+        &format!("iperf3 -c {target}"),
+        cmd,
+        log.to_path_buf(),
+        Duration::from_secs(IPERF_SECS + 15),
+    )
+    .await?;
     let wall = t0.elapsed();
     // socat's forked children are counted once socat has reaped them.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let after = cpu_ticks(pids);
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "iperf3 -c {target} ({}): no JSON: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-    })?;
+    let json: serde_json::Value = serde_json::from_slice(&stdout)
+        .with_context(|| format!("iperf3 -c {target} ({status}): no JSON: {}", stderr.trim()))?;
     if let Some(e) = json["error"].as_str() {
         bail!("iperf3 -c {target}: {e}");
     }
@@ -1075,6 +1084,16 @@ impl TunnelSvc {
         Ok(tunnels
             .into_iter()
             .find(|t| t.container_port == u32::from(port)))
+    }
+
+    /// How many "connection failed" lines tunnel-svc has logged so far.
+    fn failed_connections(&self) -> usize {
+        std::fs::read_to_string(&self.proc.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"] == "connection failed")
+            .count()
     }
 
     /// The tunnel of `port` as ListTunnels shows it, for error messages.
@@ -1318,27 +1337,26 @@ impl Sshd {
         let dir = work.join("sshd");
         std::fs::create_dir_all(&dir)?;
         for key in ["host_key", "client_key"] {
-            let out = Command::new("ssh-keygen")
-                .args([
-                    "-q",
-                    "-t",
-                    "ed25519",
-                    "-N",
-                    "",
-                    "-C",
-                    "porthole-bench",
-                    "-f",
-                ])
-                .arg(dir.join(key))
-                .stdin(Stdio::null())
-                .output()
-                .await
-                .context("running ssh-keygen")?;
-            ensure!(
-                out.status.success(),
-                "ssh-keygen {key}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            let mut cmd = Command::new("ssh-keygen");
+            cmd.args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "porthole-bench",
+                "-f",
+            ])
+            .arg(dir.join(key));
+            let (status, _, stderr) = Proc::run(
+                "ssh-keygen",
+                cmd,
+                work.join("ssh-keygen.log"),
+                Duration::from_secs(10),
+            )
+            .await?;
+            ensure!(status.success(), "ssh-keygen {key}: {}", stderr.trim());
         }
         std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))?;
         let config = format!(
@@ -1590,6 +1608,36 @@ impl Proc {
             cmd.stdin(Stdio::null()).stdout(file.try_clone()?);
         }
         cmd.stderr(file);
+        Proc::spawn(label, cmd, log)
+    }
+
+    /// Runs a short command to its end, within `limit` (else it is stopped
+    /// like any other); its exit status, stdout, and stderr (via `log`).
+    async fn run(
+        label: &str,
+        mut cmd: Command,
+        log: PathBuf,
+        limit: Duration,
+    ) -> anyhow::Result<(ExitStatus, Vec<u8>, String)> {
+        let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(file);
+        let mut proc = Proc::spawn(label, cmd, log)?;
+        let mut pipe = proc.child.stdout.take().context("no stdout pipe")?;
+        let mut stdout = Vec::new();
+        let finished = tokio::time::timeout(limit, async {
+            pipe.read_to_end(&mut stdout).await?;
+            proc.child.wait().await
+        })
+        .await;
+        let status = match finished {
+            Ok(status) => status.with_context(|| format!("running {label}"))?,
+            Err(_) => bail!("{label} did not finish within {limit:?}"),
+        };
+        let stderr = std::fs::read_to_string(&proc.log).unwrap_or_default();
+        Ok((status, stdout, stderr))
+    }
+
+    fn spawn(label: &str, mut cmd: Command, log: PathBuf) -> anyhow::Result<Proc> {
         let child = cmd.spawn().with_context(|| format!("starting {label}"))?;
         let pid = child
             .id()
@@ -1719,20 +1767,10 @@ fn cpu_ticks(pids: &[u32]) -> u64 {
 }
 
 /// Runs a short command (an `ssh -O`), bounded; its stderr on failure.
-async fn run_quiet(mut cmd: Command) -> anyhow::Result<()> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(5), cmd.output())
-        .await
-        .context("timed out")??;
-    ensure!(
-        out.status.success(),
-        "{}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+async fn run_quiet(cmd: Command, log: &Path) -> anyhow::Result<()> {
+    let (status, _, stderr) =
+        Proc::run("ssh -O", cmd, log.to_path_buf(), Duration::from_secs(5)).await?;
+    ensure!(status.success(), "{status}: {}", stderr.trim());
     Ok(())
 }
 
@@ -1771,7 +1809,7 @@ struct Binaries {
 }
 
 impl Binaries {
-    /// target/release/examples/bench -> target/release/{monitor-svc,tunnel-svc}
+    /// target/release/examples/tunnel-bench -> target/release/{monitor-svc,tunnel-svc}
     fn locate() -> anyhow::Result<Binaries> {
         let exe = std::env::current_exe()?;
         let dir = exe
