@@ -14,8 +14,10 @@ pub fn on_signal() -> std::io::Result<CancellationToken> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::info!(signal = name, "shutting down");
+        // Cancel first: nothing, not even a log write to a closed pipe,
+        // may stand between a signal and the shutdown.
         cancel.cancel();
+        tracing::info!(signal = name, "shutting down");
     });
     Ok(token)
 }
