@@ -10,6 +10,8 @@ fn demo_forwards_a_server_and_cleans_up() {
     if !common::require_root() {
         return;
     }
+    // The demo runs the monitor-svc that sits next to tunnel-svc.
+    common::binary("monitor-svc");
     // A port no other test uses, so the demo gets the same host port.
     let out = Command::new(common::binary("tunnel-svc"))
         .args([
