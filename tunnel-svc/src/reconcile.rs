@@ -113,6 +113,7 @@ struct Want {
     origin: Origin,
     host_port: u16,
     process: Option<Process>,
+    /// Where the container's listeners accept connections.
     addresses: Vec<IpAddr>,
     /// Never remap: the host port was asked for explicitly.
     exact: bool,
@@ -713,6 +714,19 @@ impl Reconciler {
     }
 }
 
+/// The addresses a listener accepts connections on: its own, plus IPv4's
+/// wildcard for a dual-stack `::` socket (key `tcp:*:PORT`).
+fn reachable_on(l: &Port) -> Vec<IpAddr> {
+    let Ok(ip) = l.address.parse::<IpAddr>() else {
+        return Vec::new();
+    };
+    if l.key.contains(":*:") {
+        vec![ip, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)]
+    } else {
+        vec![ip]
+    }
+}
+
 /// Every tunnel as an update: what a new or resynced subscriber gets.
 fn all_updates(entries: &BTreeMap<String, Entry>) -> Vec<TunnelUpdate> {
     entries
@@ -732,10 +746,7 @@ impl Want {
             origin,
             host_port,
             process: listeners.iter().find_map(|l| l.process.clone()),
-            addresses: listeners
-                .iter()
-                .filter_map(|l| l.address.parse().ok())
-                .collect(),
+            addresses: listeners.iter().flat_map(reachable_on).collect(),
             exact: false,
         }
     }
