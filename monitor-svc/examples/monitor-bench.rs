@@ -11,6 +11,8 @@
 //! to stderr; stdout is a markdown report that can be pasted into the README.
 #![forbid(unsafe_code)]
 
+mod support;
+
 use anyhow::{bail, ensure, Context};
 use monitor_svc::detect::Detector;
 use monitor_svc::scan::{Scanner, Source};
@@ -22,7 +24,8 @@ use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+use support::{ms, Stats, XorShift};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -663,66 +666,6 @@ impl Events {
 }
 
 // --- Small helpers -----------------------------------------------------------
-
-/// Nearest-rank percentiles.
-struct Stats {
-    p50: Duration,
-    p90: Duration,
-    p99: Duration,
-    max: Duration,
-}
-
-impl Stats {
-    fn of(samples: &mut [Duration]) -> Stats {
-        samples.sort_unstable();
-        let pct = |p: f64| {
-            if samples.is_empty() {
-                return Duration::ZERO;
-            }
-            let rank = (p / 100.0 * samples.len() as f64).ceil() as usize;
-            samples[rank.clamp(1, samples.len()) - 1]
-        };
-        Stats {
-            p50: pct(50.0),
-            p90: pct(90.0),
-            p99: pct(99.0),
-            max: pct(100.0),
-        }
-    }
-}
-
-/// xorshift64, seeded from the clock: random phases, no rand crate.
-struct XorShift(u64);
-
-impl XorShift {
-    fn from_time() -> XorShift {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        XorShift((nanos as u64 ^ 0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
-
-fn ms(d: Duration) -> String {
-    let ms = d.as_secs_f64() * 1e3;
-    if ms < 1.0 {
-        format!("{ms:.3} ms")
-    } else if ms < 100.0 {
-        format!("{ms:.2} ms")
-    } else {
-        format!("{ms:.1} ms")
-    }
-}
 
 fn kib(k: u64) -> String {
     format!("{:.1} MiB", k as f64 / 1024.0)

@@ -22,6 +22,9 @@
 //! minutes). Progress goes to stderr; stdout is a markdown report.
 #![forbid(unsafe_code)]
 
+#[path = "../../monitor-svc/examples/support/mod.rs"]
+mod support;
+
 use anyhow::{anyhow, bail, ensure, Context};
 use porthole::pb::v1::{
     port_events_client::PortEventsClient, tunnel_admin_client::TunnelAdminClient,
@@ -35,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitCode, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use support::{ms, Stats, XorShift};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::TcpStream;
 use tokio::process::{ChildStdin, ChildStdout, Command};
@@ -1989,66 +1993,6 @@ impl Drop for WorkDir {
 }
 
 // --- Small helpers -----------------------------------------------------------
-
-/// Nearest-rank percentiles.
-struct Stats {
-    p50: Duration,
-    p90: Duration,
-    p99: Duration,
-    max: Duration,
-}
-
-impl Stats {
-    fn of(samples: &mut [Duration]) -> Stats {
-        samples.sort_unstable();
-        let pct = |p: f64| {
-            if samples.is_empty() {
-                return Duration::ZERO;
-            }
-            let rank = (p / 100.0 * samples.len() as f64).ceil() as usize;
-            samples[rank.clamp(1, samples.len()) - 1]
-        };
-        Stats {
-            p50: pct(50.0),
-            p90: pct(90.0),
-            p99: pct(99.0),
-            max: pct(100.0),
-        }
-    }
-}
-
-/// xorshift64, seeded from the clock: random phases, no rand crate.
-struct XorShift(u64);
-
-impl XorShift {
-    fn from_time() -> XorShift {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        XorShift((nanos as u64 ^ 0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
-
-fn ms(d: Duration) -> String {
-    let ms = d.as_secs_f64() * 1e3;
-    if ms < 1.0 {
-        format!("{ms:.3} ms")
-    } else if ms < 100.0 {
-        format!("{ms:.2} ms")
-    } else {
-        format!("{ms:.1} ms")
-    }
-}
 
 /// A message fit for a table cell.
 fn one_line(s: &str) -> String {
