@@ -979,66 +979,41 @@ async fn grpcurl_works_without_proto_files() {
 
     // grpcurl 1.8 speaks only reflection v1alpha: both versions answer.
     let channel = monitor.channel().await;
-    let v1alpha = {
-        use tonic_reflection::pb::v1alpha::{
-            server_reflection_client::ServerReflectionClient,
-            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-            ServerReflectionRequest,
-        };
-        let req = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        };
-        let mut c = ServerReflectionClient::new(channel.clone());
-        let mut s = within(
-            "reflection v1alpha",
-            c.server_reflection_info(tokio_stream::iter([req])),
-        )
-        .await
-        .expect("reflection v1alpha is served")
-        .into_inner();
-        match within("reflection v1alpha reply", s.message()).await {
-            Ok(Some(r)) => match r.message_response {
-                Some(MessageResponse::ListServicesResponse(l)) => l
-                    .service
-                    .into_iter()
-                    .map(|s| s.name)
-                    .collect::<BTreeSet<_>>(),
-                other => panic!("unexpected v1alpha reply {other:?}"),
-            },
-            other => panic!("unexpected v1alpha reply {other:?}"),
-        }
-    };
-    let v1 = {
-        use tonic_reflection::pb::v1::{
-            server_reflection_client::ServerReflectionClient,
-            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-            ServerReflectionRequest,
-        };
-        let req = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        };
-        let mut c = ServerReflectionClient::new(channel);
-        let mut s = within(
-            "reflection v1",
-            c.server_reflection_info(tokio_stream::iter([req])),
-        )
-        .await
-        .expect("reflection v1 is served")
-        .into_inner();
-        match within("reflection v1 reply", s.message()).await {
-            Ok(Some(r)) => match r.message_response {
-                Some(MessageResponse::ListServicesResponse(l)) => l
-                    .service
-                    .into_iter()
-                    .map(|s| s.name)
-                    .collect::<BTreeSet<_>>(),
-                other => panic!("unexpected v1 reply {other:?}"),
-            },
-            other => panic!("unexpected v1 reply {other:?}"),
-        }
-    };
+    // The same call against each reflection version (different generated types).
+    macro_rules! list_services {
+        ($($version:ident)::+, $label:literal, $channel:expr) => {{
+            use $($version)::+::{
+                server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse, ServerReflectionRequest,
+            };
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut c = ServerReflectionClient::new($channel);
+            let mut s = within(
+                concat!("reflection ", $label),
+                c.server_reflection_info(tokio_stream::iter([req])),
+            )
+            .await
+            .expect(concat!("reflection ", $label, " is served"))
+            .into_inner();
+            match within(concat!("reflection ", $label, " reply"), s.message()).await {
+                Ok(Some(r)) => match r.message_response {
+                    Some(MessageResponse::ListServicesResponse(l)) => l
+                        .service
+                        .into_iter()
+                        .map(|s| s.name)
+                        .collect::<BTreeSet<_>>(),
+                    other => panic!("unexpected {} reply {other:?}", $label),
+                },
+                other => panic!("unexpected {} reply {other:?}", $label),
+            }
+        }};
+    }
+    let v1alpha = list_services!(tonic_reflection::pb::v1alpha, "v1alpha", channel.clone());
+    let v1 = list_services!(tonic_reflection::pb::v1, "v1", channel);
     for name in ["porthole.v1.PortEvents", "grpc.health.v1.Health"] {
         assert!(v1alpha.contains(name), "{name} in v1alpha {v1alpha:?}");
         assert!(v1.contains(name), "{name} in v1 {v1:?}");
