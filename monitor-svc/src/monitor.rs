@@ -59,6 +59,8 @@ enum Command {
         reply: oneshot::Sender<EventsReply>,
     },
     Ports {
+        /// Only the listeners of this TCP port, when set.
+        tcp_port: Option<u32>,
         reply: oneshot::Sender<(u64, Vec<v1::Port>)>,
     },
     Watch {
@@ -90,7 +92,18 @@ impl Handle {
 
     /// The seq of the newest event, and every port listening as of it.
     pub async fn ports(&self) -> Result<(u64, Vec<v1::Port>), Stopped> {
-        self.ask(|reply| Command::Ports { reply }).await
+        self.ask(|reply| Command::Ports {
+            tcp_port: None,
+            reply,
+        })
+        .await
+    }
+
+    /// Every listener of one TCP port right now (what Relay may dial).
+    pub async fn tcp_listeners(&self, port: u16) -> Result<Vec<v1::Port>, Stopped> {
+        let tcp_port = Some(u32::from(port));
+        let (_, ports) = self.ask(|reply| Command::Ports { tcp_port, reply }).await?;
+        Ok(ports)
     }
 
     /// A subscription: a Snapshot or the resumed events, then live events.
@@ -343,8 +356,17 @@ impl Monitor {
                     last_seq: self.log.last_seq(),
                 });
             }
-            Command::Ports { reply } => {
-                let _ = reply.send((self.log.last_seq(), self.ports.values().cloned().collect()));
+            Command::Ports { tcp_port, reply } => {
+                let ports = self
+                    .ports
+                    .values()
+                    .filter(|p| {
+                        tcp_port
+                            .is_none_or(|n| p.port == n && p.protocol == v1::Protocol::Tcp as i32)
+                    })
+                    .cloned()
+                    .collect();
+                let _ = reply.send((self.log.last_seq(), ports));
             }
             Command::Watch {
                 instance_id,

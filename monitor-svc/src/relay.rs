@@ -68,10 +68,9 @@ impl Relay for RelayService {
     ) -> Result<Response<Self::DialStream>, Status> {
         let mut inbound = request.into_inner();
         let port = dial_request(&mut inbound).await?;
-        let (_, ports) = self.monitor.ports().await?;
-        let mut candidates: Vec<SocketAddr> = ports
+        let listeners = self.monitor.tcp_listeners(port).await?;
+        let mut candidates: Vec<SocketAddr> = listeners
             .iter()
-            .filter(|p| p.protocol == Protocol::Tcp as i32 && p.port == u32::from(port))
             .filter_map(|p| p.address.parse().ok().map(|ip| reach(ip, port)))
             .collect();
         candidates.sort_by_key(|a| a.is_ipv6());
