@@ -8,8 +8,8 @@
 mod common;
 
 use common::{
-    binary, comm, http, http_get, poll_until, require_root, skip_or_fail, which, within, Listener,
-    MonitorProc, Netns, DEADLINE,
+    binary, comm, grpcurl, http, http_get, poll_until, require_root, skip_or_fail, which, within,
+    Listener, MonitorProc, Netns, DEADLINE,
 };
 use porthole::pb::v1::{
     port_events_client::PortEventsClient, watch_events_response::Kind, EventType,
@@ -875,23 +875,6 @@ async fn procfs_source_sees_what_netlink_sees() {
 
 // ---------------------------------------------------------------------------
 // 11. grpcurl, health and reflection with no .proto files
-
-/// Runs grpcurl with `args`; returns stdout, panicking with stderr on failure.
-async fn grpcurl(bin: &std::path::Path, args: &[&str]) -> String {
-    let mut cmd = tokio::process::Command::new(bin);
-    cmd.args(args).kill_on_drop(true);
-    let out = within(&format!("grpcurl {args:?}"), cmd.output())
-        .await
-        .expect("run grpcurl");
-    assert!(
-        out.status.success(),
-        "grpcurl {args:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn grpcurl_works_without_proto_files() {

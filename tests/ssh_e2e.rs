@@ -186,14 +186,7 @@ async fn start_server(ns: &Netns, port: u16) -> Proc {
     cmd.args(["-c", SERVER_PY, &port.to_string()])
         .stdin(Stdio::null());
     let mut proc = ns.spawn_command("server", cmd);
-    let deadline = Instant::now() + DEADLINE;
-    while !proc.log().contains("ready") {
-        if let Some(status) = proc.try_wait() {
-            panic!("the server exited ({status}):\n{}", proc.log());
-        }
-        assert!(Instant::now() < deadline, "the server did not get ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    proc.wait_for_log("ready").await;
     proc
 }
 

@@ -12,8 +12,8 @@
 mod common;
 
 use common::{
-    binary, comm, host_has_ipv6, host_port_is_free, require_root, skip_or_fail, unused_local_port,
-    wait_for, which, within, MonitorProc, Netns, Proc, TunnelProc, DEADLINE,
+    binary, comm, grpcurl, host_has_ipv6, host_port_is_free, require_root, skip_or_fail,
+    unused_local_port, wait_for, which, within, MonitorProc, Netns, Proc, TunnelProc, DEADLINE,
 };
 use porthole::pb::v1::{
     relay_client::RelayClient, relay_frame::Kind as FrameKind, Backend as PbBackend,
@@ -192,21 +192,7 @@ impl Server {
         cmd.args(["-u", "-c", SERVER_PY, addr, &port.to_string(), label])
             .stdin(std::process::Stdio::null());
         let mut proc = ns.spawn_command(&format!("server-{port}"), cmd);
-        let deadline = Instant::now() + DEADLINE;
-        while !proc.log().contains("ready") {
-            if let Some(status) = proc.try_wait() {
-                panic!(
-                    "server {addr} port {port} exited ({status}):\n{}",
-                    proc.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server {addr} port {port} not ready:\n{}",
-                proc.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        proc.wait_for_log("ready").await;
         Server { proc }
     }
 
@@ -1398,22 +1384,6 @@ async fn token_on_both_services_direct() {
 
 // ---------------------------------------------------------------------------
 // 13. grpcurl with no .proto files
-
-async fn grpcurl(bin: &std::path::Path, args: &[&str]) -> String {
-    let mut cmd = tokio::process::Command::new(bin);
-    cmd.args(args).kill_on_drop(true);
-    let out = within(&format!("grpcurl {args:?}"), cmd.output())
-        .await
-        .expect("run grpcurl");
-    assert!(
-        out.status.success(),
-        "grpcurl {args:?} failed ({}):\n{}{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn grpcurl_lists_tunnels_without_proto_files() {

@@ -428,6 +428,24 @@ impl Proc {
         }
     }
 
+    /// Waits until its log contains `needle`; panics if it exits first or
+    /// [`DEADLINE`] passes.
+    pub async fn wait_for_log(&mut self, needle: &str) {
+        let deadline = Instant::now() + DEADLINE;
+        while !self.log().contains(needle) {
+            if let Some(status) = self.try_wait() {
+                panic!("{} exited ({status}):\n{}", self.label, self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not log {needle:?} within {DEADLINE:?}:\n{}",
+                self.label,
+                self.log()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// SIGTERM, then the exit status (panics if it takes over [`DEADLINE`]).
     pub async fn terminate(&mut self) -> ExitStatus {
         if let Some(status) = self.try_wait() {
@@ -1147,4 +1165,23 @@ pub fn unused_local_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")
         .port()
+}
+
+/// Runs grpcurl with `args`; returns stdout, panicking with its output on
+/// failure.
+pub async fn grpcurl(bin: &Path, args: &[&str]) -> String {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(args).kill_on_drop(true);
+    let out = within(&format!("grpcurl {args:?}"), cmd.output())
+        .await
+        .expect("run grpcurl");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed ({}):\n{}{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
 }
