@@ -10,12 +10,10 @@
 mod common;
 
 use common::{
-    binary, poll_until, require_root, skip_or_fail, which, within, MonitorProc, Netns, Proc,
+    poll_until, require_root, skip_or_fail, which, within, MonitorProc, Netns, Proc, TunnelProc,
     DEADLINE,
 };
-use porthole::pb::v1::{
-    tunnel_admin_client::TunnelAdminClient, Backend, ListTunnelsRequest, Tunnel, TunnelState,
-};
+use porthole::pb::v1::{Backend, Tunnel, TunnelState};
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -265,131 +263,52 @@ fn host_port_free(port: u16) -> bool {
 // tunnel-svc
 
 /// tunnel-svc on the host, following the namespace's monitor with
-/// `--backend ssh`.
-struct TunnelSvc {
-    proc: Proc,
-    admin: SocketAddr,
-}
+/// `--backend ssh` (the shared [`TunnelProc`] with this test's ssh options).
+struct TunnelSvc(TunnelProc);
 
 impl TunnelSvc {
     async fn start(ns: &Netns, sshd: &Sshd, monitor: &MonitorProc) -> TunnelSvc {
-        let mut cmd = Command::new(binary("tunnel-svc"));
-        cmd.args([
-            "--monitor",
-            &monitor.url(),
-            "--backend",
-            "ssh",
-            "--ssh-host",
-            ALIAS,
-            "--admin",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--log-level",
-            "info,tunnel_svc=debug",
-        ]);
-        for opt in sshd.client_options(ns) {
-            cmd.args(["--ssh-option", &opt]);
+        let url = monitor.url();
+        let options = sshd.client_options(ns);
+        let mut args = vec!["--monitor", &url, "--backend", "ssh", "--ssh-host", ALIAS];
+        for opt in &options {
+            args.extend(["--ssh-option", opt]);
         }
-        // Sockets go to /tmp/porthole-PID, where the tests look for them.
-        cmd.stdin(Stdio::null())
-            .env_remove("XDG_RUNTIME_DIR")
-            .env_remove("TMPDIR");
-        for var in [
-            "PORTHOLE_MONITOR",
-            "PORTHOLE_ADMIN",
-            "PORTHOLE_TOKEN_FILE",
-            "PORTHOLE_SKIP",
-            "PORTHOLE_MAX_TUNNELS",
-            "PORTHOLE_LOG",
-            "PORTHOLE_LOG_FORMAT",
-        ] {
-            cmd.env_remove(var);
-        }
-        let mut proc = ns.spawn_command("tunnel-svc", cmd);
-        let deadline = Instant::now() + DEADLINE;
-        let admin = loop {
-            if let Some(addr) = admin_addr(&proc.log()) {
-                break addr;
-            }
-            if let Some(status) = proc.try_wait() {
-                panic!(
-                    "tunnel-svc exited during start-up ({status}):\n{}",
-                    proc.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tunnel-svc did not log its admin address:\n{}",
-                proc.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        TunnelSvc { proc, admin }
+        TunnelSvc(TunnelProc::start(ns, &args).await)
     }
 
     fn pid(&self) -> u32 {
-        self.proc.pid()
+        self.0.pid()
     }
 
-    /// Where it keeps its ssh sockets (XDG_RUNTIME_DIR and TMPDIR unset).
+    /// Where it keeps its ssh sockets (TunnelProc unsets XDG_RUNTIME_DIR and TMPDIR).
     fn runtime_dir(&self) -> PathBuf {
         PathBuf::from(format!("/tmp/porthole-{}", self.pid()))
     }
 
     /// SIGTERM; it must exit 0.
     async fn stop(&mut self) {
-        let status = self.proc.terminate().await;
+        let status = self.0.terminate().await;
         assert!(
             status.success(),
             "tunnel-svc exit status {status}:\n{}",
-            self.proc.log()
+            self.0.log()
         );
     }
 
     async fn tunnels(&self) -> Vec<Tunnel> {
-        let call = async {
-            let mut client = TunnelAdminClient::connect(format!("http://{}", self.admin)).await?;
-            let resp = client
-                .list_tunnels(ListTunnelsRequest::default())
-                .await
-                .map_err(|s| anyhow::anyhow!("ListTunnels: {s}"))?;
-            anyhow::Ok(resp.into_inner().tunnels)
-        };
-        within("ListTunnels", call)
-            .await
-            .unwrap_or_else(|e| panic!("ListTunnels at {}: {e}", self.admin))
+        self.0.tunnels().await
     }
 
     /// Polls ListTunnels until tunnel `id` satisfies `pred`.
     async fn wait_tunnel(&self, what: &str, id: &str, pred: impl Fn(&Tunnel) -> bool) -> Tunnel {
-        poll_until(&format!("{id}: {what}"), DEADLINE, || {
-            let pred = &pred;
-            async move {
-                self.tunnels()
-                    .await
-                    .into_iter()
-                    .find(|t| t.id == id && pred(t))
-            }
-        })
-        .await
+        self.0.wait_tunnel(id, what, pred).await
     }
 
     /// Waits until the tunnel of `port` is ACTIVE.
     async fn wait_active(&self, port: u16) -> Tunnel {
-        self.wait_tunnel("ACTIVE", &format!("default:tcp:{port}"), |t| {
-            t.state == TunnelState::Active as i32
-        })
-        .await
+        self.0.wait_active(&format!("default:tcp:{port}")).await
     }
-}
-
-/// The admin address from tunnel-svc's JSON log.
-fn admin_addr(log: &str) -> Option<SocketAddr> {
-    log.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["message"] == "tunnel-svc admin API listening")
-        .and_then(|v| v["addr"].as_str()?.parse().ok())
 }
 
 /// `(pid, argv)` of every ssh process whose parent is `parent`.

@@ -983,7 +983,12 @@ impl TunnelProc {
                 cmd.env_remove(key);
             }
         }
-        cmd.args(&all).stdin(Stdio::null()).env("NO_COLOR", "1");
+        // ssh backend sockets then always go to /tmp/porthole-PID.
+        cmd.args(&all)
+            .stdin(Stdio::null())
+            .env("NO_COLOR", "1")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("TMPDIR");
         let mut proc = ns.spawn_command("tunnel-svc", cmd);
         let deadline = Instant::now() + DEADLINE;
         let admin = loop {
