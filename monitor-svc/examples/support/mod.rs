@@ -62,3 +62,28 @@ pub fn ms(d: Duration) -> String {
         format!("{ms:.1} ms")
     }
 }
+
+/// `nproc`, else what std sees.
+pub fn nproc() -> String {
+    std::process::Command::new("nproc")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or("?".into(), |n| n.to_string())
+        })
+}
+
+/// `getconf CLK_TCK`, else the usual 100 Hz.
+pub fn clock_ticks() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(100)
+}
