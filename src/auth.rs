@@ -1,8 +1,15 @@
-//! The optional shared bearer token (`--token-file`), checked on every gRPC
-//! and HTTP request of both services.
+//! Bearer tokens (`--token-file`), and who may call what without one.
+//!
+//! Every request passes [`check`]: a caller with the token gets
+//! [`Access::Full`]; a caller without it gets [`Access::Anonymous`] on the
+//! paths the service declares public, and `UNAUTHENTICATED` / `401`
+//! everywhere else. Handlers read the [`Access`] from the request's
+//! extensions to leave out what anonymous callers must not see.
 
 use axum::{body::Body, extract::Request, middleware::Next, response::Response};
 use http::{header, HeaderValue, StatusCode};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::{path::Path, sync::Arc};
 
 #[derive(Debug, thiserror::Error)]
@@ -12,10 +19,20 @@ pub enum TokenError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot write token file {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("token file {path} is empty")]
     Empty { path: String },
     #[error("token file {path} holds characters that cannot go in an HTTP header")]
     Invalid { path: String },
+    #[error(
+        "token file {path} can be read by other users (mode {mode:o}); \
+         make it private with `chmod 600 {path}`"
+    )]
+    Exposed { path: String, mode: u32 },
 }
 
 /// A shared secret. Clients send `authorization: Bearer TOKEN`.
@@ -28,19 +45,84 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// Bytes of randomness in a generated token (256 bits).
+const GENERATED_BYTES: usize = 32;
+
 impl Token {
-    /// Reads the token from a file; surrounding whitespace (a trailing
-    /// newline) is ignored.
+    /// Reads the token from a file that only its owner can read; surrounding
+    /// whitespace (a trailing newline) is ignored.
     pub fn from_file(path: &Path) -> Result<Token, TokenError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+        let read = |source| TokenError::Read {
             path: shown.clone(),
             source,
-        })?;
+        };
+        let meta = std::fs::metadata(path).map_err(read)?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(TokenError::Exposed { path: shown, mode });
+        }
+        let text = std::fs::read_to_string(path).map_err(read)?;
         Token::new(text.trim()).map_err(|e| match e {
             TokenError::Empty { .. } => TokenError::Empty { path: shown },
             _ => TokenError::Invalid { path: shown },
         })
+    }
+
+    /// The token in `path`, or a new random one written there (mode 0600,
+    /// its directory created 0700) when the file does not exist. Returns
+    /// whether it was created. Two processes racing for the same path end
+    /// up with the same token.
+    pub fn load_or_create(path: &Path) -> Result<(Token, bool), TokenError> {
+        match Token::from_file(path) {
+            Err(TokenError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound => {}
+            other => return other.map(|t| (t, false)),
+        }
+        let shown = path.display().to_string();
+        let write = |source| TokenError::Write {
+            path: shown.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(write)?;
+        }
+        let token = Token::generate().map_err(write)?;
+        // Written whole under a private name, then linked into place: the
+        // link fails if another process got there first, and nobody ever
+        // reads a half-written file.
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let result = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            writeln!(f, "{}", token.0)?;
+            f.sync_all()?;
+            std::fs::hard_link(&tmp, path)
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        match result {
+            Ok(()) => Ok((token, true)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Token::from_file(path).map(|t| (t, false))
+            }
+            Err(e) => Err(write(e)),
+        }
+    }
+
+    /// A new random token: 256 bits from the kernel, as hex.
+    pub fn generate() -> std::io::Result<Token> {
+        use std::io::Read;
+        let mut bytes = [0u8; GENERATED_BYTES];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Token(hex.into()))
     }
 
     pub fn new(secret: &str) -> Result<Token, TokenError> {
@@ -80,20 +162,58 @@ impl Token {
             .insert("authorization", self.metadata_value());
     }
 
-    /// Whether an `authorization` header carries this token. The comparison
-    /// takes the same time wherever the first difference is.
+    /// Whether an `authorization` header carries this token (the scheme
+    /// `Bearer` in any case). The comparison takes the same time wherever
+    /// the first difference is and whatever the two lengths are.
     pub fn accepts(&self, header: Option<&HeaderValue>) -> bool {
-        let Some(given) = header.and_then(|h| h.as_bytes().strip_prefix(b"Bearer ")) else {
+        let Some(given) = header.map(HeaderValue::as_bytes) else {
+            return false;
+        };
+        let Some(given) = given
+            .get(..7)
+            .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
+            .map(|_| &given[7..])
+        else {
             return false;
         };
         let want = self.0.as_bytes();
-        given.len() == want.len()
-            && given
-                .iter()
-                .zip(want)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        // Every given byte is compared with some byte of the token, so the
+        // time depends on the caller's input only.
+        let mut diff = u8::from(given.len() != want.len());
+        for (i, g) in given.iter().enumerate() {
+            diff |= g ^ want[i % want.len()];
+        }
+        diff == 0
     }
+}
+
+/// What a caller may see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Carried the token, or the service has none.
+    Full,
+    /// No token, on a path the service serves anonymously.
+    Anonymous,
+}
+
+impl Access {
+    /// The access of a request that went through [`check`] (full when the
+    /// service runs without a token).
+    pub fn of<T>(req: &tonic::Request<T>) -> Access {
+        req.extensions()
+            .get::<Access>()
+            .copied()
+            .unwrap_or(Access::Full)
+    }
+}
+
+/// Who may call a service.
+#[derive(Clone)]
+pub struct Policy {
+    /// `None`: everyone gets everything (only when no token is configured).
+    pub token: Option<Token>,
+    /// Paths served to callers without the token, e.g. `/healthz`.
+    pub public: fn(&str) -> bool,
 }
 
 /// Whether a request is gRPC (`content-type: application/grpc*`).
@@ -103,10 +223,19 @@ pub fn is_grpc<B>(req: &http::Request<B>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-/// axum middleware: rejects requests without the token. gRPC callers get
-/// `UNAUTHENTICATED`, HTTP callers `401`.
-pub async fn require(token: Token, req: Request, next: Next) -> Response {
-    if token.accepts(req.headers().get(header::AUTHORIZATION)) {
+/// axum middleware: tags each request with its [`Access`], or rejects it.
+/// gRPC callers get `UNAUTHENTICATED`, HTTP callers `401`.
+pub async fn check(policy: Policy, mut req: Request, next: Next) -> Response {
+    let access = match &policy.token {
+        None => Some(Access::Full),
+        Some(token) if token.accepts(req.headers().get(header::AUTHORIZATION)) => {
+            Some(Access::Full)
+        }
+        Some(_) if (policy.public)(req.uri().path()) => Some(Access::Anonymous),
+        Some(_) => None,
+    };
+    if let Some(access) = access {
+        req.extensions_mut().insert(access);
         return next.run(req).await;
     }
     if is_grpc(&req) {
@@ -130,9 +259,14 @@ mod tests {
     fn accepts_only_the_exact_bearer_token() {
         let t = Token::new("s3cret").unwrap();
         assert!(t.accepts(Some(&HeaderValue::from_static("Bearer s3cret"))));
+        assert!(t.accepts(Some(&HeaderValue::from_static("bearer s3cret"))));
+        assert!(t.accepts(Some(&HeaderValue::from_static("BEARER s3cret"))));
         assert!(!t.accepts(Some(&HeaderValue::from_static("Bearer s3cre"))));
         assert!(!t.accepts(Some(&HeaderValue::from_static("Bearer s3cret2"))));
+        assert!(!t.accepts(Some(&HeaderValue::from_static("Bearer s3cret3cret"))));
+        assert!(!t.accepts(Some(&HeaderValue::from_static("Bearer "))));
         assert!(!t.accepts(Some(&HeaderValue::from_static("s3cret"))));
+        assert!(!t.accepts(Some(&HeaderValue::from_static("Basic s3cret"))));
         assert!(!t.accepts(None));
         assert_eq!(t.header_value(), "Bearer s3cret");
     }
@@ -149,5 +283,48 @@ mod tests {
             err.to_string().contains("/nonexistent/porthole-token"),
             "{err}"
         );
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("porthole-auth-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn creates_a_private_token_once_and_reuses_it() {
+        let dir = temp_dir("create");
+        let path = dir.join("sub/monitor.token");
+        let (first, created) = Token::load_or_create(&path).unwrap();
+        assert!(created);
+        assert_eq!(first.0.len(), GENERATED_BYTES * 2, "256 bits as hex");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dir_mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dir_mode, 0o700);
+        let (again, created) = Token::load_or_create(&path).unwrap();
+        assert!(!created);
+        assert_eq!(again.0, first.0);
+        assert_ne!(Token::generate().unwrap().0, first.0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_a_token_file_others_can_read() {
+        let dir = temp_dir("exposed");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Token::load_or_create(&path).unwrap_err();
+        assert!(matches!(err, TokenError::Exposed { mode: 0o644, .. }), "{err}");
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(Token::from_file(&path).unwrap().0.as_ref(), "s3cret");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -9,9 +9,11 @@
 pub mod auth;
 pub mod fanout;
 pub mod key;
+pub mod net;
 pub mod pb;
 pub mod relay;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod text;
 pub mod time;

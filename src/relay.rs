@@ -1,7 +1,10 @@
 //! Moving bytes: between two sockets (`copy`), and between a socket and a
 //! `Relay.Dial` stream (`pump`). Both keep TCP half-close semantics: when one
 //! side stops sending, the other side's write half is shut down and the
-//! opposite direction carries on until it ends too.
+//! opposite direction carries on until it ends too. Both return an error
+//! the moment either direction fails; the caller then resets its sockets
+//! (see [`crate::net::ResetOnDrop`]) so no peer mistakes a broken path for
+//! a clean end.
 
 use crate::pb::v1::{relay_frame::Kind, RelayFrame};
 use prost::bytes::BytesMut;
@@ -15,20 +18,47 @@ pub const CHUNK: usize = 64 * 1024;
 
 /// Copies `a` → `b` and `b` → `a` until both directions have ended, adding
 /// the bytes moved to `a_to_b` and `b_to_a` as they go.
-pub async fn copy<A, B>(a: A, b: B, a_to_b: &AtomicU64, b_to_a: &AtomicU64) -> std::io::Result<()>
+pub async fn copy<A, B>(
+    a: &mut A,
+    b: &mut B,
+    a_to_b: &AtomicU64,
+    b_to_a: &AtomicU64,
+) -> std::io::Result<()>
 where
-    A: AsyncRead + AsyncWrite,
-    B: AsyncRead + AsyncWrite,
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    copy_verified(a, b, a_to_b, b_to_a, &|| Ok(())).await
+}
+
+/// [`copy`], where an end of `b` is passed on to `a` as a clean end only if
+/// `b_ended_cleanly` agrees: for a `b` whose EOF can also mean that the
+/// process behind it died (an ssh forward socket).
+pub async fn copy_verified<A, B>(
+    a: &mut A,
+    b: &mut B,
+    a_to_b: &AtomicU64,
+    b_to_a: &AtomicU64,
+    b_ended_cleanly: &(dyn Fn() -> std::io::Result<()> + Sync),
+) -> std::io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
-    let up = one_way(&mut ar, &mut bw, a_to_b);
-    let down = one_way(&mut br, &mut aw, b_to_a);
+    let up = one_way(&mut ar, &mut bw, a_to_b, &|| Ok(()));
+    let down = one_way(&mut br, &mut aw, b_to_a, b_ended_cleanly);
     // Either side failing ends both: nothing waits on a dead peer.
     tokio::try_join!(up, down).map(|_| ())
 }
 
-async fn one_way<R, W>(r: &mut R, w: &mut W, counter: &AtomicU64) -> std::io::Result<()>
+async fn one_way<R, W>(
+    r: &mut R,
+    w: &mut W,
+    counter: &AtomicU64,
+    ended_cleanly: &(dyn Fn() -> std::io::Result<()> + Sync),
+) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -37,6 +67,7 @@ where
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
+            ended_cleanly()?;
             // Half-close: the peer sees EOF, the other direction goes on.
             return w.shutdown().await;
         }
@@ -61,20 +92,21 @@ pub enum PumpError {
 /// Carries a socket over a relay stream: bytes read from `sock` go out as
 /// `data` frames (then `close_write` at EOF); `data` frames coming in are
 /// written to `sock` (and its write half shut at `close_write`). Returns once
-/// both directions have ended, or as soon as either fails. `sent` /
+/// both directions have ended, or as soon as either fails: then the caller
+/// resets `sock` and ends the stream with an error status, never cleanly. `sent` /
 /// `received` count payload bytes.
 /// `wrap` shapes an outgoing frame for the channel (`Ok` on the server side,
 /// where the channel carries `Result<RelayFrame, Status>`).
 pub async fn pump<S, I, T>(
-    sock: S,
+    sock: &mut S,
     mut inbound: I,
-    outbound: mpsc::Sender<T>,
+    outbound: &mpsc::Sender<T>,
     wrap: fn(RelayFrame) -> T,
     sent: &AtomicU64,
     received: &AtomicU64,
 ) -> Result<(), PumpError>
 where
-    S: AsyncRead + AsyncWrite,
+    S: AsyncRead + AsyncWrite + Unpin,
     I: futures_util::Stream<Item = Result<RelayFrame, tonic::Status>> + Unpin,
 {
     use futures_util::StreamExt;
@@ -130,10 +162,10 @@ mod tests {
 
     #[tokio::test]
     async fn copy_moves_both_ways_with_half_close() {
-        let (client, relay_a) = duplex(1024);
-        let (relay_b, server) = duplex(1024);
+        let (client, mut relay_a) = duplex(1024);
+        let (mut relay_b, server) = duplex(1024);
         let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-        let relay = copy(relay_a, relay_b, &up, &down);
+        let relay = copy(&mut relay_a, &mut relay_b, &up, &down);
         let ends = async {
             let (mut cr, mut cw) = tokio::io::split(client);
             let (mut sr, mut sw) = tokio::io::split(server);

@@ -1,14 +1,26 @@
 //! One listening port that serves gRPC (with health and reflection, v1 and
-//! v1alpha) and plain HTTP/1.1, with an optional bearer token in front of
-//! everything.
+//! v1alpha) and plain HTTP/1.1, behind an access [`Policy`], with every
+//! client-driven resource bounded: connections, streams per connection,
+//! connections that never send a request, and how long shutdown waits.
 
-use crate::{auth, pb};
+use crate::auth::{self, Policy};
+use crate::net;
+use crate::pb;
+use crate::telemetry::RateLimit;
 use axum::{body::Body, extract::Request, response::Response};
 use http::StatusCode;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic_health::ServingStatus;
 
 /// HTTP/2 flow-control windows. The 64 KiB default caps a relayed
@@ -16,6 +28,16 @@ use tonic_health::ServingStatus;
 /// per-connection buffering instead.
 pub const STREAM_WINDOW: u32 = 2 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
+
+/// How long in-flight calls get to finish once shutdown starts; then the
+/// connections that remain are closed and `serve` returns.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// HTTP/2 keepalive on every accepted connection: a peer that stops
+/// answering (killed, its link down) is noticed within about 15 s and its
+/// streams fail instead of waiting forever.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -27,6 +49,68 @@ pub enum ServeError {
 
 const HEALTH: &str = "grpc.health.v1.Health";
 
+/// Caps on what clients can make the server hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections open at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams: u32,
+    /// A connection must send its first byte (an HTTP/1 request line or the
+    /// HTTP/2 preface) within this time, or it is closed.
+    pub first_byte_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 512,
+            max_streams: 256,
+            first_byte_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the connection limits did, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections open now.
+    pub connections: AtomicU64,
+    /// Connections closed at once because `max_connections` were open.
+    pub refused_connections: AtomicU64,
+    /// Connections closed for sending nothing within `first_byte_timeout`.
+    pub silent_connections: AtomicU64,
+}
+
+impl ServerStats {
+    /// The counters in the Prometheus text format, named `PREFIX_...`.
+    pub fn render(&self, prefix: &str, out: &mut String) {
+        use std::fmt::Write;
+        let rows = [
+            ("connections", "gauge", "Client connections open now.", &self.connections),
+            (
+                "refused_connections_total",
+                "counter",
+                "Connections closed at once because the connection limit was reached.",
+                &self.refused_connections,
+            ),
+            (
+                "silent_connections_total",
+                "counter",
+                "Connections closed because they sent no request in time.",
+                &self.silent_connections,
+            ),
+        ];
+        for (name, kind, help, value) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {prefix}_{name} {help}\n# TYPE {prefix}_{name} {kind}\n{prefix}_{name} {}",
+                value.load(Relaxed)
+            );
+        }
+    }
+}
+
 /// What a service puts on its port.
 pub struct App {
     /// The service's own gRPC services.
@@ -35,12 +119,15 @@ pub struct App {
     pub grpc_names: Vec<&'static str>,
     /// Plain HTTP routes (`/healthz`, `/metrics`, ...).
     pub http: axum::Router,
-    pub token: Option<auth::Token>,
+    pub policy: Policy,
+    pub limits: Limits,
+    pub stats: Arc<ServerStats>,
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then stops
-/// accepting, lets in-flight calls finish and returns. Streaming handlers
-/// must watch `shutdown` themselves and end their streams.
+/// accepting, gives in-flight calls [`SHUTDOWN_GRACE`] to finish, closes
+/// what remains and returns. Streaming handlers must watch `shutdown`
+/// themselves and end their streams.
 pub async fn serve(
     listener: TcpListener,
     app: App,
@@ -70,38 +157,170 @@ pub async fn serve(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?);
 
-    let mut router = routes
+    let policy = app.policy;
+    let router = routes
         .into_axum_router()
         .merge(app.http)
-        .fallback(not_found);
-    if let Some(token) = app.token {
-        router = router.layer(axum::middleware::from_fn(move |req, next| {
-            auth::require(token.clone(), req, next)
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            auth::check(policy.clone(), req, next)
         }));
-    }
 
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let incoming = incoming(listener, app.limits, app.stats, shutdown.clone());
+    let server = tonic::transport::Server::builder()
         .accept_http1(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .max_concurrent_streams(Some(app.limits.max_streams))
         .add_routes(Routes::from(router))
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.cancelled().await;
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-        })
-        .await?;
+        .serve_with_incoming_shutdown(incoming, {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                health
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+            }
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => served?,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::info!(grace = ?SHUTDOWN_GRACE, "connections still open after the shutdown grace; closing them");
+        }
+    }
     Ok(())
+}
+
+/// Accepts connections for the server: at most `max_connections` at once,
+/// each handed over only once it has sent its first byte.
+fn incoming(
+    listener: TcpListener,
+    limits: Limits,
+    stats: Arc<ServerStats>,
+    shutdown: CancellationToken,
+) -> ReceiverStream<std::io::Result<Conn>> {
+    let (tx, rx) = mpsc::channel(64);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    tokio::spawn(async move {
+        static ACCEPT_LOG: RateLimit = RateLimit::new(net::ACCEPT_LOG_EVERY);
+        static REFUSED_LOG: RateLimit = RateLimit::new(net::ACCEPT_LOG_EVERY);
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = net::accept(&listener, &ACCEPT_LOG) => accepted,
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                stats.refused_connections.fetch_add(1, Relaxed);
+                if let Some(suppressed) = REFUSED_LOG.check() {
+                    tracing::warn!(%peer, max = limits.max_connections, suppressed, "connection limit reached; closing new connections");
+                }
+                let _ = stream.set_zero_linger();
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let (tx, stats) = (tx.clone(), stats.clone());
+            stats.connections.fetch_add(1, Relaxed);
+            let conn = Conn {
+                stream,
+                _slot: Slot {
+                    _permit: permit,
+                    stats: stats.clone(),
+                },
+            };
+            tokio::spawn(async move {
+                if sends_something(&conn.stream, limits.first_byte_timeout).await {
+                    let _ = tx.send(Ok(conn)).await;
+                } else {
+                    stats.silent_connections.fetch_add(1, Relaxed);
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Whether the peer sends a byte within `timeout` (rather than nothing, or
+/// only a close).
+async fn sends_something(stream: &TcpStream, timeout: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(timeout, stream.peek(&mut byte)).await,
+        Ok(Ok(n)) if n > 0
+    )
+}
+
+/// Releases a connection slot when the connection goes.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    stats: Arc<ServerStats>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.stats.connections.fetch_sub(1, Relaxed);
+    }
+}
+
+/// An accepted connection holding its slot.
+struct Conn {
+    stream: TcpStream,
+    _slot: Slot,
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TcpConnectInfo;
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
 }
 
 /// Unknown paths: `UNIMPLEMENTED` for gRPC callers, `404` for HTTP ones.
 async fn not_found(req: Request) -> Response {
+    let path = crate::text::clip(req.uri().path(), 200);
     if auth::is_grpc(&req) {
-        let msg = format!("no such method {}", req.uri().path());
+        let msg = format!("no such method {path}");
         let (parts, ()) = tonic::Status::unimplemented(msg)
             .into_http::<()>()
             .into_parts();
@@ -109,6 +328,6 @@ async fn not_found(req: Request) -> Response {
     }
     Response::builder()
         .status(StatusCode::NOT_FOUND)
-        .body(Body::from(format!("no such path {}\n", req.uri().path())))
+        .body(Body::from(format!("no such path {path}\n")))
         .expect("static response")
 }

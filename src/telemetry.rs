@@ -43,3 +43,53 @@ pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
     };
     result.map_err(|e| format!("cannot install the logger: {e}"))
 }
+
+/// At most one log line per interval for something that can happen at any
+/// rate (a failing accept, a refused client): [`RateLimit::check`] says when
+/// to log and how many occurrences went unlogged since.
+#[derive(Debug)]
+pub struct RateLimit {
+    every: std::time::Duration,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl RateLimit {
+    pub const fn new(every: std::time::Duration) -> RateLimit {
+        RateLimit {
+            every,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(suppressed)` when this occurrence should be logged, with the
+    /// number of occurrences not logged since the last line; `None` otherwise.
+    pub fn check(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, suppressed) = &mut *state;
+        if last.is_some_and(|t| now.duration_since(t) < self.every) {
+            *suppressed += 1;
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimit;
+    use std::time::Duration;
+
+    #[test]
+    fn rate_limit_logs_once_per_interval_and_counts_the_rest() {
+        let limit = RateLimit::new(Duration::from_secs(3600));
+        assert_eq!(limit.check(), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(limit.check(), None);
+        }
+        let now = RateLimit::new(Duration::ZERO);
+        assert_eq!(now.check(), Some(0));
+        assert_eq!(now.check(), Some(0));
+    }
+}

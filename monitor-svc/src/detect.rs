@@ -96,6 +96,7 @@ fn to_port(s: &Socket, process: Option<ProcessInfo>) -> v1::Port {
             pid: p.pid,
             name: p.name,
             cmdline: p.cmdline,
+            cmdline_truncated: p.truncated,
         }),
     }
 }

@@ -1,13 +1,32 @@
 //! `porthole.v1.PortEvents` over gRPC.
 
 use crate::log::Since;
-use crate::monitor::{Handle, WatchItem};
+use crate::monitor::Handle;
+use futures_util::StreamExt;
+use porthole::auth::Access;
 use porthole::pb::v1::{
-    port_events_server::PortEvents, ListEventsRequest, ListEventsResponse, ListPortsRequest,
-    ListPortsResponse, WatchEventsRequest,
+    self, port_events_server::PortEvents, watch_events_response::Kind, ListEventsRequest,
+    ListEventsResponse, ListPortsRequest, ListPortsResponse, WatchEventsRequest,
+    WatchEventsResponse,
 };
-use tokio_stream::wrappers::ReceiverStream;
+use std::pin::Pin;
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
+
+/// What a caller without the token does not get: command lines (they can
+/// hold secrets such as `--password=...`). The pid and name stay.
+pub fn redact(port: &mut v1::Port) {
+    if let Some(p) = &mut port.process {
+        p.cmdline.clear();
+        p.cmdline_truncated = false;
+    }
+}
+
+fn redact_all<'a>(ports: impl IntoIterator<Item = &'a mut v1::Port>, access: Access) {
+    if access == Access::Anonymous {
+        ports.into_iter().for_each(redact);
+    }
+}
 
 pub struct PortEventsService {
     monitor: Handle,
@@ -28,10 +47,15 @@ pub fn since_of(req: &ListEventsRequest) -> Result<Since, Status> {
         (Some(ts), _) => porthole::time::from_proto(ts)
             .map(Since::Time)
             .ok_or_else(|| {
+                let why = if !(0..1_000_000_000).contains(&ts.nanos) {
+                    "nanos must be 0..999999999"
+                } else {
+                    "seconds is outside the dates this monitor can represent"
+                };
                 Status::invalid_argument(format!(
-                "since is not a valid timestamp (seconds {}, nanos {}): nanos must be 0..999999999",
-                ts.seconds, ts.nanos
-            ))
+                    "since is not a valid timestamp (seconds {}, nanos {}): {why}",
+                    ts.seconds, ts.nanos
+                ))
             }),
         (None, 0) => Ok(Since::Start),
         (None, seq) => Ok(Since::Seq(seq)),
@@ -44,36 +68,55 @@ impl PortEvents for PortEventsService {
         &self,
         request: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
+        let access = Access::of(&request);
         let since = since_of(request.get_ref())?;
         let reply = self.monitor.events(since).await?;
+        let mut events: Vec<v1::PortEvent> = reply.page.events.iter().map(|e| e.to_proto()).collect();
+        redact_all(events.iter_mut().filter_map(|e| e.port.as_mut()), access);
         Ok(Response::new(ListEventsResponse {
             instance_id: self.monitor.instance_id.to_string(),
-            events: reply.page.events.iter().map(|e| e.to_proto()).collect(),
+            events,
             first_seq: reply.first_seq,
             last_seq: reply.last_seq,
             truncated: reply.page.truncated,
         }))
     }
 
-    type WatchEventsStream = ReceiverStream<WatchItem>;
+    type WatchEventsStream =
+        Pin<Box<dyn futures_util::Stream<Item = Result<WatchEventsResponse, Status>> + Send>>;
 
     async fn watch_events(
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let access = Access::of(&request);
         let WatchEventsRequest {
             instance_id,
             after_seq,
         } = request.into_inner();
-        let rx = self.monitor.watch(instance_id, after_seq).await?;
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let subscription = self.monitor.watch(instance_id, after_seq).await?;
+        // Items are shared between subscribers; each is copied only as this
+        // stream sends it.
+        let stream = subscription.map(move |item| {
+            item.map(|shared| {
+                let mut msg = Arc::unwrap_or_clone(shared);
+                match &mut msg.kind {
+                    Some(Kind::Snapshot(s)) => redact_all(&mut s.ports, access),
+                    Some(Kind::Event(e)) => redact_all(e.port.as_mut(), access),
+                    None => {}
+                }
+                msg
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_ports(
         &self,
-        _: Request<ListPortsRequest>,
+        request: Request<ListPortsRequest>,
     ) -> Result<Response<ListPortsResponse>, Status> {
-        let (seq, ports) = self.monitor.ports().await?;
+        let (seq, mut ports) = self.monitor.ports().await?;
+        redact_all(&mut ports, Access::of(&request));
         Ok(Response::new(ListPortsResponse {
             instance_id: self.monitor.instance_id.to_string(),
             seq,

@@ -3,21 +3,30 @@
 
 use crate::log::{Event, Since};
 use crate::monitor::Handle;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
+use porthole::auth::Access;
 use porthole::pb::v1::EventType;
+use porthole::server::ServerStats;
 use serde::Serialize;
 use std::collections::HashMap;
+use std::sync::Arc;
 
-pub fn router(monitor: Handle) -> Router {
+#[derive(Clone)]
+struct Shared {
+    monitor: Handle,
+    server: Arc<ServerStats>,
+}
+
+pub fn router(monitor: Handle, server: Arc<ServerStats>) -> Router {
     Router::new()
         .route("/port-events", any(port_events))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .with_state(monitor)
+        .with_state(Shared { monitor, server })
 }
 
 /// One element of the legacy JSON array. `seq` and `process` are additions
@@ -37,10 +46,15 @@ struct JsonEvent<'a> {
 struct JsonProcess<'a> {
     pid: u32,
     name: &'a str,
-    cmdline: &'a [String],
+    /// Only for callers with the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cmdline: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    cmdline_truncated: bool,
 }
 
-fn json_event(e: &Event) -> JsonEvent<'_> {
+fn json_event(e: &Event, access: Access) -> JsonEvent<'_> {
+    let full = access == Access::Full;
     JsonEvent {
         kind: match e.kind {
             EventType::Closed => "closed",
@@ -52,7 +66,8 @@ fn json_event(e: &Event) -> JsonEvent<'_> {
         process: e.port.process.as_ref().map(|p| JsonProcess {
             pid: p.pid,
             name: &p.name,
-            cmdline: &p.cmdline,
+            cmdline: full.then_some(p.cmdline.as_slice()),
+            cmdline_truncated: full && p.cmdline_truncated,
         }),
     }
 }
@@ -73,13 +88,15 @@ fn parse_since(raw: &str) -> Result<Since, String> {
         .or_else(|e| porthole::time::parse_rfc3339(&raw.replace(' ', "+")).map_err(|_| e))
         .map(Since::Time)
         .map_err(|e| {
+            let raw = porthole::text::clip(raw, 64);
             format!("bad since {raw:?}: {e}; want RFC 3339, e.g. 2026-11-22T10:00:00Z or 2026-11-22T10:00:00.5+01:00\n")
         })
 }
 
 async fn port_events(
     method: Method,
-    State(monitor): State<Handle>,
+    State(Shared { monitor, .. }): State<Shared>,
+    Extension(access): Extension<Access>,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     if method != Method::GET {
@@ -103,7 +120,12 @@ async fn port_events(
         Ok(reply) => reply,
         Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     };
-    let events: Vec<JsonEvent> = reply.page.events.iter().map(json_event).collect();
+    let events: Vec<JsonEvent> = reply
+        .page
+        .events
+        .iter()
+        .map(|e| json_event(e, access))
+        .collect();
     let body = serde_json::to_vec(&events).expect("plain data serializes");
     let mut resp = (
         StatusCode::OK,
@@ -119,8 +141,9 @@ async fn port_events(
     resp
 }
 
-async fn metrics(State(monitor): State<Handle>) -> Response {
-    let body = monitor.metrics.render(monitor.source);
+async fn metrics(State(Shared { monitor, server }): State<Shared>) -> Response {
+    let mut body = monitor.metrics.render(monitor.source);
+    server.render("porthole_monitor", &mut body);
     (
         StatusCode::OK,
         [(

@@ -15,9 +15,43 @@ pub mod scan;
 
 use porthole::pb::v1::port_events_server::{PortEventsServer, SERVICE_NAME as PORT_EVENTS};
 use porthole::pb::v1::relay_server::{RelayServer, SERVICE_NAME as RELAY};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// What callers without the token get.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Anonymous {
+    /// The read-only legacy surface: `/port-events`, `PortEvents`, health,
+    /// reflection and `/metrics`, without command lines.
+    #[default]
+    ReadOnly,
+    /// Nothing but `/healthz`.
+    None,
+}
+
+impl Anonymous {
+    fn public(self) -> fn(&str) -> bool {
+        match self {
+            Anonymous::ReadOnly => read_only_path,
+            Anonymous::None => |path| path == "/healthz",
+        }
+    }
+}
+
+/// The paths served without the token by default. Never `Relay`.
+fn read_only_path(path: &str) -> bool {
+    matches!(path, "/healthz" | "/metrics" | "/port-events")
+        || [
+            "/porthole.v1.PortEvents/",
+            "/grpc.health.v1.Health/",
+            "/grpc.reflection.v1.ServerReflection/",
+            "/grpc.reflection.v1alpha.ServerReflection/",
+        ]
+        .iter()
+        .any(|prefix| path.starts_with(prefix))
+}
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -27,7 +61,13 @@ pub struct Options {
     pub buffer_size: usize,
     /// `None`: netlink, falling back to /proc/net.
     pub source: Option<scan::Source>,
-    pub token: Option<porthole::auth::Token>,
+    /// Required for `Relay` and for everything else callers without it
+    /// cannot have.
+    pub token: porthole::auth::Token,
+    pub anonymous: Anonymous,
+    pub limits: porthole::server::Limits,
+    /// WatchEvents streams at once.
+    pub max_subscribers: usize,
 }
 
 /// Runs the monitor on `listener` until `shutdown` is cancelled.
@@ -47,6 +87,7 @@ pub async fn run(
     let config = monitor::Config {
         interval,
         buffer_size: opts.buffer_size,
+        max_subscribers: opts.max_subscribers,
     };
     let (handle, task) = monitor::spawn(detect::Detector::new(scanner), config, shutdown.clone())?;
     tracing::info!(
@@ -54,8 +95,10 @@ pub async fn run(
         instance_id = %handle.instance_id,
         interval = ?interval,
         buffer = opts.buffer_size,
+        anonymous = ?opts.anonymous,
         "monitor-svc listening"
     );
+    let stats = Arc::new(porthole::server::ServerStats::default());
     let app = porthole::server::App {
         grpc: tonic::service::Routes::new(PortEventsServer::new(grpc::PortEventsService::new(
             handle.clone(),
@@ -65,12 +108,40 @@ pub async fn run(
             shutdown.clone(),
         ))),
         grpc_names: vec![PORT_EVENTS, RELAY],
-        http: http::router(handle),
-        token: opts.token,
+        http: http::router(handle, stats.clone()),
+        policy: porthole::auth::Policy {
+            token: Some(opts.token),
+            public: opts.anonymous.public(),
+        },
+        limits: opts.limits,
+        stats,
     };
     let served = porthole::server::serve(listener, app, shutdown.clone()).await;
     shutdown.cancel();
     task.await?;
     served?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_is_never_anonymous() {
+        for policy in [Anonymous::ReadOnly, Anonymous::None] {
+            let public = policy.public();
+            assert!(public("/healthz"));
+            assert!(!public("/porthole.v1.Relay/Dial"), "{policy:?}");
+            assert!(!public("/porthole.v1.Relayx/Dial"), "{policy:?}");
+        }
+        let read_only = Anonymous::ReadOnly.public();
+        assert!(read_only("/port-events"));
+        assert!(read_only("/porthole.v1.PortEvents/WatchEvents"));
+        assert!(read_only("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"));
+        assert!(!read_only("/port-events/../porthole.v1.Relay/Dial"));
+        let none = Anonymous::None.public();
+        assert!(!none("/port-events") && !none("/metrics"));
+        assert!(!none("/porthole.v1.PortEvents/ListPorts"));
+    }
 }

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use monitor_svc::scan::Source;
+use monitor_svc::{scan::Source, Anonymous};
 use porthole::telemetry::LogFormat;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -22,9 +22,26 @@ struct Args {
     #[arg(long, env = "PORTHOLE_BUFFER_SIZE", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     buffer_size: u32,
-    /// File holding a bearer token that every gRPC and HTTP request must carry.
+    /// File holding the bearer token that Relay and full access need (mode
+    /// 0600). Default: $XDG_RUNTIME_DIR/porthole/monitor.token, else
+    /// /run/porthole/monitor.token as root, else
+    /// ~/.local/state/porthole/monitor.token; made with a random token when
+    /// it does not exist.
     #[arg(long, env = "PORTHOLE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// What callers without the token get: read-only (/port-events,
+    /// PortEvents, health, reflection, /metrics; no command lines) or none
+    /// (only /healthz).
+    #[arg(long, env = "PORTHOLE_ANONYMOUS", value_enum, default_value_t = Anonymous::ReadOnly)]
+    anonymous: Anonymous,
+    /// Client connections at once; more are closed as they arrive.
+    #[arg(long, env = "PORTHOLE_MAX_CONNECTIONS", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// WatchEvents streams at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PORTHOLE_MAX_SUBSCRIBERS", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_subscribers: u32,
     /// Where to read sockets from: auto (netlink, else /proc/net), netlink, procfs.
     #[arg(long, env = "PORTHOLE_SOURCE", value_enum, default_value_t = SourceArg::Auto)]
     source: SourceArg,
@@ -49,13 +66,28 @@ enum SourceArg {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     porthole::telemetry::init(&args.log_level, args.log_format).map_err(anyhow::Error::msg)?;
-    let token = args
-        .token_file
-        .as_deref()
-        .map(porthole::auth::Token::from_file)
-        .transpose()?;
+    let token = match &args.token_file {
+        Some(path) => {
+            let token = porthole::auth::Token::from_file(path)?;
+            tracing::info!(token_file = %path.display(), "using the bearer token in the token file");
+            token
+        }
+        None => {
+            let path = default_token_path()?;
+            let (token, created) = porthole::auth::Token::load_or_create(&path)
+                .with_context(|| "pass --token-file to keep the token elsewhere")?;
+            tracing::info!(
+                token_file = %path.display(),
+                created,
+                "bearer token for Relay and full access is in the token file"
+            );
+            token
+        }
+    };
+    let fds = porthole::net::raise_fd_limit();
+    tracing::debug!(limit = ?fds, "file-descriptor limit");
     let shutdown = porthole::shutdown::on_signal()?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = porthole::net::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let opts = monitor_svc::Options {
@@ -67,8 +99,28 @@ async fn main() -> anyhow::Result<()> {
             SourceArg::Procfs => Some(Source::Procfs),
         },
         token,
+        anonymous: args.anonymous,
+        limits: porthole::server::Limits {
+            max_connections: args.max_connections as usize,
+            ..Default::default()
+        },
+        max_subscribers: args.max_subscribers as usize,
     };
     monitor_svc::run(listener, opts, shutdown).await
+}
+
+/// Where the token lives when --token-file is not given.
+fn default_token_path() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("porthole/monitor.token"));
+    }
+    if rustix::process::geteuid().is_root() {
+        return Ok(PathBuf::from("/run/porthole/monitor.token"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .context("neither XDG_RUNTIME_DIR nor HOME is set: pass --token-file")?;
+    Ok(PathBuf::from(home).join(".local/state/porthole/monitor.token"))
 }
 
 #[cfg(test)]

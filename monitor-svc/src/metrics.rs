@@ -15,6 +15,8 @@ pub struct Metrics {
     pub ports: AtomicU64,
     pub subscribers: AtomicU64,
     pub resyncs: AtomicU64,
+    pub refused_subscribers: AtomicU64,
+    pub relays_failed: AtomicU64,
     pub relays_active: AtomicU64,
     pub relays_total: AtomicU64,
 }
@@ -96,6 +98,18 @@ impl Metrics {
             "counter",
             "Times a subscriber fell behind and was sent a fresh snapshot.",
             &[("", self.resyncs.load(Relaxed).to_string())],
+        );
+        metric(
+            "porthole_monitor_refused_subscribers_total",
+            "counter",
+            "WatchEvents streams refused because --max-subscribers were open.",
+            &[("", self.refused_subscribers.load(Relaxed).to_string())],
+        );
+        metric(
+            "porthole_monitor_relays_failed_total",
+            "counter",
+            "Relay.Dial connections that ended with an error (both ends reset).",
+            &[("", self.relays_failed.load(Relaxed).to_string())],
         );
         metric(
             "porthole_monitor_relays_active",

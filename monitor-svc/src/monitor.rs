@@ -6,7 +6,7 @@ use crate::detect::Detector;
 use crate::log::{diff, Event, EventLog, Page, Since};
 use crate::metrics::Metrics;
 use chrono::Utc;
-use porthole::fanout::Fanout;
+use porthole::fanout::{self, Fanout, Subscription};
 use porthole::pb::v1::{self, watch_events_response::Kind, EventType, WatchEventsResponse};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -20,18 +20,24 @@ use tonic::Status;
 
 /// Messages queued per WatchEvents subscriber before it counts as slow.
 pub const SUBSCRIBER_QUEUE: usize = 256;
+/// Bytes (encoded) queued per WatchEvents subscriber before it counts as
+/// slow. Queued items are shared between subscribers, so this bounds what
+/// one subscriber can keep alive, not a copy per subscriber.
+pub const SUBSCRIBER_BYTES: usize = 1 << 20;
 /// How often a subscriber that fell behind is checked for room for its
 /// fresh snapshot.
 const RESYNC_CHECK: Duration = Duration::from_millis(100);
 /// How often subscribers that went away are forgotten when no event does it.
 const HOUSEKEEPING: Duration = Duration::from_secs(5);
 
-pub type WatchItem = Result<WatchEventsResponse, Status>;
+pub type WatchItem = fanout::Item<WatchEventsResponse>;
 
 #[derive(Clone, Debug)]
 pub struct Config {
     pub interval: Duration,
     pub buffer_size: usize,
+    /// WatchEvents streams at once; more are refused (RESOURCE_EXHAUSTED).
+    pub max_subscribers: usize,
 }
 
 /// The answer to a since-query, with where the log stands.
@@ -66,7 +72,7 @@ enum Command {
     Watch {
         instance_id: String,
         after_seq: u64,
-        reply: oneshot::Sender<mpsc::Receiver<WatchItem>>,
+        reply: oneshot::Sender<Result<Subscription<WatchEventsResponse>, fanout::Full>>,
     },
 }
 
@@ -111,13 +117,18 @@ impl Handle {
         &self,
         instance_id: String,
         after_seq: u64,
-    ) -> Result<mpsc::Receiver<WatchItem>, Stopped> {
-        self.ask(|reply| Command::Watch {
-            instance_id,
-            after_seq,
-            reply,
+    ) -> Result<Subscription<WatchEventsResponse>, Status> {
+        let subscribed = self
+            .ask(|reply| Command::Watch {
+                instance_id,
+                after_seq,
+                reply,
+            })
+            .await?;
+        subscribed.map_err(|full| {
+            self.metrics.refused_subscribers.fetch_add(1, Relaxed);
+            full.into()
         })
-        .await
     }
 }
 
@@ -144,7 +155,8 @@ pub fn spawn(
         instance_id,
         log: EventLog::new(config.buffer_size),
         ports: BTreeMap::new(),
-        subscribers: Fanout::new(SUBSCRIBER_QUEUE),
+        subscribers: subscribers(config.max_subscribers),
+        snapshot: None,
         metrics,
     };
     let (scans_tx, scans_rx) = mpsc::channel(4);
@@ -175,11 +187,23 @@ fn new_instance_id() -> String {
     )
 }
 
+fn subscribers(max: usize) -> Fanout<WatchEventsResponse> {
+    let bounds = fanout::Bounds {
+        items: SUBSCRIBER_QUEUE,
+        bytes: SUBSCRIBER_BYTES,
+        subscribers: max,
+    };
+    Fanout::new(bounds, prost::Message::encoded_len)
+}
+
 struct Monitor {
     instance_id: Arc<str>,
     log: EventLog,
     ports: BTreeMap<String, v1::Port>,
     subscribers: Fanout<WatchEventsResponse>,
+    /// The snapshot of the current ports, built once per change and shared
+    /// by every subscriber that needs it.
+    snapshot: Option<(u64, Arc<WatchEventsResponse>)>,
     metrics: Arc<Metrics>,
 }
 
@@ -312,15 +336,26 @@ impl Monitor {
         self.resync_waiting();
     }
 
-    fn snapshot(&self) -> WatchEventsResponse {
-        snapshot(&self.instance_id, &self.log, &self.ports)
+    /// The current snapshot, built at most once per change of the ports.
+    fn snapshot(&mut self) -> Arc<WatchEventsResponse> {
+        let seq = self.log.last_seq();
+        match &self.snapshot {
+            Some((at, snap)) if *at == seq => snap.clone(),
+            _ => {
+                let snap = Arc::new(snapshot(&self.instance_id, &self.log, &self.ports));
+                self.snapshot = Some((seq, snap.clone()));
+                snap
+            }
+        }
     }
 
     fn publish(&mut self, events: &[Event]) {
-        let items: Vec<WatchEventsResponse> = events
+        let items: Vec<Arc<WatchEventsResponse>> = events
             .iter()
-            .map(|e| WatchEventsResponse {
-                kind: Some(Kind::Event(e.to_proto())),
+            .map(|e| {
+                Arc::new(WatchEventsResponse {
+                    kind: Some(Kind::Event(e.to_proto())),
+                })
             })
             .collect();
         let behind = self.subscribers.publish(&items);
@@ -336,8 +371,10 @@ impl Monitor {
 
     /// Sends owed snapshots to subscribers that have room again.
     fn resync_waiting(&mut self) {
-        let (id, log, ports) = (&self.instance_id, &self.log, &self.ports);
-        self.subscribers.resync(|| vec![snapshot(id, log, ports)]);
+        if self.subscribers.any_behind() {
+            let snap = self.snapshot();
+            self.subscribers.resync(|| vec![snap]);
+        }
         self.count_subscribers();
     }
 
@@ -379,15 +416,17 @@ impl Monitor {
                 let initial = match resumed {
                     Some(events) => events
                         .iter()
-                        .map(|e| WatchEventsResponse {
-                            kind: Some(Kind::Event(e.to_proto())),
+                        .map(|e| {
+                            Arc::new(WatchEventsResponse {
+                                kind: Some(Kind::Event(e.to_proto())),
+                            })
                         })
                         .collect(),
                     None => vec![self.snapshot()],
                 };
-                let rx = self.subscribers.subscribe(initial);
+                let subscribed = self.subscribers.subscribe(initial);
                 self.count_subscribers();
-                let _ = reply.send(rx);
+                let _ = reply.send(subscribed);
             }
         }
     }
@@ -403,7 +442,8 @@ mod tests {
             instance_id: "test-instance".into(),
             log: EventLog::new(10_000),
             ports: BTreeMap::new(),
-            subscribers: Fanout::new(SUBSCRIBER_QUEUE),
+            subscribers: subscribers(1000),
+            snapshot: None,
             metrics: Arc::new(Metrics::default()),
         }
     }
@@ -428,18 +468,18 @@ mod tests {
         m: &mut Monitor,
         instance_id: &str,
         after_seq: u64,
-    ) -> mpsc::Receiver<WatchItem> {
+    ) -> Subscription<WatchEventsResponse> {
         let (reply, rx) = oneshot::channel();
         m.handle(Command::Watch {
             instance_id: instance_id.into(),
             after_seq,
             reply,
         });
-        rx.await.unwrap()
+        rx.await.unwrap().unwrap()
     }
 
     fn kind(item: WatchItem) -> Kind {
-        item.unwrap().kind.unwrap()
+        item.unwrap().kind.clone().unwrap()
     }
 
     #[tokio::test]
@@ -459,7 +499,7 @@ mod tests {
         assert_eq!(m.metrics.resyncs.load(Relaxed), 1);
         // What it got is a gapless prefix...
         let mut seqs = Vec::new();
-        while let Ok(item) = sub.try_recv() {
+        while let Some(item) = sub.try_recv() {
             match kind(item) {
                 Kind::Event(e) => seqs.push(e.seq),
                 Kind::Snapshot(_) => panic!("no snapshot while the queue is full"),
@@ -487,7 +527,7 @@ mod tests {
         let mut m = monitor();
         m.scanned(Scan::Ports(ports(3)));
         let mut resumed = subscribe(&mut m, "test-instance", 1).await;
-        let seqs: Vec<u64> = std::iter::from_fn(|| resumed.try_recv().ok())
+        let seqs: Vec<u64> = std::iter::from_fn(|| resumed.try_recv())
             .map(|i| match kind(i) {
                 Kind::Event(e) => e.seq,
                 Kind::Snapshot(_) => panic!("resume must not snapshot"),

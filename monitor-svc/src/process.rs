@@ -15,9 +15,16 @@ pub struct ProcessInfo {
     pub pid: u32,
     /// `/proc/PID/comm`: the kernel's 15-byte name.
     pub name: String,
-    /// `/proc/PID/cmdline` split on NUL; empty for kernel threads and zombies.
+    /// `/proc/PID/cmdline` split on NUL, at most [`CMDLINE_MAX`] bytes in
+    /// all; empty for kernel threads and zombies.
     pub cmdline: Vec<String>,
+    /// The command line was longer than [`CMDLINE_MAX`] and was cut.
+    pub truncated: bool,
 }
+
+/// Bytes of command line carried per process: enough to tell programs
+/// apart, bounded whatever a process puts in its arguments.
+pub const CMDLINE_MAX: usize = 4096;
 
 /// For each socket inode, the process holding it open, found through `/proc`.
 /// See [`owners_in`].
@@ -92,10 +99,15 @@ fn socket_inode(link: &str) -> Option<u64> {
 fn read_info(dir: &Path, pid: u32) -> Option<ProcessInfo> {
     let comm = fs::read_to_string(dir.join("comm")).ok()?;
     let name = comm.strip_suffix('\n').unwrap_or(&comm).to_string();
-    let cmdline = fs::read(dir.join("cmdline"))
-        .map(|raw| split_cmdline(&raw))
-        .unwrap_or_default();
-    Some(ProcessInfo { pid, name, cmdline })
+    let raw = fs::read(dir.join("cmdline")).unwrap_or_default();
+    let truncated = raw.strip_suffix(b"\0").unwrap_or(&raw).len() > CMDLINE_MAX;
+    let cmdline = split_cmdline(&raw[..raw.len().min(CMDLINE_MAX)]);
+    Some(ProcessInfo {
+        pid,
+        name,
+        cmdline,
+        truncated,
+    })
 }
 
 /// NUL-separated, NUL-terminated; a process that rewrote its argv may leave
@@ -176,10 +188,18 @@ mod tests {
         // Exited between listing and reading: no comm.
         proc.process("50", None, b"", &["socket:[40]"]);
         proc.process("60", Some("kworker/0:1"), b"", &["socket:[41]"]);
+        let mut long = b"leaky\0--password=".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 40_000));
+        long.push(0);
+        proc.process("70", Some("leaky"), &long, &["socket:[42]"]);
         fs::create_dir_all(proc.0.join("self")).unwrap();
         fs::create_dir_all(proc.0.join("net")).unwrap();
 
-        let found = owners_in(&proc.0, &set(&[0, 10, 20, 30, 40, 41, 99]));
+        let found = owners_in(&proc.0, &set(&[0, 10, 20, 30, 40, 41, 42, 99]));
+        let leaky = &found[&42];
+        assert!(leaky.truncated);
+        let carried: usize = leaky.cmdline.iter().map(|a| a.len() + 1).sum();
+        assert!(carried <= CMDLINE_MAX + 1, "{carried} bytes carried");
         assert_eq!(
             found.get(&20),
             Some(&ProcessInfo {
@@ -191,6 +211,7 @@ mod tests {
                     String::new(),
                     "8080".into()
                 ],
+                truncated: false,
             }),
             "lowest pid wins; empty arguments inside the cmdline are kept"
         );
@@ -201,7 +222,7 @@ mod tests {
         assert!(!found.contains_key(&40), "owner gone");
         assert!(!found.contains_key(&99), "nobody holds it");
         assert!(!found.contains_key(&0));
-        assert_eq!(found.len(), 4);
+        assert_eq!(found.len(), 5);
     }
 
     #[test]

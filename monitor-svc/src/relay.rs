@@ -2,10 +2,12 @@
 //! is listening inside the container right now, and nowhere else.
 
 use crate::monitor::Handle;
+use porthole::net::ResetOnDrop;
 use porthole::pb::v1::{relay_frame::Kind, relay_server::Relay, DialReply, Protocol, RelayFrame};
+use porthole::relay::PumpError;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use tokio::net::TcpStream;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -15,6 +17,36 @@ use tonic::{Request, Response, Status, Streaming};
 /// connection's memory to about half a megabyte each way.
 const FRAMES_IN_FLIGHT: usize = 8;
 
+/// How long connecting to a listener inside the container may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long relayed connections get to finish on their own once the
+/// monitor is asked to stop; then they are reset and their streams end
+/// with UNAVAILABLE.
+pub const DRAIN: Duration = Duration::from_secs(2);
+
+/// How long the final error status may wait for room in a stream whose
+/// caller is not reading.
+const STATUS_WAIT: Duration = Duration::from_secs(1);
+
+/// The status a Relay stream ends with when its connection broke.
+fn broken(port: u16, e: &PumpError) -> Status {
+    match e {
+        PumpError::Io(e) => Status::aborted(format!(
+            "connection to port {port} inside the container failed: {e}; it was reset"
+        )),
+        PumpError::Stream(s) => Status::aborted(format!(
+            "the relay stream failed ({}); the connection to port {port} was reset",
+            s.message()
+        )),
+        PumpError::PeerGone => Status::aborted(format!(
+            "the relay stream ended without close_write; the connection to port {port} was reset"
+        )),
+        PumpError::Protocol(what) => Status::invalid_argument(format!(
+            "{what}; the connection to port {port} was reset"
+        )),
+    }
+}
 pub struct RelayService {
     monitor: Handle,
     shutdown: CancellationToken,
@@ -83,7 +115,7 @@ impl Relay for RelayService {
         let mut last_err = None;
         let mut conn = None;
         for addr in &candidates {
-            match TcpStream::connect(addr).await {
+            match porthole::net::connect(*addr, CONNECT_TIMEOUT).await {
                 Ok(c) => {
                     conn = Some((c, *addr));
                     break;
@@ -97,7 +129,10 @@ impl Relay for RelayService {
                 last_err.unwrap_or_default()
             )));
         };
-        let _ = conn.set_nodelay(true);
+        // Reset, never closed cleanly, unless the transfer ends cleanly:
+        // even this process dying resets it.
+        let mut conn =
+            ResetOnDrop::new(conn).map_err(|e| Status::internal(format!("socket: {e}")))?;
 
         let (out_tx, out_rx) = mpsc::channel::<Result<RelayFrame, Status>>(FRAMES_IN_FLIGHT);
         let dialed = RelayFrame {
@@ -115,17 +150,33 @@ impl Relay for RelayService {
         metrics.relays_active.fetch_add(1, Relaxed);
         tokio::spawn(async move {
             let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
-            let pump = porthole::relay::pump(conn, inbound, out_tx, Ok, &sent, &received);
-            tokio::select! {
-                result = pump => {
-                    if let Err(e) = result {
-                        tracing::debug!(port, error = %e, "relay ended early");
-                    }
+            let result = {
+                let pump =
+                    porthole::relay::pump(&mut *conn, inbound, &out_tx, Ok, &sent, &received);
+                tokio::pin!(pump);
+                tokio::select! {
+                    result = &mut pump => result.map_err(|e| broken(port, &e)),
+                    _ = shutdown.cancelled() => match tokio::time::timeout(DRAIN, &mut pump).await {
+                        Ok(result) => result.map_err(|e| broken(port, &e)),
+                        Err(_) => Err(Status::unavailable(format!(
+                            "monitor-svc is shutting down; the connection to port {port} was reset"
+                        ))),
+                    },
                 }
-                _ = shutdown.cancelled() => {}
-            }
+            };
             metrics.relays_active.fetch_sub(1, Relaxed);
-            tracing::debug!(port, %addr, sent = sent.load(Relaxed), received = received.load(Relaxed), "relay closed");
+            match result {
+                Ok(()) => {
+                    conn.finish();
+                    tracing::debug!(port, %addr, sent = sent.load(Relaxed), received = received.load(Relaxed), "relay closed");
+                }
+                Err(status) => {
+                    metrics.relays_failed.fetch_add(1, Relaxed);
+                    tracing::debug!(port, %addr, sent = sent.load(Relaxed), received = received.load(Relaxed), error = %status.message(), "relay reset");
+                    drop(conn);
+                    let _ = tokio::time::timeout(STATUS_WAIT, out_tx.send(Err(status))).await;
+                }
+            }
         });
         Ok(Response::new(ReceiverStream::new(out_rx)))
     }

@@ -1,0 +1,176 @@
+//! Sockets as both services use them: accepting without spinning when file
+//! descriptors run out, the file-descriptor limit, and TCP connections that
+//! end with a reset unless they finished cleanly.
+
+use crate::telemetry::RateLimit;
+use std::io;
+use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+
+/// How long an accept loop pauses when the process or the system is out of
+/// file descriptors (or socket memory): the pending connection waits in the
+/// backlog instead of the loop spinning on the same error.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// One "accept failed" log line per this interval, with a count.
+pub const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Whether an error means "out of descriptors or memory", where retrying at
+/// once can only fail again.
+pub fn is_exhaustion(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    let errno = Errno::from_io_error(e);
+    [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM]
+        .iter()
+        .any(|x| Some(*x) == errno)
+}
+
+/// Accepts the next connection. Errors are logged at most once per
+/// [`ACCEPT_LOG_EVERY`] (through `log`) and never end the loop; running out
+/// of file descriptors backs off for [`ACCEPT_BACKOFF`] instead of spinning.
+pub async fn accept(listener: &TcpListener, log: &RateLimit) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                let exhausted = is_exhaustion(&e);
+                if let Some(suppressed) = log.check() {
+                    let addr = listener.local_addr().ok();
+                    tracing::warn!(
+                        addr = ?addr,
+                        error = %e,
+                        suppressed,
+                        "accept failed{}",
+                        if exhausted { "; backing off until connections close" } else { "" }
+                    );
+                }
+                if exhausted {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: every relayed
+/// connection costs two descriptors, and the usual soft limit of 1,024 is
+/// reached long before memory is. Returns the limit now in force.
+pub fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit.clone()) {
+            tracing::debug!(error = %e, "cannot raise the file-descriptor limit");
+            return getrlimit(Resource::Nofile).current;
+        }
+    }
+    limit.current
+}
+
+/// A relayed TCP connection that ends with a reset (RST) unless
+/// [`ResetOnDrop::finish`] says it ended cleanly. `SO_LINGER 0` is set as
+/// soon as it is wrapped, so even the process dying (SIGKILL) resets it:
+/// the peer never mistakes a broken transfer for a finished one.
+#[derive(Debug)]
+pub struct ResetOnDrop(TcpStream);
+
+impl ResetOnDrop {
+    pub fn new(stream: TcpStream) -> io::Result<ResetOnDrop> {
+        stream.set_zero_linger()?;
+        let _ = stream.set_nodelay(true);
+        Ok(ResetOnDrop(stream))
+    }
+
+    /// Both directions ended cleanly: close with the normal FIN handshake.
+    pub fn finish(self) {
+        let _ = socket2::SockRef::from(&self.0).set_linger(None);
+    }
+}
+
+impl Deref for ResetOnDrop {
+    type Target = TcpStream;
+    fn deref(&self) -> &TcpStream {
+        &self.0
+    }
+}
+
+impl DerefMut for ResetOnDrop {
+    fn deref_mut(&mut self) -> &mut TcpStream {
+        &mut self.0
+    }
+}
+
+/// Connects with a deadline: a listener that drops SYNs fails the
+/// connection after `timeout` instead of the kernel's two minutes.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {}s", timeout.as_secs()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn exhaustion_errors_are_recognised() {
+        assert!(is_exhaustion(&io::Error::from_raw_os_error(24)));
+        assert!(is_exhaustion(&io::Error::from_raw_os_error(23)));
+        assert!(!is_exhaustion(&io::Error::from_raw_os_error(103)));
+        assert!(!is_exhaustion(&io::Error::other("x")));
+    }
+
+    #[tokio::test]
+    async fn dropped_connection_resets_and_finished_one_closes_cleanly() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for clean in [false, true] {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let mut server = ResetOnDrop::new(server).unwrap();
+            server.write_all(b"partial").await.unwrap();
+            if clean {
+                server.shutdown().await.unwrap();
+                server.finish();
+            } else {
+                drop(server);
+            }
+            let mut got = Vec::new();
+            let result = client.read_to_end(&mut got).await;
+            if clean {
+                assert_eq!(result.unwrap(), 7);
+            } else {
+                let err = result.unwrap_err();
+                assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+            }
+        }
+    }
+}
+
+/// How long a service start-up keeps retrying a listen address that is
+/// still in use (a predecessor killed a moment ago).
+pub const BIND_RETRY: Duration = Duration::from_secs(3);
+
+/// Binds `addr`, retrying for up to [`BIND_RETRY`] while it is in use.
+pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let deadline = tokio::time::Instant::now() + BIND_RETRY;
+    loop {
+        match TcpListener::bind(addr).await {
+            Err(e)
+                if e.kind() == io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
