@@ -9,18 +9,17 @@ mod common;
 
 use common::{
     binary, comm, grpcurl, http, http_get, poll_until, require_root, skip_or_fail, which, within,
-    Listener, MonitorProc, Netns, DEADLINE,
+    write_token, Listener, MonitorClient, MonitorProc, Netns, Proc, DEADLINE,
 };
 use porthole::pb::v1::{
-    port_events_client::PortEventsClient, watch_events_response::Kind, EventType,
+    watch_events_response::Kind, EventType,
     ListEventsRequest, ListEventsResponse, ListPortsRequest, ListPortsResponse, Port, PortEvent,
     Protocol, Snapshot, WatchEventsRequest, WatchEventsResponse,
 };
 use std::collections::{BTreeMap, BTreeSet};
-use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-type Client = PortEventsClient<Channel>;
+type Client = MonitorClient;
 
 /// The monitor's own port, as it reports it.
 const MONITOR_KEY: &str = "tcp:0.0.0.0:7070";
@@ -545,7 +544,13 @@ async fn json_shim_keeps_the_legacy_contract() {
         "{}",
         resp.body
     );
+    // Without the token only the public paths answer; with it, the rest.
     let resp = http_get(addr, "/no-such-path").await;
+    assert_eq!(resp.status, 401, "{resp:?}");
+    let bearer = format!("Bearer {}", std::fs::read_to_string(monitor.token_file()).unwrap().trim());
+    let resp = http(addr, "GET", "/no-such-path", &[("Authorization", &bearer)])
+        .await
+        .unwrap();
     assert_eq!(resp.status, 404, "{resp:?}");
 }
 
@@ -683,96 +688,191 @@ async fn resume_against_a_restarted_monitor_gets_a_snapshot() {
 }
 
 // ---------------------------------------------------------------------------
-// 8. Bearer token
+// 8. Bearer token: what a neighbour without it gets
+
+/// A server on the container's loopback only, with a secret planted in its
+/// command line; it greets every connection.
+fn secret_server(ns: &Netns, port: u16) -> Proc {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', {port}))\n\
+         s.listen()\n\
+         while True:\n    c, _ = s.accept(); c.sendall(b'inside'); c.close()\n"
+    );
+    ns.spawn("python3", ["-c", script.as_str(), "--password=hunter2"])
+}
+
+/// Relay.Dial of `port` with `authorization` (if any): the bytes the
+/// server sent, or the error.
+async fn relay_read(
+    monitor: &MonitorProc,
+    port: u16,
+    authorization: Option<&str>,
+) -> Result<Vec<u8>, tonic::Status> {
+    use porthole::pb::v1::{relay_client::RelayClient, relay_frame, DialRequest, RelayFrame};
+    let frames = tokio_stream::iter(vec![
+        RelayFrame {
+            kind: Some(relay_frame::Kind::Dial(DialRequest {
+                protocol: Protocol::Tcp as i32,
+                port: port.into(),
+            })),
+        },
+        RelayFrame {
+            kind: Some(relay_frame::Kind::CloseWrite(true)),
+        },
+    ]);
+    let mut req = tonic::Request::new(frames);
+    if let Some(value) = authorization {
+        req.metadata_mut()
+            .insert("authorization", value.parse().unwrap());
+    }
+    let mut inbound = within("Relay.Dial", RelayClient::new(monitor.channel().await).dial(req))
+        .await?
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(frame) = within("relay frames", inbound.message()).await? {
+        if let Some(relay_frame::Kind::Data(d)) = frame.kind {
+            got.extend_from_slice(&d);
+        }
+    }
+    Ok(got)
+}
 
 #[tokio::test(flavor = "multi_thread")]
-async fn token_is_required_on_grpc_and_http() {
+async fn neighbour_without_the_token_gets_no_relay_and_no_command_lines() {
     if !require_root() {
         return;
     }
     let ns = Netns::new();
     let token_file = ns.log_dir().join("token");
-    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    write_token(&token_file, "s3cret-token");
     let monitor = MonitorProc::start(&ns, &["--token-file", token_file.to_str().unwrap()]).await;
+    let port = 18_080;
+    let server = secret_server(&ns, port);
+    let key = format!("tcp:127.0.0.1:{port}");
 
-    let mut plain = monitor.client().await;
-    let err = within(
-        "ListPorts without a token",
-        plain.list_ports(ListPortsRequest {}),
-    )
-    .await
-    .expect_err("no token is refused");
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    let err = within(
-        "WatchEvents without a token",
-        plain.watch_events(WatchEventsRequest::default()),
-    )
-    .await
-    .expect_err("no token is refused");
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-
-    let with_token = |value: &'static str| {
-        move |mut req: tonic::Request<()>| {
-            req.metadata_mut()
-                .insert("authorization", value.parse().unwrap());
-            Ok(req)
+    // With the token: everything, command lines included.
+    let authed = monitor.client().await;
+    let listed = poll_until("the server listed", DEADLINE, || {
+        let (mut client, key) = (authed.clone(), &key);
+        async move {
+            let ports = list_ports(&mut client).await.ports;
+            ports.into_iter().find(|p| p.key == *key)
         }
-    };
-    let mut wrong = PortEventsClient::with_interceptor(
-        monitor.channel().await,
-        with_token("Bearer wrong-token"),
-    );
-    let err = within(
-        "ListPorts with a wrong token",
-        wrong.list_ports(ListPortsRequest {}),
-    )
-    .await
-    .expect_err("a wrong token is refused");
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    })
+    .await;
+    let process = listed.process.expect("the server's process is visible");
+    assert_eq!(process.pid, server.pid());
+    assert!(process.cmdline.iter().any(|a| a == "--password=hunter2"), "{process:?}");
 
-    let mut authed = PortEventsClient::with_interceptor(
-        monitor.channel().await,
-        with_token("Bearer s3cret-token"),
-    );
-    let ports = within(
-        "ListPorts with the token",
-        authed.list_ports(ListPortsRequest {}),
-    )
-    .await
-    .expect("the token is accepted")
-    .into_inner();
-    assert!(port_keys(&ports.ports).contains(MONITOR_KEY));
-    let mut stream = within(
-        "WatchEvents with the token",
-        authed.watch_events(WatchEventsRequest::default()),
-    )
-    .await
-    .expect("the token is accepted")
-    .into_inner();
-    next_snapshot(&mut stream).await;
-
-    let addr = monitor.addr();
-    let resp = http_get(addr, "/port-events").await;
-    assert_eq!(resp.status, 401, "{resp:?}");
-    let resp = http(
-        addr,
-        "GET",
-        "/port-events",
-        &[("Authorization", "Bearer wrong")],
-    )
-    .await
-    .unwrap();
-    assert_eq!(resp.status, 401, "{resp:?}");
-    let resp = http(
-        addr,
-        "GET",
-        "/port-events",
-        &[("Authorization", "Bearer s3cret-token")],
-    )
-    .await
-    .unwrap();
+    // The neighbour (this host, another namespace): the server is not
+    // reachable directly...
+    let direct = std::net::TcpStream::connect((monitor.addr().ip(), port));
+    assert!(direct.is_err(), "the loopback-only server is not reachable directly");
+    // ...nor through Relay, without the right token.
+    for auth in [None, Some("Bearer wrong-token"), Some("Basic s3cret-token")] {
+        let err = relay_read(&monitor, port, auth)
+            .await
+            .expect_err("Relay needs the token");
+        assert_eq!(err.code(), Code::Unauthenticated, "{auth:?}: {err:?}");
+    }
+    // The read-only surface answers, without command lines.
+    let mut anon = monitor.anonymous_client().await;
+    let ports = list_ports(&mut anon).await.ports;
+    let p = ports.iter().find(|p| p.key == key).expect("listed anonymously");
+    let process = p.process.as_ref().expect("pid and name stay");
+    assert_eq!(process.pid, server.pid());
+    assert!(process.cmdline.is_empty(), "{process:?}");
+    let events = list_events(&mut anon, ListEventsRequest::default()).await;
+    assert!(events.events.iter().all(|e| e
+        .port
+        .as_ref()
+        .and_then(|p| p.process.as_ref())
+        .is_none_or(|p| p.cmdline.is_empty())));
+    let mut stream = within("anonymous WatchEvents", anon.watch_events(WatchEventsRequest::default()))
+        .await
+        .expect("WatchEvents is read-only")
+        .into_inner();
+    let snap = next_snapshot(&mut stream).await;
+    assert!(snap.ports.iter().all(|p| p.process.as_ref().is_none_or(|p| p.cmdline.is_empty())));
+    let resp = http_get(monitor.addr(), "/port-events").await;
     assert_eq!(resp.status, 200, "{resp:?}");
-    assert_eq!(json_summary(&resp.body)[0].1, MONITOR_KEY);
+    assert!(!resp.body.contains("hunter2") && !resp.body.contains("cmdline"), "{}", resp.body);
+    assert!(resp.body.contains(&key), "{}", resp.body);
+
+    // With the token (any case of "Bearer"), Relay reaches the server.
+    let got = relay_read(&monitor, port, Some("bearer s3cret-token"))
+        .await
+        .expect("the token opens Relay");
+    assert_eq!(got, b"inside");
+    let resp = http(monitor.addr(), "GET", "/port-events", &[("Authorization", "Bearer s3cret-token")])
+        .await
+        .unwrap();
+    assert!(resp.body.contains("hunter2"), "{}", resp.body);
+
+    // --anonymous none: nothing but /healthz without the token.
+    let closed = MonitorProc::start(
+        &ns,
+        &["--listen", "0.0.0.0:7071", "--anonymous", "none", "--token-file", token_file.to_str().unwrap()],
+    )
+    .await;
+    let err = within("ListPorts", closed.anonymous_client().await.list_ports(ListPortsRequest {}))
+        .await
+        .expect_err("--anonymous none refuses it");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    for path in ["/port-events", "/metrics"] {
+        assert_eq!(http_get(closed.addr(), path).await.status, 401, "{path}");
+    }
+    assert_eq!(http_get(closed.addr(), "/healthz").await.status, 200);
+    assert!(!closed.client().await.list_ports(ListPortsRequest {}).await.unwrap().into_inner().ports.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_token_file_the_monitor_makes_a_private_one() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let runtime = ns.log_dir().join("xdg");
+    let mut cmd = ns.command(binary("monitor-svc"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PORTHOLE_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.args(["--listen", "0.0.0.0:7070"])
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null());
+    let mut proc = ns.spawn_command("monitor-svc", cmd);
+    let token_file = runtime.join("porthole/monitor.token");
+    proc.wait_for_log("token_file").await;
+    let secret = std::fs::read_to_string(&token_file).expect("the token file exists");
+    let secret = secret.trim();
+    assert!(secret.len() >= 32, "at least 128 bits: {secret:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let log = proc.log();
+    assert!(log.contains(&token_file.display().to_string()), "the path is logged:\n{log}");
+    assert!(!log.contains(secret), "the token is never logged:\n{log}");
+    // A token file others can read is refused, with the reason.
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut refuse = ns.command(binary("monitor-svc"));
+    refuse
+        .args(["--listen", "127.0.0.1:7099"])
+        .env("XDG_RUNTIME_DIR", &runtime);
+    let out = within(
+        "monitor-svc to refuse the token file",
+        tokio::process::Command::from(refuse).output(),
+    )
+    .await
+    .expect("run monitor-svc");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("chmod 600"), "{stderr}");
 }
 
 // ---------------------------------------------------------------------------

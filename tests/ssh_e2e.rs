@@ -270,7 +270,9 @@ impl TunnelSvc {
     async fn start(ns: &Netns, sshd: &Sshd, monitor: &MonitorProc) -> TunnelSvc {
         let url = monitor.url();
         let options = sshd.client_options(ns);
+        let token = monitor.token_flag(None);
         let mut args = vec!["--monitor", &url, "--backend", "ssh", "--ssh-host", ALIAS];
+        args.extend(token.iter().map(String::as_str));
         for opt in &options {
             args.extend(["--ssh-option", opt]);
         }

@@ -13,7 +13,8 @@ mod common;
 
 use common::{
     binary, comm, grpcurl, host_has_ipv6, host_port_is_free, require_root, skip_or_fail,
-    unused_local_port, wait_for, which, within, MonitorProc, Netns, Proc, TunnelProc, DEADLINE,
+    unused_local_port, wait_for, which, within, write_token, MonitorProc, Netns, Proc, TunnelProc,
+    DEADLINE,
 };
 use porthole::pb::v1::{
     relay_client::RelayClient, relay_frame::Kind as FrameKind, Backend as PbBackend,
@@ -460,7 +461,9 @@ async fn start_tunnel(
     extra: &[&str],
 ) -> TunnelProc {
     let url = monitor.url();
+    let token = monitor.token_flag(None);
     let mut args = vec!["--monitor", url.as_str(), "--backend", backend.flag()];
+    args.extend(token.iter().map(String::as_str));
     args.extend_from_slice(extra);
     TunnelProc::start(ns, &args).await
 }
@@ -915,7 +918,13 @@ async fn two_targets_same_port_both_forwarded() {
         MonitorProc::start(&ns_b, &[]).await,
     );
     let (ta, tb) = (format!("a={}", mon_a.url()), format!("b={}", mon_b.url()));
-    let tunnel = TunnelProc::start(&ns_a, &["--target", &ta, "--target", &tb]).await;
+    let [flag, tok_a] = mon_a.token_flag(Some("a"));
+    let [_, tok_b] = mon_b.token_flag(Some("b"));
+    let tunnel = TunnelProc::start(
+        &ns_a,
+        &["--target", &ta, "--target", &tb, &flag, &tok_a, &flag, &tok_b],
+    )
+    .await;
     let _sa = Server::start(&ns_a, "::", port, "in-a").await;
     let _sb = Server::start(&ns_b, "::", port, "in-b").await;
     let (ida, idb) = (format!("a:tcp:{port}"), format!("b:tcp:{port}"));
@@ -1269,8 +1278,10 @@ async fn bad_admin_requests_change_nothing() {
             port: closed_port.into(),
         })),
     }]);
+    let mut req = tonic::Request::new(frames);
+    w.monitor.token().authorize(&mut req);
     let mut relay = RelayClient::new(w.monitor.channel().await);
-    let status = within("Relay.Dial", relay.dial(frames))
+    let status = within("Relay.Dial", relay.dial(req))
         .await
         .expect_err("Dial of a closed port must fail");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
@@ -1335,7 +1346,7 @@ async fn token(backend: Backend) {
     let port = block.base;
     let ns = Netns::new();
     let token_file = ns.log_dir().join("token");
-    std::fs::write(&token_file, "tunnel-e2e-secret\n").expect("write the token");
+    write_token(&token_file, "tunnel-e2e-secret");
     let token_path = token_file.to_str().expect("utf-8 path");
     let monitor = MonitorProc::start(&ns, &["--token-file", token_path]).await;
     let tunnel = start_tunnel(&ns, &monitor, backend, &["--token-file", token_path]).await;

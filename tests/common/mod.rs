@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// How long anything in a test may take before it counts as hung.
@@ -639,12 +640,49 @@ pub fn comm(pid: u32) -> String {
 pub struct MonitorProc {
     proc: Proc,
     addr: SocketAddr,
+    token: porthole::auth::Token,
+    token_file: PathBuf,
 }
 
+/// A `PortEvents` client that sends the monitor's token.
+pub type MonitorClient = PortEventsClient<InterceptedService<Channel, Authorize>>;
+
+/// Adds a bearer token (when there is one) to every call of a client.
+#[derive(Clone)]
+pub struct Authorize(pub Option<porthole::auth::Token>);
+
+impl tonic::service::Interceptor for Authorize {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            token.authorize(&mut req);
+        }
+        Ok(req)
+    }
+}
+
+/// Writes `secret` to a new token file only its owner can read (a token
+/// file others can read is refused).
+pub fn write_token(path: &Path, secret: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = fs::remove_file(path);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    writeln!(f, "{secret}").expect("write the token");
+}
+
+/// Token files made by this process, for unique names.
+static NEXT_TOKEN: AtomicU32 = AtomicU32::new(0);
+
 impl MonitorProc {
-    /// Starts monitor-svc with `args`, plus `--listen 0.0.0.0:7070` and
-    /// `--interval 50ms` unless `args` sets them, and waits until it answers
-    /// HTTP (any status: with a token /healthz says 401, which is an answer).
+    /// Starts monitor-svc with `args`, plus `--listen 0.0.0.0:7070`,
+    /// `--interval 50ms` and a `--token-file` of its own (a fresh token in
+    /// the namespace's log directory) unless `args` sets them, and waits
+    /// until it answers HTTP.
     pub async fn start(ns: &Netns, args: &[&str]) -> MonitorProc {
         let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let has = |flag: &str| {
@@ -657,6 +695,17 @@ impl MonitorProc {
         if !has("--interval") {
             all.extend(["--interval".into(), "50ms".into()]);
         }
+        let token_file = match all.iter().position(|a| a == "--token-file") {
+            Some(i) => PathBuf::from(&all[i + 1]),
+            None => {
+                let n = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
+                let path = ns.log_dir().join(format!("monitor-{n}.token"));
+                let _ = fs::remove_file(&path);
+                porthole::auth::Token::load_or_create(&path).expect("a random token file");
+                all.extend(["--token-file".into(), path.display().to_string()]);
+                path
+            }
+        };
         let listen: SocketAddr = all
             .iter()
             .enumerate()
@@ -704,7 +753,35 @@ impl MonitorProc {
             );
             tokio::time::sleep(POLL).await;
         }
-        MonitorProc { proc, addr }
+        let token = porthole::auth::Token::from_file(&token_file)
+            .unwrap_or_else(|e| panic!("the monitor's token: {e}"));
+        MonitorProc {
+            proc,
+            addr,
+            token,
+            token_file,
+        }
+    }
+
+    /// The monitor's bearer token.
+    pub fn token(&self) -> &porthole::auth::Token {
+        &self.token
+    }
+
+    /// The file holding it.
+    pub fn token_file(&self) -> &Path {
+        &self.token_file
+    }
+
+    /// The tunnel-svc flag that hands it the token for `target` (every
+    /// target when `None`).
+    pub fn token_flag(&self, target: Option<&str>) -> [String; 2] {
+        let path = self.token_file.display();
+        let value = match target {
+            Some(t) => format!("{t}={path}"),
+            None => path.to_string(),
+        };
+        ["--monitor-token-file".into(), value]
     }
 
     /// Where it answers, e.g. `198.18.X.2:7070`.
@@ -740,9 +817,14 @@ impl MonitorProc {
             .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.url()))
     }
 
-    /// A `PortEvents` client on a new connection.
-    pub async fn client(&self) -> PortEventsClient<Channel> {
-        PortEventsClient::new(self.channel().await)
+    /// A `PortEvents` client on a new connection that sends the token.
+    pub async fn client(&self) -> MonitorClient {
+        PortEventsClient::with_interceptor(self.channel().await, Authorize(Some(self.token.clone())))
+    }
+
+    /// A `PortEvents` client without the token: what a neighbour gets.
+    pub async fn anonymous_client(&self) -> MonitorClient {
+        PortEventsClient::with_interceptor(self.channel().await, Authorize(None))
     }
 
     /// SIGTERM to the monitor itself; returns its exit status.

@@ -1,7 +1,7 @@
 //! `porthole.v1.TunnelAdmin` over gRPC, plus `/healthz` and `/metrics` on
 //! the same port.
 
-use crate::reconcile::{Command, UpdateItem};
+use crate::reconcile::Command;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -9,12 +9,15 @@ use axum::routing::get;
 use porthole::pb::v1::{
     tunnel_admin_server::TunnelAdmin, CloseTunnelRequest, CloseTunnelResponse, ListTunnelsRequest,
     ListTunnelsResponse, OpenTunnelRequest, OpenTunnelResponse, Protocol, Tunnel, TunnelState,
-    WatchTunnelsRequest,
+    TunnelUpdate, WatchTunnelsRequest,
 };
 use std::fmt::Write;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response as GrpcResponse, Status};
+
+/// Longest id or target name taken from a request; anything longer cannot
+/// name a tunnel and is refused without being echoed whole.
+const MAX_ID: usize = 512;
 
 #[derive(Clone)]
 pub struct Admin {
@@ -57,6 +60,12 @@ impl TunnelAdmin for Admin {
         req: Request<CloseTunnelRequest>,
     ) -> Result<GrpcResponse<CloseTunnelResponse>, Status> {
         let id = req.into_inner().id;
+        if id.len() > MAX_ID {
+            return Err(Status::invalid_argument(format!(
+                "id {:?} is too long to be a tunnel id",
+                porthole::text::clip(&id, 64)
+            )));
+        }
         if id.is_empty() {
             return Err(Status::invalid_argument(
                 "id is required, e.g. default:tcp:8080",
@@ -78,6 +87,12 @@ impl TunnelAdmin for Admin {
             host_port,
             protocol,
         } = req.into_inner();
+        if target.len() > MAX_ID {
+            return Err(Status::invalid_argument(format!(
+                "target {:?} is too long to be a target name",
+                porthole::text::clip(&target, 64)
+            )));
+        }
         if !matches!(
             Protocol::try_from(protocol),
             Ok(Protocol::Tcp | Protocol::Unspecified)
@@ -97,14 +112,18 @@ impl TunnelAdmin for Admin {
         }))
     }
 
-    type WatchTunnelsStream = ReceiverStream<UpdateItem>;
+    type WatchTunnelsStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<TunnelUpdate, Status>> + Send>,
+    >;
 
     async fn watch_tunnels(
         &self,
         _: Request<WatchTunnelsRequest>,
     ) -> Result<GrpcResponse<Self::WatchTunnelsStream>, Status> {
-        let rx = self.ask(|reply| Command::Watch { reply }).await?;
-        Ok(GrpcResponse::new(ReceiverStream::new(rx)))
+        use futures_util::StreamExt;
+        let subscription = self.ask(|reply| Command::Watch { reply }).await??;
+        let stream = subscription.map(|item| item.map(std::sync::Arc::unwrap_or_clone));
+        Ok(GrpcResponse::new(Box::pin(stream)))
     }
 }
 
@@ -122,7 +141,12 @@ pub async fn serve(
         grpc: tonic::service::Routes::new(TunnelAdminServer::new(admin.clone())),
         grpc_names: vec![SERVICE_NAME],
         http: http_router(admin),
-        token,
+        policy: porthole::auth::Policy {
+            token,
+            public: |path| path == "/healthz",
+        },
+        limits: porthole::server::Limits::default(),
+        stats: Default::default(),
     };
     porthole::server::serve(listener, app, shutdown).await
 }

@@ -77,15 +77,18 @@ pub fn table(tunnels: &[Tunnel]) -> String {
             .process
             .as_ref()
             .map_or("-".to_string(), |p| format!("{}[{}]", p.name, p.pid));
+        // Everything here may come from the container: never let it
+        // drive the terminal.
+        let safe = |s: &str| porthole::text::printable(s).into_owned();
         rows.push([
-            t.id.clone(),
+            safe(&t.id),
             state_name(t).into(),
-            host,
-            process,
+            safe(&host),
+            safe(&process),
             format!("{}/{}", t.active_connections, t.total_connections),
             human_bytes(t.bytes_in),
             human_bytes(t.bytes_out),
-            t.error.clone(),
+            safe(&t.error),
         ]);
     }
     let mut widths = [0usize; 8];
@@ -159,5 +162,21 @@ mod tests {
         );
         assert!(lines[1].contains("2.0 KiB"), "{out}");
         assert_eq!(lines[0].find("STATE"), lines[1].find("active"), "{out}");
+    }
+
+    #[test]
+    fn table_escapes_what_the_container_sent() {
+        let t = Tunnel {
+            id: "default:tcp:8080".into(),
+            process: Some(porthole::pb::v1::Process {
+                pid: 7,
+                name: "\x1b]0;PWNED\x07\x1b[2J".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let out = table(&[t]);
+        assert!(!out.contains('\x1b') && !out.contains('\x07'), "{out:?}");
+        assert!(out.contains("PWNED"), "{out}");
     }
 }

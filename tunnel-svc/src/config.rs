@@ -26,6 +26,8 @@ pub enum ConfigError {
     Backend(String),
     #[error("{0} only applies to targets with --backend ssh, and no target uses it")]
     SshOnly(&'static str),
+    #[error("{0}")]
+    Token(String),
     #[error("bad port list {0:?}: want ports and ranges like 22,80,6000-6100")]
     Ports(String),
 }
@@ -166,6 +168,8 @@ pub struct Target {
     pub backend: BackendKind,
     /// ssh destination (an alias from the user's ssh config); defaults to the URL's host.
     pub ssh_host: String,
+    /// The monitor's bearer token (`--monitor-token-file`, else `--token-file`).
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// `[TARGET=]VALUE` flags: a value for every target, or for one.
@@ -203,42 +207,14 @@ pub fn targets(
             name,
             url,
             backend: BackendKind::Grpc,
+            token_file: None,
         })
         .collect();
-    let mut apply =
-        |flag: &'static str,
-         values: &[String],
-         set: &dyn Fn(&mut Target, &str) -> Result<(), ConfigError>| {
-            // Unscoped values first, so `--backend ssh --backend web=grpc` means what it says.
-            for scoped in [false, true] {
-                for v in values {
-                    let (target, value) = split_scoped(v);
-                    if target.is_some() != scoped {
-                        continue;
-                    }
-                    let mut matched = false;
-                    for t in out
-                        .iter_mut()
-                        .filter(|t| target.is_none_or(|n| n == t.name))
-                    {
-                        set(t, value)?;
-                        matched = true;
-                    }
-                    if let (Some(name), false) = (target, matched) {
-                        return Err(ConfigError::UnknownTarget {
-                            flag,
-                            target: name.into(),
-                        });
-                    }
-                }
-            }
-            Ok(())
-        };
-    apply("--backend", backend_flags, &|t, v| {
+    apply_scoped(&mut out, "--backend", backend_flags, &|t, v| {
         t.backend = v.parse()?;
         Ok(())
     })?;
-    apply("--ssh-host", ssh_host_flags, &|t, v| {
+    apply_scoped(&mut out, "--ssh-host", ssh_host_flags, &|t, v| {
         t.ssh_host = v.to_string();
         Ok(())
     })?;
@@ -246,6 +222,39 @@ pub fn targets(
         return Err(ConfigError::SshOnly("--ssh-host"));
     }
     Ok(out)
+}
+
+/// Applies `[TARGET=]VALUE` flags to `targets`: unscoped values first, so
+/// `--backend ssh --backend web=grpc` means what it says.
+pub fn apply_scoped(
+    targets: &mut [Target],
+    flag: &'static str,
+    values: &[String],
+    set: &dyn Fn(&mut Target, &str) -> Result<(), ConfigError>,
+) -> Result<(), ConfigError> {
+    for scoped in [false, true] {
+        for v in values {
+            let (target, value) = split_scoped(v);
+            if target.is_some() != scoped {
+                continue;
+            }
+            let mut matched = false;
+            for t in targets
+                .iter_mut()
+                .filter(|t| target.is_none_or(|n| n == t.name))
+            {
+                set(t, value)?;
+                matched = true;
+            }
+            if let (Some(name), false) = (target, matched) {
+                return Err(ConfigError::UnknownTarget {
+                    flag,
+                    target: name.into(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Host addresses tunnels listen on by default: both loopbacks, so

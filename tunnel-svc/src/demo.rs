@@ -108,14 +108,7 @@ impl Drop for Netns {
 }
 
 fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
+    rustix::process::geteuid().is_root()
 }
 
 /// monitor-svc next to this binary, else on PATH.
@@ -135,11 +128,19 @@ fn monitor_binary() -> anyhow::Result<PathBuf> {
         )
 }
 
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 async fn stop(mut child: Child) {
-    if let Some(pid) = child.id() {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
+    use rustix::process::{kill_process, Pid, Signal};
+    if let Some(pid) = child.id().and_then(|p| Pid::from_raw(p as i32)) {
+        let _ = kill_process(pid, Signal::TERM);
         if tokio::time::timeout(Duration::from_secs(3), child.wait())
             .await
             .is_ok()
@@ -161,11 +162,22 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             args.admin
         )
     })?;
+    // The monitor's token: made here, handed to both sides, gone afterwards.
+    let secrets = TempDir(std::env::temp_dir().join(format!("porthole-demo-{}", std::process::id())));
+    let token_file = secrets.0.join("monitor.token");
+    let (token, _) = porthole::auth::Token::load_or_create(&token_file)?;
     let (ns, _host_ip, inner_ip) = Netns::create()?;
     println!("container   network namespace {} at {inner_ip}", ns.name);
     let monitor = ns.exec(
         &monitor_bin,
-        &["--listen", "0.0.0.0:7070", "--log-level", "warn"],
+        &[
+            "--listen",
+            "0.0.0.0:7070",
+            "--log-level",
+            "warn",
+            "--token-file",
+            token_file.to_str().context("temporary directory path is not UTF-8")?,
+        ],
     )?;
     let me = std::env::current_exe()?;
     let port = args.port.to_string();
@@ -188,14 +200,17 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             ssh_host: url.host.clone(),
             url,
             backend: config::BackendKind::Grpc,
+            token_file: Some(token_file.clone()),
         }],
         reconcile: crate::reconcile::Options {
             bind: config::default_bind(),
             skip: config::DEFAULT_SKIP.parse()?,
             max_tunnels: 10,
             remap: true,
+            allow_privileged: false,
         },
-        token: None,
+        admin_token: None,
+        monitor_tokens: [("demo".to_string(), token)].into(),
         ssh_options: Vec::new(),
     };
     let admin_addr = admin.local_addr()?;

@@ -311,6 +311,8 @@ pub async fn run(
         max_tunnels: 0,
         // A gate on another port is useless: a busy port is a FAILED forward saying so.
         remap: false,
+        // The operator declared these ports (ssh's 22 among them).
+        allow_privileged: true,
     };
     let (commands, task) =
         reconcile::spawn_with_statics(specs, reconcile_opts, statics, shutdown.clone());

@@ -1,7 +1,7 @@
 //! tunnel-svc: runs on the host, follows one or more monitors and keeps one
 //! tunnel per open container port, over gRPC, OpenSSH or a direct relay.
 //! Its own gRPC admin API (`porthole.v1.TunnelAdmin`) lists and closes them.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod backend;
@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod gate;
 pub mod reconcile;
+mod sys;
 pub mod tunnel;
 pub mod watch;
 
@@ -25,7 +26,10 @@ use tokio_util::sync::CancellationToken;
 pub struct Options {
     pub targets: Vec<config::Target>,
     pub reconcile: reconcile::Options,
-    pub token: Option<porthole::auth::Token>,
+    /// Required on the admin API.
+    pub admin_token: Option<porthole::auth::Token>,
+    /// Sent to each target's monitor, by target name.
+    pub monitor_tokens: std::collections::BTreeMap<String, porthole::auth::Token>,
     /// Extra `-o` options for every ssh command.
     pub ssh_options: Vec<String>,
 }
@@ -44,11 +48,15 @@ pub fn monitor_channel(url: &config::MonitorUrl) -> anyhow::Result<tonic::transp
     Ok(endpoint.connect_lazy())
 }
 
-/// A private directory for ssh control and forward sockets.
-fn runtime_dir() -> anyhow::Result<PathBuf> {
+/// A private directory for ssh control and forward sockets:
+/// `porthole-PID` under `$XDG_RUNTIME_DIR` (or the temp dir). Directories of
+/// earlier tunnel-svc processes of this user that are gone (killed) are
+/// cleaned up first, their ssh masters told to exit.
+async fn runtime_dir() -> anyhow::Result<PathBuf> {
     use anyhow::Context;
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let base = std::env::var_os("XDG_RUNTIME_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    backend::ssh::sweep_stale(&base, current_uid()).await;
     let dir = base.join(format!("porthole-{}", std::process::id()));
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
@@ -71,16 +79,9 @@ fn runtime_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// The real uid of this process (from /proc, to stay free of unsafe code).
+/// The real uid of this process.
 fn current_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|u| u.parse().ok()))
-        })
-        .unwrap_or(u32::MAX)
+    rustix::process::getuid().as_raw()
 }
 
 /// Runs tunnel-svc with its admin API on `admin` until `shutdown` is
@@ -96,10 +97,11 @@ pub async fn run(
         let mut runtime: Option<PathBuf> = None;
         for t in &opts.targets {
             let channel = monitor_channel(&t.url)?;
+            let token = opts.monitor_tokens.get(&t.name).cloned();
             let backend = match t.backend {
                 config::BackendKind::Grpc => Backend::Grpc(backend::grpc::Grpc {
                     channel: channel.clone(),
-                    token: opts.token.clone(),
+                    token: token.clone(),
                 }),
                 config::BackendKind::Direct => Backend::Direct(backend::direct::Direct {
                     host: t.url.host.clone(),
@@ -107,7 +109,7 @@ pub async fn run(
                 config::BackendKind::Ssh => {
                     let dir = match &runtime {
                         Some(d) => d.clone(),
-                        None => runtime.insert(runtime_dir()?).clone(),
+                        None => runtime.insert(runtime_dir().await?).clone(),
                     };
                     Backend::Ssh(backend::ssh::Ssh::start(backend::ssh::SshConfig {
                         target: t.name.clone(),
@@ -122,23 +124,23 @@ pub async fn run(
                 backend: Arc::new(backend),
                 monitor_port: t.url.port,
             });
-            watchers.push((t.name.clone(), channel));
+            watchers.push((t.name.clone(), channel, token));
         }
         let (commands, task) = reconcile::spawn(specs, opts.reconcile.clone(), shutdown.clone());
         (commands, (task, runtime))
     };
-    for (target, channel) in watchers {
-        tracing::info!(target = %target, "watching monitor");
+    for (target, channel, token) in watchers {
+        tracing::info!(target = %target, token = token.is_some(), "watching monitor");
         let w = watch::Watcher {
             target,
             channel,
-            token: opts.token.clone(),
+            token,
             commands: commands.clone(),
         };
         tokio::spawn(w.run(shutdown.clone()));
     }
     tracing::info!(addr = %admin.local_addr()?, "tunnel-svc admin API listening");
-    let served = admin::serve(admin, commands, opts.token.clone(), shutdown.clone()).await;
+    let served = admin::serve(admin, commands, opts.admin_token.clone(), shutdown.clone()).await;
     shutdown.cancel();
     let (task, runtime) = reconciler;
     task.await?;

@@ -117,6 +117,14 @@ struct RunArgs {
     /// Host address tunnels listen on. Repeatable. Default 127.0.0.1 and ::1.
     #[arg(long = "bind", value_name = "ADDR")]
     bind: Vec<IpAddr>,
+    /// The monitor's token file for every target, or TARGET=PATH for one
+    /// (overrides --token-file for monitors). Repeatable.
+    #[arg(long = "monitor-token-file", value_name = "[TARGET=]PATH")]
+    monitor_token_files: Vec<String>,
+    /// Let container ports below 1024 take the same host port (root only).
+    /// Without it they are forwarded on 10000 + PORT, and said so.
+    #[arg(long)]
+    allow_privileged_ports: bool,
     #[command(flatten)]
     service: ServiceArgs,
 }
@@ -127,10 +135,14 @@ struct ServiceArgs {
     /// Address of the admin gRPC API (and /healthz, /metrics).
     #[arg(long, env = "PORTHOLE_ADMIN", default_value = "127.0.0.1:7071")]
     admin: SocketAddr,
-    /// File holding a bearer token, required on the admin API (and sent to
-    /// monitors).
+    /// File holding a bearer token, required on the admin API and sent to
+    /// monitors (unless --admin-token-file / --monitor-token-file say otherwise).
     #[arg(long, env = "PORTHOLE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// File holding the admin API's own token (instead of --token-file), so
+    /// a monitor's token does not open the admin API.
+    #[arg(long, env = "PORTHOLE_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Log level or tracing filter.
     #[arg(long, env = "PORTHOLE_LOG", default_value = "info")]
     log_level: String,
@@ -140,21 +152,26 @@ struct ServiceArgs {
 }
 
 impl ServiceArgs {
-    /// Starts logging and reads the token; returns the token.
+    /// Starts logging, raises the fd limit and reads the admin API's token.
     fn start(&self) -> anyhow::Result<Option<porthole::auth::Token>> {
         porthole::telemetry::init(&self.log_level, self.log_format).map_err(anyhow::Error::msg)?;
-        read_token(self.token_file.as_deref())
+        let fds = porthole::net::raise_fd_limit();
+        tracing::debug!(limit = ?fds, "file-descriptor limit");
+        read_token(self.admin_token_file.as_deref().or(self.token_file.as_deref()))
     }
 
     async fn bind_admin(&self) -> anyhow::Result<tokio::net::TcpListener> {
-        tokio::net::TcpListener::bind(self.admin)
+        porthole::net::bind(self.admin)
             .await
             .with_context(|| format!("cannot listen on --admin {}", self.admin))
     }
 }
 
 fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<porthole::auth::Token>> {
-    Ok(path.map(porthole::auth::Token::from_file).transpose()?)
+    Ok(path
+        .map(porthole::auth::Token::from_file)
+        .transpose()
+        .map_err(|e| config::ConfigError::Token(e.to_string()))?)
 }
 
 /// Exit status for configuration mistakes (as clap uses for bad flags).
@@ -197,12 +214,30 @@ async fn real_main() -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let token = args.service.start()?;
-    let targets = config::targets(
+    let mut targets = config::targets(
         args.monitor.as_deref(),
         &args.targets,
         &args.backends,
         &args.ssh_hosts,
     )?;
+    for t in &mut targets {
+        t.token_file = args.service.token_file.clone();
+    }
+    config::apply_scoped(
+        &mut targets,
+        "--monitor-token-file",
+        &args.monitor_token_files,
+        &|t, path| {
+            t.token_file = Some(path.into());
+            Ok(())
+        },
+    )?;
+    let mut monitor_tokens = std::collections::BTreeMap::new();
+    for t in &targets {
+        if let Some(token) = read_token(t.token_file.as_deref())? {
+            monitor_tokens.insert(t.name.clone(), token);
+        }
+    }
     if !args.ssh_options.is_empty()
         && !targets
             .iter()
@@ -222,8 +257,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             skip: args.skip,
             max_tunnels: args.max_tunnels,
             remap: matches!(args.on_conflict, OnConflict::Next),
+            allow_privileged: args.allow_privileged_ports,
         },
-        token,
+        admin_token: token,
+        monitor_tokens,
         ssh_options: args.ssh_options,
     };
     let shutdown = porthole::shutdown::on_signal()?;

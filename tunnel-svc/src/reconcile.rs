@@ -7,7 +7,7 @@
 use crate::backend::Backend;
 use crate::config::PortSet;
 use crate::tunnel::{self, Stats};
-use porthole::fanout::Fanout;
+use porthole::fanout::{self, Fanout, Subscription};
 use porthole::pb::v1::{Origin, Port, Process, Protocol, Tunnel, TunnelState, TunnelUpdate};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -17,14 +17,24 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 
-/// Updates queued per WatchTunnels subscriber before it counts as slow.
-const SUBSCRIBER_QUEUE: usize = 256;
+/// Bounds of the WatchTunnels fan-out.
+const SUBSCRIBERS: fanout::Bounds = fanout::Bounds {
+    items: 256,
+    bytes: 1 << 20,
+    subscribers: 64,
+};
+/// Container ports below this get an unprivileged host port unless
+/// `--allow-privileged-ports`.
+const PRIVILEGED: u16 = 1024;
+/// What a privileged container port is forwarded on instead: PORT + this.
+pub const PRIVILEGED_OFFSET: u16 = 10000;
 /// How often FAILED tunnels are tried again.
 const RETRY: Duration = Duration::from_secs(2);
 
-pub type UpdateItem = Result<TunnelUpdate, Status>;
+pub type Watch = Result<Subscription<TunnelUpdate>, fanout::Full>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AdminError {
@@ -66,7 +76,7 @@ pub enum Command {
         reply: oneshot::Sender<Result<Tunnel, AdminError>>,
     },
     Watch {
-        reply: oneshot::Sender<mpsc::Receiver<UpdateItem>>,
+        reply: oneshot::Sender<Watch>,
     },
     /// A backend finished making a port reachable.
     Opened {
@@ -90,6 +100,19 @@ pub struct Options {
     pub max_tunnels: usize,
     /// Busy host port: take the next free one (true) or fail.
     pub remap: bool,
+    /// Container ports below 1024 may take the same host port.
+    pub allow_privileged: bool,
+}
+
+/// The host port for container `port` when none was asked for: the same
+/// number, or [`PRIVILEGED_OFFSET`] + `port` for a privileged port the
+/// options do not allow.
+pub fn host_port_for(port: u16, allow_privileged: bool) -> u16 {
+    if port < PRIVILEGED && !allow_privileged {
+        port + PRIVILEGED_OFFSET
+    } else {
+        port
+    }
 }
 
 /// `TARGET:tcp:PORT`.
@@ -117,6 +140,8 @@ struct Want {
     addresses: Vec<IpAddr>,
     /// Never remap: the host port was asked for explicitly.
     exact: bool,
+    /// Something listens on the port in the container right now.
+    listening: bool,
 }
 
 struct Entry {
@@ -125,6 +150,7 @@ struct Entry {
     cancel: Option<CancellationToken>,
     generation: u64,
     backend: Arc<Backend>,
+    listening: bool,
 }
 
 impl Entry {
@@ -136,6 +162,13 @@ impl Entry {
         t.bytes_out = self.stats.bytes_out.load(Relaxed);
         if t.error.is_empty() {
             t.error = self.stats.last_error().unwrap_or_default();
+        }
+        let manual = t.origin == Origin::Manual as i32;
+        if manual && !self.listening && self.state() == TunnelState::Active && t.error.is_empty() {
+            t.error = format!(
+                "nothing listens on port {} in the container (yet); connections fail until something does",
+                t.container_port
+            );
         }
         t
     }
@@ -169,6 +202,8 @@ pub struct Reconciler {
     subscribers: Fanout<TunnelUpdate>,
     commands: mpsc::Sender<Command>,
     generation: u64,
+    /// Every connection task, so shutdown can let them drain.
+    connections: TaskTracker,
 }
 
 /// Starts the reconciler; returns where to send it commands.
@@ -213,9 +248,10 @@ pub fn spawn_with_statics(
             .into_iter()
             .map(|(target, port)| (tunnel_id(&target, port), (target, port)))
             .collect(),
-        subscribers: Fanout::new(SUBSCRIBER_QUEUE),
+        subscribers: Fanout::new(SUBSCRIBERS, prost::Message::encoded_len),
         commands: tx.clone(),
         generation: 0,
+        connections: TaskTracker::new(),
     };
     (tx, tokio::spawn(r.run(rx, shutdown)))
 }
@@ -236,10 +272,19 @@ impl Reconciler {
                 }
             }
         }
+        // Listeners close at once; connections in flight get
+        // tunnel::DRAIN to finish, then are reset.
         for entry in self.entries.values_mut() {
             if let Some(cancel) = entry.cancel.take() {
                 cancel.cancel();
             }
+        }
+        self.connections.close();
+        if tokio::time::timeout(tunnel::DRAIN * 2, self.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after the drain; they are reset");
         }
         for t in self.targets.values() {
             t.backend.shutdown().await;
@@ -258,7 +303,9 @@ impl Reconciler {
                     .into_iter()
                     .filter(|p| p.protocol == Protocol::Tcp as i32)
                 {
-                    if let Ok(n) = u16::try_from(p.port) {
+                    // The watcher passes on only valid ports; this stays
+                    // safe whoever sends the command.
+                    if let Some(n) = u16::try_from(p.port).ok().filter(|n| *n != 0) {
                         by_port.entry(n).or_default().push(p);
                     }
                 }
@@ -307,8 +354,7 @@ impl Reconciler {
                 let _ = reply.send(self.open(target, container_port, host_port));
             }
             Command::Watch { reply } => {
-                let rx = self.subscribers.subscribe(all_updates(&self.entries));
-                let _ = reply.send(rx);
+                let _ = reply.send(self.subscribers.subscribe(all_updates(&self.entries)));
             }
             Command::Opened {
                 id,
@@ -360,7 +406,8 @@ impl Reconciler {
                     continue;
                 }
                 count += 1;
-                want.insert(id, Want::new(name, port, port, Origin::Auto, listeners));
+                let host_port = host_port_for(port, self.opts.allow_privileged);
+                want.insert(id, Want::new(name, port, host_port, Origin::Auto, listeners));
             }
             if capped && !t.capped {
                 tracing::warn!(target = %name, max = self.opts.max_tunnels, "more ports open than --max-tunnels; the lowest ports are forwarded");
@@ -381,7 +428,7 @@ impl Reconciler {
                     ..Want::new(
                         target,
                         *port,
-                        asked.unwrap_or(*port),
+                        asked.unwrap_or(host_port_for(*port, self.opts.allow_privileged)),
                         Origin::Manual,
                         listeners,
                     )
@@ -419,8 +466,9 @@ impl Reconciler {
             match self.entries.get_mut(&id) {
                 None => self.start(id, want),
                 Some(e) => {
-                    if e.info.process != want.process {
+                    if e.info.process != want.process || e.listening != want.listening {
                         e.info.process = want.process;
+                        e.listening = want.listening;
                         self.publish(&id);
                     }
                 }
@@ -476,6 +524,7 @@ impl Reconciler {
             cancel: None,
             generation: self.generation,
             backend: backend.clone(),
+            listening: want.listening,
         };
         let failure = if let Some(why) = backend.unreachable(&want.addresses) {
             Some(why)
@@ -500,14 +549,30 @@ impl Reconciler {
                         );
                         tracing::warn!(id = %id, wanted = want.host_port, host_port, "host port busy; remapped");
                     }
+                    if want.port < PRIVILEGED && want.host_port != want.port && !want.exact {
+                        let note = format!(
+                            "container port {} is privileged; forwarded on host port {host_port} \
+                             (--allow-privileged-ports to use {})",
+                            want.port, want.port
+                        );
+                        tracing::warn!(id = %id, host_port, "privileged container port forwarded on an unprivileged host port");
+                        entry.info.error = if entry.info.error.is_empty() {
+                            note
+                        } else {
+                            format!("{note}; {}", entry.info.error)
+                        };
+                    }
                     let cancel = CancellationToken::new();
                     tunnel::serve(
                         listeners,
                         backend.clone(),
-                        &want.target,
-                        want.port,
-                        entry.stats.clone(),
-                        cancel.clone(),
+                        tunnel::Carry {
+                            id: id.clone().into(),
+                            container_port: want.port,
+                            stats: entry.stats.clone(),
+                            cancel: cancel.clone(),
+                            tracker: self.connections.clone(),
+                        },
                     );
                     entry.cancel = Some(cancel);
                     if matches!(*backend, Backend::Ssh(_)) {
@@ -587,7 +652,7 @@ impl Reconciler {
         let e = self
             .entries
             .get_mut(id)
-            .ok_or_else(|| AdminError::NotFound(id.into()))?;
+            .ok_or_else(|| AdminError::NotFound(porthole::text::clip(id, 128).into()))?;
         if e.state() == TunnelState::Closed {
             return Ok(e.view());
         }
@@ -640,7 +705,8 @@ impl Reconciler {
         if !self.targets.contains_key(&target) {
             let names: Vec<&str> = self.targets.keys().map(String::as_str).collect();
             return Err(AdminError::Invalid(format!(
-                "no target {target:?}; targets are {}",
+                "no target {:?}; targets are {}",
+                porthole::text::clip(&target, 128),
                 names.join(", ")
             )));
         }
@@ -658,11 +724,32 @@ impl Reconciler {
                 ))
             })?;
         let host = match host_port {
-            0 => port,
+            0 => host_port_for(port, self.opts.allow_privileged),
             h => u16::try_from(h)
                 .map_err(|_| AdminError::Invalid(format!("host_port {h} is not in 1..65535")))?,
         };
+        if host_port != 0 && host < PRIVILEGED && !self.opts.allow_privileged {
+            return Err(AdminError::Invalid(format!(
+                "host_port {host} is privileged (below {PRIVILEGED}); tunnel-svc binds such \
+                 ports only with --allow-privileged-ports"
+            )));
+        }
         let id = tunnel_id(&target, port);
+        // A working tunnel is replaced only by one that can listen: a host
+        // port that is taken is refused and the tunnel stays as it is.
+        let working = self.entries.get(&id).is_some_and(|e| {
+            matches!(e.state(), TunnelState::Active | TunnelState::Pending)
+        });
+        if working && host_port != 0 {
+            let moving = self.entries.get(&id).map(|e| e.info.host_port) != Some(u32::from(host));
+            if moving {
+                if let Err(e) = tunnel::bind_all(&self.opts.bind, host) {
+                    return Err(AdminError::Precondition(format!(
+                        "cannot listen on host port {host}: {e}; {id} stays as it is"
+                    )));
+                }
+            }
+        }
         self.closed.remove(&id);
         self.manual
             .insert(id.clone(), (target, port, (host_port != 0).then_some(host)));
@@ -709,7 +796,7 @@ impl Reconciler {
     }
 
     fn broadcast(&mut self, update: TunnelUpdate) {
-        self.subscribers.publish(&[update]);
+        self.subscribers.publish(&[Arc::new(update)]);
         self.resync_subscribers();
     }
 }
@@ -728,12 +815,14 @@ fn reachable_on(l: &Port) -> Vec<IpAddr> {
 }
 
 /// Every tunnel as an update: what a new or resynced subscriber gets.
-fn all_updates(entries: &BTreeMap<String, Entry>) -> Vec<TunnelUpdate> {
+fn all_updates(entries: &BTreeMap<String, Entry>) -> Vec<Arc<TunnelUpdate>> {
     entries
         .values()
-        .map(|e| TunnelUpdate {
-            tunnel: Some(e.view()),
-            removed: false,
+        .map(|e| {
+            Arc::new(TunnelUpdate {
+                tunnel: Some(e.view()),
+                removed: false,
+            })
         })
         .collect()
 }
@@ -748,6 +837,7 @@ impl Want {
             process: listeners.iter().find_map(|l| l.process.clone()),
             addresses: listeners.iter().flat_map(reachable_on).collect(),
             exact: false,
+            listening: !listeners.is_empty(),
         }
     }
 }

@@ -2,12 +2,17 @@
 //! loop per address, and one task per connection handed to the backend.
 
 use crate::backend::{Backend, CarryError};
+use porthole::net::ResetOnDrop;
+use porthole::telemetry::RateLimit;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// Live counters of one tunnel.
 #[derive(Debug, Default)]
@@ -97,56 +102,78 @@ pub fn allocate(addrs: &[IpAddr], wanted: u16, next: bool) -> io::Result<(u16, V
     Err(first_err)
 }
 
+/// How long connections in flight get to finish on their own when their
+/// tunnel closes or tunnel-svc stops; then they are reset.
+pub const DRAIN: Duration = Duration::from_secs(2);
+
+/// One warning per this interval for a tunnel's failing connections (any
+/// client can make connections fail), with a count of the rest.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// What the accept loops of one tunnel need.
+pub struct Carry {
+    /// The tunnel's id, for logs.
+    pub id: Arc<str>,
+    pub container_port: u16,
+    pub stats: Arc<Stats>,
+    /// Closes the listeners; connections in flight then get [`DRAIN`].
+    pub cancel: CancellationToken,
+    /// Tracks every connection task, so shutdown can wait for the drain.
+    pub tracker: TaskTracker,
+}
+
 /// Accepts connections on `listeners` until `cancel`, carrying each one to
-/// `container_port` of `target` through `backend`. Cancelling also ends the
-/// connections in flight; the listeners are closed when this returns.
-pub fn serve(
-    listeners: Vec<TcpListener>,
-    backend: Arc<Backend>,
-    target: &str,
-    container_port: u16,
-    stats: Arc<Stats>,
-    cancel: CancellationToken,
-) {
-    let target: Arc<str> = target.into();
+/// the container through `backend`. The listeners are closed when it is
+/// cancelled; connections in flight get [`DRAIN`] to finish, then are reset.
+pub fn serve(listeners: Vec<TcpListener>, backend: Arc<Backend>, carry: Carry) {
+    let carry = Arc::new(carry);
+    let failures = Arc::new(RateLimit::new(FAILURE_LOG_EVERY));
+    let accept_errors = Arc::new(RateLimit::new(porthole::net::ACCEPT_LOG_EVERY));
     for listener in listeners {
-        let (backend, stats, cancel) = (backend.clone(), stats.clone(), cancel.clone());
-        let target = target.clone();
+        let (backend, carry) = (backend.clone(), carry.clone());
+        let (failures, accept_errors) = (failures.clone(), accept_errors.clone());
         tokio::spawn(async move {
             loop {
                 let (conn, peer) = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accept failed");
-                            continue;
-                        }
-                    },
+                    _ = carry.cancel.cancelled() => break,
+                    accepted = porthole::net::accept(&listener, &accept_errors) => accepted,
                 };
-                let _ = conn.set_nodelay(true);
+                let Ok(conn) = ResetOnDrop::new(conn) else {
+                    continue;
+                };
+                let stats = &carry.stats;
                 stats.active.fetch_add(1, Relaxed);
                 stats.total.fetch_add(1, Relaxed);
-                let (backend, stats, cancel) = (backend.clone(), stats.clone(), cancel.clone());
-                let target = target.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = cancel.cancelled() => {}
-                        result = backend.carry(conn, container_port, &stats) => {
-                            match result {
-                                Ok(()) => {}
-                                Err(CarryError::Dial(why)) => {
-                                    tracing::warn!(target = %target, %peer, port = container_port, error = %why, "connection failed");
-                                    stats.set_error(format!("last connection failed: {why}"));
-                                }
-                                Err(e) => {
-                                    tracing::debug!(target = %target, %peer, port = container_port, error = %e, "connection ended badly");
-                                }
+                let (backend, carry2, failures) = (backend.clone(), carry.clone(), failures.clone());
+                carry.tracker.spawn(
+                    async move {
+                        let carry = carry2;
+                        let stats = &carry.stats;
+                        let work = backend.carry(conn, carry.container_port, stats);
+                        tokio::pin!(work);
+                        let result = tokio::select! {
+                            result = &mut work => Some(result),
+                            _ = carry.cancel.cancelled() => {
+                                tokio::time::timeout(DRAIN, &mut work).await.ok()
                             }
+                        };
+                        match result {
+                            Some(Ok(())) => {}
+                            Some(Err(CarryError::Dial(why))) => {
+                                if let Some(suppressed) = failures.check() {
+                                    tracing::warn!(error = %why, suppressed, "connection failed");
+                                }
+                                stats.set_error(format!("last connection failed: {why}"));
+                            }
+                            Some(Err(e)) => {
+                                tracing::debug!(error = %e, "connection broke; both ends reset");
+                            }
+                            None => tracing::debug!("connection still open after the drain; reset"),
                         }
+                        stats.active.fetch_sub(1, Relaxed);
                     }
-                    stats.active.fetch_sub(1, Relaxed);
-                });
+                    .instrument(tracing::debug_span!("conn", id = %carry.id, %peer)),
+                );
             }
         });
     }

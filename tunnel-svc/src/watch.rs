@@ -30,7 +30,43 @@ struct Position {
     ports: BTreeMap<String, Port>,
 }
 
+/// Largest message taken from a monitor. A snapshot holds every listening
+/// port with its process (command lines are capped at 4 KiB each), so
+/// tonic's 4 MiB default is too small for a container with many listeners.
+pub const MAX_MESSAGE: usize = 256 << 20;
+
+/// Why a port a monitor reported cannot be acted on, if it cannot: the
+/// container is less trusted than the host, so nothing it sends is used
+/// unchecked.
+pub fn invalid(p: &Port) -> Option<String> {
+    if p.port == 0 || p.port > 65535 {
+        return Some(format!("port {} is not in 1..65535", p.port));
+    }
+    if p.address.parse::<std::net::IpAddr>().is_err() {
+        return Some(format!(
+            "address {:?} is not an IP address",
+            porthole::text::clip(&p.address, 64)
+        ));
+    }
+    None
+}
+
 impl Watcher {
+    /// `p` if it is valid; otherwise logs why (at most once per interval).
+    fn checked(&self, p: Port) -> Option<Port> {
+        static LOG: porthole::telemetry::RateLimit =
+            porthole::telemetry::RateLimit::new(Duration::from_secs(10));
+        match invalid(&p) {
+            None => Some(p),
+            Some(why) => {
+                if let Some(suppressed) = LOG.check() {
+                    tracing::warn!(target = %self.target, error = %why, suppressed, "monitor reported an invalid port; ignored");
+                }
+                None
+            }
+        }
+    }
+
     pub async fn run(self, shutdown: CancellationToken) {
         let mut pos = Position::default();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -73,42 +109,46 @@ impl Watcher {
             token.authorize(&mut req);
         }
         let mut stream = PortEventsClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
             .watch_events(req)
             .await?
             .into_inner();
-        let mut announced = false;
+        // The monitor answered: the link is up, even when a resume has
+        // nothing new to send.
+        backoff.reset();
+        let _ = self
+            .commands
+            .send(Command::Link {
+                target: self.target.clone(),
+                up: true,
+            })
+            .await;
         while let Some(msg) = stream.message().await? {
             match msg.kind {
                 Some(Kind::Snapshot(s)) => {
                     if s.instance_id != pos.instance_id {
-                        tracing::info!(target = %self.target, instance_id = %s.instance_id, ports = s.ports.len(), "monitor snapshot");
+                        tracing::info!(target = %self.target, instance_id = %porthole::text::clip(&s.instance_id, 64), ports = s.ports.len(), "monitor snapshot");
                     }
                     pos.instance_id = s.instance_id;
                     pos.seq = s.seq;
-                    pos.ports = s.ports.into_iter().map(|p| (p.key.clone(), p)).collect();
+                    pos.ports = s
+                        .ports
+                        .into_iter()
+                        .filter_map(|p| self.checked(p))
+                        .map(|p| (p.key.clone(), p))
+                        .collect();
                 }
                 Some(Kind::Event(e)) if e.seq > pos.seq => {
                     pos.seq = e.seq;
                     if let Some(port) = e.port {
                         if e.r#type == EventType::Closed as i32 {
                             pos.ports.remove(&port.key);
-                        } else {
+                        } else if let Some(port) = self.checked(port) {
                             pos.ports.insert(port.key.clone(), port);
                         }
                     }
                 }
                 _ => continue,
-            }
-            if !announced {
-                announced = true;
-                backoff.reset();
-                let _ = self
-                    .commands
-                    .send(Command::Link {
-                        target: self.target.clone(),
-                        up: true,
-                    })
-                    .await;
             }
             let ports = pos.ports.values().cloned().collect();
             if self

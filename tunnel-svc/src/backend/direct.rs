@@ -3,6 +3,7 @@
 
 use super::CarryError;
 use crate::tunnel::Stats;
+use porthole::net::ResetOnDrop;
 use std::net::IpAddr;
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -18,7 +19,12 @@ pub struct Direct {
 }
 
 impl Direct {
-    pub async fn carry(&self, conn: TcpStream, port: u16, stats: &Stats) -> Result<(), CarryError> {
+    pub async fn carry(
+        &self,
+        mut conn: ResetOnDrop,
+        port: u16,
+        stats: &Stats,
+    ) -> Result<(), CarryError> {
         let unreachable =
             |why: String| CarryError::Dial(format!("cannot reach {}:{port}: {why}", self.host));
         let upstream = match tokio::time::timeout(
@@ -37,8 +43,17 @@ impl Direct {
             }
         };
         stats.connected();
-        let _ = upstream.set_nodelay(true);
-        porthole::relay::copy(conn, upstream, &stats.bytes_in, &stats.bytes_out).await?;
+        let mut upstream = ResetOnDrop::new(upstream)?;
+        // On failure both sockets are reset as they drop.
+        porthole::relay::copy(
+            &mut *conn,
+            &mut *upstream,
+            &stats.bytes_in,
+            &stats.bytes_out,
+        )
+        .await?;
+        conn.finish();
+        upstream.finish();
         Ok(())
     }
 

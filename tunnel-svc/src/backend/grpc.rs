@@ -3,13 +3,18 @@
 
 use super::CarryError;
 use crate::tunnel::Stats;
+use porthole::net::ResetOnDrop;
 use porthole::pb::v1::{
     relay_client::RelayClient, relay_frame::Kind, DialRequest, Protocol, RelayFrame,
 };
-use tokio::net::TcpStream;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+
+/// How long reaching the monitor and its dial to the port may take: a
+/// monitor or a listener that drops packets fails the connection in time.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Grpc {
     pub channel: Channel,
@@ -17,18 +22,47 @@ pub struct Grpc {
 }
 
 impl Grpc {
-    pub async fn carry(&self, conn: TcpStream, port: u16, stats: &Stats) -> Result<(), CarryError> {
-        let (tx, inbound) = self.dial(port).await.map_err(|status| {
+    pub async fn carry(
+        &self,
+        mut conn: ResetOnDrop,
+        port: u16,
+        stats: &Stats,
+    ) -> Result<(), CarryError> {
+        let dialed = tokio::time::timeout(DIAL_TIMEOUT, self.dial(port))
+            .await
+            .map_err(|_| {
+                CarryError::Dial(format!(
+                    "monitor unreachable: no answer to the dial within {}s",
+                    DIAL_TIMEOUT.as_secs()
+                ))
+            })?;
+        let (tx, inbound) = dialed.map_err(|status| {
             CarryError::Dial(match status.code() {
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
                     format!("monitor unreachable: {}", status.message())
                 }
+                tonic::Code::Unauthenticated => format!(
+                    "monitor refused: {}; give tunnel-svc the monitor's token with \
+                     --monitor-token-file (monitor-svc logs where it keeps it)",
+                    status.message()
+                ),
                 _ => format!("monitor refused: {}", status.message()),
             })
         })?;
         // The far end is reached: an earlier failure no longer holds.
         stats.connected();
-        porthole::relay::pump(conn, inbound, tx, |f| f, &stats.bytes_in, &stats.bytes_out).await?;
+        // On failure `conn` is reset as it drops, and the stream ends
+        // without close_write, so the monitor resets its side too.
+        porthole::relay::pump(
+            &mut *conn,
+            inbound,
+            &tx,
+            |f| f,
+            &stats.bytes_in,
+            &stats.bytes_out,
+        )
+        .await?;
+        conn.finish();
         Ok(())
     }
 

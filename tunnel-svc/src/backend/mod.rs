@@ -9,7 +9,7 @@ pub mod ssh;
 
 use crate::tunnel::Stats;
 use porthole::pb::v1;
-use tokio::net::TcpStream;
+use porthole::net::ResetOnDrop;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CarryError {
@@ -53,8 +53,15 @@ impl Backend {
         }
     }
 
-    /// Carries one accepted host connection to the container's `port`.
-    pub async fn carry(&self, conn: TcpStream, port: u16, stats: &Stats) -> Result<(), CarryError> {
+    /// Carries one accepted host connection to the container's `port`. The
+    /// connection ends with a FIN only when the far side ended cleanly; on
+    /// any failure it is reset (it drops unfinished).
+    pub async fn carry(
+        &self,
+        conn: ResetOnDrop,
+        port: u16,
+        stats: &Stats,
+    ) -> Result<(), CarryError> {
         match self {
             Backend::Grpc(g) => g.carry(conn, port, stats).await,
             Backend::Direct(d) => d.carry(conn, port, stats).await,

@@ -26,7 +26,8 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::{TcpStream, UnixStream};
+use porthole::net::ResetOnDrop;
+use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
@@ -78,7 +79,7 @@ enum Master {
     Connecting { last_error: Option<String> },
     /// Connected with every wanted forward added. Each master that comes
     /// up gets the next generation.
-    Up { generation: u64 },
+    Up { generation: u64, pid: u32 },
     /// Shut down for good.
     Stopped,
 }
@@ -147,7 +148,12 @@ impl Ssh {
     }
 
     /// Carries one accepted host connection through the forward of `port`.
-    pub async fn carry(&self, conn: TcpStream, port: u16, stats: &Stats) -> Result<(), CarryError> {
+    pub async fn carry(
+        &self,
+        mut conn: ResetOnDrop,
+        port: u16,
+        stats: &Stats,
+    ) -> Result<(), CarryError> {
         let s = &self.shared;
         let path = forward_path(&s.config.runtime_dir, port);
         let deadline = tokio::time::Instant::now() + CARRY_WAIT;
@@ -171,7 +177,7 @@ impl Ssh {
                 )));
             }
             let up = match *s.master.borrow() {
-                Master::Up { generation } => Some(generation),
+                Master::Up { generation, .. } => Some(generation),
                 _ => None,
             };
             match up {
@@ -181,7 +187,26 @@ impl Ssh {
                 }
             }
         };
-        porthole::relay::copy(conn, upstream, &stats.bytes_in, &stats.bytes_out).await?;
+        let mut upstream = upstream;
+        // ssh closes a forward's socket the same way when the server closed
+        // cleanly and when the master died: an end counts as clean only if
+        // the master is alive. Otherwise `conn` is reset as it drops.
+        let master_alive = || match *s.master.borrow() {
+            Master::Up { pid, .. } if !exiting(pid) => Ok(()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the ssh master went away",
+            )),
+        };
+        porthole::relay::copy_verified(
+            &mut *conn,
+            &mut upstream,
+            &stats.bytes_in,
+            &stats.bytes_out,
+            &master_alive,
+        )
+        .await?;
+        conn.finish();
         Ok(())
     }
 
@@ -319,6 +344,8 @@ impl Shared {
             // Its own process group: a Ctrl-C meant for tunnel-svc must not
             // kill the master before shutdown stops it in order.
             .process_group(0);
+        // ...but tunnel-svc dying any other way (SIGKILL) takes it along.
+        crate::sys::die_with_parent(&mut cmd);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => return died(format!("cannot run ssh: {e}")),
@@ -360,6 +387,7 @@ impl Shared {
             *generation += 1;
             self.master.send_replace(Master::Up {
                 generation: *generation,
+                pid: child.id().unwrap_or_default(),
             });
             tracing::info!(pid = child.id(), forwards = wanted.len(), "ssh master up");
         }
@@ -438,7 +466,7 @@ impl Shared {
     async fn wait_up(&self, timeout: Duration, newer_than: Option<u64>) -> Result<u64, String> {
         let mut rx = self.master.subscribe();
         let wanted = |m: &Master| match m {
-            Master::Up { generation } => newer_than.is_none_or(|g| *generation > g),
+            Master::Up { generation, .. } => newer_than.is_none_or(|g| *generation > g),
             Master::Stopped => true,
             Master::Connecting { .. } => false,
         };
@@ -452,7 +480,7 @@ impl Shared {
             Err(_) => self.master.borrow().clone(),
         };
         match state {
-            Master::Up { generation } if newer_than.is_none_or(|g| generation > g) => {
+            Master::Up { generation, .. } if newer_than.is_none_or(|g| generation > g) => {
                 Ok(generation)
             }
             Master::Stopped => Err(stopped()),
@@ -581,6 +609,73 @@ impl Tail {
             format!("{} ({status})", said.join("; "))
         }
     }
+}
+
+/// Cleans up after tunnel-svc processes of user `uid` that died without
+/// shutting down (SIGKILL): for each `porthole-PID` directory under `base`
+/// whose process is gone, asks any master still on one of its control
+/// sockets to exit, then removes the directory. (Masters are started to die
+/// with tunnel-svc; this catches what that cannot, such as a master whose
+/// parent thread had not set it up yet.)
+pub async fn sweep_stale(base: &Path, uid: u32) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("porthole-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let dir = entry.path();
+        let ours = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir() && m.uid() == uid);
+        if !ours || pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let targets = std::fs::read_dir(&dir).into_iter().flatten().flatten();
+        for target in targets {
+            let ctl = target.path().join("ctl");
+            if !ctl.exists() {
+                continue;
+            }
+            let exit = Command::new("ssh")
+                .arg("-S")
+                .arg(&ctl)
+                .args(["-O", "exit", "-o", "BatchMode=yes", "porthole-stale"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .status();
+            let _ = tokio::time::timeout(CONTROL_TIMEOUT, exit).await;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => tracing::info!(dir = %dir.display(), "removed the ssh directory of a tunnel-svc that is gone"),
+            Err(e) => tracing::debug!(dir = %dir.display(), error = %e, "cannot remove a stale ssh directory"),
+        }
+    }
+}
+
+/// Whether process `pid` is gone or on its way out. A process that is
+/// killed sets `PF_EXITING` before the kernel closes its files, so an EOF
+/// caused by its death always finds it set (field 9 of `/proc/PID/stat`,
+/// after the parenthesised name).
+fn exiting(pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return true;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first().copied().unwrap_or("X");
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    matches!(state, "Z" | "X" | "x") || flags & PF_EXITING != 0
 }
 
 fn os(s: &str) -> OsString {
