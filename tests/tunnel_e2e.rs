@@ -1061,7 +1061,9 @@ async fn monitor_restart(backend: Backend) {
     lost.close();
     let _new = Server::any(&w.ns, new).await;
 
-    let monitor = MonitorProc::start(&w.ns, &[]).await;
+    // A restarted monitor keeps its token file.
+    let token_file = w.monitor.token_file().display().to_string();
+    let monitor = MonitorProc::start(&w.ns, &["--token-file", &token_file]).await;
     w.tunnel.wait_active(&id(new)).await;
     w.tunnel.wait_gone(&id(lose)).await;
     let listed = w.tunnel.tunnels().await;
