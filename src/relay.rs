@@ -99,7 +99,7 @@ pub enum PumpError {
 /// where the channel carries `Result<RelayFrame, Status>`).
 pub async fn pump<S, I, T>(
     sock: &mut S,
-    mut inbound: I,
+    inbound: &mut I,
     outbound: &mpsc::Sender<T>,
     wrap: fn(RelayFrame) -> T,
     sent: &AtomicU64,

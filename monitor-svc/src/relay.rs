@@ -152,7 +152,7 @@ impl Relay for RelayService {
             let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
             let result = {
                 let pump =
-                    porthole::relay::pump(&mut *conn, inbound, &out_tx, Ok, &sent, &received);
+                    porthole::relay::pump(&mut *conn, &mut inbound, &out_tx, Ok, &sent, &received);
                 tokio::pin!(pump);
                 tokio::select! {
                     result = &mut pump => result.map_err(|e| broken(port, &e)),

@@ -249,6 +249,13 @@ impl Netns {
         self.inside
     }
 
+    /// Takes the host end of the veth pair down (the container's link is
+    /// cut: nothing crosses, nothing is refused) or up again.
+    pub fn set_link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        ip(&["link", "set", &self.veth, state]).unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// Where this namespace's process logs go.
     pub fn log_dir(&self) -> &Path {
         &self.logs
@@ -342,10 +349,7 @@ impl Drop for Netns {
                 break;
             }
             for pid in pids {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .stderr(Stdio::null())
-                    .status();
+                send_signal(pid, "KILL");
             }
             std::thread::sleep(POLL);
         }
@@ -364,6 +368,46 @@ impl Drop for Netns {
 }
 
 /// Runs `ip ARGS...`; the error carries the command and its stderr.
+/// Sends signal `sig` (`TERM`, `INT`, `KILL`, `STOP`, `CONT`) to `pid`;
+/// whether it was delivered.
+pub fn send_signal(pid: u32, sig: &str) -> bool {
+    use rustix::process::{kill_process, Pid, Signal};
+    let signal = match sig {
+        "TERM" => Signal::TERM,
+        "INT" => Signal::INT,
+        "KILL" => Signal::KILL,
+        "STOP" => Signal::STOP,
+        "CONT" => Signal::CONT,
+        other => panic!("unknown signal {other}"),
+    };
+    Pid::from_raw(pid as i32).is_some_and(|p| kill_process(p, signal).is_ok())
+}
+
+/// Resident memory of process `pid` in bytes (`VmRSS`).
+pub fn rss(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// CPU time (user + system) process `pid` has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    let hz = rustix::param::clock_ticks_per_second();
+    Duration::from_secs_f64(ticks as f64 / hz as f64)
+}
+
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)
@@ -396,13 +440,9 @@ impl Proc {
         self.child.id()
     }
 
-    /// Sends a signal by name (`TERM`, `INT`, `KILL`) with kill(1).
+    /// Sends a signal by name (`TERM`, `INT`, `KILL`).
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{sig} {} failed", self.pid());
+        assert!(send_signal(self.pid(), sig), "kill -{sig} {} failed", self.pid());
     }
 
     /// The exit status if it has exited.

