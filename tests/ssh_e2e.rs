@@ -10,7 +10,7 @@
 mod common;
 
 use common::{
-    poll_until, require_root, skip_or_fail, which, within, MonitorProc, Netns, Proc, TunnelProc,
+    poll_until, require_root, send_signal, skip_or_fail, which, within, MonitorProc, Netns, Proc, TunnelProc,
     DEADLINE,
 };
 use porthole::pb::v1::{Backend, Tunnel, TunnelState};
@@ -539,12 +539,19 @@ async fn dead_master_is_restarted_and_forward_restored() {
     let mut w = World::start().await;
     transfer(w.v4(), b"before").await;
     let old = master_pid(&w.tunnel, None).await;
-    let status = Command::new("kill")
-        .args(["-KILL", &old.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -KILL {old}");
+    // A connection open when the master dies is reset, never ended cleanly.
+    let mut open = within("connect through the tunnel", TcpStream::connect(w.v4()))
+        .await
+        .expect("connect through the tunnel");
+    open.write_all(b"x").await.expect("write");
+    let mut one = [0u8; 1];
+    within("echo", open.read_exact(&mut one)).await.expect("read");
+    assert!(send_signal(old, "KILL"), "kill -KILL {old}");
     let killed = Instant::now();
+    let mut rest = Vec::new();
+    let ended = within("the open connection to end", open.read_to_end(&mut rest)).await;
+    let err = ended.expect_err("the master died: the connection must be reset, not closed");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
     poll_until("the killed master to be reaped", DEADLINE, || async {
         gone(old).then_some(())
     })
@@ -581,6 +588,51 @@ async fn dead_master_is_restarted_and_forward_restored() {
 /// SIGTERM: tunnel-svc exits 0, its ssh master is gone (stopped and
 /// reaped, not orphaned), its sockets are removed and the host port is
 /// free again, even with a connection open through the tunnel.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_leaves_no_ssh_process_and_a_restart_cleans_up() {
+    if !require_root() || !have_openssh(&test_name()) {
+        return;
+    }
+    let mut w = World::start().await;
+    transfer(w.v4(), b"hello").await;
+    let master = master_pid(&w.tunnel, None).await;
+    let runtime = w.tunnel.runtime_dir();
+    let mut open = within("connect through the tunnel", TcpStream::connect(w.v4()))
+        .await
+        .expect("connect through the tunnel");
+    open.write_all(b"x").await.expect("write");
+    let mut one = [0u8; 1];
+    within("echo", open.read_exact(&mut one)).await.expect("read");
+
+    w.tunnel.0.proc().kill();
+    poll_until("the ssh master to die with tunnel-svc", DEADLINE, || async {
+        gone(master).then_some(())
+    })
+    .await;
+    let mut rest = Vec::new();
+    let ended = within("the open connection to end", open.read_to_end(&mut rest)).await;
+    let err = ended.expect_err("tunnel-svc died: the connection is reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
+    assert!(runtime.exists(), "a killed tunnel-svc leaves {}", runtime.display());
+
+    // The next tunnel-svc cleans up after it and works.
+    let token = w._monitor.token_flag(None);
+    let mut args = vec!["--monitor".to_string(), w._monitor.url(), "--backend".into(), "ssh".into(), "--ssh-host".into(), ALIAS.into()];
+    args.extend(token);
+    for opt in w._sshd.client_options(&w._ns) {
+        args.extend(["--ssh-option".to_string(), opt]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let next = TunnelSvc(TunnelProc::start(&w._ns, &args).await);
+    next.wait_active(w.port).await;
+    poll_until("the stale ssh directory to be removed", DEADLINE, || async {
+        (!runtime.exists()).then_some(())
+    })
+    .await;
+    transfer(w.v4(), b"again").await;
+    let _ = fs::remove_dir_all(next.runtime_dir());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_leaves_no_ssh_process_behind() {
     if !require_root() || !have_openssh(&test_name()) {
