@@ -64,7 +64,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            max_connections: 512,
+            max_connections: 256,
             max_streams: 256,
             first_byte_timeout: Duration::from_secs(10),
         }

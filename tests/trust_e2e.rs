@@ -323,8 +323,148 @@ interrupted! {
     direct_tunnel_sigterm_upload: "direct", TunnelTerm, Upload, 19116;
 }
 
+// ---------------------------------------------------------------------------
+// Clients that never read
+
+/// Listens on `count` ports from `base` on 0.0.0.0 with a command line
+/// padded to `pad` bytes, then sleeps.
+fn many_ports(ns: &Netns, base: u16, count: u16, pad: usize) -> Proc {
+    let script = format!(
+        "import socket, time\n\
+         held = []\n\
+         for p in range({base}, {end}):\n\
+         \x20   s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         \x20   s.bind(('0.0.0.0', p)); s.listen(); held.append(s)\n\
+         print('ready', flush=True)\n\
+         while True: time.sleep(3600)\n",
+        end = base + count
+    );
+    let padding = format!("--secret={}", "x".repeat(pad));
+    ns.spawn("python3", ["-c", script.as_str(), padding.as_str()])
+}
+
+/// The largest RSS of `pid` seen while sampling for `span`.
+async fn peak_rss(pid: u32, span: Duration) -> u64 {
+    let end = Instant::now() + span;
+    let mut peak = 0;
+    while Instant::now() < end {
+        peak = peak.max(rss(pid));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    peak
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn non_reading_clients_cannot_grow_the_monitor() {
+    if !require_root() {
+        return;
+    }
+    use porthole::pb::v1::port_events_client::PortEventsClient;
+    use porthole::pb::v1::WatchEventsRequest;
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let mut holder = many_ports(&ns, 19_200, 60, 32 << 10);
+    holder.wait_for_log("ready").await;
+    let mut client = monitor.client().await;
+    common::poll_until("60 ports listed", DEADLINE, || {
+        let mut c = client.clone();
+        async move {
+            let ports = c.list_ports(porthole::pb::v1::ListPortsRequest {}).await.ok()?;
+            let n = ports.into_inner().ports.iter().filter(|p| (19_200..19_260).contains(&p.port)).count();
+            (n == 60).then_some(())
+        }
+    })
+    .await;
+    let pid = monitor.pid();
+    let idle = peak_rss(pid, Duration::from_millis(500)).await;
+
+    // 500 WatchEvents streams with the token (command lines included) on
+    // five connections whose windows the client never opens again...
+    let mut streams = Vec::new();
+    let mut refused = 0;
+    for _ in 0..5 {
+        let channel = tonic::transport::Endpoint::from_shared(monitor.url())
+            .unwrap()
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await
+            .expect("connect");
+        let mut c = PortEventsClient::with_interceptor(
+            channel,
+            common::Authorize(Some(monitor.token().clone())),
+        );
+        for _ in 0..100 {
+            match within("WatchEvents", c.watch_events(WatchEventsRequest::default())).await {
+                Ok(s) => streams.push(s.into_inner()),
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    // ...and 500 GET /port-events whose responses are never read.
+    let bearer = format!(
+        "GET /port-events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        std::fs::read_to_string(monitor.token_file()).unwrap().trim()
+    );
+    let mut unread = Vec::new();
+    for _ in 0..500 {
+        match TcpStream::connect(monitor.addr()).await {
+            Ok(mut c) => {
+                let _ = c.write_all(bearer.as_bytes()).await;
+                unread.push(c);
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    // Ports come and go meanwhile, so events pile up for every subscriber.
+    for round in 0..5u16 {
+        let mut churn = many_ports(&ns, 19_300 + round * 10, 10, 32 << 10);
+        churn.wait_for_log("ready").await;
+        churn.kill();
+    }
+    let flooded = peak_rss(pid, Duration::from_secs(3)).await;
+    let metrics = common::http(
+        monitor.addr(),
+        "GET",
+        "/metrics",
+        &[("Authorization", &format!("Bearer {}", std::fs::read_to_string(monitor.token_file()).unwrap().trim()))],
+    )
+    .await
+    .map(|r| r.body)
+    .unwrap_or_default();
+    drop(streams);
+    drop(unread);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = rss(pid);
+    while after > 2 * idle && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = rss(pid);
+    }
+    eprintln!(
+        "monitor RSS: idle {:.1} MiB, under 500 non-reading WatchEvents + 500 unread /port-events {:.1} MiB \
+         ({refused} streams refused), after they left {:.1} MiB",
+        idle as f64 / MIB,
+        flooded as f64 / MIB,
+        after as f64 / MIB
+    );
+    assert!(flooded <= 64 << 20, "RSS {:.1} MiB under the flood", flooded as f64 / MIB);
+    assert!(after <= 2 * idle, "RSS back within 2x idle: {after} vs {idle}");
+    assert!(refused > 0, "the subscriber cap refused some streams");
+    assert!(
+        metrics.contains("porthole_monitor_refused_subscribers_total") && !metrics.contains("porthole_monitor_refused_subscribers_total 0\n"),
+        "refusals are counted:\n{metrics}"
+    );
+    // And it still serves.
+    client.list_ports(porthole::pb::v1::ListPortsRequest {}).await.expect("serves after the flood");
+}
+
 // Keep helpers referenced when a test set is trimmed.
 #[allow(dead_code)]
 fn _used() {
-    let _ = (cpu_time, rss, send_signal, within::<std::future::Ready<()>>);
+    let _ = (cpu_time, send_signal);
 }

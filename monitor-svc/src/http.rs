@@ -13,12 +13,25 @@ use porthole::pb::v1::EventType;
 use porthole::server::ServerStats;
 use serde::Serialize;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
+
+/// Bytes of `/port-events` bodies held at once, across all clients: a
+/// client that never reads its response keeps the body alive, so without a
+/// bound a few hundred of them hold the monitor's memory hostage. Past it,
+/// requests get `503` with `Retry-After`.
+pub const RESPONSE_BUDGET: usize = 8 << 20;
+
+/// Chunks a body is sent in, so the budget is released as soon as the body
+/// is done with (sent, or its connection gone).
+const BODY_CHUNK: usize = 64 << 10;
 
 #[derive(Clone)]
 struct Shared {
     monitor: Handle,
     server: Arc<ServerStats>,
+    /// Bytes of response bodies alive now.
+    in_flight: Arc<AtomicUsize>,
 }
 
 pub fn router(monitor: Handle, server: Arc<ServerStats>) -> Router {
@@ -26,7 +39,60 @@ pub fn router(monitor: Handle, server: Arc<ServerStats>) -> Router {
         .route("/port-events", any(port_events))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .with_state(Shared { monitor, server })
+        .with_state(Shared {
+            monitor,
+            server,
+            in_flight: Arc::default(),
+        })
+}
+
+/// Holds `size` bytes of the budget until dropped.
+struct Reserved {
+    size: usize,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Reserved {
+    fn take(in_flight: &Arc<AtomicUsize>, size: usize) -> Option<Reserved> {
+        let mut now = in_flight.load(Relaxed);
+        loop {
+            // One body larger than the whole budget still goes out alone.
+            if now != 0 && now + size > RESPONSE_BUDGET {
+                return None;
+            }
+            match in_flight.compare_exchange_weak(now, now + size, Relaxed, Relaxed) {
+                Ok(_) => {
+                    return Some(Reserved {
+                        size,
+                        in_flight: in_flight.clone(),
+                    })
+                }
+                Err(actual) => now = actual,
+            }
+        }
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(self.size, Relaxed);
+    }
+}
+
+/// `body` as a stream of chunks that keeps `reserved` until it is done.
+fn budgeted(body: Vec<u8>, reserved: Reserved) -> axum::body::Body {
+    let body = axum::body::Bytes::from(body);
+    let chunks = futures_util::stream::unfold(
+        (body, Some(reserved)),
+        |(mut rest, reserved)| async move {
+            if rest.is_empty() {
+                return None; // `reserved` drops here: the body is done.
+            }
+            let chunk = rest.split_to(rest.len().min(BODY_CHUNK));
+            Some((Ok::<_, std::convert::Infallible>(chunk), (rest, reserved)))
+        },
+    );
+    axum::body::Body::from_stream(chunks)
 }
 
 /// One element of the legacy JSON array. `seq` and `process` are additions
@@ -95,7 +161,9 @@ fn parse_since(raw: &str) -> Result<Since, String> {
 
 async fn port_events(
     method: Method,
-    State(Shared { monitor, .. }): State<Shared>,
+    State(Shared {
+        monitor, in_flight, ..
+    }): State<Shared>,
     Extension(access): Extension<Access>,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
@@ -127,10 +195,20 @@ async fn port_events(
         .map(|e| json_event(e, access))
         .collect();
     let body = serde_json::to_vec(&events).expect("plain data serializes");
+    drop(events);
+    let Some(reserved) = Reserved::take(&in_flight, body.len()) else {
+        let mut resp = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many /port-events responses are still being sent; retry shortly\n".into(),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return resp;
+    };
     let mut resp = (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
-        body,
+        budgeted(body, reserved),
     )
         .into_response();
     if reply.page.truncated {
@@ -141,7 +219,11 @@ async fn port_events(
     resp
 }
 
-async fn metrics(State(Shared { monitor, server }): State<Shared>) -> Response {
+async fn metrics(
+    State(Shared {
+        monitor, server, ..
+    }): State<Shared>,
+) -> Response {
     let mut body = monitor.metrics.render(monitor.source);
     server.render("porthole_monitor", &mut body);
     (

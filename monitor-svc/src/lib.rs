@@ -1,7 +1,7 @@
 //! monitor-svc: runs inside a container, notices every port that starts or
 //! stops listening, and serves those events over gRPC (`PortEvents`,
 //! `Relay`) and the legacy `GET /port-events` JSON endpoint, all on one port.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod detect;
 pub mod grpc;
@@ -12,6 +12,7 @@ pub mod monitor;
 pub mod process;
 pub mod relay;
 pub mod scan;
+mod sys;
 
 use porthole::pb::v1::port_events_server::{PortEventsServer, SERVICE_NAME as PORT_EVENTS};
 use porthole::pb::v1::relay_server::{RelayServer, SERVICE_NAME as RELAY};
@@ -99,6 +100,7 @@ pub async fn run(
         "monitor-svc listening"
     );
     let stats = Arc::new(porthole::server::ServerStats::default());
+    let http_stats = stats.clone();
     let app = porthole::server::App {
         grpc: tonic::service::Routes::new(PortEventsServer::new(grpc::PortEventsService::new(
             handle.clone(),
@@ -108,19 +110,56 @@ pub async fn run(
             shutdown.clone(),
         ))),
         grpc_names: vec![PORT_EVENTS, RELAY],
-        http: http::router(handle, stats.clone()),
+        http: http::router(handle.clone(), http_stats),
         policy: porthole::auth::Policy {
             token: Some(opts.token),
             public: opts.anonymous.public(),
         },
         limits: opts.limits,
-        stats,
+        stats: stats.clone(),
     };
+    tokio::spawn(trim_after_clients_leave(
+        stats.clone(),
+        handle.metrics.clone(),
+        shutdown.clone(),
+    ));
     let served = porthole::server::serve(listener, app, shutdown.clone()).await;
     shutdown.cancel();
     task.await?;
     served?;
     Ok(())
+}
+
+/// How often the monitor looks whether clients left.
+const TRIM_CHECK: Duration = Duration::from_secs(2);
+
+/// Hands memory back to the kernel once clients have gone (fewer
+/// connections or subscribers than at the last look), so a burst of
+/// clients does not leave the monitor at its peak RSS.
+async fn trim_after_clients_leave(
+    server: Arc<porthole::server::ServerStats>,
+    metrics: Arc<metrics::Metrics>,
+    shutdown: CancellationToken,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let count = || {
+        (
+            server.connections.load(Relaxed),
+            metrics.subscribers.load(Relaxed),
+        )
+    };
+    let mut last = count();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(TRIM_CHECK) => {}
+        }
+        let now = count();
+        if now.0 < last.0 || now.1 < last.1 {
+            sys::release_free_memory();
+        }
+        last = now;
+    }
 }
 
 #[cfg(test)]
