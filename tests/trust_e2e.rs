@@ -463,8 +463,125 @@ async fn non_reading_clients_cannot_grow_the_monitor() {
     client.list_ports(porthole::pb::v1::ListPortsRequest {}).await.expect("serves after the flood");
 }
 
+// ---------------------------------------------------------------------------
+// Out of file descriptors
+
+/// Echoes every connection on 0.0.0.0:argv[1] until its EOF, then closes.
+const ECHO_PY: &str = r#"
+import socket, sys, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(1024)
+print("ready", flush=True)
+def serve(c):
+    try:
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            c.sendall(d)
+    except OSError:
+        pass
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Lowers the file-descriptor limit of running process `pid` to `n`.
+fn limit_fds(pid: u32, n: u32) {
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={n}:{n}")])
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(status.success(), "prlimit --pid {pid} failed");
+}
+
+/// Opens `n` connections to `addr` that send nothing.
+async fn hold_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        match TcpStream::connect(addr).await {
+            Ok(c) => held.push(c),
+            Err(e) => panic!("connect {addr}: {e} after {} connections", held.len()),
+        }
+    }
+    held
+}
+
+/// CPU share of one core `pid` used over `span`, and the `accept failed`
+/// lines it logged meanwhile.
+async fn quietness(pid: u32, log: impl Fn() -> String, span: Duration) -> (f64, usize) {
+    let count = |log: &str| log.matches("accept failed").count();
+    let (cpu0, lines0) = (cpu_time(pid), count(&log()));
+    let started = Instant::now();
+    // A fixed measuring window, not a synchronisation.
+    tokio::time::sleep(span).await;
+    let share = (cpu_time(pid) - cpu0).as_secs_f64() / started.elapsed().as_secs_f64();
+    (share, count(&log()) - lines0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_the_fd_limit_both_services_stay_quiet_and_recover() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let mut monitor = MonitorProc::start(&ns, &["--max-connections", "5000"]).await;
+    let port = 19_401;
+    let mut echo = ns.spawn("python3", ["-c", ECHO_PY, &port.to_string()]);
+    echo.wait_for_log("ready").await;
+    let url = monitor.url();
+    let token = monitor.token_flag(None);
+    let mut args = vec!["--monitor", url.as_str()];
+    args.extend(token.iter().map(String::as_str));
+    let mut tunnel = TunnelProc::start(&ns, &args).await;
+    tunnel.wait_active(&format!("default:tcp:{port}")).await;
+    limit_fds(monitor.pid(), 128);
+    limit_fds(tunnel.pid(), 128);
+
+    // More connections than either may hold, none sending anything.
+    let to_monitor = hold_connections(monitor.addr(), 300).await;
+    let tunnel_addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let to_tunnel = hold_connections(tunnel_addr, 300).await;
+    let (mon_cpu, mon_lines) = quietness(monitor.pid(), || monitor.log(), Duration::from_secs(2)).await;
+    let (tun_cpu, tun_lines) = quietness(tunnel.pid(), || tunnel.log(), Duration::from_secs(2)).await;
+    eprintln!(
+        "at the fd limit: monitor {:.1} % CPU, {mon_lines} log lines; tunnel-svc {:.1} % CPU, {tun_lines} log lines",
+        mon_cpu * 100.0,
+        tun_cpu * 100.0
+    );
+    assert!(mon_cpu < 0.2, "monitor-svc spins at the fd limit: {:.0} %", mon_cpu * 100.0);
+    assert!(tun_cpu < 0.2, "tunnel-svc spins at the fd limit: {:.0} %", tun_cpu * 100.0);
+    assert!(mon_lines <= 1, "monitor-svc floods its log: {mon_lines} lines in 2 s");
+    assert!(tun_lines <= 1, "tunnel-svc floods its log: {tun_lines} lines in 2 s");
+    for log in [monitor.log(), tunnel.log()] {
+        assert!(log.contains("accept failed") && log.contains("backing off"), "{log}");
+    }
+
+    // The connections go; both serve again.
+    drop(to_monitor);
+    drop(to_tunnel);
+    common::poll_until("the monitor to answer again", DEADLINE, || async {
+        let resp = common::http(monitor.addr(), "GET", "/healthz", &[]).await.ok()?;
+        (resp.status == 200).then_some(())
+    })
+    .await;
+    common::poll_until("the tunnel to carry a connection again", DEADLINE, || async {
+        let mut c = TcpStream::connect(tunnel_addr).await.ok()?;
+        c.write_all(b"x").await.ok()?;
+        c.shutdown().await.ok()?;
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut rest)).await.ok()?.ok()?;
+        Some(())
+    })
+    .await;
+    assert!(tunnel.proc().try_wait().is_none() && monitor.proc().try_wait().is_none());
+}
+
 // Keep helpers referenced when a test set is trimmed.
 #[allow(dead_code)]
 fn _used() {
-    let _ = (cpu_time, send_signal);
+    let _ = send_signal;
 }
