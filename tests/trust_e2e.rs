@@ -580,6 +580,208 @@ async fn at_the_fd_limit_both_services_stay_quiet_and_recover() {
     assert!(tunnel.proc().try_wait().is_none() && monitor.proc().try_wait().is_none());
 }
 
+// ---------------------------------------------------------------------------
+// What a monitor says is checked before anything is bound
+
+mod fake {
+    use porthole::pb::v1::{
+        port_events_server::{PortEvents, PortEventsServer},
+        watch_events_response::Kind, ListEventsRequest, ListEventsResponse, ListPortsRequest,
+        ListPortsResponse, Port, Process, Protocol, Snapshot, WatchEventsRequest,
+        WatchEventsResponse,
+    };
+    use std::net::SocketAddr;
+    use tonic::{Request, Response, Status};
+
+    /// A monitor that reports `ports` and nothing else: what a compromised
+    /// container could send.
+    pub struct Monitor {
+        pub ports: Vec<Port>,
+    }
+
+    pub fn port(port: u32, address: &str) -> Port {
+        Port {
+            protocol: Protocol::Tcp as i32,
+            address: address.into(),
+            port,
+            key: format!("tcp:{address}:{port}"),
+            process: Some(Process {
+                pid: 7,
+                name: "evil".into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[tonic::async_trait]
+    impl PortEvents for Monitor {
+        async fn list_events(
+            &self,
+            _: Request<ListEventsRequest>,
+        ) -> Result<Response<ListEventsResponse>, Status> {
+            Ok(Response::new(ListEventsResponse::default()))
+        }
+
+        type WatchEventsStream = std::pin::Pin<
+            Box<dyn futures_util::Stream<Item = Result<WatchEventsResponse, Status>> + Send>,
+        >;
+
+        async fn watch_events(
+            &self,
+            _: Request<WatchEventsRequest>,
+        ) -> Result<Response<Self::WatchEventsStream>, Status> {
+            let snapshot = WatchEventsResponse {
+                kind: Some(Kind::Snapshot(Snapshot {
+                    instance_id: "fake".into(),
+                    seq: 1,
+                    ports: self.ports.clone(),
+                })),
+            };
+            let stream = futures_util::stream::iter([Ok(snapshot)])
+                .chain(futures_util::stream::pending());
+            Ok(Response::new(Box::pin(stream)))
+        }
+
+        async fn list_ports(
+            &self,
+            _: Request<ListPortsRequest>,
+        ) -> Result<Response<ListPortsResponse>, Status> {
+            Ok(Response::new(ListPortsResponse {
+                ports: self.ports.clone(),
+                ..Default::default()
+            }))
+        }
+    }
+
+    use futures_util::StreamExt;
+
+    /// Serves `monitor` on 127.0.0.1 until the test ends; returns where.
+    pub async fn serve(monitor: Monitor) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PortEventsServer::new(monitor))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        addr
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_monitor_cannot_choose_privileged_or_invalid_host_ports() {
+    if !require_root() {
+        return;
+    }
+    use porthole::pb::v1::{OpenTunnelRequest, TunnelState};
+    let valid = 19_502;
+    let addr = fake::serve(fake::Monitor {
+        ports: vec![
+            fake::port(0, "0.0.0.0"),
+            fake::port(1, "0.0.0.0"),
+            fake::port(2, "127.0.0.1"),
+            fake::port(80, "0.0.0.0"),
+            fake::port(80_000, "0.0.0.0"),
+            fake::port(19_501, "not-an-address"),
+            fake::port(valid, "0.0.0.0"),
+        ],
+    })
+    .await;
+    let ns = Netns::new();
+    let url = format!("http://{addr}");
+    let tunnel = TunnelProc::start(&ns, &["--monitor", &url, "--skip", "", "--max-tunnels", "50"]).await;
+    tunnel.wait_active(&format!("default:tcp:{valid}")).await;
+    for (port, expect) in [(1u16, 10_001u32), (2, 10_002), (80, 10_080)] {
+        let t = tunnel.wait_active(&format!("default:tcp:{port}")).await;
+        assert!(t.host_port >= expect, "{t:?}");
+        assert!(t.error.contains("privileged"), "the remap is said: {t:?}");
+        assert!(common::host_port_is_free(port), "host port {port} was bound");
+    }
+    let ids: Vec<String> = tunnel.tunnels().await.into_iter().map(|t| t.id).collect();
+    for bad in ["default:tcp:0", "default:tcp:80000", "default:tcp:19501", "default:tcp:14464"] {
+        assert!(!ids.iter().any(|i| i == bad), "{bad} in {ids:?}");
+    }
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert!(tunnel.log().contains("invalid port"), "{}", tunnel.log());
+
+    // The same rule for OpenTunnel, and a failed OpenTunnel changes nothing.
+    let err = within(
+        "OpenTunnel on a privileged host port",
+        tunnel.client().open_tunnel(tunnel.request(OpenTunnelRequest {
+            container_port: valid.into(),
+            host_port: 443,
+            ..Default::default()
+        })),
+    )
+    .await
+    .expect_err("a privileged host port is refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("--allow-privileged-ports"), "{err:?}");
+    let before = tunnel.wait_active(&format!("default:tcp:{valid}")).await;
+    let err = within(
+        "OpenTunnel on the admin port",
+        tunnel.client().open_tunnel(tunnel.request(OpenTunnelRequest {
+            container_port: valid.into(),
+            host_port: tunnel.admin().port().into(),
+            ..Default::default()
+        })),
+    )
+    .await
+    .expect_err("a busy host port is refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let after = tunnel.wait_active(&format!("default:tcp:{valid}")).await;
+    assert_eq!(
+        (after.host_port, after.opened_at, after.state),
+        (before.host_port, before.opened_at, TunnelState::Active as i32),
+        "the working tunnel is untouched"
+    );
+
+    // A manual tunnel of a port nothing listens on says so.
+    let t = within(
+        "OpenTunnel of a closed port",
+        tunnel.client().open_tunnel(tunnel.request(OpenTunnelRequest {
+            container_port: 19_999,
+            ..Default::default()
+        })),
+    )
+    .await
+    .expect("manual tunnel")
+    .into_inner()
+    .tunnel
+    .unwrap();
+    assert!(t.error.contains("nothing listens on port 19999"), "{t:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_huge_snapshot_is_consumed() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let mut holder = many_ports(&ns, 19_600, 120, 40 << 10);
+    holder.wait_for_log("ready").await;
+    let url = monitor.url();
+    let token = monitor.token_flag(None);
+    let mut args = vec!["--monitor", url.as_str(), "--max-tunnels", "200"];
+    args.extend(token.iter().map(String::as_str));
+    let tunnel = TunnelProc::start(&ns, &args).await;
+    common::poll_until("120 tunnels active", Duration::from_secs(30), || async {
+        let tunnels = tunnel.try_tunnels().await.ok()?;
+        let active = tunnels
+            .iter()
+            .filter(|t| (19_600..19_720).contains(&t.container_port))
+            .filter(|t| t.state == porthole::pb::v1::TunnelState::Active as i32)
+            .count();
+        (active == 120).then_some(())
+    })
+    .await;
+    let t = tunnel.wait_active("default:tcp:19600").await;
+    let p = t.process.expect("process");
+    let carried: usize = p.cmdline.iter().map(|a| a.len() + 1).sum();
+    assert!(carried <= 4097 && p.cmdline_truncated, "{carried} bytes, truncated {}", p.cmdline_truncated);
+}
+
 // Keep helpers referenced when a test set is trimmed.
 #[allow(dead_code)]
 fn _used() {
