@@ -721,10 +721,24 @@ async fn a_dead_upstream_fails_alone_and_says_why() {
         "{}",
         silent_t.error
     );
+    // Any client can make connections fail: the log says so once per
+    // interval, with a count, not once per connection.
+    for _ in 0..30 {
+        let (got, _) = client_read(&t.client, g, 30010).await;
+        assert!(got.contains("reset"), "dead upstream: {got}");
+    }
     let log = gate.proc.log();
+    let dead_lines = log
+        .lines()
+        .filter(|l| l.contains("connection failed") && l.contains("dead:tcp:30010"))
+        .count();
     assert!(
-        log.contains("target=dead") && log.contains("target=silent"),
-        "failures are logged with the alias:\n{log}"
+        (1..=2).contains(&dead_lines),
+        "31 failed connections gave {dead_lines} log lines:\n{log}"
+    );
+    assert!(
+        log.contains("silent:tcp:30011"),
+        "failures are logged with the tunnel:\n{log}"
     );
 
     // Admin API: egress forwards come from the config only.

@@ -9,7 +9,7 @@
 mod common;
 
 use common::{
-    cpu_time, require_root, rss, send_signal, within, MonitorProc, Netns, Proc, TunnelProc,
+    cpu_time, require_root, rss, within, MonitorProc, Netns, Proc, TunnelProc,
     DEADLINE,
 };
 use sha2::{Digest, Sha256};
@@ -782,8 +782,74 @@ async fn a_huge_snapshot_is_consumed() {
     assert!(carried <= 4097 && p.cmdline_truncated, "{carried} bytes, truncated {}", p.cmdline_truncated);
 }
 
-// Keep helpers referenced when a test set is trimmed.
-#[allow(dead_code)]
-fn _used() {
-    let _ = send_signal;
+// ---------------------------------------------------------------------------
+// Hostile input is refused with a short answer
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_never_echo_unbounded_input() {
+    if !require_root() {
+        return;
+    }
+    use porthole::pb::v1::{CloseTunnelRequest, ListEventsRequest, OpenTunnelRequest};
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let huge = "x".repeat(60 << 10);
+    let resp = common::http(monitor.addr(), "GET", &format!("/port-events?since={huge}"), &[])
+        .await
+        .expect("an answer");
+    assert_eq!(resp.status, 400, "{}", &resp.body[..resp.body.len().min(200)]);
+    assert!(resp.body.len() < 1024 && resp.body.contains("since"), "{} bytes", resp.body.len());
+
+    let err = within(
+        "ListEvents with a far-future since",
+        monitor.client().await.list_events(ListEventsRequest {
+            since: Some(prost_types::Timestamp {
+                seconds: i64::MAX,
+                nanos: 0,
+            }),
+            after_seq: 0,
+        }),
+    )
+    .await
+    .expect_err("out of range");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("seconds") && !err.message().contains("nanos must"),
+        "blames the right field: {}",
+        err.message()
+    );
+
+    let url = monitor.url();
+    let token = monitor.token_flag(None);
+    let mut args = vec!["--monitor", url.as_str()];
+    args.extend(token.iter().map(String::as_str));
+    let tunnel = TunnelProc::start(&ns, &args).await;
+    let long = "y".repeat(100 << 10);
+    let err = within(
+        "CloseTunnel with a 100 KB id",
+        tunnel.client().close_tunnel(tunnel.request(CloseTunnelRequest { id: long.clone() })),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message().len());
+    assert!(err.message().len() < 1024, "{} bytes echoed", err.message().len());
+    let err = within(
+        "OpenTunnel with a 100 KB target",
+        tunnel.client().open_tunnel(tunnel.request(OpenTunnelRequest {
+            target: long,
+            container_port: 8080,
+            ..Default::default()
+        })),
+    )
+    .await
+    .expect_err("refused");
+    assert!(err.message().len() < 1024, "{} bytes echoed", err.message().len());
+    let err = within(
+        "CloseTunnel of an unknown id",
+        tunnel.client().close_tunnel(tunnel.request(CloseTunnelRequest { id: "z".repeat(400) })),
+    )
+    .await
+    .expect_err("unknown");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().len() < 400, "{}", err.message());
 }

@@ -172,7 +172,7 @@ pub fn serve(listeners: Vec<TcpListener>, backend: Arc<Backend>, carry: Carry) {
                         }
                         stats.active.fetch_sub(1, Relaxed);
                     }
-                    .instrument(tracing::debug_span!("conn", id = %carry.id, %peer)),
+                    .instrument(tracing::info_span!("conn", id = %carry.id, %peer)),
                 );
             }
         });
