@@ -321,7 +321,10 @@ mod tests {
         std::fs::write(&path, "s3cret\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = Token::load_or_create(&path).unwrap_err();
-        assert!(matches!(err, TokenError::Exposed { mode: 0o644, .. }), "{err}");
+        assert!(
+            matches!(err, TokenError::Exposed { mode: 0o644, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("chmod 600"), "{err}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(Token::from_file(&path).unwrap().0.as_ref(), "s3cret");

@@ -296,7 +296,10 @@ mod tests {
         f.publish(std::slice::from_ref(&item));
         assert_eq!(Arc::strong_count(&item), 3, "one shared copy per queue");
         drop(a);
-        assert!(f.subscribe(vec![]).is_ok(), "a gone subscriber frees its place");
+        assert!(
+            f.subscribe(vec![]).is_ok(),
+            "a gone subscriber frees its place"
+        );
     }
 
     #[test]

@@ -62,7 +62,7 @@ pub fn raise_fd_limit() -> Option<u64> {
     let mut limit = getrlimit(Resource::Nofile);
     if limit.current != limit.maximum {
         limit.current = limit.maximum;
-        if let Err(e) = setrlimit(Resource::Nofile, limit.clone()) {
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
             tracing::debug!(error = %e, "cannot raise the file-descriptor limit");
             return getrlimit(Resource::Nofile).current;
         }
@@ -115,6 +115,26 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStrea
     }
 }
 
+/// How long a service start-up keeps retrying a listen address that is
+/// still in use (a predecessor killed a moment ago).
+pub const BIND_RETRY: Duration = Duration::from_secs(3);
+
+/// Binds `addr`, retrying for up to [`BIND_RETRY`] while it is in use.
+pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let deadline = tokio::time::Instant::now() + BIND_RETRY;
+    loop {
+        match TcpListener::bind(addr).await {
+            Err(e)
+                if e.kind() == io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,26 +171,6 @@ mod tests {
                 let err = result.unwrap_err();
                 assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
             }
-        }
-    }
-}
-
-/// How long a service start-up keeps retrying a listen address that is
-/// still in use (a predecessor killed a moment ago).
-pub const BIND_RETRY: Duration = Duration::from_secs(3);
-
-/// Binds `addr`, retrying for up to [`BIND_RETRY`] while it is in use.
-pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let deadline = tokio::time::Instant::now() + BIND_RETRY;
-    loop {
-        match TcpListener::bind(addr).await {
-            Err(e)
-                if e.kind() == io::ErrorKind::AddrInUse
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            other => return other,
         }
     }
 }

@@ -87,7 +87,12 @@ impl ServerStats {
     pub fn render(&self, prefix: &str, out: &mut String) {
         use std::fmt::Write;
         let rows = [
-            ("connections", "gauge", "Client connections open now.", &self.connections),
+            (
+                "connections",
+                "gauge",
+                "Client connections open now.",
+                &self.connections,
+            ),
             (
                 "refused_connections_total",
                 "counter",
@@ -298,10 +303,7 @@ impl AsyncWrite for Conn {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_flush(cx)
     }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
     fn poll_write_vectored(

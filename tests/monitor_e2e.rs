@@ -12,9 +12,9 @@ use common::{
     write_token, Listener, MonitorClient, MonitorProc, Netns, Proc, DEADLINE,
 };
 use porthole::pb::v1::{
-    watch_events_response::Kind, EventType,
-    ListEventsRequest, ListEventsResponse, ListPortsRequest, ListPortsResponse, Port, PortEvent,
-    Protocol, Snapshot, WatchEventsRequest, WatchEventsResponse,
+    watch_events_response::Kind, EventType, ListEventsRequest, ListEventsResponse,
+    ListPortsRequest, ListPortsResponse, Port, PortEvent, Protocol, Snapshot, WatchEventsRequest,
+    WatchEventsResponse,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use tonic::{Code, Streaming};
@@ -547,7 +547,12 @@ async fn json_shim_keeps_the_legacy_contract() {
     // Without the token only the public paths answer; with it, the rest.
     let resp = http_get(addr, "/no-such-path").await;
     assert_eq!(resp.status, 401, "{resp:?}");
-    let bearer = format!("Bearer {}", std::fs::read_to_string(monitor.token_file()).unwrap().trim());
+    let bearer = format!(
+        "Bearer {}",
+        std::fs::read_to_string(monitor.token_file())
+            .unwrap()
+            .trim()
+    );
     let resp = http(addr, "GET", "/no-such-path", &[("Authorization", &bearer)])
         .await
         .unwrap();
@@ -728,9 +733,12 @@ async fn relay_read(
         req.metadata_mut()
             .insert("authorization", value.parse().unwrap());
     }
-    let mut inbound = within("Relay.Dial", RelayClient::new(monitor.channel().await).dial(req))
-        .await?
-        .into_inner();
+    let mut inbound = within(
+        "Relay.Dial",
+        RelayClient::new(monitor.channel().await).dial(req),
+    )
+    .await?
+    .into_inner();
     let mut got = Vec::new();
     while let Some(frame) = within("relay frames", inbound.message()).await? {
         if let Some(relay_frame::Kind::Data(d)) = frame.kind {
@@ -765,12 +773,18 @@ async fn neighbour_without_the_token_gets_no_relay_and_no_command_lines() {
     .await;
     let process = listed.process.expect("the server's process is visible");
     assert_eq!(process.pid, server.pid());
-    assert!(process.cmdline.iter().any(|a| a == "--password=hunter2"), "{process:?}");
+    assert!(
+        process.cmdline.iter().any(|a| a == "--password=hunter2"),
+        "{process:?}"
+    );
 
     // The neighbour (this host, another namespace): the server is not
     // reachable directly...
     let direct = std::net::TcpStream::connect((monitor.addr().ip(), port));
-    assert!(direct.is_err(), "the loopback-only server is not reachable directly");
+    assert!(
+        direct.is_err(),
+        "the loopback-only server is not reachable directly"
+    );
     // ...nor through Relay, without the right token.
     for auth in [None, Some("Bearer wrong-token"), Some("Basic s3cret-token")] {
         let err = relay_read(&monitor, port, auth)
@@ -781,7 +795,10 @@ async fn neighbour_without_the_token_gets_no_relay_and_no_command_lines() {
     // The read-only surface answers, without command lines.
     let mut anon = monitor.anonymous_client().await;
     let ports = list_ports(&mut anon).await.ports;
-    let p = ports.iter().find(|p| p.key == key).expect("listed anonymously");
+    let p = ports
+        .iter()
+        .find(|p| p.key == key)
+        .expect("listed anonymously");
     let process = p.process.as_ref().expect("pid and name stay");
     assert_eq!(process.pid, server.pid());
     assert!(process.cmdline.is_empty(), "{process:?}");
@@ -791,15 +808,25 @@ async fn neighbour_without_the_token_gets_no_relay_and_no_command_lines() {
         .as_ref()
         .and_then(|p| p.process.as_ref())
         .is_none_or(|p| p.cmdline.is_empty())));
-    let mut stream = within("anonymous WatchEvents", anon.watch_events(WatchEventsRequest::default()))
-        .await
-        .expect("WatchEvents is read-only")
-        .into_inner();
+    let mut stream = within(
+        "anonymous WatchEvents",
+        anon.watch_events(WatchEventsRequest::default()),
+    )
+    .await
+    .expect("WatchEvents is read-only")
+    .into_inner();
     let snap = next_snapshot(&mut stream).await;
-    assert!(snap.ports.iter().all(|p| p.process.as_ref().is_none_or(|p| p.cmdline.is_empty())));
+    assert!(snap
+        .ports
+        .iter()
+        .all(|p| p.process.as_ref().is_none_or(|p| p.cmdline.is_empty())));
     let resp = http_get(monitor.addr(), "/port-events").await;
     assert_eq!(resp.status, 200, "{resp:?}");
-    assert!(!resp.body.contains("hunter2") && !resp.body.contains("cmdline"), "{}", resp.body);
+    assert!(
+        !resp.body.contains("hunter2") && !resp.body.contains("cmdline"),
+        "{}",
+        resp.body
+    );
     assert!(resp.body.contains(&key), "{}", resp.body);
 
     // With the token (any case of "Bearer"), Relay reaches the server.
@@ -807,26 +834,52 @@ async fn neighbour_without_the_token_gets_no_relay_and_no_command_lines() {
         .await
         .expect("the token opens Relay");
     assert_eq!(got, b"inside");
-    let resp = http(monitor.addr(), "GET", "/port-events", &[("Authorization", "Bearer s3cret-token")])
-        .await
-        .unwrap();
+    let resp = http(
+        monitor.addr(),
+        "GET",
+        "/port-events",
+        &[("Authorization", "Bearer s3cret-token")],
+    )
+    .await
+    .unwrap();
     assert!(resp.body.contains("hunter2"), "{}", resp.body);
 
     // --anonymous none: nothing but /healthz without the token.
     let closed = MonitorProc::start(
         &ns,
-        &["--listen", "0.0.0.0:7071", "--anonymous", "none", "--token-file", token_file.to_str().unwrap()],
+        &[
+            "--listen",
+            "0.0.0.0:7071",
+            "--anonymous",
+            "none",
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
     )
     .await;
-    let err = within("ListPorts", closed.anonymous_client().await.list_ports(ListPortsRequest {}))
-        .await
-        .expect_err("--anonymous none refuses it");
+    let err = within(
+        "ListPorts",
+        closed
+            .anonymous_client()
+            .await
+            .list_ports(ListPortsRequest {}),
+    )
+    .await
+    .expect_err("--anonymous none refuses it");
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     for path in ["/port-events", "/metrics"] {
         assert_eq!(http_get(closed.addr(), path).await.status, 401, "{path}");
     }
     assert_eq!(http_get(closed.addr(), "/healthz").await.status, 200);
-    assert!(!closed.client().await.list_ports(ListPortsRequest {}).await.unwrap().into_inner().ports.is_empty());
+    assert!(!closed
+        .client()
+        .await
+        .list_ports(ListPortsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .ports
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -856,7 +909,10 @@ async fn without_a_token_file_the_monitor_makes_a_private_one() {
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let log = proc.log();
-    assert!(log.contains(&token_file.display().to_string()), "the path is logged:\n{log}");
+    assert!(
+        log.contains(&token_file.display().to_string()),
+        "the path is logged:\n{log}"
+    );
     assert!(!log.contains(secret), "the token is never logged:\n{log}");
     // A token file others can read is refused, with the reason.
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();

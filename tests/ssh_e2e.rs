@@ -10,8 +10,8 @@
 mod common;
 
 use common::{
-    poll_until, require_root, send_signal, skip_or_fail, which, within, MonitorProc, Netns, Proc, TunnelProc,
-    DEADLINE,
+    poll_until, require_root, send_signal, skip_or_fail, which, within, MonitorProc, Netns, Proc,
+    TunnelProc, DEADLINE,
 };
 use porthole::pb::v1::{Backend, Tunnel, TunnelState};
 use std::fs;
@@ -545,7 +545,9 @@ async fn dead_master_is_restarted_and_forward_restored() {
         .expect("connect through the tunnel");
     open.write_all(b"x").await.expect("write");
     let mut one = [0u8; 1];
-    within("echo", open.read_exact(&mut one)).await.expect("read");
+    within("echo", open.read_exact(&mut one))
+        .await
+        .expect("read");
     assert!(send_signal(old, "KILL"), "kill -KILL {old}");
     let killed = Instant::now();
     let mut rest = Vec::new();
@@ -602,22 +604,37 @@ async fn sigkill_leaves_no_ssh_process_and_a_restart_cleans_up() {
         .expect("connect through the tunnel");
     open.write_all(b"x").await.expect("write");
     let mut one = [0u8; 1];
-    within("echo", open.read_exact(&mut one)).await.expect("read");
+    within("echo", open.read_exact(&mut one))
+        .await
+        .expect("read");
 
     w.tunnel.0.proc().kill();
-    poll_until("the ssh master to die with tunnel-svc", DEADLINE, || async {
-        gone(master).then_some(())
-    })
+    poll_until(
+        "the ssh master to die with tunnel-svc",
+        DEADLINE,
+        || async { gone(master).then_some(()) },
+    )
     .await;
     let mut rest = Vec::new();
     let ended = within("the open connection to end", open.read_to_end(&mut rest)).await;
     let err = ended.expect_err("tunnel-svc died: the connection is reset");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
-    assert!(runtime.exists(), "a killed tunnel-svc leaves {}", runtime.display());
+    assert!(
+        runtime.exists(),
+        "a killed tunnel-svc leaves {}",
+        runtime.display()
+    );
 
     // The next tunnel-svc cleans up after it and works.
     let token = w._monitor.token_flag(None);
-    let mut args = vec!["--monitor".to_string(), w._monitor.url(), "--backend".into(), "ssh".into(), "--ssh-host".into(), ALIAS.into()];
+    let mut args = vec![
+        "--monitor".to_string(),
+        w._monitor.url(),
+        "--backend".into(),
+        "ssh".into(),
+        "--ssh-host".into(),
+        ALIAS.into(),
+    ];
     args.extend(token);
     for opt in w._sshd.client_options(&w._ns) {
         args.extend(["--ssh-option".to_string(), opt]);
@@ -625,9 +642,11 @@ async fn sigkill_leaves_no_ssh_process_and_a_restart_cleans_up() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let next = TunnelSvc(TunnelProc::start(&w._ns, &args).await);
     next.wait_active(w.port).await;
-    poll_until("the stale ssh directory to be removed", DEADLINE, || async {
-        (!runtime.exists()).then_some(())
-    })
+    poll_until(
+        "the stale ssh directory to be removed",
+        DEADLINE,
+        || async { (!runtime.exists()).then_some(()) },
+    )
     .await;
     transfer(w.v4(), b"again").await;
     let _ = fs::remove_dir_all(next.runtime_dir());

@@ -8,10 +8,7 @@
 
 mod common;
 
-use common::{
-    cpu_time, require_root, rss, within, MonitorProc, Netns, Proc, TunnelProc,
-    DEADLINE,
-};
+use common::{cpu_time, require_root, rss, within, MonitorProc, Netns, Proc, TunnelProc, DEADLINE};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -127,7 +124,9 @@ fn fault_deadline(fault: Fault) -> Duration {
 }
 
 async fn download(addr: SocketAddr, fault: impl std::future::Future<Output = ()>) -> Seen {
-    let mut conn = TcpStream::connect(addr).await.expect("connect through the tunnel");
+    let mut conn = TcpStream::connect(addr)
+        .await
+        .expect("connect through the tunnel");
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut n = 0;
@@ -160,7 +159,9 @@ async fn download(addr: SocketAddr, fault: impl std::future::Future<Output = ()>
 }
 
 async fn upload(addr: SocketAddr, fault: impl std::future::Future<Output = ()>) -> Seen {
-    let mut conn = TcpStream::connect(addr).await.expect("connect through the tunnel");
+    let mut conn = TcpStream::connect(addr)
+        .await
+        .expect("connect through the tunnel");
     let mut hash = Sha256::new();
     let mut n = 0;
     let mut fault = Some(fault);
@@ -200,7 +201,10 @@ async fn verdict(server: &Proc) -> String {
         {
             return line.to_string();
         }
-        assert!(Instant::now() < deadline, "the server gave no verdict:\n{log}");
+        assert!(
+            Instant::now() < deadline,
+            "the server gave no verdict:\n{log}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -211,7 +215,11 @@ async fn interrupted(backend: &str, fault: Fault, direction: Direction, port: u1
     }
     let ns = Netns::new();
     let mut monitor = MonitorProc::start(&ns, &[]).await;
-    let bind = if backend == "direct" { "0.0.0.0" } else { "127.0.0.1" };
+    let bind = if backend == "direct" {
+        "0.0.0.0"
+    } else {
+        "127.0.0.1"
+    };
     let mode = match direction {
         Direction::Download => "download",
         Direction::Upload => "upload",
@@ -219,7 +227,14 @@ async fn interrupted(backend: &str, fault: Fault, direction: Direction, port: u1
     let (port_s, total_s) = (port.to_string(), TOTAL.to_string());
     let mut server = ns.spawn(
         "python3",
-        ["-c", TRANSFER_PY, mode, bind, port_s.as_str(), total_s.as_str()],
+        [
+            "-c",
+            TRANSFER_PY,
+            mode,
+            bind,
+            port_s.as_str(),
+            total_s.as_str(),
+        ],
     );
     server.wait_for_log("ready").await;
     let url = monitor.url();
@@ -260,7 +275,11 @@ async fn interrupted(backend: &str, fault: Fault, direction: Direction, port: u1
                 panic!("a transfer without a fault failed: {seen:?}; server {server_says}");
             };
             assert_eq!(*n, TOTAL, "every byte arrived");
-            let want = if direction == Direction::Download { "DONE" } else { "EOF" };
+            let want = if direction == Direction::Download {
+                "DONE"
+            } else {
+                "EOF"
+            };
             assert_eq!(
                 server_says,
                 format!("{want} {TOTAL} {client_hash}"),
@@ -371,8 +390,16 @@ async fn non_reading_clients_cannot_grow_the_monitor() {
     common::poll_until("60 ports listed", DEADLINE, || {
         let mut c = client.clone();
         async move {
-            let ports = c.list_ports(porthole::pb::v1::ListPortsRequest {}).await.ok()?;
-            let n = ports.into_inner().ports.iter().filter(|p| (19_200..19_260).contains(&p.port)).count();
+            let ports = c
+                .list_ports(porthole::pb::v1::ListPortsRequest {})
+                .await
+                .ok()?;
+            let n = ports
+                .into_inner()
+                .ports
+                .iter()
+                .filter(|p| (19_200..19_260).contains(&p.port))
+                .count();
             (n == 60).then_some(())
         }
     })
@@ -409,7 +436,9 @@ async fn non_reading_clients_cannot_grow_the_monitor() {
     // ...and 500 GET /port-events whose responses are never read.
     let bearer = format!(
         "GET /port-events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        std::fs::read_to_string(monitor.token_file()).unwrap().trim()
+        std::fs::read_to_string(monitor.token_file())
+            .unwrap()
+            .trim()
     );
     let mut unread = Vec::new();
     for _ in 0..500 {
@@ -432,7 +461,15 @@ async fn non_reading_clients_cannot_grow_the_monitor() {
         monitor.addr(),
         "GET",
         "/metrics",
-        &[("Authorization", &format!("Bearer {}", std::fs::read_to_string(monitor.token_file()).unwrap().trim()))],
+        &[(
+            "Authorization",
+            &format!(
+                "Bearer {}",
+                std::fs::read_to_string(monitor.token_file())
+                    .unwrap()
+                    .trim()
+            ),
+        )],
     )
     .await
     .map(|r| r.body)
@@ -452,15 +489,26 @@ async fn non_reading_clients_cannot_grow_the_monitor() {
         flooded as f64 / MIB,
         after as f64 / MIB
     );
-    assert!(flooded <= 64 << 20, "RSS {:.1} MiB under the flood", flooded as f64 / MIB);
-    assert!(after <= 2 * idle, "RSS back within 2x idle: {after} vs {idle}");
+    assert!(
+        flooded <= 64 << 20,
+        "RSS {:.1} MiB under the flood",
+        flooded as f64 / MIB
+    );
+    assert!(
+        after <= 2 * idle,
+        "RSS back within 2x idle: {after} vs {idle}"
+    );
     assert!(refused > 0, "the subscriber cap refused some streams");
     assert!(
-        metrics.contains("porthole_monitor_refused_subscribers_total") && !metrics.contains("porthole_monitor_refused_subscribers_total 0\n"),
+        metrics.contains("porthole_monitor_refused_subscribers_total")
+            && !metrics.contains("porthole_monitor_refused_subscribers_total 0\n"),
         "refusals are counted:\n{metrics}"
     );
     // And it still serves.
-    client.list_ports(porthole::pb::v1::ListPortsRequest {}).await.expect("serves after the flood");
+    client
+        .list_ports(porthole::pb::v1::ListPortsRequest {})
+        .await
+        .expect("serves after the flood");
 }
 
 // ---------------------------------------------------------------------------
@@ -545,37 +593,65 @@ async fn at_the_fd_limit_both_services_stay_quiet_and_recover() {
     let to_monitor = hold_connections(monitor.addr(), 300).await;
     let tunnel_addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let to_tunnel = hold_connections(tunnel_addr, 300).await;
-    let (mon_cpu, mon_lines) = quietness(monitor.pid(), || monitor.log(), Duration::from_secs(2)).await;
-    let (tun_cpu, tun_lines) = quietness(tunnel.pid(), || tunnel.log(), Duration::from_secs(2)).await;
+    let (mon_cpu, mon_lines) =
+        quietness(monitor.pid(), || monitor.log(), Duration::from_secs(2)).await;
+    let (tun_cpu, tun_lines) =
+        quietness(tunnel.pid(), || tunnel.log(), Duration::from_secs(2)).await;
     eprintln!(
         "at the fd limit: monitor {:.1} % CPU, {mon_lines} log lines; tunnel-svc {:.1} % CPU, {tun_lines} log lines",
         mon_cpu * 100.0,
         tun_cpu * 100.0
     );
-    assert!(mon_cpu < 0.2, "monitor-svc spins at the fd limit: {:.0} %", mon_cpu * 100.0);
-    assert!(tun_cpu < 0.2, "tunnel-svc spins at the fd limit: {:.0} %", tun_cpu * 100.0);
-    assert!(mon_lines <= 1, "monitor-svc floods its log: {mon_lines} lines in 2 s");
-    assert!(tun_lines <= 1, "tunnel-svc floods its log: {tun_lines} lines in 2 s");
+    assert!(
+        mon_cpu < 0.2,
+        "monitor-svc spins at the fd limit: {:.0} %",
+        mon_cpu * 100.0
+    );
+    assert!(
+        tun_cpu < 0.2,
+        "tunnel-svc spins at the fd limit: {:.0} %",
+        tun_cpu * 100.0
+    );
+    assert!(
+        mon_lines <= 1,
+        "monitor-svc floods its log: {mon_lines} lines in 2 s"
+    );
+    assert!(
+        tun_lines <= 1,
+        "tunnel-svc floods its log: {tun_lines} lines in 2 s"
+    );
     for log in [monitor.log(), tunnel.log()] {
-        assert!(log.contains("accept failed") && log.contains("backing off"), "{log}");
+        assert!(
+            log.contains("accept failed") && log.contains("backing off"),
+            "{log}"
+        );
     }
 
     // The connections go; both serve again.
     drop(to_monitor);
     drop(to_tunnel);
     common::poll_until("the monitor to answer again", DEADLINE, || async {
-        let resp = common::http(monitor.addr(), "GET", "/healthz", &[]).await.ok()?;
+        let resp = common::http(monitor.addr(), "GET", "/healthz", &[])
+            .await
+            .ok()?;
         (resp.status == 200).then_some(())
     })
     .await;
-    common::poll_until("the tunnel to carry a connection again", DEADLINE, || async {
-        let mut c = TcpStream::connect(tunnel_addr).await.ok()?;
-        c.write_all(b"x").await.ok()?;
-        c.shutdown().await.ok()?;
-        let mut rest = Vec::new();
-        tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut rest)).await.ok()?.ok()?;
-        Some(())
-    })
+    common::poll_until(
+        "the tunnel to carry a connection again",
+        DEADLINE,
+        || async {
+            let mut c = TcpStream::connect(tunnel_addr).await.ok()?;
+            c.write_all(b"x").await.ok()?;
+            c.shutdown().await.ok()?;
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut rest))
+                .await
+                .ok()?
+                .ok()?;
+            Some(())
+        },
+    )
     .await;
     assert!(tunnel.proc().try_wait().is_none() && monitor.proc().try_wait().is_none());
 }
@@ -586,9 +662,9 @@ async fn at_the_fd_limit_both_services_stay_quiet_and_recover() {
 mod fake {
     use porthole::pb::v1::{
         port_events_server::{PortEvents, PortEventsServer},
-        watch_events_response::Kind, ListEventsRequest, ListEventsResponse, ListPortsRequest,
-        ListPortsResponse, Port, Process, Protocol, Snapshot, WatchEventsRequest,
-        WatchEventsResponse,
+        watch_events_response::Kind,
+        ListEventsRequest, ListEventsResponse, ListPortsRequest, ListPortsResponse, Port, Process,
+        Protocol, Snapshot, WatchEventsRequest, WatchEventsResponse,
     };
     use std::net::SocketAddr;
     use tonic::{Request, Response, Status};
@@ -637,8 +713,8 @@ mod fake {
                     ports: self.ports.clone(),
                 })),
             };
-            let stream = futures_util::stream::iter([Ok(snapshot)])
-                .chain(futures_util::stream::pending());
+            let stream =
+                futures_util::stream::iter([Ok(snapshot)]).chain(futures_util::stream::pending());
             Ok(Response::new(Box::pin(stream)))
         }
 
@@ -674,7 +750,7 @@ async fn a_monitor_cannot_choose_privileged_or_invalid_host_ports() {
         return;
     }
     use porthole::pb::v1::{OpenTunnelRequest, TunnelState};
-    let valid = 19_502;
+    let valid: u16 = 19_502;
     let addr = fake::serve(fake::Monitor {
         ports: vec![
             fake::port(0, "0.0.0.0"),
@@ -683,22 +759,34 @@ async fn a_monitor_cannot_choose_privileged_or_invalid_host_ports() {
             fake::port(80, "0.0.0.0"),
             fake::port(80_000, "0.0.0.0"),
             fake::port(19_501, "not-an-address"),
-            fake::port(valid, "0.0.0.0"),
+            fake::port(valid.into(), "0.0.0.0"),
         ],
     })
     .await;
     let ns = Netns::new();
     let url = format!("http://{addr}");
-    let tunnel = TunnelProc::start(&ns, &["--monitor", &url, "--skip", "", "--max-tunnels", "50"]).await;
+    let tunnel = TunnelProc::start(
+        &ns,
+        &["--monitor", &url, "--skip", "", "--max-tunnels", "50"],
+    )
+    .await;
     tunnel.wait_active(&format!("default:tcp:{valid}")).await;
     for (port, expect) in [(1u16, 10_001u32), (2, 10_002), (80, 10_080)] {
         let t = tunnel.wait_active(&format!("default:tcp:{port}")).await;
         assert!(t.host_port >= expect, "{t:?}");
         assert!(t.error.contains("privileged"), "the remap is said: {t:?}");
-        assert!(common::host_port_is_free(port), "host port {port} was bound");
+        assert!(
+            common::host_port_is_free(port),
+            "host port {port} was bound"
+        );
     }
     let ids: Vec<String> = tunnel.tunnels().await.into_iter().map(|t| t.id).collect();
-    for bad in ["default:tcp:0", "default:tcp:80000", "default:tcp:19501", "default:tcp:14464"] {
+    for bad in [
+        "default:tcp:0",
+        "default:tcp:80000",
+        "default:tcp:19501",
+        "default:tcp:14464",
+    ] {
         assert!(!ids.iter().any(|i| i == bad), "{bad} in {ids:?}");
     }
     assert_eq!(ids.len(), 4, "{ids:?}");
@@ -707,24 +795,31 @@ async fn a_monitor_cannot_choose_privileged_or_invalid_host_ports() {
     // The same rule for OpenTunnel, and a failed OpenTunnel changes nothing.
     let err = within(
         "OpenTunnel on a privileged host port",
-        tunnel.client().open_tunnel(tunnel.request(OpenTunnelRequest {
-            container_port: valid.into(),
-            host_port: 443,
-            ..Default::default()
-        })),
+        tunnel
+            .client()
+            .open_tunnel(tunnel.request(OpenTunnelRequest {
+                container_port: valid.into(),
+                host_port: 443,
+                ..Default::default()
+            })),
     )
     .await
     .expect_err("a privileged host port is refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("--allow-privileged-ports"), "{err:?}");
+    assert!(
+        err.message().contains("--allow-privileged-ports"),
+        "{err:?}"
+    );
     let before = tunnel.wait_active(&format!("default:tcp:{valid}")).await;
     let err = within(
         "OpenTunnel on the admin port",
-        tunnel.client().open_tunnel(tunnel.request(OpenTunnelRequest {
-            container_port: valid.into(),
-            host_port: tunnel.admin().port().into(),
-            ..Default::default()
-        })),
+        tunnel
+            .client()
+            .open_tunnel(tunnel.request(OpenTunnelRequest {
+                container_port: valid.into(),
+                host_port: tunnel.admin().port().into(),
+                ..Default::default()
+            })),
     )
     .await
     .expect_err("a busy host port is refused");
@@ -732,17 +827,23 @@ async fn a_monitor_cannot_choose_privileged_or_invalid_host_ports() {
     let after = tunnel.wait_active(&format!("default:tcp:{valid}")).await;
     assert_eq!(
         (after.host_port, after.opened_at, after.state),
-        (before.host_port, before.opened_at, TunnelState::Active as i32),
+        (
+            before.host_port,
+            before.opened_at,
+            TunnelState::Active as i32
+        ),
         "the working tunnel is untouched"
     );
 
     // A manual tunnel of a port nothing listens on says so.
     let t = within(
         "OpenTunnel of a closed port",
-        tunnel.client().open_tunnel(tunnel.request(OpenTunnelRequest {
-            container_port: 19_999,
-            ..Default::default()
-        })),
+        tunnel
+            .client()
+            .open_tunnel(tunnel.request(OpenTunnelRequest {
+                container_port: 19_999,
+                ..Default::default()
+            })),
     )
     .await
     .expect("manual tunnel")
@@ -779,7 +880,11 @@ async fn a_huge_snapshot_is_consumed() {
     let t = tunnel.wait_active("default:tcp:19600").await;
     let p = t.process.expect("process");
     let carried: usize = p.cmdline.iter().map(|a| a.len() + 1).sum();
-    assert!(carried <= 4097 && p.cmdline_truncated, "{carried} bytes, truncated {}", p.cmdline_truncated);
+    assert!(
+        carried <= 4097 && p.cmdline_truncated,
+        "{carried} bytes, truncated {}",
+        p.cmdline_truncated
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -794,11 +899,25 @@ async fn errors_never_echo_unbounded_input() {
     let ns = Netns::new();
     let monitor = MonitorProc::start(&ns, &[]).await;
     let huge = "x".repeat(60 << 10);
-    let resp = common::http(monitor.addr(), "GET", &format!("/port-events?since={huge}"), &[])
-        .await
-        .expect("an answer");
-    assert_eq!(resp.status, 400, "{}", &resp.body[..resp.body.len().min(200)]);
-    assert!(resp.body.len() < 1024 && resp.body.contains("since"), "{} bytes", resp.body.len());
+    let resp = common::http(
+        monitor.addr(),
+        "GET",
+        &format!("/port-events?since={huge}"),
+        &[],
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(
+        resp.status,
+        400,
+        "{}",
+        &resp.body[..resp.body.len().min(200)]
+    );
+    assert!(
+        resp.body.len() < 1024 && resp.body.contains("since"),
+        "{} bytes",
+        resp.body.len()
+    );
 
     let err = within(
         "ListEvents with a far-future since",
@@ -827,26 +946,47 @@ async fn errors_never_echo_unbounded_input() {
     let long = "y".repeat(100 << 10);
     let err = within(
         "CloseTunnel with a 100 KB id",
-        tunnel.client().close_tunnel(tunnel.request(CloseTunnelRequest { id: long.clone() })),
+        tunnel
+            .client()
+            .close_tunnel(tunnel.request(CloseTunnelRequest { id: long.clone() })),
     )
     .await
     .expect_err("refused");
-    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message().len());
-    assert!(err.message().len() < 1024, "{} bytes echoed", err.message().len());
+    assert_eq!(
+        err.code(),
+        tonic::Code::InvalidArgument,
+        "{}",
+        err.message().len()
+    );
+    assert!(
+        err.message().len() < 1024,
+        "{} bytes echoed",
+        err.message().len()
+    );
     let err = within(
         "OpenTunnel with a 100 KB target",
-        tunnel.client().open_tunnel(tunnel.request(OpenTunnelRequest {
-            target: long,
-            container_port: 8080,
-            ..Default::default()
-        })),
+        tunnel
+            .client()
+            .open_tunnel(tunnel.request(OpenTunnelRequest {
+                target: long,
+                container_port: 8080,
+                ..Default::default()
+            })),
     )
     .await
     .expect_err("refused");
-    assert!(err.message().len() < 1024, "{} bytes echoed", err.message().len());
+    assert!(
+        err.message().len() < 1024,
+        "{} bytes echoed",
+        err.message().len()
+    );
     let err = within(
         "CloseTunnel of an unknown id",
-        tunnel.client().close_tunnel(tunnel.request(CloseTunnelRequest { id: "z".repeat(400) })),
+        tunnel
+            .client()
+            .close_tunnel(tunnel.request(CloseTunnelRequest {
+                id: "z".repeat(400),
+            })),
     )
     .await
     .expect_err("unknown");

@@ -922,7 +922,9 @@ async fn two_targets_same_port_both_forwarded() {
     let [_, tok_b] = mon_b.token_flag(Some("b"));
     let tunnel = TunnelProc::start(
         &ns_a,
-        &["--target", &ta, "--target", &tb, &flag, &tok_a, &flag, &tok_b],
+        &[
+            "--target", &ta, "--target", &tb, &flag, &tok_a, &flag, &tok_b,
+        ],
     )
     .await;
     let _sa = Server::start(&ns_a, "::", port, "in-a").await;

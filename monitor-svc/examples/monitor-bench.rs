@@ -1,4 +1,5 @@
-//! Benchmark for monitor-svc: scan cost, detection latency, idle CPU and RSS.
+//! Benchmark for monitor-svc: scan cost, detection latency, idle CPU and
+//! RSS, and RSS under clients that never read.
 //!
 //! ```text
 //! ulimit -n 20000
@@ -53,8 +54,20 @@ const MONITOR_ENV: [&str; 7] = [
     "PORTHOLE_LOG_FORMAT",
 ];
 
+/// Ports held, and the command-line padding of their process, for the
+/// non-reading flood (command lines are cut at 4 KiB by the monitor).
+const FLOOD_PORTS: usize = 60;
+const FLOOD_PAD: usize = 32 << 10;
+/// Non-reading WatchEvents streams and unread `/port-events` responses.
+const FLOOD_STREAMS: usize = 500;
+const FLOOD_GETS: usize = 500;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The port holder of the flood, started by the bench itself.
+    if std::env::args().nth(1).as_deref() == Some("--hold-ports") {
+        return hold_ports();
+    }
     let started = Instant::now();
     let clk_tck = clock_ticks();
     let fd_limit = fd_soft_limit()?;
@@ -283,7 +296,165 @@ async fn run(monitor: &mut Monitor, clk_tck: u64, fd_limit: u64) -> anyhow::Resu
     for row in &load_rows {
         println!("{row}");
     }
+
+    // --- Clients that never read -------------------------------------------
+    let mut holder = PortHolder::start().await?;
+    let mut rows = Vec::new();
+    for token in [None, Some(&monitor.token)] {
+        let who = if token.is_some() {
+            "with the token (command lines)"
+        } else {
+            "anonymous"
+        };
+        eprintln!("flood: {who}");
+        rows.push(format!(
+            "| {who} | {} |",
+            flood(monitor, token, &mut holder).await?
+        ));
+    }
+    holder.stop().await;
+    println!();
+    println!(
+        "### Clients that never read ({FLOOD_STREAMS} WatchEvents streams on 5 connections with 64 KiB windows, \
+         {FLOOD_GETS} `GET /port-events` never read, {FLOOD_PORTS} ports whose process has a {} KiB command line, \
+         ports opening and closing meanwhile)\n",
+        FLOOD_PAD >> 10
+    );
+    println!(
+        "| clients | idle RSS | peak RSS | RSS 10 s after they left | streams refused | target |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | --- |");
+    for row in rows {
+        println!("{row}");
+    }
     Ok(())
+}
+
+/// Child mode: binds [`FLOOD_PORTS`] ports on 127.0.0.1, says `ready`,
+/// and holds them until stdin closes. Its command line carries the padding.
+fn hold_ports() -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+    let n: usize = std::env::args().nth(2).context("--hold-ports N")?.parse()?;
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    let mut out = std::io::stdout();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    let mut line = String::new();
+    // Each line asks for one more port to open and close (churn).
+    while std::io::stdin().lock().read_line(&mut line)? > 0 {
+        drop(TcpListener::bind("127.0.0.1:0")?);
+        line.clear();
+    }
+    drop(held);
+    Ok(())
+}
+
+/// The bench itself in `--hold-ports` mode.
+struct PortHolder {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+}
+
+impl PortHolder {
+    async fn start() -> anyhow::Result<PortHolder> {
+        let pad = format!("--secret={}", "x".repeat(FLOOD_PAD));
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["--hold-ports", &FLOOD_PORTS.to_string(), &pad])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut stdout = child.stdout.take().context("holder stdout")?;
+        let mut ready = [0u8; 6];
+        tokio::time::timeout(Duration::from_secs(10), stdout.read_exact(&mut ready))
+            .await
+            .context("the port holder did not start")??;
+        let stdin = child.stdin.take().context("holder stdin")?;
+        Ok(PortHolder { child, stdin })
+    }
+
+    /// Opens and closes one more port in the holder.
+    async fn churn(&mut self) -> anyhow::Result<()> {
+        Ok(self.stdin.write_all(b"\n").await?)
+    }
+
+    async fn stop(mut self) {
+        drop(self.stdin);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+}
+
+/// Floods the monitor with clients that never read and returns a table
+/// row's cells: idle, peak and after RSS, refusals, target.
+async fn flood(
+    monitor: &Monitor,
+    token: Option<&porthole::auth::Token>,
+    holder: &mut PortHolder,
+) -> anyhow::Result<String> {
+    use porthole::pb::v1::port_events_client::PortEventsClient;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = monitor.memory()?.rss_kib;
+    let mut streams = Vec::new();
+    let mut refused = 0;
+    for _ in 0..5 {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", monitor.addr))?
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await?;
+        let token = token.cloned();
+        let mut client =
+            PortEventsClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+                if let Some(t) = &token {
+                    t.authorize(&mut req);
+                }
+                Ok(req)
+            });
+        for _ in 0..FLOOD_STREAMS / 5 {
+            match client.watch_events(WatchEventsRequest::default()).await {
+                Ok(s) => streams.push(s.into_inner()),
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => refused += 1,
+                Err(s) => bail!("WatchEvents: {s}"),
+            }
+        }
+    }
+    let auth = token
+        .map(|t| {
+            format!(
+                "Authorization: {}\r\n",
+                t.header_value().to_str().unwrap_or_default()
+            )
+        })
+        .unwrap_or_default();
+    let request = format!("GET /port-events HTTP/1.1\r\nHost: bench\r\n{auth}\r\n");
+    let mut unread = Vec::new();
+    for _ in 0..FLOOD_GETS {
+        let mut c = tokio::net::TcpStream::connect(monitor.addr).await?;
+        // A connection over the limit is closed at once; that is the point.
+        let _ = c.write_all(request.as_bytes()).await;
+        unread.push(c);
+    }
+    let mut peak = 0;
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        holder.churn().await?;
+        peak = peak.max(monitor.memory()?.rss_kib);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(streams);
+    drop(unread);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = monitor.memory()?.rss_kib;
+    let met = peak <= 64 * 1024 && after <= 2 * idle;
+    Ok(format!(
+        "{} | {} | {} | {refused} | ≤ 64 MiB, back within 2× idle: {}",
+        kib(idle),
+        kib(peak),
+        kib(after),
+        if met { "yes" } else { "**no**" }
+    ))
 }
 
 /// One scan-cost row: a fresh detector on `source`, its first poll, then
@@ -334,6 +505,8 @@ struct Monitor {
     pid: u32,
     addr: SocketAddr,
     log: PathBuf,
+    token: porthole::auth::Token,
+    token_file: PathBuf,
 }
 
 struct Window {
@@ -371,9 +544,15 @@ impl Monitor {
             std::env::temp_dir().join(format!("monitor-svc-bench-{}.log", std::process::id()));
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let token_file =
+            std::env::temp_dir().join(format!("monitor-svc-bench-{}.token", std::process::id()));
+        let _ = std::fs::remove_file(&token_file);
+        let (token, _) = porthole::auth::Token::load_or_create(&token_file)?;
         let mut cmd = tokio::process::Command::new(&bin);
         cmd.arg("--listen")
             .arg(addr.to_string())
+            .arg("--token-file")
+            .arg(&token_file)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -413,6 +592,8 @@ impl Monitor {
             pid,
             addr,
             log,
+            token,
+            token_file,
         })
     }
 
@@ -485,7 +666,7 @@ impl Monitor {
         })
     }
 
-    /// SIGTERM (via `kill`, by pid) and the exit code, waiting up to 10 s.
+    /// SIGTERM (by pid) and the exit code, waiting up to 10 s.
     async fn stop(&mut self) -> anyhow::Result<i32> {
         if let Some(status) = self.child.try_wait()? {
             bail!(
@@ -493,11 +674,10 @@ impl Monitor {
                 self.log.display()
             );
         }
-        let sent = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status()
-            .context("running kill")?;
-        ensure!(sent.success(), "kill -TERM {} failed: {sent}", self.pid);
+        let _ = std::fs::remove_file(&self.token_file);
+        let pid = rustix::process::Pid::from_raw(self.pid as i32).context("pid 0")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .with_context(|| format!("kill -TERM {}", self.pid))?;
         let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
             .await
             .context("monitor-svc still running 10 s after SIGTERM")??;

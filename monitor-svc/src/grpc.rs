@@ -71,7 +71,8 @@ impl PortEvents for PortEventsService {
         let access = Access::of(&request);
         let since = since_of(request.get_ref())?;
         let reply = self.monitor.events(since).await?;
-        let mut events: Vec<v1::PortEvent> = reply.page.events.iter().map(|e| e.to_proto()).collect();
+        let mut events: Vec<v1::PortEvent> =
+            reply.page.events.iter().map(|e| e.to_proto()).collect();
         redact_all(events.iter_mut().filter_map(|e| e.port.as_mut()), access);
         Ok(Response::new(ListEventsResponse {
             instance_id: self.monitor.instance_id.to_string(),

@@ -82,16 +82,14 @@ impl Drop for Reserved {
 /// `body` as a stream of chunks that keeps `reserved` until it is done.
 fn budgeted(body: Vec<u8>, reserved: Reserved) -> axum::body::Body {
     let body = axum::body::Bytes::from(body);
-    let chunks = futures_util::stream::unfold(
-        (body, Some(reserved)),
-        |(mut rest, reserved)| async move {
+    let chunks =
+        futures_util::stream::unfold((body, Some(reserved)), |(mut rest, reserved)| async move {
             if rest.is_empty() {
                 return None; // `reserved` drops here: the body is done.
             }
             let chunk = rest.split_to(rest.len().min(BODY_CHUNK));
             Some((Ok::<_, std::convert::Infallible>(chunk), (rest, reserved)))
-        },
-    );
+        });
     axum::body::Body::from_stream(chunks)
 }
 

@@ -177,7 +177,9 @@ mod tests {
         let read_only = Anonymous::ReadOnly.public();
         assert!(read_only("/port-events"));
         assert!(read_only("/porthole.v1.PortEvents/WatchEvents"));
-        assert!(read_only("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"));
+        assert!(read_only(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+        ));
         assert!(!read_only("/port-events/../porthole.v1.Relay/Dial"));
         let none = Anonymous::None.public();
         assert!(!none("/port-events") && !none("/metrics"));

@@ -42,9 +42,9 @@ fn broken(port: u16, e: &PumpError) -> Status {
         PumpError::PeerGone => Status::aborted(format!(
             "the relay stream ended without close_write; the connection to port {port} was reset"
         )),
-        PumpError::Protocol(what) => Status::invalid_argument(format!(
-            "{what}; the connection to port {port} was reset"
-        )),
+        PumpError::Protocol(what) => {
+            Status::invalid_argument(format!("{what}; the connection to port {port} was reset"))
+        }
     }
 }
 pub struct RelayService {

@@ -442,7 +442,11 @@ impl Proc {
 
     /// Sends a signal by name (`TERM`, `INT`, `KILL`).
     pub fn signal(&self, sig: &str) {
-        assert!(send_signal(self.pid(), sig), "kill -{sig} {} failed", self.pid());
+        assert!(
+            send_signal(self.pid(), sig),
+            "kill -{sig} {} failed",
+            self.pid()
+        );
     }
 
     /// The exit status if it has exited.
@@ -859,7 +863,10 @@ impl MonitorProc {
 
     /// A `PortEvents` client on a new connection that sends the token.
     pub async fn client(&self) -> MonitorClient {
-        PortEventsClient::with_interceptor(self.channel().await, Authorize(Some(self.token.clone())))
+        PortEventsClient::with_interceptor(
+            self.channel().await,
+            Authorize(Some(self.token.clone())),
+        )
     }
 
     /// A `PortEvents` client without the token: what a neighbour gets.

@@ -112,9 +112,8 @@ impl TunnelAdmin for Admin {
         }))
     }
 
-    type WatchTunnelsStream = std::pin::Pin<
-        Box<dyn futures_util::Stream<Item = Result<TunnelUpdate, Status>> + Send>,
-    >;
+    type WatchTunnelsStream =
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<TunnelUpdate, Status>> + Send>>;
 
     async fn watch_tunnels(
         &self,

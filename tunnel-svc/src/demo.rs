@@ -163,7 +163,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         )
     })?;
     // The monitor's token: made here, handed to both sides, gone afterwards.
-    let secrets = TempDir(std::env::temp_dir().join(format!("porthole-demo-{}", std::process::id())));
+    let secrets =
+        TempDir(std::env::temp_dir().join(format!("porthole-demo-{}", std::process::id())));
     let token_file = secrets.0.join("monitor.token");
     let (token, _) = porthole::auth::Token::load_or_create(&token_file)?;
     let (ns, _host_ip, inner_ip) = Netns::create()?;
@@ -176,7 +177,9 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             "--log-level",
             "warn",
             "--token-file",
-            token_file.to_str().context("temporary directory path is not UTF-8")?,
+            token_file
+                .to_str()
+                .context("temporary directory path is not UTF-8")?,
         ],
     )?;
     let me = std::env::current_exe()?;

@@ -157,7 +157,11 @@ impl ServiceArgs {
         porthole::telemetry::init(&self.log_level, self.log_format).map_err(anyhow::Error::msg)?;
         let fds = porthole::net::raise_fd_limit();
         tracing::debug!(limit = ?fds, "file-descriptor limit");
-        read_token(self.admin_token_file.as_deref().or(self.token_file.as_deref()))
+        read_token(
+            self.admin_token_file
+                .as_deref()
+                .or(self.token_file.as_deref()),
+        )
     }
 
     async fn bind_admin(&self) -> anyhow::Result<tokio::net::TcpListener> {

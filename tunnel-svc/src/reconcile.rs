@@ -58,9 +58,15 @@ impl From<AdminError> for Status {
 
 pub enum Command {
     /// Every port now open in a target (from its watcher).
-    Ports { target: String, ports: Vec<Port> },
+    Ports {
+        target: String,
+        ports: Vec<Port>,
+    },
     /// A watcher's stream came up or went down.
-    Link { target: String, up: bool },
+    Link {
+        target: String,
+        up: bool,
+    },
     List {
         target: Option<String>,
         reply: oneshot::Sender<Vec<Tunnel>>,
@@ -407,7 +413,10 @@ impl Reconciler {
                 }
                 count += 1;
                 let host_port = host_port_for(port, self.opts.allow_privileged);
-                want.insert(id, Want::new(name, port, host_port, Origin::Auto, listeners));
+                want.insert(
+                    id,
+                    Want::new(name, port, host_port, Origin::Auto, listeners),
+                );
             }
             if capped && !t.capped {
                 tracing::warn!(target = %name, max = self.opts.max_tunnels, "more ports open than --max-tunnels; the lowest ports are forwarded");
@@ -737,9 +746,10 @@ impl Reconciler {
         let id = tunnel_id(&target, port);
         // A working tunnel is replaced only by one that can listen: a host
         // port that is taken is refused and the tunnel stays as it is.
-        let working = self.entries.get(&id).is_some_and(|e| {
-            matches!(e.state(), TunnelState::Active | TunnelState::Pending)
-        });
+        let working = self
+            .entries
+            .get(&id)
+            .is_some_and(|e| matches!(e.state(), TunnelState::Active | TunnelState::Pending));
         if working && host_port != 0 {
             let moving = self.entries.get(&id).map(|e| e.info.host_port) != Some(u32::from(host));
             if moving {

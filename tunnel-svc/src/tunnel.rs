@@ -144,7 +144,8 @@ pub fn serve(listeners: Vec<TcpListener>, backend: Arc<Backend>, carry: Carry) {
                 let stats = &carry.stats;
                 stats.active.fetch_add(1, Relaxed);
                 stats.total.fetch_add(1, Relaxed);
-                let (backend, carry2, failures) = (backend.clone(), carry.clone(), failures.clone());
+                let (backend, carry2, failures) =
+                    (backend.clone(), carry.clone(), failures.clone());
                 carry.tracker.spawn(
                     async move {
                         let carry = carry2;

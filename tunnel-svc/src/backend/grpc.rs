@@ -4,10 +4,10 @@
 use super::CarryError;
 use crate::tunnel::Stats;
 use porthole::net::ResetOnDrop;
-use porthole::relay::PumpError;
 use porthole::pb::v1::{
     relay_client::RelayClient, relay_frame::Kind, DialRequest, Protocol, RelayFrame,
 };
+use porthole::relay::PumpError;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -8,8 +8,8 @@ pub mod grpc;
 pub mod ssh;
 
 use crate::tunnel::Stats;
-use porthole::pb::v1;
 use porthole::net::ResetOnDrop;
+use porthole::pb::v1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CarryError {

@@ -18,6 +18,7 @@
 use super::CarryError;
 use crate::backoff::Backoff;
 use crate::tunnel::Stats;
+use porthole::net::ResetOnDrop;
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -26,7 +27,6 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use porthole::net::ResetOnDrop;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::{watch, Mutex};
@@ -654,8 +654,12 @@ pub async fn sweep_stale(base: &Path, uid: u32) {
             let _ = tokio::time::timeout(CONTROL_TIMEOUT, exit).await;
         }
         match std::fs::remove_dir_all(&dir) {
-            Ok(()) => tracing::info!(dir = %dir.display(), "removed the ssh directory of a tunnel-svc that is gone"),
-            Err(e) => tracing::debug!(dir = %dir.display(), error = %e, "cannot remove a stale ssh directory"),
+            Ok(()) => {
+                tracing::info!(dir = %dir.display(), "removed the ssh directory of a tunnel-svc that is gone")
+            }
+            Err(e) => {
+                tracing::debug!(dir = %dir.display(), error = %e, "cannot remove a stale ssh directory")
+            }
         }
     }
 }
