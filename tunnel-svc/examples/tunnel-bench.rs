@@ -909,6 +909,9 @@ fn loopback(port: u16) -> SocketAddr {
 
 // --- monitor-svc ----------------------------------------------------------------
 
+/// The monitor's token file, in the bench's work directory.
+const TOKEN_FILE: &str = "monitor.token";
+
 struct Monitor {
     proc: Proc,
     client: PortEventsClient<Channel>,
@@ -926,8 +929,14 @@ impl Drop for Monitor {
 
 impl Monitor {
     async fn start(ns: &Netns, bin: &Path, work: &Path) -> anyhow::Result<Monitor> {
+        // The monitor's token, shared with tunnel-svc (see TunnelSvc::start).
+        let token_file = work.join(TOKEN_FILE);
+        let _ = std::fs::remove_file(&token_file);
+        porthole::auth::Token::load_or_create(&token_file)?;
         let mut cmd = ns.command(bin);
         cmd.args(["--listen", &format!("0.0.0.0:{MONITOR_PORT}")])
+            .arg("--token-file")
+            .arg(&token_file)
             .args(["--log-level", "warn"]);
         clear_porthole_env(&mut cmd);
         let mut proc = Proc::start("monitor-svc", cmd, work.join("monitor-svc.log"), false)?;
@@ -1037,6 +1046,8 @@ impl TunnelSvc {
             &format!("http://{}:{MONITOR_PORT}", lab.ns.inside),
         ])
         .args(["--backend", kind.name()])
+        .arg("--monitor-token-file")
+        .arg(lab.work.join(TOKEN_FILE))
         .args(["--admin", "127.0.0.1:0"])
         .args(["--max-tunnels", "1000", "--skip", SKIP])
         .args(["--log-format", "json", "--log-level", "info"]);
