@@ -442,12 +442,11 @@ async fn non_reading_clients_cannot_grow_the_monitor() {
     );
     let mut unread = Vec::new();
     for _ in 0..500 {
-        match TcpStream::connect(monitor.addr()).await {
-            Ok(mut c) => {
-                let _ = c.write_all(bearer.as_bytes()).await;
-                unread.push(c);
-            }
-            Err(e) => panic!("connect: {e}"),
+        // Past the connection limit the monitor resets new connections at
+        // once, sometimes before connect() returns.
+        if let Ok(mut c) = TcpStream::connect(monitor.addr()).await {
+            let _ = c.write_all(bearer.as_bytes()).await;
+            unread.push(c);
         }
     }
     // Ports come and go meanwhile, so events pile up for every subscriber.
@@ -673,6 +672,10 @@ mod fake {
     /// container could send.
     pub struct Monitor {
         pub ports: Vec<Port>,
+        /// Ends the first stream after its snapshot (cleanly), so the
+        /// watcher reconnects and resumes; resumed streams send nothing.
+        pub end_first: bool,
+        pub calls: std::sync::atomic::AtomicUsize,
     }
 
     pub fn port(port: u32, address: &str) -> Port {
@@ -704,8 +707,23 @@ mod fake {
 
         async fn watch_events(
             &self,
-            _: Request<WatchEventsRequest>,
+            req: Request<WatchEventsRequest>,
         ) -> Result<Response<Self::WatchEventsStream>, Status> {
+            let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if req.get_ref().instance_id == "fake" {
+                // A resume with nothing new: no message at all.
+                return Ok(Response::new(Box::pin(futures_util::stream::pending())));
+            }
+            if self.end_first && call == 0 {
+                let snapshot = WatchEventsResponse {
+                    kind: Some(Kind::Snapshot(Snapshot {
+                        instance_id: "fake".into(),
+                        seq: 1,
+                        ports: self.ports.clone(),
+                    })),
+                };
+                return Ok(Response::new(Box::pin(futures_util::stream::iter([Ok(snapshot)]))));
+            }
             let snapshot = WatchEventsResponse {
                 kind: Some(Kind::Snapshot(Snapshot {
                     instance_id: "fake".into(),
@@ -761,6 +779,8 @@ async fn a_monitor_cannot_choose_privileged_or_invalid_host_ports() {
             fake::port(19_501, "not-an-address"),
             fake::port(valid.into(), "0.0.0.0"),
         ],
+        end_first: false,
+        calls: Default::default(),
     })
     .await;
     let ns = Netns::new();
@@ -851,6 +871,101 @@ async fn a_monitor_cannot_choose_privileged_or_invalid_host_ports() {
     .tunnel
     .unwrap();
     assert!(t.error.contains("nothing listens on port 19999"), "{t:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_with_nothing_new_brings_the_link_up() {
+    let addr = fake::serve(fake::Monitor {
+        ports: vec![fake::port(19_503, "0.0.0.0")],
+        end_first: true,
+        calls: Default::default(),
+    })
+    .await;
+    let ns_free_url = format!("http://{addr}");
+    let mut cmd = std::process::Command::new(common::binary("tunnel-svc"));
+    cmd.args(["--monitor", &ns_free_url, "--admin", "127.0.0.1:0", "--bind", "127.0.0.1"])
+        .env("NO_COLOR", "1");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PORTHOLE_") {
+            cmd.env_remove(key);
+        }
+    }
+    let log_dir = std::env::temp_dir().join(format!("porthole-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let log = log_dir.join("tunnel-svc.log");
+    let file = std::fs::File::create(&log).unwrap();
+    cmd.stderr(file.try_clone().unwrap()).stdout(file).stdin(std::process::Stdio::null());
+    let mut child = cmd.spawn().expect("start tunnel-svc");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Up, down (the stream ended), up again on the resume that sent nothing.
+    let result = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let text = read();
+            let ups = text.lines().filter(|l| l.contains("monitor link") && l.contains("up=true")).count();
+            if ups >= 2 {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = read();
+    let _ = std::fs::remove_dir_all(&log_dir);
+    let text = result.unwrap_or_else(|_| panic!("the link never came back up after a resume:\n{text}"));
+    assert!(text.contains("up=false"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listener_that_drops_connections_fails_the_dial_in_time() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let port = 19_504;
+    // Listens with a backlog of one and never accepts: once it is full,
+    // the kernel drops further SYNs.
+    let script = format!(
+        "import socket, time\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', {port})); s.listen(0)\n\
+         print('ready', flush=True)\n\
+         while True: time.sleep(3600)\n"
+    );
+    let mut stuck = ns.spawn("python3", ["-c", script.as_str()]);
+    stuck.wait_for_log("ready").await;
+    let url = monitor.url();
+    let token = monitor.token_flag(None);
+    let mut args = vec!["--monitor", url.as_str()];
+    args.extend(token.iter().map(String::as_str));
+    let tunnel = TunnelProc::start(&ns, &args).await;
+    tunnel.wait_active(&format!("default:tcp:{port}")).await;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    // Fill the backlog, then one more connection whose dial hangs.
+    let mut held = Vec::new();
+    let mut failed = None;
+    for _ in 0..4 {
+        let started = Instant::now();
+        let mut c = TcpStream::connect(addr).await.expect("the host listener accepts");
+        let mut buf = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(7), c.read(&mut buf)).await {
+            Ok(Err(e)) => {
+                failed = Some((started.elapsed(), e));
+                break;
+            }
+            Ok(Ok(n)) => panic!("read {n} bytes from a server that never accepts"),
+            Err(_) => held.push(c), // Sits in the backlog: nothing to read.
+        }
+    }
+    let (took, err) = failed.expect("a connection whose SYN is dropped fails");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
+    assert!(took < Duration::from_secs(7), "failed after {took:?}");
+    let t = tunnel
+        .wait_tunnel(&format!("default:tcp:{port}"), "the failure noted", |t| t.error.contains("no answer"))
+        .await;
+    assert!(t.error.contains("no answer within 5s"), "{t:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

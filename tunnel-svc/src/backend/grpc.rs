@@ -43,6 +43,10 @@ impl Grpc {
             })?;
         let (tx, mut inbound) = dialed.map_err(|status| {
             CarryError::Dial(match status.code() {
+                // The monitor answered but could not reach the port.
+                tonic::Code::Unavailable if status.message().starts_with("cannot connect") => {
+                    format!("the monitor {}", status.message())
+                }
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
                     format!("monitor unreachable: {}", status.message())
                 }
