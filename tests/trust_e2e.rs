@@ -456,6 +456,8 @@ async fn non_reading_clients_cannot_grow_the_monitor() {
         churn.kill();
     }
     let flooded = peak_rss(pid, Duration::from_secs(3)).await;
+    drop(streams);
+    drop(unread);
     let metrics = common::http(
         monitor.addr(),
         "GET",
@@ -473,8 +475,6 @@ async fn non_reading_clients_cannot_grow_the_monitor() {
     .await
     .map(|r| r.body)
     .unwrap_or_default();
-    drop(streams);
-    drop(unread);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut after = rss(pid);
     while after > 2 * idle && Instant::now() < deadline {
@@ -709,7 +709,9 @@ mod fake {
             &self,
             req: Request<WatchEventsRequest>,
         ) -> Result<Response<Self::WatchEventsStream>, Status> {
-            let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let call = self
+                .calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if req.get_ref().instance_id == "fake" {
                 // A resume with nothing new: no message at all.
                 return Ok(Response::new(Box::pin(futures_util::stream::pending())));
@@ -722,7 +724,9 @@ mod fake {
                         ports: self.ports.clone(),
                     })),
                 };
-                return Ok(Response::new(Box::pin(futures_util::stream::iter([Ok(snapshot)]))));
+                return Ok(Response::new(Box::pin(futures_util::stream::iter([Ok(
+                    snapshot,
+                )]))));
             }
             let snapshot = WatchEventsResponse {
                 kind: Some(Kind::Snapshot(Snapshot {
@@ -883,8 +887,15 @@ async fn a_resume_with_nothing_new_brings_the_link_up() {
     .await;
     let ns_free_url = format!("http://{addr}");
     let mut cmd = std::process::Command::new(common::binary("tunnel-svc"));
-    cmd.args(["--monitor", &ns_free_url, "--admin", "127.0.0.1:0", "--bind", "127.0.0.1"])
-        .env("NO_COLOR", "1");
+    cmd.args([
+        "--monitor",
+        &ns_free_url,
+        "--admin",
+        "127.0.0.1:0",
+        "--bind",
+        "127.0.0.1",
+    ])
+    .env("NO_COLOR", "1");
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("PORTHOLE_") {
             cmd.env_remove(key);
@@ -894,14 +905,19 @@ async fn a_resume_with_nothing_new_brings_the_link_up() {
     std::fs::create_dir_all(&log_dir).unwrap();
     let log = log_dir.join("tunnel-svc.log");
     let file = std::fs::File::create(&log).unwrap();
-    cmd.stderr(file.try_clone().unwrap()).stdout(file).stdin(std::process::Stdio::null());
+    cmd.stderr(file.try_clone().unwrap())
+        .stdout(file)
+        .stdin(std::process::Stdio::null());
     let mut child = cmd.spawn().expect("start tunnel-svc");
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     // Up, down (the stream ended), up again on the resume that sent nothing.
     let result = tokio::time::timeout(DEADLINE, async {
         loop {
             let text = read();
-            let ups = text.lines().filter(|l| l.contains("monitor link") && l.contains("up=true")).count();
+            let ups = text
+                .lines()
+                .filter(|l| l.contains("monitor link") && l.contains("up=true"))
+                .count();
             if ups >= 2 {
                 return text;
             }
@@ -913,7 +929,8 @@ async fn a_resume_with_nothing_new_brings_the_link_up() {
     let _ = child.wait();
     let text = read();
     let _ = std::fs::remove_dir_all(&log_dir);
-    let text = result.unwrap_or_else(|_| panic!("the link never came back up after a resume:\n{text}"));
+    let text =
+        result.unwrap_or_else(|_| panic!("the link never came back up after a resume:\n{text}"));
     assert!(text.contains("up=false"), "{text}");
 }
 
@@ -948,7 +965,9 @@ async fn a_listener_that_drops_connections_fails_the_dial_in_time() {
     let mut failed = None;
     for _ in 0..4 {
         let started = Instant::now();
-        let mut c = TcpStream::connect(addr).await.expect("the host listener accepts");
+        let mut c = TcpStream::connect(addr)
+            .await
+            .expect("the host listener accepts");
         let mut buf = [0u8; 1];
         match tokio::time::timeout(Duration::from_secs(7), c.read(&mut buf)).await {
             Ok(Err(e)) => {
@@ -963,7 +982,9 @@ async fn a_listener_that_drops_connections_fails_the_dial_in_time() {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
     assert!(took < Duration::from_secs(7), "failed after {took:?}");
     let t = tunnel
-        .wait_tunnel(&format!("default:tcp:{port}"), "the failure noted", |t| t.error.contains("no answer"))
+        .wait_tunnel(&format!("default:tcp:{port}"), "the failure noted", |t| {
+            t.error.contains("no answer")
+        })
         .await;
     assert!(t.error.contains("no answer within 5s"), "{t:?}");
 }

@@ -35,11 +35,11 @@ struct Args {
     #[arg(long, env = "PORTHOLE_ANONYMOUS", value_enum, default_value_t = Anonymous::ReadOnly)]
     anonymous: Anonymous,
     /// Client connections at once; more are closed as they arrive.
-    #[arg(long, env = "PORTHOLE_MAX_CONNECTIONS", default_value_t = 256,
+    #[arg(long, env = "PORTHOLE_MAX_CONNECTIONS", default_value_t = 128,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
     /// WatchEvents streams at once; more are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "PORTHOLE_MAX_SUBSCRIBERS", default_value_t = 64,
+    #[arg(long, env = "PORTHOLE_MAX_SUBSCRIBERS", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_subscribers: u32,
     /// Where to read sockets from: auto (netlink, else /proc/net), netlink, procfs.
