@@ -619,11 +619,8 @@ async fn sigkill_leaves_no_ssh_process_and_a_restart_cleans_up() {
     let ended = within("the open connection to end", open.read_to_end(&mut rest)).await;
     let err = ended.expect_err("tunnel-svc died: the connection is reset");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
-    assert!(
-        runtime.exists(),
-        "a killed tunnel-svc leaves {}",
-        runtime.display()
-    );
+    // Its socket directory stays behind until a tunnel-svc starts (with
+    // tests in parallel, any of them may be the one that removes it).
 
     // The next tunnel-svc cleans up after it and works.
     let token = w._monitor.token_flag(None);
