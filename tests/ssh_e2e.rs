@@ -268,15 +268,12 @@ struct TunnelSvc(TunnelProc);
 
 impl TunnelSvc {
     async fn start(ns: &Netns, sshd: &Sshd, monitor: &MonitorProc) -> TunnelSvc {
-        let url = monitor.url();
         let options = sshd.client_options(ns);
-        let token = monitor.token_flag(None);
-        let mut args = vec!["--monitor", &url, "--backend", "ssh", "--ssh-host", ALIAS];
-        args.extend(token.iter().map(String::as_str));
+        let mut args = vec!["--backend", "ssh", "--ssh-host", ALIAS];
         for opt in &options {
             args.extend(["--ssh-option", opt]);
         }
-        TunnelSvc(TunnelProc::start(ns, &args).await)
+        TunnelSvc(TunnelProc::follow(ns, monitor, &args).await)
     }
 
     fn pid(&self) -> u32 {
@@ -355,6 +352,21 @@ fn argv(pid: u32) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A connection through the tunnel that has carried one byte each way and
+/// stays open.
+async fn echoing_connection(addr: SocketAddr) -> TcpStream {
+    let mut open = within("connect through the tunnel", TcpStream::connect(addr))
+        .await
+        .expect("connect through the tunnel");
+    open.write_all(b"x").await.expect("write");
+    let mut one = [0u8; 1];
+    within("echo", open.read_exact(&mut one))
+        .await
+        .expect("read");
+    assert_eq!(one, [255 - b'x']);
+    open
 }
 
 /// The pid of tunnel-svc's ControlMaster (`ssh -M ...`), once it runs.
@@ -540,14 +552,7 @@ async fn dead_master_is_restarted_and_forward_restored() {
     transfer(w.v4(), b"before").await;
     let old = master_pid(&w.tunnel, None).await;
     // A connection open when the master dies is reset, never ended cleanly.
-    let mut open = within("connect through the tunnel", TcpStream::connect(w.v4()))
-        .await
-        .expect("connect through the tunnel");
-    open.write_all(b"x").await.expect("write");
-    let mut one = [0u8; 1];
-    within("echo", open.read_exact(&mut one))
-        .await
-        .expect("read");
+    let mut open = echoing_connection(w.v4()).await;
     assert!(send_signal(old, "KILL"), "kill -KILL {old}");
     let killed = Instant::now();
     let mut rest = Vec::new();
@@ -599,14 +604,7 @@ async fn sigkill_leaves_no_ssh_process_and_a_restart_cleans_up() {
     transfer(w.v4(), b"hello").await;
     let master = master_pid(&w.tunnel, None).await;
     let runtime = w.tunnel.runtime_dir();
-    let mut open = within("connect through the tunnel", TcpStream::connect(w.v4()))
-        .await
-        .expect("connect through the tunnel");
-    open.write_all(b"x").await.expect("write");
-    let mut one = [0u8; 1];
-    within("echo", open.read_exact(&mut one))
-        .await
-        .expect("read");
+    let mut open = echoing_connection(w.v4()).await;
 
     w.tunnel.0.proc().kill();
     poll_until(
@@ -623,21 +621,7 @@ async fn sigkill_leaves_no_ssh_process_and_a_restart_cleans_up() {
     // tests in parallel, any of them may be the one that removes it).
 
     // The next tunnel-svc cleans up after it and works.
-    let token = w._monitor.token_flag(None);
-    let mut args = vec![
-        "--monitor".to_string(),
-        w._monitor.url(),
-        "--backend".into(),
-        "ssh".into(),
-        "--ssh-host".into(),
-        ALIAS.into(),
-    ];
-    args.extend(token);
-    for opt in w._sshd.client_options(&w._ns) {
-        args.extend(["--ssh-option".to_string(), opt]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let next = TunnelSvc(TunnelProc::start(&w._ns, &args).await);
+    let next = TunnelSvc::start(&w._ns, &w._sshd, &w._monitor).await;
     next.wait_active(w.port).await;
     poll_until(
         "the stale ssh directory to be removed",
@@ -666,18 +650,7 @@ async fn sigterm_leaves_no_ssh_process_behind() {
         runtime.display()
     );
     // A connection left open through the tunnel must not hold shutdown up.
-    let mut open = within("connect through the tunnel", TcpStream::connect(w.v4()))
-        .await
-        .expect("connect through the tunnel");
-    open.write_all(b"x").await.expect("write");
-    let mut one = [0u8; 1];
-    within(
-        "echo through the open connection",
-        open.read_exact(&mut one),
-    )
-    .await
-    .expect("read");
-    assert_eq!(one, [255 - b'x']);
+    let mut open = echoing_connection(w.v4()).await;
 
     w.tunnel.stop().await;
     assert!(gone(master), "ssh master {master} outlived tunnel-svc");

@@ -237,11 +237,7 @@ async fn interrupted(backend: &str, fault: Fault, direction: Direction, port: u1
         ],
     );
     server.wait_for_log("ready").await;
-    let url = monitor.url();
-    let token = monitor.token_flag(None);
-    let mut args = vec!["--monitor", url.as_str(), "--backend", backend];
-    args.extend(token.iter().map(String::as_str));
-    let mut tunnel = TunnelProc::start(&ns, &args).await;
+    let mut tunnel = TunnelProc::follow(&ns, &monitor, &["--backend", backend]).await;
     tunnel.wait_active(&format!("default:tcp:{port}")).await;
 
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -579,11 +575,7 @@ async fn at_the_fd_limit_both_services_stay_quiet_and_recover() {
     let port = 19_401;
     let mut echo = ns.spawn("python3", ["-c", ECHO_PY, &port.to_string()]);
     echo.wait_for_log("ready").await;
-    let url = monitor.url();
-    let token = monitor.token_flag(None);
-    let mut args = vec!["--monitor", url.as_str()];
-    args.extend(token.iter().map(String::as_str));
-    let mut tunnel = TunnelProc::start(&ns, &args).await;
+    let mut tunnel = TunnelProc::follow(&ns, &monitor, &[]).await;
     tunnel.wait_active(&format!("default:tcp:{port}")).await;
     limit_fds(monitor.pid(), 128);
     limit_fds(tunnel.pid(), 128);
@@ -953,11 +945,7 @@ async fn a_listener_that_drops_connections_fails_the_dial_in_time() {
     );
     let mut stuck = ns.spawn("python3", ["-c", script.as_str()]);
     stuck.wait_for_log("ready").await;
-    let url = monitor.url();
-    let token = monitor.token_flag(None);
-    let mut args = vec!["--monitor", url.as_str()];
-    args.extend(token.iter().map(String::as_str));
-    let tunnel = TunnelProc::start(&ns, &args).await;
+    let tunnel = TunnelProc::follow(&ns, &monitor, &[]).await;
     tunnel.wait_active(&format!("default:tcp:{port}")).await;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     // Fill the backlog, then one more connection whose dial hangs.
@@ -998,11 +986,7 @@ async fn a_huge_snapshot_is_consumed() {
     let monitor = MonitorProc::start(&ns, &[]).await;
     let mut holder = many_ports(&ns, 19_600, 120, 40 << 10);
     holder.wait_for_log("ready").await;
-    let url = monitor.url();
-    let token = monitor.token_flag(None);
-    let mut args = vec!["--monitor", url.as_str(), "--max-tunnels", "200"];
-    args.extend(token.iter().map(String::as_str));
-    let tunnel = TunnelProc::start(&ns, &args).await;
+    let tunnel = TunnelProc::follow(&ns, &monitor, &["--max-tunnels", "200"]).await;
     common::poll_until("120 tunnels active", Duration::from_secs(30), || async {
         let tunnels = tunnel.try_tunnels().await.ok()?;
         let active = tunnels
@@ -1074,11 +1058,7 @@ async fn errors_never_echo_unbounded_input() {
         err.message()
     );
 
-    let url = monitor.url();
-    let token = monitor.token_flag(None);
-    let mut args = vec!["--monitor", url.as_str()];
-    args.extend(token.iter().map(String::as_str));
-    let tunnel = TunnelProc::start(&ns, &args).await;
+    let tunnel = TunnelProc::follow(&ns, &monitor, &[]).await;
     let long = "y".repeat(100 << 10);
     let err = within(
         "CloseTunnel with a 100 KB id",

@@ -1154,6 +1154,17 @@ impl TunnelProc {
         }
     }
 
+    /// `tunnel-svc --monitor URL --monitor-token-file TOKEN EXTRA...`:
+    /// tunnel-svc following `monitor` (target `default`) with its token.
+    pub async fn follow(ns: &Netns, monitor: &MonitorProc, extra: &[&str]) -> TunnelProc {
+        let url = monitor.url();
+        let token = monitor.token_flag(None);
+        let mut args = vec!["--monitor", url.as_str()];
+        args.extend(token.iter().map(String::as_str));
+        args.extend_from_slice(extra);
+        TunnelProc::start(ns, &args).await
+    }
+
     /// Where the admin API answers.
     pub fn admin(&self) -> SocketAddr {
         self.admin
