@@ -286,7 +286,9 @@ impl Reconciler {
             }
         }
         self.connections.close();
-        if tokio::time::timeout(tunnel::DRAIN * 2, self.connections.wait())
+        // A little past the drain: every connection task ends at it.
+        let grace = tunnel::DRAIN + Duration::from_millis(500);
+        if tokio::time::timeout(grace, self.connections.wait())
             .await
             .is_err()
         {
