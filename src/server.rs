@@ -52,7 +52,9 @@ const HEALTH: &str = "grpc.health.v1.Health";
 /// Caps on what clients can make the server hold.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Connections open at once; more are closed as soon as they are accepted.
+    /// Connections open at once; more are closed as soon as they are
+    /// accepted. One peer address may hold a quarter of them, so a single
+    /// neighbour cannot take every slot.
     pub max_connections: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub max_streams: u32,
@@ -209,6 +211,8 @@ fn incoming(
 ) -> ReceiverStream<std::io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_peer = (limits.max_connections / 4).max(1);
+    let peers: Peers = Arc::default();
     tokio::spawn(async move {
         static ACCEPT_LOG: RateLimit = RateLimit::new(net::ACCEPT_LOG_EVERY);
         static REFUSED_LOG: RateLimit = RateLimit::new(net::ACCEPT_LOG_EVERY);
@@ -217,10 +221,27 @@ fn incoming(
                 _ = shutdown.cancelled() => return,
                 accepted = net::accept(&listener, &ACCEPT_LOG) => accepted,
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
+            let ip = peer.ip();
+            let permit = {
+                let mut held = peers.lock().unwrap_or_else(|e| e.into_inner());
+                let mine = held.entry(ip).or_default();
+                match slots.clone().try_acquire_owned() {
+                    Ok(permit) if *mine < per_peer => {
+                        *mine += 1;
+                        Some(permit)
+                    }
+                    _ => {
+                        if *mine == 0 {
+                            held.remove(&ip);
+                        }
+                        None
+                    }
+                }
+            };
+            let Some(permit) = permit else {
                 stats.refused_connections.fetch_add(1, Relaxed);
                 if let Some(suppressed) = REFUSED_LOG.check() {
-                    tracing::warn!(%peer, max = limits.max_connections, suppressed, "connection limit reached; closing new connections");
+                    tracing::warn!(%peer, max = limits.max_connections, per_peer, suppressed, "connection limit reached; closing new connections");
                 }
                 let _ = stream.set_zero_linger();
                 continue;
@@ -233,6 +254,8 @@ fn incoming(
                 _slot: Slot {
                     _permit: permit,
                     stats: stats.clone(),
+                    peers: peers.clone(),
+                    ip,
                 },
             };
             tokio::spawn(async move {
@@ -257,15 +280,27 @@ async fn sends_something(stream: &TcpStream, timeout: Duration) -> bool {
     )
 }
 
-/// Releases a connection slot when the connection goes.
+/// Connections held per peer address.
+type Peers = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// Releases a connection slot (and the peer's share) when the connection goes.
 struct Slot {
     _permit: OwnedSemaphorePermit,
     stats: Arc<ServerStats>,
+    peers: Peers,
+    ip: std::net::IpAddr,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.stats.connections.fetch_sub(1, Relaxed);
+        let mut held = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
     }
 }
 
