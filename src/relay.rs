@@ -160,6 +160,76 @@ mod tests {
     use super::*;
     use tokio::io::duplex;
 
+    fn data(bytes: &'static [u8]) -> Result<RelayFrame, tonic::Status> {
+        Ok(RelayFrame {
+            kind: Some(Kind::Data(prost::bytes::Bytes::from_static(bytes))),
+        })
+    }
+
+    #[tokio::test]
+    async fn pump_ends_cleanly_only_after_close_write_both_ways() {
+        let (mut sock, mut peer) = duplex(1024);
+        let (tx, mut rx) = mpsc::channel(8);
+        let close = Ok(RelayFrame {
+            kind: Some(Kind::CloseWrite(true)),
+        });
+        let mut inbound = futures_util::stream::iter(vec![data(b"hello"), close]);
+        let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+        let ends = async {
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"hello", "data, then EOF after close_write");
+            peer.write_all(b"bye").await.unwrap();
+            peer.shutdown().await.unwrap();
+        };
+        let pumped = pump(&mut sock, &mut inbound, &tx, |f| f, &sent, &received);
+        let (result, ()) = tokio::join!(pumped, ends);
+        result.unwrap();
+        let frames: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert!(matches!(&frames[0].kind, Some(Kind::Data(d)) if d.as_ref() == b"bye"));
+        assert!(matches!(frames[1].kind, Some(Kind::CloseWrite(true))));
+        assert_eq!((sent.load(Relaxed), received.load(Relaxed)), (3, 5));
+    }
+
+    #[tokio::test]
+    async fn pump_fails_when_the_stream_ends_or_breaks_without_close_write() {
+        for ending in [None, Some(tonic::Status::unavailable("connection lost"))] {
+            let (mut sock, _peer) = duplex(1024);
+            let (tx, _rx) = mpsc::channel(8);
+            let mut frames = vec![data(b"partial")];
+            if let Some(status) = ending.clone() {
+                frames.push(Err(status));
+            }
+            let mut inbound = futures_util::stream::iter(frames);
+            let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+            let err = pump(&mut sock, &mut inbound, &tx, |f| f, &sent, &received)
+                .await
+                .expect_err("a stream that stops without close_write is a failure");
+            match ending {
+                None => assert!(matches!(err, PumpError::PeerGone), "{err}"),
+                Some(_) => assert!(matches!(err, PumpError::Stream(_)), "{err}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn copy_verified_refuses_an_end_it_cannot_vouch_for() {
+        let (mut a, _client) = duplex(1024);
+        let (mut b, far) = duplex(1024);
+        drop(far); // EOF from b
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let gone = || {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "gone",
+            ))
+        };
+        let err = copy_verified(&mut a, &mut b, &up, &down, &gone)
+            .await
+            .expect_err("an EOF from a dead peer is an error");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted);
+    }
+
     #[tokio::test]
     async fn copy_moves_both_ways_with_half_close() {
         let (client, mut relay_a) = duplex(1024);
