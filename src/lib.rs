@@ -11,6 +11,7 @@ pub mod fanout;
 pub mod key;
 pub mod net;
 pub mod pb;
+pub mod prometheus;
 pub mod relay;
 pub mod server;
 pub mod shutdown;

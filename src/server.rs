@@ -87,7 +87,6 @@ pub struct ServerStats {
 impl ServerStats {
     /// The counters in the Prometheus text format, named `PREFIX_...`.
     pub fn render(&self, prefix: &str, out: &mut String) {
-        use std::fmt::Write;
         let rows = [
             (
                 "connections",
@@ -109,10 +108,13 @@ impl ServerStats {
             ),
         ];
         for (name, kind, help, value) in rows {
-            let _ = writeln!(
+            let name = format!("{prefix}_{name}");
+            crate::prometheus::family(
                 out,
-                "# HELP {prefix}_{name} {help}\n# TYPE {prefix}_{name} {kind}\n{prefix}_{name} {}",
-                value.load(Relaxed)
+                &name,
+                kind,
+                help,
+                &[("", value.load(Relaxed).to_string())],
             );
         }
     }

@@ -505,6 +505,21 @@ async fn reachable_then_gone(backend: Backend) {
         })
         .await;
     assert!(t.bytes_in > 0 && t.bytes_out > 0, "{t:?}");
+    let metrics = common::http_get(w.tunnel.admin(), "/metrics").await;
+    for line in [
+        format!(
+            "porthole_tunnel_connections_total{{id=\"{}\"}} {connections}",
+            id(port)
+        ),
+        "# TYPE porthole_tunnels gauge".to_string(),
+        "porthole_tunnels{target=\"default\",state=\"TUNNEL_STATE_ACTIVE\"} 1".to_string(),
+    ] {
+        assert!(
+            metrics.body.lines().any(|l| l == line),
+            "{line:?} in\n{}",
+            metrics.body
+        );
+    }
 
     server.close();
     w.tunnel.wait_gone(&id(port)).await;

@@ -1,6 +1,5 @@
 //! Counters behind `GET /metrics`, in the Prometheus text format.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -33,10 +32,7 @@ impl Metrics {
         let secs = |n: &AtomicU64| n.load(Relaxed) as f64 / 1e9;
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, String)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
+            porthole::prometheus::family(&mut out, name, kind, help, samples)
         };
         let source_label = format!("{{source=\"{source}\"}}");
         metric(

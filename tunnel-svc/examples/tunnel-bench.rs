@@ -1733,12 +1733,17 @@ impl Drop for Proc {
     }
 }
 
-/// kill(1) by pid.
+/// Sends signal `sig` (`TERM`, `KILL`) to `pid`.
 fn signal(pid: u32, sig: &str) {
-    let _ = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
+    use rustix::process::{kill_process, Pid, Signal};
+    let signal = if sig == "KILL" {
+        Signal::KILL
+    } else {
+        Signal::TERM
+    };
+    if let Some(pid) = Pid::from_raw(pid as i32) {
+        let _ = kill_process(pid, signal);
+    }
 }
 
 /// `(comm, ppid, utime+stime+cutime+cstime)` from /proc/PID/stat.
@@ -2016,9 +2021,7 @@ fn one_line(s: &str) -> String {
 }
 
 fn euid() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
+    Some(rustix::process::geteuid().as_raw())
 }
 
 fn read_trim(path: &str) -> String {

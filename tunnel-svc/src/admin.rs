@@ -11,7 +11,6 @@ use porthole::pb::v1::{
     ListTunnelsResponse, OpenTunnelRequest, OpenTunnelResponse, Protocol, Tunnel, TunnelState,
     TunnelUpdate, WatchTunnelsRequest,
 };
-use std::fmt::Write;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response as GrpcResponse, Status};
 
@@ -126,6 +125,11 @@ impl TunnelAdmin for Admin {
     }
 }
 
+/// `(labels, value)` rows as [`porthole::prometheus::family`] takes them.
+fn samples(rows: &[(String, String)]) -> Vec<(&str, String)> {
+    rows.iter().map(|(l, v)| (l.as_str(), v.clone())).collect()
+}
+
 /// Serves the TunnelAdmin API, `/healthz` and `/metrics` on `listener`
 /// until `shutdown`.
 pub async fn serve(
@@ -165,10 +169,6 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         }
     };
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP porthole_tunnels Tunnels by target and state.\n# TYPE porthole_tunnels gauge"
-    );
     let mut counts = std::collections::BTreeMap::new();
     for t in &tunnels {
         let state = TunnelState::try_from(t.state)
@@ -176,12 +176,22 @@ async fn metrics(State(admin): State<Admin>) -> Response {
             .as_str_name();
         *counts.entry((t.target.as_str(), state)).or_insert(0u64) += 1;
     }
-    for ((target, state), n) in counts {
-        let _ = writeln!(
-            out,
-            "porthole_tunnels{{target=\"{target}\",state=\"{state}\"}} {n}"
-        );
-    }
+    let by_state: Vec<(String, String)> = counts
+        .into_iter()
+        .map(|((target, state), n)| {
+            (
+                format!("{{target=\"{target}\",state=\"{state}\"}}"),
+                n.to_string(),
+            )
+        })
+        .collect();
+    porthole::prometheus::family(
+        &mut out,
+        "porthole_tunnels",
+        "gauge",
+        "Tunnels by target and state.",
+        &samples(&by_state),
+    );
     type Counter = (&'static str, &'static str, &'static str, fn(&Tunnel) -> u64);
     let per_tunnel: [Counter; 4] = [
         (
@@ -210,10 +220,11 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         ),
     ];
     for (name, kind, help, get) in per_tunnel {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for t in &tunnels {
-            let _ = writeln!(out, "{name}{{id=\"{}\"}} {}", t.id, get(t));
-        }
+        let rows: Vec<(String, String)> = tunnels
+            .iter()
+            .map(|t| (format!("{{id=\"{}\"}}", t.id), get(t).to_string()))
+            .collect();
+        porthole::prometheus::family(&mut out, name, kind, help, &samples(&rows));
     }
     (
         [(
