@@ -12,9 +12,9 @@
 mod common;
 
 use common::{
-    binary, comm, grpcurl, host_has_ipv6, host_port_is_free, require_root, skip_or_fail,
-    unused_local_port, wait_for, which, within, write_token, MonitorProc, Netns, Proc, TunnelProc,
-    DEADLINE,
+    binary, comm, grpcurl, host_has_ipv6, host_port_is_free, poll_until, require_root,
+    skip_or_fail, unused_local_port, wait_for, which, within, write_token, MonitorProc, Netns,
+    Proc, TunnelProc, DEADLINE,
 };
 use porthole::pb::v1::{
     relay_client::RelayClient, relay_frame::Kind as FrameKind, Backend as PbBackend,
@@ -1046,7 +1046,35 @@ async fn monitor_restart(backend: Backend) {
     let before = w.tunnel.wait_active(&id(keep)).await;
     w.tunnel.wait_active(&id(lose)).await;
 
+    let target = |connected: bool| {
+        let tunnel = &w.tunnel;
+        async move {
+            poll_until("ListTargets to show the link", DEADLINE, || async {
+                let req = tunnel.request(porthole::pb::v1::ListTargetsRequest {});
+                let targets = tunnel
+                    .client()
+                    .list_targets(req)
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .targets;
+                let t = targets.into_iter().find(|t| t.name == "default")?;
+                (t.connected == connected).then_some(t)
+            })
+            .await
+        }
+    };
+    let up = target(true).await;
+    assert!(!up.instance_id.is_empty() && up.error.is_empty(), "{up:?}");
+    assert_eq!(up.url, w.monitor.url(), "{up:?}");
+
     w.monitor.proc().kill();
+    // tunnel-svc says the monitor is gone (its tunnels stay, below).
+    let down = target(false).await;
+    assert!(!down.error.is_empty(), "why it is unreachable: {down:?}");
+    let out = run_cli(&["ls", "--admin", &w.tunnel.admin().to_string()]).await;
+    let table = text(&out.stdout);
+    assert!(table.contains("unreachable"), "{table}");
     // Tunnels stay up while the monitor is down.
     // The host listener is still bound: it accepts (and, with the grpc
     // backend, resets at once what it cannot carry), it does not refuse.
@@ -1081,6 +1109,21 @@ async fn monitor_restart(backend: Backend) {
     let token_file = w.monitor.token_file().display().to_string();
     let monitor = MonitorProc::start(&w.ns, &["--token-file", &token_file]).await;
     w.tunnel.wait_active(&id(new)).await;
+    let again = poll_until("the new monitor run in ListTargets", DEADLINE, || async {
+        let req = w.tunnel.request(porthole::pb::v1::ListTargetsRequest {});
+        let targets = w
+            .tunnel
+            .client()
+            .list_targets(req)
+            .await
+            .ok()?
+            .into_inner()
+            .targets;
+        let t = targets.into_iter().find(|t| t.name == "default")?;
+        (t.connected && t.instance_id != up.instance_id).then_some(t)
+    })
+    .await;
+    assert!(again.error.is_empty(), "{again:?}");
     w.tunnel.wait_gone(&id(lose)).await;
     let listed = w.tunnel.tunnels().await;
     assert_eq!(

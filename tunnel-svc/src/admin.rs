@@ -7,9 +7,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use porthole::pb::v1::{
-    tunnel_admin_server::TunnelAdmin, CloseTunnelRequest, CloseTunnelResponse, ListTunnelsRequest,
-    ListTunnelsResponse, OpenTunnelRequest, OpenTunnelResponse, Protocol, Tunnel, TunnelState,
-    TunnelUpdate, WatchTunnelsRequest,
+    tunnel_admin_server::TunnelAdmin, CloseTunnelRequest, CloseTunnelResponse, ListTargetsRequest,
+    ListTargetsResponse, ListTunnelsRequest, ListTunnelsResponse, OpenTunnelRequest,
+    OpenTunnelResponse, Protocol, Tunnel, TunnelState, TunnelUpdate, WatchTunnelsRequest,
 };
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response as GrpcResponse, Status};
@@ -40,6 +40,10 @@ impl Admin {
 
     pub async fn list(&self, target: Option<String>) -> Result<Vec<Tunnel>, Status> {
         self.ask(|reply| Command::List { target, reply }).await
+    }
+
+    pub async fn targets(&self) -> Result<Vec<crate::reconcile::TargetView>, Status> {
+        self.ask(|reply| Command::Targets { reply }).await
     }
 }
 
@@ -109,6 +113,14 @@ impl TunnelAdmin for Admin {
         Ok(GrpcResponse::new(OpenTunnelResponse {
             tunnel: Some(tunnel),
         }))
+    }
+
+    async fn list_targets(
+        &self,
+        _: Request<ListTargetsRequest>,
+    ) -> Result<GrpcResponse<ListTargetsResponse>, Status> {
+        let targets = self.targets().await?.iter().map(|t| t.to_proto()).collect();
+        Ok(GrpcResponse::new(ListTargetsResponse { targets }))
     }
 
     type WatchTunnelsStream =

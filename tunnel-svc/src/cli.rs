@@ -2,8 +2,8 @@
 
 use anyhow::Context;
 use porthole::pb::v1::{
-    tunnel_admin_client::TunnelAdminClient, CloseTunnelRequest, ListTunnelsRequest, Tunnel,
-    TunnelState,
+    tunnel_admin_client::TunnelAdminClient, CloseTunnelRequest, ListTargetsRequest,
+    ListTunnelsRequest, Target, Tunnel, TunnelState,
 };
 use std::net::SocketAddr;
 use tonic::transport::Channel;
@@ -51,6 +51,69 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Lays out rows of cells in aligned columns, two spaces apart.
+fn columns<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// How long ago, roughly: `45s`, `12m`, `3h`, `2d`.
+fn age(secs: i64) -> String {
+    match secs.max(0) {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// The targets part of `tunnel-svc ls`: is each monitor reachable, since when.
+pub fn targets_table(targets: &[Target], now: chrono::DateTime<chrono::Utc>) -> String {
+    let safe = |s: &str| porthole::text::printable(s).into_owned();
+    let mut rows = vec![[
+        "TARGET".to_string(),
+        "MONITOR".into(),
+        "LINK".into(),
+        "SINCE".into(),
+        "NOTE".into(),
+    ]];
+    for t in targets {
+        let since = t
+            .since
+            .as_ref()
+            .and_then(porthole::time::from_proto)
+            .map_or("-".to_string(), |s| age((now - s).num_seconds()));
+        rows.push([
+            safe(&t.name),
+            safe(&t.url),
+            if t.connected {
+                "connected"
+            } else {
+                "unreachable"
+            }
+            .into(),
+            since,
+            safe(&t.error),
+        ]);
+    }
+    columns(&rows)
+}
+
 /// The table `tunnel-svc ls` prints.
 pub fn table(tunnels: &[Tunnel]) -> String {
     let mut rows = vec![[
@@ -91,28 +154,24 @@ pub fn table(tunnels: &[Tunnel]) -> String {
             safe(&t.error),
         ]);
     }
-    let mut widths = [0usize; 8];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    columns(&rows)
 }
 
 pub async fn ls(admin: SocketAddr, token: Option<porthole::auth::Token>) -> anyhow::Result<()> {
-    let resp = client(admin)
-        .await?
+    let mut client = client(admin).await?;
+    match client
+        .list_targets(request(ListTargetsRequest::default(), &token))
+        .await
+    {
+        Ok(resp) => println!(
+            "{}",
+            targets_table(&resp.into_inner().targets, chrono::Utc::now())
+        ),
+        // An older tunnel-svc: tunnels only.
+        Err(s) if s.code() == tonic::Code::Unimplemented => {}
+        Err(s) => return Err(s.into()),
+    }
+    let resp = client
         .list_tunnels(request(ListTunnelsRequest::default(), &token))
         .await?;
     let tunnels = resp.into_inner().tunnels;
@@ -162,6 +221,41 @@ mod tests {
         );
         assert!(lines[1].contains("2.0 KiB"), "{out}");
         assert_eq!(lines[0].find("STATE"), lines[1].find("active"), "{out}");
+    }
+
+    #[test]
+    fn targets_table_says_which_monitor_is_unreachable_and_since_when() {
+        let now = chrono::Utc::now();
+        let t = |name: &str, connected: bool, secs: i64, error: &str| Target {
+            name: name.into(),
+            url: format!("http://{name}:7070"),
+            connected,
+            error: error.into(),
+            since: Some(porthole::time::to_proto(
+                now - chrono::Duration::seconds(secs),
+            )),
+            ..Default::default()
+        };
+        let out = targets_table(
+            &[
+                t("web", true, 30, ""),
+                t("db", false, 600, "Unavailable: tcp connect error"),
+            ],
+            now,
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("TARGET"), "{out}");
+        assert!(
+            lines[1].contains("web") && lines[1].contains("connected") && lines[1].contains("30s"),
+            "{out}"
+        );
+        assert!(
+            lines[2].contains("unreachable")
+                && lines[2].contains("10m")
+                && lines[2].contains("tcp connect error"),
+            "{out}"
+        );
+        assert_eq!(lines[0].find("LINK"), lines[1].find("connected"), "{out}");
     }
 
     #[test]

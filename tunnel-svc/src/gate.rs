@@ -302,6 +302,8 @@ pub async fn run(
                 host: u.hostname.clone(),
             })),
             monitor_port: 0,
+            url: format!("{}:{}", u.hostname, u.port),
+            fixed: true,
         });
         statics.push((u.alias.clone(), u.port));
     }

@@ -123,6 +123,8 @@ pub async fn run(
                 name: t.name.clone(),
                 backend: Arc::new(backend),
                 monitor_port: t.url.port,
+                url: t.url.endpoint(),
+                fixed: false,
             });
             watchers.push((t.name.clone(), channel, token));
         }

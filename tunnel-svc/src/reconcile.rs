@@ -62,10 +62,16 @@ pub enum Command {
         target: String,
         ports: Vec<Port>,
     },
-    /// A watcher's stream came up or went down.
+    /// A watcher's stream came up (from which monitor run) or went down
+    /// (and why).
     Link {
         target: String,
         up: bool,
+        instance_id: String,
+        error: Option<String>,
+    },
+    Targets {
+        reply: oneshot::Sender<Vec<TargetView>>,
     },
     List {
         target: Option<String>,
@@ -97,6 +103,10 @@ pub struct TargetSpec {
     pub backend: Arc<Backend>,
     /// The monitor's own port, never forwarded.
     pub monitor_port: u16,
+    /// Shown by ListTargets: the monitor's URL, or a gate upstream's address.
+    pub url: String,
+    /// No watcher: the target's tunnels are static (the egress gate).
+    pub fixed: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -121,6 +131,32 @@ pub fn host_port_for(port: u16, allow_privileged: bool) -> u16 {
     }
 }
 
+/// A target as ListTargets shows it.
+#[derive(Clone, Debug)]
+pub struct TargetView {
+    pub name: String,
+    pub url: String,
+    pub backend: porthole::pb::v1::Backend,
+    pub connected: bool,
+    pub instance_id: String,
+    pub error: Option<String>,
+    pub since: chrono::DateTime<chrono::Utc>,
+}
+
+impl TargetView {
+    pub fn to_proto(&self) -> porthole::pb::v1::Target {
+        porthole::pb::v1::Target {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            backend: self.backend as i32,
+            connected: self.connected,
+            instance_id: self.instance_id.clone(),
+            error: self.error.clone().unwrap_or_default(),
+            since: Some(porthole::time::to_proto(self.since)),
+        }
+    }
+}
+
 /// `TARGET:tcp:PORT`.
 pub fn tunnel_id(target: &str, port: u16) -> String {
     format!("{target}:tcp:{port}")
@@ -133,6 +169,12 @@ struct Target {
     ports: BTreeMap<u16, Vec<Port>>,
     up: bool,
     capped: bool,
+    url: String,
+    instance_id: String,
+    /// Why the monitor is unreachable, while it is.
+    error: Option<String>,
+    /// When `up` last changed.
+    since: chrono::DateTime<chrono::Utc>,
 }
 
 /// A tunnel that should exist.
@@ -238,8 +280,12 @@ pub fn spawn_with_statics(
                 backend: s.backend,
                 monitor_port: s.monitor_port,
                 ports: BTreeMap::new(),
-                up: false,
+                up: s.fixed,
                 capped: false,
+                url: s.url,
+                instance_id: String::new(),
+                error: None,
+                since: chrono::Utc::now(),
             };
             (s.name, t)
         })
@@ -333,13 +379,39 @@ impl Reconciler {
                 }
                 self.reconcile();
             }
-            Command::Link { target, up } => {
+            Command::Link {
+                target,
+                up,
+                instance_id,
+                error,
+            } => {
                 if let Some(t) = self.targets.get_mut(&target) {
                     if t.up != up {
                         tracing::info!(target = %target, up, "monitor link");
+                        t.since = chrono::Utc::now();
                     }
                     t.up = up;
+                    if !instance_id.is_empty() {
+                        t.instance_id = instance_id;
+                    }
+                    t.error = if up { None } else { error };
                 }
+            }
+            Command::Targets { reply } => {
+                let list = self
+                    .targets
+                    .iter()
+                    .map(|(name, t)| TargetView {
+                        name: name.clone(),
+                        url: t.url.clone(),
+                        backend: t.backend.kind(),
+                        connected: t.up,
+                        instance_id: t.instance_id.clone(),
+                        error: t.error.clone(),
+                        since: t.since,
+                    })
+                    .collect();
+                let _ = reply.send(list);
             }
             Command::List { target, reply } => {
                 let list = self

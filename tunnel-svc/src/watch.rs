@@ -67,6 +67,19 @@ impl Watcher {
         }
     }
 
+    /// Tells the reconciler whether the monitor's stream is up.
+    async fn link(&self, up: bool, instance_id: String, error: Option<String>) {
+        let _ = self
+            .commands
+            .send(Command::Link {
+                target: self.target.clone(),
+                up,
+                instance_id,
+                error,
+            })
+            .await;
+    }
+
     pub async fn run(self, shutdown: CancellationToken) {
         let mut pos = Position::default();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -75,24 +88,26 @@ impl Watcher {
                 _ = shutdown.cancelled() => return,
                 ended = self.follow(&mut pos, &mut backoff) => ended,
             };
-            match ended {
+            let why = match ended {
                 Ok(()) => {
-                    tracing::info!(target = %self.target, "monitor ended the stream; reconnecting")
+                    tracing::info!(target = %self.target, "monitor ended the stream; reconnecting");
+                    "the monitor ended the stream".to_string()
                 }
-                Err(status) => tracing::warn!(
-                    target = %self.target,
-                    code = ?status.code(),
-                    error = %status.message(),
-                    "monitor unreachable; tunnels stay up, retrying"
-                ),
-            }
-            let _ = self
-                .commands
-                .send(Command::Link {
-                    target: self.target.clone(),
-                    up: false,
-                })
-                .await;
+                Err(status) => {
+                    tracing::warn!(
+                        target = %self.target,
+                        code = ?status.code(),
+                        error = %status.message(),
+                        "monitor unreachable; tunnels stay up, retrying"
+                    );
+                    format!(
+                        "{:?}: {}",
+                        status.code(),
+                        porthole::text::clip(status.message(), 300)
+                    )
+                }
+            };
+            self.link(false, String::new(), Some(why)).await;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -116,18 +131,14 @@ impl Watcher {
         // The monitor answered: the link is up, even when a resume has
         // nothing new to send.
         backoff.reset();
-        let _ = self
-            .commands
-            .send(Command::Link {
-                target: self.target.clone(),
-                up: true,
-            })
-            .await;
+        self.link(true, pos.instance_id.clone(), None).await;
         while let Some(msg) = stream.message().await? {
             match msg.kind {
                 Some(Kind::Snapshot(s)) => {
                     if s.instance_id != pos.instance_id {
                         tracing::info!(target = %self.target, instance_id = %porthole::text::clip(&s.instance_id, 64), ports = s.ports.len(), "monitor snapshot");
+                        let id = porthole::text::clip(&s.instance_id, 64).into_owned();
+                        self.link(true, id, None).await;
                     }
                     pos.instance_id = s.instance_id;
                     pos.seq = s.seq;
