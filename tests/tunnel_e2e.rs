@@ -779,10 +779,10 @@ async fn admin_close_stays_closed_until_reopened() {
         .unwrap_or_else(|| panic!("{} in:\n{table}", id(p)));
     assert!(row.contains("active"), "{row}");
     assert!(row.contains(&format!("localhost:{p}")), "{row}");
-    assert!(
-        table.lines().next().unwrap_or("").starts_with("ID"),
-        "{table}"
-    );
+    // The targets first, then a blank line, then the tunnels.
+    let mut lines = table.lines();
+    assert!(lines.next().unwrap_or("").starts_with("TARGET"), "{table}");
+    assert!(lines.any(|l| l.starts_with("ID ")), "{table}");
     let out = run_cli(&["close", &id(p), "--admin", &admin]).await;
     assert!(out.status.success(), "close: {}", text(&out.stderr));
     assert!(text(&out.stdout).contains(&id(p)), "{}", text(&out.stdout));
