@@ -798,7 +798,13 @@ async fn a_monitor_cannot_choose_privileged_or_invalid_host_ports() {
     let url = format!("http://{addr}");
     let tunnel = TunnelProc::start(
         &ns,
-        &["--monitor", &url, "--skip", "", "--max-tunnels", "50"],
+        &[
+            "--monitor",
+            &url,
+            "--no-default-skip",
+            "--max-tunnels",
+            "50",
+        ],
     )
     .await;
     tunnel.wait_active(&format!("default:tcp:{valid}")).await;

@@ -137,6 +137,23 @@ impl PortSet {
     pub fn contains(&self, port: u16) -> bool {
         self.0.iter().any(|r| r.contains(&port))
     }
+
+    /// The ports of both sets.
+    pub fn union(mut self, other: &PortSet) -> PortSet {
+        self.0.extend(other.0.iter().cloned());
+        self
+    }
+}
+
+/// The ports never forwarded automatically: the defaults (unless
+/// `--no-default-skip`) plus every `--skip`.
+pub fn skip_list(extra: &[PortSet], no_defaults: bool) -> PortSet {
+    let base = if no_defaults {
+        PortSet::default()
+    } else {
+        DEFAULT_SKIP.parse().expect("the default skip list parses")
+    };
+    extra.iter().fold(base, |all, s| all.union(s))
 }
 
 impl FromStr for PortSet {
@@ -309,6 +326,18 @@ mod tests {
         }
         let d: PortSet = DEFAULT_SKIP.parse().unwrap();
         assert!(d.contains(443) && !d.contains(8080));
+        let extra: PortSet = "8080,9000-9002".parse().unwrap();
+        let both = skip_list(std::slice::from_ref(&extra), false);
+        assert!(
+            both.contains(22) && both.contains(8080) && both.contains(9001),
+            "skips add to the defaults"
+        );
+        let only = skip_list(&[extra], true);
+        assert!(
+            !only.contains(22) && only.contains(8080),
+            "--no-default-skip clears them"
+        );
+        assert!(!skip_list(&[], true).contains(22));
     }
 
     #[test]

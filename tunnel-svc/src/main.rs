@@ -105,9 +105,13 @@ struct RunArgs {
     /// Extra `-o` option for every ssh command (e.g. StrictHostKeyChecking=accept-new). Repeatable.
     #[arg(long = "ssh-option", value_name = "OPTION")]
     ssh_options: Vec<String>,
-    /// Container ports never forwarded automatically: ports and ranges, "" for none.
-    #[arg(long, env = "PORTHOLE_SKIP", default_value = config::DEFAULT_SKIP)]
-    skip: config::PortSet,
+    /// Container ports never forwarded automatically, added to the defaults
+    /// (22,25,53,80,110,143,443,993,995): ports and ranges. Repeatable.
+    #[arg(long, env = "PORTHOLE_SKIP", value_name = "PORTS")]
+    skip: Vec<config::PortSet>,
+    /// Forward the default skip list's ports too (only --skip applies).
+    #[arg(long)]
+    no_default_skip: bool,
     /// Most automatic tunnels per target (the lowest ports win).
     #[arg(long, env = "PORTHOLE_MAX_TUNNELS", default_value_t = 10)]
     max_tunnels: usize,
@@ -258,7 +262,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         targets,
         reconcile: tunnel_svc::reconcile::Options {
             bind,
-            skip: args.skip,
+            skip: config::skip_list(&args.skip, args.no_default_skip),
             max_tunnels: args.max_tunnels,
             remap: matches!(args.on_conflict, OnConflict::Next),
             allow_privileged: args.allow_privileged_ports,
