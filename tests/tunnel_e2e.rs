@@ -664,32 +664,45 @@ async fn skip_list_and_max_tunnels() {
     }
     // --skip adds to the default skip list: SMTP's 25 stays skipped.
     servers.push(Server::any(&w.ns, 25).await);
-    // The highest of three first: it gets a tunnel while it is among the two lowest.
+    // The highest of three first: a tunnel that exists keeps its slot, the
+    // next port takes the other, and the third is listed, not forwarded.
     let (a, b, c) = (base + 10, base + 11, base + 12);
     servers.push(Server::any(&w.ns, c).await);
-    w.tunnel.wait_active(&id(c)).await;
+    let before = w.tunnel.wait_active(&id(c)).await;
     servers.push(Server::any(&w.ns, a).await);
+    w.tunnel.wait_active(&id(a)).await;
     servers.push(Server::any(&w.ns, b).await);
-    // The monitor saw every port before b (opened last), so once b has its
-    // tunnel the listing reflects them all.
-    w.tunnel.wait_active(&id(b)).await;
-    w.tunnel.wait_gone(&id(c)).await;
+    let capped = w
+        .tunnel
+        .wait_tunnel(&id(b), "the third port listed as capped", |t| {
+            state(t) == TunnelState::Pending && t.error.contains("--max-tunnels 2")
+        })
+        .await;
+    assert_eq!(capped.host_port, 0, "{capped:?}");
+    assert!(host_port_is_free(b), "the capped port is not bound");
     let listed = ids(&w.tunnel.tunnels().await);
     assert_eq!(
         listed,
-        [id(a), id(b)].into_iter().collect(),
-        "only the two lowest non-skipped ports; never 7070, 25 or {skip}"
+        [id(a), id(b), id(c)].into_iter().collect(),
+        "never 7070, 25 or {skip}"
     );
-    wait_port_free(c);
+    let kept = w.tunnel.wait_active(&id(c)).await;
+    assert_eq!(
+        kept.opened_at, before.opened_at,
+        "the existing tunnel was not evicted"
+    );
     for p in base..=base + 2 {
         assert!(host_port_is_free(p), "skipped port {p} bound on the host");
     }
     assert_eq!(ping(v4(a)).await, "srv");
+    assert_eq!(ping(v4(c)).await, "srv");
 
-    // One of the two closes: the third gets its tunnel back.
-    servers.pop().expect("b").close();
-    w.tunnel.wait_active(&id(c)).await;
-    w.tunnel.wait_gone(&id(b)).await;
+    // One of the two closes: the capped one gets its tunnel.
+    let c_server = servers.remove(servers.len() - 3);
+    c_server.close();
+    w.tunnel.wait_gone(&id(c)).await;
+    w.tunnel.wait_active(&id(b)).await;
+    assert_eq!(ping(v4(b)).await, "srv");
 }
 
 // ---------------------------------------------------------------------------

@@ -112,7 +112,8 @@ struct RunArgs {
     /// Forward the default skip list's ports too (only --skip applies).
     #[arg(long)]
     no_default_skip: bool,
-    /// Most automatic tunnels per target (the lowest ports win).
+    /// Most automatic tunnels per target: existing ones keep their slot, new
+    /// ports take free ones lowest first, the rest are listed as pending.
     #[arg(long, env = "PORTHOLE_MAX_TUNNELS", default_value_t = 10)]
     max_tunnels: usize,
     /// What to do when a host port is taken.

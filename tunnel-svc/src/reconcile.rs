@@ -190,6 +190,8 @@ struct Want {
     exact: bool,
     /// Something listens on the port in the container right now.
     listening: bool,
+    /// Left out by `--max-tunnels`: listed, not forwarded.
+    capped: bool,
 }
 
 struct Entry {
@@ -199,6 +201,8 @@ struct Entry {
     generation: u64,
     backend: Arc<Backend>,
     listening: bool,
+    /// A placeholder for a port left out by `--max-tunnels`.
+    capped: bool,
 }
 
 impl Entry {
@@ -469,31 +473,48 @@ impl Reconciler {
     fn desired(&mut self) -> BTreeMap<String, Want> {
         let mut want = BTreeMap::new();
         for (name, t) in &mut self.targets {
-            let mut count = 0;
+            let eligible: Vec<(u16, &Vec<Port>)> = t
+                .ports
+                .iter()
+                .map(|(&port, listeners)| (port, listeners))
+                .filter(|(port, _)| {
+                    let id = tunnel_id(name, *port);
+                    !(self.manual.contains_key(&id)
+                        || self.statics.contains_key(&id)
+                        || *port == t.monitor_port
+                        || self.opts.skip.contains(*port)
+                        || self.closed.contains(&id))
+                })
+                .collect();
+            // Tunnels that exist keep their slot; new ports take the free
+            // ones, lowest first; the rest are listed as capped.
+            let holds = |port: u16| {
+                self.entries.get(&tunnel_id(name, port)).is_some_and(|e| {
+                    e.info.origin == Origin::Auto as i32
+                        && !e.capped
+                        && e.state() != TunnelState::Closed
+                })
+            };
+            let held = eligible.iter().filter(|(p, _)| holds(*p)).count();
+            let mut free = self.opts.max_tunnels.saturating_sub(held);
             let mut capped = false;
-            for (&port, listeners) in &t.ports {
-                let id = tunnel_id(name, port);
-                if self.manual.contains_key(&id)
-                    || self.statics.contains_key(&id)
-                    || port == t.monitor_port
-                    || self.opts.skip.contains(port)
-                    || self.closed.contains(&id)
-                {
-                    continue;
+            for (port, listeners) in eligible.iter().copied() {
+                let keep = holds(port) || free > 0;
+                if keep && !holds(port) {
+                    free -= 1;
                 }
-                if count == self.opts.max_tunnels {
-                    capped = true;
-                    continue;
-                }
-                count += 1;
+                capped |= !keep;
                 let host_port = host_port_for(port, self.opts.allow_privileged);
                 want.insert(
-                    id,
-                    Want::new(name, port, host_port, Origin::Auto, listeners),
+                    tunnel_id(name, port),
+                    Want {
+                        capped: !keep,
+                        ..Want::new(name, port, host_port, Origin::Auto, listeners)
+                    },
                 );
             }
             if capped && !t.capped {
-                tracing::warn!(target = %name, max = self.opts.max_tunnels, "more ports open than --max-tunnels; the lowest ports are forwarded");
+                tracing::warn!(target = %name, max = self.opts.max_tunnels, "more ports open than --max-tunnels; the others are listed, not forwarded");
             }
             t.capped = capped;
         }
@@ -548,6 +569,12 @@ impl Reconciler {
         for (id, want) in desired {
             match self.entries.get_mut(&id) {
                 None => self.start(id, want),
+                // A slot freed up (or, never for a working tunnel, went).
+                Some(e) if e.capped != want.capped => {
+                    e.stop();
+                    self.entries.remove(&id);
+                    self.start(id, want);
+                }
                 Some(e) => {
                     if e.info.process != want.process || e.listening != want.listening {
                         e.info.process = want.process;
@@ -608,7 +635,18 @@ impl Reconciler {
             generation: self.generation,
             backend: backend.clone(),
             listening: want.listening,
+            capped: want.capped,
         };
+        if want.capped {
+            entry.info.error = format!(
+                "not forwarded: more than --max-tunnels {} ports are open in {}; it gets a \
+                 tunnel when one of those closes",
+                self.opts.max_tunnels, want.target
+            );
+            self.entries.insert(id.clone(), entry);
+            self.publish(&id);
+            return;
+        }
         let failure = if let Some(why) = backend.unreachable(&want.addresses) {
             Some(why)
         } else {
@@ -838,7 +876,8 @@ impl Reconciler {
         self.manual
             .insert(id.clone(), (target, port, (host_port != 0).then_some(host)));
         let keep = self.entries.get(&id).is_some_and(|e| {
-            matches!(e.state(), TunnelState::Active | TunnelState::Pending)
+            !e.capped
+                && matches!(e.state(), TunnelState::Active | TunnelState::Pending)
                 && (host_port == 0 || e.info.host_port == u32::from(host))
         });
         if keep {
@@ -922,6 +961,7 @@ impl Want {
             addresses: listeners.iter().flat_map(reachable_on).collect(),
             exact: false,
             listening: !listeners.is_empty(),
+            capped: false,
         }
     }
 }
