@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod gate;
+pub mod plan;
 pub mod reconcile;
 mod sys;
 pub mod tunnel;

@@ -6,9 +6,11 @@
 
 use crate::backend::Backend;
 use crate::config::PortSet;
+use crate::plan::{self, host_port_for, Want, PRIVILEGED};
+pub use crate::plan::{tunnel_id, PRIVILEGED_OFFSET};
 use crate::tunnel::{self, Stats};
 use porthole::fanout::{self, Fanout, Subscription};
-use porthole::pb::v1::{Origin, Port, Process, Protocol, Tunnel, TunnelState, TunnelUpdate};
+use porthole::pb::v1::{Origin, Port, Protocol, Tunnel, TunnelState, TunnelUpdate};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -26,11 +28,6 @@ const SUBSCRIBERS: fanout::Bounds = fanout::Bounds {
     bytes: 1 << 20,
     subscribers: 64,
 };
-/// Container ports below this get an unprivileged host port unless
-/// `--allow-privileged-ports`.
-const PRIVILEGED: u16 = 1024;
-/// What a privileged container port is forwarded on instead: PORT + this.
-pub const PRIVILEGED_OFFSET: u16 = 10000;
 /// How often FAILED tunnels are tried again.
 const RETRY: Duration = Duration::from_secs(2);
 
@@ -120,17 +117,6 @@ pub struct Options {
     pub allow_privileged: bool,
 }
 
-/// The host port for container `port` when none was asked for: the same
-/// number, or [`PRIVILEGED_OFFSET`] + `port` for a privileged port the
-/// options do not allow.
-pub fn host_port_for(port: u16, allow_privileged: bool) -> u16 {
-    if port < PRIVILEGED && !allow_privileged {
-        port + PRIVILEGED_OFFSET
-    } else {
-        port
-    }
-}
-
 /// A target as ListTargets shows it.
 #[derive(Clone, Debug)]
 pub struct TargetView {
@@ -157,11 +143,6 @@ impl TargetView {
     }
 }
 
-/// `TARGET:tcp:PORT`.
-pub fn tunnel_id(target: &str, port: u16) -> String {
-    format!("{target}:tcp:{port}")
-}
-
 struct Target {
     backend: Arc<Backend>,
     monitor_port: u16,
@@ -175,23 +156,6 @@ struct Target {
     error: Option<String>,
     /// When `up` last changed.
     since: chrono::DateTime<chrono::Utc>,
-}
-
-/// A tunnel that should exist.
-struct Want {
-    target: String,
-    port: u16,
-    origin: Origin,
-    host_port: u16,
-    process: Option<Process>,
-    /// Where the container's listeners accept connections.
-    addresses: Vec<IpAddr>,
-    /// Never remap: the host port was asked for explicitly.
-    exact: bool,
-    /// Something listens on the port in the container right now.
-    listening: bool,
-    /// Left out by `--max-tunnels`: listed, not forwarded.
-    capped: bool,
 }
 
 struct Entry {
@@ -469,81 +433,43 @@ impl Reconciler {
         }
     }
 
-    /// Everything that should exist right now.
+    /// Everything that should exist right now (see [`plan::desired`]).
     fn desired(&mut self) -> BTreeMap<String, Want> {
-        let mut want = BTreeMap::new();
+        let targets: Vec<plan::TargetPorts> = self
+            .targets
+            .iter()
+            .map(|(name, t)| plan::TargetPorts {
+                name,
+                monitor_port: t.monitor_port,
+                ports: &t.ports,
+            })
+            .collect();
+        let entries = &self.entries;
+        let holds = |id: &str| {
+            entries.get(id).is_some_and(|e| {
+                e.info.origin == Origin::Auto as i32
+                    && !e.capped
+                    && e.state() != TunnelState::Closed
+            })
+        };
+        let policy = plan::Policy {
+            skip: &self.opts.skip,
+            max_tunnels: self.opts.max_tunnels,
+            allow_privileged: self.opts.allow_privileged,
+        };
+        let state = plan::State {
+            manual: &self.manual,
+            statics: &self.statics,
+            closed: &self.closed,
+            holds: &holds,
+        };
+        let (want, capped) = plan::desired(&targets, &policy, &state);
         for (name, t) in &mut self.targets {
-            let eligible: Vec<(u16, &Vec<Port>)> = t
-                .ports
-                .iter()
-                .map(|(&port, listeners)| (port, listeners))
-                .filter(|(port, _)| {
-                    let id = tunnel_id(name, *port);
-                    !(self.manual.contains_key(&id)
-                        || self.statics.contains_key(&id)
-                        || *port == t.monitor_port
-                        || self.opts.skip.contains(*port)
-                        || self.closed.contains(&id))
-                })
-                .collect();
-            // Tunnels that exist keep their slot; new ports take the free
-            // ones, lowest first; the rest are listed as capped.
-            let holds = |port: u16| {
-                self.entries.get(&tunnel_id(name, port)).is_some_and(|e| {
-                    e.info.origin == Origin::Auto as i32
-                        && !e.capped
-                        && e.state() != TunnelState::Closed
-                })
-            };
-            let held = eligible.iter().filter(|(p, _)| holds(*p)).count();
-            let mut free = self.opts.max_tunnels.saturating_sub(held);
-            let mut capped = false;
-            for (port, listeners) in eligible.iter().copied() {
-                let keep = holds(port) || free > 0;
-                if keep && !holds(port) {
-                    free -= 1;
-                }
-                capped |= !keep;
-                let host_port = host_port_for(port, self.opts.allow_privileged);
-                want.insert(
-                    tunnel_id(name, port),
-                    Want {
-                        capped: !keep,
-                        ..Want::new(name, port, host_port, Origin::Auto, listeners)
-                    },
-                );
-            }
-            if capped && !t.capped {
+            let now = capped.contains(name);
+            if now && !t.capped {
                 tracing::warn!(target = %name, max = self.opts.max_tunnels, "more ports open than --max-tunnels; the others are listed, not forwarded");
             }
-            t.capped = capped;
-        }
-        for (id, (target, port, asked)) in &self.manual {
-            let listeners = self
-                .targets
-                .get(target)
-                .and_then(|t| t.ports.get(port))
-                .map_or(&[][..], |v| v);
-            want.insert(
-                id.clone(),
-                Want {
-                    // A host port asked for is that port or a failure.
-                    exact: asked.is_some(),
-                    ..Want::new(
-                        target,
-                        *port,
-                        asked.unwrap_or(host_port_for(*port, self.opts.allow_privileged)),
-                        Origin::Manual,
-                        listeners,
-                    )
-                },
-            );
-        }
-        for (id, (target, port)) in &self.statics {
-            want.insert(
-                id.clone(),
-                Want::new(target, *port, *port, Origin::Egress, &[]),
-            );
+            t.capped = now;
         }
         want
     }
@@ -924,19 +850,6 @@ impl Reconciler {
     }
 }
 
-/// The addresses a listener accepts connections on: its own, plus IPv4's
-/// wildcard for a dual-stack `::` socket (key `tcp:*:PORT`).
-fn reachable_on(l: &Port) -> Vec<IpAddr> {
-    let Ok(ip) = l.address.parse::<IpAddr>() else {
-        return Vec::new();
-    };
-    if l.key.contains(":*:") {
-        vec![ip, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)]
-    } else {
-        vec![ip]
-    }
-}
-
 /// Every tunnel as an update: what a new or resynced subscriber gets.
 fn all_updates(entries: &BTreeMap<String, Entry>) -> Vec<Arc<TunnelUpdate>> {
     entries
@@ -948,20 +861,4 @@ fn all_updates(entries: &BTreeMap<String, Entry>) -> Vec<Arc<TunnelUpdate>> {
             })
         })
         .collect()
-}
-
-impl Want {
-    fn new(target: &str, port: u16, host_port: u16, origin: Origin, listeners: &[Port]) -> Want {
-        Want {
-            target: target.to_string(),
-            port,
-            origin,
-            host_port,
-            process: listeners.iter().find_map(|l| l.process.clone()),
-            addresses: listeners.iter().flat_map(reachable_on).collect(),
-            exact: false,
-            listening: !listeners.is_empty(),
-            capped: false,
-        }
-    }
 }
