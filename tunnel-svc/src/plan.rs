@@ -191,6 +191,50 @@ pub fn desired(
     (want, capped_targets)
 }
 
+/// What the reconciler knows of a tunnel that exists, for [`diff`].
+#[derive(Clone, Debug, Default)]
+pub struct Existing {
+    /// A placeholder for a port over the cap.
+    pub capped: bool,
+    pub process: Option<Process>,
+    pub listening: bool,
+    /// Closed by an admin and still wanted closed: kept, not removed.
+    pub kept_closed: bool,
+}
+
+/// One step that turns what exists into what is wanted.
+pub enum Action {
+    /// Stop and forget the tunnel.
+    Remove(String),
+    /// Make the tunnel (listen on the host, prepare the backend).
+    Start(String, Want),
+    /// Stop it and make it again: it moved between capped and forwarded.
+    Restart(String, Want),
+    /// Keep it; its process or listening state changed.
+    Update(String, Want),
+}
+
+/// The actions, removals first, that turn `existing` into `desired`. A
+/// tunnel that exists is never restarted for anything but crossing the cap.
+pub fn diff(desired: BTreeMap<String, Want>, existing: &BTreeMap<String, Existing>) -> Vec<Action> {
+    let mut actions: Vec<Action> = existing
+        .iter()
+        .filter(|(id, e)| !desired.contains_key(*id) && !e.kept_closed)
+        .map(|(id, _)| Action::Remove(id.clone()))
+        .collect();
+    for (id, want) in desired {
+        match existing.get(&id) {
+            None => actions.push(Action::Start(id, want)),
+            Some(e) if e.capped != want.capped => actions.push(Action::Restart(id, want)),
+            Some(e) if e.process != want.process || e.listening != want.listening => {
+                actions.push(Action::Update(id, want))
+            }
+            Some(_) => {}
+        }
+    }
+    actions
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,6 +425,68 @@ mod tests {
             (Origin::Egress, 22, false)
         );
         assert_eq!(want.len(), 1);
+    }
+
+    fn kinds(actions: &[Action]) -> Vec<(&'static str, &str)> {
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::Remove(id) => ("remove", id.as_str()),
+                Action::Start(id, _) => ("start", id.as_str()),
+                Action::Restart(id, _) => ("restart", id.as_str()),
+                Action::Update(id, _) => ("update", id.as_str()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn diff_starts_removes_and_leaves_alone() {
+        let mut w = World::new(&[8000, 8001]);
+        let seen = |listening: bool| Existing {
+            process: Some(listener(0).process.unwrap()),
+            listening,
+            ..Default::default()
+        };
+        let existing: BTreeMap<String, Existing> = [
+            (tunnel_id("dev", 8000), seen(true)),
+            (tunnel_id("dev", 9000), seen(true)),
+            (
+                tunnel_id("dev", 9001),
+                Existing {
+                    kept_closed: true,
+                    ..seen(true)
+                },
+            ),
+        ]
+        .into();
+        let actions = diff(w.plan().0, &existing);
+        assert_eq!(
+            kinds(&actions),
+            [("remove", "dev:tcp:9000"), ("start", "dev:tcp:8001")],
+            "the unchanged 8000 and the admin-closed 9001 are left alone"
+        );
+        // Over the cap and back: restarted, never for anything else.
+        w.max = 1;
+        let capped: BTreeMap<String, Existing> = [(tunnel_id("dev", 8000), seen(true))].into();
+        w.existing = [tunnel_id("dev", 8000)].into();
+        let actions = diff(w.plan().0, &capped);
+        assert_eq!(kinds(&actions), [("start", "dev:tcp:8001")]);
+        let was_capped: BTreeMap<String, Existing> = [(
+            tunnel_id("dev", 8001),
+            Existing {
+                capped: true,
+                ..seen(true)
+            },
+        )]
+        .into();
+        w.ports.remove(&8000);
+        w.existing.clear();
+        let actions = diff(w.plan().0, &was_capped);
+        assert_eq!(kinds(&actions), [("restart", "dev:tcp:8001")]);
+        // Only the process changed: updated in place.
+        let moved: BTreeMap<String, Existing> = [(tunnel_id("dev", 8001), seen(false))].into();
+        let actions = diff(w.plan().0, &moved);
+        assert_eq!(kinds(&actions), [("update", "dev:tcp:8001")]);
     }
 
     #[test]

@@ -476,33 +476,37 @@ impl Reconciler {
 
     fn reconcile(&mut self) {
         let desired = self.desired();
-        let stale: Vec<String> = self
+        let existing: BTreeMap<String, plan::Existing> = self
             .entries
             .iter()
-            .filter(|(id, e)| {
-                let kept_closed = e.state() == TunnelState::Closed && self.closed.contains(*id);
-                !desired.contains_key(*id) && !kept_closed
+            .map(|(id, e)| {
+                let now = plan::Existing {
+                    capped: e.capped,
+                    process: e.info.process.clone(),
+                    listening: e.listening,
+                    kept_closed: e.state() == TunnelState::Closed && self.closed.contains(id),
+                };
+                (id.clone(), now)
             })
-            .map(|(id, _)| id.clone())
             .collect();
-        for id in stale {
-            if let Some(mut e) = self.entries.remove(&id) {
-                e.stop();
-                tracing::info!(id = %id, "tunnel removed");
-                self.publish_removed(e.view());
-            }
-        }
-        for (id, want) in desired {
-            match self.entries.get_mut(&id) {
-                None => self.start(id, want),
-                // A slot freed up (or, never for a working tunnel, went).
-                Some(e) if e.capped != want.capped => {
-                    e.stop();
-                    self.entries.remove(&id);
+        for action in plan::diff(desired, &existing) {
+            match action {
+                plan::Action::Remove(id) => {
+                    if let Some(mut e) = self.entries.remove(&id) {
+                        e.stop();
+                        tracing::info!(id = %id, "tunnel removed");
+                        self.publish_removed(e.view());
+                    }
+                }
+                plan::Action::Start(id, want) => self.start(id, want),
+                plan::Action::Restart(id, want) => {
+                    if let Some(mut e) = self.entries.remove(&id) {
+                        e.stop();
+                    }
                     self.start(id, want);
                 }
-                Some(e) => {
-                    if e.info.process != want.process || e.listening != want.listening {
+                plan::Action::Update(id, want) => {
+                    if let Some(e) = self.entries.get_mut(&id) {
                         e.info.process = want.process;
                         e.listening = want.listening;
                         self.publish(&id);
