@@ -158,15 +158,16 @@ struct ServiceArgs {
 
 impl ServiceArgs {
     /// Starts logging, raises the fd limit and reads the admin API's token.
-    fn start(&self) -> anyhow::Result<Option<porthole::auth::Token>> {
-        porthole::telemetry::init(&self.log_level, self.log_format).map_err(anyhow::Error::msg)?;
+    fn start(&self) -> Result<Option<porthole::auth::Token>, Failure> {
+        porthole::telemetry::init(&self.log_level, self.log_format)
+            .map_err(|e| Failure::Config(anyhow::Error::msg(e)))?;
         let fds = porthole::net::raise_fd_limit();
         tracing::debug!(limit = ?fds, "file-descriptor limit");
-        read_token(
+        Ok(read_token(
             self.admin_token_file
                 .as_deref()
                 .or(self.token_file.as_deref()),
-        )
+        )?)
     }
 
     async fn bind_admin(&self) -> anyhow::Result<tokio::net::TcpListener> {
@@ -176,52 +177,106 @@ impl ServiceArgs {
     }
 }
 
-fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<porthole::auth::Token>> {
-    Ok(path
-        .map(porthole::auth::Token::from_file)
+fn read_token(
+    path: Option<&std::path::Path>,
+) -> Result<Option<porthole::auth::Token>, config::ConfigError> {
+    path.map(porthole::auth::Token::from_file)
         .transpose()
-        .map_err(|e| config::ConfigError::Token(e.to_string()))?)
+        .map_err(|e| config::ConfigError::Token(e.to_string()))
 }
 
-/// Exit status for configuration mistakes (as clap uses for bad flags).
-const EXIT_CONFIG: i32 = 2;
+/// Why tunnel-svc stopped, which decides its exit status.
+#[derive(Debug)]
+enum Failure {
+    /// A configuration mistake: status 2, as clap uses for bad flags.
+    Config(anyhow::Error),
+    /// Anything else: status 1.
+    Runtime(anyhow::Error),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Config(_) => 2,
+            Failure::Runtime(_) => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Config(e) | Failure::Runtime(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Failure {
+        Failure::Runtime(e)
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Failure {
+        Failure::Runtime(e.into())
+    }
+}
+
+impl From<config::ConfigError> for Failure {
+    fn from(e: config::ConfigError) -> Failure {
+        Failure::Config(e.into())
+    }
+}
+
+impl From<tunnel_svc::gate::LoadError> for Failure {
+    fn from(e: tunnel_svc::gate::LoadError) -> Failure {
+        Failure::Config(e.into())
+    }
+}
+
+impl From<tunnel_svc::gate::GateError> for Failure {
+    fn from(e: tunnel_svc::gate::GateError) -> Failure {
+        Failure::Config(e.into())
+    }
+}
 
 fn main() -> std::process::ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
     match runtime.block_on(real_main()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            let config = e.downcast_ref::<config::ConfigError>().is_some()
-                || e.downcast_ref::<tunnel_svc::gate::LoadError>().is_some()
-                || e.downcast_ref::<tunnel_svc::gate::GateError>().is_some();
-            std::process::ExitCode::from(if config { EXIT_CONFIG as u8 } else { 1 })
+        Err(failure) => {
+            eprintln!("Error: {failure}");
+            std::process::ExitCode::from(failure.exit_code())
         }
     }
 }
 
-async fn real_main() -> anyhow::Result<()> {
+async fn real_main() -> Result<(), Failure> {
     let cli = Cli::parse();
     match cli.command {
         Some(Cmd::Ls(c)) => {
-            tunnel_svc::cli::ls(c.admin, read_token(c.token_file.as_deref())?).await
+            Ok(tunnel_svc::cli::ls(c.admin, read_token(c.token_file.as_deref())?).await?)
         }
         Some(Cmd::Close { id, client }) => {
-            tunnel_svc::cli::close(client.admin, read_token(client.token_file.as_deref())?, id)
-                .await
+            Ok(
+                tunnel_svc::cli::close(client.admin, read_token(client.token_file.as_deref())?, id)
+                    .await?,
+            )
         }
         Some(Cmd::Demo { port, admin, once }) => {
             porthole::telemetry::init("warn", LogFormat::Text).map_err(anyhow::Error::msg)?;
             let shutdown = porthole::shutdown::on_signal()?;
-            tunnel_svc::demo::run(tunnel_svc::demo::DemoArgs { port, admin, once }, shutdown).await
+            let args = tunnel_svc::demo::DemoArgs { port, admin, once };
+            Ok(tunnel_svc::demo::run(args, shutdown).await?)
         }
-        Some(Cmd::DemoServer { port }) => tunnel_svc::demo::serve_sample(port).await,
+        Some(Cmd::DemoServer { port }) => Ok(tunnel_svc::demo::serve_sample(port).await?),
         Some(Cmd::Gate(args)) => gate(args).await,
         None => run(cli.run).await,
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(args: RunArgs) -> Result<(), Failure> {
     let token = args.service.start()?;
     let mut targets = config::targets(
         args.monitor.as_deref(),
@@ -274,11 +329,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let shutdown = porthole::shutdown::on_signal()?;
     let admin = args.service.bind_admin().await?;
-    tunnel_svc::run(admin, opts, shutdown).await
+    Ok(tunnel_svc::run(admin, opts, shutdown).await?)
 }
 
 /// `tunnel-svc gate`: the whole config is checked before anything listens.
-async fn gate(args: GateArgs) -> anyhow::Result<()> {
+async fn gate(args: GateArgs) -> Result<(), Failure> {
     use tunnel_svc::gate;
     let upstreams = gate::load(&args.config)?;
     if let Some(host) = args.print_ssh_config {
@@ -294,7 +349,7 @@ async fn gate(args: GateArgs) -> anyhow::Result<()> {
         listen: args.listen,
         token,
     };
-    gate::run(admin, opts, shutdown).await
+    Ok(gate::run(admin, opts, shutdown).await?)
 }
 
 #[cfg(test)]
