@@ -187,6 +187,30 @@ impl Token {
     }
 }
 
+/// A client-side interceptor that adds the token (when there is one) to
+/// every call: `SomeClient::with_interceptor(channel, Bearer(token))`, or
+/// through [`AuthChannel`].
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(pub Option<Token>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            token.authorize(&mut req);
+        }
+        Ok(req)
+    }
+}
+
+/// A channel whose every call carries a token.
+pub type AuthChannel =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+/// `channel` with `token` on every call.
+pub fn with_token(channel: tonic::transport::Channel, token: Option<Token>) -> AuthChannel {
+    tonic::service::interceptor::InterceptedService::new(channel, Bearer(token))
+}
+
 /// What a caller may see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {

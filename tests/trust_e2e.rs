@@ -415,10 +415,10 @@ async fn non_reading_clients_cannot_grow_the_monitor() {
             .connect()
             .await
             .expect("connect");
-        let mut c = PortEventsClient::with_interceptor(
+        let mut c = PortEventsClient::new(porthole::auth::with_token(
             channel,
-            common::Authorize(Some(monitor.token().clone())),
-        );
+            Some(monitor.token().clone()),
+        ));
         for _ in 0..100 {
             match within("WatchEvents", c.watch_events(WatchEventsRequest::default())).await {
                 Ok(s) => streams.push(s.into_inner()),

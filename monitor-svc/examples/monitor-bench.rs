@@ -404,14 +404,7 @@ async fn flood(
             .initial_connection_window_size(65_535)
             .connect()
             .await?;
-        let token = token.cloned();
-        let mut client =
-            PortEventsClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-                if let Some(t) = &token {
-                    t.authorize(&mut req);
-                }
-                Ok(req)
-            });
+        let mut client = PortEventsClient::new(porthole::auth::with_token(channel, token.cloned()));
         for _ in 0..FLOOD_STREAMS / 5 {
             match client.watch_events(WatchEventsRequest::default()).await {
                 Ok(s) => streams.push(s.into_inner()),

@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// How long anything in a test may take before it counts as hung.
@@ -685,21 +684,8 @@ pub struct MonitorProc {
     token_file: PathBuf,
 }
 
-/// A `PortEvents` client that sends the monitor's token.
-pub type MonitorClient = PortEventsClient<InterceptedService<Channel, Authorize>>;
-
-/// Adds a bearer token (when there is one) to every call of a client.
-#[derive(Clone)]
-pub struct Authorize(pub Option<porthole::auth::Token>);
-
-impl tonic::service::Interceptor for Authorize {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(token) = &self.0 {
-            token.authorize(&mut req);
-        }
-        Ok(req)
-    }
-}
+/// A `PortEvents` client that sends the monitor's token (or none).
+pub type MonitorClient = PortEventsClient<porthole::auth::AuthChannel>;
 
 /// Writes `secret` to a new token file only its owner can read (a token
 /// file others can read is refused).
@@ -860,15 +846,15 @@ impl MonitorProc {
 
     /// A `PortEvents` client on a new connection that sends the token.
     pub async fn client(&self) -> MonitorClient {
-        PortEventsClient::with_interceptor(
+        PortEventsClient::new(porthole::auth::with_token(
             self.channel().await,
-            Authorize(Some(self.token.clone())),
-        )
+            Some(self.token.clone()),
+        ))
     }
 
     /// A `PortEvents` client without the token: what a neighbour gets.
     pub async fn anonymous_client(&self) -> MonitorClient {
-        PortEventsClient::with_interceptor(self.channel().await, Authorize(None))
+        PortEventsClient::new(porthole::auth::with_token(self.channel().await, None))
     }
 
     /// SIGTERM to the monitor itself; returns its exit status.

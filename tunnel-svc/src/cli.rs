@@ -6,24 +6,20 @@ use porthole::pb::v1::{
     ListTunnelsRequest, Target, Tunnel, TunnelState,
 };
 use std::net::SocketAddr;
-use tonic::transport::Channel;
 
-async fn client(admin: SocketAddr) -> anyhow::Result<TunnelAdminClient<Channel>> {
+async fn client(
+    admin: SocketAddr,
+    token: Option<porthole::auth::Token>,
+) -> anyhow::Result<TunnelAdminClient<porthole::auth::AuthChannel>> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{admin}"))?
         .connect()
         .await
         .with_context(|| {
             format!("cannot reach tunnel-svc at {admin} (is it running? see --admin)")
         })?;
-    Ok(TunnelAdminClient::new(channel))
-}
-
-fn request<T>(msg: T, token: &Option<porthole::auth::Token>) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    if let Some(t) = token {
-        t.authorize(&mut req);
-    }
-    req
+    Ok(TunnelAdminClient::new(porthole::auth::with_token(
+        channel, token,
+    )))
 }
 
 fn state_name(t: &Tunnel) -> &'static str {
@@ -158,11 +154,8 @@ pub fn table(tunnels: &[Tunnel]) -> String {
 }
 
 pub async fn ls(admin: SocketAddr, token: Option<porthole::auth::Token>) -> anyhow::Result<()> {
-    let mut client = client(admin).await?;
-    match client
-        .list_targets(request(ListTargetsRequest::default(), &token))
-        .await
-    {
+    let mut client = client(admin, token).await?;
+    match client.list_targets(ListTargetsRequest::default()).await {
         Ok(resp) => println!(
             "{}",
             targets_table(&resp.into_inner().targets, chrono::Utc::now())
@@ -171,9 +164,7 @@ pub async fn ls(admin: SocketAddr, token: Option<porthole::auth::Token>) -> anyh
         Err(s) if s.code() == tonic::Code::Unimplemented => {}
         Err(s) => return Err(s.into()),
     }
-    let resp = client
-        .list_tunnels(request(ListTunnelsRequest::default(), &token))
-        .await?;
+    let resp = client.list_tunnels(ListTunnelsRequest::default()).await?;
     let tunnels = resp.into_inner().tunnels;
     if tunnels.is_empty() {
         println!("no tunnels");
@@ -188,9 +179,9 @@ pub async fn close(
     token: Option<porthole::auth::Token>,
     id: String,
 ) -> anyhow::Result<()> {
-    let resp = client(admin)
+    let resp = client(admin, token)
         .await?
-        .close_tunnel(request(CloseTunnelRequest { id: id.clone() }, &token))
+        .close_tunnel(CloseTunnelRequest { id: id.clone() })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     let t = resp.into_inner().tunnel.unwrap_or_default();

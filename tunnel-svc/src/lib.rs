@@ -36,8 +36,12 @@ pub struct Options {
 }
 
 /// A lazily connecting channel to a monitor, tuned for relaying: no Nagle,
-/// large HTTP/2 windows, keepalives that notice a dead monitor.
-pub fn monitor_channel(url: &config::MonitorUrl) -> anyhow::Result<tonic::transport::Channel> {
+/// large HTTP/2 windows, keepalives that notice a dead monitor. Every call
+/// on it carries `token`.
+pub fn monitor_channel(
+    url: &config::MonitorUrl,
+    token: Option<porthole::auth::Token>,
+) -> anyhow::Result<porthole::auth::AuthChannel> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.endpoint())?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
@@ -46,7 +50,7 @@ pub fn monitor_channel(url: &config::MonitorUrl) -> anyhow::Result<tonic::transp
         .keep_alive_while_idle(true)
         .initial_stream_window_size(porthole::server::STREAM_WINDOW)
         .initial_connection_window_size(porthole::server::CONNECTION_WINDOW);
-    Ok(endpoint.connect_lazy())
+    Ok(porthole::auth::with_token(endpoint.connect_lazy(), token))
 }
 
 /// A private directory for ssh control and forward sockets:
@@ -97,12 +101,12 @@ pub async fn run(
     let (commands, reconciler) = {
         let mut runtime: Option<PathBuf> = None;
         for t in &opts.targets {
-            let channel = monitor_channel(&t.url)?;
             let token = opts.monitor_tokens.get(&t.name).cloned();
+            let has_token = token.is_some();
+            let channel = monitor_channel(&t.url, token)?;
             let backend = match t.backend {
                 config::BackendKind::Grpc => Backend::Grpc(backend::grpc::Grpc {
                     channel: channel.clone(),
-                    token: token.clone(),
                 }),
                 config::BackendKind::Direct => Backend::Direct(backend::direct::Direct {
                     host: t.url.host.clone(),
@@ -127,17 +131,16 @@ pub async fn run(
                 url: t.url.endpoint(),
                 fixed: false,
             });
-            watchers.push((t.name.clone(), channel, token));
+            watchers.push((t.name.clone(), channel, has_token));
         }
         let (commands, task) = reconcile::spawn(specs, opts.reconcile.clone(), shutdown.clone());
         (commands, (task, runtime))
     };
     for (target, channel, token) in watchers {
-        tracing::info!(target = %target, token = token.is_some(), "watching monitor");
+        tracing::info!(target = %target, token, "watching monitor");
         let w = watch::Watcher {
             target,
             channel,
-            token,
             commands: commands.clone(),
         };
         tokio::spawn(w.run(shutdown.clone()));

@@ -6,6 +6,7 @@
 
 use crate::backoff::Backoff;
 use crate::reconcile::Command;
+use porthole::auth::AuthChannel;
 use porthole::pb::v1::{
     port_events_client::PortEventsClient, watch_events_response::Kind, EventType, Port,
     WatchEventsRequest,
@@ -14,12 +15,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 pub struct Watcher {
     pub target: String,
-    pub channel: Channel,
-    pub token: Option<porthole::auth::Token>,
+    /// Carries the monitor's token, if any.
+    pub channel: AuthChannel,
     pub commands: mpsc::Sender<Command>,
 }
 
@@ -116,13 +116,10 @@ impl Watcher {
     }
 
     async fn follow(&self, pos: &mut Position, backoff: &mut Backoff) -> Result<(), tonic::Status> {
-        let mut req = tonic::Request::new(WatchEventsRequest {
+        let req = tonic::Request::new(WatchEventsRequest {
             instance_id: pos.instance_id.clone(),
             after_seq: pos.seq,
         });
-        if let Some(token) = &self.token {
-            token.authorize(&mut req);
-        }
         let mut stream = PortEventsClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .watch_events(req)

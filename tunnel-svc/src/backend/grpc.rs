@@ -3,6 +3,7 @@
 
 use super::CarryError;
 use crate::tunnel::Stats;
+use porthole::auth::AuthChannel;
 use porthole::net::ResetOnDrop;
 use porthole::pb::v1::{
     relay_client::RelayClient, relay_frame::Kind, DialRequest, Protocol, RelayFrame,
@@ -11,7 +12,6 @@ use porthole::relay::PumpError;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 /// How long reaching the monitor and its dial to the port may take: a
 /// monitor or a listener that drops packets fails the connection in time.
@@ -22,8 +22,8 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const FINISH_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Grpc {
-    pub channel: Channel,
-    pub token: Option<porthole::auth::Token>,
+    /// Carries the monitor's token, if any.
+    pub channel: AuthChannel,
 }
 
 impl Grpc {
@@ -106,10 +106,7 @@ impl Grpc {
         })
         .await
         .map_err(|_| tonic::Status::cancelled("relay stream closed"))?;
-        let mut req = tonic::Request::new(ReceiverStream::new(rx));
-        if let Some(token) = &self.token {
-            token.authorize(&mut req);
-        }
+        let req = tonic::Request::new(ReceiverStream::new(rx));
         let mut inbound = RelayClient::new(self.channel.clone())
             .dial(req)
             .await?
