@@ -811,7 +811,7 @@ async fn a_monitor_cannot_choose_privileged_or_invalid_host_ports() {
     for (port, expect) in [(1u16, 10_001u32), (2, 10_002), (80, 10_080)] {
         let t = tunnel.wait_active(&format!("default:tcp:{port}")).await;
         assert!(t.host_port >= expect, "{t:?}");
-        assert!(t.error.contains("privileged"), "the remap is said: {t:?}");
+        assert!(t.note.contains("privileged"), "the remap is said: {t:?}");
         assert!(
             common::host_port_is_free(port),
             "host port {port} was bound"
@@ -887,7 +887,7 @@ async fn a_monitor_cannot_choose_privileged_or_invalid_host_ports() {
     .into_inner()
     .tunnel
     .unwrap();
-    assert!(t.error.contains("nothing listens on port 19999"), "{t:?}");
+    assert!(t.note.contains("nothing listens on port 19999"), "{t:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -612,8 +612,9 @@ async fn busy_host_port(backend: Backend) {
     assert_ne!(host, port, "the busy port is not used: {t:?}");
     assert!(host > port, "{t:?}");
     for needle in [format!("{port} is busy"), format!("on {host}")] {
-        assert!(t.error.contains(&needle), "{needle:?} in {:?}", t.error);
+        assert!(t.note.contains(&needle), "{needle:?} in {:?}", t.note);
     }
+    assert!(t.error.is_empty(), "a remap is a note, not an error: {t:?}");
     assert_eq!(ping(v4(host)).await, "srv");
     assert!(tunnel.terminate().await.success(), "{}", tunnel.log());
     assert!(host_port_is_free(host), "tunnel-svc left {host} bound");
@@ -675,7 +676,7 @@ async fn skip_list_and_max_tunnels() {
     let capped = w
         .tunnel
         .wait_tunnel(&id(b), "the third port listed as capped", |t| {
-            state(t) == TunnelState::Pending && t.error.contains("--max-tunnels 2")
+            state(t) == TunnelState::Pending && t.note.contains("--max-tunnels 2")
         })
         .await;
     assert_eq!(capped.host_port, 0, "{capped:?}");
@@ -969,7 +970,7 @@ async fn two_targets_same_port_both_forwarded() {
         &a
     };
     assert!(
-        remapped.error.contains(&format!("{port} is busy")),
+        remapped.note.contains(&format!("{port} is busy")),
         "{remapped:?}"
     );
     assert_eq!(ping(v4(a.host_port as u16)).await, "in-a");

@@ -147,7 +147,11 @@ pub fn table(tunnels: &[Tunnel]) -> String {
             format!("{}/{}", t.active_connections, t.total_connections),
             human_bytes(t.bytes_in),
             human_bytes(t.bytes_out),
-            safe(&t.error),
+            safe(&match (t.error.is_empty(), t.note.is_empty()) {
+                (true, _) => t.note.clone(),
+                (false, true) => t.error.clone(),
+                (false, false) => format!("{}; {}", t.error, t.note),
+            }),
         ]);
     }
     columns(&rows)
@@ -200,7 +204,7 @@ mod tests {
             state: TunnelState::Active as i32,
             host_port: 8081,
             bytes_in: 2048,
-            error: "host port 8080 is busy; forwarded on 8081 instead".into(),
+            note: "host port 8080 is busy; forwarded on 8081 instead".into(),
             ..Default::default()
         };
         let out = table(&[t]);

@@ -180,8 +180,8 @@ impl Entry {
             t.error = self.stats.last_error().unwrap_or_default();
         }
         let manual = t.origin == Origin::Manual as i32;
-        if manual && !self.listening && self.state() == TunnelState::Active && t.error.is_empty() {
-            t.error = format!(
+        if manual && !self.listening && self.state() == TunnelState::Active && t.note.is_empty() {
+            t.note = format!(
                 "nothing listens on port {} in the container (yet); connections fail until something does",
                 t.container_port
             );
@@ -568,7 +568,7 @@ impl Reconciler {
             capped: want.capped,
         };
         if want.capped {
-            entry.info.error = format!(
+            entry.info.note = format!(
                 "not forwarded: more than --max-tunnels {} ports are open in {}; it gets a \
                  tunnel when one of those closes",
                 self.opts.max_tunnels, want.target
@@ -594,7 +594,7 @@ impl Reconciler {
                         .map(|a| a.to_string())
                         .collect();
                     if host_port != want.host_port {
-                        entry.info.error = format!(
+                        entry.info.note = format!(
                             "host port {} is busy; forwarded on {host_port} instead",
                             want.host_port
                         );
@@ -607,10 +607,10 @@ impl Reconciler {
                             want.port, want.port
                         );
                         tracing::warn!(id = %id, host_port, "privileged container port forwarded on an unprivileged host port");
-                        entry.info.error = if entry.info.error.is_empty() {
+                        entry.info.note = if entry.info.note.is_empty() {
                             note
                         } else {
-                            format!("{note}; {}", entry.info.error)
+                            format!("{note}; {}", entry.info.note)
                         };
                     }
                     let cancel = CancellationToken::new();
