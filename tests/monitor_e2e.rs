@@ -340,6 +340,11 @@ async fn watch_reports_every_kind_of_listener_opening_and_closing() {
             "{e:?}"
         );
         assert_eq!(
+            p.dual_stack,
+            key.contains(":*:"),
+            "dual_stack says what the key says: {e:?}"
+        );
+        assert_eq!(
             p.process.as_ref().map(|p| p.pid),
             Some(listener.pid()),
             "{e:?}"

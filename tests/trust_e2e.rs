@@ -696,6 +696,7 @@ mod fake {
                 name: "evil".into(),
                 ..Default::default()
             }),
+            dual_stack: false,
         }
     }
 

@@ -92,6 +92,7 @@ fn to_port(s: &Socket, process: Option<ProcessInfo>) -> v1::Port {
         address: s.addr.to_string(),
         port: u32::from(s.port),
         key: porthole::key::format(protocol_name(s.protocol), s.addr, s.port, s.dual_stack),
+        dual_stack: s.dual_stack,
         process: process.map(|p| v1::Process {
             pid: p.pid,
             name: p.name,

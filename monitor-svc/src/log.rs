@@ -181,6 +181,7 @@ mod tests {
             port: n,
             key: format!("tcp:0.0.0.0:{n}"),
             process: None,
+            dual_stack: false,
         }
     }
 

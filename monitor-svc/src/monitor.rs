@@ -458,6 +458,7 @@ mod tests {
                     port: p,
                     key: key.clone(),
                     process: None,
+                    dual_stack: false,
                 };
                 (key, port)
             })

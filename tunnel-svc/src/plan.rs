@@ -74,7 +74,8 @@ fn reachable_on(l: &Port) -> Vec<IpAddr> {
     let Ok(ip) = l.address.parse::<IpAddr>() else {
         return Vec::new();
     };
-    if l.key.contains(":*:") {
+    // Monitors older than the `dual_stack` field say it only in the key.
+    if l.dual_stack || l.key.contains(":*:") {
         vec![ip, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)]
     } else {
         vec![ip]
@@ -251,6 +252,7 @@ mod tests {
                 name: "srv".into(),
                 ..Default::default()
             }),
+            dual_stack: false,
         }
     }
 
