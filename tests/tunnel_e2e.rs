@@ -1049,6 +1049,19 @@ async fn watch_tunnels_lists_then_streams_changes() {
 // ---------------------------------------------------------------------------
 // 9. The monitor dies and comes back
 
+/// Target `default` as ListTargets shows it now.
+async fn default_target(tunnel: &TunnelProc) -> Option<porthole::pb::v1::Target> {
+    let req = tunnel.request(porthole::pb::v1::ListTargetsRequest {});
+    let targets = tunnel
+        .client()
+        .list_targets(req)
+        .await
+        .ok()?
+        .into_inner()
+        .targets;
+    targets.into_iter().find(|t| t.name == "default")
+}
+
 async fn monitor_restart(backend: Backend) {
     if !require_root() {
         return;
@@ -1064,21 +1077,15 @@ async fn monitor_restart(backend: Backend) {
 
     let target = |connected: bool| {
         let tunnel = &w.tunnel;
-        async move {
-            poll_until("ListTargets to show the link", DEADLINE, || async {
-                let req = tunnel.request(porthole::pb::v1::ListTargetsRequest {});
-                let targets = tunnel
-                    .client()
-                    .list_targets(req)
+        poll_until(
+            "ListTargets to show the link",
+            DEADLINE,
+            move || async move {
+                default_target(tunnel)
                     .await
-                    .ok()?
-                    .into_inner()
-                    .targets;
-                let t = targets.into_iter().find(|t| t.name == "default")?;
-                (t.connected == connected).then_some(t)
-            })
-            .await
-        }
+                    .filter(|t| t.connected == connected)
+            },
+        )
     };
     let up = target(true).await;
     assert!(!up.instance_id.is_empty() && up.error.is_empty(), "{up:?}");
@@ -1126,17 +1133,9 @@ async fn monitor_restart(backend: Backend) {
     let monitor = MonitorProc::start(&w.ns, &["--token-file", &token_file]).await;
     w.tunnel.wait_active(&id(new)).await;
     let again = poll_until("the new monitor run in ListTargets", DEADLINE, || async {
-        let req = w.tunnel.request(porthole::pb::v1::ListTargetsRequest {});
-        let targets = w
-            .tunnel
-            .client()
-            .list_targets(req)
+        default_target(&w.tunnel)
             .await
-            .ok()?
-            .into_inner()
-            .targets;
-        let t = targets.into_iter().find(|t| t.name == "default")?;
-        (t.connected && t.instance_id != up.instance_id).then_some(t)
+            .filter(|t| t.connected && t.instance_id != up.instance_id)
     })
     .await;
     assert!(again.error.is_empty(), "{again:?}");
