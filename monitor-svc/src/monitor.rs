@@ -202,8 +202,8 @@ struct Monitor {
     ports: BTreeMap<String, v1::Port>,
     subscribers: Fanout<WatchEventsResponse>,
     /// The snapshot of the current ports, built once per change and shared
-    /// by every subscriber that needs it.
-    snapshot: Option<(u64, Arc<WatchEventsResponse>)>,
+    /// by every subscriber that needs it; dropped whenever the ports change.
+    snapshot: Option<Arc<WatchEventsResponse>>,
     metrics: Arc<Metrics>,
 }
 
@@ -320,6 +320,7 @@ impl Monitor {
         let Scan::Ports(scanned) = scan;
         let changes = diff(&self.ports, &scanned);
         self.ports = scanned;
+        self.snapshot = None;
         self.metrics.ports.store(self.ports.len() as u64, Relaxed);
         if !changes.is_empty() {
             let events = self.log.append_scan(Utc::now(), changes);
@@ -338,15 +339,10 @@ impl Monitor {
 
     /// The current snapshot, built at most once per change of the ports.
     fn snapshot(&mut self) -> Arc<WatchEventsResponse> {
-        let seq = self.log.last_seq();
-        match &self.snapshot {
-            Some((at, snap)) if *at == seq => snap.clone(),
-            _ => {
-                let snap = Arc::new(snapshot(&self.instance_id, &self.log, &self.ports));
-                self.snapshot = Some((seq, snap.clone()));
-                snap
-            }
-        }
+        let (id, log, ports) = (&self.instance_id, &self.log, &self.ports);
+        self.snapshot
+            .get_or_insert_with(|| Arc::new(snapshot(id, log, ports)))
+            .clone()
     }
 
     fn publish(&mut self, events: &[Event]) {

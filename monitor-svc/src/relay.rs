@@ -131,8 +131,7 @@ impl Relay for RelayService {
         };
         // Reset, never closed cleanly, unless the transfer ends cleanly:
         // even this process dying resets it.
-        let mut conn =
-            ResetOnDrop::new(conn).map_err(|e| Status::internal(format!("socket: {e}")))?;
+        let mut conn = ResetOnDrop::new(conn);
 
         let (out_tx, out_rx) = mpsc::channel::<Result<RelayFrame, Status>>(FRAMES_IN_FLIGHT);
         let dialed = RelayFrame {

@@ -122,60 +122,64 @@ pub struct Carry {
     pub tracker: TaskTracker,
 }
 
+/// A tunnel's accept loops share this.
+struct Shared {
+    carry: Carry,
+    backend: Arc<Backend>,
+    /// Failed connections, logged once per interval.
+    failures: RateLimit,
+    /// Failed accepts, logged once per interval.
+    accept_errors: RateLimit,
+}
+
 /// Accepts connections on `listeners` until `cancel`, carrying each one to
 /// the container through `backend`. The listeners are closed when it is
 /// cancelled; connections in flight get [`DRAIN`] to finish, then are reset.
 pub fn serve(listeners: Vec<TcpListener>, backend: Arc<Backend>, carry: Carry) {
-    let carry = Arc::new(carry);
-    let failures = Arc::new(RateLimit::new(FAILURE_LOG_EVERY));
-    let accept_errors = Arc::new(RateLimit::new(porthole::net::ACCEPT_LOG_EVERY));
+    let shared = Arc::new(Shared {
+        carry,
+        backend,
+        failures: RateLimit::new(FAILURE_LOG_EVERY),
+        accept_errors: RateLimit::new(porthole::net::ACCEPT_LOG_EVERY),
+    });
     for listener in listeners {
-        let (backend, carry) = (backend.clone(), carry.clone());
-        let (failures, accept_errors) = (failures.clone(), accept_errors.clone());
+        let shared = shared.clone();
         tokio::spawn(async move {
             loop {
                 let (conn, peer) = tokio::select! {
-                    _ = carry.cancel.cancelled() => break,
-                    accepted = porthole::net::accept(&listener, &accept_errors) => accepted,
+                    _ = shared.carry.cancel.cancelled() => break,
+                    accepted = porthole::net::accept(&listener, &shared.accept_errors) => accepted,
                 };
-                let Ok(conn) = ResetOnDrop::new(conn) else {
-                    continue;
-                };
-                let stats = &carry.stats;
-                stats.active.fetch_add(1, Relaxed);
-                stats.total.fetch_add(1, Relaxed);
-                let (backend, carry2, failures) =
-                    (backend.clone(), carry.clone(), failures.clone());
-                carry.tracker.spawn(
-                    async move {
-                        let carry = carry2;
-                        let stats = &carry.stats;
-                        let work = backend.carry(conn, carry.container_port, stats);
-                        tokio::pin!(work);
-                        let result = tokio::select! {
-                            result = &mut work => Some(result),
-                            _ = carry.cancel.cancelled() => {
-                                tokio::time::timeout(DRAIN, &mut work).await.ok()
-                            }
-                        };
-                        match result {
-                            Some(Ok(())) => {}
-                            Some(Err(CarryError::Dial(why))) => {
-                                if let Some(suppressed) = failures.check() {
-                                    tracing::warn!(error = %why, suppressed, "connection failed");
-                                }
-                                stats.set_error(format!("last connection failed: {why}"));
-                            }
-                            Some(Err(e)) => {
-                                tracing::debug!(error = %e, "connection broke; both ends reset");
-                            }
-                            None => tracing::debug!("connection still open after the drain; reset"),
-                        }
-                        stats.active.fetch_sub(1, Relaxed);
-                    }
-                    .instrument(tracing::info_span!("conn", id = %carry.id, %peer)),
-                );
+                let span = tracing::info_span!("conn", id = %shared.carry.id, %peer);
+                let tracker = shared.carry.tracker.clone();
+                tracker.spawn(handle(ResetOnDrop::new(conn), shared.clone()).instrument(span));
             }
         });
     }
+}
+
+/// Carries one accepted connection and counts it.
+async fn handle(conn: ResetOnDrop, shared: Arc<Shared>) {
+    let Shared { carry, backend, .. } = &*shared;
+    let stats = &carry.stats;
+    stats.active.fetch_add(1, Relaxed);
+    stats.total.fetch_add(1, Relaxed);
+    let work = backend.carry(conn, carry.container_port, stats);
+    tokio::pin!(work);
+    let result = tokio::select! {
+        result = &mut work => Some(result),
+        _ = carry.cancel.cancelled() => tokio::time::timeout(DRAIN, &mut work).await.ok(),
+    };
+    match result {
+        Some(Ok(())) => {}
+        Some(Err(CarryError::Dial(why))) => {
+            if let Some(suppressed) = shared.failures.check() {
+                tracing::warn!(error = %why, suppressed, "connection failed");
+            }
+            stats.set_error(format!("last connection failed: {why}"));
+        }
+        Some(Err(e)) => tracing::debug!(error = %e, "connection broke; both ends reset"),
+        None => tracing::debug!("connection still open after the drain; reset"),
+    }
+    stats.active.fetch_sub(1, Relaxed);
 }

@@ -6,7 +6,6 @@ use crate::tunnel::Stats;
 use porthole::net::ResetOnDrop;
 use std::net::IpAddr;
 use std::time::Duration;
-use tokio::net::TcpStream;
 
 /// How long a connection waits for the far end to accept: a client is
 /// never left hanging on an address that drops packets.
@@ -27,23 +26,11 @@ impl Direct {
     ) -> Result<(), CarryError> {
         let unreachable =
             |why: String| CarryError::Dial(format!("cannot reach {}:{port}: {why}", self.host));
-        let upstream = match tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            TcpStream::connect((self.host.as_str(), port)),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(unreachable(e.to_string())),
-            Err(_) => {
-                return Err(unreachable(format!(
-                    "no answer within {}s",
-                    CONNECT_TIMEOUT.as_secs()
-                )))
-            }
-        };
+        let upstream = porthole::net::connect((self.host.as_str(), port), CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         stats.connected();
-        let mut upstream = ResetOnDrop::new(upstream)?;
+        let mut upstream = ResetOnDrop::new(upstream);
         // On failure both sockets are reset as they drop.
         porthole::relay::copy(
             &mut *conn,
