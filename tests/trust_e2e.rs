@@ -524,29 +524,6 @@ async fn non_reading_clients_cannot_grow_the_monitor() {
 // ---------------------------------------------------------------------------
 // Out of file descriptors
 
-/// Echoes every connection on 0.0.0.0:argv[1] until its EOF, then closes.
-const ECHO_PY: &str = r#"
-import socket, sys, threading
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(1024)
-print("ready", flush=True)
-def serve(c):
-    try:
-        while True:
-            d = c.recv(65536)
-            if not d:
-                break
-            c.sendall(d)
-    except OSError:
-        pass
-    c.close()
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#;
-
 /// Lowers the file-descriptor limit of running process `pid` to `n`.
 fn limit_fds(pid: u32, n: u32) {
     let status = std::process::Command::new("prlimit")
@@ -588,8 +565,7 @@ async fn at_the_fd_limit_both_services_stay_quiet_and_recover() {
     let ns = Netns::new();
     let mut monitor = MonitorProc::start(&ns, &["--max-connections", "5000"]).await;
     let port = 19_401;
-    let mut echo = ns.spawn("python3", ["-c", ECHO_PY, &port.to_string()]);
-    echo.wait_for_log("ready").await;
+    let _server = common::Server::any(&ns, port).await;
     let mut tunnel = TunnelProc::follow(&ns, &monitor, &[]).await;
     tunnel.wait_active(&format!("default:tcp:{port}")).await;
     limit_fds(monitor.pid(), 128);

@@ -673,6 +673,94 @@ pub fn comm(pid: u32) -> String {
 }
 
 // ---------------------------------------------------------------------------
+// A server inside the container
+
+/// A small TCP server: the first line of a connection is a command.
+/// `ping` → `pong LABEL`; `echo` → every byte back as it comes, then after
+/// the client's half-close `END <count>`; `source N` → `N CRC32` and N
+/// random bytes; `hold` → `holding`, then nothing until the client goes.
+pub const SERVER_PY: &str = r#"
+import random, socket, sys, threading, zlib
+addr, port, label = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if family == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind((addr, port))
+s.listen(64)
+print("ready", flush=True)
+
+def serve(c):
+    with c:
+        buf = b""
+        while b"\n" not in buf:
+            d = c.recv(65536)
+            if not d:
+                return
+            buf += d
+        line, rest = buf.split(b"\n", 1)
+        cmd = line.split()
+        if cmd[0] == b"ping":
+            c.sendall(b"pong " + label + b"\n")
+        elif cmd[0] == b"echo":
+            n = len(rest)
+            c.sendall(rest)
+            while True:
+                d = c.recv(1 << 18)
+                if not d:
+                    break
+                c.sendall(d)
+                n += len(d)
+            c.sendall(b"END %d\n" % n)
+        elif cmd[0] == b"source":
+            data = random.randbytes(int(cmd[1]))
+            c.sendall(b"%d %d\n" % (len(data), zlib.crc32(data)))
+            c.sendall(data)
+        elif cmd[0] == b"hold":
+            c.sendall(b"holding\n")
+            while c.recv(65536):
+                pass
+
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// [`SERVER_PY`] running inside a namespace. Dropping it (or
+/// [`Server::close`]) kills it, which closes its port.
+pub struct Server {
+    proc: Proc,
+}
+
+impl Server {
+    /// Listens on `addr:port` (`::` is dual-stack) and answers `ping` with
+    /// `pong LABEL`; returns once it listens.
+    pub async fn start(ns: &Netns, addr: &str, port: u16, label: &str) -> Server {
+        let mut cmd = ns.command("python3");
+        cmd.args(["-u", "-c", SERVER_PY, addr, &port.to_string(), label])
+            .stdin(std::process::Stdio::null());
+        let mut proc = ns.spawn_command(&format!("server-{port}"), cmd);
+        proc.wait_for_log("ready").await;
+        Server { proc }
+    }
+
+    /// A dual-stack server on every address of the namespace.
+    pub async fn any(ns: &Netns, port: u16) -> Server {
+        Server::start(ns, "::", port, "srv").await
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Closes the port: kills the server and waits until it is gone.
+    pub fn close(mut self) {
+        self.proc.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------
 // monitor-svc
 
 /// monitor-svc running inside a namespace, answering on
