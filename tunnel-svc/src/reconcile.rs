@@ -788,10 +788,9 @@ impl Reconciler {
         let id = tunnel_id(&target, port);
         // A working tunnel is replaced only by one that can listen: a host
         // port that is taken is refused and the tunnel stays as it is.
-        let working = self
-            .entries
-            .get(&id)
-            .is_some_and(|e| matches!(e.state(), TunnelState::Active | TunnelState::Pending));
+        let working = self.entries.get(&id).is_some_and(|e| {
+            !e.capped && matches!(e.state(), TunnelState::Active | TunnelState::Pending)
+        });
         if working && host_port != 0 {
             let moving = self.entries.get(&id).map(|e| e.info.host_port) != Some(u32::from(host));
             if moving {

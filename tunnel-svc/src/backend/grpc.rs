@@ -42,12 +42,11 @@ impl Grpc {
                 ))
             })?;
         let (tx, mut inbound) = dialed.map_err(|status| {
+            // A status with a source is tonic's own (no answer from the
+            // monitor); one without came from the monitor.
+            let transport = std::error::Error::source(&status).is_some();
             CarryError::Dial(match status.code() {
-                // The monitor answered but could not reach the port.
-                tonic::Code::Unavailable if status.message().starts_with("cannot connect") => {
-                    format!("the monitor {}", status.message())
-                }
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                tonic::Code::Unavailable if transport => {
                     format!("monitor unreachable: {}", status.message())
                 }
                 tonic::Code::Unauthenticated => format!(
@@ -55,7 +54,7 @@ impl Grpc {
                      --monitor-token-file (monitor-svc logs where it keeps it)",
                     status.message()
                 ),
-                _ => format!("monitor refused: {}", status.message()),
+                _ => format!("the monitor says: {}", status.message()),
             })
         })?;
         // The far end is reached: an earlier failure no longer holds.
