@@ -1,49 +1,107 @@
 //! `porthole.v1.TunnelAdmin` over gRPC, plus `/healthz` and `/metrics` on
 //! the same port.
 
-use crate::reconcile::Command;
+use crate::model::{Origin, State as TunnelState, TargetView, TunnelView};
+use crate::reconcile::{AdminError, Handle};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use porthole::pb::v1::{
-    tunnel_admin_server::TunnelAdmin, CloseTunnelRequest, CloseTunnelResponse, ListTargetsRequest,
-    ListTargetsResponse, ListTunnelsRequest, ListTunnelsResponse, OpenTunnelRequest,
-    OpenTunnelResponse, Protocol, Tunnel, TunnelState, TunnelUpdate, WatchTunnelsRequest,
+    self as pb, tunnel_admin_server::TunnelAdmin, CloseTunnelRequest, CloseTunnelResponse,
+    ListTargetsRequest, ListTargetsResponse, ListTunnelsRequest, ListTunnelsResponse,
+    OpenTunnelRequest, OpenTunnelResponse, Protocol, TunnelUpdate, WatchTunnelsRequest,
 };
-use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response as GrpcResponse, Status};
 
 /// Longest id or target name taken from a request; anything longer cannot
 /// name a tunnel and is refused without being echoed whole.
 const MAX_ID: usize = 512;
 
+impl From<AdminError> for Status {
+    fn from(e: AdminError) -> Status {
+        match e {
+            AdminError::NotFound(_) => Status::not_found(e.to_string()),
+            AdminError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            AdminError::Precondition(_) => Status::failed_precondition(e.to_string()),
+            AdminError::Full(full) => full.into(),
+            AdminError::Stopping => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+fn backend(kind: crate::config::BackendKind) -> pb::Backend {
+    use crate::config::BackendKind;
+    match kind {
+        BackendKind::Grpc => pb::Backend::Grpc,
+        BackendKind::Direct => pb::Backend::Direct,
+        BackendKind::Ssh => pb::Backend::Ssh,
+    }
+}
+
+/// A tunnel on the wire. `error` holds why it failed, else why its latest
+/// connection did; a capped tunnel is PENDING with a note.
+pub fn tunnel(t: TunnelView) -> pb::Tunnel {
+    let (state, failed) = match t.state {
+        TunnelState::Pending | TunnelState::Capped => (pb::TunnelState::Pending, None),
+        TunnelState::Active => (pb::TunnelState::Active, None),
+        TunnelState::Failed(why) => (pb::TunnelState::Failed, Some(why)),
+        TunnelState::Closed => (pb::TunnelState::Closed, None),
+    };
+    let origin = match t.origin {
+        Origin::Auto => pb::Origin::Auto,
+        Origin::Manual => pb::Origin::Manual,
+        Origin::Egress => pb::Origin::Egress,
+    };
+    pb::Tunnel {
+        id: t.id.to_string(),
+        target: t.id.target,
+        protocol: Protocol::Tcp as i32,
+        container_port: u32::from(t.id.port),
+        host_port: u32::from(t.host_port),
+        host_addresses: t.host_addresses.iter().map(|a| a.to_string()).collect(),
+        state: state as i32,
+        backend: backend(t.backend) as i32,
+        origin: origin as i32,
+        error: failed.or(t.last_error).unwrap_or_default(),
+        opened_at: t.opened_at.map(porthole::time::to_proto),
+        process: t.process,
+        active_connections: t.counters.active,
+        total_connections: t.counters.total,
+        bytes_in: t.counters.bytes_in,
+        bytes_out: t.counters.bytes_out,
+        note: t.note.unwrap_or_default(),
+    }
+}
+
+fn target(t: TargetView) -> pb::Target {
+    pb::Target {
+        name: t.name,
+        url: t.url,
+        backend: backend(t.backend) as i32,
+        connected: t.connected,
+        instance_id: t.instance_id,
+        error: t.error.unwrap_or_default(),
+        since: Some(porthole::time::to_proto(t.since)),
+    }
+}
+
+/// Takes a port number from a request: 1..65535.
+fn port(field: &str, n: u32) -> Result<u16, Status> {
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| Status::invalid_argument(format!("{field} {n} is not in 1..65535")))
+}
+
 #[derive(Clone)]
 pub struct Admin {
-    commands: mpsc::Sender<Command>,
+    reconciler: Handle,
 }
 
 impl Admin {
-    pub fn new(commands: mpsc::Sender<Command>) -> Admin {
-        Admin { commands }
-    }
-
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
-        let (reply, rx) = oneshot::channel();
-        let stopping = || Status::unavailable("tunnel-svc is shutting down");
-        self.commands
-            .send(make(reply))
-            .await
-            .map_err(|_| stopping())?;
-        rx.await.map_err(|_| stopping())
-    }
-
-    pub async fn list(&self, target: Option<String>) -> Result<Vec<Tunnel>, Status> {
-        self.ask(|reply| Command::List { target, reply }).await
-    }
-
-    pub async fn targets(&self) -> Result<Vec<crate::reconcile::TargetView>, Status> {
-        self.ask(|reply| Command::Targets { reply }).await
+    pub fn new(reconciler: Handle) -> Admin {
+        Admin { reconciler }
     }
 }
 
@@ -54,7 +112,8 @@ impl TunnelAdmin for Admin {
         req: Request<ListTunnelsRequest>,
     ) -> Result<GrpcResponse<ListTunnelsResponse>, Status> {
         let target = Some(req.into_inner().target).filter(|t| !t.is_empty());
-        let tunnels = self.list(target).await?;
+        let tunnels = self.reconciler.tunnels(target).await?;
+        let tunnels = tunnels.into_iter().map(tunnel).collect();
         Ok(GrpcResponse::new(ListTunnelsResponse { tunnels }))
     }
 
@@ -74,9 +133,9 @@ impl TunnelAdmin for Admin {
                 "id is required, e.g. default:tcp:8080",
             ));
         }
-        let tunnel = self.ask(|reply| Command::Close { id, reply }).await??;
+        let closed = self.reconciler.close(id).await?;
         Ok(GrpcResponse::new(CloseTunnelResponse {
-            tunnel: Some(tunnel),
+            tunnel: Some(tunnel(closed)),
         }))
     }
 
@@ -102,16 +161,17 @@ impl TunnelAdmin for Admin {
         ) {
             return Err(Status::invalid_argument("only TCP ports can be forwarded"));
         }
-        let tunnel = self
-            .ask(|reply| Command::Open {
-                target,
-                container_port,
-                host_port,
-                reply,
-            })
-            .await??;
+        let container_port = port("container_port", container_port)?;
+        let host_port = match host_port {
+            0 => None,
+            h => Some(port("host_port", h)?),
+        };
+        let opened = self
+            .reconciler
+            .open(target, container_port, host_port)
+            .await?;
         Ok(GrpcResponse::new(OpenTunnelResponse {
-            tunnel: Some(tunnel),
+            tunnel: Some(tunnel(opened)),
         }))
     }
 
@@ -119,7 +179,8 @@ impl TunnelAdmin for Admin {
         &self,
         _: Request<ListTargetsRequest>,
     ) -> Result<GrpcResponse<ListTargetsResponse>, Status> {
-        let targets = self.targets().await?.iter().map(|t| t.to_proto()).collect();
+        let targets = self.reconciler.targets().await?;
+        let targets = targets.into_iter().map(target).collect();
         Ok(GrpcResponse::new(ListTargetsResponse { targets }))
     }
 
@@ -131,8 +192,16 @@ impl TunnelAdmin for Admin {
         _: Request<WatchTunnelsRequest>,
     ) -> Result<GrpcResponse<Self::WatchTunnelsStream>, Status> {
         use futures_util::StreamExt;
-        let subscription = self.ask(|reply| Command::Watch { reply }).await??;
-        let stream = subscription.map(|item| item.map(std::sync::Arc::unwrap_or_clone));
+        let subscription = self.reconciler.watch().await?;
+        let stream = subscription.map(|item| {
+            item.map(|event| {
+                let event = std::sync::Arc::unwrap_or_clone(event);
+                TunnelUpdate {
+                    tunnel: Some(tunnel(event.tunnel)),
+                    removed: event.removed,
+                }
+            })
+        });
         Ok(GrpcResponse::new(Box::pin(stream)))
     }
 }
@@ -146,12 +215,12 @@ fn samples(rows: &[(String, String)]) -> Vec<(&str, String)> {
 /// until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    commands: mpsc::Sender<Command>,
+    reconciler: Handle,
     token: Option<porthole::auth::Token>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), porthole::server::ServeError> {
     use porthole::pb::v1::tunnel_admin_server::{TunnelAdminServer, SERVICE_NAME};
-    let admin = Admin::new(commands);
+    let admin = Admin::new(reconciler);
     let app = porthole::server::App {
         grpc: tonic::service::Routes::new(TunnelAdminServer::new(admin.clone())),
         grpc_names: vec![SERVICE_NAME],
@@ -174,16 +243,14 @@ fn http_router(admin: Admin) -> axum::Router {
 }
 
 async fn metrics(State(admin): State<Admin>) -> Response {
-    let tunnels = match admin.list(None).await {
-        Ok(t) => t,
-        Err(e) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, e.message().to_string()).into_response()
-        }
+    let tunnels = match admin.reconciler.tunnels(None).await {
+        Ok(t) => t.into_iter().map(tunnel).collect::<Vec<_>>(),
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     };
     let mut out = String::new();
     let mut counts = std::collections::BTreeMap::new();
     for t in &tunnels {
-        let state = TunnelState::try_from(t.state)
+        let state = pb::TunnelState::try_from(t.state)
             .unwrap_or_default()
             .as_str_name();
         *counts.entry((t.target.as_str(), state)).or_insert(0u64) += 1;
@@ -204,7 +271,12 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         "Tunnels by target and state.",
         &samples(&by_state),
     );
-    type Counter = (&'static str, &'static str, &'static str, fn(&Tunnel) -> u64);
+    type Counter = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&pb::Tunnel) -> u64,
+    );
     let per_tunnel: [Counter; 4] = [
         (
             "porthole_tunnel_active_connections",

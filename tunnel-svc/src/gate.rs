@@ -316,10 +316,9 @@ pub async fn run(
         // The operator declared these ports (ssh's 22 among them).
         allow_privileged: true,
     };
-    let (commands, task) =
-        reconcile::spawn_with_statics(specs, reconcile_opts, statics, shutdown.clone());
+    let (handle, task) = reconcile::spawn(specs, reconcile_opts, statics, shutdown.clone());
     tracing::info!(addr = %admin.local_addr()?, "egress gate admin API listening");
-    let served = admin::serve(admin, commands, opts.token.clone(), shutdown.clone()).await;
+    let served = admin::serve(admin, handle, opts.token.clone(), shutdown.clone()).await;
     shutdown.cancel();
     task.await?;
     served?;

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod gate;
+pub mod model;
 pub mod plan;
 pub mod reconcile;
 mod sys;
@@ -98,7 +99,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut specs = Vec::new();
     let mut watchers = Vec::new();
-    let (commands, reconciler) = {
+    let (handle, reconciler) = {
         let mut runtime: Option<PathBuf> = None;
         for t in &opts.targets {
             let token = opts.monitor_tokens.get(&t.name).cloned();
@@ -133,20 +134,21 @@ pub async fn run(
             });
             watchers.push((t.name.clone(), channel, has_token));
         }
-        let (commands, task) = reconcile::spawn(specs, opts.reconcile.clone(), shutdown.clone());
-        (commands, (task, runtime))
+        let (handle, task) =
+            reconcile::spawn(specs, opts.reconcile.clone(), Vec::new(), shutdown.clone());
+        (handle, (task, runtime))
     };
     for (target, channel, token) in watchers {
         tracing::info!(target = %target, token, "watching monitor");
         let w = watch::Watcher {
             target,
             channel,
-            commands: commands.clone(),
+            reconciler: handle.clone(),
         };
         tokio::spawn(w.run(shutdown.clone()));
     }
     tracing::info!(addr = %admin.local_addr()?, "tunnel-svc admin API listening");
-    let served = admin::serve(admin, commands, opts.admin_token.clone(), shutdown.clone()).await;
+    let served = admin::serve(admin, handle, opts.admin_token.clone(), shutdown.clone()).await;
     shutdown.cancel();
     let (task, runtime) = reconciler;
     task.await?;

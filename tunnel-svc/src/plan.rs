@@ -1,9 +1,11 @@
 //! What should exist, as a pure function of what the watchers, the admin
-//! and the configuration say: the reconciler applies it. No I/O here, so
-//! every rule is unit-tested without root.
+//! and the configuration say, and the steps from what exists to that. The
+//! reconciler applies the steps. No I/O here, so every rule is unit-tested
+//! without root.
 
 use crate::config::PortSet;
-use porthole::pb::v1::{Origin, Port, Process};
+use crate::model::{Listener, Origin, State as TunnelState, TunnelId};
+use porthole::pb::v1::Process;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -12,11 +14,6 @@ use std::net::IpAddr;
 pub const PRIVILEGED: u16 = 1024;
 /// What a privileged container port is forwarded on instead: PORT + this.
 pub const PRIVILEGED_OFFSET: u16 = 10000;
-
-/// `TARGET:tcp:PORT`.
-pub fn tunnel_id(target: &str, port: u16) -> String {
-    format!("{target}:tcp:{port}")
-}
 
 /// The host port for container `port` when none was asked for: the same
 /// number, or [`PRIVILEGED_OFFSET`] + `port` for a privileged port the
@@ -30,55 +27,39 @@ pub fn host_port_for(port: u16, allow_privileged: bool) -> u16 {
 }
 
 /// A tunnel that should exist.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Want {
-    pub target: String,
-    pub port: u16,
     pub origin: Origin,
     pub host_port: u16,
+    /// Never remap: the host port was asked for explicitly (or is the
+    /// gate's), so a busy port is a failure.
+    pub exact: bool,
     pub process: Option<Process>,
     /// Where the container's listeners accept connections.
     pub addresses: Vec<IpAddr>,
-    /// Never remap: the host port was asked for explicitly.
-    pub exact: bool,
     /// Something listens on the port in the container right now.
     pub listening: bool,
     /// Left out by `--max-tunnels`: listed, not forwarded.
     pub capped: bool,
+    /// Why the host port differs from the container port, if it does.
+    pub note: Option<String>,
+    /// Another tunnel holds the host port and this one may not move.
+    pub held_by: Option<TunnelId>,
 }
 
 impl Want {
-    pub fn new(
-        target: &str,
-        port: u16,
-        host_port: u16,
-        origin: Origin,
-        listeners: &[Port],
-    ) -> Want {
+    fn new(origin: Origin, host_port: u16, listeners: &[Listener]) -> Want {
         Want {
-            target: target.to_string(),
-            port,
             origin,
             host_port,
-            process: listeners.iter().find_map(|l| l.process.clone()),
-            addresses: listeners.iter().flat_map(reachable_on).collect(),
             exact: false,
+            process: listeners.iter().find_map(|l| l.process.clone()),
+            addresses: listeners.iter().flat_map(Listener::reachable_on).collect(),
             listening: !listeners.is_empty(),
             capped: false,
+            note: None,
+            held_by: None,
         }
-    }
-}
-
-/// The addresses a listener accepts connections on: its own, plus IPv4's
-/// wildcard for a dual-stack `::` socket (key `tcp:*:PORT`).
-fn reachable_on(l: &Port) -> Vec<IpAddr> {
-    let Ok(ip) = l.address.parse::<IpAddr>() else {
-        return Vec::new();
-    };
-    // Monitors older than the `dual_stack` field say it only in the key.
-    if l.dual_stack || l.key.contains(":*:") {
-        vec![ip, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)]
-    } else {
-        vec![ip]
     }
 }
 
@@ -87,31 +68,51 @@ pub struct TargetPorts<'a> {
     pub name: &'a str,
     /// The monitor's own port, never forwarded.
     pub monitor_port: u16,
-    /// Open TCP ports by number, with every listener on that port.
-    pub ports: &'a BTreeMap<u16, Vec<Port>>,
+    /// Open TCP ports, with every listener on each.
+    pub ports: &'a BTreeMap<u16, Vec<Listener>>,
 }
 
-/// The flags that shape automatic tunnels.
+/// The flags that shape tunnels.
 pub struct Policy<'a> {
     pub skip: &'a PortSet,
     pub max_tunnels: usize,
     pub allow_privileged: bool,
+    /// A host port held by another tunnel: take the next one (true) or fail.
+    pub remap: bool,
+}
+
+/// A tunnel that exists, as the plan needs to know it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Existing {
+    pub origin: Origin,
+    pub state: TunnelState,
+    /// The host port it listens on (while it is open).
+    pub host_port: u16,
+    pub process: Option<Process>,
+    pub listening: bool,
+}
+
+impl Existing {
+    /// An automatic tunnel that counts against `--max-tunnels`.
+    fn holds_slot(&self) -> bool {
+        self.origin == Origin::Auto
+            && !matches!(self.state, TunnelState::Capped | TunnelState::Closed)
+    }
 }
 
 /// What the admin and the configuration decided, and what exists.
 pub struct State<'a> {
-    /// Manual tunnels: id → (target, container port, host port asked for).
-    pub manual: &'a BTreeMap<String, (String, u16, Option<u16>)>,
-    /// Static tunnels (the egress gate's): id → (target, port).
-    pub statics: &'a BTreeMap<String, (String, u16)>,
+    /// Manual tunnels, each with the host port asked for.
+    pub manual: &'a BTreeMap<TunnelId, Option<u16>>,
+    /// Static tunnels (the egress gate's): always wanted, on their own port.
+    pub statics: &'a BTreeSet<TunnelId>,
     /// Automatic tunnels an admin closed.
-    pub closed: &'a BTreeSet<String>,
-    /// Whether an automatic tunnel with this id exists and holds a slot.
-    pub holds: &'a dyn Fn(&str) -> bool,
+    pub closed: &'a BTreeSet<TunnelId>,
+    pub existing: &'a BTreeMap<TunnelId, Existing>,
 }
 
-/// Every tunnel that should exist, by id, and the targets with more open
-/// ports than `--max-tunnels`. Rules:
+/// Every tunnel that should exist, and the targets with more open ports
+/// than `--max-tunnels`. Rules:
 /// - automatic: every open port of a target but its monitor's port, skipped
 ///   ports, and ports whose tunnel an admin closed (until they reopen);
 ///   host port = container port, or 10000 + port below 1024 unless allowed;
@@ -119,118 +120,183 @@ pub struct State<'a> {
 ///   new ports take the free ones lowest first, the rest are `capped`;
 /// - a manual tunnel replaces the automatic one of its port; a host port
 ///   asked for is `exact` (never remapped);
-/// - static tunnels always exist, on their own port, whatever the rest says.
+/// - static tunnels always exist, on their own port, whatever the rest says;
+/// - one host port, one tunnel: a tunnel that listens on a port keeps it;
+///   a new tunnel whose port another holds or takes first (statics, then
+///   manual, then automatic ones in target-name and port order) moves to
+///   the next port nobody holds, with a note, or fails if it is exact or
+///   remapping is off.
 pub fn desired(
     targets: &[TargetPorts],
     policy: &Policy,
     state: &State,
-) -> (BTreeMap<String, Want>, BTreeSet<String>) {
+) -> (BTreeMap<TunnelId, Want>, BTreeSet<String>) {
     let mut want = BTreeMap::new();
     let mut capped_targets = BTreeSet::new();
+    let listeners_of = |id: &TunnelId| {
+        targets
+            .iter()
+            .find(|t| t.name == id.target)
+            .and_then(|t| t.ports.get(&id.port))
+            .map_or(&[][..], |v| v.as_slice())
+    };
+    for id in state.statics {
+        let w = Want {
+            exact: true,
+            ..Want::new(Origin::Egress, id.port, &[])
+        };
+        want.insert(id.clone(), w);
+    }
+    for (id, asked) in state.manual {
+        let w = Want {
+            exact: asked.is_some(),
+            ..Want::new(
+                Origin::Manual,
+                asked.unwrap_or(host_port_for(id.port, policy.allow_privileged)),
+                listeners_of(id),
+            )
+        };
+        want.entry(id.clone()).or_insert(w);
+    }
+    let mut targets: Vec<&TargetPorts> = targets.iter().collect();
+    targets.sort_by_key(|t| t.name);
     for t in targets {
-        let eligible: Vec<(u16, &Vec<Port>)> = t
+        let eligible: Vec<(TunnelId, &Vec<Listener>)> = t
             .ports
             .iter()
-            .map(|(&port, listeners)| (port, listeners))
-            .filter(|(port, _)| {
-                let id = tunnel_id(t.name, *port);
-                !(state.manual.contains_key(&id)
-                    || state.statics.contains_key(&id)
-                    || *port == t.monitor_port
-                    || policy.skip.contains(*port)
-                    || state.closed.contains(&id))
+            .map(|(&port, listeners)| (TunnelId::new(t.name, port), listeners))
+            .filter(|(id, _)| {
+                !(want.contains_key(id)
+                    || id.port == t.monitor_port
+                    || policy.skip.contains(id.port)
+                    || state.closed.contains(id))
             })
             .collect();
-        let holds = |port: u16| (state.holds)(&tunnel_id(t.name, port));
-        let held = eligible.iter().filter(|(p, _)| holds(*p)).count();
+        let holds = |id: &TunnelId| state.existing.get(id).is_some_and(Existing::holds_slot);
+        let held = eligible.iter().filter(|(id, _)| holds(id)).count();
         let mut free = policy.max_tunnels.saturating_sub(held);
-        for (port, listeners) in eligible {
-            let keep = holds(port) || free > 0;
-            if keep && !holds(port) {
+        for (id, listeners) in eligible {
+            let keep = holds(&id) || free > 0;
+            if keep && !holds(&id) {
                 free -= 1;
             }
             if !keep {
                 capped_targets.insert(t.name.to_string());
             }
-            let host_port = host_port_for(port, policy.allow_privileged);
-            want.insert(
-                tunnel_id(t.name, port),
-                Want {
-                    capped: !keep,
-                    ..Want::new(t.name, port, host_port, Origin::Auto, listeners)
-                },
-            );
+            let host_port = host_port_for(id.port, policy.allow_privileged);
+            let w = Want {
+                capped: !keep,
+                ..Want::new(Origin::Auto, host_port, listeners)
+            };
+            want.insert(id, w);
         }
     }
-    for (id, (target, port, asked)) in state.manual {
-        let listeners = targets
-            .iter()
-            .find(|t| t.name == target)
-            .and_then(|t| t.ports.get(port))
-            .map_or(&[][..], |v| v);
-        want.insert(
-            id.clone(),
-            Want {
-                // A host port asked for is that port or a failure.
-                exact: asked.is_some(),
-                ..Want::new(
-                    target,
-                    *port,
-                    asked.unwrap_or(host_port_for(*port, policy.allow_privileged)),
-                    Origin::Manual,
-                    listeners,
-                )
-            },
-        );
-    }
-    for (id, (target, port)) in state.statics {
-        want.insert(
-            id.clone(),
-            Want::new(target, *port, *port, Origin::Egress, &[]),
-        );
-    }
+    assign_host_ports(&mut want, policy, state);
     (want, capped_targets)
 }
 
-/// What the reconciler knows of a tunnel that exists, for [`diff`].
-#[derive(Clone, Debug, Default)]
-pub struct Existing {
-    /// A placeholder for a port over the cap.
-    pub capped: bool,
-    pub process: Option<Process>,
-    pub listening: bool,
-    /// Closed by an admin and still wanted closed: kept, not removed.
-    pub kept_closed: bool,
+/// Gives every wanted tunnel a host port no other one holds (see the last
+/// rule of [`desired`]), and notes why a host port differs from the
+/// container port.
+fn assign_host_ports(want: &mut BTreeMap<TunnelId, Want>, policy: &Policy, state: &State) {
+    // Ports held by open tunnels that stay: they keep them.
+    let mut taken: BTreeMap<u16, TunnelId> = state
+        .existing
+        .iter()
+        .filter(|(id, e)| e.state.is_open() && want.get(*id).is_some_and(|w| !w.capped))
+        .map(|(id, e)| (e.host_port, id.clone()))
+        .collect();
+    let order = |w: &Want| match w.origin {
+        Origin::Egress => 0,
+        Origin::Manual => 1,
+        Origin::Auto => 2,
+    };
+    let mut new: Vec<(&TunnelId, &mut Want)> = want
+        .iter_mut()
+        .filter(|(id, w)| !w.capped && !state.existing.get(*id).is_some_and(|e| e.state.is_open()))
+        .collect();
+    new.sort_by_key(|(id, w)| (order(w), id.target.clone(), id.port));
+    for (id, w) in new {
+        if w.port_note_needed(id.port) {
+            w.note = Some(format!(
+                "container port {} is privileged; forwarded on host port {} \
+                 (--allow-privileged-ports to use {})",
+                id.port, w.host_port, id.port
+            ));
+        }
+        let Some(holder) = taken.get(&w.host_port).filter(|h| *h != id).cloned() else {
+            taken.insert(w.host_port, id.clone());
+            continue;
+        };
+        if w.exact || !policy.remap {
+            w.held_by = Some(holder);
+            continue;
+        }
+        let next = (u32::from(w.host_port) + 1..=65535)
+            .map(|p| p as u16)
+            .find(|p| !taken.contains_key(p));
+        if let Some(next) = next {
+            w.note = Some(format!(
+                "host port {} is held by {holder}; forwarded on {next} instead",
+                w.host_port
+            ));
+            w.host_port = next;
+            taken.insert(next, id.clone());
+        }
+    }
+}
+
+impl Want {
+    fn port_note_needed(&self, port: u16) -> bool {
+        port < PRIVILEGED && self.host_port != port && !self.exact
+    }
 }
 
 /// One step that turns what exists into what is wanted.
+#[derive(Debug)]
 pub enum Action {
     /// Stop and forget the tunnel.
-    Remove(String),
+    Remove(TunnelId),
     /// Make the tunnel (listen on the host, prepare the backend).
-    Start(String, Want),
-    /// Stop it and make it again: it moved between capped and forwarded.
-    Restart(String, Want),
-    /// Keep it; its process or listening state changed.
-    Update(String, Want),
+    Start(TunnelId, Want),
+    /// Stop it and make it again: it crossed the cap, an admin reopened it,
+    /// or it failed and `retry` is set.
+    Restart(TunnelId, Want),
+    /// Keep it; its origin, process or listening state changed.
+    Update(TunnelId, Want),
 }
 
-/// The actions, removals first, that turn `existing` into `desired`. A
-/// tunnel that exists is never restarted for anything but crossing the cap.
-pub fn diff(desired: BTreeMap<String, Want>, existing: &BTreeMap<String, Existing>) -> Vec<Action> {
-    let mut actions: Vec<Action> = existing
+/// The actions, removals first, that turn what exists into `desired`. A
+/// tunnel an admin closed stays (closed) while its port is open; one that
+/// works is never restarted for anything but crossing the cap; failed ones
+/// are tried again only when `retry`.
+pub fn diff(desired: BTreeMap<TunnelId, Want>, state: &State, retry: bool) -> Vec<Action> {
+    let kept_closed =
+        |id: &TunnelId, e: &Existing| e.state == TunnelState::Closed && state.closed.contains(id);
+    let mut actions: Vec<Action> = state
+        .existing
         .iter()
-        .filter(|(id, e)| !desired.contains_key(*id) && !e.kept_closed)
+        .filter(|(id, e)| !desired.contains_key(*id) && !kept_closed(id, e))
         .map(|(id, _)| Action::Remove(id.clone()))
         .collect();
     for (id, want) in desired {
-        match existing.get(&id) {
-            None => actions.push(Action::Start(id, want)),
-            Some(e) if e.capped != want.capped => actions.push(Action::Restart(id, want)),
-            Some(e) if e.process != want.process || e.listening != want.listening => {
-                actions.push(Action::Update(id, want))
-            }
-            Some(_) => {}
+        let Some(e) = state.existing.get(&id) else {
+            actions.push(Action::Start(id, want));
+            continue;
+        };
+        let restart = match e.state {
+            TunnelState::Capped => !want.capped,
+            TunnelState::Closed => true,
+            TunnelState::Failed(_) => retry || want.capped,
+            TunnelState::Pending | TunnelState::Active => want.capped,
+        };
+        if restart {
+            actions.push(Action::Restart(id, want));
+        } else if e.origin != want.origin
+            || e.process != want.process
+            || e.listening != want.listening
+        {
+            actions.push(Action::Update(id, want));
         }
     }
     actions
@@ -239,71 +305,99 @@ pub fn diff(desired: BTreeMap<String, Want>, existing: &BTreeMap<String, Existin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use porthole::pb::v1::Protocol;
 
-    fn listener(port: u16) -> Port {
-        Port {
-            protocol: Protocol::Tcp as i32,
-            address: "0.0.0.0".into(),
-            port: port.into(),
-            key: format!("tcp:0.0.0.0:{port}"),
+    fn listener(port: u16) -> Listener {
+        Listener {
+            port,
+            address: "0.0.0.0".parse().unwrap(),
+            dual_stack: false,
             process: Some(Process {
                 pid: 7,
                 name: "srv".into(),
                 ..Default::default()
             }),
-            dual_stack: false,
         }
     }
 
-    fn open(ports: &[u16]) -> BTreeMap<u16, Vec<Port>> {
+    fn open(ports: &[u16]) -> BTreeMap<u16, Vec<Listener>> {
         ports.iter().map(|&p| (p, vec![listener(p)])).collect()
     }
 
+    fn id(target: &str, port: u16) -> TunnelId {
+        TunnelId::new(target, port)
+    }
+
+    /// What the reconciler would know: targets' ports, flags, admin
+    /// decisions and the tunnels that exist.
     struct World {
-        ports: BTreeMap<u16, Vec<Port>>,
+        targets: BTreeMap<&'static str, BTreeMap<u16, Vec<Listener>>>,
         skip: PortSet,
         max: usize,
         allow_privileged: bool,
-        manual: BTreeMap<String, (String, u16, Option<u16>)>,
-        statics: BTreeMap<String, (String, u16)>,
-        closed: BTreeSet<String>,
-        existing: BTreeSet<String>,
+        remap: bool,
+        manual: BTreeMap<TunnelId, Option<u16>>,
+        statics: BTreeSet<TunnelId>,
+        closed: BTreeSet<TunnelId>,
+        existing: BTreeMap<TunnelId, Existing>,
     }
 
     impl World {
         fn new(ports: &[u16]) -> World {
             World {
-                ports: open(ports),
+                targets: [("dev", open(ports))].into(),
                 skip: PortSet::default(),
                 max: 10,
                 allow_privileged: false,
+                remap: true,
                 manual: BTreeMap::new(),
-                statics: BTreeMap::new(),
+                statics: BTreeSet::new(),
                 closed: BTreeSet::new(),
-                existing: BTreeSet::new(),
+                existing: BTreeMap::new(),
             }
         }
 
-        fn plan(&self) -> (BTreeMap<String, Want>, BTreeSet<String>) {
-            let targets = [TargetPorts {
-                name: "dev",
-                monitor_port: 7070,
-                ports: &self.ports,
-            }];
+        fn ports(&mut self) -> &mut BTreeMap<u16, Vec<Listener>> {
+            self.targets.get_mut("dev").unwrap()
+        }
+
+        fn state(&self) -> State<'_> {
+            State {
+                manual: &self.manual,
+                statics: &self.statics,
+                closed: &self.closed,
+                existing: &self.existing,
+            }
+        }
+
+        fn plan(&self) -> (BTreeMap<TunnelId, Want>, BTreeSet<String>) {
+            let targets: Vec<TargetPorts> = self
+                .targets
+                .iter()
+                .map(|(name, ports)| TargetPorts {
+                    name,
+                    monitor_port: 7070,
+                    ports,
+                })
+                .collect();
             let policy = Policy {
                 skip: &self.skip,
                 max_tunnels: self.max,
                 allow_privileged: self.allow_privileged,
+                remap: self.remap,
             };
-            let holds = |id: &str| self.existing.contains(id);
-            let state = State {
-                manual: &self.manual,
-                statics: &self.statics,
-                closed: &self.closed,
-                holds: &holds,
-            };
-            desired(&targets, &policy, &state)
+            desired(&targets, &policy, &self.state())
+        }
+
+        fn actions(&self, retry: bool) -> Vec<(&'static str, String)> {
+            diff(self.plan().0, &self.state(), retry)
+                .iter()
+                .map(|a| match a {
+                    Action::Remove(id) => ("remove", id.to_string()),
+                    Action::Start(id, _) => ("start", id.to_string()),
+                    Action::Restart(id, _) => ("restart", id.to_string()),
+                    Action::Update(id, _) => ("update", id.to_string()),
+                })
+                .collect()
         }
 
         /// (id, host port, capped) of every wanted tunnel.
@@ -311,20 +405,53 @@ mod tests {
             self.plan()
                 .0
                 .into_iter()
-                .map(|(id, w)| (id, w.host_port, w.capped))
+                .map(|(id, w)| (id.to_string(), w.host_port, w.capped))
                 .collect()
+        }
+
+        /// Applies the plan as the reconciler would if every bind worked.
+        fn apply(&mut self) {
+            let (want, _) = self.plan();
+            self.existing.retain(|id, e| {
+                want.contains_key(id) || e.state == TunnelState::Closed && self.closed.contains(id)
+            });
+            for (id, w) in want {
+                let state = if w.capped {
+                    TunnelState::Capped
+                } else {
+                    TunnelState::Active
+                };
+                let keep = self
+                    .existing
+                    .get(&id)
+                    .is_some_and(|e| e.state.is_open() && !w.capped);
+                let e = self.existing.entry(id).or_insert(Existing {
+                    origin: w.origin,
+                    state: state.clone(),
+                    host_port: w.host_port,
+                    process: None,
+                    listening: false,
+                });
+                if !keep {
+                    e.state = state;
+                    e.host_port = w.host_port;
+                }
+                e.origin = w.origin;
+                e.process = w.process;
+                e.listening = w.listening;
+            }
         }
     }
 
     fn row(port: u16, host: u16, capped: bool) -> (String, u16, bool) {
-        (tunnel_id("dev", port), host, capped)
+        (id("dev", port).to_string(), host, capped)
     }
 
     #[test]
     fn every_open_port_but_the_monitor_skipped_and_closed_ones() {
         let mut w = World::new(&[7070, 8000, 8080, 9000]);
         w.skip = "8080".parse().unwrap();
-        w.closed.insert(tunnel_id("dev", 9000));
+        w.closed.insert(id("dev", 9000));
         assert_eq!(w.summary(), [row(8000, 8000, false)]);
     }
 
@@ -334,25 +461,63 @@ mod tests {
         assert_eq!(
             w.summary(),
             [
+                row(80, 10080, false),
                 row(1023, 11023, false),
-                row(1024, 1024, false),
-                row(80, 10080, false)
+                row(1024, 1024, false)
             ]
         );
+        let note = w.plan().0[&id("dev", 80)].note.clone().unwrap();
+        assert!(note.contains("privileged"), "{note}");
         w.allow_privileged = true;
         assert_eq!(
             w.summary(),
             [
+                row(80, 80, false),
                 row(1023, 1023, false),
-                row(1024, 1024, false),
-                row(80, 80, false)
+                row(1024, 1024, false)
             ]
         );
     }
 
     #[test]
     fn the_cap_keeps_existing_tunnels_and_lists_the_rest() {
-        let mut w = World::new(&[8001, 8002, 8003]);
+        let mut w = World::new(&[8002, 8003]);
+        w.max = 2;
+        w.apply();
+        // 8001 opens after 8002 and 8003 got their tunnels: it waits.
+        w.ports().insert(8001, vec![listener(8001)]);
+        assert_eq!(
+            w.summary(),
+            [
+                row(8001, 8001, true),
+                row(8002, 8002, false),
+                row(8003, 8003, false)
+            ]
+        );
+        assert!(w.plan().1.contains("dev"), "the target is reported capped");
+        assert_eq!(w.actions(false), [("start", "dev:tcp:8001".into())]);
+        w.apply();
+        assert_eq!(w.existing[&id("dev", 8001)].state, TunnelState::Capped);
+        // A slot frees: the capped port takes it.
+        w.ports().remove(&8002);
+        assert_eq!(
+            w.actions(false),
+            [
+                ("remove", "dev:tcp:8002".into()),
+                ("restart", "dev:tcp:8001".into())
+            ]
+        );
+        w.apply();
+        assert!(w.plan().1.is_empty());
+        assert_eq!(
+            w.summary(),
+            [row(8001, 8001, false), row(8003, 8003, false)]
+        );
+    }
+
+    #[test]
+    fn the_cap_fills_free_slots_lowest_port_first() {
+        let mut w = World::new(&[8003, 8001, 8002]);
         w.max = 2;
         assert_eq!(
             w.summary(),
@@ -362,141 +527,141 @@ mod tests {
                 row(8003, 8003, true)
             ]
         );
-        assert!(w.plan().1.contains("dev"), "the target is reported capped");
-        // 8003 existed before 8001 opened: it keeps its slot.
-        w.existing = [tunnel_id("dev", 8003), tunnel_id("dev", 8002)].into();
-        assert_eq!(
-            w.summary(),
-            [
-                row(8001, 8001, true),
-                row(8002, 8002, false),
-                row(8003, 8003, false)
-            ]
-        );
-        // A slot frees: the capped port takes it.
-        w.ports.remove(&8002);
-        w.existing.remove(&tunnel_id("dev", 8002));
-        assert_eq!(
-            w.summary(),
-            [row(8001, 8001, false), row(8003, 8003, false)]
-        );
-        assert!(w.plan().1.is_empty());
+    }
+
+    #[test]
+    fn an_admin_close_holds_until_the_port_closes() {
+        let mut w = World::new(&[8000]);
+        w.apply();
+        // Closed by an admin: the tunnel stays, closed, and nothing restarts it.
+        w.closed.insert(id("dev", 8000));
+        w.existing.get_mut(&id("dev", 8000)).unwrap().state = TunnelState::Closed;
+        assert!(w.actions(true).is_empty());
+        // The port closes inside (the reconciler then forgets the close).
+        w.ports().remove(&8000);
+        w.closed.clear();
+        assert_eq!(w.actions(false), [("remove", "dev:tcp:8000".into())]);
+        w.apply();
+        // It reopens: a tunnel again.
+        w.ports().insert(8000, vec![listener(8000)]);
+        assert_eq!(w.actions(false), [("start", "dev:tcp:8000".into())]);
     }
 
     #[test]
     fn manual_tunnels_replace_automatic_ones_and_keep_their_host_port() {
         let mut w = World::new(&[8000, 80]);
         w.skip = "80".parse().unwrap();
-        w.manual
-            .insert(tunnel_id("dev", 8000), ("dev".into(), 8000, Some(18000)));
-        w.manual
-            .insert(tunnel_id("dev", 80), ("dev".into(), 80, None));
-        w.manual
-            .insert(tunnel_id("dev", 9999), ("dev".into(), 9999, None));
+        w.manual.insert(id("dev", 8000), Some(18000));
+        w.manual.insert(id("dev", 80), None);
+        w.manual.insert(id("dev", 9999), None);
         let (want, _) = w.plan();
-        let m = &want[&tunnel_id("dev", 8000)];
+        let m = &want[&id("dev", 8000)];
         assert_eq!(
             (m.origin, m.host_port, m.exact, m.listening),
             (Origin::Manual, 18000, true, true)
         );
-        let skipped = &want[&tunnel_id("dev", 80)];
+        let skipped = &want[&id("dev", 80)];
         assert_eq!(
             (skipped.host_port, skipped.exact),
             (10080, false),
             "a skipped port can be opened by hand"
         );
-        let closed = &want[&tunnel_id("dev", 9999)];
         assert!(
-            !closed.listening,
+            !want[&id("dev", 9999)].listening,
             "a manual tunnel of a port nothing listens on"
         );
         assert_eq!(want.len(), 3);
     }
 
     #[test]
+    fn opening_an_automatic_tunnel_by_hand_keeps_it() {
+        let mut w = World::new(&[8000]);
+        w.apply();
+        w.manual.insert(id("dev", 8000), None);
+        assert_eq!(w.actions(false), [("update", "dev:tcp:8000".into())]);
+        // An admin-closed one is reopened.
+        w.existing.get_mut(&id("dev", 8000)).unwrap().state = TunnelState::Closed;
+        assert_eq!(w.actions(false), [("restart", "dev:tcp:8000".into())]);
+    }
+
+    #[test]
     fn statics_exist_whatever_the_rest_says() {
         let mut w = World::new(&[22]);
         w.skip = "22".parse().unwrap();
-        w.statics
-            .insert(tunnel_id("forge", 22), ("forge".into(), 22));
+        w.statics.insert(id("forge", 22));
+        w.manual.insert(id("forge", 22), Some(2222));
         w.max = 0;
         let (want, _) = w.plan();
-        let g = &want[&tunnel_id("forge", 22)];
+        let g = &want[&id("forge", 22)];
         assert_eq!(
-            (g.origin, g.host_port, g.capped),
-            (Origin::Egress, 22, false)
+            (g.origin, g.host_port, g.capped, g.exact),
+            (Origin::Egress, 22, false, true)
         );
         assert_eq!(want.len(), 1);
     }
 
-    fn kinds(actions: &[Action]) -> Vec<(&'static str, &str)> {
-        actions
-            .iter()
-            .map(|a| match a {
-                Action::Remove(id) => ("remove", id.as_str()),
-                Action::Start(id, _) => ("start", id.as_str()),
-                Action::Restart(id, _) => ("restart", id.as_str()),
-                Action::Update(id, _) => ("update", id.as_str()),
-            })
-            .collect()
+    #[test]
+    fn two_targets_on_one_port_the_holder_keeps_it_the_other_moves() {
+        let mut w = World::new(&[8000]);
+        w.targets.insert("api", open(&[8000, 8001]));
+        // Both new: the first by target name keeps the number.
+        assert_eq!(
+            w.summary(),
+            [
+                ("api:tcp:8000".into(), 8000, false),
+                ("api:tcp:8001".into(), 8001, false),
+                ("dev:tcp:8000".into(), 8002, false),
+            ]
+        );
+        let note = w.plan().0[&id("dev", 8000)].note.clone().unwrap();
+        assert_eq!(
+            note,
+            "host port 8000 is held by api:tcp:8000; forwarded on 8002 instead"
+        );
+        // dev had 8000 before api's server started: dev keeps it.
+        w.targets.get_mut("api").unwrap().clear();
+        w.apply();
+        w.targets.insert("api", open(&[8000]));
+        let (want, _) = w.plan();
+        assert_eq!(want[&id("dev", 8000)].host_port, 8000);
+        assert_eq!(want[&id("api", 8000)].host_port, 8001);
+        // Without remapping, the later one fails and names the holder.
+        w.remap = false;
+        let (want, _) = w.plan();
+        assert_eq!(want[&id("api", 8000)].host_port, 8000);
+        assert_eq!(want[&id("api", 8000)].held_by, Some(id("dev", 8000)));
     }
 
     #[test]
-    fn diff_starts_removes_and_leaves_alone() {
+    fn failed_tunnels_are_retried_only_when_asked() {
         let mut w = World::new(&[8000, 8001]);
-        let seen = |listening: bool| Existing {
-            process: Some(listener(0).process.unwrap()),
-            listening,
+        w.apply();
+        w.existing.get_mut(&id("dev", 8000)).unwrap().state =
+            TunnelState::Failed("host port 8000 is busy".into());
+        assert!(w.actions(false).is_empty());
+        assert_eq!(w.actions(true), [("restart", "dev:tcp:8000".into())]);
+    }
+
+    #[test]
+    fn diff_leaves_working_tunnels_alone_and_updates_in_place() {
+        let mut w = World::new(&[8000]);
+        w.apply();
+        assert!(w.actions(true).is_empty(), "nothing changed");
+        // Only the process changed: updated in place, never restarted.
+        w.ports().get_mut(&8000).unwrap()[0].process = Some(Process {
+            pid: 8,
+            name: "srv2".into(),
             ..Default::default()
-        };
-        let existing: BTreeMap<String, Existing> = [
-            (tunnel_id("dev", 8000), seen(true)),
-            (tunnel_id("dev", 9000), seen(true)),
-            (
-                tunnel_id("dev", 9001),
-                Existing {
-                    kept_closed: true,
-                    ..seen(true)
-                },
-            ),
-        ]
-        .into();
-        let actions = diff(w.plan().0, &existing);
-        assert_eq!(
-            kinds(&actions),
-            [("remove", "dev:tcp:9000"), ("start", "dev:tcp:8001")],
-            "the unchanged 8000 and the admin-closed 9001 are left alone"
-        );
-        // Over the cap and back: restarted, never for anything else.
-        w.max = 1;
-        let capped: BTreeMap<String, Existing> = [(tunnel_id("dev", 8000), seen(true))].into();
-        w.existing = [tunnel_id("dev", 8000)].into();
-        let actions = diff(w.plan().0, &capped);
-        assert_eq!(kinds(&actions), [("start", "dev:tcp:8001")]);
-        let was_capped: BTreeMap<String, Existing> = [(
-            tunnel_id("dev", 8001),
-            Existing {
-                capped: true,
-                ..seen(true)
-            },
-        )]
-        .into();
-        w.ports.remove(&8000);
-        w.existing.clear();
-        let actions = diff(w.plan().0, &was_capped);
-        assert_eq!(kinds(&actions), [("restart", "dev:tcp:8001")]);
-        // Only the process changed: updated in place.
-        let moved: BTreeMap<String, Existing> = [(tunnel_id("dev", 8001), seen(false))].into();
-        let actions = diff(w.plan().0, &moved);
-        assert_eq!(kinds(&actions), [("update", "dev:tcp:8001")]);
+        });
+        assert_eq!(w.actions(false), [("update", "dev:tcp:8000".into())]);
     }
 
     #[test]
     fn dual_stack_listeners_are_reachable_on_both_wildcards() {
         let mut l = listener(8000);
-        l.address = "::".into();
-        l.key = "tcp:*:8000".into();
-        let w = Want::new("dev", 8000, 8000, Origin::Auto, &[l]);
+        l.address = "::".parse().unwrap();
+        l.dual_stack = true;
+        let w = Want::new(Origin::Auto, 8000, &[l]);
         assert_eq!(w.addresses.len(), 2);
         assert!(w
             .addresses

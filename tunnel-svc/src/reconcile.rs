@@ -1,18 +1,19 @@
 //! The reconciler owns every tunnel. Watchers tell it which ports are open
-//! in each target; the admin API asks it to close or open tunnels. After
-//! every change it compares the tunnels that should exist with those that
-//! do and fixes the difference, so restarts, reconnects and lost ssh
-//! masters need no special paths.
+//! in each target; the admin API asks it to close or open tunnels; both
+//! talk to it through a [`Handle`]. After every change it asks
+//! [`plan`](crate::plan) which tunnels should exist and applies the
+//! actions that get there, so restarts, reconnects and lost ssh masters
+//! need no special paths. Backends prepare and release ports in order, on
+//! one task per target, and report back.
 
 use crate::backend::Backend;
 use crate::config::PortSet;
-use crate::plan::{self, host_port_for, Want, PRIVILEGED};
-pub use crate::plan::{tunnel_id, PRIVILEGED_OFFSET};
+use crate::model::{Counters, Listener, Origin, State, TargetView, TunnelId, TunnelView};
+use crate::plan::{self, Want, PRIVILEGED};
 use crate::tunnel::{self, Stats};
 use porthole::fanout::{self, Fanout, Subscription};
-use porthole::pb::v1::{Origin, Port, Protocol, Tunnel, TunnelState, TunnelUpdate};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::Status;
 
 /// Bounds of the WatchTunnels fan-out.
 const SUBSCRIBERS: fanout::Bounds = fanout::Bounds {
@@ -29,11 +29,37 @@ const SUBSCRIBERS: fanout::Bounds = fanout::Bounds {
     subscribers: 64,
 };
 /// How often FAILED tunnels are tried again.
-const RETRY: Duration = Duration::from_secs(2);
+pub const RETRY: Duration = Duration::from_secs(2);
 
-pub type Watch = Result<Subscription<TunnelUpdate>, fanout::Full>;
+/// A change to one tunnel, as WatchTunnels streams it.
+#[derive(Clone, Debug)]
+pub struct TunnelEvent {
+    pub tunnel: TunnelView,
+    /// The tunnel is gone (its last state is in `tunnel`).
+    pub removed: bool,
+}
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+impl TunnelEvent {
+    /// Roughly its encoded size, for the fan-out's byte bound.
+    fn size(&self) -> usize {
+        let t = &self.tunnel;
+        let process = t
+            .process
+            .as_ref()
+            .map_or(0, |p| p.cmdline.len() + p.name.len());
+        let texts = [&t.note, &t.last_error]
+            .iter()
+            .map(|s| s.as_ref().map_or(0, String::len))
+            .sum::<usize>();
+        let failed = match &t.state {
+            State::Failed(why) => why.len(),
+            _ => 0,
+        };
+        128 + t.id.target.len() * 2 + t.host_addresses.len() * 48 + process + texts + failed
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("no tunnel {0:?}; ListTunnels shows the ids")]
     NotFound(String),
@@ -41,58 +67,123 @@ pub enum AdminError {
     Invalid(String),
     #[error("{0}")]
     Precondition(String),
+    #[error("too many watchers: {0}")]
+    Full(#[from] fanout::Full),
+    #[error("tunnel-svc is shutting down")]
+    Stopping,
 }
 
-impl From<AdminError> for Status {
-    fn from(e: AdminError) -> Status {
-        match e {
-            AdminError::NotFound(_) => Status::not_found(e.to_string()),
-            AdminError::Invalid(_) => Status::invalid_argument(e.to_string()),
-            AdminError::Precondition(_) => Status::failed_precondition(e.to_string()),
-        }
-    }
+/// Whether a target's monitor stream is up.
+#[derive(Clone, Debug)]
+pub enum Link {
+    /// Up, following this monitor run (empty: the same as before).
+    Up { instance_id: String },
+    /// Down, and why.
+    Down { error: String },
 }
 
-pub enum Command {
-    /// Every port now open in a target (from its watcher).
+enum Command {
     Ports {
         target: String,
-        ports: Vec<Port>,
+        ports: BTreeMap<u16, Vec<Listener>>,
     },
-    /// A watcher's stream came up (from which monitor run) or went down
-    /// (and why).
     Link {
         target: String,
-        up: bool,
-        instance_id: String,
-        error: Option<String>,
+        link: Link,
     },
-    Targets {
-        reply: oneshot::Sender<Vec<TargetView>>,
-    },
+    Targets(oneshot::Sender<Vec<TargetView>>),
     List {
         target: Option<String>,
-        reply: oneshot::Sender<Vec<Tunnel>>,
+        reply: oneshot::Sender<Vec<TunnelView>>,
     },
     Close {
         id: String,
-        reply: oneshot::Sender<Result<Tunnel, AdminError>>,
+        reply: oneshot::Sender<Result<TunnelView, AdminError>>,
     },
     Open {
         target: String,
-        container_port: u32,
-        host_port: u32,
-        reply: oneshot::Sender<Result<Tunnel, AdminError>>,
+        port: u16,
+        host_port: Option<u16>,
+        reply: oneshot::Sender<Result<TunnelView, AdminError>>,
     },
-    Watch {
-        reply: oneshot::Sender<Watch>,
-    },
-    /// A backend finished making a port reachable.
-    Opened {
-        id: String,
+    Watch(oneshot::Sender<Result<Subscription<TunnelEvent>, fanout::Full>>),
+    /// A backend finished preparing a port.
+    Prepared {
+        id: TunnelId,
         generation: u64,
         result: Result<(), String>,
     },
+}
+
+/// How the watchers, the admin API and the gate talk to the reconciler.
+#[derive(Clone)]
+pub struct Handle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl Handle {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, AdminError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| AdminError::Stopping)?;
+        rx.await.map_err(|_| AdminError::Stopping)
+    }
+
+    /// Every port now open in `target`. False once the reconciler stopped.
+    pub async fn ports(&self, target: &str, ports: BTreeMap<u16, Vec<Listener>>) -> bool {
+        let target = target.to_string();
+        self.commands
+            .send(Command::Ports { target, ports })
+            .await
+            .is_ok()
+    }
+
+    /// `target`'s monitor stream came up or went down.
+    pub async fn link(&self, target: &str, link: Link) {
+        let target = target.to_string();
+        let _ = self.commands.send(Command::Link { target, link }).await;
+    }
+
+    pub async fn targets(&self) -> Result<Vec<TargetView>, AdminError> {
+        self.ask(Command::Targets).await
+    }
+
+    /// Every tunnel, or those of one target.
+    pub async fn tunnels(&self, target: Option<String>) -> Result<Vec<TunnelView>, AdminError> {
+        self.ask(|reply| Command::List { target, reply }).await
+    }
+
+    /// Closes a tunnel; an automatic one stays closed until its port closes.
+    pub async fn close(&self, id: String) -> Result<TunnelView, AdminError> {
+        self.ask(|reply| Command::Close { id, reply }).await?
+    }
+
+    /// Opens (or moves) a manual tunnel of `port` in `target` (empty: the
+    /// only target), on `host_port` exactly if given.
+    pub async fn open(
+        &self,
+        target: String,
+        port: u16,
+        host_port: Option<u16>,
+    ) -> Result<TunnelView, AdminError> {
+        self.ask(|reply| Command::Open {
+            target,
+            port,
+            host_port,
+            reply,
+        })
+        .await?
+    }
+
+    /// Every tunnel, then every change.
+    pub async fn watch(&self) -> Result<Subscription<TunnelEvent>, AdminError> {
+        Ok(self.ask(Command::Watch).await??)
+    }
 }
 
 pub struct TargetSpec {
@@ -117,37 +208,12 @@ pub struct Options {
     pub allow_privileged: bool,
 }
 
-/// A target as ListTargets shows it.
-#[derive(Clone, Debug)]
-pub struct TargetView {
-    pub name: String,
-    pub url: String,
-    pub backend: porthole::pb::v1::Backend,
-    pub connected: bool,
-    pub instance_id: String,
-    pub error: Option<String>,
-    pub since: chrono::DateTime<chrono::Utc>,
-}
-
-impl TargetView {
-    pub fn to_proto(&self) -> porthole::pb::v1::Target {
-        porthole::pb::v1::Target {
-            name: self.name.clone(),
-            url: self.url.clone(),
-            backend: self.backend as i32,
-            connected: self.connected,
-            instance_id: self.instance_id.clone(),
-            error: self.error.clone().unwrap_or_default(),
-            since: Some(porthole::time::to_proto(self.since)),
-        }
-    }
-}
-
 struct Target {
     backend: Arc<Backend>,
+    /// Prepare/release requests, run in order (backends that need them).
+    port_ops: Option<mpsc::UnboundedSender<PortOp>>,
     monitor_port: u16,
-    /// Open TCP ports by number, with every listener on that port.
-    ports: BTreeMap<u16, Vec<Port>>,
+    ports: BTreeMap<u16, Vec<Listener>>,
     up: bool,
     capped: bool,
     url: String,
@@ -158,94 +224,154 @@ struct Target {
     since: chrono::DateTime<chrono::Utc>,
 }
 
-struct Entry {
-    info: Tunnel,
-    stats: Arc<Stats>,
-    cancel: Option<CancellationToken>,
-    generation: u64,
+enum PortOp {
+    Prepare { id: TunnelId, generation: u64 },
+    Release(u16),
+}
+
+/// Runs one target's prepare/release requests in order and reports each
+/// prepare's result.
+async fn port_ops(
     backend: Arc<Backend>,
+    mut ops: mpsc::UnboundedReceiver<PortOp>,
+    results: mpsc::Sender<Command>,
+) {
+    while let Some(op) = ops.recv().await {
+        match op {
+            PortOp::Prepare { id, generation } => {
+                let result = backend.prepare(id.port).await;
+                let done = Command::Prepared {
+                    id,
+                    generation,
+                    result,
+                };
+                if results.send(done).await.is_err() {
+                    return;
+                }
+            }
+            PortOp::Release(port) => backend.release(port).await,
+        }
+    }
+}
+
+struct Entry {
+    origin: Origin,
+    state: State,
+    note: Option<String>,
+    host_port: u16,
+    host_addresses: Vec<SocketAddr>,
+    process: Option<porthole::pb::v1::Process>,
     listening: bool,
-    /// A placeholder for a port left out by `--max-tunnels`.
-    capped: bool,
+    opened_at: Option<chrono::DateTime<chrono::Utc>>,
+    stats: Arc<Stats>,
+    /// Set while the host listeners run.
+    cancel: Option<CancellationToken>,
+    /// Whether the backend was asked to prepare the port.
+    prepared: bool,
+    /// Tells a prepare result for this entry from one for an older one.
+    generation: u64,
+    /// `tunnel{id}`: its log lines and its connections' are inside it.
+    span: tracing::Span,
 }
 
 impl Entry {
-    fn view(&self) -> Tunnel {
-        let mut t = self.info.clone();
-        t.active_connections = self.stats.active.load(Relaxed);
-        t.total_connections = self.stats.total.load(Relaxed);
-        t.bytes_in = self.stats.bytes_in.load(Relaxed);
-        t.bytes_out = self.stats.bytes_out.load(Relaxed);
-        if t.error.is_empty() {
-            t.error = self.stats.last_error().unwrap_or_default();
+    fn view(&self, id: &TunnelId, backend: crate::config::BackendKind) -> TunnelView {
+        let s = &self.stats;
+        let mut note = self.note.clone();
+        if self.origin == Origin::Manual
+            && !self.listening
+            && self.state.is_open()
+            && note.is_none()
+        {
+            note = Some(format!(
+                "nothing listens on port {} in the container (yet); connections fail until \
+                 something does",
+                id.port
+            ));
         }
-        let manual = t.origin == Origin::Manual as i32;
-        if manual && !self.listening && self.state() == TunnelState::Active && t.note.is_empty() {
-            t.note = format!(
-                "nothing listens on port {} in the container (yet); connections fail until something does",
-                t.container_port
-            );
+        TunnelView {
+            id: id.clone(),
+            origin: self.origin,
+            state: self.state.clone(),
+            backend,
+            host_port: self.host_port,
+            host_addresses: self.host_addresses.clone(),
+            process: self.process.clone(),
+            opened_at: self.opened_at,
+            note,
+            last_error: s.last_error(),
+            counters: Counters {
+                active: s.active.load(Relaxed),
+                total: s.total.load(Relaxed),
+                bytes_in: s.bytes_in.load(Relaxed),
+                bytes_out: s.bytes_out.load(Relaxed),
+            },
         }
-        t
     }
 
-    fn state(&self) -> TunnelState {
-        TunnelState::try_from(self.info.state).unwrap_or(TunnelState::Unspecified)
+    fn existing(&self) -> plan::Existing {
+        plan::Existing {
+            origin: self.origin,
+            state: self.state.clone(),
+            host_port: self.host_port,
+            process: self.process.clone(),
+            listening: self.listening,
+        }
     }
 
-    /// Closes the host listeners and connections, and the backend's forward.
-    fn stop(&mut self) {
+    /// Closes the host listeners (connections get the drain) and asks the
+    /// backend to release the port.
+    fn stop(&mut self, target: &Target, port: u16) {
         if let Some(cancel) = self.cancel.take() {
             cancel.cancel();
-            let (backend, port) = (self.backend.clone(), self.info.container_port as u16);
-            tokio::spawn(async move { backend.close(port).await });
+        }
+        if std::mem::take(&mut self.prepared) {
+            if let Some(ops) = &target.port_ops {
+                let _ = ops.send(PortOp::Release(port));
+            }
         }
     }
 }
 
-pub struct Reconciler {
+struct Reconciler {
     opts: Options,
     targets: BTreeMap<String, Target>,
-    entries: BTreeMap<String, Entry>,
-    /// Auto tunnels an admin closed; they stay closed until the port closes.
-    closed: BTreeSet<String>,
-    /// Manual tunnels: id → (target, container port, wanted host port).
-    /// Manual tunnels: id → (target, container port, host port asked for).
-    manual: BTreeMap<String, (String, u16, Option<u16>)>,
-    /// Static tunnels (the egress gate's): id → (target, port). Always
-    /// wanted; no skip list, cap or admin close applies to them.
-    statics: BTreeMap<String, (String, u16)>,
-    subscribers: Fanout<TunnelUpdate>,
-    commands: mpsc::Sender<Command>,
+    entries: BTreeMap<TunnelId, Entry>,
+    /// Automatic tunnels an admin closed; they stay closed until the port closes.
+    closed: BTreeSet<TunnelId>,
+    /// Manual tunnels, each with the host port asked for.
+    manual: BTreeMap<TunnelId, Option<u16>>,
+    /// Static tunnels (the egress gate's): always wanted; no skip list, cap
+    /// or admin close applies to them.
+    statics: BTreeSet<TunnelId>,
+    subscribers: Fanout<TunnelEvent>,
     generation: u64,
     /// Every connection task, so shutdown can let them drain.
     connections: TaskTracker,
 }
 
-/// Starts the reconciler; returns where to send it commands.
+/// Starts the reconciler with static tunnels `(target, port)` that exist
+/// whatever the watchers report (origin EGRESS, host port = port): the
+/// egress gate's forwards. Returns its handle and its task, which ends
+/// after `shutdown` once every tunnel is closed.
 pub fn spawn(
-    specs: Vec<TargetSpec>,
-    opts: Options,
-    shutdown: CancellationToken,
-) -> (mpsc::Sender<Command>, JoinHandle<()>) {
-    spawn_with_statics(specs, opts, Vec::new(), shutdown)
-}
-
-/// [`spawn`], plus static tunnels `(target, port)` that exist from the
-/// start whatever the watchers report (origin EGRESS, host port = port):
-/// the egress gate's forwards.
-pub fn spawn_with_statics(
     specs: Vec<TargetSpec>,
     opts: Options,
     statics: Vec<(String, u16)>,
     shutdown: CancellationToken,
-) -> (mpsc::Sender<Command>, JoinHandle<()>) {
+) -> (Handle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(256);
     let targets = specs
         .into_iter()
         .map(|s| {
+            let port_ops = s.backend.needs_prepare().then(|| {
+                let (ops, rx) = mpsc::unbounded_channel();
+                tokio::spawn(port_ops(s.backend.clone(), rx, tx.clone()));
+                ops
+            });
             let t = Target {
                 backend: s.backend,
+                port_ops,
                 monitor_port: s.monitor_port,
                 ports: BTreeMap::new(),
                 up: s.fixed,
@@ -266,14 +392,13 @@ pub fn spawn_with_statics(
         manual: BTreeMap::new(),
         statics: statics
             .into_iter()
-            .map(|(target, port)| (tunnel_id(&target, port), (target, port)))
+            .map(|(target, port)| TunnelId::new(&target, port))
             .collect(),
-        subscribers: Fanout::new(SUBSCRIBERS, prost::Message::encoded_len),
-        commands: tx.clone(),
+        subscribers: Fanout::new(SUBSCRIBERS, TunnelEvent::size),
         generation: 0,
         connections: TaskTracker::new(),
     };
-    (tx, tokio::spawn(r.run(rx, shutdown)))
+    (Handle { commands: tx }, tokio::spawn(r.run(rx, shutdown)))
 }
 
 impl Reconciler {
@@ -281,13 +406,15 @@ impl Reconciler {
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Static tunnels need no watcher to appear.
-        self.reconcile();
+        self.reconcile(false);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(cmd) = rx.recv() => self.handle(cmd),
                 _ = retry.tick() => {
-                    self.retry_failed();
+                    if self.entries.values().any(|e| matches!(e.state, State::Failed(_))) {
+                        self.reconcile(true);
+                    }
                     self.resync_subscribers();
                 }
             }
@@ -308,7 +435,8 @@ impl Reconciler {
         {
             tracing::warn!("connections still open after the drain; they are reset");
         }
-        for t in self.targets.values() {
+        for t in self.targets.values_mut() {
+            t.port_ops = None;
             t.backend.shutdown().await;
         }
         tracing::info!(tunnels = self.entries.len(), "all tunnels closed");
@@ -320,52 +448,33 @@ impl Reconciler {
                 let Some(t) = self.targets.get_mut(&target) else {
                     return;
                 };
-                let mut by_port: BTreeMap<u16, Vec<Port>> = BTreeMap::new();
-                for p in ports
-                    .into_iter()
-                    .filter(|p| p.protocol == Protocol::Tcp as i32)
-                {
-                    // The watcher passes on only valid ports; this stays
-                    // safe whoever sends the command.
-                    if let Some(n) = u16::try_from(p.port).ok().filter(|n| *n != 0) {
-                        by_port.entry(n).or_default().push(p);
-                    }
-                }
-                t.ports = by_port;
+                t.ports = ports;
                 // A closed port forgets that an admin closed its tunnel.
-                let gone: Vec<String> = self
-                    .closed
-                    .iter()
-                    .filter(|id| {
-                        id.split_once(':').is_some_and(|(tn, _)| tn == target)
-                            && !t.ports.keys().any(|p| tunnel_id(&target, *p) == **id)
-                    })
-                    .cloned()
-                    .collect();
-                for id in gone {
-                    self.closed.remove(&id);
-                }
-                self.reconcile();
+                self.closed
+                    .retain(|id| id.target != target || t.ports.contains_key(&id.port));
+                self.reconcile(false);
             }
-            Command::Link {
-                target,
-                up,
-                instance_id,
-                error,
-            } => {
-                if let Some(t) = self.targets.get_mut(&target) {
-                    if t.up != up {
-                        tracing::info!(target = %target, up, "monitor link");
-                        t.since = chrono::Utc::now();
+            Command::Link { target, link } => {
+                let Some(t) = self.targets.get_mut(&target) else {
+                    return;
+                };
+                let up = matches!(link, Link::Up { .. });
+                if t.up != up {
+                    tracing::info!(target = %target, up, "monitor link");
+                    t.since = chrono::Utc::now();
+                }
+                t.up = up;
+                match link {
+                    Link::Up { instance_id } => {
+                        if !instance_id.is_empty() {
+                            t.instance_id = instance_id;
+                        }
+                        t.error = None;
                     }
-                    t.up = up;
-                    if !instance_id.is_empty() {
-                        t.instance_id = instance_id;
-                    }
-                    t.error = if up { None } else { error };
+                    Link::Down { error } => t.error = Some(error),
                 }
             }
-            Command::Targets { reply } => {
+            Command::Targets(reply) => {
                 let list = self
                     .targets
                     .iter()
@@ -384,9 +493,9 @@ impl Reconciler {
             Command::List { target, reply } => {
                 let list = self
                     .entries
-                    .values()
-                    .filter(|e| target.as_ref().is_none_or(|t| *t == e.info.target))
-                    .map(Entry::view)
+                    .keys()
+                    .filter(|id| target.as_ref().is_none_or(|t| *t == id.target))
+                    .filter_map(|id| self.view(id))
                     .collect();
                 let _ = reply.send(list);
             }
@@ -395,16 +504,16 @@ impl Reconciler {
             }
             Command::Open {
                 target,
-                container_port,
+                port,
                 host_port,
                 reply,
             } => {
-                let _ = reply.send(self.open(target, container_port, host_port));
+                let _ = reply.send(self.open(target, port, host_port));
             }
-            Command::Watch { reply } => {
-                let _ = reply.send(self.subscribers.subscribe(all_updates(&self.entries)));
+            Command::Watch(reply) => {
+                let _ = reply.send(self.subscribers.subscribe(self.all_events()));
             }
-            Command::Opened {
+            Command::Prepared {
                 id,
                 generation,
                 result,
@@ -412,20 +521,20 @@ impl Reconciler {
                 let Some(e) = self
                     .entries
                     .get_mut(&id)
-                    .filter(|e| e.generation == generation)
+                    .filter(|e| e.generation == generation && e.state == State::Pending)
                 else {
                     return;
                 };
+                let _in = e.span.clone().entered();
                 match result {
                     Ok(()) => {
-                        e.info.state = TunnelState::Active as i32;
-                        tracing::info!(id = %id, host_port = e.info.host_port, "tunnel active");
+                        e.state = State::Active;
+                        tracing::info!(host_port = e.host_port, "tunnel active");
                     }
                     Err(why) => {
-                        e.stop();
-                        e.info.state = TunnelState::Failed as i32;
-                        e.info.error = why;
-                        tracing::warn!(id = %id, error = %e.info.error, "tunnel failed");
+                        tracing::warn!(error = %why, "tunnel failed");
+                        e.stop(&self.targets[&id.target], id.port);
+                        e.state = State::Failed(why);
                     }
                 }
                 self.publish(&id);
@@ -433,8 +542,25 @@ impl Reconciler {
         }
     }
 
-    /// Everything that should exist right now (see [`plan::desired`]).
-    fn desired(&mut self) -> BTreeMap<String, Want> {
+    fn view(&self, id: &TunnelId) -> Option<TunnelView> {
+        let kind = self.targets.get(&id.target)?.backend.kind();
+        Some(self.entries.get(id)?.view(id, kind))
+    }
+
+    /// Applies the plan: see [`plan::desired`] and [`plan::diff`]. Failed
+    /// tunnels are tried again only when `retry`.
+    fn reconcile(&mut self, retry: bool) {
+        let existing: BTreeMap<TunnelId, plan::Existing> = self
+            .entries
+            .iter()
+            .map(|(id, e)| (id.clone(), e.existing()))
+            .collect();
+        let state = plan::State {
+            manual: &self.manual,
+            statics: &self.statics,
+            closed: &self.closed,
+            existing: &existing,
+        };
         let targets: Vec<plan::TargetPorts> = self
             .targets
             .iter()
@@ -444,26 +570,14 @@ impl Reconciler {
                 ports: &t.ports,
             })
             .collect();
-        let entries = &self.entries;
-        let holds = |id: &str| {
-            entries.get(id).is_some_and(|e| {
-                e.info.origin == Origin::Auto as i32
-                    && !e.capped
-                    && e.state() != TunnelState::Closed
-            })
-        };
         let policy = plan::Policy {
             skip: &self.opts.skip,
             max_tunnels: self.opts.max_tunnels,
             allow_privileged: self.opts.allow_privileged,
+            remap: self.opts.remap,
         };
-        let state = plan::State {
-            manual: &self.manual,
-            statics: &self.statics,
-            closed: &self.closed,
-            holds: &holds,
-        };
-        let (want, capped) = plan::desired(&targets, &policy, &state);
+        let (desired, capped) = plan::desired(&targets, &policy, &state);
+        let actions = plan::diff(desired, &state, retry);
         for (name, t) in &mut self.targets {
             let now = capped.contains(name);
             if now && !t.capped {
@@ -471,43 +585,31 @@ impl Reconciler {
             }
             t.capped = now;
         }
-        want
-    }
-
-    fn reconcile(&mut self) {
-        let desired = self.desired();
-        let existing: BTreeMap<String, plan::Existing> = self
-            .entries
-            .iter()
-            .map(|(id, e)| {
-                let now = plan::Existing {
-                    capped: e.capped,
-                    process: e.info.process.clone(),
-                    listening: e.listening,
-                    kept_closed: e.state() == TunnelState::Closed && self.closed.contains(id),
-                };
-                (id.clone(), now)
-            })
-            .collect();
-        for action in plan::diff(desired, &existing) {
+        for action in actions {
             match action {
                 plan::Action::Remove(id) => {
                     if let Some(mut e) = self.entries.remove(&id) {
-                        e.stop();
-                        tracing::info!(id = %id, "tunnel removed");
-                        self.publish_removed(e.view());
+                        e.stop(&self.targets[&id.target], id.port);
+                        e.span.in_scope(|| tracing::info!("tunnel removed"));
+                        let kind = self.targets[&id.target].backend.kind();
+                        self.publish_removed(e.view(&id, kind));
                     }
                 }
-                plan::Action::Start(id, want) => self.start(id, want),
+                plan::Action::Start(id, want) => self.start(id, want, None),
                 plan::Action::Restart(id, want) => {
+                    let mut before = None;
                     if let Some(mut e) = self.entries.remove(&id) {
-                        e.stop();
+                        e.stop(&self.targets[&id.target], id.port);
+                        if let State::Failed(why) = e.state {
+                            before = Some(why);
+                        }
                     }
-                    self.start(id, want);
+                    self.start(id, want, before);
                 }
                 plan::Action::Update(id, want) => {
                     if let Some(e) = self.entries.get_mut(&id) {
-                        e.info.process = want.process;
+                        e.origin = want.origin;
+                        e.process = want.process;
                         e.listening = want.listening;
                         self.publish(&id);
                     }
@@ -516,284 +618,209 @@ impl Reconciler {
         }
     }
 
-    fn retry_failed(&mut self) {
-        let failed: Vec<String> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.state() == TunnelState::Failed)
-            .map(|(id, _)| id.clone())
-            .collect();
-        if failed.is_empty() {
-            return;
-        }
-        let mut desired = self.desired();
-        for id in failed {
-            if let Some(want) = desired.remove(&id) {
-                let before = self.entries.remove(&id).map(|e| e.info.error);
-                self.start_quietly(id, want, before);
-            }
-        }
-    }
-
-    fn start(&mut self, id: String, want: Want) {
-        self.start_quietly(id, want, None);
-    }
-
-    /// Starts a tunnel. `previous_error` is the error of a failed attempt
-    /// being retried: when it fails the same way again, nobody is told twice.
-    fn start_quietly(&mut self, id: String, want: Want, previous_error: Option<String>) {
-        let t = &self.targets[&want.target];
-        let backend = t.backend.clone();
+    /// Makes a tunnel: binds its host listeners and starts carrying (or
+    /// lists it, when capped). `previous_error` is the error of the failed
+    /// attempt being retried: when it fails the same way again, nobody is
+    /// told twice.
+    fn start(&mut self, id: TunnelId, want: Want, previous_error: Option<String>) {
         self.generation += 1;
+        let span = tracing::info_span!("tunnel", id = %id);
         let mut entry = Entry {
-            info: Tunnel {
-                id: id.clone(),
-                target: want.target.clone(),
-                protocol: Protocol::Tcp as i32,
-                container_port: u32::from(want.port),
-                host_port: 0,
-                host_addresses: Vec::new(),
-                state: TunnelState::Pending as i32,
-                backend: backend.kind() as i32,
-                origin: want.origin as i32,
-                error: String::new(),
-                process: want.process.clone(),
-                ..Default::default()
-            },
+            origin: want.origin,
+            state: State::Pending,
+            note: want.note.clone(),
+            host_port: 0,
+            host_addresses: Vec::new(),
+            process: want.process.clone(),
+            listening: want.listening,
+            opened_at: None,
             stats: Arc::new(Stats::default()),
             cancel: None,
+            prepared: false,
             generation: self.generation,
-            backend: backend.clone(),
-            listening: want.listening,
-            capped: want.capped,
+            span: span.clone(),
         };
+        let _in = span.enter();
         if want.capped {
-            entry.info.note = format!(
+            entry.state = State::Capped;
+            entry.note = Some(format!(
                 "not forwarded: more than --max-tunnels {} ports are open in {}; it gets a \
                  tunnel when one of those closes",
-                self.opts.max_tunnels, want.target
-            );
-            self.entries.insert(id.clone(), entry);
-            self.publish(&id);
-            return;
-        }
-        let failure = if let Some(why) = backend.unreachable(&want.addresses) {
-            Some(why)
+                self.opts.max_tunnels, id.target
+            ));
         } else {
-            match tunnel::allocate(
-                &self.opts.bind,
-                want.host_port,
-                self.opts.remap && !want.exact,
-            ) {
-                Ok((host_port, listeners)) => {
-                    entry.info.opened_at = Some(porthole::time::to_proto(chrono::Utc::now()));
-                    entry.info.host_port = u32::from(host_port);
-                    entry.info.host_addresses = listeners
-                        .iter()
-                        .filter_map(|l| l.local_addr().ok())
-                        .map(|a| a.to_string())
-                        .collect();
-                    if host_port != want.host_port {
-                        entry.info.note = format!(
-                            "host port {} is busy; forwarded on {host_port} instead",
-                            want.host_port
-                        );
-                        tracing::warn!(id = %id, wanted = want.host_port, host_port, "host port busy; remapped");
+            match self.listen(&id, &want, &mut entry) {
+                Ok(()) => tracing::info!(host = ?entry.host_addresses, "tunnel open"),
+                Err(why) => {
+                    let repeated = previous_error.as_deref() == Some(why.as_str());
+                    if !repeated {
+                        tracing::warn!(error = %why, "tunnel failed");
                     }
-                    if want.port < PRIVILEGED && want.host_port != want.port && !want.exact {
-                        let note = format!(
-                            "container port {} is privileged; forwarded on host port {host_port} \
-                             (--allow-privileged-ports to use {})",
-                            want.port, want.port
-                        );
-                        tracing::warn!(id = %id, host_port, "privileged container port forwarded on an unprivileged host port");
-                        entry.info.note = if entry.info.note.is_empty() {
-                            note
-                        } else {
-                            format!("{note}; {}", entry.info.note)
-                        };
+                    entry.state = State::Failed(why);
+                    if repeated {
+                        self.entries.insert(id, entry);
+                        return;
                     }
-                    let cancel = CancellationToken::new();
-                    tunnel::serve(
-                        listeners,
-                        backend.clone(),
-                        tunnel::Carry {
-                            id: id.clone().into(),
-                            container_port: want.port,
-                            stats: entry.stats.clone(),
-                            cancel: cancel.clone(),
-                            tracker: self.connections.clone(),
-                        },
-                    );
-                    entry.cancel = Some(cancel);
-                    if matches!(*backend, Backend::Ssh(_)) {
-                        let (tx, id, generation, port) = (
-                            self.commands.clone(),
-                            id.clone(),
-                            entry.generation,
-                            want.port,
-                        );
-                        let backend = backend.clone();
-                        tokio::spawn(async move {
-                            let result = backend.open(port).await;
-                            let _ = tx
-                                .send(Command::Opened {
-                                    id,
-                                    generation,
-                                    result,
-                                })
-                                .await;
-                        });
-                    } else {
-                        entry.info.state = TunnelState::Active as i32;
-                    }
-                    tracing::info!(
-                        id = %id,
-                        host = ?entry.info.host_addresses,
-                        backend = ?backend.kind(),
-                        "tunnel open"
-                    );
-                    None
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                    Some(if want.origin == Origin::Egress {
-                        format!(
-                            "port {} is busy: the gate must listen on the upstream's own port \
-                             (a port in a git URL overrides the ssh config's), so it waits for it",
-                            want.host_port
-                        )
-                    } else if want.exact {
-                        format!(
-                            "host port {} is busy (asked for by OpenTunnel)",
-                            want.host_port
-                        )
-                    } else {
-                        format!("host port {} is busy (--on-conflict=fail)", want.host_port)
-                    })
-                }
-                Err(e) => Some(format!(
-                    "cannot listen on host port {}: {e}",
-                    want.host_port
-                )),
             }
-        };
-        if let Some(why) = failure {
-            entry.info.state = TunnelState::Failed as i32;
-            let repeated = previous_error.as_deref() == Some(why.as_str());
-            entry.info.error = why;
-            if !repeated {
-                tracing::warn!(id = %id, error = %entry.info.error, "tunnel failed");
-            }
-            self.entries.insert(id.clone(), entry);
-            if !repeated {
-                self.publish(&id);
-            }
-            return;
         }
+        drop(_in);
         self.entries.insert(id.clone(), entry);
         self.publish(&id);
     }
 
-    fn close(&mut self, id: &str) -> Result<Tunnel, AdminError> {
-        if self.statics.contains_key(id) {
+    /// Binds the host listeners of a tunnel, starts its accept loops and
+    /// asks the backend to prepare the port; or says why it cannot.
+    fn listen(&mut self, id: &TunnelId, want: &Want, entry: &mut Entry) -> Result<(), String> {
+        let t = &self.targets[&id.target];
+        if let Some(why) = t.backend.unreachable(&want.addresses) {
+            return Err(why);
+        }
+        if let Some(holder) = &want.held_by {
+            return Err(format!(
+                "host port {} is held by {holder}{}",
+                want.host_port,
+                if want.exact {
+                    ""
+                } else {
+                    " (--on-conflict=fail)"
+                }
+            ));
+        }
+        let remap = self.opts.remap && !want.exact;
+        let (host_port, listeners) = tunnel::allocate(&self.opts.bind, want.host_port, remap)
+            .map_err(|e| bind_failure(want, e))?;
+        entry.opened_at = Some(chrono::Utc::now());
+        entry.host_port = host_port;
+        entry.host_addresses = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        if host_port != want.host_port {
+            tracing::warn!(
+                wanted = want.host_port,
+                host_port,
+                "host port busy; remapped"
+            );
+            let busy = format!(
+                "host port {} is busy; forwarded on {host_port} instead",
+                want.host_port
+            );
+            entry.note = Some(match entry.note.take() {
+                Some(n) => format!("{n}; {busy}"),
+                None => busy,
+            });
+        }
+        if id.port < PRIVILEGED && host_port != id.port {
+            tracing::warn!(
+                host_port,
+                "privileged container port forwarded on an unprivileged host port"
+            );
+        }
+        let cancel = CancellationToken::new();
+        tunnel::serve(
+            listeners,
+            t.backend.clone(),
+            tunnel::Carry {
+                container_port: id.port,
+                stats: entry.stats.clone(),
+                cancel: cancel.clone(),
+                tracker: self.connections.clone(),
+                span: entry.span.clone(),
+            },
+        );
+        entry.cancel = Some(cancel);
+        match &t.port_ops {
+            Some(ops) => {
+                entry.prepared = true;
+                let _ = ops.send(PortOp::Prepare {
+                    id: id.clone(),
+                    generation: entry.generation,
+                });
+            }
+            None => entry.state = State::Active,
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, id: &str) -> Result<TunnelView, AdminError> {
+        let not_found = || AdminError::NotFound(porthole::text::clip(id, 128).into());
+        let id: TunnelId = id.parse().map_err(|_| not_found())?;
+        if self.statics.contains(&id) {
             return Err(AdminError::Precondition(format!(
                 "{id} cannot be closed: egress forwards come from the gate config"
             )));
         }
-        let e = self
-            .entries
-            .get_mut(id)
-            .ok_or_else(|| AdminError::NotFound(porthole::text::clip(id, 128).into()))?;
-        if e.state() == TunnelState::Closed {
-            return Ok(e.view());
+        let e = self.entries.get_mut(&id).ok_or_else(not_found)?;
+        if e.state != State::Closed {
+            e.stop(&self.targets[&id.target], id.port);
+            e.state = State::Closed;
+            e.span.in_scope(|| tracing::info!("tunnel closed by admin"));
         }
-        e.stop();
-        e.info.state = TunnelState::Closed as i32;
-        let view = e.view();
-        tracing::info!(id = %id, "tunnel closed by admin");
+        let view = self.view(&id).expect("it exists");
         // A manual tunnel of a port open in the container stays closed like
         // an automatic one: forgetting it would bring the automatic tunnel
         // straight back.
-        let open_inside = self
-            .targets
-            .get(&view.target)
-            .is_some_and(|t| t.ports.contains_key(&(view.container_port as u16)));
-        if self.manual.remove(id).is_some() && !open_inside {
-            self.entries.remove(id);
+        let open_inside = self.targets[&id.target].ports.contains_key(&id.port);
+        if self.manual.remove(&id).is_some() && !open_inside {
+            self.entries.remove(&id);
             self.publish_removed(view.clone());
         } else {
-            self.closed.insert(id.to_string());
-            self.publish(id);
+            self.closed.insert(id.clone());
+            self.publish(&id);
         }
-        self.reconcile();
+        self.reconcile(false);
         Ok(view)
     }
 
     fn open(
         &mut self,
         target: String,
-        container_port: u32,
-        host_port: u32,
-    ) -> Result<Tunnel, AdminError> {
+        port: u16,
+        host_port: Option<u16>,
+    ) -> Result<TunnelView, AdminError> {
+        let names = || self.targets.keys().cloned().collect::<Vec<_>>().join(", ");
         let target = if target.is_empty() {
             match self.targets.keys().collect::<Vec<_>>().as_slice() {
                 [only] => (*only).clone(),
-                names => {
+                all => {
                     return Err(AdminError::Invalid(format!(
                         "target is required: tunnel-svc watches {} targets ({})",
-                        names.len(),
-                        names
-                            .iter()
-                            .map(|s| s.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        all.len(),
+                        names()
                     )))
                 }
             }
-        } else {
+        } else if self.targets.contains_key(&target) {
             target
-        };
-        if !self.targets.contains_key(&target) {
-            let names: Vec<&str> = self.targets.keys().map(String::as_str).collect();
+        } else {
             return Err(AdminError::Invalid(format!(
                 "no target {:?}; targets are {}",
                 porthole::text::clip(&target, 128),
-                names.join(", ")
+                names()
             )));
-        }
-        if self.statics.values().any(|(t, _)| *t == target) {
+        };
+        if self.statics.iter().any(|s| s.target == target) {
             return Err(AdminError::Precondition(format!(
                 "{target:?} is an egress gate upstream: its forwards come from the gate config"
             )));
         }
-        let port = u16::try_from(container_port)
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| {
-                AdminError::Invalid(format!(
-                    "container_port {container_port} is not in 1..65535"
-                ))
-            })?;
-        let host = match host_port {
-            0 => host_port_for(port, self.opts.allow_privileged),
-            h => u16::try_from(h)
-                .map_err(|_| AdminError::Invalid(format!("host_port {h} is not in 1..65535")))?,
-        };
-        if host_port != 0 && host < PRIVILEGED && !self.opts.allow_privileged {
+        if let Some(host) = host_port.filter(|h| *h < PRIVILEGED && !self.opts.allow_privileged) {
             return Err(AdminError::Invalid(format!(
                 "host_port {host} is privileged (below {PRIVILEGED}); tunnel-svc binds such \
                  ports only with --allow-privileged-ports"
             )));
         }
-        let id = tunnel_id(&target, port);
+        let id = TunnelId::new(&target, port);
+        let current = self
+            .entries
+            .get(&id)
+            .filter(|e| e.state.is_open())
+            .map(|e| e.host_port);
         // A working tunnel is replaced only by one that can listen: a host
         // port that is taken is refused and the tunnel stays as it is.
-        let working = self.entries.get(&id).is_some_and(|e| {
-            !e.capped && matches!(e.state(), TunnelState::Active | TunnelState::Pending)
-        });
-        if working && host_port != 0 {
-            let moving = self.entries.get(&id).map(|e| e.info.host_port) != Some(u32::from(host));
-            if moving {
+        if let (Some(now), Some(host)) = (current, host_port) {
+            if now != host {
                 if let Err(e) = tunnel::bind_all(&self.opts.bind, host) {
                     return Err(AdminError::Precondition(format!(
                         "cannot listen on host port {host}: {e}; {id} stays as it is"
@@ -802,66 +829,82 @@ impl Reconciler {
             }
         }
         self.closed.remove(&id);
-        self.manual
-            .insert(id.clone(), (target, port, (host_port != 0).then_some(host)));
-        let keep = self.entries.get(&id).is_some_and(|e| {
-            !e.capped
-                && matches!(e.state(), TunnelState::Active | TunnelState::Pending)
-                && (host_port == 0 || e.info.host_port == u32::from(host))
-        });
-        if keep {
-            let e = self.entries.get_mut(&id).expect("checked");
-            e.info.origin = Origin::Manual as i32;
-            self.publish(&id);
-        } else if let Some(mut e) = self.entries.remove(&id) {
-            e.stop();
+        self.manual.insert(id.clone(), host_port);
+        let keep = current.is_some_and(|now| host_port.is_none_or(|h| h == now));
+        if !keep {
+            if let Some(mut e) = self.entries.remove(&id) {
+                e.stop(&self.targets[&id.target], id.port);
+            }
         }
-        self.reconcile();
-        Ok(self
-            .entries
-            .get(&id)
-            .map(Entry::view)
-            .expect("a manual tunnel always has an entry"))
+        self.reconcile(false);
+        Ok(self.view(&id).expect("a manual tunnel always has an entry"))
+    }
+
+    fn all_events(&self) -> Vec<Arc<TunnelEvent>> {
+        all_events(&self.entries, &self.targets)
     }
 
     /// Subscribers that fell behind get every tunnel again once they have room.
     fn resync_subscribers(&mut self) {
-        let entries = &self.entries;
-        self.subscribers.resync(|| all_updates(entries));
+        let (entries, targets) = (&self.entries, &self.targets);
+        self.subscribers.resync(|| all_events(entries, targets));
     }
 
-    fn publish(&mut self, id: &str) {
-        if let Some(t) = self.entries.get(id).map(Entry::view) {
-            self.broadcast(TunnelUpdate {
-                tunnel: Some(t),
+    fn publish(&mut self, id: &TunnelId) {
+        if let Some(tunnel) = self.view(id) {
+            self.broadcast(TunnelEvent {
+                tunnel,
                 removed: false,
             });
         }
     }
 
-    fn publish_removed(&mut self, mut tunnel: Tunnel) {
-        tunnel.state = TunnelState::Closed as i32;
-        self.broadcast(TunnelUpdate {
-            tunnel: Some(tunnel),
+    fn publish_removed(&mut self, mut tunnel: TunnelView) {
+        tunnel.state = State::Closed;
+        self.broadcast(TunnelEvent {
+            tunnel,
             removed: true,
         });
     }
 
-    fn broadcast(&mut self, update: TunnelUpdate) {
-        self.subscribers.publish(&[Arc::new(update)]);
+    fn broadcast(&mut self, event: TunnelEvent) {
+        self.subscribers.publish(&[Arc::new(event)]);
         self.resync_subscribers();
     }
 }
 
-/// Every tunnel as an update: what a new or resynced subscriber gets.
-fn all_updates(entries: &BTreeMap<String, Entry>) -> Vec<Arc<TunnelUpdate>> {
+/// Every tunnel as an event: what a new or resynced subscriber gets.
+fn all_events(
+    entries: &BTreeMap<TunnelId, Entry>,
+    targets: &BTreeMap<String, Target>,
+) -> Vec<Arc<TunnelEvent>> {
     entries
-        .values()
-        .map(|e| {
-            Arc::new(TunnelUpdate {
-                tunnel: Some(e.view()),
+        .iter()
+        .map(|(id, e)| {
+            let tunnel = e.view(id, targets[&id.target].backend.kind());
+            Arc::new(TunnelEvent {
+                tunnel,
                 removed: false,
             })
         })
         .collect()
+}
+
+/// Why a tunnel cannot listen on its host port, in the user's terms.
+fn bind_failure(want: &Want, e: std::io::Error) -> String {
+    if e.kind() != std::io::ErrorKind::AddrInUse {
+        return format!("cannot listen on host port {}: {e}", want.host_port);
+    }
+    match want.origin {
+        Origin::Egress => format!(
+            "port {} is busy: the gate must listen on the upstream's own port (a port in a git \
+             URL overrides the ssh config's), so it waits for it",
+            want.host_port
+        ),
+        _ if want.exact => format!(
+            "host port {} is busy (asked for by OpenTunnel)",
+            want.host_port
+        ),
+        _ => format!("host port {} is busy (--on-conflict=fail)", want.host_port),
+    }
 }

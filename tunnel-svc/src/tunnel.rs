@@ -1,7 +1,9 @@
 //! The host side of one tunnel: listeners on the host addresses, an accept
-//! loop per address, and one task per connection handed to the backend.
+//! loop per address, and one task per connection that dials the container
+//! through the backend and copies and counts the bytes. This is the only
+//! place bytes are copied on the host, for every backend.
 
-use crate::backend::{Backend, CarryError};
+use crate::backend::{Backend, DialError, Upstream};
 use porthole::net::ResetOnDrop;
 use porthole::telemetry::RateLimit;
 use std::io;
@@ -34,7 +36,7 @@ impl Stats {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
     }
 
-    /// A backend reached the far end: the last failure no longer holds.
+    /// The far end was reached: the last failure no longer holds.
     pub fn connected(&self) {
         self.last_error
             .lock()
@@ -112,14 +114,14 @@ const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What the accept loops of one tunnel need.
 pub struct Carry {
-    /// The tunnel's id, for logs.
-    pub id: Arc<str>,
     pub container_port: u16,
     pub stats: Arc<Stats>,
     /// Closes the listeners; connections in flight then get [`DRAIN`].
     pub cancel: CancellationToken,
     /// Tracks every connection task, so shutdown can wait for the drain.
     pub tracker: TaskTracker,
+    /// `tunnel{id}`: every connection's span is inside it.
+    pub span: tracing::Span,
 }
 
 /// A tunnel's accept loops share this.
@@ -130,6 +132,19 @@ struct Shared {
     failures: RateLimit,
     /// Failed accepts, logged once per interval.
     accept_errors: RateLimit,
+}
+
+/// How a carried connection went wrong.
+#[derive(Debug, thiserror::Error)]
+enum CarryError {
+    /// The far end could not be reached: the tunnel's `error` says so.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// A connection that was carried ended badly (a reset, a peer gone).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("relay: {0}")]
+    Relay(#[from] porthole::relay::PumpError),
 }
 
 /// Accepts connections on `listeners` until `cancel`, carrying each one to
@@ -144,17 +159,21 @@ pub fn serve(listeners: Vec<TcpListener>, backend: Arc<Backend>, carry: Carry) {
     });
     for listener in listeners {
         let shared = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                let (conn, peer) = tokio::select! {
-                    _ = shared.carry.cancel.cancelled() => break,
-                    accepted = porthole::net::accept(&listener, &shared.accept_errors) => accepted,
-                };
-                let span = tracing::info_span!("conn", id = %shared.carry.id, %peer);
-                let tracker = shared.carry.tracker.clone();
-                tracker.spawn(handle(ResetOnDrop::new(conn), shared.clone()).instrument(span));
+        let span = shared.carry.span.clone();
+        tokio::spawn(
+            async move {
+                loop {
+                    let (conn, peer) = tokio::select! {
+                        _ = shared.carry.cancel.cancelled() => break,
+                        accepted = porthole::net::accept(&listener, &shared.accept_errors) => accepted,
+                    };
+                    let span = tracing::info_span!("conn", %peer);
+                    let tracker = shared.carry.tracker.clone();
+                    tracker.spawn(handle(ResetOnDrop::new(conn), shared.clone()).instrument(span));
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 }
 
@@ -164,7 +183,7 @@ async fn handle(conn: ResetOnDrop, shared: Arc<Shared>) {
     let stats = &carry.stats;
     stats.active.fetch_add(1, Relaxed);
     stats.total.fetch_add(1, Relaxed);
-    let work = backend.carry(conn, carry.container_port, stats);
+    let work = carry_one(conn, backend, carry.container_port, stats);
     tokio::pin!(work);
     let result = tokio::select! {
         result = &mut work => Some(result),
@@ -182,4 +201,53 @@ async fn handle(conn: ResetOnDrop, shared: Arc<Shared>) {
         None => tracing::debug!("connection still open after the drain; reset"),
     }
     stats.active.fetch_sub(1, Relaxed);
+}
+
+/// Dials the container's `port` and copies both ways until both ends
+/// finished. `conn` ends with a FIN only when the far side ended cleanly;
+/// on any failure it (and the far side) is reset as it drops.
+async fn carry_one(
+    mut conn: ResetOnDrop,
+    backend: &Backend,
+    port: u16,
+    stats: &Stats,
+) -> Result<(), CarryError> {
+    let upstream = backend.dial(port).await?;
+    stats.connected();
+    let (bytes_in, bytes_out) = (&stats.bytes_in, &stats.bytes_out);
+    match upstream {
+        Upstream::Tcp(mut up) => {
+            porthole::relay::copy(&mut *conn, &mut *up, bytes_in, bytes_out).await?;
+            up.finish();
+        }
+        Upstream::Forward {
+            mut stream,
+            ended_cleanly,
+        } => {
+            porthole::relay::copy_verified(
+                &mut *conn,
+                &mut stream,
+                bytes_in,
+                bytes_out,
+                &*ended_cleanly,
+            )
+            .await?;
+        }
+        Upstream::Relay(mut relay) => {
+            // On failure the stream ends without close_write, so the
+            // monitor resets its side too.
+            porthole::relay::pump(
+                &mut *conn,
+                &mut relay.inbound,
+                &relay.tx,
+                |f| f,
+                bytes_in,
+                bytes_out,
+            )
+            .await?;
+            relay.finish().await?;
+        }
+    }
+    conn.finish();
+    Ok(())
 }

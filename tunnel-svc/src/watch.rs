@@ -5,29 +5,32 @@
 //! last known ports stand, so tunnels stay up.
 
 use crate::backoff::Backoff;
-use crate::reconcile::Command;
+use crate::model::Listener;
+use crate::reconcile::{Handle, Link};
 use porthole::auth::AuthChannel;
 use porthole::pb::v1::{
-    port_events_client::PortEventsClient, watch_events_response::Kind, EventType, Port,
+    port_events_client::PortEventsClient, watch_events_response::Kind, EventType, Port, Protocol,
     WatchEventsRequest,
 };
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub struct Watcher {
     pub target: String,
     /// Carries the monitor's token, if any.
     pub channel: AuthChannel,
-    pub commands: mpsc::Sender<Command>,
+    pub reconciler: Handle,
 }
 
 #[derive(Default)]
 struct Position {
     instance_id: String,
     seq: u64,
-    ports: BTreeMap<String, Port>,
+    /// Open TCP listeners by the monitor's key.
+    ports: BTreeMap<String, Listener>,
 }
 
 /// Largest message taken from a monitor. A snapshot holds every listening
@@ -35,52 +38,64 @@ struct Position {
 /// tonic's 4 MiB default is too small for a container with many listeners.
 pub const MAX_MESSAGE: usize = 256 << 20;
 
-/// Why a port a monitor reported cannot be acted on, if it cannot: the
-/// container is less trusted than the host, so nothing it sends is used
-/// unchecked.
-pub fn invalid(p: &Port) -> Option<String> {
-    if p.port == 0 || p.port > 65535 {
-        return Some(format!("port {} is not in 1..65535", p.port));
-    }
-    if p.address.parse::<std::net::IpAddr>().is_err() {
-        return Some(format!(
+/// A port a monitor reported as a [`Listener`], or why it cannot be acted
+/// on: the container is less trusted than the host, so nothing it sends is
+/// used unchecked.
+pub fn listener(p: &Port) -> Result<Listener, String> {
+    let port = u16::try_from(p.port)
+        .ok()
+        .filter(|n| *n != 0)
+        .ok_or_else(|| format!("port {} is not in 1..65535", p.port))?;
+    let address: IpAddr = p.address.parse().map_err(|_| {
+        format!(
             "address {:?} is not an IP address",
             porthole::text::clip(&p.address, 64)
-        ));
+        )
+    })?;
+    Ok(Listener {
+        port,
+        address,
+        dual_stack: p.dual_stack,
+        process: p.process.clone(),
+    })
+}
+
+/// The open TCP ports among `ports`, with their listeners.
+fn by_port(ports: &BTreeMap<String, Listener>) -> BTreeMap<u16, Vec<Listener>> {
+    let mut open: BTreeMap<u16, Vec<Listener>> = BTreeMap::new();
+    for l in ports.values() {
+        open.entry(l.port).or_default().push(l.clone());
     }
-    None
+    open
 }
 
 impl Watcher {
-    /// `p` if it is valid; otherwise logs why (at most once per interval).
-    fn checked(&self, p: Port) -> Option<Port> {
+    /// `p` as a listener if it is a valid TCP one; logs (at most once per
+    /// interval) why an invalid one is ignored.
+    fn checked(&self, p: &Port) -> Option<Listener> {
         static LOG: porthole::telemetry::RateLimit =
             porthole::telemetry::RateLimit::new(Duration::from_secs(10));
-        match invalid(&p) {
-            None => Some(p),
-            Some(why) => {
+        if p.protocol != Protocol::Tcp as i32 {
+            return None;
+        }
+        match listener(p) {
+            Ok(l) => Some(l),
+            Err(why) => {
                 if let Some(suppressed) = LOG.check() {
-                    tracing::warn!(target = %self.target, error = %why, suppressed, "monitor reported an invalid port; ignored");
+                    tracing::warn!(error = %why, suppressed, "monitor reported an invalid port; ignored");
                 }
                 None
             }
         }
     }
 
-    /// Tells the reconciler whether the monitor's stream is up.
-    async fn link(&self, up: bool, instance_id: String, error: Option<String>) {
-        let _ = self
-            .commands
-            .send(Command::Link {
-                target: self.target.clone(),
-                up,
-                instance_id,
-                error,
-            })
-            .await;
+    /// Follows the monitor until `shutdown`, inside a `watch{target}` span.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let span = tracing::info_span!("watch", target = %self.target);
+        self.follow_forever(shutdown).instrument(span).await
     }
 
-    pub async fn run(self, shutdown: CancellationToken) {
+    async fn follow_forever(self, shutdown: CancellationToken) {
         let mut pos = Position::default();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
@@ -90,12 +105,11 @@ impl Watcher {
             };
             let why = match ended {
                 Ok(()) => {
-                    tracing::info!(target = %self.target, "monitor ended the stream; reconnecting");
+                    tracing::info!("monitor ended the stream; reconnecting");
                     "the monitor ended the stream".to_string()
                 }
                 Err(status) => {
                     tracing::warn!(
-                        target = %self.target,
                         code = ?status.code(),
                         error = %status.message(),
                         "monitor unreachable; tunnels stay up, retrying"
@@ -107,7 +121,10 @@ impl Watcher {
                     )
                 }
             };
-            self.link(false, String::new(), Some(why)).await;
+            let target = &self.target;
+            self.reconciler
+                .link(target, Link::Down { error: why })
+                .await;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -128,22 +145,25 @@ impl Watcher {
         // The monitor answered: the link is up, even when a resume has
         // nothing new to send.
         backoff.reset();
-        self.link(true, pos.instance_id.clone(), None).await;
+        let up = Link::Up {
+            instance_id: pos.instance_id.clone(),
+        };
+        self.reconciler.link(&self.target, up).await;
         while let Some(msg) = stream.message().await? {
             match msg.kind {
                 Some(Kind::Snapshot(s)) => {
                     if s.instance_id != pos.instance_id {
-                        tracing::info!(target = %self.target, instance_id = %porthole::text::clip(&s.instance_id, 64), ports = s.ports.len(), "monitor snapshot");
+                        tracing::info!(instance_id = %porthole::text::clip(&s.instance_id, 64), ports = s.ports.len(), "monitor snapshot");
                         let id = porthole::text::clip(&s.instance_id, 64).into_owned();
-                        self.link(true, id, None).await;
+                        let up = Link::Up { instance_id: id };
+                        self.reconciler.link(&self.target, up).await;
                     }
                     pos.instance_id = s.instance_id;
                     pos.seq = s.seq;
                     pos.ports = s
                         .ports
-                        .into_iter()
-                        .filter_map(|p| self.checked(p))
-                        .map(|p| (p.key.clone(), p))
+                        .iter()
+                        .filter_map(|p| Some((p.key.clone(), self.checked(p)?)))
                         .collect();
                 }
                 Some(Kind::Event(e)) if e.seq > pos.seq => {
@@ -151,22 +171,17 @@ impl Watcher {
                     if let Some(port) = e.port {
                         if e.r#type == EventType::Closed as i32 {
                             pos.ports.remove(&port.key);
-                        } else if let Some(port) = self.checked(port) {
-                            pos.ports.insert(port.key.clone(), port);
+                        } else if let Some(l) = self.checked(&port) {
+                            pos.ports.insert(port.key, l);
                         }
                     }
                 }
                 _ => continue,
             }
-            let ports = pos.ports.values().cloned().collect();
-            if self
-                .commands
-                .send(Command::Ports {
-                    target: self.target.clone(),
-                    ports,
-                })
+            if !self
+                .reconciler
+                .ports(&self.target, by_port(&pos.ports))
                 .await
-                .is_err()
             {
                 return Ok(());
             }

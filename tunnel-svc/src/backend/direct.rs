@@ -1,8 +1,7 @@
 //! direct backend: a plain TCP relay to the container's own address, for
 //! servers bound beyond loopback.
 
-use super::CarryError;
-use crate::tunnel::Stats;
+use super::DialError;
 use porthole::net::ResetOnDrop;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -18,30 +17,13 @@ pub struct Direct {
 }
 
 impl Direct {
-    pub async fn carry(
-        &self,
-        mut conn: ResetOnDrop,
-        port: u16,
-        stats: &Stats,
-    ) -> Result<(), CarryError> {
-        let unreachable =
-            |why: String| CarryError::Dial(format!("cannot reach {}:{port}: {why}", self.host));
-        let upstream = porthole::net::connect((self.host.as_str(), port), CONNECT_TIMEOUT)
+    /// Connects to `port` at the container's address, within
+    /// [`CONNECT_TIMEOUT`].
+    pub async fn dial(&self, port: u16) -> Result<ResetOnDrop, DialError> {
+        porthole::net::connect((self.host.as_str(), port), CONNECT_TIMEOUT)
             .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        stats.connected();
-        let mut upstream = ResetOnDrop::new(upstream);
-        // On failure both sockets are reset as they drop.
-        porthole::relay::copy(
-            &mut *conn,
-            &mut *upstream,
-            &stats.bytes_in,
-            &stats.bytes_out,
-        )
-        .await?;
-        conn.finish();
-        upstream.finish();
-        Ok(())
+            .map(ResetOnDrop::new)
+            .map_err(|e| DialError(format!("cannot reach {}:{port}: {e}", self.host)))
     }
 
     /// Why a server whose listeners accept connections only on `addresses`

@@ -1,10 +1,8 @@
 //! grpc backend: each host connection is one `Relay.Dial` stream on the
 //! target's single HTTP/2 connection to monitor-svc.
 
-use super::CarryError;
-use crate::tunnel::Stats;
+use super::DialError;
 use porthole::auth::AuthChannel;
-use porthole::net::ResetOnDrop;
 use porthole::pb::v1::{
     relay_client::RelayClient, relay_frame::Kind, DialRequest, Protocol, RelayFrame,
 };
@@ -26,26 +24,50 @@ pub struct Grpc {
     pub channel: AuthChannel,
 }
 
+/// A `Relay.Dial` stream the monitor confirmed: frames out, frames in.
+pub struct RelayStream {
+    pub tx: mpsc::Sender<RelayFrame>,
+    pub inbound: tonic::Streaming<RelayFrame>,
+}
+
+impl RelayStream {
+    /// After both directions ended cleanly: lets the last frames (our
+    /// close_write) go out and waits for the monitor to end the stream,
+    /// whose status says whether the container side ended cleanly too.
+    /// Dropping the response first would cancel the request before it is
+    /// sent.
+    pub async fn finish(self) -> Result<(), PumpError> {
+        let RelayStream { tx, mut inbound } = self;
+        drop(tx);
+        match tokio::time::timeout(FINISH_WAIT, inbound.message()).await {
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some(_))) => Err(PumpError::Protocol("data after close_write")),
+            Ok(Err(status)) => Err(PumpError::Stream(status)),
+            Err(_) => Err(PumpError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the monitor did not end the relay stream",
+            ))),
+        }
+    }
+}
+
 impl Grpc {
-    pub async fn carry(
-        &self,
-        mut conn: ResetOnDrop,
-        port: u16,
-        stats: &Stats,
-    ) -> Result<(), CarryError> {
-        let dialed = tokio::time::timeout(DIAL_TIMEOUT, self.dial(port))
+    /// Opens a relay stream to `port` and waits (bounded) for the monitor
+    /// to connect it.
+    pub async fn dial(&self, port: u16) -> Result<RelayStream, DialError> {
+        let dialed = tokio::time::timeout(DIAL_TIMEOUT, self.open(port))
             .await
             .map_err(|_| {
-                CarryError::Dial(format!(
+                DialError(format!(
                     "monitor unreachable: no answer to the dial within {}s",
                     DIAL_TIMEOUT.as_secs()
                 ))
             })?;
-        let (tx, mut inbound) = dialed.map_err(|status| {
+        dialed.map_err(|status| {
             // A status with a source is tonic's own (no answer from the
             // monitor); one without came from the monitor.
             let transport = std::error::Error::source(&status).is_some();
-            CarryError::Dial(match status.code() {
+            DialError(match status.code() {
                 tonic::Code::Unavailable if transport => {
                     format!("monitor unreachable: {}", status.message())
                 }
@@ -56,45 +78,12 @@ impl Grpc {
                 ),
                 _ => format!("the monitor says: {}", status.message()),
             })
-        })?;
-        // The far end is reached: an earlier failure no longer holds.
-        stats.connected();
-        // On failure `conn` is reset as it drops, and the stream ends
-        // without close_write, so the monitor resets its side too.
-        porthole::relay::pump(
-            &mut *conn,
-            &mut inbound,
-            &tx,
-            |f| f,
-            &stats.bytes_in,
-            &stats.bytes_out,
-        )
-        .await?;
-        // Both directions ended. Let the last frames (our close_write) go
-        // out and the monitor end the stream: dropping the response first
-        // would cancel the request before it is sent. Its status says
-        // whether the container side ended cleanly too.
-        drop(tx);
-        match tokio::time::timeout(FINISH_WAIT, inbound.message()).await {
-            Ok(Ok(None)) => {
-                conn.finish();
-                Ok(())
-            }
-            Ok(Ok(Some(_))) => Err(PumpError::Protocol("data after close_write").into()),
-            Ok(Err(status)) => Err(PumpError::Stream(status).into()),
-            Err(_) => Err(CarryError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the monitor did not end the relay stream",
-            ))),
-        }
+        })
     }
 
     /// Opens a `Relay.Dial` stream to `port` and waits for the monitor to
     /// confirm it connected.
-    async fn dial(
-        &self,
-        port: u16,
-    ) -> Result<(mpsc::Sender<RelayFrame>, tonic::Streaming<RelayFrame>), tonic::Status> {
+    async fn open(&self, port: u16) -> Result<RelayStream, tonic::Status> {
         let (tx, rx) = mpsc::channel(8);
         let dial = DialRequest {
             protocol: Protocol::Tcp as i32,
@@ -113,7 +102,7 @@ impl Grpc {
         match inbound.message().await? {
             Some(RelayFrame {
                 kind: Some(Kind::Dialed(_)),
-            }) => Ok((tx, inbound)),
+            }) => Ok(RelayStream { tx, inbound }),
             _ => Err(tonic::Status::internal("monitor did not confirm the dial")),
         }
     }

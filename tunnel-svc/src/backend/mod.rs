@@ -1,26 +1,36 @@
 //! How a tunnel reaches the container: a `Relay.Dial` stream (grpc), a
 //! plain TCP connection to the container's address (direct), or an OpenSSH
-//! ControlMaster forward (ssh). The host listeners in front are the same for
-//! all three, so states, counters and port remapping behave alike.
+//! ControlMaster forward (ssh). A backend only makes connections
+//! ([`Backend::dial`]) and prepares or releases what a port needs; the host
+//! side (tunnel.rs) accepts, copies and counts the same way for all three.
 
 pub mod direct;
 pub mod grpc;
 pub mod ssh;
 
-use crate::tunnel::Stats;
+use crate::config::BackendKind;
 use porthole::net::ResetOnDrop;
-use porthole::pb::v1;
+use tokio::net::UnixStream;
 
+/// Why a connection to the container's port could not be made, in words
+/// for the tunnel's `error`.
 #[derive(Debug, thiserror::Error)]
-pub enum CarryError {
-    /// The far end could not be reached: the tunnel's `error` says so.
-    #[error("{0}")]
-    Dial(String),
-    /// A connection that was carried ended badly (a reset, a peer gone).
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("relay: {0}")]
-    Relay(#[from] porthole::relay::PumpError),
+#[error("{0}")]
+pub struct DialError(pub String);
+
+/// A connection to a container port, made by a backend.
+pub enum Upstream {
+    /// A TCP connection to the port itself (direct). Reset if dropped
+    /// before [`ResetOnDrop::finish`].
+    Tcp(ResetOnDrop),
+    /// ssh's local socket for the port's forward, with a check that tells
+    /// a clean end from the master dying (both close the socket alike).
+    Forward {
+        stream: UnixStream,
+        ended_cleanly: Box<dyn Fn() -> std::io::Result<()> + Send + Sync>,
+    },
+    /// A `Relay.Dial` stream the monitor has connected.
+    Relay(grpc::RelayStream),
 }
 
 pub enum Backend {
@@ -30,42 +40,42 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub fn kind(&self) -> v1::Backend {
+    pub fn kind(&self) -> BackendKind {
         match self {
-            Backend::Grpc(_) => v1::Backend::Grpc,
-            Backend::Direct(_) => v1::Backend::Direct,
-            Backend::Ssh(_) => v1::Backend::Ssh,
+            Backend::Grpc(_) => BackendKind::Grpc,
+            Backend::Direct(_) => BackendKind::Direct,
+            Backend::Ssh(_) => BackendKind::Ssh,
         }
     }
 
-    /// Makes `port` reachable (ssh adds its forward). Idempotent.
-    pub async fn open(&self, port: u16) -> Result<(), String> {
+    /// Whether a port needs [`Backend::prepare`] before connections work
+    /// (ssh adds a forward); otherwise a tunnel is active as it listens.
+    pub fn needs_prepare(&self) -> bool {
+        matches!(self, Backend::Ssh(_))
+    }
+
+    /// Makes `port` reachable. The reconciler calls prepare and
+    /// [`Backend::release`] for one target in order, one at a time.
+    pub async fn prepare(&self, port: u16) -> Result<(), String> {
         match self {
             Backend::Ssh(s) => s.open(port).await,
             _ => Ok(()),
         }
     }
 
-    /// Undoes [`Backend::open`].
-    pub async fn close(&self, port: u16) {
+    /// Undoes [`Backend::prepare`].
+    pub async fn release(&self, port: u16) {
         if let Backend::Ssh(s) = self {
             s.close(port).await;
         }
     }
 
-    /// Carries one accepted host connection to the container's `port`. The
-    /// connection ends with a FIN only when the far side ended cleanly; on
-    /// any failure it is reset (it drops unfinished).
-    pub async fn carry(
-        &self,
-        conn: ResetOnDrop,
-        port: u16,
-        stats: &Stats,
-    ) -> Result<(), CarryError> {
+    /// Connects to the container's `port`.
+    pub async fn dial(&self, port: u16) -> Result<Upstream, DialError> {
         match self {
-            Backend::Grpc(g) => g.carry(conn, port, stats).await,
-            Backend::Direct(d) => d.carry(conn, port, stats).await,
-            Backend::Ssh(s) => s.carry(conn, port, stats).await,
+            Backend::Grpc(g) => g.dial(port).await.map(Upstream::Relay),
+            Backend::Direct(d) => d.dial(port).await.map(Upstream::Tcp),
+            Backend::Ssh(s) => s.dial(port).await,
         }
     }
 

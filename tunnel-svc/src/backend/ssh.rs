@@ -5,7 +5,8 @@
 //! to `localhost:PORT` in the container, not from a host TCP port:
 //! tunnel-svc owns the host listeners for every backend (127.0.0.1 and ::1,
 //! conflict remapping, connection and byte counts), and ssh only carries
-//! the bytes. [`Ssh::carry`] joins an accepted host connection to that socket.
+//! the bytes. [`Ssh::dial`] connects to that socket for an accepted host
+//! connection.
 //!
 //! The master lives in its own 0700 runtime directory next to its control
 //! socket (`ctl`). It is ready when `ssh -O check` answers; a dead master
@@ -15,11 +16,9 @@
 //! stall a tunnel, and shutdown reaps the master: no ssh process outlives
 //! tunnel-svc.
 
-use super::CarryError;
+use super::{DialError, Upstream};
 use crate::backoff::Backoff;
-use crate::tunnel::Stats;
-use porthole::net::ResetOnDrop;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
@@ -44,7 +43,7 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 const OPEN_WAIT: Duration = Duration::from_secs(15);
 /// How long a connection waits for its forward (being added, or being
 /// re-added by a restarting master).
-const CARRY_WAIT: Duration = Duration::from_secs(10);
+const DIAL_WAIT: Duration = Duration::from_secs(10);
 /// How often a connection waiting for its forward looks again.
 const FORWARD_POLL: Duration = Duration::from_millis(5);
 /// How long the master may take to exit after `-O exit`.
@@ -88,12 +87,11 @@ enum Master {
 struct Shared {
     config: SshConfig,
     ctl: PathBuf,
-    /// Container ports to forward, each with the number of [`Ssh::open`]s
-    /// not yet matched by a [`Ssh::close`] (the reconciler may close a
-    /// tunnel's old entry after opening its new one). The lock is also held
-    /// while ssh adds or removes a forward, so a restart's re-adding and
-    /// open/close never interleave.
-    wanted: Mutex<BTreeMap<u16, u32>>,
+    /// Container ports to forward. The reconciler opens and closes a port
+    /// in order, so a set says it all. The lock is also held while ssh
+    /// adds or removes a forward, so a restart's re-adding and open/close
+    /// never interleave.
+    wanted: Mutex<BTreeSet<u16>>,
     master: watch::Sender<Master>,
     open_wait: Duration,
     /// `ssh{target, host}`: every log line of this backend is inside it.
@@ -119,7 +117,7 @@ impl Ssh {
         let shared = Arc::new(Shared {
             ctl: config.runtime_dir.join("ctl"),
             config,
-            wanted: Mutex::new(BTreeMap::new()),
+            wanted: Mutex::new(BTreeSet::new()),
             master: watch::Sender::new(Master::Connecting { last_error: None }),
             open_wait,
             span: span.clone(),
@@ -134,30 +132,24 @@ impl Ssh {
     }
 
     /// Adds the forward for container `port`, waiting (bounded) for the
-    /// master if it is not up. Idempotent; each call is undone by one
-    /// [`Ssh::close`].
+    /// master if it is not up. Idempotent.
     pub async fn open(&self, port: u16) -> Result<(), String> {
         let s = &self.shared;
         s.open(port).instrument(s.span.clone()).await
     }
 
-    /// Undoes one [`Ssh::open`]; the forward goes when none is left.
+    /// Removes the forward of `port`.
     pub async fn close(&self, port: u16) {
         let s = &self.shared;
         s.close(port).instrument(s.span.clone()).await
     }
 
-    /// Carries one accepted host connection through the forward of `port`.
-    pub async fn carry(
-        &self,
-        mut conn: ResetOnDrop,
-        port: u16,
-        stats: &Stats,
-    ) -> Result<(), CarryError> {
-        let s = &self.shared;
+    /// Connects to the forward of `port` for one host connection.
+    pub async fn dial(&self, port: u16) -> Result<Upstream, DialError> {
+        let s = self.shared.clone();
         let path = forward_path(&s.config.runtime_dir, port);
-        let deadline = tokio::time::Instant::now() + CARRY_WAIT;
-        let upstream = loop {
+        let deadline = tokio::time::Instant::now() + DIAL_WAIT;
+        let stream = loop {
             let err = match UnixStream::connect(&path).await {
                 Ok(u) => break u,
                 Err(e) => e,
@@ -166,13 +158,11 @@ impl Ssh {
             // forward is added, and a restarting master re-adds every wanted
             // forward before it counts as up. Wait for either, boundedly;
             // give up at once on a port nobody wants any more.
-            if !s.wanted.lock().await.contains_key(&port) {
-                return Err(CarryError::Dial(format!(
-                    "no ssh forward for port {port}: {err}"
-                )));
+            if !s.wanted.lock().await.contains(&port) {
+                return Err(DialError(format!("no ssh forward for port {port}: {err}")));
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(CarryError::Dial(format!(
+                return Err(DialError(format!(
                     "the ssh forward of port {port} did not come up: {err}"
                 )));
             }
@@ -183,31 +173,24 @@ impl Ssh {
             match up {
                 Some(_) => tokio::time::sleep(FORWARD_POLL).await,
                 None => {
-                    s.wait_up(CARRY_WAIT, up).await.map_err(CarryError::Dial)?;
+                    s.wait_up(DIAL_WAIT, up).await.map_err(DialError)?;
                 }
             }
         };
-        let mut upstream = upstream;
         // ssh closes a forward's socket the same way when the server closed
         // cleanly and when the master died: an end counts as clean only if
-        // the master is alive. Otherwise `conn` is reset as it drops.
-        let master_alive = || match *s.master.borrow() {
+        // the master is alive.
+        let ended_cleanly = Box::new(move || match *s.master.borrow() {
             Master::Up { pid, .. } if !exiting(pid) => Ok(()),
             _ => Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
                 "the ssh master went away",
             )),
-        };
-        porthole::relay::copy_verified(
-            &mut *conn,
-            &mut upstream,
-            &stats.bytes_in,
-            &stats.bytes_out,
-            &master_alive,
-        )
-        .await?;
-        conn.finish();
-        Ok(())
+        });
+        Ok(Upstream::Forward {
+            stream,
+            ended_cleanly,
+        })
     }
 
     /// Stops the master (`-O exit`, then SIGKILL if need be), waits for it
@@ -244,13 +227,13 @@ enum Life {
 impl Shared {
     /// See [`Ssh::open`].
     async fn open(&self, port: u16) -> Result<(), String> {
-        *self.wanted.lock().await.entry(port).or_insert(0) += 1;
+        self.wanted.lock().await.insert(port);
         let mut newer_than = None;
         let mut last_error = String::new();
         for _ in 0..3 {
             let generation = self.wait_up(self.open_wait, newer_than).await?;
             let wanted = self.wanted.lock().await;
-            if !wanted.contains_key(&port) {
+            if !wanted.contains(&port) {
                 return Err(format!(
                     "the forward of port {port} was closed while opening"
                 ));
@@ -275,15 +258,8 @@ impl Shared {
     /// See [`Ssh::close`].
     async fn close(&self, port: u16) {
         let mut wanted = self.wanted.lock().await;
-        match wanted.get_mut(&port) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                return;
-            }
-            Some(_) => {
-                wanted.remove(&port);
-            }
-            None => return,
+        if !wanted.remove(&port) {
+            return;
         }
         let up = matches!(*self.master.borrow(), Master::Up { .. });
         if up {
@@ -379,7 +355,7 @@ impl Shared {
         let up_since = Instant::now();
         {
             let wanted = self.wanted.lock().await;
-            for &port in wanted.keys() {
+            for &port in wanted.iter() {
                 if let Err(e) = self.forward(port).await {
                     tracing::warn!(port, error = %e, "cannot re-add ssh forward");
                 }

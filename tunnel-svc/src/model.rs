@@ -1,0 +1,170 @@
+//! tunnel-svc's own vocabulary: what a tunnel is called, which state it is
+//! in and why, and what a target reported listening. The reconciler works
+//! only with these; protobuf messages are made and read at the API edges
+//! (admin.rs, watch.rs).
+
+use porthole::pb::v1::Process;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+/// A tunnel's identity: a target and a TCP port in it. Shown and parsed as
+/// `TARGET:tcp:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TunnelId {
+    pub target: String,
+    pub port: u16,
+}
+
+impl TunnelId {
+    pub fn new(target: &str, port: u16) -> TunnelId {
+        TunnelId {
+            target: target.to_string(),
+            port,
+        }
+    }
+}
+
+impl fmt::Display for TunnelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:tcp:{}", self.target, self.port)
+    }
+}
+
+impl FromStr for TunnelId {
+    type Err = ();
+    /// `TARGET:tcp:PORT` with PORT in 1..65535; the target may itself hold
+    /// colons (a gate upstream named by address).
+    fn from_str(s: &str) -> Result<TunnelId, ()> {
+        let (rest, port) = s.rsplit_once(':').ok_or(())?;
+        let target = rest.strip_suffix(":tcp").ok_or(())?;
+        let port: u16 = port.parse().map_err(|_| ())?;
+        if target.is_empty() || port == 0 || port.to_string().len() != s.len() - rest.len() - 1 {
+            return Err(());
+        }
+        Ok(TunnelId::new(target, port))
+    }
+}
+
+/// Why a tunnel exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A port the target's monitor reported open.
+    Auto,
+    /// Opened through the admin API.
+    Manual,
+    /// One of the egress gate's configured forwards.
+    Egress,
+}
+
+/// Where a tunnel is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Listening on the host; the backend is still preparing the port.
+    Pending,
+    /// Listening on the host and carrying connections.
+    Active,
+    /// Not forwarded, for this reason; tried again while it is wanted.
+    Failed(String),
+    /// Closed by an admin; it stays closed until the port closes inside.
+    Closed,
+    /// Listed only: more ports are open than `--max-tunnels` allows.
+    Capped,
+}
+
+impl State {
+    /// Holds host listeners (or is about to).
+    pub fn is_open(&self) -> bool {
+        matches!(self, State::Pending | State::Active)
+    }
+}
+
+/// One listening socket a monitor reported, already checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listener {
+    pub port: u16,
+    pub address: IpAddr,
+    /// An IPv6 wildcard that accepts IPv4 too.
+    pub dual_stack: bool,
+    pub process: Option<Process>,
+}
+
+impl Listener {
+    /// The addresses the listener accepts connections on: its own, plus
+    /// IPv4's wildcard for a dual-stack `::` socket.
+    pub fn reachable_on(&self) -> Vec<IpAddr> {
+        if self.dual_stack {
+            vec![self.address, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)]
+        } else {
+            vec![self.address]
+        }
+    }
+}
+
+/// Live counters of one tunnel, as read at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub active: u64,
+    pub total: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// A tunnel as the admin API shows it.
+#[derive(Clone, Debug)]
+pub struct TunnelView {
+    pub id: TunnelId,
+    pub origin: Origin,
+    pub state: State,
+    pub backend: crate::config::BackendKind,
+    /// 0 while it has no host listeners.
+    pub host_port: u16,
+    pub host_addresses: Vec<SocketAddr>,
+    pub process: Option<Process>,
+    pub opened_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Something a user should know that is not a failure (a remap, a cap).
+    pub note: Option<String>,
+    /// Why the latest connection failed, until one gets through again.
+    pub last_error: Option<String>,
+    pub counters: Counters,
+}
+
+/// A target as ListTargets shows it.
+#[derive(Clone, Debug)]
+pub struct TargetView {
+    pub name: String,
+    pub url: String,
+    pub backend: crate::config::BackendKind,
+    pub connected: bool,
+    pub instance_id: String,
+    pub error: Option<String>,
+    pub since: chrono::DateTime<chrono::Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TunnelId;
+
+    #[test]
+    fn ids_print_and_parse_back() {
+        let id = TunnelId::new("dev", 8080);
+        assert_eq!(id.to_string(), "dev:tcp:8080");
+        assert_eq!("dev:tcp:8080".parse(), Ok(id));
+        let odd: TunnelId = "git.example:22:tcp:22".parse().unwrap();
+        assert_eq!((odd.target.as_str(), odd.port), ("git.example:22", 22));
+        for bad in [
+            "",
+            "dev",
+            "dev:8080",
+            "dev:udp:53",
+            ":tcp:80",
+            "dev:tcp:0",
+            "dev:tcp:65536",
+            "dev:tcp:+80",
+            "dev:tcp:080",
+            "dev:tcp:",
+        ] {
+            assert!(bad.parse::<TunnelId>().is_err(), "{bad:?}");
+        }
+    }
+}
