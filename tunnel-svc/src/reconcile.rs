@@ -908,3 +908,308 @@ fn bind_failure(want: &Want, e: std::io::Error) -> String {
         _ => format!("host port {} is busy (--on-conflict=fail)", want.host_port),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The reconciler driven in memory through its handle, as the watchers
+    //! and the admin API drive it; host listeners are real, on loopback.
+    use super::*;
+    use crate::backend::direct::Direct;
+    use futures_util::StreamExt;
+
+    fn free_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
+    fn is_free(port: u16) -> bool {
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+    }
+
+    /// Whether `port` becomes free within a second: a closed tunnel's
+    /// accept loops drop their listeners as they next run.
+    async fn freed(port: u16) -> bool {
+        for _ in 0..100 {
+            if is_free(port) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    fn options() -> Options {
+        Options {
+            bind: vec!["127.0.0.1".parse().unwrap()],
+            skip: PortSet::default(),
+            max_tunnels: 10,
+            remap: true,
+            allow_privileged: false,
+        }
+    }
+
+    fn target(name: &str) -> TargetSpec {
+        TargetSpec {
+            name: name.into(),
+            backend: Arc::new(Backend::Direct(Direct {
+                host: "127.0.0.1".into(),
+            })),
+            monitor_port: 7070,
+            url: "http://127.0.0.1:7070".into(),
+            fixed: false,
+        }
+    }
+
+    fn start(targets: &[&str], opts: Options) -> (Handle, CancellationToken) {
+        let shutdown = CancellationToken::new();
+        let specs = targets.iter().map(|t| target(t)).collect();
+        let (h, _) = spawn(specs, opts, Vec::new(), shutdown.clone());
+        (h, shutdown)
+    }
+
+    fn open(ports: &[u16]) -> BTreeMap<u16, Vec<Listener>> {
+        ports
+            .iter()
+            .map(|&port| {
+                let l = Listener {
+                    port,
+                    address: "0.0.0.0".parse().unwrap(),
+                    dual_stack: false,
+                    process: None,
+                };
+                (port, vec![l])
+            })
+            .collect()
+    }
+
+    async fn tunnel(h: &Handle, target: &str, port: u16) -> Option<TunnelView> {
+        let id = TunnelId::new(target, port);
+        h.tunnels(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|t| t.id == id)
+    }
+
+    async fn count(h: &Handle) -> usize {
+        h.tunnels(None).await.unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn open_ports_get_tunnels_that_go_when_the_port_closes() {
+        let (h, _stop) = start(&["dev"], options());
+        let p = free_port();
+        assert!(h.ports("dev", open(&[p, 7070])).await);
+        let t = tunnel(&h, "dev", p).await.unwrap();
+        assert_eq!(
+            (t.state, t.host_port, t.origin),
+            (State::Active, p, Origin::Auto)
+        );
+        assert_eq!(t.host_addresses, [SocketAddr::from(([127, 0, 0, 1], p))]);
+        assert!(!is_free(p), "the host port listens");
+        assert_eq!(
+            count(&h).await,
+            1,
+            "the monitor's own port is never forwarded"
+        );
+        h.ports("dev", open(&[])).await;
+        assert_eq!(count(&h).await, 0);
+        assert!(freed(p).await, "the host port is free again");
+    }
+
+    #[tokio::test]
+    async fn skipped_ports_are_left_alone_unless_opened_by_hand() {
+        let p = free_port();
+        let opts = Options {
+            skip: p.to_string().parse().unwrap(),
+            ..options()
+        };
+        let (h, _stop) = start(&["dev"], opts);
+        h.ports("dev", open(&[p])).await;
+        assert_eq!(count(&h).await, 0);
+        let t = h.open(String::new(), p, None).await.unwrap();
+        assert_eq!((t.state, t.origin), (State::Active, Origin::Manual));
+    }
+
+    #[tokio::test]
+    async fn an_admin_close_holds_until_the_port_reopens() {
+        let (h, _stop) = start(&["dev"], options());
+        let p = free_port();
+        h.ports("dev", open(&[p])).await;
+        let closed = h.close(format!("dev:tcp:{p}")).await.unwrap();
+        assert_eq!(closed.state, State::Closed);
+        assert!(freed(p).await);
+        // The monitor reports the port again (a reconnect): still closed.
+        h.ports("dev", open(&[p])).await;
+        assert_eq!(tunnel(&h, "dev", p).await.unwrap().state, State::Closed);
+        // It closes and reopens inside: forwarded again.
+        h.ports("dev", open(&[])).await;
+        assert_eq!(count(&h).await, 0);
+        h.ports("dev", open(&[p])).await;
+        assert_eq!(tunnel(&h, "dev", p).await.unwrap().state, State::Active);
+        // Mistyped ids are refused, not echoed whole.
+        let err = h.close("dev:tcp:x".repeat(100)).await.unwrap_err();
+        assert!(
+            matches!(err, AdminError::NotFound(ref id) if id.len() < 200),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_busy_host_port_is_remapped_and_says_so() {
+        let (h, _stop) = start(&["dev"], options());
+        let p = free_port();
+        let _busy = std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();
+        h.ports("dev", open(&[p])).await;
+        let t = tunnel(&h, "dev", p).await.unwrap();
+        assert_eq!(t.state, State::Active);
+        assert_ne!(t.host_port, p);
+        let note = t.note.unwrap();
+        assert!(note.contains(&format!("host port {p} is busy")), "{note}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exact_host_port_fails_while_busy_and_is_retried() {
+        let (h, _stop) = start(&["dev"], options());
+        let (p, q) = (free_port(), free_port());
+        let busy = std::net::TcpListener::bind(("127.0.0.1", q)).unwrap();
+        h.ports("dev", open(&[p])).await;
+        let t = h.open("dev".into(), p, Some(q)).await;
+        // The pre-bind check refuses to move a working tunnel onto a busy port.
+        assert!(matches!(t, Err(AdminError::Precondition(_))), "{t:?}");
+        assert_eq!(tunnel(&h, "dev", p).await.unwrap().host_port, p);
+        // A new manual tunnel on a busy exact port fails and is retried.
+        let r = free_port();
+        let t = h.open("dev".into(), r, Some(q)).await.unwrap();
+        let State::Failed(why) = t.state else {
+            panic!("{t:?}")
+        };
+        assert!(
+            why.contains(&format!("host port {q} is busy (asked for by OpenTunnel)")),
+            "{why}"
+        );
+        drop(busy);
+        let mut waited = Duration::ZERO;
+        while tunnel(&h, "dev", r).await.unwrap().state != State::Active {
+            assert!(waited < RETRY * 3, "not retried");
+            tokio::time::sleep(RETRY / 4).await;
+            waited += RETRY / 4;
+        }
+        assert_eq!(tunnel(&h, "dev", r).await.unwrap().host_port, q);
+    }
+
+    #[tokio::test]
+    async fn the_cap_lists_new_ports_and_never_evicts() {
+        let opts = Options {
+            max_tunnels: 1,
+            ..options()
+        };
+        let (h, _stop) = start(&["dev"], opts);
+        let (low, high) = {
+            let (a, b) = (free_port(), free_port());
+            (a.min(b), a.max(b))
+        };
+        h.ports("dev", open(&[high])).await;
+        h.ports("dev", open(&[low, high])).await;
+        assert_eq!(tunnel(&h, "dev", high).await.unwrap().state, State::Active);
+        let capped = tunnel(&h, "dev", low).await.unwrap();
+        assert_eq!(capped.state, State::Capped);
+        assert!(capped.note.unwrap().contains("--max-tunnels 1"));
+        assert!(is_free(low), "a capped port is not bound");
+        h.ports("dev", open(&[low])).await;
+        assert_eq!(tunnel(&h, "dev", low).await.unwrap().state, State::Active);
+    }
+
+    #[tokio::test]
+    async fn two_targets_on_one_port_the_first_keeps_it() {
+        let (h, _stop) = start(&["a", "b"], options());
+        let p = free_port();
+        h.ports("b", open(&[p])).await;
+        h.ports("a", open(&[p])).await;
+        let b = tunnel(&h, "b", p).await.unwrap();
+        let a = tunnel(&h, "a", p).await.unwrap();
+        assert_eq!((b.state, b.host_port), (State::Active, p));
+        assert_eq!(a.state, State::Active);
+        assert_ne!(a.host_port, p);
+        let note = a.note.unwrap();
+        assert!(
+            note.starts_with(&format!("host port {p} is held by b:tcp:{p}")),
+            "{note}"
+        );
+    }
+
+    #[tokio::test]
+    async fn statics_always_exist_and_cannot_be_closed_or_reopened() {
+        let shutdown = CancellationToken::new();
+        let p = free_port();
+        let spec = TargetSpec {
+            fixed: true,
+            ..target("forge")
+        };
+        let (h, _) = spawn(
+            vec![spec],
+            options(),
+            vec![("forge".into(), p)],
+            shutdown.clone(),
+        );
+        let t = tunnel(&h, "forge", p).await.unwrap();
+        assert_eq!(
+            (t.origin, t.state, t.host_port),
+            (Origin::Egress, State::Active, p)
+        );
+        let err = h.close(format!("forge:tcp:{p}")).await.unwrap_err();
+        assert!(matches!(err, AdminError::Precondition(_)), "{err}");
+        let err = h.open("forge".into(), 9, None).await.unwrap_err();
+        assert!(matches!(err, AdminError::Precondition(_)), "{err}");
+        let targets = h.targets().await.unwrap();
+        assert!(targets[0].connected, "a gate upstream needs no monitor");
+    }
+
+    #[tokio::test]
+    async fn watchers_see_every_tunnel_then_each_change() {
+        let (h, _stop) = start(&["dev"], options());
+        let p = free_port();
+        h.ports("dev", open(&[p])).await;
+        let mut events = h.watch().await.unwrap();
+        let first = events.next().await.unwrap().unwrap();
+        assert_eq!((first.tunnel.id.port, first.removed), (p, false));
+        h.ports("dev", open(&[])).await;
+        let gone = events.next().await.unwrap().unwrap();
+        assert_eq!((gone.tunnel.id.port, gone.removed), (p, true));
+        assert_eq!(gone.tunnel.state, State::Closed);
+    }
+
+    #[tokio::test]
+    async fn links_show_in_targets_and_shutdown_frees_every_port() {
+        let (h, stop) = start(&["dev"], options());
+        h.link(
+            "dev",
+            Link::Up {
+                instance_id: "run-1".into(),
+            },
+        )
+        .await;
+        h.link(
+            "dev",
+            Link::Down {
+                error: "refused".into(),
+            },
+        )
+        .await;
+        let t = &h.targets().await.unwrap()[0];
+        assert_eq!(
+            (t.connected, t.instance_id.as_str(), t.error.as_deref()),
+            (false, "run-1", Some("refused"))
+        );
+        let p = free_port();
+        h.ports("dev", open(&[p])).await;
+        assert_eq!(tunnel(&h, "dev", p).await.unwrap().state, State::Active);
+        assert!(!is_free(p));
+        stop.cancel();
+        while h.targets().await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+        assert!(freed(p).await);
+        assert!(matches!(h.tunnels(None).await, Err(AdminError::Stopping)));
+    }
+}
