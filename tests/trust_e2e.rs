@@ -568,13 +568,17 @@ async fn at_the_fd_limit_both_services_stay_quiet_and_recover() {
     let _server = common::Server::any(&ns, port).await;
     let mut tunnel = TunnelProc::follow(&ns, &monitor, &[]).await;
     tunnel.wait_active(&format!("default:tcp:{port}")).await;
-    limit_fds(monitor.pid(), 128);
-    limit_fds(tunnel.pid(), 128);
-
     // More connections than either may hold, none sending anything.
-    let to_monitor = hold_connections(monitor.addr(), 300).await;
+    // tunnel-svc first, while the monitor can still relay each of them: a
+    // monitor out of fds fails the relays, and tunnel-svc would close the
+    // connections instead of running out itself.
+    limit_fds(tunnel.pid(), 128);
     let tunnel_addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let to_tunnel = hold_connections(tunnel_addr, 300).await;
+    // The monitor holds a connection to the server for each relay: at 128
+    // it is out of fds already, and these wait in its listen backlog (128).
+    limit_fds(monitor.pid(), 128);
+    let to_monitor = hold_connections(monitor.addr(), 100).await;
     let (mon_cpu, mon_lines) =
         quietness(monitor.pid(), || monitor.log(), Duration::from_secs(2)).await;
     let (tun_cpu, tun_lines) =

@@ -882,7 +882,9 @@ async fn two_targets_same_port_both_forwarded() {
         &a
     };
     assert!(
-        remapped.note.contains(&format!("{port} is busy")),
+        remapped
+            .note
+            .contains(&format!("host port {port} is held by ")),
         "{remapped:?}"
     );
     assert_eq!(ping(v4(a.host_port as u16)).await, "in-a");
