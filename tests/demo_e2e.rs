@@ -1,6 +1,6 @@
 //! `tunnel-svc demo`, the README's first command, run as a user would.
 
-mod common;
+use porthole_testkit as common;
 
 use std::process::Command;
 use std::time::Duration;

@@ -9,9 +9,9 @@
 //! process itself reaches each namespace over the harness's veth to the
 //! host (the gate's admin API, sshd readiness).
 
-mod common;
+use porthole_testkit as common;
 
-use common::{binary, poll_until, require_root, within, Listener, Netns, Proc, DEADLINE};
+use common::{binary, poll_until, require_root, within, Listener, Netns, Proc, Sshd, DEADLINE};
 use porthole::pb::v1::{
     tunnel_admin_client::TunnelAdminClient, Backend, CloseTunnelRequest, ListTunnelsRequest,
     OpenTunnelRequest, Origin, Tunnel, TunnelState,
@@ -20,7 +20,6 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -100,13 +99,7 @@ impl Topology {
 // ---------------------------------------------------------------------------
 // The upstream: a real sshd with its own keys
 
-struct Sshd {
-    _proc: Proc,
-    dir: PathBuf,
-    /// `ssh-ed25519 AAAA...`
-    host_key: String,
-}
-
+/// Runs `cmd`; panics with its output unless it succeeds.
 fn run_ok(what: &str, cmd: &mut Command) -> Output {
     let out = cmd
         .output()
@@ -119,73 +112,6 @@ fn run_ok(what: &str, cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-fn keygen(path: &Path) {
-    run_ok(
-        "ssh-keygen",
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "porthole-test", "-f"])
-            .arg(path),
-    );
-}
-
-impl Sshd {
-    /// sshd on `0.0.0.0:port` in `ns`, with a fresh host key and a client
-    /// key (`client_key` in [`Sshd::dir`]) authorized for root.
-    async fn start(ns: &Netns, port: u16) -> Sshd {
-        let dir = ns.log_dir().join(format!("sshd-{port}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        keygen(&dir.join("host_key"));
-        keygen(&dir.join("client_key"));
-        std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
-        let config = format!(
-            "Port {port}\n\
-             ListenAddress 0.0.0.0\n\
-             HostKey {dir}/host_key\n\
-             PidFile none\n\
-             UsePAM no\n\
-             PermitRootLogin prohibit-password\n\
-             PubkeyAuthentication yes\n\
-             PasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\n\
-             AuthorizedKeysFile {dir}/authorized_keys\n\
-             StrictModes no\n\
-             LogLevel VERBOSE\n",
-            dir = dir.display()
-        );
-        std::fs::write(dir.join("sshd_config"), config).unwrap();
-        // The privilege separation directory Debian's package makes at boot.
-        std::fs::create_dir_all("/run/sshd").unwrap();
-        let config_path = dir.join("sshd_config");
-        let proc = ns.spawn(
-            "/usr/sbin/sshd",
-            ["-D", "-e", "-f", config_path.to_str().unwrap()],
-        );
-        let addr = SocketAddr::new(ns.addr().into(), port);
-        let banner = poll_until("sshd answers", DEADLINE, || banner_from_here(addr)).await;
-        assert!(banner.starts_with("SSH-2.0-OpenSSH"), "{banner}");
-        let pubkey = std::fs::read_to_string(dir.join("host_key.pub")).unwrap();
-        let host_key = pubkey
-            .split_whitespace()
-            .take(2)
-            .collect::<Vec<_>>()
-            .join(" ");
-        Sshd {
-            _proc: proc,
-            dir,
-            host_key,
-        }
-    }
-}
-
-/// The first line a TCP server sends, read from the test process itself.
-async fn banner_from_here(addr: SocketAddr) -> Option<String> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let mut buf = vec![0u8; 256];
-    let n = s.read(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf[..n]).to_string();
-    text.lines().next().map(str::to_string)
 }
 
 // ---------------------------------------------------------------------------
@@ -349,7 +275,7 @@ async fn banner_reaches_the_upstream_through_the_gate() {
         return;
     }
     let t = Topology::new();
-    let _sshd = Sshd::start(&t.upstream, SSH_PORT).await;
+    let _sshd = Sshd::start(&t.upstream, Ipv4Addr::UNSPECIFIED.into(), SSH_PORT).await;
     let config = write_config(
         t.gate.log_dir(),
         "gate.toml",
@@ -389,7 +315,7 @@ async fn ssh_login_and_git_clone_with_the_url_port() {
         return;
     }
     let t = Topology::new();
-    let sshd = Sshd::start(&t.upstream, SSH_PORT).await;
+    let sshd = Sshd::start(&t.upstream, Ipv4Addr::UNSPECIFIED.into(), SSH_PORT).await;
     let config = write_config(
         t.gate.log_dir(),
         "gate.toml",
@@ -417,7 +343,7 @@ async fn ssh_login_and_git_clone_with_the_url_port() {
     let dir = t.client.log_dir();
     std::fs::write(
         dir.join("known_hosts"),
-        format!("{key_alias} {}\n", sshd.host_key),
+        format!("{key_alias} {}\n", sshd.host_key()),
     )
     .unwrap();
     let common = format!(
@@ -425,7 +351,7 @@ async fn ssh_login_and_git_clone_with_the_url_port() {
          UserKnownHostsFile {dir}/known_hosts\n    GlobalKnownHostsFile /dev/null\n    \
          StrictHostKeyChecking yes\n    UpdateHostKeys no\n    BatchMode yes\n    \
          ConnectTimeout 10\n    LogLevel ERROR\n",
-        key = sshd.dir.join("client_key").display(),
+        key = sshd.client_key().display(),
         dir = dir.display()
     );
     let as_printed = dir.join("ssh_config");
@@ -457,7 +383,7 @@ async fn ssh_login_and_git_clone_with_the_url_port() {
     assert_eq!(out.status.code(), Some(255), "{out:?}");
 
     // git, the way a sandbox uses the gate: the port is in the URL.
-    let repo_dir = sshd.dir.join("git");
+    let repo_dir = sshd.dir().join("git");
     let src = repo_dir.join("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("hello.txt"), "through the gate\n").unwrap();
@@ -630,7 +556,7 @@ async fn a_dead_upstream_fails_alone_and_says_why() {
         return;
     }
     let t = Topology::new();
-    let _sshd = Sshd::start(&t.upstream, SSH_PORT).await;
+    let _sshd = Sshd::start(&t.upstream, Ipv4Addr::UNSPECIFIED.into(), SSH_PORT).await;
     let u = t.upstream.addr().to_string();
     // An address on the gate→upstream link whose packets vanish: a fixed
     // neighbour entry sends them to a MAC nobody has, so the upstream side
@@ -762,7 +688,7 @@ async fn a_dead_upstream_fails_alone_and_says_why() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
 
     // The dead upstream comes up: the next connection clears the error.
-    let _revived = Sshd::start(&t.upstream, 30010).await;
+    let _revived = Sshd::start(&t.upstream, Ipv4Addr::UNSPECIFIED.into(), 30010).await;
     let (got, _) = client_read(&t.client, g, 30010).await;
     assert!(got.starts_with("LINE SSH-2.0-OpenSSH"), "{got}");
     let dead = gate.tunnel("dead:tcp:30010").await;

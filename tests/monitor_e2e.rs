@@ -5,7 +5,7 @@
 //!
 //! Each test makes its own namespace, so they all run in parallel.
 
-mod common;
+use porthole_testkit as common;
 
 use common::{
     binary, comm, grpcurl, http, http_get, poll_until, require_root, skip_or_fail, which, within,
@@ -270,8 +270,8 @@ async fn ports_open_before_start_are_reported_as_opened() {
             .unwrap_or_else(|| panic!("{key} has no process"));
         assert_eq!(process.pid, listener.pid(), "{p:?}");
         assert_eq!(process.name, comm(listener.pid()), "{p:?}");
-        assert!(process.name.starts_with("python"), "{p:?}");
-        assert!(process.cmdline.iter().any(|a| a == "-c"), "{p:?}");
+        assert_eq!(process.name, common::HELPER, "{p:?}");
+        assert!(process.cmdline.iter().any(|a| a == "listen"), "{p:?}");
         // The opened event carries the same port.
         let e = events
             .events

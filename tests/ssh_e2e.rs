@@ -7,149 +7,25 @@
 //! Each test makes its own namespace, sshd and tunnel-svc, so they run in
 //! parallel.
 
-mod common;
+use porthole_testkit as common;
 
 use common::{
-    poll_until, require_root, send_signal, skip_or_fail, which, within, MonitorProc, Netns, Proc,
+    have_openssh, poll_until, require_root, send_signal, within, MonitorProc, Netns, Proc, Sshd,
     TunnelProc, DEADLINE,
 };
 use porthole::pb::v1::{Backend, Tunnel, TunnelState};
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const SSHD: &str = "/usr/sbin/sshd";
 /// The ssh alias tunnel-svc is given; `-o HostName=` says where it is.
 const ALIAS: &str = "ph-test";
 /// Bytes sent each way in the big transfers.
 const BIG: usize = 8 << 20;
-
-// ---------------------------------------------------------------------------
-// sshd
-
-/// Whether OpenSSH is installed; if not, says the test was skipped (or
-/// fails it under CI).
-fn have_openssh(test: &str) -> bool {
-    let missing: Vec<&str> = ["ssh", "ssh-keygen"]
-        .into_iter()
-        .filter(|t| which(t).is_none())
-        .chain((!Path::new(SSHD).is_file()).then_some(SSHD))
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    skip_or_fail(
-        test,
-        &format!("needs OpenSSH (openssh-server); missing {missing:?}"),
-    );
-    false
-}
-
-/// `sshd -D -e` inside the namespace on `198.18.X.2:22`, accepting one
-/// key the test generated. Dropping it removes its keys.
-struct Sshd {
-    proc: Proc,
-    dir: PathBuf,
-}
-
-impl Sshd {
-    async fn start(ns: &Netns) -> Sshd {
-        // sshd refuses to start without its privilege separation directory
-        // (the Debian package makes it at boot, a container may not have it).
-        fs::create_dir_all("/run/sshd").expect("create /run/sshd");
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join("porthole-sshd")
-            .join(ns.name());
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("create the sshd directory");
-        for key in ["host_key", "client_key"] {
-            let out = Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-C", "porthole-test", "-f"])
-                .arg(dir.join(key))
-                .output()
-                .expect("run ssh-keygen");
-            assert!(
-                out.status.success(),
-                "ssh-keygen {key}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))
-            .expect("write authorized_keys");
-        // Forwarding to a UNIX socket on the client side needs only TCP
-        // forwarding on the server: stream-local forwarding stays off.
-        let config = format!(
-            "ListenAddress {addr}\n\
-             Port 22\n\
-             HostKey {dir}/host_key\n\
-             AuthorizedKeysFile {dir}/authorized_keys\n\
-             PidFile none\n\
-             StrictModes no\n\
-             UsePAM no\n\
-             PermitRootLogin prohibit-password\n\
-             PasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\n\
-             AllowTcpForwarding yes\n\
-             AllowStreamLocalForwarding no\n\
-             LogLevel VERBOSE\n",
-            addr = ns.addr(),
-            dir = dir.display(),
-        );
-        let config_path = dir.join("sshd_config");
-        fs::write(&config_path, config).expect("write sshd_config");
-        let mut proc = ns.spawn(
-            SSHD,
-            [
-                "-D".as_ref(),
-                "-e".as_ref(),
-                "-f".as_ref(),
-                config_path.as_os_str(),
-            ],
-        );
-        let addr = SocketAddr::new(IpAddr::V4(ns.addr()), 22);
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = proc.try_wait() {
-                panic!("sshd exited during start-up ({status}):\n{}", proc.log());
-            }
-            if TcpStream::connect(addr).await.is_ok() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sshd did not listen on {addr} within {DEADLINE:?}:\n{}",
-                proc.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Sshd { proc, dir }
-    }
-
-    /// What a user's `~/.ssh/config` entry for [`ALIAS`] would say, as
-    /// `-o` options for tunnel-svc's `--ssh-option`.
-    fn client_options(&self, ns: &Netns) -> Vec<String> {
-        vec![
-            format!("HostName={}", ns.addr()),
-            "User=root".into(),
-            format!("IdentityFile={}", self.dir.join("client_key").display()),
-            "IdentitiesOnly=yes".into(),
-            "UserKnownHostsFile=/dev/null".into(),
-            "StrictHostKeyChecking=no".into(),
-            "LogLevel=ERROR".into(),
-        ]
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        self.proc.kill();
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
 
 // ---------------------------------------------------------------------------
 // The server inside, and the tunnel's client side
@@ -268,7 +144,9 @@ struct TunnelSvc(TunnelProc);
 
 impl TunnelSvc {
     async fn start(ns: &Netns, sshd: &Sshd, monitor: &MonitorProc) -> TunnelSvc {
-        let options = sshd.client_options(ns);
+        // What a user's ~/.ssh/config entry for ALIAS would say.
+        let mut options = vec![format!("HostName={}", ns.addr())];
+        options.extend(sshd.options());
         let mut args = vec!["--backend", "ssh", "--ssh-host", ALIAS];
         for opt in &options {
             args.extend(["--ssh-option", opt]);
@@ -416,7 +294,7 @@ impl World {
     /// tunnel-svc; returns once the server's tunnel is ACTIVE.
     async fn start() -> World {
         let ns = Netns::new();
-        let sshd = Sshd::start(&ns).await;
+        let sshd = Sshd::start(&ns, ns.addr().into(), 22).await;
         let monitor = MonitorProc::start(&ns, &[]).await;
         let port = free_port();
         let server = start_server(&ns, port).await;

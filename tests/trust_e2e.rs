@@ -6,9 +6,12 @@
 //! Each test makes its own namespace and uses its own ports, so they all
 //! run in parallel.
 
-mod common;
+use porthole_testkit as common;
 
-use common::{cpu_time, require_root, rss, within, MonitorProc, Netns, Proc, TunnelProc, DEADLINE};
+use common::{
+    cpu_time, peak_rss, require_root, rss, within, MonitorProc, Netns, PortHolder, Proc,
+    TunnelProc, DEADLINE,
+};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -342,31 +345,10 @@ interrupted! {
 // Clients that never read
 
 /// Listens on `count` ports from `base` on 0.0.0.0 with a command line
-/// padded to `pad` bytes, then sleeps.
-fn many_ports(ns: &Netns, base: u16, count: u16, pad: usize) -> Proc {
-    let script = format!(
-        "import socket, time\n\
-         held = []\n\
-         for p in range({base}, {end}):\n\
-         \x20   s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         \x20   s.bind(('0.0.0.0', p)); s.listen(); held.append(s)\n\
-         print('ready', flush=True)\n\
-         while True: time.sleep(3600)\n",
-        end = base + count
-    );
-    let padding = format!("--secret={}", "x".repeat(pad));
-    ns.spawn("python3", ["-c", script.as_str(), padding.as_str()])
-}
-
-/// The largest RSS of `pid` seen while sampling for `span`.
-async fn peak_rss(pid: u32, span: Duration) -> u64 {
-    let end = Instant::now() + span;
-    let mut peak = 0;
-    while Instant::now() < end {
-        peak = peak.max(rss(pid));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    peak
+/// padded to `pad` bytes.
+fn many_ports(ns: &Netns, base: u16, count: u16, pad: usize) -> PortHolder {
+    let cmd = PortHolder::command(|bin| ns.command(bin), "0.0.0.0", base, count, pad);
+    PortHolder::start(cmd, ns.log_dir().join(format!("hold-{base}.log")))
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -376,12 +358,9 @@ async fn non_reading_clients_cannot_grow_the_monitor() {
     if !require_root() {
         return;
     }
-    use porthole::pb::v1::port_events_client::PortEventsClient;
-    use porthole::pb::v1::WatchEventsRequest;
     let ns = Netns::new();
     let monitor = MonitorProc::start(&ns, &[]).await;
     let mut holder = many_ports(&ns, 19_200, 60, 32 << 10);
-    holder.wait_for_log("ready").await;
     let mut client = monitor.client().await;
     common::poll_until("60 ports listed", DEADLINE, || {
         let mut c = client.clone();
@@ -403,55 +382,16 @@ async fn non_reading_clients_cannot_grow_the_monitor() {
     let pid = monitor.pid();
     let idle = peak_rss(pid, Duration::from_millis(500)).await;
 
-    // 500 WatchEvents streams with the token (command lines included) on
-    // five connections whose windows the client never opens again...
-    let mut streams = Vec::new();
-    let mut refused = 0;
-    for _ in 0..5 {
-        let channel = tonic::transport::Endpoint::from_shared(monitor.url())
-            .unwrap()
-            .initial_stream_window_size(65_535)
-            .initial_connection_window_size(65_535)
-            .connect()
-            .await
-            .expect("connect");
-        let mut c = PortEventsClient::new(porthole::auth::with_token(
-            channel,
-            Some(monitor.token().clone()),
-        ));
-        for _ in 0..100 {
-            match within("WatchEvents", c.watch_events(WatchEventsRequest::default())).await {
-                Ok(s) => streams.push(s.into_inner()),
-                Err(status) => {
-                    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
-                    refused += 1;
-                }
-            }
-        }
-    }
-    // ...and 500 GET /port-events whose responses are never read.
-    let bearer = format!(
-        "GET /port-events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        std::fs::read_to_string(monitor.token_file())
-            .unwrap()
-            .trim()
-    );
-    let mut unread = Vec::new();
-    for _ in 0..500 {
-        // Past the connection limit the monitor resets new connections at
-        // once, sometimes before connect() returns.
-        if let Ok(mut c) = TcpStream::connect(monitor.addr()).await {
-            let _ = c.write_all(bearer.as_bytes()).await;
-            unread.push(c);
-        }
-    }
+    // 500 WatchEvents streams and 500 GET /port-events, none read.
+    let flood = common::flood(monitor.addr(), Some(monitor.token()), 500, 500)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     // Ports come and go meanwhile, so events pile up for every subscriber.
-    for round in 0..5u16 {
-        let mut churn = many_ports(&ns, 19_300 + round * 10, 10, 32 << 10);
-        churn.wait_for_log("ready").await;
-        churn.kill();
+    let mut flooded = 0;
+    for _ in 0..30 {
+        holder.churn();
+        flooded = flooded.max(peak_rss(pid, Duration::from_millis(100)).await);
     }
-    let flooded = peak_rss(pid, Duration::from_secs(3)).await;
     // Another peer (a client inside the container, on loopback) still gets
     // in: one address holds at most a quarter of the connections.
     let mut curl = ns.command("curl");
@@ -467,8 +407,8 @@ async fn non_reading_clients_cannot_grow_the_monitor() {
         "ok\n",
         "another peer is served during the flood"
     );
-    drop(streams);
-    drop(unread);
+    let refused = flood.refused;
+    drop(flood);
     let metrics = common::http(
         monitor.addr(),
         "GET",
@@ -986,8 +926,7 @@ async fn a_huge_snapshot_is_consumed() {
     }
     let ns = Netns::new();
     let monitor = MonitorProc::start(&ns, &[]).await;
-    let mut holder = many_ports(&ns, 19_600, 120, 40 << 10);
-    holder.wait_for_log("ready").await;
+    let _holder = many_ports(&ns, 19_600, 120, 40 << 10);
     let tunnel = TunnelProc::follow(&ns, &monitor, &["--max-tunnels", "200"]).await;
     common::poll_until("120 tunnels active", Duration::from_secs(30), || async {
         let tunnels = tunnel.try_tunnels().await.ok()?;

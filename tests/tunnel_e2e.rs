@@ -9,7 +9,7 @@
 //! [`ports`]), and tests run in parallel, even with another run of this
 //! file on the same host.
 
-mod common;
+use porthole_testkit as common;
 
 use common::{
     binary, comm, grpcurl, host_has_ipv6, host_port_is_free, poll_until, require_root,
@@ -182,27 +182,6 @@ fn pattern(len: usize) -> Vec<u8> {
     out
 }
 
-/// CRC-32 (IEEE, as Python's `zlib.crc32`).
-fn crc32(data: &[u8]) -> u32 {
-    let mut table = [0u32; 256];
-    for (i, slot) in table.iter_mut().enumerate() {
-        let mut c = i as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-        *slot = c;
-    }
-    let mut crc = !0u32;
-    for &b in data {
-        crc = table[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
-    }
-    !crc
-}
-
 /// Where two byte strings first differ, for a readable failure.
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter()
@@ -270,7 +249,7 @@ async fn source_through(addr: SocketAddr, n: usize) -> (u64, u64) {
         "bytes from the server via {addr}"
     );
     assert_eq!(
-        crc32(data),
+        common::crc32(data),
         crc,
         "the bytes from the server via {addr} are corrupted"
     );

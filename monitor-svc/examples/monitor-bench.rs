@@ -3,16 +3,17 @@
 //!
 //! ```text
 //! ulimit -n 20000
-//! cargo build --release -p monitor-svc && cargo run --release -p monitor-svc --example monitor-bench
+//! cargo run --release -p monitor-svc --example monitor-bench
 //! ```
 //!
-//! Loopback only. Starts one real `monitor-svc` (next to this example's
-//! executable: `target/release/monitor-svc`) on `127.0.0.1:<free port>` with
-//! the default interval, and stops it with SIGTERM at the end. Progress goes
-//! to stderr; stdout is a markdown report that can be pasted into the README.
+//! Loopback only. Starts one real `monitor-svc` (built first, next to this
+//! example's executable: `target/release/monitor-svc`) on
+//! `127.0.0.1:<free port>` with the default interval, and stops it with
+//! SIGTERM at the end; the port holder of the flood is the test kit's
+//! helper. Processes and measurements come from `porthole-testkit`, as the
+//! end-to-end tests' do. Progress goes to stderr; stdout is a markdown
+//! report that can be pasted into the README.
 #![forbid(unsafe_code)]
-
-mod support;
 
 use anyhow::{bail, ensure, Context};
 use monitor_svc::detect::Detector;
@@ -21,13 +22,13 @@ use porthole::pb::v1::{
     port_events_client::PortEventsClient, watch_events_response::Kind, EventType, ListPortsRequest,
     WatchEventsRequest,
 };
+use porthole_testkit::measure::{ms, nproc, Stats, XorShift};
+use porthole_testkit::{binary, cpu_time, PortHolder, Proc};
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use support::{clock_ticks, ms, nproc, Stats, XorShift};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// Ports opened (and closed) one by one for the latency measurement.
@@ -56,7 +57,7 @@ const MONITOR_ENV: [&str; 7] = [
 
 /// Ports held, and the command-line padding of their process, for the
 /// non-reading flood (command lines are cut at 4 KiB by the monitor).
-const FLOOD_PORTS: usize = 60;
+const FLOOD_PORTS: u16 = 60;
 const FLOOD_PAD: usize = 32 << 10;
 /// Non-reading WatchEvents streams and unread `/port-events` responses.
 const FLOOD_STREAMS: usize = 500;
@@ -64,23 +65,17 @@ const FLOOD_GETS: usize = 500;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // The port holder of the flood, started by the bench itself.
-    if std::env::args().nth(1).as_deref() == Some("--hold-ports") {
-        return hold_ports();
-    }
     let started = Instant::now();
-    let clk_tck = clock_ticks();
     let fd_limit = fd_soft_limit()?;
     println!("## monitor-svc benchmark\n");
     println!("| machine | |");
     println!("| --- | --- |");
     println!("| cores (`nproc`) | {} |", nproc());
     println!("| kernel | {} |", read_trim("/proc/sys/kernel/osrelease"));
-    println!("| clock ticks (`getconf CLK_TCK`) | {clk_tck} |");
     println!("| fd soft limit | {fd_limit} |");
 
     let mut monitor = Monitor::start().await?;
-    let result = run(&mut monitor, clk_tck, fd_limit).await;
+    let result = run(&mut monitor, fd_limit).await;
     let stopped = monitor.stop().await;
     result?;
     let code = stopped?;
@@ -99,24 +94,24 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(monitor: &mut Monitor, clk_tck: u64, fd_limit: u64) -> anyhow::Result<()> {
+async fn run(monitor: &mut Monitor, fd_limit: u64) -> anyhow::Result<()> {
     let metrics = monitor.metrics().await?;
     println!("| monitor interval | 100 ms (default; no `--interval`, `PORTHOLE_*` unset) |");
     println!("| monitor source | {} (auto) |", metrics.source);
     println!(
         "| monitor | pid {}, `127.0.0.1:{}` |",
-        monitor.pid,
+        monitor.pid(),
         monitor.addr.port()
     );
 
     // --- Detection latency -------------------------------------------------
     let mut events = watch(monitor.addr).await?;
-    let mut rng = XorShift::from_time();
+    let mut rng = XorShift::seeded();
     let mut opened = Vec::with_capacity(LATENCY_PORTS);
     let mut closed = Vec::with_capacity(LATENCY_PORTS);
     eprintln!("latency: opening {LATENCY_PORTS} ports, 0-{MAX_GAP_MS} ms apart");
     for i in 0..LATENCY_PORTS {
-        tokio::time::sleep(Duration::from_millis(rng.next() % (MAX_GAP_MS + 1))).await;
+        tokio::time::sleep(Duration::from_millis(rng.next_u64() % (MAX_GAP_MS + 1))).await;
         let listener = TcpListener::bind("127.0.0.1:0").context("binding a latency listener")?;
         let listened = Instant::now();
         let key = format!("tcp:127.0.0.1:{}", listener.local_addr()?.port());
@@ -124,7 +119,7 @@ async fn run(monitor: &mut Monitor, clk_tck: u64, fd_limit: u64) -> anyhow::Resu
         opened.push(seen.saturating_duration_since(listened));
         // A random phase for the closing too (the opened event arrived just
         // after a scan).
-        tokio::time::sleep(Duration::from_millis(rng.next() % (MAX_GAP_MS + 1))).await;
+        tokio::time::sleep(Duration::from_millis(rng.next_u64() % (MAX_GAP_MS + 1))).await;
         drop(listener);
         let closing = Instant::now();
         let seen = events.wait(&key, false).await?;
@@ -173,7 +168,7 @@ async fn run(monitor: &mut Monitor, clk_tck: u64, fd_limit: u64) -> anyhow::Resu
         IDLE_WINDOW.as_secs()
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle = monitor.window(IDLE_WINDOW, clk_tck).await?;
+    let idle = monitor.window(IDLE_WINDOW).await?;
     let mem = monitor.memory()?;
     println!();
     println!("### Idle monitor (no port changes, one WatchEvents stream open)\n");
@@ -252,7 +247,7 @@ async fn run(monitor: &mut Monitor, clk_tck: u64, fd_limit: u64) -> anyhow::Resu
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let w = monitor.window(LOAD_WINDOW, clk_tck).await?;
+        let w = monitor.window(LOAD_WINDOW).await?;
         let last = monitor.metrics().await?.last_scan;
         let mem = monitor.memory()?;
         load_rows.push(format!(
@@ -298,7 +293,15 @@ async fn run(monitor: &mut Monitor, clk_tck: u64, fd_limit: u64) -> anyhow::Resu
     }
 
     // --- Clients that never read -------------------------------------------
-    let mut holder = PortHolder::start().await?;
+    let holder_log = monitor.log.with_extension("holder.log");
+    let hold = PortHolder::command(
+        std::process::Command::new,
+        "127.0.0.1",
+        0,
+        FLOOD_PORTS,
+        FLOOD_PAD,
+    );
+    let mut holder = PortHolder::start(hold, holder_log.clone());
     let mut rows = Vec::new();
     for token in [None, Some(&monitor.token)] {
         let who = if token.is_some() {
@@ -312,7 +315,8 @@ async fn run(monitor: &mut Monitor, clk_tck: u64, fd_limit: u64) -> anyhow::Resu
             flood(monitor, token, &mut holder).await?
         ));
     }
-    holder.stop().await;
+    drop(holder);
+    let _ = std::fs::remove_file(holder_log);
     println!();
     println!(
         "### Clients that never read ({FLOOD_STREAMS} WatchEvents streams on 5 connections with 64 KiB windows, \
@@ -330,62 +334,6 @@ async fn run(monitor: &mut Monitor, clk_tck: u64, fd_limit: u64) -> anyhow::Resu
     Ok(())
 }
 
-/// Child mode: binds [`FLOOD_PORTS`] ports on 127.0.0.1, says `ready`,
-/// and holds them until stdin closes. Its command line carries the padding.
-fn hold_ports() -> anyhow::Result<()> {
-    use std::io::{BufRead, Write};
-    let n: usize = std::env::args().nth(2).context("--hold-ports N")?.parse()?;
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
-    let mut out = std::io::stdout();
-    writeln!(out, "ready")?;
-    out.flush()?;
-    let mut line = String::new();
-    // Each line asks for one more port to open and close (churn).
-    while std::io::stdin().lock().read_line(&mut line)? > 0 {
-        drop(TcpListener::bind("127.0.0.1:0")?);
-        line.clear();
-    }
-    drop(held);
-    Ok(())
-}
-
-/// The bench itself in `--hold-ports` mode.
-struct PortHolder {
-    child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-}
-
-impl PortHolder {
-    async fn start() -> anyhow::Result<PortHolder> {
-        let pad = format!("--secret={}", "x".repeat(FLOOD_PAD));
-        let mut child = tokio::process::Command::new(std::env::current_exe()?)
-            .args(["--hold-ports", &FLOOD_PORTS.to_string(), &pad])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut stdout = child.stdout.take().context("holder stdout")?;
-        let mut ready = [0u8; 6];
-        tokio::time::timeout(Duration::from_secs(10), stdout.read_exact(&mut ready))
-            .await
-            .context("the port holder did not start")??;
-        let stdin = child.stdin.take().context("holder stdin")?;
-        Ok(PortHolder { child, stdin })
-    }
-
-    /// Opens and closes one more port in the holder.
-    async fn churn(&mut self) -> anyhow::Result<()> {
-        Ok(self.stdin.write_all(b"\n").await?)
-    }
-
-    async fn stop(mut self) {
-        drop(self.stdin);
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
-    }
-}
-
 /// Floods the monitor with clients that never read and returns a table
 /// row's cells: idle, peak and after RSS, refusals, target.
 async fn flood(
@@ -393,53 +341,20 @@ async fn flood(
     token: Option<&porthole::auth::Token>,
     holder: &mut PortHolder,
 ) -> anyhow::Result<String> {
-    use porthole::pb::v1::port_events_client::PortEventsClient;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = monitor.memory()?.rss_kib;
-    let mut streams = Vec::new();
-    let mut refused = 0;
-    for _ in 0..5 {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", monitor.addr))?
-            .initial_stream_window_size(65_535)
-            .initial_connection_window_size(65_535)
-            .connect()
-            .await?;
-        let mut client = PortEventsClient::new(porthole::auth::with_token(channel, token.cloned()));
-        for _ in 0..FLOOD_STREAMS / 5 {
-            match client.watch_events(WatchEventsRequest::default()).await {
-                Ok(s) => streams.push(s.into_inner()),
-                Err(s) if s.code() == tonic::Code::ResourceExhausted => refused += 1,
-                Err(s) => bail!("WatchEvents: {s}"),
-            }
-        }
-    }
-    let auth = token
-        .map(|t| {
-            format!(
-                "Authorization: {}\r\n",
-                t.header_value().to_str().unwrap_or_default()
-            )
-        })
-        .unwrap_or_default();
-    let request = format!("GET /port-events HTTP/1.1\r\nHost: bench\r\n{auth}\r\n");
-    let mut unread = Vec::new();
-    for _ in 0..FLOOD_GETS {
-        // A connection over the limit is reset at once (even before connect
-        // returns); that is the point.
-        if let Ok(mut c) = tokio::net::TcpStream::connect(monitor.addr).await {
-            let _ = c.write_all(request.as_bytes()).await;
-            unread.push(c);
-        }
-    }
+    let flood = porthole_testkit::flood(monitor.addr, token, FLOOD_STREAMS, FLOOD_GETS)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let refused = flood.refused;
     let mut peak = 0;
     let end = Instant::now() + Duration::from_secs(3);
     while Instant::now() < end {
-        holder.churn().await?;
+        holder.churn();
         peak = peak.max(monitor.memory()?.rss_kib);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    drop(streams);
-    drop(unread);
+    drop(flood);
     tokio::time::sleep(Duration::from_secs(10)).await;
     let after = monitor.memory()?.rss_kib;
     let met = peak <= 64 * 1024 && after <= 2 * idle;
@@ -496,8 +411,7 @@ async fn scan_cost(n: usize, source: Source) -> anyhow::Result<String> {
 // --- The monitor process -----------------------------------------------------
 
 struct Monitor {
-    child: tokio::process::Child,
-    pid: u32,
+    proc: Proc,
     addr: SocketAddr,
     log: PathBuf,
     token: porthole::auth::Token,
@@ -519,55 +433,37 @@ struct Memory {
 
 impl Monitor {
     async fn start() -> anyhow::Result<Monitor> {
-        let exe = std::env::current_exe()?;
-        // target/release/examples/monitor-bench -> target/release/monitor-svc
-        let bin = exe
-            .parent()
-            .and_then(|examples| examples.parent())
-            .map(|dir| dir.join("monitor-svc"))
-            .context("locating target/<profile>/ from the bench executable")?;
-        ensure!(
-            bin.is_file(),
-            "{} not found: build it first with `cargo build --release -p monitor-svc`",
-            bin.display()
-        );
+        let bin = binary("monitor-svc");
         let addr = {
             let probe = TcpListener::bind("127.0.0.1:0")?;
             probe.local_addr()?
         };
         let log =
             std::env::temp_dir().join(format!("monitor-svc-bench-{}.log", std::process::id()));
-        let log_file =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let token_file =
             std::env::temp_dir().join(format!("monitor-svc-bench-{}.token", std::process::id()));
         let _ = std::fs::remove_file(&token_file);
         let (token, _) = porthole::auth::Token::load_or_create(&token_file)?;
-        let mut cmd = tokio::process::Command::new(&bin);
+        let mut cmd = std::process::Command::new(&bin);
         cmd.arg("--listen")
             .arg(addr.to_string())
             .arg("--token-file")
             .arg(&token_file)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            // Only if the bench fails before its SIGTERM: SIGKILL this one pid.
-            .kill_on_drop(true);
+            .stdin(Stdio::null());
         for var in MONITOR_ENV {
             cmd.env_remove(var);
         }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let pid = child.id().context("monitor-svc exited at once")?;
+        // Stopped (SIGKILL, by pid) when dropped, if the bench fails first.
+        let mut proc = Proc::start("monitor-svc", cmd, log.clone(), false);
         eprintln!(
-            "started {} (pid {pid}) on {addr}; log {}",
+            "started {} (pid {}) on {addr}; log {}",
             bin.display(),
+            proc.pid(),
             log.display()
         );
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(status) = child.try_wait()? {
+            if let Some(status) = proc.try_wait() {
                 bail!(
                     "monitor-svc exited at start-up with {status}; see {}",
                     log.display()
@@ -583,8 +479,7 @@ impl Monitor {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(Monitor {
-            child,
-            pid,
+            proc,
             addr,
             log,
             token,
@@ -596,18 +491,22 @@ impl Monitor {
         Metrics::parse(&http_get(self.addr, "/metrics").await?)
     }
 
+    fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// CPU of the monitor over `window`, and its scan rate in the same span.
-    async fn window(&self, window: Duration, clk_tck: u64) -> anyhow::Result<Window> {
+    async fn window(&self, window: Duration) -> anyhow::Result<Window> {
         let m0 = self.metrics().await?;
-        let (c0, s0, t0) = (self.cpu_ticks()?, self.sched_nanos(), Instant::now());
+        let (c0, s0, t0) = (cpu_time(self.pid()), self.sched_nanos(), Instant::now());
         tokio::time::sleep(window).await;
-        let (c1, s1, t1) = (self.cpu_ticks()?, self.sched_nanos(), Instant::now());
+        let (c1, s1, t1) = (cpu_time(self.pid()), self.sched_nanos(), Instant::now());
         let m1 = self.metrics().await?;
         let wall = (t1 - t0).as_secs_f64();
         let scans = m1.scans.saturating_sub(m0.scans);
         let scan_secs = (m1.scan_sum_secs - m0.scan_sum_secs).max(0.0);
         Ok(Window {
-            cpu_percent: (c1 - c0) as f64 / clk_tck as f64 / wall * 100.0,
+            cpu_percent: (c1 - c0).as_secs_f64() / wall * 100.0,
             sched_percent: match (s0, s1) {
                 // Threads that exit in the window take their count with them.
                 (Some(a), Some(b)) if b >= a => Some((b - a) as f64 / 1e9 / wall * 100.0),
@@ -623,23 +522,11 @@ impl Monitor {
         })
     }
 
-    /// utime + stime from /proc/PID/stat, in clock ticks.
-    fn cpu_ticks(&self) -> anyhow::Result<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
-        // Fields after "(comm)": state is field 3, utime 14, stime 15.
-        let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let field = |n: usize| -> anyhow::Result<u64> {
-            Ok(fields.get(n - 3).context("short /proc/PID/stat")?.parse()?)
-        };
-        Ok(field(14)? + field(15)?)
-    }
-
     /// Nanoseconds on CPU summed over the monitor's live threads
     /// (/proc/PID/task/*/schedstat), if the kernel has schedstat.
     fn sched_nanos(&self) -> Option<u64> {
         let mut total = 0;
-        for task in std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()? {
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.pid())).ok()? {
             let text = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
             total += text.split_whitespace().next()?.parse::<u64>().ok()?;
         }
@@ -647,7 +534,7 @@ impl Monitor {
     }
 
     fn memory(&self) -> anyhow::Result<Memory> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
         let get = |name: &str| -> anyhow::Result<u64> {
             let line = status
                 .lines()
@@ -661,21 +548,16 @@ impl Monitor {
         })
     }
 
-    /// SIGTERM (by pid) and the exit code, waiting up to 10 s.
+    /// SIGTERM (by pid) and the exit code.
     async fn stop(&mut self) -> anyhow::Result<i32> {
-        if let Some(status) = self.child.try_wait()? {
+        if let Some(status) = self.proc.try_wait() {
             bail!(
                 "monitor-svc had already exited with {status}; see {}",
                 self.log.display()
             );
         }
         let _ = std::fs::remove_file(&self.token_file);
-        let pid = rustix::process::Pid::from_raw(self.pid as i32).context("pid 0")?;
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
-            .with_context(|| format!("kill -TERM {}", self.pid))?;
-        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .context("monitor-svc still running 10 s after SIGTERM")??;
+        let status = self.proc.terminate().await;
         status
             .code()
             .with_context(|| format!("monitor-svc killed by a signal: {status}"))
@@ -728,22 +610,9 @@ impl Metrics {
 
 /// A plain HTTP/1.1 GET; the body of a 200 answer.
 async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
-        .await
-        .context("GET timed out")??;
-    let (head, body) = answer
-        .split_once("\r\n\r\n")
-        .context("no HTTP header end")?;
-    ensure!(
-        head.starts_with("HTTP/1.1 200"),
-        "GET {path}: {}",
-        head.lines().next().unwrap_or("")
-    );
-    Ok(body.to_string())
+    let answer = porthole_testkit::http(addr, "GET", path, &[]).await?;
+    ensure!(answer.status == 200, "GET {path}: {}", answer.status);
+    Ok(answer.body)
 }
 
 // --- The WatchEvents stream --------------------------------------------------

@@ -1,5 +1,5 @@
-//! Helpers both benchmarks share (monitor-svc's `monitor-bench` and
-//! tunnel-svc's `tunnel-bench`, which includes this file by path).
+//! What the benchmarks measure with: percentiles, a clock-seeded random
+//! sequence, and a few facts about the machine for their reports.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,7 +34,7 @@ impl Stats {
 pub struct XorShift(u64);
 
 impl XorShift {
-    pub fn from_time() -> XorShift {
+    pub fn seeded() -> XorShift {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -42,7 +42,7 @@ impl XorShift {
         XorShift((nanos as u64 ^ 0x9E37_79B9_7F4A_7C15) | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;
@@ -76,14 +76,23 @@ pub fn nproc() -> String {
         })
 }
 
-/// `getconf CLK_TCK`, else the usual 100 Hz.
-pub fn clock_ticks() -> u64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .filter(|&t| t > 0)
-        .unwrap_or(100)
+/// CRC-32 (IEEE, as zlib's `crc32`): what the helper's `source` sends.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut table = [0u32; 256];
+    for (i, slot) in table.iter_mut().enumerate() {
+        let mut c = i as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+        *slot = c;
+    }
+    let mut crc = !0u32;
+    for &b in data {
+        crc = table[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
 }

@@ -1,4 +1,5 @@
-//! End-to-end test harness shared by every file in `tests/`.
+//! porthole's test kit: what the end-to-end tests in `tests/` and both
+//! benchmarks use to make containers and run the services in them.
 //!
 //! A "container" is a network namespace ([`Netns`]) with a veth pair to the
 //! host: host side `198.18.X.1/30`, inside `198.18.X.2/30`, one /30 per
@@ -10,9 +11,13 @@
 //!
 //! Synchronisation is by polling a condition with a deadline
 //! ([`wait_until`], [`poll_until`]); nothing sleeps to "let things settle".
-#![allow(dead_code)]
 
+pub mod measure;
+mod sshd;
+
+pub use measure::{crc32, XorShift};
 use porthole::pb::v1::port_events_client::PortEventsClient;
+pub use sshd::{banner, have_openssh, Sshd, SSHD};
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::future::Future;
@@ -30,7 +35,7 @@ use tonic::transport::Channel;
 pub const DEADLINE: Duration = Duration::from_secs(15);
 
 /// How often [`wait_until`] and friends look again.
-const POLL: Duration = Duration::from_millis(20);
+pub const POLL: Duration = Duration::from_millis(20);
 
 // ---------------------------------------------------------------------------
 // Root check
@@ -87,15 +92,25 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// `target/<profile>/`: the test binary is `target/<profile>/deps/NAME-HASH`.
+/// `target/<profile>/`: a test is `target/<profile>/deps/NAME-HASH`, a
+/// benchmark `target/<profile>/examples/NAME`.
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let deps = exe.parent().expect("test binary has a directory");
-    if deps.file_name().is_some_and(|n| n == "deps") {
-        deps.parent().expect("deps has a parent").to_path_buf()
+    let dir = exe.parent().expect("the executable has a directory");
+    if dir
+        .file_name()
+        .is_some_and(|n| n == "deps" || n == "examples")
+    {
+        dir.parent().expect("it has a parent").to_path_buf()
     } else {
-        deps.to_path_buf()
+        dir.to_path_buf()
     }
+}
+
+/// The cargo target directory this executable was built in.
+pub fn target_dir() -> PathBuf {
+    let profile = profile_dir();
+    profile.parent().unwrap_or(&profile).to_path_buf()
 }
 
 fn ensure_built(name: &str, profile_dir: &Path) {
@@ -116,9 +131,15 @@ fn ensure_built(name: &str, profile_dir: &Path) {
 
 fn build(name: &str, profile_dir: &Path) -> Result<(), String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // The helper lives in this kit; every other binary in its namesake package.
+    let package = if name == HELPER {
+        env!("CARGO_PKG_NAME")
+    } else {
+        name
+    };
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["build", "-p", name, "--bin", name]);
+        .args(["build", "-p", package, "--bin", name]);
     match profile_dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") | None => {}
         Some("release") => {
@@ -129,12 +150,18 @@ fn build(name: &str, profile_dir: &Path) -> Result<(), String> {
         }
     }
     let started = Instant::now();
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {cargo:?}: {e}"))?;
+    let out = match cmd.output() {
+        Ok(out) => out,
+        // No cargo here (a benchmark run under sudo): a built binary does.
+        Err(e) if profile_dir.join(name).is_file() => {
+            eprintln!("cannot run {cargo:?} ({e}); using the {name} already built");
+            return Ok(());
+        }
+        Err(e) => return Err(format!("cannot run {cargo:?}: {e}")),
+    };
     if !out.status.success() {
         return Err(format!(
-            "`cargo build -p {name} --bin {name}` failed ({}):\n{}",
+            "`cargo build -p {package} --bin {name}` failed ({}):\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         ));
@@ -166,6 +193,7 @@ pub struct Netns {
 impl Netns {
     /// Creates the namespace: `lo` up (127.0.0.1 and ::1), `eth0` inside
     /// with `198.18.X.2/30`, its host end with `198.18.X.1/30`.
+    #[allow(clippy::new_without_default)] // Each call makes a namespace.
     pub fn new() -> Netns {
         let n = NEXT_NETNS.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
@@ -223,9 +251,7 @@ impl Netns {
         for step in steps {
             ip(step).unwrap_or_else(|e| panic!("setting up {}: {e}", ns.name));
         }
-        ns.logs = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join("porthole-e2e")
-            .join(&ns.name);
+        ns.logs = target_dir().join("tmp").join("porthole-e2e").join(&ns.name);
         let _ = fs::remove_dir_all(&ns.logs);
         fs::create_dir_all(&ns.logs).expect("create the log directory");
         ns
@@ -281,21 +307,11 @@ impl Netns {
         self.spawn_command(&label, cmd)
     }
 
-    /// Starts a prepared command (from [`Netns::command`]) with stdout and
+    /// Starts a prepared command (from [`Netns::command`], or any host
+    /// command whose log belongs with this namespace's) with stdout and
     /// stderr going to a log file.
-    pub fn spawn_command(&self, label: &str, mut cmd: Command) -> Proc {
-        let log = self.new_log(label);
-        let file = File::create(&log).expect("create a log file");
-        let out = file.try_clone().expect("clone the log file");
-        cmd.stdout(out).stderr(file);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {label} in {}: {e}", self.name));
-        Proc {
-            label: label.to_string(),
-            child,
-            log,
-        }
+    pub fn spawn_command(&self, label: &str, cmd: Command) -> Proc {
+        Proc::start(label, cmd, self.new_log(label), false)
     }
 
     fn new_log(&self, label: &str) -> PathBuf {
@@ -317,20 +333,8 @@ impl Netns {
 
     /// Like [`Netns::spawn_command`], but stdin and stdout are piped to the
     /// caller; stderr goes to the log.
-    pub fn spawn_piped(&self, label: &str, mut cmd: Command) -> Proc {
-        let log = self.new_log(label);
-        let file = File::create(&log).expect("create a log file");
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(file);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {label} in {}: {e}", self.name));
-        Proc {
-            label: label.to_string(),
-            child,
-            log,
-        }
+    pub fn spawn_piped(&self, label: &str, cmd: Command) -> Proc {
+        Proc::start(label, cmd, self.new_log(label), true)
     }
 }
 
@@ -391,12 +395,23 @@ pub fn rss(pid: u32) -> u64 {
 
 /// CPU time (user + system) process `pid` has used so far.
 pub fn cpu_time(pid: u32) -> Duration {
+    stat_ticks(pid, &[11, 12])
+}
+
+/// [`cpu_time`] plus that of its children it has reaped (socat's forks).
+pub fn cpu_time_with_children(pid: u32) -> Duration {
+    stat_ticks(pid, &[11, 12, 13, 14])
+}
+
+/// The sum of clock-tick fields of `/proc/PID/stat` (0-based after the
+/// command name), as a duration.
+fn stat_ticks(pid: u32, which: &[usize]) -> Duration {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
-    let ticks: u64 = [11, 12]
+    let ticks: u64 = which
         .iter()
         .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
         .sum();
@@ -432,6 +447,44 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `cmd` with stderr (and, unless `piped`, stdout) going to
+    /// `log`; with `piped`, stdin and stdout are pipes to the caller
+    /// ([`Proc::stdin`], [`Proc::stdout`]).
+    pub fn start(label: &str, mut cmd: Command, log: PathBuf, piped: bool) -> Proc {
+        let file =
+            File::create(&log).unwrap_or_else(|e| panic!("create the log {}: {e}", log.display()));
+        if piped {
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        } else {
+            cmd.stdout(file.try_clone().expect("clone the log file"));
+        }
+        cmd.stderr(file);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {label} ({cmd:?}): {e}"));
+        Proc {
+            label: label.to_string(),
+            child,
+            log,
+        }
+    }
+
+    /// The pipe to its stdin (once; only when started piped).
+    pub fn stdin(&mut self) -> std::process::ChildStdin {
+        self.child
+            .stdin
+            .take()
+            .expect("started piped, stdin not taken yet")
+    }
+
+    /// The pipe from its stdout (once; only when started piped).
+    pub fn stdout(&mut self) -> std::process::ChildStdout {
+        self.child
+            .stdout
+            .take()
+            .expect("started piped, stdout not taken yet")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -510,10 +563,6 @@ impl Proc {
     pub fn label(&self) -> &str {
         &self.label
     }
-
-    fn child_mut(&mut self) -> &mut Child {
-        &mut self.child
-    }
 }
 
 impl Drop for Proc {
@@ -533,23 +582,9 @@ impl Drop for Proc {
 // ---------------------------------------------------------------------------
 // Listening sockets
 
-/// Binds one socket from argv, listens (TCP), says "ready", then holds it
-/// until stdin closes or the process is killed.
-const LISTENER_PY: &str = r#"
-import socket, sys
-proto, addr, port, v6only = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-s = socket.socket(family, kind)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-if family == socket.AF_INET6 and v6only != "-":
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
-s.bind((addr, port))
-if proto == "tcp":
-    s.listen(16)
-print("ready", flush=True)
-sys.stdin.read()
-"#;
+/// The kit's helper program (`src/bin/porthole-helper.rs`): what runs in a
+/// container as a listener, a server, or a set of echo ports.
+pub const HELPER: &str = "porthole-helper";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proto {
@@ -566,7 +601,7 @@ impl Proto {
     }
 }
 
-/// A real process (python3) inside a namespace holding one listening socket:
+/// A real process ([`HELPER`]) inside a namespace holding one listening socket:
 /// a TCP socket in LISTEN or a bound UDP socket. Dropping it (or
 /// [`Listener::close`]) kills it and waits, so the port is closed then.
 pub struct Listener {
@@ -592,18 +627,11 @@ impl Listener {
             Some(true) => "1",
             Some(false) => "0",
         };
-        let mut cmd = ns.command("python3");
-        cmd.args([
-            "-c",
-            LISTENER_PY,
-            proto.as_str(),
-            addr,
-            &port.to_string(),
-            v6only,
-        ]);
+        let mut cmd = ns.command(binary(HELPER));
+        cmd.args(["listen", proto.as_str(), addr, &port.to_string(), v6only]);
         let label = format!("listen-{}-{port}", proto.as_str());
         let mut proc = ns.spawn_piped(&label, cmd);
-        let stdout = proc.child_mut().stdout.take().expect("piped stdout");
+        let stdout = proc.stdout();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
@@ -675,60 +703,9 @@ pub fn comm(pid: u32) -> String {
 // ---------------------------------------------------------------------------
 // A server inside the container
 
-/// A small TCP server: the first line of a connection is a command.
-/// `ping` → `pong LABEL`; `echo` → every byte back as it comes, then after
-/// the client's half-close `END <count>`; `source N` → `N CRC32` and N
-/// random bytes; `hold` → `holding`, then nothing until the client goes.
-pub const SERVER_PY: &str = r#"
-import random, socket, sys, threading, zlib
-addr, port, label = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
-family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-s = socket.socket(family, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-if family == socket.AF_INET6:
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.bind((addr, port))
-s.listen(64)
-print("ready", flush=True)
-
-def serve(c):
-    with c:
-        buf = b""
-        while b"\n" not in buf:
-            d = c.recv(65536)
-            if not d:
-                return
-            buf += d
-        line, rest = buf.split(b"\n", 1)
-        cmd = line.split()
-        if cmd[0] == b"ping":
-            c.sendall(b"pong " + label + b"\n")
-        elif cmd[0] == b"echo":
-            n = len(rest)
-            c.sendall(rest)
-            while True:
-                d = c.recv(1 << 18)
-                if not d:
-                    break
-                c.sendall(d)
-                n += len(d)
-            c.sendall(b"END %d\n" % n)
-        elif cmd[0] == b"source":
-            data = random.randbytes(int(cmd[1]))
-            c.sendall(b"%d %d\n" % (len(data), zlib.crc32(data)))
-            c.sendall(data)
-        elif cmd[0] == b"hold":
-            c.sendall(b"holding\n")
-            while c.recv(65536):
-                pass
-
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#;
-
-/// [`SERVER_PY`] running inside a namespace. Dropping it (or
-/// [`Server::close`]) kills it, which closes its port.
+/// [`HELPER`]'s `serve` inside a namespace: the first line of a connection
+/// is a command (`ping`, `echo`, `source N`, `hold`; see the helper).
+/// Dropping it (or [`Server::close`]) kills it, which closes its port.
 pub struct Server {
     proc: Proc,
 }
@@ -737,8 +714,8 @@ impl Server {
     /// Listens on `addr:port` (`::` is dual-stack) and answers `ping` with
     /// `pong LABEL`; returns once it listens.
     pub async fn start(ns: &Netns, addr: &str, port: u16, label: &str) -> Server {
-        let mut cmd = ns.command("python3");
-        cmd.args(["-u", "-c", SERVER_PY, addr, &port.to_string(), label])
+        let mut cmd = ns.command(binary(HELPER));
+        cmd.args(["serve", addr, &port.to_string(), label])
             .stdin(std::process::Stdio::null());
         let mut proc = ns.spawn_command(&format!("server-{port}"), cmd);
         proc.wait_for_log("ready").await;
@@ -758,6 +735,209 @@ impl Server {
     pub fn close(mut self) {
         self.proc.kill();
     }
+}
+
+// ---------------------------------------------------------------------------
+// Clients that never read
+
+/// What [`flood`] holds open: streams and responses nobody reads.
+pub struct Flood {
+    pub streams: Vec<tonic::Streaming<porthole::pb::v1::WatchEventsResponse>>,
+    pub unread: Vec<tokio::net::TcpStream>,
+    /// WatchEvents calls refused with RESOURCE_EXHAUSTED.
+    pub refused: usize,
+}
+
+/// Opens `streams` WatchEvents streams (with `token`, so command lines are
+/// included) on five connections whose windows the client never opens
+/// again, and sends `gets` `GET /port-events` whose responses are never
+/// read. Connections the monitor resets at once (over its limit) are
+/// dropped, which is the point; any other refusal is an error.
+pub async fn flood(
+    addr: SocketAddr,
+    token: Option<&porthole::auth::Token>,
+    streams: usize,
+    gets: usize,
+) -> Result<Flood, String> {
+    use porthole::pb::v1::WatchEventsRequest;
+    let mut f = Flood {
+        streams: Vec::new(),
+        unread: Vec::new(),
+        refused: 0,
+    };
+    for _ in 0..5 {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let mut c = PortEventsClient::new(porthole::auth::with_token(channel, token.cloned()));
+        for _ in 0..streams / 5 {
+            match within("WatchEvents", c.watch_events(WatchEventsRequest::default())).await {
+                Ok(s) => f.streams.push(s.into_inner()),
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => f.refused += 1,
+                Err(s) => return Err(format!("WatchEvents: {s}")),
+            }
+        }
+    }
+    let auth = token.map_or(String::new(), |t| {
+        let value = t.header_value();
+        format!("Authorization: {}\r\n", value.to_str().unwrap_or_default())
+    });
+    let request = format!("GET /port-events HTTP/1.1\r\nHost: flood\r\n{auth}\r\n");
+    for _ in 0..gets {
+        if let Ok(mut c) = tokio::net::TcpStream::connect(addr).await {
+            let _ = c.write_all(request.as_bytes()).await;
+            f.unread.push(c);
+        }
+    }
+    Ok(f)
+}
+
+/// The largest RSS of `pid` seen while sampling every 50 ms for `span` (a
+/// measuring window, not a synchronisation).
+pub async fn peak_rss(pid: u32, span: Duration) -> u64 {
+    let end = Instant::now() + span;
+    let mut peak = 0;
+    while Instant::now() < end {
+        peak = peak.max(rss(pid));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    peak
+}
+
+/// [`HELPER`]'s `hold`: `count` listening ports at once (from `base`; 0:
+/// any free ones) under a command line padded by `pad` bytes; each
+/// [`PortHolder::churn`] closes the port the one before opened and opens
+/// another.
+pub struct PortHolder {
+    proc: Proc,
+    stdin: std::process::ChildStdin,
+}
+
+impl PortHolder {
+    /// Starts it with `cmd` from [`PortHolder::command`] (in a namespace or
+    /// on the host) and waits until every port listens.
+    pub fn start(cmd: Command, log: PathBuf) -> PortHolder {
+        let mut proc = Proc::start("hold", cmd, log, true);
+        let stdin = proc.stdin();
+        let mut ready = String::new();
+        let _ = BufReader::new(proc.stdout()).read_line(&mut ready);
+        assert_eq!(ready.trim(), "ready", "the port holder:\n{}", proc.log());
+        PortHolder { proc, stdin }
+    }
+
+    /// `porthole-helper hold ADDR BASE COUNT --secret=xxx...` as run by
+    /// `run` (`Command::new` on the host, or [`Netns::command`]).
+    pub fn command(
+        run: impl FnOnce(PathBuf) -> Command,
+        addr: &str,
+        base: u16,
+        count: u16,
+        pad: usize,
+    ) -> Command {
+        let mut cmd = run(binary(HELPER));
+        let padding = format!("--secret={}", "x".repeat(pad));
+        cmd.args([
+            "hold",
+            addr,
+            &base.to_string(),
+            &count.to_string(),
+            &padding,
+        ]);
+        cmd
+    }
+
+    /// Closes the last churned port and opens another.
+    pub fn churn(&mut self) {
+        use std::io::Write;
+        self.stdin
+            .write_all(b"\n")
+            .unwrap_or_else(|e| panic!("the port holder is gone ({e}):\n{}", self.proc.log()));
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+}
+
+/// [`HELPER`]'s `ports` in a namespace: echo listeners opened and closed
+/// on request, in one process (starting a process per port would be
+/// measured too). Calls block until the helper answers.
+pub struct EchoPorts {
+    proc: Proc,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl EchoPorts {
+    pub fn start(ns: &Netns) -> EchoPorts {
+        let mut cmd = ns.command(binary(HELPER));
+        cmd.arg("ports");
+        let mut proc = ns.spawn_piped("ports", cmd);
+        let (stdin, stdout) = (proc.stdin(), BufReader::new(proc.stdout()));
+        let mut ports = EchoPorts {
+            proc,
+            stdin,
+            stdout,
+        };
+        let first = ports.read_line();
+        assert_eq!(first.as_deref(), Ok("ready"), "the ports helper");
+        ports
+    }
+
+    fn read_line(&mut self) -> Result<String, String> {
+        let mut line = String::new();
+        match self.stdout.read_line(&mut line) {
+            Ok(0) => Err(format!("the ports helper exited:\n{}", self.proc.log())),
+            Ok(_) => Ok(line.trim_end().to_string()),
+            Err(e) => Err(format!("reading from the ports helper: {e}")),
+        }
+    }
+
+    fn call(&mut self, line: &str) -> Result<String, String> {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}")
+            .and_then(|()| self.stdin.flush())
+            .map_err(|e| format!("the ports helper is gone ({e}):\n{}", self.proc.log()))?;
+        let answer = self.read_line()?;
+        match answer.strip_prefix("ok") {
+            Some(rest) => Ok(rest.trim().to_string()),
+            None => Err(format!("ports helper: {line}: {answer}")),
+        }
+    }
+
+    /// Listens on `addr:port`; returns when `listen()` returned.
+    pub fn open(&mut self, port: u16, addr: &str) -> Result<std::time::SystemTime, String> {
+        let nanos: u64 = self
+            .call(&format!("open {port} {addr}"))?
+            .parse()
+            .map_err(|_| "ports helper: a bad time".to_string())?;
+        Ok(std::time::UNIX_EPOCH + Duration::from_nanos(nanos))
+    }
+
+    /// Closes the listener of `port` and its connections.
+    pub fn close(&mut self, port: u16) -> Result<(), String> {
+        self.call(&format!("close {port}")).map(drop)
+    }
+}
+
+/// Pids of the live children of `parent`.
+pub fn children(parent: u32) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            ppid == Some(parent)
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -1140,9 +1320,9 @@ pub struct TunnelProc {
 
 impl TunnelProc {
     /// Starts `tunnel-svc ARGS...` plus, unless ARGS set them, `--admin
-    /// 127.0.0.1:0` (the kernel picks a free port; it is read back from the
-    /// log), `--log-format json` and `--log-level info,tunnel_svc=debug`.
-    /// Returns once the admin API listens. With `--token-file F` in ARGS,
+    /// 127.0.0.1:PORT` (a port nothing listens on), `--log-format json` and
+    /// `--log-level info,tunnel_svc=debug`. Returns once the admin API
+    /// answers `/healthz`. With `--token-file F` in ARGS,
     /// every call made through [`TunnelProc::request`] carries that token.
     /// The caller's `PORTHOLE_*` variables are not passed on.
     pub async fn start(ns: &Netns, args: &[&str]) -> TunnelProc {
@@ -1158,21 +1338,20 @@ impl TunnelProc {
             })
         };
         let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let admin_flag = flag("--admin");
-        if admin_flag.is_none() {
-            all.extend(["--admin".into(), "127.0.0.1:0".into()]);
-        }
+        let admin: SocketAddr = match flag("--admin") {
+            Some(a) => a.parse().expect("--admin is a socket address"),
+            None => {
+                let a = SocketAddr::from((Ipv4Addr::LOCALHOST, unused_local_port()));
+                all.extend(["--admin".into(), a.to_string()]);
+                a
+            }
+        };
         if flag("--log-format").is_none() {
             all.extend(["--log-format".into(), "json".into()]);
         }
         if flag("--log-level").is_none() {
             all.extend(["--log-level".into(), "info,tunnel_svc=debug".into()]);
         }
-        // A fixed --admin is polled; port 0 is read back from the log.
-        let fixed: Option<SocketAddr> = admin_flag
-            .as_deref()
-            .map(|a| a.parse().expect("--admin is a socket address"))
-            .filter(|a: &SocketAddr| a.port() != 0);
         let token = flag("--token-file").map(|path| {
             porthole::auth::Token::from_file(Path::new(&path))
                 .unwrap_or_else(|e| panic!("--token-file {path}: {e}"))
@@ -1191,14 +1370,9 @@ impl TunnelProc {
             .env_remove("TMPDIR");
         let mut proc = ns.spawn_command("tunnel-svc", cmd);
         let deadline = Instant::now() + DEADLINE;
-        let admin = loop {
-            if let Some(addr) = logged_admin_addr(&proc.log()) {
-                break addr;
-            }
-            if let Some(addr) = fixed {
-                if std::net::TcpStream::connect_timeout(&addr, POLL * 10).is_ok() {
-                    break addr;
-                }
+        loop {
+            if http(admin, "GET", "/healthz", &[]).await.is_ok() {
+                break;
             }
             if let Some(status) = proc.try_wait() {
                 panic!(
@@ -1208,11 +1382,11 @@ impl TunnelProc {
             }
             assert!(
                 Instant::now() < deadline,
-                "tunnel-svc {all:?} did not listen on its admin address within {DEADLINE:?}:\n{}",
+                "tunnel-svc {all:?} did not answer on {admin} within {DEADLINE:?}:\n{}",
                 proc.log()
             );
             tokio::time::sleep(POLL).await;
-        };
+        }
         let channel = Channel::from_shared(format!("http://{admin}"))
             .expect("valid url")
             .connect_timeout(DEADLINE)
@@ -1346,18 +1520,6 @@ impl TunnelProc {
     pub async fn terminate(&mut self) -> ExitStatus {
         self.terminate_within(DEADLINE).await
     }
-}
-
-/// The admin address a tunnel-svc (or gate) JSON log announces.
-pub fn logged_admin_addr(log: &str) -> Option<SocketAddr> {
-    log.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| {
-            v["message"]
-                .as_str()
-                .is_some_and(|m| m.ends_with("admin API listening"))
-        })
-        .and_then(|v| v["addr"].as_str()?.parse().ok())
 }
 
 /// Whether the host has `::1` (tunnel-svc leaves it out if not).

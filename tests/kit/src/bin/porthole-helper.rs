@@ -1,0 +1,255 @@
+//! The programs the tests and benchmarks run inside a container:
+//!
+//! - `listen tcp|udp ADDR PORT [1|0|-]`: binds one socket (TCP: listens;
+//!   for IPv6 the last argument sets IPV6_V6ONLY, `-` leaves the default),
+//!   prints `ready`, and holds it until stdin closes.
+//! - `serve ADDR PORT LABEL`: a TCP server (`::` is dual-stack) whose
+//!   connections start with a command line: `ping` → `pong LABEL`; `echo` →
+//!   every byte back as it comes, then after the client's half-close
+//!   `END <count>`; `source N` → `N CRC32`, then N random bytes; `hold` →
+//!   `holding`, then nothing until the client goes. Prints `ready` once it
+//!   listens.
+//! - `ports`: opens and closes echo listeners on request, one command per
+//!   stdin line: `open PORT ADDR` → `ok NANOS` (the time `listen()`
+//!   returned, in ns since the epoch); `close PORT` → `ok` (its connections
+//!   are closed too); anything else → `err ...`.
+//! - `hold ADDR BASE COUNT [PADDING...]`: listens on COUNT TCP ports of
+//!   ADDR from BASE (0: any free ones), prints `ready`, then per stdin
+//!   line closes the port the previous line opened and opens another
+//!   (churn), until stdin closes. The padding only lengthens its command
+//!   line.
+
+use porthole_testkit::{crc32, XorShift};
+use socket2::{Domain, Socket, Type};
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let result = rt.block_on(async {
+        match args.as_slice() {
+            ["listen", proto, addr, port, rest @ ..] => {
+                let v6only = match rest.first() {
+                    Some(&"1") => Some(true),
+                    Some(&"0") => Some(false),
+                    _ => None,
+                };
+                listen(proto, sockaddr(addr, port)?, v6only).await
+            }
+            ["serve", addr, port, label] => serve(sockaddr(addr, port)?, label.to_string()).await,
+            ["ports"] => ports().await,
+            ["hold", addr, base, count, ..] => hold(addr, base, count).await,
+            _ => Err("usage: porthole-helper listen|serve|ports|hold ...".to_string()),
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("porthole-helper: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn sockaddr(addr: &str, port: &str) -> Result<SocketAddr, String> {
+    let ip: IpAddr = addr.parse().map_err(|_| format!("bad address {addr:?}"))?;
+    let port: u16 = port.parse().map_err(|_| format!("bad port {port:?}"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn ready(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// A socket bound to `addr` with SO_REUSEADDR, and IPV6_V6ONLY as asked.
+fn socket(addr: SocketAddr, kind: Type, v6only: Option<bool>) -> Result<Socket, String> {
+    let s = Socket::new(Domain::for_address(addr), kind, None).map_err(|e| e.to_string())?;
+    s.set_reuse_address(true).map_err(|e| e.to_string())?;
+    if let (true, Some(only)) = (addr.is_ipv6(), v6only) {
+        s.set_only_v6(only).map_err(|e| e.to_string())?;
+    }
+    s.bind(&addr.into())
+        .map_err(|e| format!("bind {addr}: {e}"))?;
+    Ok(s)
+}
+
+fn tcp_listener(addr: SocketAddr, v6only: Option<bool>) -> Result<TcpListener, String> {
+    let s = socket(addr, Type::STREAM, v6only)?;
+    s.listen(128).map_err(|e| e.to_string())?;
+    s.set_nonblocking(true).map_err(|e| e.to_string())?;
+    TcpListener::from_std(s.into()).map_err(|e| e.to_string())
+}
+
+async fn listen(proto: &str, addr: SocketAddr, v6only: Option<bool>) -> Result<(), String> {
+    let _held: Socket = match proto {
+        "tcp" => {
+            let s = socket(addr, Type::STREAM, v6only)?;
+            s.listen(16).map_err(|e| e.to_string())?;
+            s
+        }
+        "udp" => socket(addr, Type::DGRAM, v6only)?,
+        other => return Err(format!("unknown protocol {other:?}")),
+    };
+    ready("ready");
+    // Held until stdin closes.
+    let mut sink = Vec::new();
+    let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+    Ok(())
+}
+
+async fn serve(addr: SocketAddr, label: String) -> Result<(), String> {
+    let listener = tcp_listener(addr, addr.is_ipv6().then_some(false))?;
+    ready("ready");
+    let label: std::sync::Arc<str> = label.into();
+    loop {
+        let (conn, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        tokio::spawn(command(conn, label.clone()));
+    }
+}
+
+/// One connection of `serve`: its first line says what to do.
+async fn command(conn: TcpStream, label: std::sync::Arc<str>) -> std::io::Result<()> {
+    let mut conn = BufReader::new(conn);
+    let mut line = String::new();
+    if conn.read_line(&mut line).await? == 0 {
+        return Ok(());
+    }
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["ping"] => conn.write_all(format!("pong {label}\n").as_bytes()).await,
+        ["echo"] => {
+            // Bytes already read past the line go back first.
+            let mut n = 0u64;
+            let mut buf = vec![0u8; 1 << 18];
+            loop {
+                let got = conn.read(&mut buf).await?;
+                if got == 0 {
+                    break;
+                }
+                conn.get_mut().write_all(&buf[..got]).await?;
+                n += got as u64;
+            }
+            conn.get_mut()
+                .write_all(format!("END {n}\n").as_bytes())
+                .await
+        }
+        ["source", n] => {
+            let n: usize = n.parse().map_err(std::io::Error::other)?;
+            let mut rng = XorShift::seeded();
+            let data: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
+            let head = format!("{} {}\n", data.len(), crc32(&data));
+            conn.write_all(head.as_bytes()).await?;
+            conn.write_all(&data).await
+        }
+        ["hold"] => {
+            conn.write_all(b"holding\n").await?;
+            let mut buf = [0u8; 65536];
+            while conn.read(&mut buf).await? != 0 {}
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `ports`: echo listeners opened and closed on request.
+async fn ports() -> Result<(), String> {
+    let mut open: HashMap<u16, (CancellationToken, JoinHandle<()>)> = HashMap::new();
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    ready("ready");
+    while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let reply = match words.as_slice() {
+            ["open", port, addr] => {
+                match sockaddr(addr, port).and_then(|a| tcp_listener(a, None)) {
+                    Ok(listener) => {
+                        let at = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .unwrap_or_default();
+                        let cancel = CancellationToken::new();
+                        let task = tokio::spawn(echo_all(listener, cancel.clone()));
+                        open.insert(listener_port(port), (cancel, task));
+                        format!("ok {}", at.as_nanos())
+                    }
+                    Err(e) => format!("err {e}"),
+                }
+            }
+            ["close", port] => match open.remove(&listener_port(port)) {
+                Some((cancel, task)) => {
+                    // The listener and its connections are closed when the
+                    // task ends.
+                    cancel.cancel();
+                    let _ = task.await;
+                    "ok".to_string()
+                }
+                None => format!("err port {port} is not open"),
+            },
+            _ => "err unknown command".to_string(),
+        };
+        ready(&reply);
+    }
+    Ok(())
+}
+
+fn listener_port(port: &str) -> u16 {
+    port.parse().unwrap_or(0)
+}
+
+/// Accepts on `listener` and echoes every connection until `cancel`.
+async fn echo_all(listener: TcpListener, cancel: CancellationToken) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => {
+                if let Ok((mut conn, _)) = accepted {
+                    let cancel = cancel.clone();
+                    conns.spawn(async move {
+                        let (mut r, mut w) = conn.split();
+                        tokio::select! {
+                            _ = cancel.cancelled() => {}
+                            _ = tokio::io::copy(&mut r, &mut w) => {}
+                        }
+                    });
+                }
+            }
+        }
+    }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
+}
+
+/// `hold`: many listening ports at once, and churn on request.
+async fn hold(addr: &str, base: &str, count: &str) -> Result<(), String> {
+    let base: u16 = base.parse().map_err(|_| format!("bad port {base:?}"))?;
+    let count: u16 = count.parse().map_err(|_| format!("bad count {count:?}"))?;
+    let at = |port: u16| sockaddr(addr, &port.to_string());
+    let mut held = Vec::with_capacity(count.into());
+    for i in 0..count {
+        let port = if base == 0 { 0 } else { base + i };
+        held.push(tcp_listener(at(port)?, None)?);
+    }
+    ready("ready");
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut churned: Option<TcpListener> = None;
+    while lines
+        .next_line()
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {
+        drop(churned.take());
+        churned = Some(tcp_listener(at(0)?, None)?);
+    }
+    drop((held, churned));
+    Ok(())
+}
