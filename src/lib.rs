@@ -10,6 +10,7 @@ pub mod auth;
 pub mod fanout;
 pub mod key;
 pub mod net;
+pub mod netns;
 pub mod pb;
 pub mod prometheus;
 pub mod relay;

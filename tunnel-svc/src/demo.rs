@@ -24,87 +24,17 @@ pub struct DemoArgs {
     pub once: bool,
 }
 
-/// A network namespace with a veth pair to the host; deleted on drop.
-struct Netns {
-    name: String,
-    host_if: String,
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run `ip` (install iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-impl Netns {
-    /// 198.19.0.0/16 (benchmarking range), one /30 per demo picked from the pid.
-    fn create() -> anyhow::Result<(Netns, String, String)> {
-        let pid = std::process::id();
-        let idx = pid % 16384;
-        let (a, b) = (idx / 64, (idx % 64) * 4);
-        let host_ip = format!("198.19.{a}.{}", b + 1);
-        let inner_ip = format!("198.19.{a}.{}", b + 2);
-        let ns = Netns {
-            name: format!("porthole-demo-{pid}"),
-            host_if: format!("phd{idx}h"),
-        };
-        let inner_if = format!("phd{idx}c");
-        ip(&["netns", "add", &ns.name])?;
-        ip(&[
-            "link",
-            "add",
-            &ns.host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &inner_if,
-        ])?;
-        ip(&["link", "set", &inner_if, "netns", &ns.name])?;
-        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &ns.host_if])?;
-        ip(&["link", "set", &ns.host_if, "up"])?;
-        ip(&[
-            "-n",
-            &ns.name,
-            "addr",
-            "add",
-            &format!("{inner_ip}/30"),
-            "dev",
-            &inner_if,
-        ])?;
-        ip(&["-n", &ns.name, "link", "set", &inner_if, "up"])?;
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
-        Ok((ns, host_ip, inner_ip))
-    }
-
-    fn exec(&self, program: &Path, args: &[&str]) -> anyhow::Result<Child> {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .arg(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {} in {}", program.display(), self.name))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.host_if]);
-        let _ = ip(&["netns", "del", &self.name]);
-    }
+/// Starts `program args...` inside `ns`, its stderr on ours; killed if
+/// dropped.
+fn exec(ns: &porthole::netns::Namespace, program: &Path, args: &[&str]) -> anyhow::Result<Child> {
+    let mut cmd = Command::from(ns.command(program));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    cmd.spawn()
+        .with_context(|| format!("cannot start {} in {}", program.display(), ns.name()))
 }
 
 fn is_root() -> bool {
@@ -167,9 +97,13 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         TempDir(std::env::temp_dir().join(format!("porthole-demo-{}", std::process::id())));
     let token_file = secrets.0.join("monitor.token");
     let (token, _) = porthole::auth::Token::load_or_create(&token_file)?;
-    let (ns, _host_ip, inner_ip) = Netns::create()?;
-    println!("container   network namespace {} at {inner_ip}", ns.name);
-    let monitor = ns.exec(
+    let pid = std::process::id();
+    let ns = porthole::netns::Namespace::create(&format!("porthole-demo-{pid}"), pid)
+        .context("creating the demo's network namespace")?;
+    let inner_ip = ns.addr();
+    println!("container   network namespace {} at {inner_ip}", ns.name());
+    let monitor = exec(
+        &ns,
         &monitor_bin,
         &[
             "--listen",
@@ -185,7 +119,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let me = std::env::current_exe()?;
     let port = args.port.to_string();
     let started = Instant::now();
-    let server = ns.exec(&me, &["demo-server", "--port", &port])?;
+    let server = exec(&ns, &me, &["demo-server", "--port", &port])?;
     println!("inside      HTTP server on 127.0.0.1:{port} (loopback only), monitor-svc on :7070");
 
     let monitor_addr: SocketAddr = format!("{inner_ip}:7070").parse()?;

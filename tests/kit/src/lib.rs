@@ -176,16 +176,12 @@ fn build(name: &str, profile_dir: &Path) -> Result<(), String> {
 /// Namespaces made by this process, for unique names.
 static NEXT_NETNS: AtomicU32 = AtomicU32::new(0);
 
-/// /30 subnets in 198.18.0.0/15.
-const SUBNETS: u32 = 1 << 15;
-
 /// A network namespace standing in for a container, with a veth pair to the
-/// host. Dropping it kills every process inside and deletes it.
+/// host ([`porthole::netns::Namespace`]), and a directory for the logs of
+/// the processes run in it. Dropping it kills every process inside and
+/// deletes it.
 pub struct Netns {
-    name: String,
-    veth: String,
-    host: Ipv4Addr,
-    inside: Ipv4Addr,
+    ns: porthole::netns::Namespace,
     logs: PathBuf,
     next_log: AtomicU32,
 }
@@ -198,84 +194,37 @@ impl Netns {
         let n = NEXT_NETNS.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let name = format!("ph-{pid}-{n}");
-        // A namespace of this name can only be left over from a dead process
-        // that had our pid: no live process shares it.
-        if Path::new("/run/netns").join(&name).exists() {
-            let _ = ip(&["netns", "del", &name]);
-        }
-        ip(&["netns", "add", &name]).unwrap_or_else(|e| panic!("{e}"));
-        let mut ns = Netns {
-            name,
-            veth: String::new(),
-            host: Ipv4Addr::UNSPECIFIED,
-            inside: Ipv4Addr::UNSPECIFIED,
-            logs: PathBuf::new(),
+        let hint = pid.wrapping_mul(64).wrapping_add(n.wrapping_mul(7));
+        let ns = porthole::netns::Namespace::create(&name, hint)
+            .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+        let logs = target_dir().join("tmp").join("porthole-e2e").join(&name);
+        let _ = fs::remove_dir_all(&logs);
+        fs::create_dir_all(&logs).expect("create the log directory");
+        Netns {
+            ns,
+            logs,
             next_log: AtomicU32::new(0),
-        };
-        // The host-side interface name `ph<X>h` is the lock on subnet X:
-        // creating it fails if another test (or process) holds X, and then
-        // the next X is tried.
-        let start = (pid.wrapping_mul(64).wrapping_add(n.wrapping_mul(7))) % SUBNETS;
-        let mut last_err = String::new();
-        for i in 0..2048 {
-            let x = (start + i) % SUBNETS;
-            let veth = format!("ph{x}h");
-            match ip(&[
-                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-            ]) {
-                Ok(()) => {
-                    let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + 4 * x;
-                    ns.veth = veth;
-                    ns.host = Ipv4Addr::from(base + 1);
-                    ns.inside = Ipv4Addr::from(base + 2);
-                    break;
-                }
-                Err(e) if e.contains("File exists") => last_err = e,
-                Err(e) => panic!("creating the veth pair of {}: {e}", ns.name),
-            }
         }
-        assert!(
-            !ns.veth.is_empty(),
-            "no free 198.18.X.0/30 subnet for {}: {last_err}",
-            ns.name
-        );
-        let host_cidr = format!("{}/30", ns.host);
-        let inside_cidr = format!("{}/30", ns.inside);
-        let steps: [&[&str]; 5] = [
-            &["addr", "add", &host_cidr, "dev", &ns.veth],
-            &["link", "set", &ns.veth, "up"],
-            &["-n", &ns.name, "link", "set", "lo", "up"],
-            &["-n", &ns.name, "addr", "add", &inside_cidr, "dev", "eth0"],
-            &["-n", &ns.name, "link", "set", "eth0", "up"],
-        ];
-        for step in steps {
-            ip(step).unwrap_or_else(|e| panic!("setting up {}: {e}", ns.name));
-        }
-        ns.logs = target_dir().join("tmp").join("porthole-e2e").join(&ns.name);
-        let _ = fs::remove_dir_all(&ns.logs);
-        fs::create_dir_all(&ns.logs).expect("create the log directory");
-        ns
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        self.ns.name()
     }
 
     /// The host end of the veth pair, `198.18.X.1`.
     pub fn host_addr(&self) -> Ipv4Addr {
-        self.host
+        self.ns.host_addr()
     }
 
     /// The namespace's own address, `198.18.X.2`, reachable from the host.
     pub fn addr(&self) -> Ipv4Addr {
-        self.inside
+        self.ns.addr()
     }
 
     /// Takes the host end of the veth pair down (the container's link is
     /// cut: nothing crosses, nothing is refused) or up again.
     pub fn set_link(&self, up: bool) {
-        let state = if up { "up" } else { "down" };
-        ip(&["link", "set", &self.veth, state]).unwrap_or_else(|e| panic!("{e}"));
+        self.ns.set_link(up).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Where this namespace's process logs go.
@@ -285,9 +234,7 @@ impl Netns {
 
     /// `ip netns exec NAME program`, to be completed by the caller.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
+        self.ns.command(program)
     }
 
     /// Starts `program args...` inside the namespace with stdout and stderr
@@ -321,14 +268,7 @@ impl Netns {
 
     /// Pids of every process inside the namespace.
     pub fn pids(&self) -> Vec<u32> {
-        let out = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-            .expect("run ip netns pids");
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect()
+        self.ns.pids()
     }
 
     /// Like [`Netns::spawn_command`], but stdin and stdout are piped to the
@@ -339,28 +279,11 @@ impl Netns {
 }
 
 impl Drop for Netns {
+    /// The namespace (and everything in it) goes; its logs stay when the
+    /// test is failing.
     fn drop(&mut self) {
-        // Kill whatever is still inside, by pid, and wait until it is gone,
-        // so nothing outlives the test and the namespace can really go.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let pids = self.pids();
-            if pids.is_empty() || Instant::now() > deadline {
-                break;
-            }
-            for pid in pids {
-                send_signal(pid, "KILL");
-            }
-            std::thread::sleep(POLL);
-        }
-        if !self.veth.is_empty() {
-            let _ = ip(&["link", "del", &self.veth]);
-        }
-        if let Err(e) = ip(&["netns", "del", &self.name]) {
-            eprintln!("warning: {e}");
-        }
         if std::thread::panicking() {
-            eprintln!("logs of {} kept in {}", self.name, self.logs.display());
+            eprintln!("logs of {} kept in {}", self.name(), self.logs.display());
         } else {
             let _ = fs::remove_dir_all(&self.logs);
         }
@@ -417,22 +340,6 @@ fn stat_ticks(pid: u32, which: &[usize]) -> Duration {
         .sum();
     let hz = rustix::param::clock_ticks_per_second();
     Duration::from_secs_f64(ticks as f64 / hz as f64)
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 // ---------------------------------------------------------------------------
