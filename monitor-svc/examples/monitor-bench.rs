@@ -23,11 +23,10 @@ use porthole::pb::v1::{
     WatchEventsRequest,
 };
 use porthole_testkit::measure::{ms, nproc, Stats, XorShift};
-use porthole_testkit::{binary, cpu_time, PortHolder, Proc};
+use porthole_testkit::{cpu_time, MonitorProc, PortHolder};
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -44,17 +43,6 @@ const LISTENER_COUNTS: [usize; 3] = [10, 1_000, 10_000];
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
 /// Monitor CPU window per scan-cost case.
 const LOAD_WINDOW: Duration = Duration::from_secs(4);
-/// Environment the monitor would otherwise read its flags from.
-const MONITOR_ENV: [&str; 7] = [
-    "PORTHOLE_LISTEN",
-    "PORTHOLE_INTERVAL",
-    "PORTHOLE_BUFFER_SIZE",
-    "PORTHOLE_TOKEN_FILE",
-    "PORTHOLE_SOURCE",
-    "PORTHOLE_LOG",
-    "PORTHOLE_LOG_FORMAT",
-];
-
 /// Ports held, and the command-line padding of their process, for the
 /// non-reading flood (command lines are cut at 4 KiB by the monitor).
 const FLOOD_PORTS: u16 = 60;
@@ -67,18 +55,12 @@ const FLOOD_GETS: usize = 500;
 async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let fd_limit = fd_soft_limit()?;
-    println!("## monitor-svc benchmark\n");
-    println!("| machine | |");
-    println!("| --- | --- |");
-    println!("| cores (`nproc`) | {} |", nproc());
-    println!("| kernel | {} |", read_trim("/proc/sys/kernel/osrelease"));
-    println!("| fd soft limit | {fd_limit} |");
-
     let mut monitor = Monitor::start().await?;
-    let result = run(&mut monitor, fd_limit).await;
+    let measured = measure(&mut monitor, fd_limit).await;
     let stopped = monitor.stop().await;
-    result?;
+    let mut results = measured?;
     let code = stopped?;
+    report(&mut results, fd_limit);
     println!();
     println!(
         "monitor-svc stopped with SIGTERM: exit code {code}; whole run {:.1} s",
@@ -87,22 +69,61 @@ async fn main() -> anyhow::Result<()> {
     ensure!(
         code == 0,
         "monitor-svc exited with {code} after SIGTERM (log: {})",
-        monitor.log.display()
+        monitor.dir.display()
     );
     // Kept when anything failed, for the error message above.
-    let _ = std::fs::remove_file(&monitor.log);
+    let _ = std::fs::remove_dir_all(&monitor.dir);
     Ok(())
 }
 
-async fn run(monitor: &mut Monitor, fd_limit: u64) -> anyhow::Result<()> {
+/// Everything one run measures, for [`report`].
+struct Results {
+    source: String,
+    pid: u32,
+    port: u16,
+    /// Detection latency of each opening and closing.
+    opened: Vec<Duration>,
+    closed: Vec<Duration>,
+    resyncs: usize,
+    idle: Window,
+    idle_memory: Memory,
+    scans: Vec<ScanCost>,
+    loads: Vec<Load>,
+    /// Listener counts the fd limit left out, and why.
+    skipped: Vec<String>,
+    floods: Vec<Flooded>,
+}
+
+/// `Detector::poll()` in the bench process with `n` extra listeners.
+struct ScanCost {
+    n: usize,
+    seen: usize,
+    source: Source,
+    first: Duration,
+    poll: Stats,
+    raw: Stats,
+}
+
+/// The running monitor with `n` extra listeners.
+struct Load {
+    n: usize,
+    window: Window,
+    last_scan: Duration,
+    memory: Memory,
+}
+
+/// RSS around one flood of clients that never read.
+struct Flooded {
+    who: &'static str,
+    idle_kib: u64,
+    peak_kib: u64,
+    after_kib: u64,
+    refused: usize,
+}
+
+/// Runs every measurement; prints only progress (stderr).
+async fn measure(monitor: &mut Monitor, fd_limit: u64) -> anyhow::Result<Results> {
     let metrics = monitor.metrics().await?;
-    println!("| monitor interval | 100 ms (default; no `--interval`, `PORTHOLE_*` unset) |");
-    println!("| monitor source | {} (auto) |", metrics.source);
-    println!(
-        "| monitor | pid {}, `127.0.0.1:{}` |",
-        monitor.pid(),
-        monitor.addr.port()
-    );
 
     // --- Detection latency -------------------------------------------------
     let mut events = watch(monitor.addr).await?;
@@ -128,6 +149,126 @@ async fn run(monitor: &mut Monitor, fd_limit: u64) -> anyhow::Result<()> {
             eprintln!("latency: {} / {LATENCY_PORTS}", i + 1);
         }
     }
+
+    // --- Idle CPU and RSS --------------------------------------------------
+    eprintln!(
+        "idle: measuring monitor CPU over {} s",
+        IDLE_WINDOW.as_secs()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = monitor.window(IDLE_WINDOW).await?;
+    let idle_memory = monitor.memory()?;
+
+    // --- Scan cost, and the monitor under the same load --------------------
+    let mut scans = Vec::new();
+    let mut loads = Vec::new();
+    let mut skipped = Vec::new();
+    let mut listeners: Vec<TcpListener> = Vec::new();
+    let mut client = PortEventsClient::connect(format!("http://{}", monitor.addr)).await?;
+    for n in LISTENER_COUNTS {
+        let open_fds = std::fs::read_dir("/proc/self/fd")?.count() as u64;
+        let need = n as u64 - listeners.len() as u64 + open_fds + 64;
+        if need > fd_limit {
+            let line = format!(
+                "skipped {n}: raise the fd limit with `ulimit -n 20000` (soft limit {fd_limit}, need about {need})"
+            );
+            eprintln!("{line}");
+            skipped.push(line);
+            continue;
+        }
+        eprintln!("scan cost: {n} listeners");
+        while listeners.len() < n {
+            listeners.push(
+                TcpListener::bind("127.0.0.1:0")
+                    .with_context(|| format!("binding listener {} of {n}", listeners.len() + 1))?,
+            );
+        }
+        for source in [Source::Netlink, Source::Procfs] {
+            scans.push(scan_cost(n, source).await?);
+        }
+        // Let the monitor see them all (and resolve their owner) before
+        // measuring it. One scan's changes land together, so the last one
+        // bound stands for all.
+        let last_key = format!("tcp:127.0.0.1:{}", listeners[n - 1].local_addr()?.port());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ports = client
+                .list_ports(ListPortsRequest {})
+                .await?
+                .into_inner()
+                .ports;
+            if ports.iter().any(|p| p.key == last_key) {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the monitor did not see {last_key} within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let window = monitor.window(LOAD_WINDOW).await?;
+        let last_scan = monitor.metrics().await?.last_scan;
+        let memory = monitor.memory()?;
+        loads.push(Load {
+            n,
+            window,
+            last_scan,
+            memory,
+        });
+    }
+    drop(listeners);
+
+    // --- Clients that never read -------------------------------------------
+    let holder_log = monitor.dir.join("holder.log");
+    let hold = PortHolder::command(
+        std::process::Command::new,
+        "127.0.0.1",
+        0,
+        FLOOD_PORTS,
+        FLOOD_PAD,
+    );
+    let mut holder = PortHolder::start(hold, holder_log);
+    let mut floods = Vec::new();
+    for token in [None, Some(monitor.token())] {
+        let who = if token.is_some() {
+            "with the token (command lines)"
+        } else {
+            "anonymous"
+        };
+        eprintln!("flood: {who}");
+        floods.push(flood(monitor, who, token, &mut holder).await?);
+    }
+    Ok(Results {
+        source: metrics.source,
+        pid: monitor.pid(),
+        port: monitor.addr.port(),
+        opened,
+        closed,
+        resyncs: events.resyncs,
+        idle,
+        idle_memory,
+        scans,
+        loads,
+        skipped,
+        floods,
+    })
+}
+
+/// Prints the markdown report of one run (stdout).
+fn report(r: &mut Results, fd_limit: u64) {
+    println!("## monitor-svc benchmark\n");
+    println!("| machine | |");
+    println!("| --- | --- |");
+    println!("| cores (`nproc`) | {} |", nproc());
+    println!("| kernel | {} |", read_trim("/proc/sys/kernel/osrelease"));
+    println!("| fd soft limit | {fd_limit} |");
+    println!(
+        "| monitor interval | 100 ms (the default, given as `--interval 100ms`; log level info) |"
+    );
+    println!("| monitor source | {} (auto) |", r.source);
+    println!("| monitor | pid {}, `127.0.0.1:{}` |", r.pid, r.port);
+
     println!();
     println!(
         "### Detection latency ({LATENCY_PORTS} ports, one at a time, random 0-{MAX_GAP_MS} ms before each open and each close)\n"
@@ -135,7 +276,7 @@ async fn run(monitor: &mut Monitor, fd_limit: u64) -> anyhow::Result<()> {
     println!("From `listen()` (or `close()`) in the bench to the event arriving on a `WatchEvents` stream.\n");
     println!("| event | n | p50 | p90 | p99 | max | target | met |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |");
-    for (name, samples) in [("opened", &mut opened), ("closed", &mut closed)] {
+    for (name, samples) in [("opened", &mut r.opened), ("closed", &mut r.closed)] {
         let s = Stats::of(samples);
         let (target, met) = if name == "opened" {
             let met = s.p50 <= Duration::from_millis(100) && s.p99 <= Duration::from_millis(250);
@@ -155,21 +296,14 @@ async fn run(monitor: &mut Monitor, fd_limit: u64) -> anyhow::Result<()> {
             ms(s.max)
         );
     }
-    if events.resyncs > 0 {
+    if r.resyncs > 0 {
         println!(
             "\n(the stream was resynced {} times during the run)",
-            events.resyncs
+            r.resyncs
         );
     }
 
-    // --- Idle CPU and RSS --------------------------------------------------
-    eprintln!(
-        "idle: measuring monitor CPU over {} s",
-        IDLE_WINDOW.as_secs()
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle = monitor.window(IDLE_WINDOW).await?;
-    let mem = monitor.memory()?;
+    let idle = &r.idle;
     println!();
     println!("### Idle monitor (no port changes, one WatchEvents stream open)\n");
     println!("| metric | value | target | met |");
@@ -196,71 +330,11 @@ async fn run(monitor: &mut Monitor, fd_limit: u64) -> anyhow::Result<()> {
     );
     println!("| mean scan duration | {} | | |", ms(idle.mean_scan));
     println!("| ports seen | {} | | |", idle.ports);
-    println!("| VmRSS | {} | | |", kib(mem.rss_kib));
-    println!("| VmHWM (peak RSS so far) | {} | | |", kib(mem.hwm_kib));
-
-    // --- Scan cost, and the monitor under the same load --------------------
-    let mut scan_rows = Vec::new();
-    let mut load_rows = Vec::new();
-    let mut skipped = Vec::new();
-    let mut listeners: Vec<TcpListener> = Vec::new();
-    let mut client = PortEventsClient::connect(format!("http://{}", monitor.addr)).await?;
-    for n in LISTENER_COUNTS {
-        let open_fds = std::fs::read_dir("/proc/self/fd")?.count() as u64;
-        let need = n as u64 - listeners.len() as u64 + open_fds + 64;
-        if need > fd_limit {
-            let line = format!(
-                "skipped {n}: raise the fd limit with `ulimit -n 20000` (soft limit {fd_limit}, need about {need})"
-            );
-            eprintln!("{line}");
-            skipped.push(line);
-            continue;
-        }
-        eprintln!("scan cost: {n} listeners");
-        while listeners.len() < n {
-            listeners.push(
-                TcpListener::bind("127.0.0.1:0")
-                    .with_context(|| format!("binding listener {} of {n}", listeners.len() + 1))?,
-            );
-        }
-        for source in [Source::Netlink, Source::Procfs] {
-            scan_rows.push(scan_cost(n, source).await?);
-        }
-        // Let the monitor see them all (and resolve their owner) before
-        // measuring it.
-        // One scan's changes land together, so the last one bound stands for all.
-        let last_key = format!("tcp:127.0.0.1:{}", listeners[n - 1].local_addr()?.port());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let ports = client
-                .list_ports(ListPortsRequest {})
-                .await?
-                .into_inner()
-                .ports;
-            if ports.iter().any(|p| p.key == last_key) {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the monitor did not see {last_key} within 20 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let w = monitor.window(LOAD_WINDOW).await?;
-        let last = monitor.metrics().await?.last_scan;
-        let mem = monitor.memory()?;
-        load_rows.push(format!(
-            "| {n} | {} | {} | {} | {:.2} % | {} | {} |",
-            w.ports,
-            ms(last),
-            ms(w.mean_scan),
-            w.cpu_percent,
-            kib(mem.rss_kib),
-            kib(mem.hwm_kib)
-        ));
-    }
-    drop(listeners);
+    println!("| VmRSS | {} | | |", kib(r.idle_memory.rss_kib));
+    println!(
+        "| VmHWM (peak RSS so far) | {} | | |",
+        kib(r.idle_memory.hwm_kib)
+    );
 
     println!();
     println!(
@@ -273,10 +347,19 @@ async fn run(monitor: &mut Monitor, fd_limit: u64) -> anyhow::Result<()> {
         "| extra listeners | sockets seen | source | first poll (process lookup) | poll median | poll p99 | `Scanner::scan()` alone, median |"
     );
     println!("| ---: | ---: | --- | ---: | ---: | ---: | ---: |");
-    for row in &scan_rows {
-        println!("{row}");
+    for c in &r.scans {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            c.n,
+            c.seen,
+            c.source,
+            ms(c.first),
+            ms(c.poll.p50),
+            ms(c.poll.p99),
+            ms(c.raw.p50)
+        );
     }
-    for line in &skipped {
+    for line in &r.skipped {
         println!("\n{line}");
     }
     println!();
@@ -288,35 +371,19 @@ async fn run(monitor: &mut Monitor, fd_limit: u64) -> anyhow::Result<()> {
         "| extra listeners | ports seen | last scan (`porthole_monitor_last_scan_duration_seconds`) | mean scan | CPU (one core) | VmRSS | VmHWM |"
     );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for row in &load_rows {
-        println!("{row}");
+    for l in &r.loads {
+        println!(
+            "| {} | {} | {} | {} | {:.2} % | {} | {} |",
+            l.n,
+            l.window.ports,
+            ms(l.last_scan),
+            ms(l.window.mean_scan),
+            l.window.cpu_percent,
+            kib(l.memory.rss_kib),
+            kib(l.memory.hwm_kib)
+        );
     }
 
-    // --- Clients that never read -------------------------------------------
-    let holder_log = monitor.log.with_extension("holder.log");
-    let hold = PortHolder::command(
-        std::process::Command::new,
-        "127.0.0.1",
-        0,
-        FLOOD_PORTS,
-        FLOOD_PAD,
-    );
-    let mut holder = PortHolder::start(hold, holder_log.clone());
-    let mut rows = Vec::new();
-    for token in [None, Some(&monitor.token)] {
-        let who = if token.is_some() {
-            "with the token (command lines)"
-        } else {
-            "anonymous"
-        };
-        eprintln!("flood: {who}");
-        rows.push(format!(
-            "| {who} | {} |",
-            flood(monitor, token, &mut holder).await?
-        ));
-    }
-    drop(holder);
-    let _ = std::fs::remove_file(holder_log);
     println!();
     println!(
         "### Clients that never read ({FLOOD_STREAMS} WatchEvents streams on 5 connections with 64 KiB windows, \
@@ -328,49 +395,56 @@ async fn run(monitor: &mut Monitor, fd_limit: u64) -> anyhow::Result<()> {
         "| clients | idle RSS | peak RSS | RSS 10 s after they left | streams refused | target |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | --- |");
-    for row in rows {
-        println!("{row}");
+    for f in &r.floods {
+        let met = f.peak_kib <= 64 * 1024 && f.after_kib <= 2 * f.idle_kib;
+        println!(
+            "| {} | {} | {} | {} | {} | ≤ 64 MiB, back within 2× idle: {} |",
+            f.who,
+            kib(f.idle_kib),
+            kib(f.peak_kib),
+            kib(f.after_kib),
+            f.refused,
+            if met { "yes" } else { "**no**" }
+        );
     }
-    Ok(())
 }
 
-/// Floods the monitor with clients that never read and returns a table
-/// row's cells: idle, peak and after RSS, refusals, target.
+/// Floods the monitor with clients that never read; its RSS before,
+/// during and after.
 async fn flood(
     monitor: &Monitor,
+    who: &'static str,
     token: Option<&porthole::auth::Token>,
     holder: &mut PortHolder,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Flooded> {
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle = monitor.memory()?.rss_kib;
+    let idle_kib = monitor.memory()?.rss_kib;
     let flood = porthole_testkit::flood(monitor.addr, token, FLOOD_STREAMS, FLOOD_GETS)
         .await
         .map_err(anyhow::Error::msg)?;
     let refused = flood.refused;
-    let mut peak = 0;
+    let mut peak_kib = 0;
     let end = Instant::now() + Duration::from_secs(3);
     while Instant::now() < end {
         holder.churn();
-        peak = peak.max(monitor.memory()?.rss_kib);
+        peak_kib = peak_kib.max(monitor.memory()?.rss_kib);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(flood);
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let after = monitor.memory()?.rss_kib;
-    let met = peak <= 64 * 1024 && after <= 2 * idle;
-    Ok(format!(
-        "{} | {} | {} | {refused} | ≤ 64 MiB, back within 2× idle: {}",
-        kib(idle),
-        kib(peak),
-        kib(after),
-        if met { "yes" } else { "**no**" }
-    ))
+    Ok(Flooded {
+        who,
+        idle_kib,
+        peak_kib,
+        after_kib: monitor.memory()?.rss_kib,
+        refused,
+    })
 }
 
 /// One scan-cost row: a fresh detector on `source`, its first poll, then
 /// [`POLLS`] more.
-async fn scan_cost(n: usize, source: Source) -> anyhow::Result<String> {
-    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+async fn scan_cost(n: usize, source: Source) -> anyhow::Result<ScanCost> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<ScanCost> {
         let scanner = Scanner::with_source(source).with_context(|| format!("opening {source}"))?;
         let mut detector = Detector::new(scanner);
         let t = Instant::now();
@@ -396,26 +470,25 @@ async fn scan_cost(n: usize, source: Source) -> anyhow::Result<String> {
             scanner.scan().with_context(|| format!("{source} scan"))?;
             raw.push(t.elapsed());
         }
-        let r = Stats::of(&mut raw);
-        Ok(format!(
-            "| {n} | {seen} | {source} | {} | {} | {} | {} |",
-            ms(first_took),
-            ms(s.p50),
-            ms(s.p99),
-            ms(r.p50)
-        ))
+        Ok(ScanCost {
+            n,
+            seen,
+            source,
+            first: first_took,
+            poll: s,
+            raw: Stats::of(&mut raw),
+        })
     })
     .await?
 }
 
 // --- The monitor process -----------------------------------------------------
 
+/// The kit's monitor on the host's loopback, and where its files are.
 struct Monitor {
-    proc: Proc,
+    proc: MonitorProc,
     addr: SocketAddr,
-    log: PathBuf,
-    token: porthole::auth::Token,
-    token_file: PathBuf,
+    dir: PathBuf,
 }
 
 struct Window {
@@ -432,59 +505,19 @@ struct Memory {
 }
 
 impl Monitor {
+    /// monitor-svc at its default interval and log level (the kit's
+    /// `PORTHOLE_*` are overridden by flags), with a token of its own.
     async fn start() -> anyhow::Result<Monitor> {
-        let bin = binary("monitor-svc");
-        let addr = {
-            let probe = TcpListener::bind("127.0.0.1:0")?;
-            probe.local_addr()?
-        };
-        let log =
-            std::env::temp_dir().join(format!("monitor-svc-bench-{}.log", std::process::id()));
-        let token_file =
-            std::env::temp_dir().join(format!("monitor-svc-bench-{}.token", std::process::id()));
-        let _ = std::fs::remove_file(&token_file);
-        let (token, _) = porthole::auth::Token::load_or_create(&token_file)?;
-        let mut cmd = std::process::Command::new(&bin);
-        cmd.arg("--listen")
-            .arg(addr.to_string())
-            .arg("--token-file")
-            .arg(&token_file)
-            .stdin(Stdio::null());
-        for var in MONITOR_ENV {
-            cmd.env_remove(var);
-        }
-        // Stopped (SIGKILL, by pid) when dropped, if the bench fails first.
-        let mut proc = Proc::start("monitor-svc", cmd, log.clone(), false);
+        let dir = std::env::temp_dir().join(format!("monitor-bench-{}", std::process::id()));
+        let args = ["--interval", "100ms", "--log-level", "info"];
+        let proc = MonitorProc::on_host(&dir, &args).await;
+        let addr = proc.addr();
         eprintln!(
-            "started {} (pid {}) on {addr}; log {}",
-            bin.display(),
+            "started monitor-svc (pid {}) on {addr}; logs in {}",
             proc.pid(),
-            log.display()
+            dir.display()
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = proc.try_wait() {
-                bail!(
-                    "monitor-svc exited at start-up with {status}; see {}",
-                    log.display()
-                );
-            }
-            if http_get(addr, "/healthz").await.is_ok() {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "monitor-svc not answering on {addr} after 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(Monitor {
-            proc,
-            addr,
-            log,
-            token,
-            token_file,
-        })
+        Ok(Monitor { proc, addr, dir })
     }
 
     async fn metrics(&self) -> anyhow::Result<Metrics> {
@@ -493,6 +526,10 @@ impl Monitor {
 
     fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    fn token(&self) -> &porthole::auth::Token {
+        self.proc.token()
     }
 
     /// CPU of the monitor over `window`, and its scan rate in the same span.
@@ -550,13 +587,12 @@ impl Monitor {
 
     /// SIGTERM (by pid) and the exit code.
     async fn stop(&mut self) -> anyhow::Result<i32> {
-        if let Some(status) = self.proc.try_wait() {
+        if let Some(status) = self.proc.proc().try_wait() {
             bail!(
                 "monitor-svc had already exited with {status}; see {}",
-                self.log.display()
+                self.dir.display()
             );
         }
-        let _ = std::fs::remove_file(&self.token_file);
         let status = self.proc.terminate().await;
         status
             .code()

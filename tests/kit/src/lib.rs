@@ -261,7 +261,8 @@ impl Netns {
         Proc::start(label, cmd, self.new_log(label), false)
     }
 
-    fn new_log(&self, label: &str) -> PathBuf {
+    /// A fresh log file in [`Netns::log_dir`] for a process called `label`.
+    pub fn new_log(&self, label: &str) -> PathBuf {
         let n = self.next_log.fetch_add(1, Ordering::Relaxed);
         self.logs.join(format!("{n:02}-{label}.log"))
     }
@@ -852,6 +853,18 @@ pub fn children(parent: u32) -> Vec<u32> {
 
 /// monitor-svc running inside a namespace, answering on
 /// `http://198.18.X.2:PORT`.
+/// Where and how [`MonitorProc::launch`] runs monitor-svc.
+struct Launch<'a> {
+    /// `--listen`, unless the caller's arguments say.
+    listen: String,
+    /// The address to reach it on when it listens on a wildcard.
+    host: IpAddr,
+    token_file: PathBuf,
+    log: PathBuf,
+    /// A command for the binary: in a namespace, or on the host.
+    command: &'a dyn Fn(PathBuf) -> Command,
+}
+
 pub struct MonitorProc {
     proc: Proc,
     addr: SocketAddr,
@@ -881,18 +894,45 @@ pub fn write_token(path: &Path, secret: &str) {
 static NEXT_TOKEN: AtomicU32 = AtomicU32::new(0);
 
 impl MonitorProc {
-    /// Starts monitor-svc with `args`, plus `--listen 0.0.0.0:7070`,
+    /// Starts monitor-svc in `ns` with `args`, plus `--listen 0.0.0.0:7070`,
     /// `--interval 50ms` and a `--token-file` of its own (a fresh token in
     /// the namespace's log directory) unless `args` sets them, and waits
     /// until it answers HTTP.
     pub async fn start(ns: &Netns, args: &[&str]) -> MonitorProc {
+        let n = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
+        let launch = Launch {
+            listen: "0.0.0.0:7070".into(),
+            host: IpAddr::V4(ns.addr()),
+            token_file: ns.log_dir().join(format!("monitor-{n}.token")),
+            log: ns.new_log("monitor-svc"),
+            command: &|bin| ns.command(bin),
+        };
+        MonitorProc::launch(launch, args).await
+    }
+
+    /// Starts monitor-svc on the host (no root needed) on `127.0.0.1` and
+    /// a free port, otherwise as [`MonitorProc::start`]; its token and log
+    /// go to `dir`.
+    pub async fn on_host(dir: &Path, args: &[&str]) -> MonitorProc {
+        fs::create_dir_all(dir).expect("create the monitor's directory");
+        let launch = Launch {
+            listen: format!("127.0.0.1:{}", unused_local_port()),
+            host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            token_file: dir.join("monitor.token"),
+            log: dir.join("monitor-svc.log"),
+            command: &|bin| Command::new(bin),
+        };
+        MonitorProc::launch(launch, args).await
+    }
+
+    async fn launch(launch: Launch<'_>, args: &[&str]) -> MonitorProc {
         let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let has = |flag: &str| {
             args.iter()
                 .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
         };
         if !has("--listen") {
-            all.extend(["--listen".into(), "0.0.0.0:7070".into()]);
+            all.extend(["--listen".into(), launch.listen.clone()]);
         }
         if !has("--interval") {
             all.extend(["--interval".into(), "50ms".into()]);
@@ -900,8 +940,7 @@ impl MonitorProc {
         let token_file = match all.iter().position(|a| a == "--token-file") {
             Some(i) => PathBuf::from(&all[i + 1]),
             None => {
-                let n = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
-                let path = ns.log_dir().join(format!("monitor-{n}.token"));
+                let path = launch.token_file.clone();
                 let _ = fs::remove_file(&path);
                 porthole::auth::Token::load_or_create(&path).expect("a random token file");
                 all.extend(["--token-file".into(), path.display().to_string()]);
@@ -919,13 +958,12 @@ impl MonitorProc {
             .and_then(|a| a.parse().ok())
             .expect("--listen is a socket address");
         let ip = if listen.ip().is_unspecified() {
-            IpAddr::V4(ns.addr())
+            launch.host
         } else {
             listen.ip()
         };
         let addr = SocketAddr::new(ip, listen.port());
-        let bin = binary("monitor-svc");
-        let mut cmd = ns.command(&bin);
+        let mut cmd = (launch.command)(binary("monitor-svc"));
         // Only the flags given here configure it, not the caller's env.
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("PORTHOLE_") {
@@ -936,7 +974,7 @@ impl MonitorProc {
             .stdin(Stdio::null())
             .env("NO_COLOR", "1")
             .env("PORTHOLE_LOG", "info,monitor_svc=debug");
-        let mut proc = ns.spawn_command("monitor-svc", cmd);
+        let mut proc = Proc::start("monitor-svc", cmd, launch.log, false);
         let deadline = Instant::now() + DEADLINE;
         loop {
             if let Some(status) = proc.try_wait() {
