@@ -19,7 +19,7 @@ use anyhow::{bail, ensure, Context};
 use monitor_svc::detect::Detector;
 use monitor_svc::scan::{Scanner, Source};
 use porthole::pb::v1::{
-    port_events_client::PortEventsClient, watch_events_response::Kind, EventType, ListPortsRequest,
+    port_events_client::PortEventsClient, watch_events_response::Kind, EventType,
     WatchEventsRequest,
 };
 use porthole_testkit::measure::{ms, nproc, Stats, XorShift};
@@ -164,7 +164,6 @@ async fn measure(monitor: &mut Monitor, fd_limit: u64) -> anyhow::Result<Results
     let mut loads = Vec::new();
     let mut skipped = Vec::new();
     let mut listeners: Vec<TcpListener> = Vec::new();
-    let mut client = PortEventsClient::connect(format!("http://{}", monitor.addr)).await?;
     for n in LISTENER_COUNTS {
         let open_fds = std::fs::read_dir("/proc/self/fd")?.count() as u64;
         let need = n as u64 - listeners.len() as u64 + open_fds + 64;
@@ -190,22 +189,12 @@ async fn measure(monitor: &mut Monitor, fd_limit: u64) -> anyhow::Result<Results
         // measuring it. One scan's changes land together, so the last one
         // bound stands for all.
         let last_key = format!("tcp:127.0.0.1:{}", listeners[n - 1].local_addr()?.port());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let ports = client
-                .list_ports(ListPortsRequest {})
-                .await?
-                .into_inner()
-                .ports;
-            if ports.iter().any(|p| p.key == last_key) {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the monitor did not see {last_key} within 20 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = format!("the monitor to list {last_key}");
+        let listed = |p: &porthole::pb::v1::Port| p.key == last_key;
+        monitor
+            .proc
+            .wait_listed(&what, Duration::from_secs(20), listed)
+            .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let window = monitor.window(LOAD_WINDOW).await?;
         let last_scan = monitor.metrics().await?.last_scan;

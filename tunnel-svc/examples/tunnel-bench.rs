@@ -25,8 +25,7 @@
 
 use anyhow::{anyhow, bail, ensure, Context};
 use porthole::pb::v1::{
-    watch_events_response::Kind as Watched, EventType, ListPortsRequest, Protocol, TunnelState,
-    WatchEventsRequest,
+    watch_events_response::Kind as Watched, EventType, Protocol, TunnelState, WatchEventsRequest,
 };
 use porthole_testkit::measure::{ms, nproc, Stats, XorShift};
 use porthole_testkit::{
@@ -609,12 +608,10 @@ impl Lab {
         let mut cmd = self.ns.command("iperf3");
         cmd.args(["-s", "-p", &port.to_string()]);
         let mut proc = self.ns.spawn_command("iperf3-server", cmd);
-        if let Err(e) = self.monitor.wait_listening(port).await {
-            if let Some(status) = proc.try_wait() {
-                bail!("iperf3 -s exited ({status}): {}", proc.log());
-            }
-            return Err(e);
+        if let Some(status) = proc.try_wait() {
+            bail!("iperf3 -s exited ({status}): {}", proc.log());
         }
+        self.monitor.wait_listening(port).await;
         Ok(proc)
     }
 
@@ -945,27 +942,12 @@ impl Monitor {
     }
 
     /// Waits until the monitor lists a TCP listener on `port`.
-    async fn wait_listening(&mut self, port: u16) -> anyhow::Result<()> {
-        let mut client = self.proc.client().await;
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let ports = client
-                .list_ports(ListPortsRequest {})
-                .await?
-                .into_inner()
-                .ports;
-            if ports
-                .iter()
-                .any(|p| p.port == u32::from(port) && p.protocol == Protocol::Tcp as i32)
-            {
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "monitor-svc did not list port {port} within {DEADLINE:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    async fn wait_listening(&mut self, port: u16) {
+        let what = format!("monitor-svc to list port {port}");
+        let tcp = |p: &porthole::pb::v1::Port| {
+            p.port == u32::from(port) && p.protocol == Protocol::Tcp as i32
+        };
+        self.proc.wait_listed(&what, DEADLINE, tcp).await
     }
 }
 

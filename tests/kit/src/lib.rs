@@ -1065,6 +1065,30 @@ impl MonitorProc {
         ))
     }
 
+    /// Waits until ListPorts shows a port `pred` accepts; panics after
+    /// `timeout`.
+    pub async fn wait_listed(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&porthole::pb::v1::Port) -> bool,
+    ) {
+        let client = self.client().await;
+        poll_until(what, timeout, || {
+            let (mut client, pred) = (client.clone(), &pred);
+            async move {
+                let ports = client
+                    .list_ports(porthole::pb::v1::ListPortsRequest {})
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .ports;
+                ports.iter().any(pred).then_some(())
+            }
+        })
+        .await
+    }
+
     /// A `PortEvents` client without the token: what a neighbour gets.
     pub async fn anonymous_client(&self) -> MonitorClient {
         PortEventsClient::new(porthole::auth::with_token(self.channel().await, None))
