@@ -338,7 +338,7 @@ fn report(machine: &Machine, r: &mut Results) {
         "### Listen → usable on the host ({LATENCY_PORTS} ports per backend, one at a time, random 0–{MAX_GAP_MS} ms apart)\n"
     );
     println!(
-        "From `listen()` inside the namespace (the helper's `time.time_ns()` right after it) to the first \
+        "From `listen()` inside the namespace (the helper's clock right after it returned) to the first \
          1-byte echo through `127.0.0.1:PORT` on the host, tried every {} ms. monitor-svc at its default \
          interval (100 ms); tunnel-svc with `--skip {SKIP} --max-tunnels 1000`. One warm-up port first \
          (it also pays for the first HTTP/2 connection or ssh master), not in the percentiles. \

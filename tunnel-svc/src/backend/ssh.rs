@@ -156,11 +156,8 @@ impl Ssh {
             };
             // Not there (yet): the tunnel's host listener opens before its
             // forward is added, and a restarting master re-adds every wanted
-            // forward before it counts as up. Wait for either, boundedly;
-            // give up at once on a port nobody wants any more.
-            if !s.wanted.lock().await.contains(&port) {
-                return Err(DialError(format!("no ssh forward for port {port}: {err}")));
-            }
+            // forward before it counts as up. Wait for either, boundedly (a
+            // tunnel that closes meanwhile resets its connections anyway).
             if tokio::time::Instant::now() >= deadline {
                 return Err(DialError(format!(
                     "the ssh forward of port {port} did not come up: {err}"
