@@ -133,12 +133,22 @@ pub struct App {
     pub stats: Arc<ServerStats>,
 }
 
-/// Serves `app` on `listener` until `shutdown` is cancelled, then stops
+/// Where a server takes its connections from.
+pub enum Listen {
+    /// Clients connecting to a TCP port, within [`Limits`].
+    Tcp(TcpListener),
+    /// One connection on this process's stdin and stdout: the peer that
+    /// started the process (tunnel-svc over a `docker exec` stream). The
+    /// server returns once that connection ends.
+    Stdio,
+}
+
+/// Serves `app` on `listen` until `shutdown` is cancelled, then stops
 /// accepting, gives in-flight calls [`SHUTDOWN_GRACE`] to finish, closes
 /// what remains and returns. Streaming handlers must watch `shutdown`
 /// themselves and end their streams.
 pub async fn serve(
-    listener: TcpListener,
+    listen: Listen,
     app: App,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
@@ -175,7 +185,27 @@ pub async fn serve(
             auth::check(policy.clone(), req, next)
         }));
 
-    let incoming = incoming(listener, app.limits, app.stats, shutdown.clone());
+    let incoming = match listen {
+        Listen::Tcp(listener) => incoming(listener, app.limits, app.stats, shutdown.clone()),
+        Listen::Stdio => {
+            // The incoming stream ends only once the connection has (an
+            // ended stream makes the server send GOAWAY at once).
+            let (tx, rx) = mpsc::channel(1);
+            let (done, ended) = tokio::sync::oneshot::channel::<()>();
+            let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+            let conn = Conn {
+                stream: Stream::Stdio(stdio),
+                _slot: None,
+                _done: Some(done),
+            };
+            tx.try_send(Ok(conn)).expect("an empty channel of one");
+            tokio::spawn(async move {
+                let _ = ended.await;
+                drop(tx);
+            });
+            ReceiverStream::new(rx)
+        }
+    };
     let server = tonic::transport::Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -251,17 +281,19 @@ fn incoming(
             let _ = stream.set_nodelay(true);
             let (tx, stats) = (tx.clone(), stats.clone());
             stats.connections.fetch_add(1, Relaxed);
-            let conn = Conn {
-                stream,
-                _slot: Slot {
-                    _permit: permit,
-                    stats: stats.clone(),
-                    peers: peers.clone(),
-                    ip,
-                },
+            let slot = Slot {
+                _permit: permit,
+                stats: stats.clone(),
+                peers: peers.clone(),
+                ip,
             };
             tokio::spawn(async move {
-                if sends_something(&conn.stream, limits.first_byte_timeout).await {
+                if sends_something(&stream, limits.first_byte_timeout).await {
+                    let conn = Conn {
+                        stream: Stream::Tcp(stream),
+                        _slot: Some(slot),
+                        _done: None,
+                    };
                     let _ = tx.send(Ok(conn)).await;
                 } else {
                     stats.silent_connections.fetch_add(1, Relaxed);
@@ -306,17 +338,43 @@ impl Drop for Slot {
     }
 }
 
-/// An accepted connection holding its slot.
+type StdioStream = tokio::io::Join<tokio::io::Stdin, tokio::io::Stdout>;
+
+/// A connection's bytes.
+enum Stream {
+    Tcp(TcpStream),
+    Stdio(StdioStream),
+}
+
+/// An accepted connection holding its slot (TCP), or the stdio one
+/// (dropping it says the connection ended).
 struct Conn {
-    stream: TcpStream,
-    _slot: Slot,
+    stream: Stream,
+    _slot: Option<Slot>,
+    _done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Connected for Conn {
     type ConnectInfo = TcpConnectInfo;
     fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+        match &self.stream {
+            Stream::Tcp(s) => s.connect_info(),
+            Stream::Stdio(_) => TcpConnectInfo {
+                local_addr: None,
+                remote_addr: None,
+            },
+        }
     }
+}
+
+/// Calls `$f` on whichever stream a [`Conn`] holds.
+macro_rules! on_stream {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &mut $self.stream {
+            Stream::Tcp($s) => $e,
+            Stream::Stdio($s) => $e,
+        }
+    };
 }
 
 impl AsyncRead for Conn {
@@ -325,7 +383,7 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        on_stream!(self, s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
@@ -335,23 +393,26 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        on_stream!(self, s => Pin::new(s).poll_write(cx, buf))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        on_stream!(self, s => Pin::new(s).poll_flush(cx))
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        on_stream!(self, s => Pin::new(s).poll_shutdown(cx))
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        on_stream!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.stream {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Stdio(s) => s.is_write_vectored(),
+        }
     }
 }
 

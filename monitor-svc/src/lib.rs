@@ -16,9 +16,9 @@ mod sys;
 
 use porthole::pb::v1::port_events_server::{PortEventsServer, SERVICE_NAME as PORT_EVENTS};
 use porthole::pb::v1::relay_server::{RelayServer, SERVICE_NAME as RELAY};
+use porthole::server::Listen;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// What callers without the token get.
@@ -63,20 +63,17 @@ pub struct Options {
     /// `None`: netlink, falling back to /proc/net.
     pub source: Option<scan::Source>,
     /// Required for `Relay` and for everything else callers without it
-    /// cannot have.
-    pub token: porthole::auth::Token,
+    /// cannot have; `None` only when serving the one peer on stdio.
+    pub token: Option<porthole::auth::Token>,
     pub anonymous: Anonymous,
     pub limits: porthole::server::Limits,
     /// WatchEvents streams at once.
     pub max_subscribers: usize,
 }
 
-/// Runs the monitor on `listener` until `shutdown` is cancelled.
-pub async fn run(
-    listener: TcpListener,
-    opts: Options,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+/// Runs the monitor on `listen` until `shutdown` is cancelled (or, on
+/// stdio, until its peer goes).
+pub async fn run(listen: Listen, opts: Options, shutdown: CancellationToken) -> anyhow::Result<()> {
     let scanner = match opts.source {
         None => scan::Scanner::auto(),
         Some(src) => scan::Scanner::with_source(src)?,
@@ -91,8 +88,12 @@ pub async fn run(
         max_subscribers: opts.max_subscribers,
     };
     let (handle, task) = monitor::spawn(detect::Detector::new(scanner), config, shutdown.clone())?;
+    let addr = match &listen {
+        Listen::Tcp(l) => l.local_addr()?.to_string(),
+        Listen::Stdio => "stdio".to_string(),
+    };
     tracing::info!(
-        addr = %listener.local_addr()?,
+        %addr,
         instance_id = %handle.instance_id,
         interval = ?interval,
         buffer = opts.buffer_size,
@@ -112,7 +113,7 @@ pub async fn run(
         grpc_names: vec![PORT_EVENTS, RELAY],
         http: http::router(handle.clone(), http_stats),
         policy: porthole::auth::Policy {
-            token: Some(opts.token),
+            token: opts.token,
             public: opts.anonymous.public(),
         },
         limits: opts.limits,
@@ -123,7 +124,7 @@ pub async fn run(
         handle.metrics.clone(),
         shutdown.clone(),
     ));
-    let served = porthole::server::serve(listener, app, shutdown.clone()).await;
+    let served = porthole::server::serve(listen, app, shutdown.clone()).await;
     shutdown.cancel();
     task.await?;
     served?;

@@ -14,6 +14,16 @@ struct Args {
     /// Address for gRPC and HTTP.
     #[arg(long, env = "PORTHOLE_LISTEN", default_value = "0.0.0.0:7070")]
     listen: SocketAddr,
+    /// Serve the one process that started this one on stdin and stdout
+    /// (gRPC over HTTP/2, no token: only that process holds the pipes)
+    /// instead of listening; exit when stdin closes. What tunnel-svc
+    /// --docker runs over a `docker exec` stream.
+    #[arg(long, conflicts_with_all = ["listen", "token_file", "anonymous", "max_connections"])]
+    stdio: bool,
+    /// Delete this executable once started (it keeps running): a monitor
+    /// copied into a container leaves nothing behind.
+    #[arg(long)]
+    remove_self: bool,
     /// How often to scan for listening sockets (e.g. 100ms, 2s).
     /// Default: 100ms with netlink, 1s with the /proc/net fallback.
     #[arg(long, env = "PORTHOLE_INTERVAL", value_parser = porthole::time::parse_duration)]
@@ -66,30 +76,22 @@ enum SourceArg {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     porthole::telemetry::init(&args.log_level, args.log_format).map_err(anyhow::Error::msg)?;
-    let token = match &args.token_file {
-        Some(path) => {
-            let token = porthole::auth::Token::from_file(path)?;
-            tracing::info!(token_file = %path.display(), "using the bearer token in the token file");
-            token
-        }
-        None => {
-            let path = default_token_path()?;
-            let (token, created) = porthole::auth::Token::load_or_create(&path)
-                .with_context(|| "pass --token-file to keep the token elsewhere")?;
-            tracing::info!(
-                token_file = %path.display(),
-                created,
-                "bearer token for Relay and full access is in the token file"
-            );
-            token
-        }
-    };
+    if args.remove_self {
+        let exe = std::env::current_exe().context("finding this executable")?;
+        std::fs::remove_file(&exe).with_context(|| format!("removing {}", exe.display()))?;
+    }
     let fds = porthole::net::raise_fd_limit();
     tracing::debug!(limit = ?fds, "file-descriptor limit");
     let shutdown = porthole::shutdown::on_signal()?;
-    let listener = porthole::net::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let (listen, token) = if args.stdio {
+        (porthole::server::Listen::Stdio, None)
+    } else {
+        let token = token(&args)?;
+        let listener = porthole::net::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        (porthole::server::Listen::Tcp(listener), Some(token))
+    };
     let opts = monitor_svc::Options {
         interval: args.interval,
         buffer_size: args.buffer_size as usize,
@@ -106,7 +108,30 @@ async fn main() -> anyhow::Result<()> {
         },
         max_subscribers: args.max_subscribers as usize,
     };
-    monitor_svc::run(listener, opts, shutdown).await
+    monitor_svc::run(listen, opts, shutdown).await
+}
+
+/// The token a listening monitor requires: from --token-file, or made in
+/// the default place.
+fn token(args: &Args) -> anyhow::Result<porthole::auth::Token> {
+    Ok(match &args.token_file {
+        Some(path) => {
+            let token = porthole::auth::Token::from_file(path)?;
+            tracing::info!(token_file = %path.display(), "using the bearer token in the token file");
+            token
+        }
+        None => {
+            let path = default_token_path()?;
+            let (token, created) = porthole::auth::Token::load_or_create(&path)
+                .with_context(|| "pass --token-file to keep the token elsewhere")?;
+            tracing::info!(
+                token_file = %path.display(),
+                created,
+                "bearer token for Relay and full access is in the token file"
+            );
+            token
+        }
+    })
 }
 
 /// Where the token lives when --token-file is not given.

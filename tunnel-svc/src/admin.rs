@@ -232,7 +232,7 @@ pub async fn serve(
         limits: porthole::server::Limits::default(),
         stats: Default::default(),
     };
-    porthole::server::serve(listener, app, shutdown).await
+    porthole::server::serve(porthole::server::Listen::Tcp(listener), app, shutdown).await
 }
 
 fn http_router(admin: Admin) -> axum::Router {

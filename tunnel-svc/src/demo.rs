@@ -149,6 +149,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         admin_token: None,
         monitor_tokens: [("demo".to_string(), token)].into(),
         ssh_options: Vec::new(),
+        docker: None,
     };
     let admin_addr = admin.local_addr()?;
     let service = tokio::spawn(crate::run(admin, opts, shutdown.clone()));

@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod docker;
 pub mod gate;
 pub mod model;
 pub mod plan;
@@ -34,6 +35,8 @@ pub struct Options {
     pub monitor_tokens: std::collections::BTreeMap<String, porthole::auth::Token>,
     /// Extra `-o` options for every ssh command.
     pub ssh_options: Vec<String>,
+    /// Follow the Docker engine's containers too (`--docker`).
+    pub docker: Option<docker::Options>,
 }
 
 /// A lazily connecting channel to a monitor, tuned for relaying: no Nagle,
@@ -131,6 +134,7 @@ pub async fn run(
                 monitor_port: t.url.port,
                 url: t.url.endpoint(),
                 fixed: false,
+                skip: Vec::new(),
             });
             watchers.push((t.name.clone(), channel, has_token));
         }
@@ -144,8 +148,23 @@ pub async fn run(
             target,
             channel,
             reconciler: handle.clone(),
+            ignore: Vec::new(),
         };
         tokio::spawn(w.run(shutdown.clone()));
+    }
+    if let Some(docker_opts) = &opts.docker {
+        // Checked before anything runs: a bad binary or no engine is a
+        // configuration mistake, said at once.
+        let archive = docker::monitor_archive(&docker_opts.monitor_binary)?;
+        let engine = docker::connect().await?;
+        tracing::info!(filters = ?docker_opts.filters, monitor = %docker_opts.monitor_binary.display(), "following Docker containers");
+        tokio::spawn(docker::follow(
+            engine,
+            docker_opts.clone(),
+            archive,
+            handle.clone(),
+            shutdown.clone(),
+        ));
     }
     tracing::info!(addr = %admin.local_addr()?, "tunnel-svc admin API listening");
     let served = admin::serve(admin, handle, opts.admin_token.clone(), shutdown.clone()).await;

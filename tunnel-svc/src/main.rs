@@ -126,6 +126,19 @@ struct RunArgs {
     /// (overrides --token-file for monitors). Repeatable.
     #[arg(long = "monitor-token-file", value_name = "[TARGET=]PATH")]
     monitor_token_files: Vec<String>,
+    /// Follow the Docker engine (DOCKER_HOST, else /var/run/docker.sock):
+    /// every running container gets a monitor and its ports on localhost.
+    #[arg(long)]
+    docker: bool,
+    /// Only containers matching KEY=VALUE (label, name or id, as `docker ps
+    /// --filter`). Repeatable.
+    #[arg(long = "docker-filter", value_name = "KEY=VALUE", requires = "docker",
+          value_parser = tunnel_svc::docker::filter)]
+    docker_filters: Vec<(String, String)>,
+    /// The static monitor-svc put in each container. Default: monitor-svc
+    /// beside tunnel-svc.
+    #[arg(long, value_name = "PATH", requires = "docker")]
+    monitor_binary: Option<PathBuf>,
     /// Let container ports below 1024 take the same host port (root only).
     /// Without it they are forwarded on 10000 + PORT, and said so.
     #[arg(long)]
@@ -278,12 +291,17 @@ async fn real_main() -> Result<(), Failure> {
 
 async fn run(args: RunArgs) -> Result<(), Failure> {
     let token = args.service.start()?;
-    let mut targets = config::targets(
-        args.monitor.as_deref(),
-        &args.targets,
-        &args.backends,
-        &args.ssh_hosts,
-    )?;
+    let docker_only = args.docker && args.monitor.is_none() && args.targets.is_empty();
+    let mut targets = if docker_only {
+        Vec::new()
+    } else {
+        config::targets(
+            args.monitor.as_deref(),
+            &args.targets,
+            &args.backends,
+            &args.ssh_hosts,
+        )?
+    };
     for t in &mut targets {
         t.token_file = args.service.token_file.clone();
     }
@@ -326,7 +344,19 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
         admin_token: token,
         monitor_tokens,
         ssh_options: args.ssh_options,
+        docker: args.docker.then(|| tunnel_svc::docker::Options {
+            filters: args.docker_filters,
+            monitor_binary: args
+                .monitor_binary
+                .unwrap_or_else(tunnel_svc::docker::default_monitor_binary),
+        }),
     };
+    if let Some(docker) = &opts.docker {
+        // A monitor that cannot run in containers is a configuration
+        // mistake: said before anything starts.
+        tunnel_svc::docker::monitor_archive(&docker.monitor_binary)
+            .map_err(|e| Failure::Config(e.into()))?;
+    }
     let shutdown = porthole::shutdown::on_signal()?;
     let admin = args.service.bind_admin().await?;
     Ok(tunnel_svc::run(admin, opts, shutdown).await?)

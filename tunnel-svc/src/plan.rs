@@ -68,6 +68,8 @@ pub struct TargetPorts<'a> {
     pub name: &'a str,
     /// The monitor's own port, never forwarded.
     pub monitor_port: u16,
+    /// This target's own ports never forwarded automatically.
+    pub skip: &'a [u16],
     /// Open TCP ports, with every listener on each.
     pub ports: &'a BTreeMap<u16, Vec<Listener>>,
 }
@@ -168,6 +170,7 @@ pub fn desired(
             .filter(|(id, _)| {
                 !(want.contains_key(id)
                     || id.port == t.monitor_port
+                    || t.skip.contains(&id.port)
                     || policy.skip.contains(id.port)
                     || state.closed.contains(id))
             })
@@ -376,6 +379,7 @@ mod tests {
                 .map(|(name, ports)| TargetPorts {
                     name,
                     monitor_port: 7070,
+                    skip: &[],
                     ports,
                 })
                 .collect();

@@ -107,6 +107,10 @@ enum Command {
         reply: oneshot::Sender<Result<TunnelView, AdminError>>,
     },
     Watch(oneshot::Sender<Result<Subscription<TunnelEvent>, fanout::Full>>),
+    /// A target that appeared while running (a Docker container).
+    AddTarget(TargetSpec),
+    /// A target that went away: its tunnels go, their host ports are freed.
+    RemoveTarget(String),
     /// A backend finished preparing a port.
     Prepared {
         id: TunnelId,
@@ -184,6 +188,17 @@ impl Handle {
     pub async fn watch(&self) -> Result<Subscription<TunnelEvent>, AdminError> {
         Ok(self.ask(Command::Watch).await??)
     }
+
+    /// Adds a target (replacing one of the same name, tunnels and all).
+    pub async fn add_target(&self, spec: TargetSpec) {
+        let _ = self.commands.send(Command::AddTarget(spec)).await;
+    }
+
+    /// Removes a target and every tunnel of it.
+    pub async fn remove_target(&self, name: &str) {
+        let name = name.to_string();
+        let _ = self.commands.send(Command::RemoveTarget(name)).await;
+    }
 }
 
 pub struct TargetSpec {
@@ -195,6 +210,9 @@ pub struct TargetSpec {
     pub url: String,
     /// No watcher: the target's tunnels are static (the egress gate).
     pub fixed: bool,
+    /// Container ports never forwarded automatically for this target (a
+    /// Docker container's published ports), beside the skip list.
+    pub skip: Vec<u16>,
 }
 
 #[derive(Clone, Debug)]
@@ -213,6 +231,7 @@ struct Target {
     /// Prepare/release requests, run in order (backends that need them).
     port_ops: Option<mpsc::UnboundedSender<PortOp>>,
     monitor_port: u16,
+    skip: Vec<u16>,
     ports: BTreeMap<u16, Vec<Listener>>,
     up: bool,
     capped: bool,
@@ -222,6 +241,30 @@ struct Target {
     error: Option<String>,
     /// When `up` last changed.
     since: chrono::DateTime<chrono::Utc>,
+}
+
+impl Target {
+    /// A target as `spec` says; its prepare/release task reports to `results`.
+    fn new(spec: TargetSpec, results: &mpsc::Sender<Command>) -> Target {
+        let port_ops = spec.backend.needs_prepare().then(|| {
+            let (ops, rx) = mpsc::unbounded_channel();
+            tokio::spawn(port_ops(spec.backend.clone(), rx, results.clone()));
+            ops
+        });
+        Target {
+            backend: spec.backend,
+            port_ops,
+            monitor_port: spec.monitor_port,
+            skip: spec.skip,
+            ports: BTreeMap::new(),
+            up: spec.fixed,
+            capped: false,
+            url: spec.url,
+            instance_id: String::new(),
+            error: None,
+            since: chrono::Utc::now(),
+        }
+    }
 }
 
 enum PortOp {
@@ -348,6 +391,8 @@ struct Reconciler {
     generation: u64,
     /// Every connection task, so shutdown can let them drain.
     connections: TaskTracker,
+    /// Where prepare results come back (for targets added later).
+    commands: mpsc::Sender<Command>,
 }
 
 /// Starts the reconciler with static tunnels `(target, port)` that exist
@@ -363,26 +408,7 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(256);
     let targets = specs
         .into_iter()
-        .map(|s| {
-            let port_ops = s.backend.needs_prepare().then(|| {
-                let (ops, rx) = mpsc::unbounded_channel();
-                tokio::spawn(port_ops(s.backend.clone(), rx, tx.clone()));
-                ops
-            });
-            let t = Target {
-                backend: s.backend,
-                port_ops,
-                monitor_port: s.monitor_port,
-                ports: BTreeMap::new(),
-                up: s.fixed,
-                capped: false,
-                url: s.url,
-                instance_id: String::new(),
-                error: None,
-                since: chrono::Utc::now(),
-            };
-            (s.name, t)
-        })
+        .map(|s| (s.name.clone(), Target::new(s, &tx)))
         .collect();
     let r = Reconciler {
         opts,
@@ -397,6 +423,7 @@ pub fn spawn(
         subscribers: Fanout::new(SUBSCRIBERS, TunnelEvent::size),
         generation: 0,
         connections: TaskTracker::new(),
+        commands: tx.clone(),
     };
     (Handle { commands: tx }, tokio::spawn(r.run(rx, shutdown)))
 }
@@ -513,6 +540,19 @@ impl Reconciler {
             Command::Watch(reply) => {
                 let _ = reply.send(self.subscribers.subscribe(self.all_events()));
             }
+            Command::AddTarget(spec) => {
+                self.remove_target(&spec.name);
+                tracing::info!(target = %spec.name, url = %spec.url, "target added");
+                let name = spec.name.clone();
+                let target = Target::new(spec, &self.commands);
+                self.targets.insert(name, target);
+                self.reconcile(false);
+            }
+            Command::RemoveTarget(name) => {
+                if self.remove_target(&name) {
+                    tracing::info!(target = %name, "target removed");
+                }
+            }
             Command::Prepared {
                 id,
                 generation,
@@ -542,6 +582,29 @@ impl Reconciler {
         }
     }
 
+    /// Stops and forgets every tunnel of target `name`, then the target.
+    fn remove_target(&mut self, name: &str) -> bool {
+        let Some(target) = self.targets.remove(name) else {
+            return false;
+        };
+        let ids: Vec<TunnelId> = self
+            .entries
+            .keys()
+            .filter(|id| id.target == name)
+            .cloned()
+            .collect();
+        for id in ids {
+            if let Some(mut e) = self.entries.remove(&id) {
+                e.stop(&target, id.port);
+                let view = e.view(&id, target.backend.kind());
+                self.publish_removed(view);
+            }
+        }
+        self.closed.retain(|id| id.target != name);
+        self.manual.retain(|id, _| id.target != name);
+        true
+    }
+
     fn view(&self, id: &TunnelId) -> Option<TunnelView> {
         let kind = self.targets.get(&id.target)?.backend.kind();
         Some(self.entries.get(id)?.view(id, kind))
@@ -567,6 +630,7 @@ impl Reconciler {
             .map(|(name, t)| plan::TargetPorts {
                 name,
                 monitor_port: t.monitor_port,
+                skip: &t.skip,
                 ports: &t.ports,
             })
             .collect();
@@ -957,6 +1021,7 @@ mod tests {
             monitor_port: 7070,
             url: "http://127.0.0.1:7070".into(),
             fixed: false,
+            skip: Vec::new(),
         }
     }
 

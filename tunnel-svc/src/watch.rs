@@ -23,6 +23,9 @@ pub struct Watcher {
     /// Carries the monitor's token, if any.
     pub channel: AuthChannel,
     pub reconciler: Handle,
+    /// Listeners on these addresses are never reported (Docker's embedded
+    /// DNS server).
+    pub ignore: Vec<IpAddr>,
 }
 
 #[derive(Default)]
@@ -79,6 +82,7 @@ impl Watcher {
             return None;
         }
         match listener(p) {
+            Ok(l) if self.ignore.contains(&l.address) => None,
             Ok(l) => Some(l),
             Err(why) => {
                 if let Some(suppressed) = LOG.check() {

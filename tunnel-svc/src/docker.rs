@@ -1,0 +1,598 @@
+//! `tunnel-svc --docker`: follows the Docker engine's containers and puts a
+//! monitor in each one it selects. The monitor (a static `monitor-svc`) is
+//! copied in through the Engine API and started with the exec API as
+//! `monitor-svc --stdio`; its gRPC API — events and the Relay that carries
+//! tunnel bytes — runs over that exec stream, so nothing needs a route to
+//! the container's address and no token is needed (only tunnel-svc holds
+//! the stream). A container is a target named after it; it appears when
+//! the container starts and goes, with its host ports, when it stops.
+
+use crate::backend::{grpc::Grpc, Backend};
+use crate::reconcile::{Handle, TargetSpec};
+use crate::watch::Watcher;
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::query_parameters::{EventsOptions, ListContainersOptions, UploadToContainerOptions};
+use bollard::Docker;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Where the monitor is put in a container: a file at the root, which the
+/// monitor removes as it starts (`--remove-self`), so nothing of porthole
+/// stays in the container's filesystem.
+const MONITOR_PATH: &str = "/.porthole-monitor-svc";
+
+/// Docker's embedded DNS server on user-defined networks: never forwarded.
+const EMBEDDED_DNS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 11));
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// `docker ps --filter` pairs: only matching containers are followed.
+    pub filters: Vec<(String, String)>,
+    /// The static monitor-svc to put in each container.
+    pub monitor_binary: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("{}: {why}; build a static one with RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu -p monitor-svc and pass it with --monitor-binary", path.display())]
+    Binary { path: PathBuf, why: String },
+    #[error("cannot reach the Docker engine (DOCKER_HOST or /var/run/docker.sock): {0}")]
+    Engine(String),
+    #[error("bad --docker-filter {0:?}: use KEY=VALUE with KEY one of label, name, id")]
+    Filter(String),
+}
+
+/// Parses `--docker-filter KEY=VALUE`.
+pub fn filter(s: &str) -> Result<(String, String), DockerError> {
+    match s.split_once('=') {
+        Some((k @ ("label" | "name" | "id"), v)) if !v.is_empty() => Ok((k.into(), v.into())),
+        _ => Err(DockerError::Filter(s.into())),
+    }
+}
+
+/// Why `bytes` cannot run in any x86_64 Linux container, if it cannot: not
+/// an x86_64 ELF executable, or linked dynamically (it names an
+/// interpreter, which a busybox or distroless image does not have).
+pub fn not_static(bytes: &[u8]) -> Option<String> {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    if bytes.get(..4) != Some(b"\x7fELF") || bytes.get(4) != Some(&2) || bytes.get(5) != Some(&1) {
+        return Some("not a 64-bit little-endian ELF executable".into());
+    }
+    if u16_at(18) != Some(62) {
+        return Some("not built for x86_64".into());
+    }
+    let phoff = bytes
+        .get(32..40)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
+    let (Some(phoff), Some(size), Some(count)) = (phoff, u16_at(54), u16_at(56)) else {
+        return Some("truncated ELF header".into());
+    };
+    for i in 0..usize::from(count) {
+        let at = phoff + i * usize::from(size);
+        let Some(kind) = bytes.get(at..at + 4) else {
+            return Some("truncated program headers".into());
+        };
+        if u32::from_le_bytes(kind.try_into().expect("4 bytes")) == PT_INTERP {
+            return Some("linked dynamically (it needs the host's libc and loader)".into());
+        }
+    }
+    None
+}
+
+/// A tar archive holding one executable file `name` with `data`.
+fn tar_one(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut header = [0u8; 512];
+    let field = |h: &mut [u8; 512], at: usize, len: usize, value: &[u8]| {
+        h[at..at + value.len().min(len)].copy_from_slice(&value[..value.len().min(len)]);
+    };
+    let octal = |n: u64, width: usize| format!("{n:0w$o}\0", w = width - 1).into_bytes();
+    field(&mut header, 0, 100, name.as_bytes());
+    field(&mut header, 100, 8, &octal(0o755, 8));
+    field(&mut header, 108, 8, &octal(0, 8));
+    field(&mut header, 116, 8, &octal(0, 8));
+    field(&mut header, 124, 12, &octal(data.len() as u64, 12));
+    field(&mut header, 136, 12, &octal(0, 12));
+    field(&mut header, 148, 8, b"        ");
+    header[156] = b'0';
+    field(&mut header, 257, 6, b"ustar\0");
+    field(&mut header, 263, 2, b"00");
+    let sum: u32 = header.iter().map(|b| u32::from(*b)).sum();
+    field(&mut header, 148, 8, format!("{sum:06o}\0 ").as_bytes());
+    let mut out = Vec::with_capacity(512 + data.len() + 1536);
+    out.extend_from_slice(&header);
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+/// Reads and checks the monitor binary; the archive to upload.
+pub fn monitor_archive(path: &Path) -> Result<Bytes, DockerError> {
+    let binary = std::fs::read(path).map_err(|e| DockerError::Binary {
+        path: path.into(),
+        why: format!("cannot read it ({e})"),
+    })?;
+    if let Some(why) = not_static(&binary) {
+        return Err(DockerError::Binary {
+            path: path.into(),
+            why: format!("cannot run in a container: {why}"),
+        });
+    }
+    let name = MONITOR_PATH.trim_start_matches('/');
+    Ok(Bytes::from(tar_one(name, &binary)))
+}
+
+/// The monitor for `--docker`: `--monitor-binary`, else `monitor-svc`
+/// beside this executable.
+pub fn default_monitor_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name("monitor-svc"))
+        .unwrap_or_else(|| PathBuf::from("monitor-svc"))
+}
+
+/// A container as the engine lists it.
+#[derive(Clone, Debug)]
+struct Container {
+    id: String,
+    name: String,
+    image: String,
+    /// Container ports published on the host with `-p`.
+    published: Vec<u16>,
+}
+
+impl Container {
+    fn from_summary(c: bollard::models::ContainerSummary) -> Option<Container> {
+        let id = c.id?;
+        let name = c
+            .names
+            .and_then(|n| n.into_iter().next())
+            .map(|n| n.trim_start_matches('/').to_string())
+            .unwrap_or_else(|| id.chars().take(12).collect());
+        let published = c
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.public_port.is_some())
+            .map(|p| p.private_port)
+            .collect();
+        Some(Container {
+            id,
+            name,
+            image: c.image.unwrap_or_default(),
+            published,
+        })
+    }
+
+    fn short_id(&self) -> &str {
+        &self.id[..self.id.len().min(12)]
+    }
+}
+
+/// Connects to the engine (`DOCKER_HOST`, else the local socket) and checks
+/// that it answers.
+pub async fn connect() -> Result<Docker, DockerError> {
+    let docker = Docker::connect_with_defaults().map_err(|e| DockerError::Engine(e.to_string()))?;
+    docker
+        .ping()
+        .await
+        .map_err(|e| DockerError::Engine(e.to_string()))?;
+    Ok(docker)
+}
+
+/// Follows the engine until `shutdown`: every running container that
+/// matches the filters gets a monitor and is a target while it runs.
+pub async fn follow(
+    docker: Docker,
+    opts: Options,
+    archive: Bytes,
+    reconciler: Handle,
+    shutdown: CancellationToken,
+) {
+    let mut filters: HashMap<String, Vec<String>> = HashMap::new();
+    for (k, v) in &opts.filters {
+        filters.entry(k.clone()).or_default().push(v.clone());
+    }
+    let follower = Follower {
+        docker,
+        filters,
+        archive,
+        reconciler,
+        attached: Mutex::new(BTreeMap::new()),
+    };
+    let follower = Arc::new(follower);
+    // Subscribe first, so no start between the listing and the stream is
+    // missed (a container seen twice is attached once).
+    let mut event_filters = HashMap::new();
+    event_filters.insert("type".to_string(), vec!["container".to_string()]);
+    let mut events = follower.docker.events(Some(EventsOptions {
+        filters: Some(event_filters),
+        ..Default::default()
+    }));
+    match follower.list(None).await {
+        Ok(list) => {
+            for c in list {
+                follower.clone().attach(c, &shutdown);
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot list containers"),
+    }
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = events.next() => event,
+        };
+        let Some(event) = event else {
+            tracing::error!("the Docker event stream ended; containers are no longer followed");
+            break;
+        };
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "Docker event stream error");
+                continue;
+            }
+        };
+        let (Some(action), Some(id)) = (event.action, event.actor.and_then(|a| a.id)) else {
+            continue;
+        };
+        match action.as_str() {
+            "start" => match follower.list(Some(&id)).await {
+                Ok(list) => {
+                    for c in list {
+                        follower.clone().attach(c, &shutdown);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, id = %id, "cannot look the container up"),
+            },
+            "die" | "destroy" => follower.detach(&id).await,
+            _ => {}
+        }
+    }
+    let ids: Vec<String> = follower
+        .attached
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .keys()
+        .cloned()
+        .collect();
+    for id in ids {
+        follower.detach(&id).await;
+    }
+}
+
+struct Follower {
+    docker: Docker,
+    filters: HashMap<String, Vec<String>>,
+    archive: Bytes,
+    reconciler: Handle,
+    /// Attached containers by id: their name and what stops their monitor.
+    attached: Mutex<BTreeMap<String, (String, CancellationToken)>>,
+}
+
+impl Follower {
+    /// Running containers matching the filters (and `id`, if given).
+    async fn list(&self, id: Option<&str>) -> Result<Vec<Container>, bollard::errors::Error> {
+        let mut filters = self.filters.clone();
+        filters.insert("status".into(), vec!["running".into()]);
+        if let Some(id) = id {
+            filters.insert("id".into(), vec![id.into()]);
+        }
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await?;
+        Ok(list
+            .into_iter()
+            .filter_map(Container::from_summary)
+            .collect())
+    }
+
+    /// Puts a monitor in `c` and makes it a target, in the background.
+    fn attach(self: Arc<Self>, c: Container, shutdown: &CancellationToken) {
+        let cancel = shutdown.child_token();
+        {
+            let mut attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+            if attached.contains_key(&c.id) {
+                return;
+            }
+            attached.insert(c.id.clone(), (c.name.clone(), cancel.clone()));
+        }
+        let span = tracing::info_span!("docker", container = %c.name);
+        tokio::spawn(self.run_monitor(c, cancel).instrument(span));
+    }
+
+    /// The container stopped or went: its target and tunnels go.
+    async fn detach(&self, id: &str) {
+        let gone = self
+            .attached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let Some((name, cancel)) = gone {
+            cancel.cancel();
+            self.reconciler.remove_target(&name).await;
+            tracing::info!(container = %name, "container stopped; its tunnels are closed");
+        }
+    }
+
+    /// Injects and runs the monitor of `c` until `cancel` (the container
+    /// stopped, or tunnel-svc is stopping), restarting it if it dies
+    /// while the container runs.
+    async fn run_monitor(self: Arc<Self>, c: Container, cancel: CancellationToken) {
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            let result = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = self.monitor_once(&c, &cancel) => r,
+            };
+            if cancel.is_cancelled() {
+                return;
+            }
+            let why = match result {
+                Ok(()) => "the monitor's exec stream ended".to_string(),
+                Err(e) => e,
+            };
+            tracing::warn!(error = %why, "monitor not running in the container; trying again");
+            self.reconciler
+                .link(&c.name, crate::reconcile::Link::Down { error: why })
+                .await;
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    /// One monitor life: upload, exec, target, watch until the exec ends.
+    async fn monitor_once(&self, c: &Container, cancel: &CancellationToken) -> Result<(), String> {
+        let upload = UploadToContainerOptions {
+            path: "/".into(),
+            ..Default::default()
+        };
+        self.docker
+            .upload_to_container(
+                &c.id,
+                Some(upload),
+                bollard::body_full(self.archive.clone()),
+            )
+            .await
+            .map_err(|e| format!("cannot copy monitor-svc into the container: {e}"))?;
+        let exec = self
+            .docker
+            .create_exec(
+                &c.id,
+                CreateExecOptions {
+                    attach_stdin: Some(true),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    cmd: Some(vec![MONITOR_PATH, "--stdio", "--remove-self"]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("cannot start monitor-svc in the container: {e}"))?;
+        let started = self
+            .docker
+            .start_exec(&exec.id, None)
+            .await
+            .map_err(|e| format!("cannot start monitor-svc in the container: {e}"))?;
+        let StartExecResults::Attached { output, input } = started else {
+            return Err("the exec started detached".into());
+        };
+        let (ended_tx, ended) = tokio::sync::oneshot::channel();
+        let io = ExecIo {
+            output,
+            input,
+            pending: Bytes::new(),
+            stderr: Vec::new(),
+            ended: Some(ended_tx),
+        };
+        let channel = exec_channel(io).await?;
+        let url = format!("docker://{} ({}, {})", c.name, c.short_id(), c.image);
+        let spec = TargetSpec {
+            name: c.name.clone(),
+            backend: Arc::new(Backend::Grpc(Grpc {
+                channel: channel.clone(),
+            })),
+            monitor_port: 0,
+            url,
+            fixed: false,
+            skip: c.published.clone(),
+        };
+        self.reconciler.add_target(spec).await;
+        let watcher = Watcher {
+            target: c.name.clone(),
+            channel,
+            reconciler: self.reconciler.clone(),
+            ignore: vec![EMBEDDED_DNS],
+        };
+        let stop = cancel.child_token();
+        let watching = tokio::spawn(watcher.run(stop.clone()));
+        let _ = ended.await;
+        stop.cancel();
+        let _ = watching.await;
+        Ok(())
+    }
+}
+
+/// A gRPC channel whose one connection is `io`; it does not reconnect
+/// (when the exec ends, the monitor is started again).
+async fn exec_channel(io: ExecIo) -> Result<porthole::auth::AuthChannel, String> {
+    let slot = Arc::new(Mutex::new(Some(io)));
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let io = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        async move {
+            io.map(hyper_util::rt::TokioIo::new)
+                .ok_or_else(|| std::io::Error::other("the monitor's exec stream is gone"))
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_static("http://monitor.docker-exec")
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(porthole::server::STREAM_WINDOW)
+        .initial_connection_window_size(porthole::server::CONNECTION_WINDOW)
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| format!("no gRPC over the monitor's exec stream: {e}"))?;
+    Ok(porthole::auth::with_token(channel, None))
+}
+
+type Output = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
+
+/// The monitor's stdin and stdout as one byte stream; its stderr goes to
+/// the log, tagged with the container.
+struct ExecIo {
+    output: Output,
+    input: Pin<Box<dyn AsyncWrite + Send>>,
+    /// Stdout bytes received but not read yet.
+    pending: Bytes,
+    /// A stderr line not finished yet.
+    stderr: Vec<u8>,
+    /// Fired when the stream ends.
+    ended: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl ExecIo {
+    fn log_stderr(&mut self, bytes: &[u8]) {
+        self.stderr.extend_from_slice(bytes);
+        while let Some(n) = self.stderr.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.stderr.drain(..=n).collect();
+            let line = String::from_utf8_lossy(&line);
+            tracing::info!(target: "monitor", "{}", porthole::text::printable(line.trim_end()));
+        }
+        if self.stderr.len() > 16 << 10 {
+            self.stderr.clear();
+        }
+    }
+
+    fn end(&mut self) {
+        if let Some(tx) = self.ended.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for ExecIo {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+impl AsyncRead for ExecIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                let chunk = self.pending.split_to(n);
+                buf.put_slice(&chunk);
+                return Poll::Ready(Ok(()));
+            }
+            match self.output.as_mut().poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    tracing::debug!("the monitor's exec stream ended");
+                    self.end();
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "the monitor's exec stream failed");
+                    self.end();
+                    return Poll::Ready(Err(std::io::Error::other(e)));
+                }
+                Poll::Ready(Some(Ok(out))) => match {
+                    tracing::trace!(?out, "exec frame");
+                    out
+                } {
+                    LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                        self.pending = message;
+                    }
+                    LogOutput::StdErr { message } => self.log_stderr(&message),
+                    LogOutput::StdIn { .. } => {}
+                },
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ExecIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.input.as_mut().poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.input.as_mut().poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.input.as_mut().poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_take_label_name_and_id() {
+        assert_eq!(
+            filter("label=dev=1").unwrap(),
+            ("label".into(), "dev=1".into())
+        );
+        assert_eq!(filter("name=web").unwrap(), ("name".into(), "web".into()));
+        for bad in ["", "name", "name=", "status=running", "=x"] {
+            assert!(filter(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_dynamic_executable_is_refused() {
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        let why = not_static(&me).expect("test binaries link glibc dynamically");
+        assert!(why.contains("dynamically"), "{why}");
+        assert!(not_static(b"#!/bin/sh\n").unwrap().contains("ELF"));
+        assert!(not_static(b"\x7fELF\x02\x01").is_some());
+    }
+
+    #[test]
+    fn the_archive_is_one_executable_file() {
+        let tar = tar_one(".porthole-monitor-svc", b"hello");
+        assert_eq!(tar.len(), 512 + 512 + 1024);
+        assert_eq!(&tar[..21], b".porthole-monitor-svc");
+        assert_eq!(&tar[257..263], b"ustar\0");
+        assert_eq!(&tar[124..136], b"00000000005\0");
+        assert_eq!(&tar[512..517], b"hello");
+        // The checksum counts the checksum field as spaces.
+        let mut h = tar[..512].to_vec();
+        let stored = u32::from_str_radix(std::str::from_utf8(&h[148..154]).unwrap(), 8).unwrap();
+        h[148..156].copy_from_slice(b"        ");
+        assert_eq!(stored, h.iter().map(|b| u32::from(*b)).sum::<u32>());
+    }
+}
