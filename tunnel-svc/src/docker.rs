@@ -525,10 +525,7 @@ impl AsyncRead for ExecIo {
                     self.end();
                     return Poll::Ready(Err(std::io::Error::other(e)));
                 }
-                Poll::Ready(Some(Ok(out))) => match {
-                    tracing::trace!(?out, "exec frame");
-                    out
-                } {
+                Poll::Ready(Some(Ok(out))) => match out {
                     LogOutput::StdOut { message } | LogOutput::Console { message } => {
                         self.pending = message;
                     }

@@ -1245,6 +1245,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn targets_come_and_go_with_their_tunnels() {
+        let (h, _stop) = start(&[], options());
+        let p = free_port();
+        h.add_target(target("web")).await;
+        assert!(h.ports("web", open(&[p])).await);
+        assert_eq!(tunnel(&h, "web", p).await.unwrap().state, State::Active);
+        h.remove_target("web").await;
+        assert!(h.targets().await.unwrap().is_empty());
+        assert_eq!(count(&h).await, 0);
+        assert!(freed(p).await, "a removed target's host ports are freed");
+        // A target that comes back starts afresh.
+        h.add_target(TargetSpec {
+            skip: vec![p],
+            ..target("web")
+        })
+        .await;
+        h.ports("web", open(&[p])).await;
+        assert_eq!(
+            count(&h).await,
+            0,
+            "its own skip list (published ports) applies"
+        );
+    }
+
+    #[tokio::test]
     async fn links_show_in_targets_and_shutdown_frees_every_port() {
         let (h, stop) = start(&["dev"], options());
         h.link(

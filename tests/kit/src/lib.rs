@@ -12,6 +12,7 @@
 //! Synchronisation is by polling a condition with a deadline
 //! ([`wait_until`], [`poll_until`]); nothing sleeps to "let things settle".
 
+pub mod docker;
 pub mod measure;
 mod sshd;
 
@@ -105,6 +106,13 @@ fn profile_dir() -> PathBuf {
     } else {
         dir.to_path_buf()
     }
+}
+
+/// The cargo profile this executable was built with (`debug`, `release`).
+pub fn profile_name() -> String {
+    profile_dir()
+        .file_name()
+        .map_or("debug".into(), |n| n.to_string_lossy().into_owned())
 }
 
 /// The cargo target directory this executable was built in.

@@ -1,0 +1,263 @@
+//! `tunnel-svc --docker` against the real Docker engine: containers from a
+//! busybox-only image (no libc, no shell but busybox's) on a network of the
+//! test's own, the real tunnel-svc on the host, and a static monitor-svc it
+//! puts in each container. Every check is one a user would make: `curl
+//! localhost:PORT`, `tunnel-svc ls`, `docker exec ... ps`.
+
+use porthole_testkit as common;
+
+use common::docker::{have_docker, static_monitor, Container, Image, Network};
+use common::{poll_until, wait_for, TunnelProc, DEADLINE};
+use porthole::pb::v1::{ListTargetsRequest, Tunnel};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn test_name() -> String {
+    std::thread::current().name().unwrap_or("test").to_string()
+}
+
+/// The body of `GET /` on the host's `127.0.0.1:port`, if it answers.
+async fn get(port: u16) -> Option<String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await?;
+        std::io::Result::Ok(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(2), io)
+        .await
+        .ok()?
+        .ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.trim().to_string())
+}
+
+/// One test's image, network and label; the containers it starts carry
+/// the label and its tunnel-svc follows only those, so tests running at
+/// once never see each other's containers.
+struct World {
+    image: Image,
+    net: Network,
+    label: String,
+    /// Holds the logs of tunnel-svc (which runs on the host).
+    ns: common::Netns,
+}
+
+impl World {
+    fn new() -> World {
+        World {
+            image: Image::busybox(),
+            net: Network::new(),
+            label: format!("porthole.test={}", common::docker::unique("t")),
+            ns: common::Netns::new(),
+        }
+    }
+
+    /// A labelled busybox HTTP server on `addr:port` saying `text`.
+    fn http(&self, addr: &str, port: u16, text: &str) -> Container {
+        let extra = ["--label", self.label.as_str()];
+        Container::http(&self.image, &self.net, &extra, addr, port, text)
+    }
+
+    /// tunnel-svc --docker following this world's containers.
+    async fn tunnel_svc(&self, extra: &[&str]) -> TunnelProc {
+        let monitor = static_monitor().display().to_string();
+        let filter = format!("label={}", self.label);
+        let mut args = vec![
+            "--docker",
+            "--monitor-binary",
+            &monitor,
+            "--docker-filter",
+            &filter,
+        ];
+        args.extend_from_slice(extra);
+        TunnelProc::start(&self.ns, &args).await
+    }
+}
+
+async fn tunnels_of(t: &TunnelProc, target: &str) -> Vec<Tunnel> {
+    t.tunnels()
+        .await
+        .into_iter()
+        .filter(|x| x.target == target)
+        .collect()
+}
+
+fn free_port() -> u16 {
+    common::unused_local_port()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_loopback_server_in_busybox_is_on_localhost_and_dns_is_not() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let port = free_port();
+    let c = w.http("127.0.0.1", port, "in-busybox");
+    let tunnel = w.tunnel_svc(&[]).await;
+    let started = Instant::now();
+    let body = poll_until("the container's server on localhost", DEADLINE, || {
+        get(port)
+    })
+    .await;
+    assert_eq!(body, "in-busybox");
+    eprintln!(
+        "usable on localhost {} ms after tunnel-svc started",
+        started.elapsed().as_millis()
+    );
+    // Only the server: Docker's embedded DNS (127.0.0.11) is not forwarded.
+    let tunnels = tunnels_of(&tunnel, &c.name).await;
+    assert_eq!(tunnels.len(), 1, "{tunnels:?}");
+    assert_eq!(tunnels[0].id, format!("{}:tcp:{port}", c.name));
+    let targets = tunnel
+        .client()
+        .list_targets(tunnel.request(ListTargetsRequest {}))
+        .await
+        .expect("ListTargets")
+        .into_inner()
+        .targets;
+    let t = targets
+        .iter()
+        .find(|t| t.name == c.name)
+        .expect("the container is a target");
+    assert!(t.connected, "{t:?}");
+    assert!(
+        t.url.starts_with(&format!("docker://{} (", c.name)) && t.url.contains(&w.image.name),
+        "{t:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_frees_the_port_start_and_restart_bring_it_back() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let port = free_port();
+    let c = w.http("127.0.0.1", port, "lifecycle");
+    let tunnel = w.tunnel_svc(&[]).await;
+    poll_until("the tunnel", DEADLINE, || get(port)).await;
+
+    c.docker("stop");
+    let stopped = Instant::now();
+    wait_for(
+        "the host port to be free after docker stop",
+        DEADLINE,
+        || common::host_port_is_free(port),
+    );
+    eprintln!(
+        "host port free {} ms after docker stop returned",
+        stopped.elapsed().as_millis()
+    );
+    assert!(tunnels_of(&tunnel, &c.name).await.is_empty());
+
+    c.docker("start");
+    let body = poll_until("the tunnel after docker start", DEADLINE, || get(port)).await;
+    assert_eq!(body, "lifecycle");
+
+    c.docker("restart");
+    let body = poll_until("the tunnel after docker restart", DEADLINE, || get(port)).await;
+    assert_eq!(body, "lifecycle");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_started_later_are_followed_and_filters_hold() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let (port, other_port) = (free_port(), free_port());
+    let tunnel = w.tunnel_svc(&[]).await;
+    let chosen = w.http("0.0.0.0", port, "chosen");
+    // The same image and network, without the label.
+    let other = Container::http(&w.image, &w.net, &[], "0.0.0.0", other_port, "other");
+    let body = poll_until(
+        "the labelled container, started after tunnel-svc",
+        DEADLINE,
+        || get(port),
+    )
+    .await;
+    assert_eq!(body, "chosen");
+    assert!(tunnels_of(&tunnel, &other.name).await.is_empty());
+    assert!(
+        common::host_port_is_free(other_port),
+        "the other container is not forwarded"
+    );
+    drop(chosen);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_containers_on_one_port_both_forwarded_the_second_remapped() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let port = free_port();
+    let a = w.http("127.0.0.1", port, "first");
+    let tunnel = w.tunnel_svc(&[]).await;
+    poll_until("the first container", DEADLINE, || get(port)).await;
+    let b = w.http("127.0.0.1", port, "second");
+    let moved = poll_until("the second container's tunnel", DEADLINE, || async {
+        tunnels_of(&tunnel, &b.name)
+            .await
+            .into_iter()
+            .find(|t| t.state == porthole::pb::v1::TunnelState::Active as i32)
+    })
+    .await;
+    assert_ne!(moved.host_port, u32::from(port));
+    assert!(
+        moved
+            .note
+            .contains(&format!("held by {}:tcp:{port}", a.name)),
+        "{moved:?}"
+    );
+    assert_eq!(get(port).await.as_deref(), Some("first"));
+    assert_eq!(get(moved.host_port as u16).await.as_deref(), Some("second"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_of_porthole_stays_in_the_container() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let port = free_port();
+    let c = w.http("127.0.0.1", port, "clean");
+    let mut tunnel = w.tunnel_svc(&[]).await;
+    poll_until("the tunnel", DEADLINE, || get(port)).await;
+    let running = c.exec(&["ps"]);
+    assert!(
+        running.contains("--stdio"),
+        "the monitor runs inside:\n{running}"
+    );
+    assert!(
+        !c.exec(&["ls", "-a", "/"]).contains("porthole"),
+        "the monitor removed its own file"
+    );
+    let status = tunnel.terminate().await;
+    assert!(status.success(), "{status}");
+    wait_for("the monitor to exit with its exec stream", DEADLINE, || {
+        !c.exec(&["ps"]).contains("--stdio")
+    });
+}
+
+#[test]
+fn a_dynamically_linked_monitor_is_refused_plainly() {
+    let dynamic = common::binary("monitor-svc");
+    let out = std::process::Command::new(common::binary("tunnel-svc"))
+        .args(["--docker", "--monitor-binary"])
+        .arg(&dynamic)
+        .args(["--admin", "127.0.0.1:0"])
+        .output()
+        .expect("run tunnel-svc");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("linked dynamically") && stderr.contains("crt-static"),
+        "{stderr}"
+    );
+}
