@@ -261,3 +261,72 @@ fn a_dynamically_linked_monitor_is_refused_plainly() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_container_says_why_and_the_others_carry_on() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let (port, ro_port) = (free_port(), free_port());
+    let ro = Container::http(
+        &w.image,
+        &w.net,
+        &["--read-only", "--tmpfs", "/tmp", "--label", &w.label],
+        "127.0.0.1",
+        ro_port,
+        "read-only",
+    );
+    let ok = w.http("127.0.0.1", port, "writable");
+    let tunnel = w.tunnel_svc(&[]).await;
+    assert_eq!(
+        poll_until("the writable container", DEADLINE, || get(port)).await,
+        "writable"
+    );
+    let target = poll_until("the read-only container's error", DEADLINE, || async {
+        let targets = tunnel
+            .client()
+            .list_targets(tunnel.request(ListTargetsRequest {}))
+            .await
+            .ok()?
+            .into_inner()
+            .targets;
+        targets
+            .into_iter()
+            .find(|t| t.name == ro.name && t.error.contains("read-only"))
+    })
+    .await;
+    assert!(!target.connected, "{target:?}");
+    assert!(
+        target.error.contains("cannot copy monitor-svc"),
+        "{target:?}"
+    );
+    assert!(tunnel.log().contains("read-only"), "the log says it too");
+    assert!(common::host_port_is_free(ro_port));
+    drop(ok);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_sigkill_a_new_tunnel_svc_finds_exactly_one_monitor() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let port = free_port();
+    let c = w.http("127.0.0.1", port, "again");
+    let mut first = w.tunnel_svc(&[]).await;
+    poll_until("the tunnel", DEADLINE, || get(port)).await;
+    first.proc().kill();
+    // The engine closes the exec's stdin with the client's connection, and
+    // the monitor goes with it.
+    wait_for("the orphaned monitor to exit", DEADLINE, || {
+        !c.exec(&["ps"]).contains("--stdio")
+    });
+    let _second = w.tunnel_svc(&[]).await;
+    assert_eq!(
+        poll_until("the tunnel again", DEADLINE, || get(port)).await,
+        "again"
+    );
+    let monitors = c.exec(&["ps"]).matches("--stdio").count();
+    assert_eq!(monitors, 1, "{}", c.exec(&["ps"]));
+}

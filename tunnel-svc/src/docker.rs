@@ -8,7 +8,7 @@
 //! the container starts and goes, with its host ports, when it stops.
 
 use crate::backend::{grpc::Grpc, Backend};
-use crate::reconcile::{Handle, TargetSpec};
+use crate::reconcile::{Handle, Link, TargetSpec};
 use crate::watch::Watcher;
 use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecResults};
@@ -335,28 +335,62 @@ impl Follower {
         }
     }
 
-    /// Injects and runs the monitor of `c` until `cancel` (the container
-    /// stopped, or tunnel-svc is stopping), restarting it if it dies
-    /// while the container runs.
+    /// Makes `c` a target and keeps a monitor running in it until `cancel`
+    /// (the container stopped, or tunnel-svc is stopping): injected and
+    /// started again, with backoff, whenever it dies or cannot start. Why
+    /// it is not running shows on the target (ListTargets, `ls`, the log).
     async fn run_monitor(self: Arc<Self>, c: Container, cancel: CancellationToken) {
+        let slot = Arc::new(Mutex::new(Slot::Starting));
+        let channel = exec_channel(slot.clone());
+        let url = format!("docker://{} ({}, {})", c.name, c.short_id(), c.image);
+        self.reconciler
+            .add_target(TargetSpec {
+                name: c.name.clone(),
+                backend: Arc::new(Backend::Grpc(Grpc {
+                    channel: channel.clone(),
+                })),
+                monitor_port: 0,
+                url,
+                fixed: false,
+                skip: c.published.clone(),
+            })
+            .await;
+        let watcher = Watcher {
+            target: c.name.clone(),
+            channel,
+            reconciler: self.reconciler.clone(),
+            ignore: vec![EMBEDDED_DNS],
+        };
+        tokio::spawn(watcher.run(cancel.clone()));
         let mut backoff =
             crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut last_error = String::new();
         loop {
-            let result = tokio::select! {
+            let started = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = self.monitor_once(&c, &cancel) => r,
+                started = self.start_monitor(&c) => started,
             };
-            if cancel.is_cancelled() {
-                return;
+            let why = match started {
+                Ok((io, ended)) => {
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Slot::Ready(io);
+                    last_error.clear();
+                    backoff.reset();
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = ended => {}
+                    }
+                    "the monitor's exec stream ended".to_string()
+                }
+                Err(why) => why,
+            };
+            if why != last_error {
+                tracing::warn!(error = %why, "monitor not running in the container; trying again");
             }
-            let why = match result {
-                Ok(()) => "the monitor's exec stream ended".to_string(),
-                Err(e) => e,
-            };
-            tracing::warn!(error = %why, "monitor not running in the container; trying again");
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Slot::Failed(why.clone());
             self.reconciler
-                .link(&c.name, crate::reconcile::Link::Down { error: why })
+                .link(&c.name, Link::Down { error: why.clone() })
                 .await;
+            last_error = why;
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -364,8 +398,12 @@ impl Follower {
         }
     }
 
-    /// One monitor life: upload, exec, target, watch until the exec ends.
-    async fn monitor_once(&self, c: &Container, cancel: &CancellationToken) -> Result<(), String> {
+    /// Copies the monitor into `c` and starts it on an exec stream; the
+    /// stream, and what fires when it ends.
+    async fn start_monitor(
+        &self,
+        c: &Container,
+    ) -> Result<(ExecIo, tokio::sync::oneshot::Receiver<()>), String> {
         let upload = UploadToContainerOptions {
             path: "/".into(),
             ..Default::default()
@@ -377,7 +415,12 @@ impl Follower {
                 bollard::body_full(self.archive.clone()),
             )
             .await
-            .map_err(|e| format!("cannot copy monitor-svc into the container: {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "cannot copy monitor-svc into the container: {}",
+                    engine_error(&e)
+                )
+            })?;
         let exec = self
             .docker
             .create_exec(
@@ -391,12 +434,18 @@ impl Follower {
                 },
             )
             .await
-            .map_err(|e| format!("cannot start monitor-svc in the container: {e}"))?;
-        let started = self
-            .docker
-            .start_exec(&exec.id, None)
-            .await
-            .map_err(|e| format!("cannot start monitor-svc in the container: {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "cannot start monitor-svc in the container: {}",
+                    engine_error(&e)
+                )
+            })?;
+        let started = self.docker.start_exec(&exec.id, None).await.map_err(|e| {
+            format!(
+                "cannot start monitor-svc in the container: {}",
+                engine_error(&e)
+            )
+        })?;
         let StartExecResults::Attached { output, input } = started else {
             return Err("the exec started detached".into());
         };
@@ -408,44 +457,45 @@ impl Follower {
             stderr: Vec::new(),
             ended: Some(ended_tx),
         };
-        let channel = exec_channel(io).await?;
-        let url = format!("docker://{} ({}, {})", c.name, c.short_id(), c.image);
-        let spec = TargetSpec {
-            name: c.name.clone(),
-            backend: Arc::new(Backend::Grpc(Grpc {
-                channel: channel.clone(),
-            })),
-            monitor_port: 0,
-            url,
-            fixed: false,
-            skip: c.published.clone(),
-        };
-        self.reconciler.add_target(spec).await;
-        let watcher = Watcher {
-            target: c.name.clone(),
-            channel,
-            reconciler: self.reconciler.clone(),
-            ignore: vec![EMBEDDED_DNS],
-        };
-        let stop = cancel.child_token();
-        let watching = tokio::spawn(watcher.run(stop.clone()));
-        let _ = ended.await;
-        stop.cancel();
-        let _ = watching.await;
-        Ok(())
+        Ok((io, ended))
     }
 }
 
-/// A gRPC channel whose one connection is `io`; it does not reconnect
-/// (when the exec ends, the monitor is started again).
-async fn exec_channel(io: ExecIo) -> Result<porthole::auth::AuthChannel, String> {
-    let slot = Arc::new(Mutex::new(Some(io)));
+/// What the engine said, without bollard's wrapping.
+fn engine_error(e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The monitor's exec stream as the channel's connector finds it.
+enum Slot {
+    Starting,
+    /// A stream not yet connected.
+    Ready(ExecIo),
+    /// Why there is no monitor running.
+    Failed(String),
+}
+
+/// A gRPC channel to the container's monitor: each connection is the exec
+/// stream of the monitor running now, so when a monitor is started again
+/// the channel reconnects to it.
+fn exec_channel(slot: Arc<Mutex<Slot>>) -> porthole::auth::AuthChannel {
     let connector = tower::service_fn(move |_: http::Uri| {
-        let io = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-        async move {
-            io.map(hyper_util::rt::TokioIo::new)
-                .ok_or_else(|| std::io::Error::other("the monitor's exec stream is gone"))
-        }
+        let taken = {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            match std::mem::replace(&mut *slot, Slot::Starting) {
+                Slot::Ready(io) => Ok(io),
+                Slot::Failed(why) => {
+                    let e = std::io::Error::other(why.clone());
+                    *slot = Slot::Failed(why);
+                    Err(e)
+                }
+                Slot::Starting => Err(std::io::Error::other("the monitor is starting")),
+            }
+        };
+        async move { taken.map(hyper_util::rt::TokioIo::new) }
     });
     let channel = tonic::transport::Endpoint::from_static("http://monitor.docker-exec")
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -453,10 +503,8 @@ async fn exec_channel(io: ExecIo) -> Result<porthole::auth::AuthChannel, String>
         .keep_alive_while_idle(true)
         .initial_stream_window_size(porthole::server::STREAM_WINDOW)
         .initial_connection_window_size(porthole::server::CONNECTION_WINDOW)
-        .connect_with_connector(connector)
-        .await
-        .map_err(|e| format!("no gRPC over the monitor's exec stream: {e}"))?;
-    Ok(porthole::auth::with_token(channel, None))
+        .connect_with_connector_lazy(connector);
+    porthole::auth::with_token(channel, None)
 }
 
 type Output = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;

@@ -63,6 +63,22 @@ pub fn listener(p: &Port) -> Result<Listener, String> {
     })
 }
 
+/// A status in words, with the causes tonic keeps behind "transport
+/// error" (a refused connection, a monitor that could not start).
+fn describe(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = e.source();
+    }
+    porthole::text::clip(&text, 300).into_owned()
+}
+
 /// The open TCP ports among `ports`, with their listeners.
 fn by_port(ports: &BTreeMap<String, Listener>) -> BTreeMap<u16, Vec<Listener>> {
     let mut open: BTreeMap<u16, Vec<Listener>> = BTreeMap::new();
@@ -115,14 +131,10 @@ impl Watcher {
                 Err(status) => {
                     tracing::warn!(
                         code = ?status.code(),
-                        error = %status.message(),
+                        error = %describe(&status),
                         "monitor unreachable; tunnels stay up, retrying"
                     );
-                    format!(
-                        "{:?}: {}",
-                        status.code(),
-                        porthole::text::clip(status.message(), 300)
-                    )
+                    describe(&status)
                 }
             };
             let target = &self.target;
