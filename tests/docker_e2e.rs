@@ -330,3 +330,36 @@ async fn after_sigkill_a_new_tunnel_svc_finds_exactly_one_monitor() {
     let monitors = c.exec(&["ps"]).matches("--stdio").count();
     assert_eq!(monitors, 1, "{}", c.exec(&["ps"]));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ports_docker_publishes_are_listed_not_tunnelled_again() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let (port, host_port) = (free_port(), free_port());
+    let publish = format!("127.0.0.1:{host_port}:{port}");
+    let c = Container::http(
+        &w.image,
+        &w.net,
+        &["--label", &w.label, "-p", &publish],
+        "0.0.0.0",
+        port,
+        "published",
+    );
+    let tunnel = w.tunnel_svc(&[]).await;
+    let id = format!("{}:tcp:{port}", c.name);
+    let t = tunnel
+        .wait_tunnel(&id, "the published port listed", |t| {
+            t.state == porthole::pb::v1::TunnelState::Published as i32
+        })
+        .await;
+    assert_eq!(t.host_port, u32::from(host_port), "{t:?}");
+    assert!(t.note.contains("published by Docker"), "{t:?}");
+    assert!(
+        common::host_port_is_free(port),
+        "not bound again by tunnel-svc"
+    );
+    // Docker's own forward is what answers.
+    assert_eq!(get(host_port).await.as_deref(), Some("published"));
+}

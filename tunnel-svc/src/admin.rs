@@ -47,6 +47,7 @@ pub fn tunnel(t: TunnelView) -> pb::Tunnel {
         TunnelState::Active => (pb::TunnelState::Active, None),
         TunnelState::Failed(why) => (pb::TunnelState::Failed, Some(why)),
         TunnelState::Closed => (pb::TunnelState::Closed, None),
+        TunnelState::Published(_) => (pb::TunnelState::Published, None),
     };
     let origin = match t.origin {
         Origin::Auto => pb::Origin::Auto,

@@ -28,6 +28,7 @@ fn state_name(t: &Tunnel) -> &'static str {
         TunnelState::Active => "active",
         TunnelState::Failed => "failed",
         TunnelState::Closed => "closed",
+        TunnelState::Published => "published",
         TunnelState::Unspecified => "?",
     }
 }

@@ -153,8 +153,9 @@ struct Container {
     id: String,
     name: String,
     image: String,
-    /// Container ports published on the host with `-p`.
-    published: Vec<u16>,
+    /// Container TCP ports published on the host with `-p`, with the host
+    /// port.
+    published: BTreeMap<u16, u16>,
 }
 
 impl Container {
@@ -169,8 +170,11 @@ impl Container {
             .ports
             .unwrap_or_default()
             .into_iter()
-            .filter(|p| p.public_port.is_some())
-            .map(|p| p.private_port)
+            .filter(|p| {
+                p.typ
+                    .is_none_or(|t| t == bollard::models::PortSummaryTypeEnum::TCP)
+            })
+            .filter_map(|p| Some((p.private_port, p.public_port?)))
             .collect();
         Some(Container {
             id,
@@ -352,7 +356,7 @@ impl Follower {
                 monitor_port: 0,
                 url,
                 fixed: false,
-                skip: c.published.clone(),
+                published: c.published.clone(),
             })
             .await;
         let watcher = Watcher {

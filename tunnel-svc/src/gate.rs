@@ -304,7 +304,7 @@ pub async fn run(
             monitor_port: 0,
             url: format!("{}:{}", u.hostname, u.port),
             fixed: true,
-            skip: Vec::new(),
+            published: Default::default(),
         });
         statics.push((u.alias.clone(), u.port));
     }

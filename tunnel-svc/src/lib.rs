@@ -134,7 +134,7 @@ pub async fn run(
                 monitor_port: t.url.port,
                 url: t.url.endpoint(),
                 fixed: false,
-                skip: Vec::new(),
+                published: Default::default(),
             });
             watchers.push((t.name.clone(), channel, has_token));
         }

@@ -70,6 +70,9 @@ pub enum State {
     Closed,
     /// Listed only: more ports are open than `--max-tunnels` allows.
     Capped,
+    /// Listed only: the container publishes the port on the host itself
+    /// (`docker run -p`), on this host port.
+    Published(u16),
 }
 
 impl State {

@@ -41,6 +41,9 @@ pub struct Want {
     pub listening: bool,
     /// Left out by `--max-tunnels`: listed, not forwarded.
     pub capped: bool,
+    /// Already on the host: the container publishes it there (`-p`), on
+    /// this port. Listed, not forwarded.
+    pub published: Option<u16>,
     /// Why the host port differs from the container port, if it does.
     pub note: Option<String>,
     /// Another tunnel holds the host port and this one may not move.
@@ -57,6 +60,7 @@ impl Want {
             addresses: listeners.iter().flat_map(Listener::reachable_on).collect(),
             listening: !listeners.is_empty(),
             capped: false,
+            published: None,
             note: None,
             held_by: None,
         }
@@ -68,8 +72,9 @@ pub struct TargetPorts<'a> {
     pub name: &'a str,
     /// The monitor's own port, never forwarded.
     pub monitor_port: u16,
-    /// This target's own ports never forwarded automatically.
-    pub skip: &'a [u16],
+    /// Ports the container publishes on the host itself: container port →
+    /// host port. Listed, never forwarded.
+    pub published: &'a BTreeMap<u16, u16>,
     /// Open TCP ports, with every listener on each.
     pub ports: &'a BTreeMap<u16, Vec<Listener>>,
 }
@@ -98,7 +103,10 @@ impl Existing {
     /// An automatic tunnel that counts against `--max-tunnels`.
     fn holds_slot(&self) -> bool {
         self.origin == Origin::Auto
-            && !matches!(self.state, TunnelState::Capped | TunnelState::Closed)
+            && !matches!(
+                self.state,
+                TunnelState::Capped | TunnelState::Closed | TunnelState::Published(_)
+            )
     }
 }
 
@@ -170,11 +178,23 @@ pub fn desired(
             .filter(|(id, _)| {
                 !(want.contains_key(id)
                     || id.port == t.monitor_port
-                    || t.skip.contains(&id.port)
+                    || t.published.contains_key(&id.port)
                     || policy.skip.contains(id.port)
                     || state.closed.contains(id))
             })
             .collect();
+        for (&port, listeners) in t.ports {
+            let (Some(&host), id) = (t.published.get(&port), TunnelId::new(t.name, port)) else {
+                continue;
+            };
+            if !want.contains_key(&id) {
+                let w = Want {
+                    published: Some(host),
+                    ..Want::new(Origin::Auto, host, listeners)
+                };
+                want.insert(id, w);
+            }
+        }
         let holds = |id: &TunnelId| state.existing.get(id).is_some_and(Existing::holds_slot);
         let held = eligible.iter().filter(|(id, _)| holds(id)).count();
         let mut free = policy.max_tunnels.saturating_sub(held);
@@ -216,7 +236,11 @@ fn assign_host_ports(want: &mut BTreeMap<TunnelId, Want>, policy: &Policy, state
     };
     let mut new: Vec<(&TunnelId, &mut Want)> = want
         .iter_mut()
-        .filter(|(id, w)| !w.capped && !state.existing.get(*id).is_some_and(|e| e.state.is_open()))
+        .filter(|(id, w)| {
+            !w.capped
+                && w.published.is_none()
+                && !state.existing.get(*id).is_some_and(|e| e.state.is_open())
+        })
         .collect();
     new.sort_by_key(|(id, w)| (order(w), id.target.clone(), id.port));
     for (id, w) in new {
@@ -287,11 +311,13 @@ pub fn diff(desired: BTreeMap<TunnelId, Want>, state: &State, retry: bool) -> Ve
             actions.push(Action::Start(id, want));
             continue;
         };
-        let restart = match e.state {
-            TunnelState::Capped => !want.capped,
-            TunnelState::Closed => true,
-            TunnelState::Failed(_) => retry || want.capped,
-            TunnelState::Pending | TunnelState::Active => want.capped,
+        let restart = match (&e.state, want.published) {
+            (TunnelState::Published(now), Some(host)) => *now != host,
+            (TunnelState::Published(_), None) | (_, Some(_)) => true,
+            (TunnelState::Capped, None) => !want.capped,
+            (TunnelState::Closed, None) => true,
+            (TunnelState::Failed(_), None) => retry || want.capped,
+            (TunnelState::Pending | TunnelState::Active, None) => want.capped,
         };
         if restart {
             actions.push(Action::Restart(id, want));
@@ -342,6 +368,8 @@ mod tests {
         statics: BTreeSet<TunnelId>,
         closed: BTreeSet<TunnelId>,
         existing: BTreeMap<TunnelId, Existing>,
+        /// Published ports of every target (docker -p).
+        published: BTreeMap<u16, u16>,
     }
 
     impl World {
@@ -356,6 +384,7 @@ mod tests {
                 statics: BTreeSet::new(),
                 closed: BTreeSet::new(),
                 existing: BTreeMap::new(),
+                published: BTreeMap::new(),
             }
         }
 
@@ -379,7 +408,7 @@ mod tests {
                 .map(|(name, ports)| TargetPorts {
                     name,
                     monitor_port: 7070,
-                    skip: &[],
+                    published: &self.published,
                     ports,
                 })
                 .collect();
@@ -420,10 +449,10 @@ mod tests {
                 want.contains_key(id) || e.state == TunnelState::Closed && self.closed.contains(id)
             });
             for (id, w) in want {
-                let state = if w.capped {
-                    TunnelState::Capped
-                } else {
-                    TunnelState::Active
+                let state = match (w.capped, w.published) {
+                    (_, Some(host)) => TunnelState::Published(host),
+                    (true, None) => TunnelState::Capped,
+                    (false, None) => TunnelState::Active,
                 };
                 let keep = self
                     .existing
@@ -634,6 +663,30 @@ mod tests {
         let (want, _) = w.plan();
         assert_eq!(want[&id("api", 8000)].host_port, 8000);
         assert_eq!(want[&id("api", 8000)].held_by, Some(id("dev", 8000)));
+    }
+
+    #[test]
+    fn published_ports_are_listed_not_forwarded_nor_counted() {
+        let mut w = World::new(&[8000, 8080]);
+        w.published.insert(8080, 18080);
+        w.max = 1;
+        let (want, capped) = w.plan();
+        let p = &want[&id("dev", 8080)];
+        assert_eq!((p.published, p.capped), (Some(18080), false));
+        assert!(
+            !want[&id("dev", 8000)].capped,
+            "a published port takes no slot"
+        );
+        assert!(capped.is_empty());
+        w.apply();
+        assert_eq!(
+            w.existing[&id("dev", 8080)].state,
+            TunnelState::Published(18080)
+        );
+        assert!(w.actions(true).is_empty(), "nothing changes while it stays");
+        // No longer published (the container was recreated without -p).
+        w.published.clear();
+        assert_eq!(w.actions(false), [("restart", "dev:tcp:8080".into())]);
     }
 
     #[test]

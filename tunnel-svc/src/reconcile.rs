@@ -210,9 +210,9 @@ pub struct TargetSpec {
     pub url: String,
     /// No watcher: the target's tunnels are static (the egress gate).
     pub fixed: bool,
-    /// Container ports never forwarded automatically for this target (a
-    /// Docker container's published ports), beside the skip list.
-    pub skip: Vec<u16>,
+    /// Ports the container publishes on the host itself (`docker run
+    /// -p`): container port → host port. Listed, never forwarded.
+    pub published: BTreeMap<u16, u16>,
 }
 
 #[derive(Clone, Debug)]
@@ -231,7 +231,7 @@ struct Target {
     /// Prepare/release requests, run in order (backends that need them).
     port_ops: Option<mpsc::UnboundedSender<PortOp>>,
     monitor_port: u16,
-    skip: Vec<u16>,
+    published: BTreeMap<u16, u16>,
     ports: BTreeMap<u16, Vec<Listener>>,
     up: bool,
     capped: bool,
@@ -255,7 +255,7 @@ impl Target {
             backend: spec.backend,
             port_ops,
             monitor_port: spec.monitor_port,
-            skip: spec.skip,
+            published: spec.published,
             ports: BTreeMap::new(),
             up: spec.fixed,
             capped: false,
@@ -630,7 +630,7 @@ impl Reconciler {
             .map(|(name, t)| plan::TargetPorts {
                 name,
                 monitor_port: t.monitor_port,
-                skip: &t.skip,
+                published: &t.published,
                 ports: &t.ports,
             })
             .collect();
@@ -705,7 +705,13 @@ impl Reconciler {
             span: span.clone(),
         };
         let _in = span.enter();
-        if want.capped {
+        if let Some(host) = want.published {
+            entry.state = State::Published(host);
+            entry.host_port = host;
+            entry.note = Some(format!(
+                "published by Docker on host port {host} (docker run -p); not forwarded again"
+            ));
+        } else if want.capped {
             entry.state = State::Capped;
             entry.note = Some(format!(
                 "not forwarded: more than --max-tunnels {} ports are open in {}; it gets a \
@@ -1021,7 +1027,7 @@ mod tests {
             monitor_port: 7070,
             url: "http://127.0.0.1:7070".into(),
             fixed: false,
-            skip: Vec::new(),
+            published: BTreeMap::new(),
         }
     }
 
@@ -1257,16 +1263,14 @@ mod tests {
         assert!(freed(p).await, "a removed target's host ports are freed");
         // A target that comes back starts afresh.
         h.add_target(TargetSpec {
-            skip: vec![p],
+            published: [(p, 18080)].into(),
             ..target("web")
         })
         .await;
         h.ports("web", open(&[p])).await;
-        assert_eq!(
-            count(&h).await,
-            0,
-            "its own skip list (published ports) applies"
-        );
+        let t = tunnel(&h, "web", p).await.unwrap();
+        assert_eq!((t.state, t.host_port), (State::Published(18080), 18080));
+        assert!(freed(p).await, "a port Docker publishes is not bound again");
     }
 
     #[tokio::test]
