@@ -187,13 +187,10 @@ pub fn desired(
             let (Some(&host), id) = (t.published.get(&port), TunnelId::new(t.name, port)) else {
                 continue;
             };
-            if !want.contains_key(&id) {
-                let w = Want {
-                    published: Some(host),
-                    ..Want::new(Origin::Auto, host, listeners)
-                };
-                want.insert(id, w);
-            }
+            want.entry(id).or_insert_with(|| Want {
+                published: Some(host),
+                ..Want::new(Origin::Auto, host, listeners)
+            });
         }
         let holds = |id: &TunnelId| state.existing.get(id).is_some_and(Existing::holds_slot);
         let held = eligible.iter().filter(|(id, _)| holds(id)).count();
