@@ -344,8 +344,8 @@ impl Follower {
     /// started again, with backoff, whenever it dies or cannot start. Why
     /// it is not running shows on the target (ListTargets, `ls`, the log).
     async fn run_monitor(self: Arc<Self>, c: Container, cancel: CancellationToken) {
-        let slot = Arc::new(Mutex::new(Slot::Starting));
-        let channel = exec_channel(slot.clone());
+        let current = Arc::new(Current::default());
+        let channel = exec_channel(current.clone());
         let url = format!("docker://{} ({}, {})", c.name, c.short_id(), c.image);
         self.reconciler
             .add_target(TargetSpec {
@@ -370,13 +370,14 @@ impl Follower {
             crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut last_error = String::new();
         loop {
+            current.set(Slot::Starting);
             let started = tokio::select! {
                 _ = cancel.cancelled() => return,
                 started = self.start_monitor(&c) => started,
             };
             let why = match started {
                 Ok((io, ended)) => {
-                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Slot::Ready(io);
+                    current.set(Slot::Ready(io));
                     last_error.clear();
                     backoff.reset();
                     tokio::select! {
@@ -390,7 +391,7 @@ impl Follower {
             if why != last_error {
                 tracing::warn!(error = %why, "monitor not running in the container; trying again");
             }
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Slot::Failed(why.clone());
+            current.set(Slot::Failed(why.clone()));
             self.reconciler
                 .link(&c.name, Link::Down { error: why.clone() })
                 .await;
@@ -474,7 +475,9 @@ fn engine_error(e: &bollard::errors::Error) -> String {
 }
 
 /// The monitor's exec stream as the channel's connector finds it.
+#[derive(Default)]
 enum Slot {
+    #[default]
     Starting,
     /// A stream not yet connected.
     Ready(ExecIo),
@@ -482,24 +485,54 @@ enum Slot {
     Failed(String),
 }
 
+/// The current monitor's exec stream, shared by the monitor loop and the
+/// channel's connector.
+#[derive(Default)]
+struct Current {
+    slot: Mutex<Slot>,
+    /// Woken whenever `slot` leaves [`Slot::Starting`].
+    changed: tokio::sync::Notify,
+}
+
+impl Current {
+    fn set(&self, slot: Slot) {
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = slot;
+        self.changed.notify_waiters();
+    }
+
+    /// The stream to connect over: waits while a monitor is starting.
+    async fn take(&self) -> std::io::Result<ExecIo> {
+        loop {
+            let changed = self.changed.notified();
+            {
+                let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+                match std::mem::take(&mut *slot) {
+                    Slot::Ready(io) => return Ok(io),
+                    Slot::Failed(why) => {
+                        let e = std::io::Error::other(why.clone());
+                        *slot = Slot::Failed(why);
+                        return Err(e);
+                    }
+                    Slot::Starting => {}
+                }
+            }
+            if tokio::time::timeout(MONITOR_START, changed).await.is_err() {
+                return Err(std::io::Error::other("the monitor did not start in time"));
+            }
+        }
+    }
+}
+
+/// How long a connection waits for a monitor that is being started.
+const MONITOR_START: Duration = Duration::from_secs(30);
+
 /// A gRPC channel to the container's monitor: each connection is the exec
 /// stream of the monitor running now, so when a monitor is started again
 /// the channel reconnects to it.
-fn exec_channel(slot: Arc<Mutex<Slot>>) -> porthole::auth::AuthChannel {
+fn exec_channel(current: Arc<Current>) -> porthole::auth::AuthChannel {
     let connector = tower::service_fn(move |_: http::Uri| {
-        let taken = {
-            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-            match std::mem::replace(&mut *slot, Slot::Starting) {
-                Slot::Ready(io) => Ok(io),
-                Slot::Failed(why) => {
-                    let e = std::io::Error::other(why.clone());
-                    *slot = Slot::Failed(why);
-                    Err(e)
-                }
-                Slot::Starting => Err(std::io::Error::other("the monitor is starting")),
-            }
-        };
-        async move { taken.map(hyper_util::rt::TokioIo::new) }
+        let current = current.clone();
+        async move { current.take().await.map(hyper_util::rt::TokioIo::new) }
     });
     let channel = tonic::transport::Endpoint::from_static("http://monitor.docker-exec")
         .http2_keep_alive_interval(Duration::from_secs(10))

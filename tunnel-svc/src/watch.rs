@@ -116,6 +116,8 @@ impl Watcher {
     }
 
     async fn follow_forever(self, shutdown: CancellationToken) {
+        // The same failure again is logged at debug: the target shows it.
+        let mut last_warned = String::new();
         let mut pos = Position::default();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
@@ -129,12 +131,14 @@ impl Watcher {
                     "the monitor ended the stream".to_string()
                 }
                 Err(status) => {
-                    tracing::warn!(
-                        code = ?status.code(),
-                        error = %describe(&status),
-                        "monitor unreachable; tunnels stay up, retrying"
-                    );
-                    describe(&status)
+                    let why = describe(&status);
+                    if why != last_warned {
+                        tracing::warn!(code = ?status.code(), error = %why, "monitor unreachable; tunnels stay up, retrying");
+                    } else {
+                        tracing::debug!(error = %why, "monitor still unreachable");
+                    }
+                    last_warned.clone_from(&why);
+                    why
                 }
             };
             let target = &self.target;
