@@ -766,6 +766,9 @@ impl Reconciler {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
+        if let Some(note) = want.note.as_ref().filter(|n| n.contains(" is held by ")) {
+            tracing::warn!(%note, "host port held by another tunnel; moved");
+        }
         if host_port != want.host_port {
             tracing::warn!(
                 wanted = want.host_port,

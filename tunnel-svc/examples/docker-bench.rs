@@ -1,0 +1,268 @@
+//! Benchmark for `tunnel-svc --docker` against the real Docker engine:
+//! how soon a container's server answers on the host's localhost after
+//! `docker run`, how soon a port opened in a running container does, and
+//! what the exec-stream transport carries beside the container's own
+//! address (no relay).
+//!
+//! ```text
+//! cargo build --release -p tunnel-svc --example docker-bench
+//! sudo ./target/release/examples/docker-bench
+//! ```
+//!
+//! Needs root, a Docker engine and Debian's `busybox-static`. Images,
+//! networks and containers come from `porthole-testkit` (an image holding
+//! only busybox, a network in 198.19.0.0/16) and are removed at the end;
+//! tunnel-svc and the static monitor are built first when cargo is at hand.
+//! Progress goes to stderr; stdout is a markdown report, printed once
+//! everything is measured.
+#![forbid(unsafe_code)]
+
+use porthole_testkit::docker::{docker, have_docker, static_monitor, Container, Image, Network};
+use porthole_testkit::measure::{ms, nproc, Stats};
+use porthole_testkit::{unused_local_port, Netns, TunnelProc};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Containers started one after another for the `docker run` latency.
+const RUNS: usize = 20;
+/// Ports opened one after another in one running container.
+const OPENS: usize = 20;
+/// Bytes moved per throughput run.
+const BYTES: u64 = 512 << 20;
+/// How long a port may take to become usable before it counts as failed.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+struct Results {
+    run: Vec<Duration>,
+    run_failed: usize,
+    open: Vec<Duration>,
+    open_failed: usize,
+    /// (path, Gbit/s from the container to the host client).
+    throughput: Vec<(&'static str, Result<f64, String>)>,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if !have_docker("docker-bench") {
+        std::process::exit(1);
+    }
+    // A signal drops the measurement, and with it every container,
+    // network and image it made.
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            eprintln!("docker-bench: cannot handle signals");
+            std::process::exit(1);
+        }
+    };
+    tokio::select! {
+        r = measure() => report(&r),
+        _ = term.recv() => eprintln!("terminated; cleaned up"),
+        _ = int.recv() => eprintln!("interrupted; cleaned up"),
+    }
+}
+
+/// The first line of `GET /` on the host's 127.0.0.1:`port`, if it answers.
+async fn answers(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await?;
+        std::io::Result::Ok(head.starts_with(b"HTTP/1."))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), io).await,
+        Ok(Ok(true))
+    )
+}
+
+/// Time from `since` until `port` answers, polling every millisecond.
+async fn usable(port: u16, since: Instant) -> Option<Duration> {
+    while since.elapsed() < DEADLINE {
+        if answers(port).await {
+            return Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    None
+}
+
+/// Reads `GET /big` from `addr` to the end; Gbit/s.
+async fn download(addr: SocketAddr) -> Result<f64, String> {
+    let started = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.write_all(b"GET /big HTTP/1.0\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    if total < BYTES {
+        return Err(format!("only {total} bytes arrived"));
+    }
+    Ok(total as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e9)
+}
+
+async fn measure() -> Results {
+    let (image, net) = (Image::busybox(), Network::new());
+    let label = format!("porthole.bench={}", porthole_testkit::docker::unique("b"));
+    let extra = ["--label", label.as_str()];
+    let ns = Netns::new();
+    let monitor = static_monitor().display().to_string();
+    let filter = format!("label={label}");
+    let tunnel = TunnelProc::start(
+        &ns,
+        &[
+            "--docker",
+            "--monitor-binary",
+            &monitor,
+            "--docker-filter",
+            &filter,
+            "--log-level",
+            "warn",
+            // Every port the bench opens stays open.
+            "--max-tunnels",
+            "1000",
+        ],
+    )
+    .await;
+    let mut r = Results {
+        run: Vec::new(),
+        run_failed: 0,
+        open: Vec::new(),
+        open_failed: 0,
+        throughput: Vec::new(),
+    };
+
+    eprintln!("docker run → localhost, {RUNS} containers");
+    for i in 0..RUNS {
+        let port = unused_local_port();
+        let started = Instant::now();
+        let c = Container::http(&image, &net, &extra, "127.0.0.1", port, "bench");
+        match usable(port, started).await {
+            Some(took) => r.run.push(took),
+            None => r.run_failed += 1,
+        }
+        drop(c);
+        if (i + 1) % 5 == 0 {
+            eprintln!("  {} / {RUNS}", i + 1);
+        }
+    }
+
+    eprintln!("port opened in a running container → localhost, {OPENS} ports");
+    let idle = Container::run(&image, &net, &extra, &["/bin/busybox", "sleep", "3600"]);
+    for _ in 0..OPENS {
+        let port = unused_local_port();
+        let cmd = format!("/bin/busybox httpd -p 127.0.0.1:{port} -h /tmp");
+        let started = Instant::now();
+        if let Err(e) = docker(&["exec", "-d", &idle.name, "/bin/sh", "-c", &cmd]) {
+            eprintln!("  {e}");
+            r.open_failed += 1;
+            continue;
+        }
+        match usable(port, started).await {
+            Some(took) => r.open.push(took),
+            None => r.open_failed += 1,
+        }
+    }
+    drop(idle);
+
+    eprintln!("throughput: {} MiB from the container", BYTES >> 20);
+    let port = unused_local_port();
+    let script = format!(
+        "mkdir -p /tmp/w && /bin/busybox dd if=/dev/zero of=/tmp/w/big bs=1M count={} 2>/dev/null \
+         && exec /bin/busybox httpd -f -p 0.0.0.0:{port} -h /tmp/w",
+        BYTES >> 20
+    );
+    let big = Container::run(&image, &net, &extra, &["/bin/sh", "-c", &script]);
+    let ip = docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &big.name,
+    ])
+    .ok()
+    .and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
+    if usable(port, Instant::now()).await.is_none() {
+        r.throughput
+            .push(("(server)", Err("the tunnel never answered".into())));
+    } else {
+        if let Some(ip) = ip {
+            r.throughput.push((
+                "container address, no relay",
+                download(SocketAddr::new(ip, port)).await,
+            ));
+        }
+        r.throughput.push((
+            "tunnel-svc --docker (exec transport)",
+            download(SocketAddr::from(([127, 0, 0, 1], port))).await,
+        ));
+    }
+    drop(big);
+    drop(tunnel);
+    r
+}
+
+fn report(r: &Results) {
+    println!("## tunnel-svc --docker benchmark\n");
+    println!("| machine | |\n| --- | --- |");
+    println!("| cores (`nproc`) | {} |", nproc());
+    if let Ok(v) = docker(&["version", "--format", "{{.Server.Version}}"]) {
+        println!("| Docker engine | {v} |");
+    }
+    println!();
+    println!("| what | n | p50 | p90 | p99 | max | failed | target |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
+    for (what, samples, failed, target) in [
+        (
+            "`docker run` (busybox httpd on 127.0.0.1) → answers on the host's localhost",
+            &r.run,
+            r.run_failed,
+            "p50 ≤ 1 s, p99 ≤ 2 s",
+        ),
+        (
+            "`docker exec -d` httpd on a new port in a running container → answers on localhost",
+            &r.open,
+            r.open_failed,
+            "p50 ≤ 150 ms",
+        ),
+    ] {
+        let mut s = samples.clone();
+        let st = Stats::of(&mut s);
+        println!(
+            "| {what} | {} | {} | {} | {} | {} | {failed} | {target} |",
+            samples.len(),
+            ms(st.p50),
+            ms(st.p90),
+            ms(st.p99),
+            ms(st.max)
+        );
+    }
+    println!();
+    println!(
+        "Throughput, one HTTP download of {} MiB from the container to a client on the host:\n",
+        BYTES >> 20
+    );
+    println!("| path | Gbit/s |\n| --- | ---: |");
+    for (path, result) in &r.throughput {
+        match result {
+            Ok(g) => println!("| {path} | {g:.2} |"),
+            Err(e) => println!("| {path} | not measured: {e} |"),
+        }
+    }
+}
