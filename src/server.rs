@@ -141,6 +141,21 @@ pub enum Listen {
     /// started the process (tunnel-svc over a `docker exec` stream). The
     /// server returns once that connection ends.
     Stdio,
+    /// Both: the stdio peer (which needs no token) and TCP clients (which
+    /// do); `shutdown` is cancelled once the stdio connection ends.
+    StdioAndTcp(TcpListener),
+}
+
+/// The one stdio connection, and what fires once it has ended.
+fn stdio() -> (Conn, tokio::sync::oneshot::Receiver<()>) {
+    let (done, ended) = tokio::sync::oneshot::channel::<()>();
+    let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+    let conn = Conn {
+        stream: Stream::Stdio(stdio),
+        _slot: None,
+        _done: Some(done),
+    };
+    (conn, ended)
 }
 
 /// Serves `app` on `listen` until `shutdown` is cancelled, then stops
@@ -191,19 +206,35 @@ pub async fn serve(
             // The incoming stream ends only once the connection has (an
             // ended stream makes the server send GOAWAY at once).
             let (tx, rx) = mpsc::channel(1);
-            let (done, ended) = tokio::sync::oneshot::channel::<()>();
-            let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-            let conn = Conn {
-                stream: Stream::Stdio(stdio),
-                _slot: None,
-                _done: Some(done),
-            };
+            let (conn, ended) = stdio();
             tx.try_send(Ok(conn)).expect("an empty channel of one");
             tokio::spawn(async move {
                 let _ = ended.await;
                 drop(tx);
             });
             ReceiverStream::new(rx)
+        }
+        Listen::StdioAndTcp(listener) => {
+            let (conn, ended) = stdio();
+            let tcp = incoming(listener, app.limits, app.stats, shutdown.clone());
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = ended.await;
+                stop.cancel();
+            });
+            let mut tcp = tcp.into_inner();
+            let (merged_tx, merged_rx) = mpsc::channel(64);
+            merged_tx
+                .try_send(Ok(conn))
+                .expect("an empty channel of 64");
+            tokio::spawn(async move {
+                while let Some(c) = tcp.recv().await {
+                    if merged_tx.send(c).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            ReceiverStream::new(merged_rx)
         }
     };
     let server = tonic::transport::Server::builder()

@@ -98,7 +98,8 @@ async fn a_loopback_server_in_busybox_is_on_localhost_and_dns_is_not() {
     let w = World::new();
     let port = free_port();
     let c = w.http("127.0.0.1", port, "in-busybox");
-    let tunnel = w.tunnel_svc(&[]).await;
+    // Everything over the exec stream: no network path to the container.
+    let tunnel = w.tunnel_svc(&["--docker-transport", "exec"]).await;
     let started = Instant::now();
     let body = poll_until("the container's server on localhost", DEADLINE, || {
         get(port)
@@ -128,6 +129,12 @@ async fn a_loopback_server_in_busybox_is_on_localhost_and_dns_is_not() {
     assert!(
         t.url.starts_with(&format!("docker://{} (", c.name)) && t.url.contains(&w.image.name),
         "{t:?}"
+    );
+    assert!(t.url.ends_with(" via exec"), "{t:?}");
+    let ps = c.exec(&["ps"]);
+    assert!(
+        !ps.contains("--stdio-listen"),
+        "exec transport: the monitor opens no port:\n{ps}"
     );
 }
 
@@ -327,7 +334,11 @@ async fn after_sigkill_a_new_tunnel_svc_finds_exactly_one_monitor() {
         poll_until("the tunnel again", DEADLINE, || get(port)).await,
         "again"
     );
-    let monitors = c.exec(&["ps"]).matches("--stdio").count();
+    let monitors = c
+        .exec(&["ps"])
+        .lines()
+        .filter(|l| l.contains("porthole-monitor-svc"))
+        .count();
     assert_eq!(monitors, 1, "{}", c.exec(&["ps"]));
 }
 
@@ -362,4 +373,74 @@ async fn ports_docker_publishes_are_listed_not_tunnelled_again() {
     );
     // Docker's own forward is what answers.
     assert_eq!(get(host_port).await.as_deref(), Some("published"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ip_transport_carries_bytes_with_a_token_the_command_line_never_shows() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let port = free_port();
+    let c = w.http("127.0.0.1", port, "over-ip");
+    let tunnel = w.tunnel_svc(&["--docker-transport", "ip"]).await;
+    let target = poll_until("the ip transport", DEADLINE, || async {
+        let targets = tunnel
+            .client()
+            .list_targets(tunnel.request(ListTargetsRequest {}))
+            .await
+            .ok()?
+            .into_inner()
+            .targets;
+        targets
+            .into_iter()
+            .find(|t| t.name == c.name && t.url.contains(" via ip "))
+    })
+    .await;
+    assert_eq!(
+        poll_until("the loopback server over ip", DEADLINE, || get(port)).await,
+        "over-ip"
+    );
+    let addr: SocketAddr = target
+        .url
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("an address in {target:?}"));
+    // The monitor's own port is not forwarded.
+    let tunnels = tunnels_of(&tunnel, &c.name).await;
+    assert!(
+        tunnels
+            .iter()
+            .all(|t| t.container_port != u32::from(addr.port())),
+        "{tunnels:?}"
+    );
+    // Its command line holds no token, and a neighbour without it gets no
+    // relay on the container's address.
+    let ps = c.exec(&["ps"]);
+    assert!(ps.contains("--stdio-listen"), "{ps}");
+    assert!(
+        !ps.contains("Bearer") && ps.lines().all(|l| l.len() < 200),
+        "{ps}"
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("the monitor listens on the container's address");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let dial = porthole::pb::v1::RelayFrame {
+        kind: Some(porthole::pb::v1::relay_frame::Kind::Dial(
+            porthole::pb::v1::DialRequest {
+                protocol: porthole::pb::v1::Protocol::Tcp as i32,
+                port: u32::from(port),
+            },
+        )),
+    };
+    tx.send(dial).await.unwrap();
+    let refused = porthole::pb::v1::relay_client::RelayClient::new(channel)
+        .dial(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect_err("no relay without the token");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 }

@@ -91,6 +91,7 @@ pub async fn run(listen: Listen, opts: Options, shutdown: CancellationToken) -> 
     let addr = match &listen {
         Listen::Tcp(l) => l.local_addr()?.to_string(),
         Listen::Stdio => "stdio".to_string(),
+        Listen::StdioAndTcp(l) => format!("stdio and {}", l.local_addr()?),
     };
     tracing::info!(
         %addr,

@@ -20,6 +20,10 @@ struct Args {
     /// --docker runs over a `docker exec` stream.
     #[arg(long, conflicts_with_all = ["listen", "token_file", "anonymous", "max_connections"])]
     stdio: bool,
+    /// With --stdio: also listen on ADDR (for Relay and events from the
+    /// network), requiring the token that the first line on stdin holds.
+    #[arg(long, value_name = "ADDR", requires = "stdio")]
+    stdio_listen: Option<SocketAddr>,
     /// Delete this executable once started (it keeps running): a monitor
     /// copied into a container leaves nothing behind.
     #[arg(long)]
@@ -83,7 +87,13 @@ async fn main() -> anyhow::Result<()> {
     let fds = porthole::net::raise_fd_limit();
     tracing::debug!(limit = ?fds, "file-descriptor limit");
     let shutdown = porthole::shutdown::on_signal()?;
-    let (listen, token) = if args.stdio {
+    let (listen, token) = if let Some(addr) = args.stdio_listen {
+        let token = token_from_stdin().await?;
+        let listener = porthole::net::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        (porthole::server::Listen::StdioAndTcp(listener), Some(token))
+    } else if args.stdio {
         (porthole::server::Listen::Stdio, None)
     } else {
         let token = token(&args)?;
@@ -132,6 +142,24 @@ fn token(args: &Args) -> anyhow::Result<porthole::auth::Token> {
             token
         }
     })
+}
+
+/// The first line on stdin, as the token (--stdio-listen). Read a byte at
+/// a time, so nothing after it is taken from the stream that follows.
+async fn token_from_stdin() -> anyhow::Result<porthole::auth::Token> {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut line = Vec::with_capacity(80);
+    loop {
+        let byte = stdin.read_u8().await.context("no token on stdin")?;
+        if byte == b'\n' {
+            break;
+        }
+        anyhow::ensure!(line.len() < 1024, "the token line on stdin is too long");
+        line.push(byte);
+    }
+    let secret = String::from_utf8(line).context("the token on stdin is not text")?;
+    Ok(porthole::auth::Token::new(secret.trim())?)
 }
 
 /// Where the token lives when --token-file is not given.

@@ -17,7 +17,7 @@ use bollard::Docker;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -41,7 +41,40 @@ pub struct Options {
     pub filters: Vec<(String, String)>,
     /// The static monitor-svc to put in each container.
     pub monitor_binary: PathBuf,
+    pub transport: Transport,
 }
+
+/// How tunnel bytes reach a container (`--docker-transport`). Events always
+/// come over the monitor's exec stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// The container's address when the host reaches it, else the exec
+    /// stream.
+    Auto,
+    /// Always the exec stream: works wherever the Engine API does.
+    Exec,
+    /// Always the container's address (the monitor listens there too, with
+    /// a token of its own handed over the exec stream).
+    Ip,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Transport, String> {
+        match s {
+            "auto" => Ok(Transport::Auto),
+            "exec" => Ok(Transport::Exec),
+            "ip" => Ok(Transport::Ip),
+            other => Err(format!("{other:?}: use auto, exec or ip")),
+        }
+    }
+}
+
+/// Where the monitor listens on the container's address (ip transport).
+pub const MONITOR_PORT: u16 = 7070;
+
+/// How long the host tries the monitor on the container's address.
+const REACH_WAIT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -218,6 +251,7 @@ pub async fn follow(
         filters,
         archive,
         reconciler,
+        transport: opts.transport,
         attached: Mutex::new(BTreeMap::new()),
     };
     let follower = Arc::new(follower);
@@ -286,6 +320,7 @@ struct Follower {
     filters: HashMap<String, Vec<String>>,
     archive: Bytes,
     reconciler: Handle,
+    transport: Transport,
     /// Attached containers by id: their name and what stops their monitor.
     attached: Mutex<BTreeMap<String, (String, CancellationToken)>>,
 }
@@ -346,15 +381,21 @@ impl Follower {
     async fn run_monitor(self: Arc<Self>, c: Container, cancel: CancellationToken) {
         let current = Arc::new(Current::default());
         let channel = exec_channel(current.clone());
-        let url = format!("docker://{} ({}, {})", c.name, c.short_id(), c.image);
+        let base_url = format!("docker://{} ({}, {})", c.name, c.short_id(), c.image);
+        let exec_backend = Arc::new(Backend::Grpc(Grpc {
+            channel: channel.clone(),
+        }));
         self.reconciler
             .add_target(TargetSpec {
                 name: c.name.clone(),
-                backend: Arc::new(Backend::Grpc(Grpc {
-                    channel: channel.clone(),
-                })),
-                monitor_port: 0,
-                url,
+                backend: exec_backend.clone(),
+                // The monitor's own port on the container's address.
+                monitor_port: if self.transport == Transport::Exec {
+                    0
+                } else {
+                    MONITOR_PORT
+                },
+                url: format!("{base_url} via exec"),
                 fixed: false,
                 published: c.published.clone(),
             })
@@ -369,17 +410,70 @@ impl Follower {
         let mut backoff =
             crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut last_error = String::new();
+        // Whether the monitor also listens on the container's address, and
+        // how tunnel bytes go now ("exec", or "ip ADDR").
+        let mut listen = self.transport != Transport::Exec;
+        let mut via = "exec".to_string();
         loop {
             current.set(Slot::Starting);
+            let token = match listen.then(porthole::auth::Token::generate).transpose() {
+                Ok(token) => token,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot make a token; the exec stream carries everything");
+                    listen = false;
+                    None
+                }
+            };
             let started = tokio::select! {
                 _ = cancel.cancelled() => return,
-                started = self.start_monitor(&c) => started,
+                started = self.start_monitor(&c, token.as_ref()) => started,
             };
             let why = match started {
                 Ok((io, ended)) => {
                     current.set(Slot::Ready(io));
                     last_error.clear();
                     backoff.reset();
+                    let (now, backend, port) = match &token {
+                        None => ("exec".to_string(), exec_backend.clone(), 0),
+                        Some(token) => match self.reach(&c).await {
+                            Ok(addr) => {
+                                let url = crate::config::MonitorUrl {
+                                    host: addr.ip().to_string(),
+                                    port: addr.port(),
+                                };
+                                match crate::monitor_channel(&url, Some(token.clone())) {
+                                    Ok(channel) => (
+                                        format!("ip {addr}"),
+                                        Arc::new(Backend::Grpc(Grpc { channel })),
+                                        MONITOR_PORT,
+                                    ),
+                                    Err(e) => {
+                                        (format!("exec ({e})"), exec_backend.clone(), MONITOR_PORT)
+                                    }
+                                }
+                            }
+                            Err(why) if self.transport == Transport::Auto => {
+                                tracing::info!(reason = %why, "the host cannot reach the container's address; tunnel bytes go over the exec stream");
+                                listen = false;
+                                ("exec".to_string(), exec_backend.clone(), MONITOR_PORT)
+                            }
+                            Err(why) => {
+                                tracing::warn!(reason = %why, "--docker-transport ip: the container's address is not reachable");
+                                (
+                                    format!("ip (unreachable: {why})"),
+                                    exec_backend.clone(),
+                                    MONITOR_PORT,
+                                )
+                            }
+                        },
+                    };
+                    if now != via {
+                        via = now;
+                        let url = format!("{base_url} via {via}");
+                        self.reconciler
+                            .set_backend(&c.name, backend, url, port)
+                            .await;
+                    }
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = ended => {}
@@ -403,11 +497,50 @@ impl Follower {
         }
     }
 
+    /// The monitor on the container's own address, if the host reaches it
+    /// (within [`REACH_WAIT`]: the monitor binds once it has its token).
+    async fn reach(&self, c: &Container) -> Result<SocketAddr, String> {
+        let info = self
+            .docker
+            .inspect_container(&c.id, None)
+            .await
+            .map_err(|e| engine_error(&e))?;
+        let addrs: Vec<SocketAddr> = info
+            .network_settings
+            .and_then(|n| n.networks)
+            .unwrap_or_default()
+            .values()
+            .filter_map(|n| n.ip_address.as_deref()?.parse::<IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, MONITOR_PORT))
+            .collect();
+        if addrs.is_empty() {
+            return Err("the container has no address of its own".into());
+        }
+        let deadline = tokio::time::Instant::now() + REACH_WAIT;
+        loop {
+            for addr in &addrs {
+                let probe = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    tokio::net::TcpStream::connect(addr),
+                );
+                if let Ok(Ok(_)) = probe.await {
+                    return Ok(*addr);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let shown: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+                return Err(format!("no answer on {}", shown.join(", ")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Copies the monitor into `c` and starts it on an exec stream; the
     /// stream, and what fires when it ends.
     async fn start_monitor(
         &self,
         c: &Container,
+        token: Option<&porthole::auth::Token>,
     ) -> Result<(ExecIo, tokio::sync::oneshot::Receiver<()>), String> {
         let upload = UploadToContainerOptions {
             path: "/".into(),
@@ -434,7 +567,7 @@ impl Follower {
                     attach_stdin: Some(true),
                     attach_stdout: Some(true),
                     attach_stderr: Some(true),
-                    cmd: Some(vec![MONITOR_PATH, "--stdio", "--remove-self"]),
+                    cmd: Some(command(token.is_some())),
                     ..Default::default()
                 },
             )
@@ -451,9 +584,18 @@ impl Follower {
                 engine_error(&e)
             )
         })?;
-        let StartExecResults::Attached { output, input } = started else {
+        let StartExecResults::Attached { output, mut input } = started else {
             return Err("the exec started detached".into());
         };
+        if let Some(token) = token {
+            // The token goes over the exec stream, never on a command line.
+            use tokio::io::AsyncWriteExt;
+            let line = format!("{}\n", token.secret());
+            input
+                .write_all(line.as_bytes())
+                .await
+                .map_err(|e| format!("cannot hand the monitor its token: {e}"))?;
+        }
         let (ended_tx, ended) = tokio::sync::oneshot::channel();
         let io = ExecIo {
             output,
@@ -464,6 +606,20 @@ impl Follower {
         };
         Ok((io, ended))
     }
+}
+
+/// The monitor's command line: on stdio, and (with `listen`) also on the
+/// container's address with the token it reads from stdin.
+fn command(listen: bool) -> Vec<String> {
+    let mut cmd = vec![
+        MONITOR_PATH.to_string(),
+        "--stdio".into(),
+        "--remove-self".into(),
+    ];
+    if listen {
+        cmd.extend(["--stdio-listen".into(), format!("0.0.0.0:{MONITOR_PORT}")]);
+    }
+    cmd
 }
 
 /// What the engine said, without bollard's wrapping.

@@ -135,6 +135,15 @@ struct RunArgs {
     #[arg(long = "docker-filter", value_name = "KEY=VALUE", requires = "docker",
           value_parser = tunnel_svc::docker::filter)]
     docker_filters: Vec<(String, String)>,
+    /// How tunnel bytes reach a container: auto (its own address when the
+    /// host reaches it, else the exec stream), exec, or ip.
+    #[arg(
+        long,
+        value_name = "auto|exec|ip",
+        default_value = "auto",
+        requires = "docker"
+    )]
+    docker_transport: tunnel_svc::docker::Transport,
     /// The static monitor-svc put in each container. Default: monitor-svc
     /// beside tunnel-svc.
     #[arg(long, value_name = "PATH", requires = "docker")]
@@ -349,6 +358,7 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
             monitor_binary: args
                 .monitor_binary
                 .unwrap_or_else(tunnel_svc::docker::default_monitor_binary),
+            transport: args.docker_transport,
         }),
     };
     if let Some(docker) = &opts.docker {

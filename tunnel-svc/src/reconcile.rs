@@ -6,7 +6,7 @@
 //! need no special paths. Backends prepare and release ports in order, on
 //! one task per target, and report back.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendCell};
 use crate::config::PortSet;
 use crate::model::{Counters, Listener, Origin, State, TargetView, TunnelId, TunnelView};
 use crate::plan::{self, Want, PRIVILEGED};
@@ -111,6 +111,14 @@ enum Command {
     AddTarget(TargetSpec),
     /// A target that went away: its tunnels go, their host ports are freed.
     RemoveTarget(String),
+    /// A target reaches its container another way now: its tunnels start
+    /// again on the new backend; what its watcher reported stands.
+    SetBackend {
+        target: String,
+        backend: Arc<Backend>,
+        url: String,
+        monitor_port: u16,
+    },
     /// A backend finished preparing a port.
     Prepared {
         id: TunnelId,
@@ -194,6 +202,25 @@ impl Handle {
         let _ = self.commands.send(Command::AddTarget(spec)).await;
     }
 
+    /// Gives a target a new backend (and the URL and monitor port that go
+    /// with it); its tunnels are made again on it.
+    pub async fn set_backend(
+        &self,
+        target: &str,
+        backend: Arc<Backend>,
+        url: String,
+        monitor_port: u16,
+    ) {
+        let target = target.to_string();
+        let set = Command::SetBackend {
+            target,
+            backend,
+            url,
+            monitor_port,
+        };
+        let _ = self.commands.send(set).await;
+    }
+
     /// Removes a target and every tunnel of it.
     pub async fn remove_target(&self, name: &str) {
         let name = name.to_string();
@@ -228,6 +255,8 @@ pub struct Options {
 
 struct Target {
     backend: Arc<Backend>,
+    /// What its tunnels dial with: `backend`, swappable under them.
+    cell: Arc<BackendCell>,
     /// Prepare/release requests, run in order (backends that need them).
     port_ops: Option<mpsc::UnboundedSender<PortOp>>,
     monitor_port: u16,
@@ -252,6 +281,7 @@ impl Target {
             ops
         });
         Target {
+            cell: Arc::new(BackendCell::new(spec.backend.clone())),
             backend: spec.backend,
             port_ops,
             monitor_port: spec.monitor_port,
@@ -553,6 +583,24 @@ impl Reconciler {
                     tracing::info!(target = %name, "target removed");
                 }
             }
+            Command::SetBackend {
+                target,
+                backend,
+                url,
+                monitor_port,
+            } => {
+                let Some(t) = self.targets.get_mut(&target) else {
+                    return;
+                };
+                // Tunnels keep their host listeners; new connections dial
+                // with the new backend.
+                t.cell.set(backend.clone());
+                t.backend = backend;
+                t.url = url;
+                t.monitor_port = monitor_port;
+                tracing::info!(target = %target, url = %t.url, "target reached another way");
+                self.reconcile(false);
+            }
             Command::Prepared {
                 id,
                 generation,
@@ -793,7 +841,7 @@ impl Reconciler {
         let cancel = CancellationToken::new();
         tunnel::serve(
             listeners,
-            t.backend.clone(),
+            t.cell.clone(),
             tunnel::Carry {
                 container_port: id.port,
                 stats: entry.stats.clone(),

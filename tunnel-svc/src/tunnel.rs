@@ -3,7 +3,7 @@
 //! through the backend and copies and counts the bytes. This is the only
 //! place bytes are copied on the host, for every backend.
 
-use crate::backend::{Backend, DialError, Upstream};
+use crate::backend::{Backend, BackendCell, DialError, Upstream};
 use porthole::net::ResetOnDrop;
 use porthole::telemetry::RateLimit;
 use std::io;
@@ -127,7 +127,7 @@ pub struct Carry {
 /// A tunnel's accept loops share this.
 struct Shared {
     carry: Carry,
-    backend: Arc<Backend>,
+    backend: Arc<BackendCell>,
     /// Failed connections, logged once per interval.
     failures: RateLimit,
     /// Failed accepts, logged once per interval.
@@ -150,7 +150,7 @@ enum CarryError {
 /// Accepts connections on `listeners` until `cancel`, carrying each one to
 /// the container through `backend`. The listeners are closed when it is
 /// cancelled; connections in flight get [`DRAIN`] to finish, then are reset.
-pub fn serve(listeners: Vec<TcpListener>, backend: Arc<Backend>, carry: Carry) {
+pub fn serve(listeners: Vec<TcpListener>, backend: Arc<BackendCell>, carry: Carry) {
     let shared = Arc::new(Shared {
         carry,
         backend,
@@ -180,10 +180,11 @@ pub fn serve(listeners: Vec<TcpListener>, backend: Arc<Backend>, carry: Carry) {
 /// Carries one accepted connection and counts it.
 async fn handle(conn: ResetOnDrop, shared: Arc<Shared>) {
     let Shared { carry, backend, .. } = &*shared;
+    let backend = backend.get();
     let stats = &carry.stats;
     stats.active.fetch_add(1, Relaxed);
     stats.total.fetch_add(1, Relaxed);
-    let work = carry_one(conn, backend, carry.container_port, stats);
+    let work = carry_one(conn, &backend, carry.container_port, stats);
     tokio::pin!(work);
     let result = tokio::select! {
         result = &mut work => Some(result),

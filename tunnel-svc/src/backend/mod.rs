@@ -33,6 +33,25 @@ pub enum Upstream {
     Relay(grpc::RelayStream),
 }
 
+/// The backend a target's tunnels dial with, which can be swapped while
+/// they run (a Docker container reached another way): connections made
+/// after the swap use the new one, those in flight keep theirs.
+pub struct BackendCell(std::sync::RwLock<std::sync::Arc<Backend>>);
+
+impl BackendCell {
+    pub fn new(backend: std::sync::Arc<Backend>) -> BackendCell {
+        BackendCell(std::sync::RwLock::new(backend))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<Backend> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, backend: std::sync::Arc<Backend>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = backend;
+    }
+}
+
 pub enum Backend {
     Grpc(grpc::Grpc),
     Direct(direct::Direct),
