@@ -444,3 +444,47 @@ async fn the_ip_transport_carries_bytes_with_a_token_the_command_line_never_show
         .expect_err("no relay without the token");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_filter_selects_and_a_rename_follows() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let port = free_port();
+    let c = w.http("127.0.0.1", port, "named");
+    let monitor = static_monitor().display().to_string();
+    let by_name = format!("name={}", c.name);
+    let tunnel = TunnelProc::start(
+        &w.ns,
+        &[
+            "--docker",
+            "--monitor-binary",
+            &monitor,
+            "--docker-filter",
+            &by_name,
+        ],
+    )
+    .await;
+    assert_eq!(
+        poll_until("the named container", DEADLINE, || get(port)).await,
+        "named"
+    );
+    // Renamed: the target takes the new name (which still matches the
+    // name filter, a substring as in `docker ps`).
+    let renamed = format!("{}-renamed", c.name);
+    common::docker::docker(&["rename", &c.name, &renamed]).expect("docker rename");
+    let moved = poll_until("the tunnel under the new name", DEADLINE, || async {
+        let id = format!("{renamed}:tcp:{port}");
+        tunnel
+            .tunnels()
+            .await
+            .into_iter()
+            .find(|t| t.id == id && t.state == porthole::pb::v1::TunnelState::Active as i32)
+    })
+    .await;
+    assert_eq!(moved.host_port, u32::from(port));
+    assert!(tunnels_of(&tunnel, &c.name).await.is_empty());
+    // The container keeps its new name; remove it by that.
+    let _ = common::docker::docker(&["rm", "-f", &renamed]);
+}

@@ -192,10 +192,31 @@ async fn measure() -> Results {
             .push(("container address, no relay", download(direct).await));
     }
     for (transport, path) in [
-        ("exec", "tunnel-svc --docker-transport exec (the exec stream)"),
-        ("ip", "tunnel-svc --docker-transport ip (the monitor on the container's address)"),
+        (
+            "exec",
+            "tunnel-svc --docker-transport exec (the exec stream)",
+        ),
+        (
+            "ip",
+            "tunnel-svc --docker-transport ip (the monitor on the container's address)",
+        ),
     ] {
         let tunnel = tunnel_svc(&ns, &label, transport).await;
+        // Connections dial the way the target says once it says it.
+        let wanted = format!(" via {transport}");
+        let deadline = Instant::now() + DEADLINE;
+        while Instant::now() < deadline {
+            let targets = tunnel
+                .client()
+                .list_targets(tunnel.request(porthole::pb::v1::ListTargetsRequest {}))
+                .await
+                .map(|r| r.into_inner().targets)
+                .unwrap_or_default();
+            if targets.iter().any(|t| t.url.contains(&wanted)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let result = match usable(port, Instant::now()).await {
             Some(_) => download(SocketAddr::from(([127, 0, 0, 1], port))).await,
             None => Err("the tunnel never answered".into()),

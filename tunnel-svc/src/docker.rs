@@ -291,15 +291,13 @@ pub async fn follow(
             continue;
         };
         match action.as_str() {
-            "start" => match follower.list(Some(&id)).await {
-                Ok(list) => {
-                    for c in list {
-                        follower.clone().attach(c, &shutdown);
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, id = %id, "cannot look the container up"),
-            },
+            "start" => follower.clone().attach_matching(&id, &shutdown).await,
             "die" | "destroy" => follower.detach(&id).await,
+            // The target is named after the container: follow it anew.
+            "rename" => {
+                follower.detach(&id).await;
+                follower.clone().attach_matching(&id, &shutdown).await;
+            }
             _ => {}
         }
     }
@@ -344,6 +342,18 @@ impl Follower {
             .into_iter()
             .filter_map(Container::from_summary)
             .collect())
+    }
+
+    /// Attaches container `id` if it runs and matches the filters.
+    async fn attach_matching(self: Arc<Self>, id: &str, shutdown: &CancellationToken) {
+        match self.list(Some(id)).await {
+            Ok(list) => {
+                for c in list {
+                    self.clone().attach(c, shutdown);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, id = %id, "cannot look the container up"),
+        }
     }
 
     /// Puts a monitor in `c` and makes it a target, in the background.
