@@ -8,7 +8,7 @@ use porthole_testkit as common;
 
 use common::docker::{have_docker, static_monitor, Container, Image, Network};
 use common::{poll_until, wait_for, TunnelProc, DEADLINE};
-use porthole::pb::v1::{ListTargetsRequest, Tunnel};
+use porthole::pb::v1::Tunnel;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -114,13 +114,7 @@ async fn a_loopback_server_in_busybox_is_on_localhost_and_dns_is_not() {
     let tunnels = tunnels_of(&tunnel, &c.name).await;
     assert_eq!(tunnels.len(), 1, "{tunnels:?}");
     assert_eq!(tunnels[0].id, format!("{}:tcp:{port}", c.name));
-    let targets = tunnel
-        .client()
-        .list_targets(tunnel.request(ListTargetsRequest {}))
-        .await
-        .expect("ListTargets")
-        .into_inner()
-        .targets;
+    let targets = tunnel.targets().await;
     let t = targets
         .iter()
         .find(|t| t.name == c.name)
@@ -290,19 +284,11 @@ async fn a_read_only_container_says_why_and_the_others_carry_on() {
         poll_until("the writable container", DEADLINE, || get(port)).await,
         "writable"
     );
-    let target = poll_until("the read-only container's error", DEADLINE, || async {
-        let targets = tunnel
-            .client()
-            .list_targets(tunnel.request(ListTargetsRequest {}))
-            .await
-            .ok()?
-            .into_inner()
-            .targets;
-        targets
-            .into_iter()
-            .find(|t| t.name == ro.name && t.error.contains("read-only"))
-    })
-    .await;
+    let target = tunnel
+        .wait_target("the read-only container's error", |t| {
+            t.name == ro.name && t.error.contains("read-only")
+        })
+        .await;
     assert!(!target.connected, "{target:?}");
     assert!(
         target.error.contains("cannot copy monitor-svc"),
@@ -384,19 +370,11 @@ async fn the_ip_transport_carries_bytes_with_a_token_the_command_line_never_show
     let port = free_port();
     let c = w.http("127.0.0.1", port, "over-ip");
     let tunnel = w.tunnel_svc(&["--docker-transport", "ip"]).await;
-    let target = poll_until("the ip transport", DEADLINE, || async {
-        let targets = tunnel
-            .client()
-            .list_targets(tunnel.request(ListTargetsRequest {}))
-            .await
-            .ok()?
-            .into_inner()
-            .targets;
-        targets
-            .into_iter()
-            .find(|t| t.name == c.name && t.url.contains(" via ip "))
-    })
-    .await;
+    let target = tunnel
+        .wait_target("the ip transport", |t| {
+            t.name == c.name && t.url.contains(" via ip ")
+        })
+        .await;
     assert_eq!(
         poll_until("the loopback server over ip", DEADLINE, || get(port)).await,
         "over-ip"

@@ -944,14 +944,7 @@ async fn watch_tunnels_lists_then_streams_changes() {
 
 /// Target `default` as ListTargets shows it now.
 async fn default_target(tunnel: &TunnelProc) -> Option<porthole::pb::v1::Target> {
-    let req = tunnel.request(porthole::pb::v1::ListTargetsRequest {});
-    let targets = tunnel
-        .client()
-        .list_targets(req)
-        .await
-        .ok()?
-        .into_inner()
-        .targets;
+    let targets = tunnel.targets().await;
     targets.into_iter().find(|t| t.name == "default")
 }
 

@@ -204,19 +204,9 @@ async fn measure() -> Results {
         let tunnel = tunnel_svc(&ns, &label, transport).await;
         // Connections dial the way the target says once it says it.
         let wanted = format!(" via {transport}");
-        let deadline = Instant::now() + DEADLINE;
-        while Instant::now() < deadline {
-            let targets = tunnel
-                .client()
-                .list_targets(tunnel.request(porthole::pb::v1::ListTargetsRequest {}))
-                .await
-                .map(|r| r.into_inner().targets)
-                .unwrap_or_default();
-            if targets.iter().any(|t| t.url.contains(&wanted)) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        tunnel
+            .wait_target("the transport measured", |t| t.url.contains(&wanted))
+            .await;
         let result = match usable(port, Instant::now()).await {
             Some(_) => download(SocketAddr::from(([127, 0, 0, 1], port))).await,
             None => Err("the tunnel never answered".into()),

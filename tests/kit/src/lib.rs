@@ -1435,6 +1435,30 @@ impl TunnelProc {
             .unwrap_or_else(|s| panic!("ListTunnels at {}: {s}", self.admin))
     }
 
+    /// ListTargets, which must succeed.
+    pub async fn targets(&self) -> Vec<porthole::pb::v1::Target> {
+        let req = self.request(porthole::pb::v1::ListTargetsRequest {});
+        self.client()
+            .list_targets(req)
+            .await
+            .unwrap_or_else(|s| panic!("ListTargets at {}: {s}", self.admin))
+            .into_inner()
+            .targets
+    }
+
+    /// Waits until ListTargets shows a target `pred` accepts; panics after
+    /// [`DEADLINE`].
+    pub async fn wait_target(
+        &self,
+        what: &str,
+        pred: impl Fn(&porthole::pb::v1::Target) -> bool,
+    ) -> porthole::pb::v1::Target {
+        poll_until(what, DEADLINE, || async {
+            self.targets().await.into_iter().find(|t| pred(t))
+        })
+        .await
+    }
+
     /// The tunnel `id`, if listed.
     pub async fn tunnel(&self, id: &str) -> Option<Tunnel> {
         self.tunnels().await.into_iter().find(|t| t.id == id)
