@@ -255,50 +255,28 @@ pub async fn follow(
         attached: Mutex::new(BTreeMap::new()),
     };
     let follower = Arc::new(follower);
-    // Subscribe first, so no start between the listing and the stream is
-    // missed (a container seen twice is attached once).
-    let mut event_filters = HashMap::new();
-    event_filters.insert("type".to_string(), vec!["container".to_string()]);
-    let mut events = follower.docker.events(Some(EventsOptions {
-        filters: Some(event_filters),
-        ..Default::default()
-    }));
-    match follower.list(None).await {
-        Ok(list) => {
-            for c in list {
-                follower.clone().attach(c, &shutdown);
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "cannot list containers"),
-    }
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    // The event stream ends when the engine restarts: subscribe again and
+    // catch up with what changed meanwhile.
     loop {
-        let event = tokio::select! {
+        // Subscribe first, so no start between the listing and the stream
+        // is missed (a container seen twice is attached once).
+        let mut event_filters = HashMap::new();
+        event_filters.insert("type".to_string(), vec!["container".to_string()]);
+        let events = follower.docker.events(Some(EventsOptions {
+            filters: Some(event_filters),
+            ..Default::default()
+        }));
+        follower.clone().resync(&shutdown).await;
+        tokio::select! {
             _ = shutdown.cancelled() => break,
-            event = events.next() => event,
-        };
-        let Some(event) = event else {
-            tracing::error!("the Docker event stream ended; containers are no longer followed");
-            break;
-        };
-        let event = match event {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(error = %e, "Docker event stream error");
-                continue;
-            }
-        };
-        let (Some(action), Some(id)) = (event.action, event.actor.and_then(|a| a.id)) else {
-            continue;
-        };
-        match action.as_str() {
-            "start" => follower.clone().attach_matching(&id, &shutdown).await,
-            "die" | "destroy" => follower.detach(&id).await,
-            // The target is named after the container: follow it anew.
-            "rename" => {
-                follower.detach(&id).await;
-                follower.clone().attach_matching(&id, &shutdown).await;
-            }
-            _ => {}
+            _ = follower.clone().follow_events(events, &shutdown, &mut backoff) => {}
+        }
+        tracing::warn!("the Docker event stream ended; following it again");
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
     let ids: Vec<String> = follower
@@ -324,6 +302,65 @@ struct Follower {
 }
 
 impl Follower {
+    /// Acts on the engine's container events until the stream ends.
+    async fn follow_events(
+        self: Arc<Self>,
+        mut events: impl Stream<Item = Result<bollard::models::EventMessage, bollard::errors::Error>>
+            + Unpin,
+        shutdown: &CancellationToken,
+        backoff: &mut crate::backoff::Backoff,
+    ) {
+        while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Docker event stream error");
+                    return;
+                }
+            };
+            backoff.reset();
+            let (Some(action), Some(id)) = (event.action, event.actor.and_then(|a| a.id)) else {
+                continue;
+            };
+            match action.as_str() {
+                "start" => self.clone().attach_matching(&id, shutdown).await,
+                "die" | "destroy" => self.detach(&id).await,
+                // The target is named after the container: follow it anew.
+                "rename" => {
+                    self.detach(&id).await;
+                    self.clone().attach_matching(&id, shutdown).await;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Attaches every running container that matches and is not attached
+    /// yet; detaches those that no longer run.
+    async fn resync(self: Arc<Self>, shutdown: &CancellationToken) {
+        let running = match self.list(None).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::error!(error = %engine_error(&e), "cannot list containers");
+                return;
+            }
+        };
+        let gone: Vec<String> = {
+            let attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+            attached
+                .keys()
+                .filter(|id| !running.iter().any(|c| &c.id == *id))
+                .cloned()
+                .collect()
+        };
+        for id in gone {
+            self.detach(&id).await;
+        }
+        for c in running {
+            self.clone().attach(c, shutdown);
+        }
+    }
+
     /// Running containers matching the filters (and `id`, if given).
     async fn list(&self, id: Option<&str>) -> Result<Vec<Container>, bollard::errors::Error> {
         let mut filters = self.filters.clone();
@@ -352,7 +389,9 @@ impl Follower {
                     self.clone().attach(c, shutdown);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, id = %id, "cannot look the container up"),
+            Err(e) => {
+                tracing::warn!(error = %engine_error(&e), id = %id, "cannot look the container up")
+            }
         }
     }
 
