@@ -36,6 +36,9 @@ const DEADLINE: Duration = Duration::from_secs(10);
 struct Results {
     run: Vec<Duration>,
     run_failed: usize,
+    /// `docker stop` returned → the host port is free again.
+    stop: Vec<Duration>,
+    stop_failed: usize,
     open: Vec<Duration>,
     open_failed: usize,
     /// (path, Gbit/s from the container to the host client).
@@ -127,6 +130,8 @@ async fn measure() -> Results {
     let mut r = Results {
         run: Vec::new(),
         run_failed: 0,
+        stop: Vec::new(),
+        stop_failed: 0,
         open: Vec::new(),
         open_failed: 0,
         throughput: Vec::new(),
@@ -140,6 +145,16 @@ async fn measure() -> Results {
         match usable(port, started).await {
             Some(took) => r.run.push(took),
             None => r.run_failed += 1,
+        }
+        c.docker("stop");
+        let stopped = Instant::now();
+        while !porthole_testkit::host_port_is_free(port) && stopped.elapsed() < DEADLINE {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if porthole_testkit::host_port_is_free(port) {
+            r.stop.push(stopped.elapsed());
+        } else {
+            r.stop_failed += 1;
         }
         drop(c);
         if (i + 1) % 5 == 0 {
@@ -260,6 +275,12 @@ fn report(r: &Results) {
             &r.run,
             r.run_failed,
             "p50 ≤ 1 s, p99 ≤ 2 s",
+        ),
+        (
+            "`docker stop` returns → the host port is free",
+            &r.stop,
+            r.stop_failed,
+            "within a second",
         ),
         (
             "`docker exec -d` httpd on a new port in a running container → answers on localhost",
