@@ -1411,3 +1411,110 @@ async fn grpcurl_lists_tunnels_without_proto_files() {
     .await;
     assert!(out.contains("SERVING"), "{out}");
 }
+
+// ---------------------------------------------------------------------------
+// tunnel-svc wait
+
+/// `tunnel-svc wait ARGS... --admin ADMIN` started now; its output when it
+/// ends.
+fn wait_cmd(tunnel: &TunnelProc, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(binary("tunnel-svc"))
+        .arg("wait")
+        .args(args)
+        .args(["--admin", &tunnel.admin().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run tunnel-svc wait")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_returns_once_the_server_answers_through_the_tunnel() {
+    if !require_root() {
+        return;
+    }
+    let block = ports(30, Backend::Grpc);
+    let port = block.base;
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let tunnel = TunnelProc::follow(&ns, &monitor, &[]).await;
+    // Started before anything listens: it waits.
+    let waiting = wait_cmd(&tunnel, &[&port.to_string(), "--timeout", "20s"]);
+    let server = Server::start(&ns, "127.0.0.1", port, "waited").await;
+    let listening = Instant::now();
+    let out = within("tunnel-svc wait", waiting.wait_with_output())
+        .await
+        .expect("tunnel-svc wait ran");
+    let took = listening.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim(), format!("localhost:{port}"));
+    eprintln!(
+        "wait returned {} ms after the server listened",
+        took.as_millis()
+    );
+    // What it printed works at once.
+    assert_eq!(ping(v4(port)).await, "waited");
+    // A tunnel already usable: at once.
+    let again = wait_cmd(&tunnel, &[&format!("default:{port}")]);
+    let out = within("tunnel-svc wait", again.wait_with_output())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_fails_with_the_reason() {
+    if !require_root() {
+        return;
+    }
+    let block = ports(31, Backend::Direct);
+    let port = block.base;
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let tunnel = TunnelProc::follow(&ns, &monitor, &["--backend", "direct"]).await;
+    // Nothing listens: a timeout that says so.
+    let started = Instant::now();
+    let out = within(
+        "tunnel-svc wait",
+        wait_cmd(&tunnel, &[&port.to_string(), "--timeout", "300ms"]).wait_with_output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("timed out after 300ms")
+            && stderr.contains(&format!("no tunnel for container port {port}")),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The direct backend cannot reach a loopback-only server: FAILED, said.
+    let _server = Server::start(&ns, "127.0.0.1", port, "unreachable").await;
+    let out = within(
+        "tunnel-svc wait",
+        wait_cmd(&tunnel, &[&port.to_string()]).wait_with_output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("failed") && stderr.contains("loopback only"),
+        "{stderr}"
+    );
+    // Bad input is a usage error.
+    let out = within(
+        "tunnel-svc wait",
+        wait_cmd(&tunnel, &["web:"]).wait_with_output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

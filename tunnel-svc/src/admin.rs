@@ -185,6 +185,24 @@ impl TunnelAdmin for Admin {
         Ok(GrpcResponse::new(ListTargetsResponse { targets }))
     }
 
+    async fn probe_tunnel(
+        &self,
+        req: Request<pb::ProbeTunnelRequest>,
+    ) -> Result<GrpcResponse<pb::ProbeTunnelResponse>, Status> {
+        let id = req.into_inner().id;
+        if id.is_empty() || id.len() > MAX_ID {
+            return Err(Status::invalid_argument(
+                "id is required (at most 512 bytes), e.g. default:tcp:8080",
+            ));
+        }
+        let (view, reached) = self.reconciler.probe(id).await?;
+        Ok(GrpcResponse::new(pb::ProbeTunnelResponse {
+            tunnel: Some(tunnel(view)),
+            reachable: reached.is_ok(),
+            error: reached.err().unwrap_or_default(),
+        }))
+    }
+
     type WatchTunnelsStream =
         std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<TunnelUpdate, Status>> + Send>>;
 

@@ -1,4 +1,5 @@
-//! `tunnel-svc ls` and `tunnel-svc close`: the admin API for people.
+//! `tunnel-svc ls`, `close` and `wait`: the admin API for people and
+//! scripts.
 
 use anyhow::Context;
 use porthole::pb::v1::{
@@ -194,9 +195,142 @@ pub async fn close(
     Ok(())
 }
 
+/// What `tunnel-svc wait` waits for: `[TARGET:]PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaitFor {
+    pub target: Option<String>,
+    pub port: u16,
+}
+
+impl std::str::FromStr for WaitFor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<WaitFor, String> {
+        let (target, port) = match s.rsplit_once(':') {
+            Some((t, p)) if !t.is_empty() => (Some(t.to_string()), p),
+            Some(_) => return Err(format!("{s:?}: the target before ':' is empty")),
+            None => (None, s),
+        };
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{s:?}: use [TARGET:]PORT with PORT in 1..65535"))?;
+        Ok(WaitFor { target, port })
+    }
+}
+
+/// How often an active tunnel whose server does not answer yet is tried
+/// again (changes to the tunnel are seen at once).
+const WAIT_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Waits until the tunnel of `what` is active and a connection through it
+/// reaches the container's server; the host address to use. Fails with the
+/// reason on `timeout`, a failed or closed tunnel, or an ambiguous port.
+pub async fn wait(
+    admin: SocketAddr,
+    token: Option<porthole::auth::Token>,
+    what: &WaitFor,
+    timeout: std::time::Duration,
+) -> anyhow::Result<String> {
+    use porthole::pb::v1::{ProbeTunnelRequest, WatchTunnelsRequest};
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut client = client(admin, token).await?;
+    let mut updates = client
+        .watch_tunnels(WatchTunnelsRequest::default())
+        .await?
+        .into_inner();
+    let mut tunnels: std::collections::BTreeMap<String, Tunnel> = Default::default();
+    let mut last = format!("no tunnel for container port {} yet", what.port);
+    loop {
+        let matching: Vec<&Tunnel> = tunnels
+            .values()
+            .filter(|t| t.container_port == u32::from(what.port))
+            .filter(|t| what.target.as_ref().is_none_or(|n| *n == t.target))
+            .collect();
+        if matching.len() > 1 {
+            let names: Vec<&str> = matching.iter().map(|t| t.target.as_str()).collect();
+            anyhow::bail!(
+                "port {} is open in several targets ({}): say which, e.g. {}:{}",
+                what.port,
+                names.join(", "),
+                names[0],
+                what.port
+            );
+        }
+        let mut retry = false;
+        if let Some(t) = matching.first() {
+            match TunnelState::try_from(t.state).unwrap_or_default() {
+                TunnelState::Active => {
+                    let probe = client
+                        .probe_tunnel(ProbeTunnelRequest { id: t.id.clone() })
+                        .await?
+                        .into_inner();
+                    if probe.reachable {
+                        return Ok(format!("localhost:{}", t.host_port));
+                    }
+                    last = format!("{} is active, but: {}", t.id, probe.error);
+                    retry = true;
+                }
+                TunnelState::Published => return Ok(format!("localhost:{}", t.host_port)),
+                TunnelState::Failed => anyhow::bail!("{} failed: {}", t.id, t.error),
+                TunnelState::Closed => {
+                    anyhow::bail!("{} is closed by an admin (OpenTunnel opens it again)", t.id)
+                }
+                TunnelState::Pending | TunnelState::Unspecified => {
+                    last = if t.note.is_empty() {
+                        format!("{} is pending", t.id)
+                    } else {
+                        format!("{} is pending: {}", t.id, t.note)
+                    };
+                }
+            }
+        }
+        let update = tokio::select! {
+            update = updates.message() => update,
+            _ = tokio::time::sleep(WAIT_RETRY), if retry => continue,
+            _ = tokio::time::sleep_until(deadline) => {
+                anyhow::bail!("timed out after {timeout:?}: {last}")
+            }
+        };
+        match update? {
+            Some(u) => {
+                if let Some(t) = u.tunnel {
+                    if u.removed {
+                        tunnels.remove(&t.id);
+                    } else {
+                        tunnels.insert(t.id.clone(), t);
+                    }
+                }
+            }
+            None => anyhow::bail!("tunnel-svc ended the stream (stopping?)"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_takes_target_and_port() {
+        assert_eq!(
+            "8000".parse::<WaitFor>(),
+            Ok(WaitFor {
+                target: None,
+                port: 8000
+            })
+        );
+        assert_eq!(
+            "web:8000".parse::<WaitFor>(),
+            Ok(WaitFor {
+                target: Some("web".into()),
+                port: 8000
+            })
+        );
+        for bad in ["", "0", "web:", ":80", "web:70000", "x"] {
+            assert!(bad.parse::<WaitFor>().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn table_aligns_columns() {

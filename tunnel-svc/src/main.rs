@@ -20,6 +20,20 @@ struct Cli {
 enum Cmd {
     /// List tunnels of a running tunnel-svc as a table.
     Ls(ClientArgs),
+    /// Wait until container port PORT (of TARGET, if several) is forwarded
+    /// and a connection through it reaches the server; print the host
+    /// address (e.g. localhost:8000). Exits non-zero with the reason on
+    /// timeout or a failed tunnel.
+    Wait {
+        /// [TARGET:]PORT
+        #[arg(value_name = "[TARGET:]PORT")]
+        port: tunnel_svc::cli::WaitFor,
+        /// Give up after this long (e.g. 500ms, 30s, 2m).
+        #[arg(long, default_value = "30s", value_parser = porthole::time::parse_duration)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Close a tunnel by id (e.g. default:tcp:8080).
     Close {
         id: String,
@@ -279,6 +293,16 @@ async fn real_main() -> Result<(), Failure> {
     match cli.command {
         Some(Cmd::Ls(c)) => {
             Ok(tunnel_svc::cli::ls(c.admin, read_token(c.token_file.as_deref())?).await?)
+        }
+        Some(Cmd::Wait {
+            port,
+            timeout,
+            client,
+        }) => {
+            let token = read_token(client.token_file.as_deref())?;
+            let addr = tunnel_svc::cli::wait(client.admin, token, &port, timeout).await?;
+            println!("{addr}");
+            Ok(())
         }
         Some(Cmd::Close { id, client }) => {
             Ok(

@@ -119,6 +119,11 @@ enum Command {
         url: String,
         monitor_port: u16,
     },
+    /// Dial the container port of a tunnel through its backend.
+    Probe {
+        id: String,
+        reply: oneshot::Sender<Result<Probing, AdminError>>,
+    },
     /// A backend finished preparing a port.
     Prepared {
         id: TunnelId,
@@ -192,6 +197,19 @@ impl Handle {
         .await?
     }
 
+    /// Whether a connection through tunnel `id` reaches its server now:
+    /// the tunnel as it is, and the dial's outcome.
+    pub async fn probe(&self, id: String) -> Result<(TunnelView, Result<(), String>), AdminError> {
+        let Probing { tunnel, dial } = self.ask(|reply| Command::Probe { id, reply }).await??;
+        let reached = match dial {
+            None => Err(format!("the tunnel is {}", state_word(&tunnel.state))),
+            Some(dial) => dial
+                .await
+                .unwrap_or_else(|_| Err("tunnel-svc is stopping".into())),
+        };
+        Ok((tunnel, reached))
+    }
+
     /// Every tunnel, then every change.
     pub async fn watch(&self) -> Result<Subscription<TunnelEvent>, AdminError> {
         Ok(self.ask(Command::Watch).await??)
@@ -225,6 +243,27 @@ impl Handle {
     pub async fn remove_target(&self, name: &str) {
         let name = name.to_string();
         let _ = self.commands.send(Command::RemoveTarget(name)).await;
+    }
+}
+
+/// A probe under way: the tunnel, and the dial's outcome to come (none when
+/// the tunnel carries no connections).
+pub struct Probing {
+    tunnel: TunnelView,
+    dial: Option<oneshot::Receiver<Result<(), String>>>,
+}
+
+/// How long a probe's dial may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn state_word(state: &State) -> String {
+    match state {
+        State::Pending => "pending".into(),
+        State::Active => "active".into(),
+        State::Failed(why) => format!("failed: {why}"),
+        State::Closed => "closed".into(),
+        State::Capped => "left out by --max-tunnels".into(),
+        State::Published(port) => format!("published by Docker on host port {port}"),
     }
 }
 
@@ -567,6 +606,9 @@ impl Reconciler {
             } => {
                 let _ = reply.send(self.open(target, port, host_port));
             }
+            Command::Probe { id, reply } => {
+                let _ = reply.send(self.probe(&id));
+            }
             Command::Watch(reply) => {
                 let _ = reply.send(self.subscribers.subscribe(self.all_events()));
             }
@@ -862,6 +904,32 @@ impl Reconciler {
             None => entry.state = State::Active,
         }
         Ok(())
+    }
+
+    /// Starts a dial to the container port of tunnel `id` through its
+    /// backend (only an ACTIVE tunnel carries connections).
+    fn probe(&self, id: &str) -> Result<Probing, AdminError> {
+        let not_found = || AdminError::NotFound(porthole::text::clip(id, 128).into());
+        let id: TunnelId = id.parse().map_err(|_| not_found())?;
+        let tunnel = self.view(&id).ok_or_else(not_found)?;
+        if tunnel.state != State::Active {
+            return Ok(Probing { tunnel, dial: None });
+        }
+        let backend = self.targets[&id.target].cell.get();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let dialed = tokio::time::timeout(PROBE_TIMEOUT, backend.dial(id.port)).await;
+            let outcome = match dialed {
+                Ok(Ok(_upstream)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {}s", PROBE_TIMEOUT.as_secs())),
+            };
+            let _ = tx.send(outcome);
+        });
+        Ok(Probing {
+            tunnel,
+            dial: Some(rx),
+        })
     }
 
     fn close(&mut self, id: &str) -> Result<TunnelView, AdminError> {
@@ -1322,6 +1390,24 @@ mod tests {
         let t = tunnel(&h, "web", p).await.unwrap();
         assert_eq!((t.state, t.host_port), (State::Published(18080), 18080));
         assert!(freed(p).await, "a port Docker publishes is not bound again");
+    }
+
+    #[tokio::test]
+    async fn a_probe_dials_the_container_port_through_the_backend() {
+        let (h, _stop) = start(&["dev"], options());
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = server.local_addr().unwrap().port();
+        // The direct backend of these tests dials 127.0.0.1:PORT, where
+        // `server` listens; the tunnel's host listener moves to another port.
+        h.ports("dev", open(&[p])).await;
+        let (t, reached) = h.probe(format!("dev:tcp:{p}")).await.unwrap();
+        assert_ne!(t.host_port, p, "remapped: the server holds the port");
+        assert_eq!(reached, Ok(()));
+        drop(server);
+        let (_, reached) = h.probe(format!("dev:tcp:{p}")).await.unwrap();
+        assert!(reached.unwrap_err().contains("cannot reach"));
+        let err = h.probe("dev:tcp:1".into()).await.unwrap_err();
+        assert!(matches!(err, AdminError::NotFound(_)), "{err}");
     }
 
     #[tokio::test]
