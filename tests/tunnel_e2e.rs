@@ -1518,3 +1518,106 @@ async fn wait_fails_with_the_reason() {
     .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+// ---------------------------------------------------------------------------
+// --config rules and labels, reloaded on SIGHUP
+
+fn rules_file(web: u16, ignored: u16, pinned: u16, pin_host: u16, web_label: &str) -> String {
+    format!(
+        "[[rule]]\nports = \"{web}\"\nlabel = \"{web_label}\"\n\
+         [[rule]]\nports = \"{ignored}-{ignored}\"\naction = \"ignore\"\n\
+         [[rule]]\nprocess = \"postgres\"\naction = \"ignore\"\n\
+         [[rule]]\nports = \"{pinned}\"\nhost_port = {pin_host}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_rules_label_ignore_and_pin_and_sighup_reloads_them() {
+    if !require_root() {
+        return;
+    }
+    let block = ports(32, Backend::Grpc);
+    let base = block.base;
+    let (web, ignored, pg, pinned, pin_host) = (base, base + 1, base + 2, base + 3, base + 10);
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let _servers = [
+        Server::start(&ns, "127.0.0.1", web, "web").await,
+        Server::start(&ns, "127.0.0.1", ignored, "ignored").await,
+        // Its command line says postgres: the process rule ignores it.
+        Server::start(&ns, "127.0.0.1", pg, "postgres").await,
+        Server::start(&ns, "127.0.0.1", pinned, "pinned").await,
+    ];
+    // The pinned host port is taken: a FAILED tunnel, never remapped.
+    let _busy = std::net::TcpListener::bind(("127.0.0.1", pin_host)).unwrap();
+    let config = ns.log_dir().join("tunnel-svc.toml");
+    std::fs::write(&config, rules_file(web, ignored, pinned, pin_host, "web")).unwrap();
+    let config_arg = config.display().to_string();
+    let mut tunnel = TunnelProc::follow(&ns, &monitor, &["--config", &config_arg]).await;
+    let w = tunnel.wait_active(&format!("default:tcp:{web}")).await;
+    assert_eq!(w.label, "web");
+    let pinned_id = format!("default:tcp:{pinned}");
+    let p = tunnel
+        .wait_tunnel(&pinned_id, "the pinned tunnel failed", |t| {
+            t.state == TunnelState::Failed as i32
+        })
+        .await;
+    assert!(
+        p.error.contains(&format!(
+            "host port {pin_host} is busy (pinned by a --config rule)"
+        )),
+        "{p:?}"
+    );
+    let ids: Vec<String> = tunnel.tunnels().await.into_iter().map(|t| t.id).collect();
+    for gone in [ignored, pg] {
+        assert!(
+            !ids.contains(&format!("default:tcp:{gone}")),
+            "{gone} is ignored: {ids:?}"
+        );
+    }
+    assert!(host_port_is_free(ignored) && host_port_is_free(pg));
+    // `ls` shows the label.
+    let out = within(
+        "tunnel-svc ls",
+        tokio::process::Command::new(binary("tunnel-svc"))
+            .args(["ls", "--admin", &tunnel.admin().to_string()])
+            .output(),
+    )
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&format!("default:tcp:{web} ")))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(table.contains("LABEL") && row.contains(" web "), "{table}");
+
+    // SIGHUP with a good file: the label changes in place.
+    std::fs::write(&config, rules_file(web, ignored, pinned, pin_host, "site")).unwrap();
+    tunnel.proc().signal("HUP");
+    let relabelled = tunnel
+        .wait_tunnel(&format!("default:tcp:{web}"), "the new label", |t| {
+            t.label == "site"
+        })
+        .await;
+    assert_eq!(
+        relabelled.host_port,
+        u32::from(web),
+        "the tunnel stays where it was"
+    );
+    // A bad file is refused with the reason; the rules stay.
+    std::fs::write(&config, "[[rule]]\nportz = \"1\"\n").unwrap();
+    tunnel.proc().signal("HUP");
+    wait_for("the refusal in the log", DEADLINE, || {
+        tunnel.log().contains("configuration refused")
+    });
+    assert!(tunnel.log().contains("unknown field"), "{}", tunnel.log());
+    assert_eq!(
+        tunnel
+            .tunnel(&format!("default:tcp:{web}"))
+            .await
+            .unwrap()
+            .label,
+        "site"
+    );
+}

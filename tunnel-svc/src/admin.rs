@@ -72,6 +72,7 @@ pub fn tunnel(t: TunnelView) -> pb::Tunnel {
         bytes_in: t.counters.bytes_in,
         bytes_out: t.counters.bytes_out,
         note: t.note.unwrap_or_default(),
+        label: t.label.unwrap_or_default(),
     }
 }
 

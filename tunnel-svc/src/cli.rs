@@ -116,6 +116,7 @@ pub fn targets_table(targets: &[Target], now: chrono::DateTime<chrono::Utc>) -> 
 pub fn table(tunnels: &[Tunnel]) -> String {
     let mut rows = vec![[
         "ID".to_string(),
+        "LABEL".into(),
         "STATE".into(),
         "HOST".into(),
         "PROCESS".into(),
@@ -143,6 +144,11 @@ pub fn table(tunnels: &[Tunnel]) -> String {
         let safe = |s: &str| porthole::text::printable(s).into_owned();
         rows.push([
             safe(&t.id),
+            if t.label.is_empty() {
+                "-".into()
+            } else {
+                safe(&t.label)
+            },
             state_name(t).into(),
             safe(&host),
             safe(&process),

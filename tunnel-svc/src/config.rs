@@ -30,6 +30,8 @@ pub enum ConfigError {
     Token(String),
     #[error("bad port list {0:?}: want ports and ranges like 22,80,6000-6100")]
     Ports(String),
+    #[error("{path}: {why}")]
+    File { path: String, why: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -387,5 +389,84 @@ mod tests {
             targets(None, &s(&["a b=http://x"]), &[], &[]),
             Err(ConfigError::TargetName(_))
         ));
+    }
+}
+
+/// `--config FILE` (TOML; unknown fields are refused): what the flags say,
+/// plus rules.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileText {
+    /// Added to the default skip list and `--skip`.
+    skip: Option<String>,
+    max_tunnels: Option<usize>,
+    bind: Option<Vec<IpAddr>>,
+    #[serde(default)]
+    target: Vec<FileTarget>,
+    #[serde(default)]
+    rule: Vec<crate::rules::RuleFile>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTarget {
+    name: String,
+    url: String,
+    backend: Option<String>,
+}
+
+/// A configuration file, checked.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigFile {
+    pub skip: Option<PortSet>,
+    pub max_tunnels: Option<usize>,
+    pub bind: Option<Vec<IpAddr>>,
+    /// As `--target NAME=URL` and `--backend NAME=BACKEND` would say them.
+    pub targets: Vec<String>,
+    pub backends: Vec<String>,
+    pub rules: Vec<crate::rules::Rule>,
+}
+
+impl ConfigFile {
+    pub fn load(path: &std::path::Path) -> Result<ConfigFile, ConfigError> {
+        let fail = |why: String| ConfigError::File {
+            path: path.display().to_string(),
+            why,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        ConfigFile::parse(&text).map_err(fail)
+    }
+
+    pub fn parse(text: &str) -> Result<ConfigFile, String> {
+        let f: FileText = toml::from_str(text).map_err(|e| e.to_string())?;
+        let skip = f
+            .skip
+            .as_deref()
+            .map(|s| s.parse::<PortSet>().map_err(|e| e.to_string()))
+            .transpose()?;
+        let mut targets = Vec::new();
+        let mut backends = Vec::new();
+        for t in f.target {
+            check_name(&t.name).map_err(|e| e.to_string())?;
+            targets.push(format!("{}={}", t.name, t.url));
+            if let Some(b) = t.backend {
+                b.parse::<BackendKind>().map_err(|e| e.to_string())?;
+                backends.push(format!("{}={b}", t.name));
+            }
+        }
+        let rules = f
+            .rule
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| crate::rules::Rule::new(i + 1, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ConfigFile {
+            skip,
+            max_tunnels: f.max_tunnels,
+            bind: f.bind,
+            targets,
+            backends,
+            rules,
+        })
     }
 }

@@ -145,11 +145,13 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             max_tunnels: 10,
             remap: true,
             allow_privileged: false,
+            rules: Vec::new(),
         },
         admin_token: None,
         monitor_tokens: [("demo".to_string(), token)].into(),
         ssh_options: Vec::new(),
         docker: None,
+        reload: None,
     };
     let admin_addr = admin.local_addr()?;
     let service = tokio::spawn(crate::run(admin, opts, shutdown.clone()));

@@ -14,6 +14,7 @@ pub mod gate;
 pub mod model;
 pub mod plan;
 pub mod reconcile;
+pub mod rules;
 mod sys;
 pub mod tunnel;
 pub mod watch;
@@ -37,6 +38,94 @@ pub struct Options {
     pub ssh_options: Vec<String>,
     /// Follow the Docker engine's containers too (`--docker`).
     pub docker: Option<docker::Options>,
+    /// `--config FILE`, read again on SIGHUP.
+    pub reload: Option<Reload>,
+}
+
+/// How to rebuild the policy from `--config FILE` on SIGHUP: the file's
+/// skip list, cap and rules, with the flags as they were given.
+#[derive(Clone, Debug)]
+pub struct Reload {
+    pub path: PathBuf,
+    pub flag_skip: Vec<config::PortSet>,
+    pub no_default_skip: bool,
+    pub flag_max_tunnels: Option<usize>,
+    /// Rules may not ask for a host port below 1024 without it.
+    pub allow_privileged: bool,
+}
+
+impl Reload {
+    /// The policy the file and the flags make now.
+    pub fn policy(&self) -> Result<reconcile::PolicyUpdate, config::ConfigError> {
+        let file = config::ConfigFile::load(&self.path)?;
+        self.check(&file)?;
+        Ok(self.merge(&file))
+    }
+
+    /// What the file may not ask for given the flags.
+    pub fn check(&self, file: &config::ConfigFile) -> Result<(), config::ConfigError> {
+        let privileged = file.rules.iter().enumerate().find_map(|(i, r)| {
+            r.host_port
+                .filter(|p| *p < plan::PRIVILEGED && !self.allow_privileged)
+                .map(|p| (i + 1, p))
+        });
+        match privileged {
+            Some((n, port)) => Err(config::ConfigError::File {
+                path: self.path.display().to_string(),
+                why: format!(
+                    "rule {n}: host_port {port} is privileged; tunnel-svc binds such ports only \
+                     with --allow-privileged-ports"
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Flags win over the file for the cap; skip lists add up.
+    pub fn merge(&self, file: &config::ConfigFile) -> reconcile::PolicyUpdate {
+        let mut skips = self.flag_skip.clone();
+        skips.extend(file.skip.clone());
+        reconcile::PolicyUpdate {
+            skip: config::skip_list(&skips, self.no_default_skip),
+            max_tunnels: self
+                .flag_max_tunnels
+                .or(file.max_tunnels)
+                .unwrap_or(DEFAULT_MAX_TUNNELS),
+            rules: file.rules.clone(),
+        }
+    }
+}
+
+/// Automatic tunnels per target when neither `--max-tunnels` nor the
+/// config file says.
+pub const DEFAULT_MAX_TUNNELS: usize = 10;
+
+/// Reads `--config` again on every SIGHUP: a good file replaces the skip
+/// list, cap and rules; a bad one is refused with the reason and the old
+/// ones stay.
+async fn reload_on_hangup(
+    reload: Reload,
+    reconciler: reconcile::Handle,
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot handle SIGHUP; --config is read once");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = hup.recv() => {}
+        }
+        match reload.policy() {
+            Ok(policy) => reconciler.set_policy(policy).await,
+            Err(e) => tracing::error!(error = %e, "configuration refused; the previous one stays"),
+        }
+    }
 }
 
 /// A lazily connecting channel to a monitor, tuned for relaying: no Nagle,
@@ -151,6 +240,9 @@ pub async fn run(
             ignore: Vec::new(),
         };
         tokio::spawn(w.run(shutdown.clone()));
+    }
+    if let Some(reload) = opts.reload.clone() {
+        tokio::spawn(reload_on_hangup(reload, handle.clone(), shutdown.clone()));
     }
     if let Some(docker_opts) = &opts.docker {
         // Checked before anything runs: a bad binary or no engine is a

@@ -128,8 +128,13 @@ struct RunArgs {
     no_default_skip: bool,
     /// Most automatic tunnels per target: existing ones keep their slot, new
     /// ports take free ones lowest first, the rest are listed as pending.
-    #[arg(long, env = "PORTHOLE_MAX_TUNNELS", default_value_t = 10)]
-    max_tunnels: usize,
+    /// Default 10 (or the config file's).
+    #[arg(long, env = "PORTHOLE_MAX_TUNNELS")]
+    max_tunnels: Option<usize>,
+    /// TOML file with targets, skip, max_tunnels, bind and [[rule]]s
+    /// (flags win over it; skip lists add up). SIGHUP reads it again.
+    #[arg(long, env = "PORTHOLE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// What to do when a host port is taken.
     #[arg(long, value_enum, default_value_t = OnConflict::Next)]
     on_conflict: OnConflict,
@@ -324,6 +329,13 @@ async fn real_main() -> Result<(), Failure> {
 
 async fn run(args: RunArgs) -> Result<(), Failure> {
     let token = args.service.start()?;
+    let file = match &args.config {
+        Some(path) => config::ConfigFile::load(path)?,
+        None => config::ConfigFile::default(),
+    };
+    let mut args = args;
+    args.targets.extend(file.targets.iter().cloned());
+    args.backends.extend(file.backends.iter().cloned());
     let docker_only = args.docker && args.monitor.is_none() && args.targets.is_empty();
     let mut targets = if docker_only {
         Vec::new()
@@ -360,19 +372,29 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
     {
         return Err(config::ConfigError::SshOnly("--ssh-option").into());
     }
-    let bind = if args.bind.is_empty() {
-        config::default_bind()
-    } else {
+    let bind = if !args.bind.is_empty() {
         args.bind
+    } else {
+        file.bind.clone().unwrap_or_else(config::default_bind)
     };
+    let reload = tunnel_svc::Reload {
+        path: args.config.clone().unwrap_or_default(),
+        flag_skip: args.skip.clone(),
+        no_default_skip: args.no_default_skip,
+        flag_max_tunnels: args.max_tunnels,
+        allow_privileged: args.allow_privileged_ports,
+    };
+    reload.check(&file)?;
+    let policy = reload.merge(&file);
     let opts = tunnel_svc::Options {
         targets,
         reconcile: tunnel_svc::reconcile::Options {
             bind,
-            skip: config::skip_list(&args.skip, args.no_default_skip),
-            max_tunnels: args.max_tunnels,
+            skip: policy.skip,
+            max_tunnels: policy.max_tunnels,
             remap: matches!(args.on_conflict, OnConflict::Next),
             allow_privileged: args.allow_privileged_ports,
+            rules: policy.rules,
         },
         admin_token: token,
         monitor_tokens,
@@ -384,6 +406,7 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
                 .unwrap_or_else(tunnel_svc::docker::default_monitor_binary),
             transport: args.docker_transport,
         }),
+        reload: args.config.is_some().then_some(reload),
     };
     if let Some(docker) = &opts.docker {
         // A monitor that cannot run in containers is a configuration

@@ -127,6 +127,8 @@ pub struct TunnelView {
     pub opened_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Something a user should know that is not a failure (a remap, a cap).
     pub note: Option<String>,
+    /// From the rule that matched the port.
+    pub label: Option<String>,
     /// Why the latest connection failed, until one gets through again.
     pub last_error: Option<String>,
     pub counters: Counters,

@@ -48,6 +48,8 @@ pub struct Want {
     pub note: Option<String>,
     /// Another tunnel holds the host port and this one may not move.
     pub held_by: Option<TunnelId>,
+    /// From the rule that matched the port.
+    pub label: Option<String>,
 }
 
 impl Want {
@@ -63,6 +65,7 @@ impl Want {
             published: None,
             note: None,
             held_by: None,
+            label: None,
         }
     }
 }
@@ -86,6 +89,9 @@ pub struct Policy<'a> {
     pub allow_privileged: bool,
     /// A host port held by another tunnel: take the next one (true) or fail.
     pub remap: bool,
+    /// `[[rule]]`s: the first that matches an automatic tunnel's port
+    /// decides whether it is made, its label and its host port.
+    pub rules: &'a [crate::rules::Rule],
 }
 
 /// A tunnel that exists, as the plan needs to know it.
@@ -97,6 +103,7 @@ pub struct Existing {
     pub host_port: u16,
     pub process: Option<Process>,
     pub listening: bool,
+    pub label: Option<String>,
 }
 
 impl Existing {
@@ -171,16 +178,20 @@ pub fn desired(
     let mut targets: Vec<&TargetPorts> = targets.iter().collect();
     targets.sort_by_key(|t| t.name);
     for t in targets {
-        let eligible: Vec<(TunnelId, &Vec<Listener>)> = t
+        let eligible: Vec<(TunnelId, &Vec<Listener>, Option<&crate::rules::Rule>)> = t
             .ports
             .iter()
-            .map(|(&port, listeners)| (TunnelId::new(t.name, port), listeners))
-            .filter(|(id, _)| {
+            .map(|(&port, listeners)| {
+                let rule = crate::rules::first(policy.rules, t.name, port, listeners);
+                (TunnelId::new(t.name, port), listeners, rule)
+            })
+            .filter(|(id, _, rule)| {
                 !(want.contains_key(id)
                     || id.port == t.monitor_port
                     || t.published.contains_key(&id.port)
                     || policy.skip.contains(id.port)
-                    || state.closed.contains(id))
+                    || state.closed.contains(id)
+                    || rule.is_some_and(|r| r.action == crate::rules::Action::Ignore))
             })
             .collect();
         for (&port, listeners) in t.ports {
@@ -193,9 +204,9 @@ pub fn desired(
             });
         }
         let holds = |id: &TunnelId| state.existing.get(id).is_some_and(Existing::holds_slot);
-        let held = eligible.iter().filter(|(id, _)| holds(id)).count();
+        let held = eligible.iter().filter(|(id, _, _)| holds(id)).count();
         let mut free = policy.max_tunnels.saturating_sub(held);
-        for (id, listeners) in eligible {
+        for (id, listeners, rule) in eligible {
             let keep = holds(&id) || free > 0;
             if keep && !holds(&id) {
                 free -= 1;
@@ -203,9 +214,12 @@ pub fn desired(
             if !keep {
                 capped_targets.insert(t.name.to_string());
             }
-            let host_port = host_port_for(id.port, policy.allow_privileged);
+            let exact = rule.and_then(|r| r.host_port);
+            let host_port = exact.unwrap_or(host_port_for(id.port, policy.allow_privileged));
             let w = Want {
                 capped: !keep,
+                exact: exact.is_some(),
+                label: rule.and_then(|r| r.label.clone()),
                 ..Want::new(Origin::Auto, host_port, listeners)
             };
             want.insert(id, w);
@@ -321,6 +335,7 @@ pub fn diff(desired: BTreeMap<TunnelId, Want>, state: &State, retry: bool) -> Ve
         } else if e.origin != want.origin
             || e.process != want.process
             || e.listening != want.listening
+            || e.label != want.label
         {
             actions.push(Action::Update(id, want));
         }
@@ -367,6 +382,7 @@ mod tests {
         existing: BTreeMap<TunnelId, Existing>,
         /// Published ports of every target (docker -p).
         published: BTreeMap<u16, u16>,
+        rules: Vec<crate::rules::Rule>,
     }
 
     impl World {
@@ -382,6 +398,7 @@ mod tests {
                 closed: BTreeSet::new(),
                 existing: BTreeMap::new(),
                 published: BTreeMap::new(),
+                rules: Vec::new(),
             }
         }
 
@@ -414,6 +431,7 @@ mod tests {
                 max_tunnels: self.max,
                 allow_privileged: self.allow_privileged,
                 remap: self.remap,
+                rules: &self.rules,
             };
             desired(&targets, &policy, &self.state())
         }
@@ -461,6 +479,7 @@ mod tests {
                     host_port: w.host_port,
                     process: None,
                     listening: false,
+                    label: None,
                 });
                 if !keep {
                     e.state = state;
@@ -469,6 +488,7 @@ mod tests {
                 e.origin = w.origin;
                 e.process = w.process;
                 e.listening = w.listening;
+                e.label = w.label;
             }
         }
     }
@@ -684,6 +704,40 @@ mod tests {
         // No longer published (the container was recreated without -p).
         w.published.clear();
         assert_eq!(w.actions(false), [("restart", "dev:tcp:8080".into())]);
+    }
+
+    #[test]
+    fn rules_ignore_label_and_pin_host_ports() {
+        let file = crate::config::ConfigFile::parse(
+            r#"
+            [[rule]]
+            ports = "8000"
+            label = "web"
+            host_port = 18000
+            [[rule]]
+            ports = "8001-8009"
+            action = "ignore"
+            "#,
+        )
+        .unwrap();
+        let mut w = World::new(&[8000, 8005, 9000]);
+        w.rules = file.rules;
+        let (want, _) = w.plan();
+        let web = &want[&id("dev", 8000)];
+        assert_eq!(
+            (web.label.as_deref(), web.host_port, web.exact),
+            (Some("web"), 18000, true)
+        );
+        assert!(!want.contains_key(&id("dev", 8005)), "ignored");
+        assert_eq!(want[&id("dev", 9000)].label, None);
+        w.apply();
+        // A reloaded rule relabels in place.
+        w.rules = crate::config::ConfigFile::parse("[[rule]]\nports = \"8000\"\nlabel = \"site\"")
+            .unwrap()
+            .rules;
+        assert!(w
+            .actions(false)
+            .contains(&("update", "dev:tcp:8000".into())));
     }
 
     #[test]

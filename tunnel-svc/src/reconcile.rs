@@ -119,6 +119,8 @@ enum Command {
         url: String,
         monitor_port: u16,
     },
+    /// Reloaded configuration.
+    SetPolicy(PolicyUpdate),
     /// Dial the container port of a tunnel through its backend.
     Probe {
         id: String,
@@ -239,11 +241,24 @@ impl Handle {
         let _ = self.commands.send(set).await;
     }
 
+    /// New rules, skip list and cap (a reloaded `--config`); tunnels follow.
+    pub async fn set_policy(&self, policy: PolicyUpdate) {
+        let _ = self.commands.send(Command::SetPolicy(policy)).await;
+    }
+
     /// Removes a target and every tunnel of it.
     pub async fn remove_target(&self, name: &str) {
         let name = name.to_string();
         let _ = self.commands.send(Command::RemoveTarget(name)).await;
     }
+}
+
+/// What a reloaded `--config` changes.
+#[derive(Clone, Debug)]
+pub struct PolicyUpdate {
+    pub skip: PortSet,
+    pub max_tunnels: usize,
+    pub rules: Vec<crate::rules::Rule>,
 }
 
 /// A probe under way: the tunnel, and the dial's outcome to come (none when
@@ -290,6 +305,8 @@ pub struct Options {
     pub remap: bool,
     /// Container ports below 1024 may take the same host port.
     pub allow_privileged: bool,
+    /// `[[rule]]`s of `--config`, first match wins.
+    pub rules: Vec<crate::rules::Rule>,
 }
 
 struct Target {
@@ -375,6 +392,7 @@ struct Entry {
     process: Option<porthole::pb::v1::Process>,
     listening: bool,
     opened_at: Option<chrono::DateTime<chrono::Utc>>,
+    label: Option<String>,
     stats: Arc<Stats>,
     /// Set while the host listeners run.
     cancel: Option<CancellationToken>,
@@ -411,6 +429,7 @@ impl Entry {
             process: self.process.clone(),
             opened_at: self.opened_at,
             note,
+            label: self.label.clone(),
             last_error: s.last_error(),
             counters: Counters {
                 active: s.active.load(Relaxed),
@@ -428,6 +447,7 @@ impl Entry {
             host_port: self.host_port,
             process: self.process.clone(),
             listening: self.listening,
+            label: self.label.clone(),
         }
     }
 
@@ -606,6 +626,13 @@ impl Reconciler {
             } => {
                 let _ = reply.send(self.open(target, port, host_port));
             }
+            Command::SetPolicy(update) => {
+                self.opts.skip = update.skip;
+                self.opts.max_tunnels = update.max_tunnels;
+                self.opts.rules = update.rules;
+                tracing::info!(rules = self.opts.rules.len(), "configuration reloaded");
+                self.reconcile(false);
+            }
             Command::Probe { id, reply } => {
                 let _ = reply.send(self.probe(&id));
             }
@@ -729,6 +756,7 @@ impl Reconciler {
             max_tunnels: self.opts.max_tunnels,
             allow_privileged: self.opts.allow_privileged,
             remap: self.opts.remap,
+            rules: &self.opts.rules,
         };
         let (desired, capped) = plan::desired(&targets, &policy, &state);
         let actions = plan::diff(desired, &state, retry);
@@ -765,6 +793,7 @@ impl Reconciler {
                         e.origin = want.origin;
                         e.process = want.process;
                         e.listening = want.listening;
+                        e.label = want.label;
                         self.publish(&id);
                     }
                 }
@@ -788,6 +817,7 @@ impl Reconciler {
             process: want.process.clone(),
             listening: want.listening,
             opened_at: None,
+            label: want.label.clone(),
             stats: Arc::new(Stats::default()),
             cancel: None,
             prepared: false,
@@ -1090,8 +1120,12 @@ fn bind_failure(want: &Want, e: std::io::Error) -> String {
              URL overrides the ssh config's), so it waits for it",
             want.host_port
         ),
-        _ if want.exact => format!(
+        Origin::Manual if want.exact => format!(
             "host port {} is busy (asked for by OpenTunnel)",
+            want.host_port
+        ),
+        _ if want.exact => format!(
+            "host port {} is busy (pinned by a --config rule)",
             want.host_port
         ),
         _ => format!("host port {} is busy (--on-conflict=fail)", want.host_port),
@@ -1134,6 +1168,7 @@ mod tests {
             max_tunnels: 10,
             remap: true,
             allow_privileged: false,
+            rules: Vec::new(),
         }
     }
 

@@ -310,6 +310,7 @@ pub fn send_signal(pid: u32, sig: &str) -> bool {
         "KILL" => Signal::KILL,
         "STOP" => Signal::STOP,
         "CONT" => Signal::CONT,
+        "HUP" => Signal::HUP,
         other => panic!("unknown signal {other}"),
     };
     Pid::from_raw(pid as i32).is_some_and(|p| kill_process(p, signal).is_ok())

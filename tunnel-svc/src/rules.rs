@@ -1,0 +1,211 @@
+//! Per-port rules (`[[rule]]` in `--config FILE`): which automatic tunnels
+//! to make, under which label, on which host port. A rule matches by port
+//! or range, protocol, the listening process's command line (a regex) and
+//! target; the first rule that matches a port decides.
+
+use crate::config::PortSet;
+use crate::model::Listener;
+use regex::Regex;
+use serde::Deserialize;
+
+/// What a matching rule does with a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    #[default]
+    Forward,
+    Ignore,
+}
+
+/// One `[[rule]]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFile {
+    /// `18800`, `18801-18809` or a list `22,80,6000-6100`.
+    pub ports: Option<String>,
+    /// `tcp` or `udp` (only TCP is forwarded, so `udp` rules match nothing
+    /// yet).
+    pub protocol: Option<String>,
+    /// A regex searched in the listening process's command line.
+    pub process: Option<String>,
+    /// Only this target's ports.
+    pub target: Option<String>,
+    #[serde(default)]
+    pub action: Action,
+    /// Shown with the tunnel (`Tunnel.label`, `ls`).
+    pub label: Option<String>,
+    /// Exactly this host port: a busy one is a FAILED tunnel, never remapped.
+    pub host_port: Option<u16>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Rule {
+    ports: Option<PortSet>,
+    udp: bool,
+    process: Option<Regex>,
+    target: Option<String>,
+    pub action: Action,
+    pub label: Option<String>,
+    pub host_port: Option<u16>,
+}
+
+impl Rule {
+    /// Checks a written rule; `n` is its place (from 1) for messages.
+    pub fn new(n: usize, f: RuleFile) -> Result<Rule, String> {
+        let at = |why: String| format!("rule {n}: {why}");
+        let ports = f
+            .ports
+            .as_deref()
+            .map(|p| p.parse::<PortSet>().map_err(|e| at(e.to_string())))
+            .transpose()?;
+        let udp = match f.protocol.as_deref() {
+            None | Some("tcp") => false,
+            Some("udp") => true,
+            Some(other) => return Err(at(format!("protocol {other:?}: use tcp or udp"))),
+        };
+        let process = f
+            .process
+            .as_deref()
+            .map(|p| Regex::new(p).map_err(|e| at(format!("process {p:?}: {e}"))))
+            .transpose()?;
+        if f.action == Action::Ignore && (f.label.is_some() || f.host_port.is_some()) {
+            return Err(at("an ignore rule takes no label or host_port".into()));
+        }
+        if f.host_port == Some(0) {
+            return Err(at("host_port 0 is not a port".into()));
+        }
+        if let Some(label) = &f.label {
+            if label.len() > 64 || label.chars().any(|c| c.is_control()) {
+                return Err(at("a label is at most 64 printable characters".into()));
+            }
+        }
+        Ok(Rule {
+            ports,
+            udp,
+            process,
+            target: f.target,
+            action: f.action,
+            label: f.label,
+            host_port: f.host_port,
+        })
+    }
+
+    /// Whether this rule is about `port` of `target` (TCP), with these
+    /// listeners on it.
+    fn matches(&self, target: &str, port: u16, listeners: &[Listener]) -> bool {
+        !self.udp
+            && self.ports.as_ref().is_none_or(|p| p.contains(port))
+            && self.target.as_deref().is_none_or(|t| t == target)
+            && self.process.as_ref().is_none_or(|re| {
+                listeners.iter().any(|l| {
+                    l.process.as_ref().is_some_and(|p| {
+                        let line = if p.cmdline.is_empty() {
+                            p.name.clone()
+                        } else {
+                            p.cmdline.join(" ")
+                        };
+                        re.is_match(&line)
+                    })
+                })
+            })
+    }
+}
+
+/// The first rule about `port` of `target`, if any.
+pub fn first<'a>(
+    rules: &'a [Rule],
+    target: &str,
+    port: u16,
+    listeners: &[Listener],
+) -> Option<&'a Rule> {
+    rules.iter().find(|r| r.matches(target, port, listeners))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use porthole::pb::v1::Process;
+
+    fn listener(cmdline: &[&str]) -> Listener {
+        Listener {
+            port: 0,
+            address: "0.0.0.0".parse().unwrap(),
+            dual_stack: false,
+            process: Some(Process {
+                pid: 1,
+                name: cmdline.first().copied().unwrap_or("x").into(),
+                cmdline: cmdline.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn rules(text: &str) -> Result<Vec<Rule>, String> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct F {
+            rule: Vec<RuleFile>,
+        }
+        let f: F = toml::from_str(text).map_err(|e| e.to_string())?;
+        f.rule
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| Rule::new(i + 1, r))
+            .collect()
+    }
+
+    #[test]
+    fn the_first_matching_rule_decides() {
+        let r = rules(
+            r#"
+            [[rule]]
+            ports = "18800"
+            label = "web"
+            [[rule]]
+            ports = "18801-18809"
+            action = "ignore"
+            [[rule]]
+            process = "postgres"
+            action = "ignore"
+            [[rule]]
+            target = "db"
+            host_port = 15432
+            "#,
+        )
+        .unwrap();
+        let web = listener(&["python3", "-m", "http.server"]);
+        let pg = listener(&["/usr/lib/postgresql/bin/postgres", "-D", "/data"]);
+        let hit = |t: &str, p: u16, l: &Listener| first(&r, t, p, std::slice::from_ref(l));
+        assert_eq!(
+            hit("dev", 18800, &web).unwrap().label.as_deref(),
+            Some("web")
+        );
+        assert_eq!(hit("dev", 18805, &web).unwrap().action, Action::Ignore);
+        assert_eq!(hit("dev", 5432, &pg).unwrap().action, Action::Ignore);
+        assert!(
+            hit("dev", 18800, &pg).unwrap().label.is_some(),
+            "first match wins"
+        );
+        assert!(hit("dev", 9000, &web).is_none());
+        assert_eq!(hit("db", 9000, &web).unwrap().host_port, Some(15432));
+    }
+
+    #[test]
+    fn mistakes_are_refused_with_the_rule_number() {
+        for (text, says) in [
+            ("[[rule]]\nports = \"x\"", "rule 1"),
+            ("[[rule]]\nprotocol = \"sctp\"", "sctp"),
+            ("[[rule]]\nprocess = \"(\"", "process"),
+            (
+                "[[rule]]\naction = \"ignore\"\nlabel = \"x\"",
+                "ignore rule",
+            ),
+            ("[[rule]]\nhost_port = 0", "host_port 0"),
+            ("[[rule]]\nportz = \"1\"", "unknown field"),
+            ("[[rule]]\naction = \"drop\"", "unknown variant"),
+        ] {
+            let err = rules(text).unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+    }
+}
