@@ -466,3 +466,38 @@ async fn a_name_filter_selects_and_a_rename_follows() {
     // The container keeps its new name; remove it by that.
     let _ = common::docker::docker(&["rm", "-f", &renamed]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn container_labels_carry_rules() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let (port, ignored) = (free_port(), free_port());
+    let labels = [
+        "--label".to_string(),
+        w.label.clone(),
+        "--label".into(),
+        format!("porthole.label.{port}=site"),
+        "--label".into(),
+        format!("porthole.ignore={ignored}"),
+    ];
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    let script = format!(
+        "mkdir -p /tmp/w && echo labelled > /tmp/w/index.html && \
+         (/bin/busybox httpd -p 127.0.0.1:{ignored} -h /tmp/w) && \
+         exec /bin/busybox httpd -f -p 127.0.0.1:{port} -h /tmp/w"
+    );
+    let c = Container::run(&w.image, &w.net, &labels, &["/bin/sh", "-c", &script]);
+    let tunnel = w.tunnel_svc(&[]).await;
+    let t = tunnel.wait_active(&format!("{}:tcp:{port}", c.name)).await;
+    assert_eq!(t.label, "site");
+    assert_eq!(get(port).await.as_deref(), Some("labelled"));
+    assert!(
+        tunnels_of(&tunnel, &c.name)
+            .await
+            .iter()
+            .all(|t| t.container_port != u32::from(ignored)),
+        "porthole.ignore holds"
+    );
+}

@@ -189,6 +189,8 @@ struct Container {
     /// Container TCP ports published on the host with `-p`, with the host
     /// port.
     published: BTreeMap<u16, u16>,
+    /// `porthole.*` labels.
+    labels: HashMap<String, String>,
 }
 
 impl Container {
@@ -214,6 +216,12 @@ impl Container {
             name,
             image: c.image.unwrap_or_default(),
             published,
+            labels: c
+                .labels
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("porthole."))
+                .collect(),
         })
     }
 
@@ -431,6 +439,11 @@ impl Follower {
         let current = Arc::new(Current::default());
         let channel = exec_channel(current.clone());
         let base_url = format!("docker://{} ({}, {})", c.name, c.short_id(), c.image);
+        let (rules, wrong) =
+            crate::rules::from_labels(c.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        for why in wrong {
+            tracing::warn!(error = %why, "container label ignored");
+        }
         let exec_backend = Arc::new(Backend::Grpc(Grpc {
             channel: channel.clone(),
         }));
@@ -447,6 +460,7 @@ impl Follower {
                 url: format!("{base_url} via exec"),
                 fixed: false,
                 published: c.published.clone(),
+                rules,
             })
             .await;
         let watcher = Watcher {

@@ -305,6 +305,7 @@ pub async fn run(
             url: format!("{}:{}", u.hostname, u.port),
             fixed: true,
             published: Default::default(),
+            rules: Vec::new(),
         });
         statics.push((u.alias.clone(), u.port));
     }

@@ -224,6 +224,7 @@ pub async fn run(
                 url: t.url.endpoint(),
                 fixed: false,
                 published: Default::default(),
+                rules: Vec::new(),
             });
             watchers.push((t.name.clone(), channel, has_token));
         }

@@ -80,6 +80,8 @@ pub struct TargetPorts<'a> {
     pub published: &'a BTreeMap<u16, u16>,
     /// Open TCP ports, with every listener on each.
     pub ports: &'a BTreeMap<u16, Vec<Listener>>,
+    /// This target's own rules (a container's labels), before the global ones.
+    pub rules: &'a [crate::rules::Rule],
 }
 
 /// The flags that shape tunnels.
@@ -182,7 +184,8 @@ pub fn desired(
             .ports
             .iter()
             .map(|(&port, listeners)| {
-                let rule = crate::rules::first(policy.rules, t.name, port, listeners);
+                let rule = crate::rules::first(t.rules, t.name, port, listeners)
+                    .or_else(|| crate::rules::first(policy.rules, t.name, port, listeners));
                 (TunnelId::new(t.name, port), listeners, rule)
             })
             .filter(|(id, _, rule)| {
@@ -424,6 +427,7 @@ mod tests {
                     monitor_port: 7070,
                     published: &self.published,
                     ports,
+                    rules: &[],
                 })
                 .collect();
             let policy = Policy {

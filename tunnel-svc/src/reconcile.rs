@@ -294,6 +294,9 @@ pub struct TargetSpec {
     /// Ports the container publishes on the host itself (`docker run
     /// -p`): container port → host port. Listed, never forwarded.
     pub published: BTreeMap<u16, u16>,
+    /// The target's own rules (a container's `porthole.*` labels), matched
+    /// before `--config`'s.
+    pub rules: Vec<crate::rules::Rule>,
 }
 
 #[derive(Clone, Debug)]
@@ -317,6 +320,7 @@ struct Target {
     port_ops: Option<mpsc::UnboundedSender<PortOp>>,
     monitor_port: u16,
     published: BTreeMap<u16, u16>,
+    rules: Vec<crate::rules::Rule>,
     ports: BTreeMap<u16, Vec<Listener>>,
     up: bool,
     capped: bool,
@@ -342,6 +346,7 @@ impl Target {
             port_ops,
             monitor_port: spec.monitor_port,
             published: spec.published,
+            rules: spec.rules,
             ports: BTreeMap::new(),
             up: spec.fixed,
             capped: false,
@@ -749,6 +754,7 @@ impl Reconciler {
                 monitor_port: t.monitor_port,
                 published: &t.published,
                 ports: &t.ports,
+                rules: &t.rules,
             })
             .collect();
         let policy = plan::Policy {
@@ -1182,6 +1188,7 @@ mod tests {
             url: "http://127.0.0.1:7070".into(),
             fixed: false,
             published: BTreeMap::new(),
+            rules: Vec::new(),
         }
     }
 

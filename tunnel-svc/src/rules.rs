@@ -111,6 +111,69 @@ impl Rule {
     }
 }
 
+/// Rules a Docker container carries in its labels, for its own ports:
+/// `porthole.ignore=PORTS` (e.g. `5432,8001-8009`), `porthole.label.PORT=TEXT`
+/// and `porthole.host_port.PORT=HOSTPORT`. Labels that do not parse are
+/// returned as messages and left out.
+pub fn from_labels<'a>(
+    labels: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> (Vec<Rule>, Vec<String>) {
+    let mut rules = Vec::new();
+    let mut wrong = Vec::new();
+    let mut per_port: std::collections::BTreeMap<u16, RuleFile> = Default::default();
+    for (key, value) in labels {
+        let Some(what) = key.strip_prefix("porthole.") else {
+            continue;
+        };
+        let port_of = |rest: &str| rest.parse::<u16>().ok().filter(|p| *p != 0);
+        let made = match what.split_once('.') {
+            None if what == "ignore" => Rule::new(
+                0,
+                RuleFile {
+                    ports: Some(value.into()),
+                    action: Action::Ignore,
+                    ..Default::default()
+                },
+            )
+            .map(|r| rules.push(r)),
+            Some(("label", port)) => match port_of(port) {
+                Some(p) => {
+                    per_port.entry(p).or_default().label = Some(value.into());
+                    Ok(())
+                }
+                None => Err(format!("{key}: {port:?} is not a port")),
+            },
+            Some(("host_port", port)) => match (port_of(port), value.parse::<u16>()) {
+                // A container never makes the host bind a privileged port.
+                (Some(_), Ok(h)) if h < crate::plan::PRIVILEGED => Err(format!(
+                    "host port {h} is privileged; labels may pin ports from {} up",
+                    crate::plan::PRIVILEGED
+                )),
+                (Some(p), Ok(h)) => {
+                    per_port.entry(p).or_default().host_port = Some(h);
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "{key}={value}: want porthole.host_port.PORT=HOSTPORT"
+                )),
+            },
+            _ => Err(format!("{key}: unknown porthole label")),
+        };
+        if let Err(e) = made {
+            wrong.push(format!("{key}: {e}"));
+        }
+    }
+    // Ignores first: a port both ignored and labelled is ignored.
+    for (port, mut f) in per_port {
+        f.ports = Some(port.to_string());
+        match Rule::new(0, f) {
+            Ok(r) => rules.push(r),
+            Err(e) => wrong.push(format!("porthole labels of port {port}: {e}")),
+        }
+    }
+    (rules, wrong)
+}
+
 /// The first rule about `port` of `target`, if any.
 pub fn first<'a>(
     rules: &'a [Rule],
@@ -188,6 +251,31 @@ mod tests {
         );
         assert!(hit("dev", 9000, &web).is_none());
         assert_eq!(hit("db", 9000, &web).unwrap().host_port, Some(15432));
+    }
+
+    #[test]
+    fn docker_labels_carry_rules() {
+        let (r, wrong) = from_labels([
+            ("porthole.ignore", "5432,8001-8009"),
+            ("porthole.label.8000", "web"),
+            ("porthole.host_port.8000", "18000"),
+            ("porthole.label.x", "bad"),
+            ("porthole.host_port.22", "22"),
+            ("porthole.colour", "blue"),
+            ("com.example.other", "kept out"),
+        ]);
+        assert_eq!(wrong.len(), 3, "{wrong:?}");
+        assert!(wrong.iter().any(|w| w.contains("privileged")), "{wrong:?}");
+        let l = listener(&["srv"]);
+        let hit = |p: u16| first(&r, "c", p, std::slice::from_ref(&l));
+        assert_eq!(hit(5432).unwrap().action, Action::Ignore);
+        assert_eq!(hit(8003).unwrap().action, Action::Ignore);
+        let web = hit(8000).unwrap();
+        assert_eq!(
+            (web.label.as_deref(), web.host_port),
+            (Some("web"), Some(18000))
+        );
+        assert!(hit(9000).is_none());
     }
 
     #[test]
