@@ -1478,7 +1478,9 @@ async fn wait_fails_with_the_reason() {
     let port = block.base;
     let ns = Netns::new();
     let monitor = MonitorProc::start(&ns, &[]).await;
-    let tunnel = TunnelProc::follow(&ns, &monitor, &["--backend", "direct"]).await;
+    let skipped = port + 5;
+    let skip = skipped.to_string();
+    let tunnel = TunnelProc::follow(&ns, &monitor, &["--backend", "direct", "--skip", &skip]).await;
     // Nothing listens: a timeout that says so.
     let started = Instant::now();
     let out = within(
@@ -1507,6 +1509,24 @@ async fn wait_fails_with_the_reason() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("failed") && stderr.contains("loopback only"),
+        "{stderr}"
+    );
+    // Open but skipped: said at once, no waiting.
+    let _skipped_server = Server::start(&ns, "0.0.0.0", skipped, "skipped").await;
+    let out = within(
+        "tunnel-svc wait",
+        wait_cmd(
+            &tunnel,
+            &[&format!("default:{skipped}"), "--timeout", "20s"],
+        )
+        .wait_with_output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("not forwarded: it is in the skip list"),
         "{stderr}"
     );
     // Bad input is a usage error.

@@ -225,8 +225,8 @@ impl std::str::FromStr for WaitFor {
     }
 }
 
-/// How often an active tunnel whose server does not answer yet is tried
-/// again (changes to the tunnel are seen at once).
+/// How often an active tunnel whose server does not answer yet, or a port
+/// with no tunnel, is looked at again (changes to tunnels are seen at once).
 const WAIT_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Waits until the tunnel of `what` is active and a connection through it
@@ -263,7 +263,31 @@ pub async fn wait(
                 what.port
             );
         }
-        let mut retry = false;
+        // No tunnel yet: look again now and then, since a port that is
+        // open but deliberately not forwarded makes no tunnel events.
+        let mut retry = matching.is_empty();
+        if matching.is_empty() {
+            // Open but deliberately not forwarded: no point waiting.
+            let targets: Vec<String> = match &what.target {
+                Some(t) => vec![t.clone()],
+                None => client
+                    .list_targets(ListTargetsRequest::default())
+                    .await?
+                    .into_inner()
+                    .targets
+                    .into_iter()
+                    .map(|t| t.name)
+                    .collect(),
+            };
+            for target in targets {
+                let id = format!("{target}:tcp:{}", what.port);
+                if let Err(s) = client.probe_tunnel(ProbeTunnelRequest { id }).await {
+                    if s.code() == tonic::Code::FailedPrecondition {
+                        anyhow::bail!("{}", s.message());
+                    }
+                }
+            }
+        }
         if let Some(t) = matching.first() {
             match TunnelState::try_from(t.state).unwrap_or_default() {
                 TunnelState::Active => {

@@ -947,7 +947,9 @@ impl Reconciler {
     fn probe(&self, id: &str) -> Result<Probing, AdminError> {
         let not_found = || AdminError::NotFound(porthole::text::clip(id, 128).into());
         let id: TunnelId = id.parse().map_err(|_| not_found())?;
-        let tunnel = self.view(&id).ok_or_else(not_found)?;
+        let Some(tunnel) = self.view(&id) else {
+            return Err(self.not_forwarded(&id).unwrap_or_else(not_found));
+        };
         if tunnel.state != State::Active {
             return Ok(Probing { tunnel, dial: None });
         }
@@ -966,6 +968,26 @@ impl Reconciler {
             tunnel,
             dial: Some(rx),
         })
+    }
+
+    /// Why a port open in its container has no tunnel, if it is open.
+    fn not_forwarded(&self, id: &TunnelId) -> Option<AdminError> {
+        let t = self.targets.get(&id.target)?;
+        let listeners = t.ports.get(&id.port)?;
+        let rule = crate::rules::first(&t.rules, &id.target, id.port, listeners)
+            .or_else(|| crate::rules::first(&self.opts.rules, &id.target, id.port, listeners));
+        let why = if id.port == t.monitor_port {
+            "it is the monitor's own port"
+        } else if self.opts.skip.contains(id.port) {
+            "it is in the skip list (--skip, the defaults, or the config file)"
+        } else if rule.is_some_and(|r| r.action == crate::rules::Action::Ignore) {
+            "a rule ignores it"
+        } else {
+            return None;
+        };
+        Some(AdminError::Precondition(format!(
+            "{id} is open in the container but not forwarded: {why}"
+        )))
     }
 
     fn close(&mut self, id: &str) -> Result<TunnelView, AdminError> {
