@@ -645,7 +645,9 @@ impl Reconciler {
                 let _ = reply.send(self.subscribers.subscribe(self.all_events()));
             }
             Command::AddTarget(spec) => {
-                self.remove_target(&spec.name);
+                if self.remove_target(&spec.name) {
+                    tracing::warn!(target = %spec.name, "a target of this name is replaced");
+                }
                 tracing::info!(target = %spec.name, url = %spec.url, "target added");
                 let name = spec.name.clone();
                 let target = Target::new(spec, &self.commands);
