@@ -53,8 +53,9 @@ pub enum Transport {
     Auto,
     /// Always the exec stream: works wherever the Engine API does.
     Exec,
-    /// Always the container's address (the monitor listens there too, with
-    /// a token of its own handed over the exec stream).
+    /// The container's address (the monitor listens there too, with a
+    /// token of its own handed over the exec stream); when the host cannot
+    /// reach it, the target says so and the exec stream carries the bytes.
     Ip,
 }
 
@@ -523,7 +524,7 @@ impl Follower {
                             Err(why) => {
                                 tracing::warn!(reason = %why, "--docker-transport ip: the container's address is not reachable");
                                 (
-                                    format!("ip (unreachable: {why})"),
+                                    format!("exec (--docker-transport ip, but {why})"),
                                     exec_backend.clone(),
                                     MONITOR_PORT,
                                 )
