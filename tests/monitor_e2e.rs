@@ -344,6 +344,10 @@ async fn watch_reports_every_kind_of_listener_opening_and_closing() {
             key.contains(":*:"),
             "dual_stack says what the key says: {e:?}"
         );
+        assert!(
+            p.server,
+            "listeners, and UDP outside the ephemeral range: {e:?}"
+        );
         assert_eq!(
             p.process.as_ref().map(|p| p.pid),
             Some(listener.pid()),
@@ -1206,4 +1210,36 @@ async fn bad_flags_exit_non_zero_and_name_the_flag() {
             "monitor-svc {args:?}: stderr does not name {named}:\n{stderr}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn udp_sockets_on_ephemeral_or_client_ports_are_not_servers() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    // 45000 is in Linux's default ephemeral range, where a resolver's
+    // socket lands; 68 is a DHCP client's; 5300 is a server's.
+    let _sockets = [
+        Listener::udp(&ns, "127.0.0.1", 45000),
+        Listener::udp(&ns, "0.0.0.0", 68),
+        Listener::udp(&ns, "127.0.0.1", 5300),
+    ];
+    let mut client = monitor.client().await;
+    let ports = poll_until("three UDP sockets listed", DEADLINE, || {
+        let mut c = client.clone();
+        async move {
+            let ports = list_ports(&mut c).await.ports;
+            let udp: Vec<_> = ports
+                .into_iter()
+                .filter(|p| p.protocol == Protocol::Udp as i32)
+                .collect();
+            (udp.len() == 3).then_some(udp)
+        }
+    })
+    .await;
+    let server = |port: u32| ports.iter().find(|p| p.port == port).unwrap().server;
+    assert!(!server(45000) && !server(68) && server(5300), "{ports:?}");
+    let _ = &mut client;
 }

@@ -617,6 +617,7 @@ mod fake {
                 ..Default::default()
             }),
             dual_stack: false,
+            server: true,
         }
     }
 

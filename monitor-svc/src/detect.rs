@@ -5,6 +5,7 @@ use crate::process::{self, ProcessInfo};
 use crate::scan::{Protocol, ScanError, Scanner, Socket, Source};
 use porthole::pb::v1;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::RangeInclusive;
 
 pub struct Detector {
     scanner: Scanner,
@@ -12,6 +13,31 @@ pub struct Detector {
     owners: HashMap<u64, Option<ProcessInfo>>,
     /// The previous scan, sorted, to tell cheaply whether anything changed.
     last: Option<Vec<Socket>>,
+    /// Where the kernel puts sockets that do not choose a port.
+    ephemeral: RangeInclusive<u16>,
+}
+
+/// UDP ports clients bind on purpose: DHCP and DHCPv6 clients.
+const UDP_CLIENT_PORTS: [u16; 2] = [68, 546];
+
+/// This network namespace's ephemeral port range (the kernel's default if
+/// it cannot be read).
+fn ephemeral_range() -> RangeInclusive<u16> {
+    let text =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut parts = text.split_whitespace().map(|p| p.parse::<u16>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => lo..=hi,
+        _ => 32768..=60999,
+    }
+}
+
+/// Whether a socket looks like a server's (see `Port.server`).
+pub fn is_server(protocol: Protocol, port: u16, ephemeral: &RangeInclusive<u16>) -> bool {
+    match protocol {
+        Protocol::Tcp => true,
+        Protocol::Udp => !ephemeral.contains(&port) && !UDP_CLIENT_PORTS.contains(&port),
+    }
 }
 
 impl Detector {
@@ -20,6 +46,7 @@ impl Detector {
             scanner,
             owners: HashMap::new(),
             last: None,
+            ephemeral: ephemeral_range(),
         }
     }
 
@@ -68,7 +95,8 @@ impl Detector {
         let mut ports = BTreeMap::new();
         for socket in sockets {
             let process = self.owners.get(&socket.inode).cloned().flatten();
-            let port = to_port(socket, process);
+            let mut port = to_port(socket, process);
+            port.server = is_server(socket.protocol, socket.port, &self.ephemeral);
             ports.entry(port.key.clone()).or_insert(port);
         }
         ports
@@ -93,11 +121,29 @@ fn to_port(s: &Socket, process: Option<ProcessInfo>) -> v1::Port {
         port: u32::from(s.port),
         key: porthole::key::format(protocol_name(s.protocol), s.addr, s.port, s.dual_stack),
         dual_stack: s.dual_stack,
+        server: s.protocol == Protocol::Tcp,
         process: process.map(|p| v1::Process {
             pid: p.pid,
             name: p.name,
             cmdline: p.cmdline,
             cmdline_truncated: p.truncated,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn udp_servers_are_told_from_clients() {
+        let eph = 32768..=60999;
+        assert!(is_server(Protocol::Tcp, 40000, &eph), "TCP listeners serve");
+        assert!(is_server(Protocol::Udp, 53, &eph));
+        assert!(is_server(Protocol::Udp, 5353, &eph));
+        assert!(!is_server(Protocol::Udp, 40000, &eph), "a resolver's port");
+        assert!(!is_server(Protocol::Udp, 68, &eph), "a DHCP client");
+        assert!(!is_server(Protocol::Udp, 546, &eph));
+        assert!(is_server(Protocol::Udp, 61000, &eph));
     }
 }

@@ -182,6 +182,7 @@ mod tests {
             key: format!("tcp:0.0.0.0:{n}"),
             process: None,
             dual_stack: false,
+            server: true,
         }
     }
 

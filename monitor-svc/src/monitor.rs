@@ -455,6 +455,7 @@ mod tests {
                     key: key.clone(),
                     process: None,
                     dual_stack: false,
+                    server: true,
                 };
                 (key, port)
             })
