@@ -1243,3 +1243,102 @@ async fn udp_sockets_on_ephemeral_or_client_ports_are_not_servers() {
     assert!(!server(45000) && !server(68) && server(5300), "{ports:?}");
     let _ = &mut client;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_carries_udp_datagrams_intact_to_bound_ports_only() {
+    if !require_root() {
+        return;
+    }
+    use porthole::pb::v1::{
+        relay_client::RelayClient, relay_frame::Kind as F, DialRequest, RelayFrame,
+    };
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let mut echo = ns.spawn_piped("udp-echo", {
+        let mut cmd = ns.command(binary(common::HELPER));
+        cmd.args(["udp-echo", "127.0.0.1", "5400"]);
+        cmd
+    });
+    let mut ready = String::new();
+    let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(echo.stdout()), &mut ready);
+    assert_eq!(ready.trim(), "ready");
+    let mut client = monitor.client().await;
+    poll_until("the UDP socket listed", DEADLINE, || {
+        let mut c = client.clone();
+        async move {
+            let ports = list_ports(&mut c).await.ports;
+            ports
+                .iter()
+                .any(|p| p.protocol == Protocol::Udp as i32 && p.port == 5400)
+                .then_some(())
+        }
+    })
+    .await;
+    let _ = &mut client;
+    let dial = |port: u16| RelayFrame {
+        kind: Some(F::Dial(DialRequest {
+            protocol: Protocol::Udp as i32,
+            port: port.into(),
+        })),
+    };
+    let channel =
+        porthole::auth::with_token(monitor.channel().await, Some(monitor.token().clone()));
+    let relay = || RelayClient::new(channel.clone());
+    // Nothing bound on 5401: refused, never sent anywhere.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(dial(5401)).await.unwrap();
+    let refused = within(
+        "Relay.Dial UDP",
+        relay().dial(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect_err("no UDP socket on 5401");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+
+    // Datagrams from 1 byte to the largest come back one for one, intact.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(dial(5400)).await.unwrap();
+    let mut inbound = within(
+        "Relay.Dial UDP",
+        relay().dial(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("a UDP flow to 5400")
+    .into_inner();
+    let first = within("dialed", inbound.message()).await.unwrap().unwrap();
+    assert!(matches!(first.kind, Some(F::Dialed(_))), "{first:?}");
+    let mut rng = common::XorShift::seeded();
+    let sizes: Vec<usize> = [1, 2, 1472, 1473, 9000, 65_507]
+        .into_iter()
+        .chain((0..194).map(|_| 1 + (rng.next_u64() % 65_507) as usize))
+        .collect();
+    for (i, size) in sizes.iter().enumerate() {
+        let datagram: Vec<u8> = (0..*size).map(|j| (i * 31 + j) as u8).collect();
+        tx.send(RelayFrame {
+            kind: Some(F::Data(datagram.clone().into())),
+        })
+        .await
+        .unwrap();
+        let back = within("the echo", inbound.message())
+            .await
+            .unwrap()
+            .unwrap();
+        match back.kind {
+            Some(F::Data(d)) => assert!(d[..] == datagram[..], "datagram {i} of {size} bytes"),
+            other => panic!("datagram {i}: {other:?}"),
+        }
+    }
+    tx.send(RelayFrame {
+        kind: Some(F::CloseWrite(true)),
+    })
+    .await
+    .unwrap();
+    assert!(
+        within("the end of the flow", inbound.message())
+            .await
+            .unwrap()
+            .is_none(),
+        "close_write ends the flow cleanly"
+    );
+    echo.kill();
+}

@@ -65,8 +65,8 @@ enum Command {
         reply: oneshot::Sender<EventsReply>,
     },
     Ports {
-        /// Only the listeners of this TCP port, when set.
-        tcp_port: Option<u32>,
+        /// Only the sockets of this protocol and port, when set.
+        only: Option<(v1::Protocol, u32)>,
         reply: oneshot::Sender<(u64, Vec<v1::Port>)>,
     },
     Watch {
@@ -98,17 +98,18 @@ impl Handle {
 
     /// The seq of the newest event, and every port listening as of it.
     pub async fn ports(&self) -> Result<(u64, Vec<v1::Port>), Stopped> {
-        self.ask(|reply| Command::Ports {
-            tcp_port: None,
-            reply,
-        })
-        .await
+        self.ask(|reply| Command::Ports { only: None, reply }).await
     }
 
-    /// Every listener of one TCP port right now (what Relay may dial).
-    pub async fn tcp_listeners(&self, port: u16) -> Result<Vec<v1::Port>, Stopped> {
-        let tcp_port = Some(u32::from(port));
-        let (_, ports) = self.ask(|reply| Command::Ports { tcp_port, reply }).await?;
+    /// Every socket of one port and protocol right now (what Relay may
+    /// dial): TCP listeners, or bound UDP sockets.
+    pub async fn sockets(
+        &self,
+        protocol: v1::Protocol,
+        port: u16,
+    ) -> Result<Vec<v1::Port>, Stopped> {
+        let only = Some((protocol, u32::from(port)));
+        let (_, ports) = self.ask(|reply| Command::Ports { only, reply }).await?;
         Ok(ports)
     }
 
@@ -389,13 +390,12 @@ impl Monitor {
                     last_seq: self.log.last_seq(),
                 });
             }
-            Command::Ports { tcp_port, reply } => {
+            Command::Ports { only, reply } => {
                 let ports = self
                     .ports
                     .values()
                     .filter(|p| {
-                        tcp_port
-                            .is_none_or(|n| p.port == n && p.protocol == v1::Protocol::Tcp as i32)
+                        only.is_none_or(|(proto, n)| p.port == n && p.protocol == proto as i32)
                     })
                     .cloned()
                     .collect();

@@ -1,5 +1,6 @@
-//! `porthole.v1.Relay`: carries one TCP connection per call to a port that
-//! is listening inside the container right now, and nowhere else.
+//! `porthole.v1.Relay`: carries one TCP connection, or one UDP flow, per
+//! call to a port that is listening (bound, for UDP) inside the container
+//! right now, on that socket's own address, and nowhere else.
 
 use crate::monitor::Handle;
 use porthole::net::ResetOnDrop;
@@ -69,8 +70,8 @@ pub fn reach(addr: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-/// Reads and checks the dial frame; returns the port.
-async fn dial_request(inbound: &mut Streaming<RelayFrame>) -> Result<u16, Status> {
+/// Reads and checks the dial frame; returns the protocol and port.
+async fn dial_request(inbound: &mut Streaming<RelayFrame>) -> Result<(Protocol, u16), Status> {
     let first = inbound
         .message()
         .await?
@@ -80,14 +81,54 @@ async fn dial_request(inbound: &mut Streaming<RelayFrame>) -> Result<u16, Status
             "the first frame must be a dial frame",
         ));
     };
-    match Protocol::try_from(dial.protocol) {
-        Ok(Protocol::Tcp | Protocol::Unspecified) => {}
-        _ => return Err(Status::invalid_argument("only TCP ports can be relayed")),
-    }
-    u16::try_from(dial.port)
+    let protocol = match Protocol::try_from(dial.protocol) {
+        Ok(Protocol::Tcp | Protocol::Unspecified) => Protocol::Tcp,
+        Ok(Protocol::Udp) => Protocol::Udp,
+        _ => return Err(Status::invalid_argument("protocol must be TCP or UDP")),
+    };
+    let port = u16::try_from(dial.port)
         .ok()
         .filter(|p| *p != 0)
-        .ok_or_else(|| Status::invalid_argument(format!("port {} is not in 1..65535", dial.port)))
+        .ok_or_else(|| {
+            Status::invalid_argument(format!("port {} is not in 1..65535", dial.port))
+        })?;
+    Ok((protocol, port))
+}
+
+/// Largest UDP payload (IPv4: 65535 - 8 - 20).
+const MAX_DATAGRAM: usize = 65_507;
+
+/// Carries one UDP flow: each `data` frame in is one datagram to the
+/// socket, each datagram back is one `data` frame out; ends cleanly at the
+/// caller's `close_write`.
+async fn udp_flow(
+    socket: tokio::net::UdpSocket,
+    inbound: &mut Streaming<RelayFrame>,
+    out: &mpsc::Sender<Result<RelayFrame, Status>>,
+    sent: &AtomicU64,
+    received: &AtomicU64,
+) -> Result<(), PumpError> {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        tokio::select! {
+            frame = inbound.message() => match frame?.and_then(|f| f.kind) {
+                Some(Kind::Data(datagram)) => {
+                    socket.send(&datagram).await?;
+                    sent.fetch_add(datagram.len() as u64, Relaxed);
+                }
+                Some(Kind::CloseWrite(true)) => return Ok(()),
+                None => return Err(PumpError::PeerGone),
+                Some(_) => return Err(PumpError::Protocol("a dial frame after the dial")),
+            },
+            got = socket.recv(&mut buf) => {
+                // A datagram the port refused (ICMP unreachable) ends the flow.
+                let n = got?;
+                received.fetch_add(n as u64, Relaxed);
+                let frame = RelayFrame { kind: Some(Kind::Data(buf[..n].to_vec().into())) };
+                out.send(Ok(frame)).await.map_err(|_| PumpError::PeerGone)?;
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -99,8 +140,11 @@ impl Relay for RelayService {
         request: Request<Streaming<RelayFrame>>,
     ) -> Result<Response<Self::DialStream>, Status> {
         let mut inbound = request.into_inner();
-        let port = dial_request(&mut inbound).await?;
-        let listeners = self.monitor.tcp_listeners(port).await?;
+        let (protocol, port) = dial_request(&mut inbound).await?;
+        if protocol == Protocol::Udp {
+            return self.dial_udp(inbound, port).await;
+        }
+        let listeners = self.monitor.sockets(Protocol::Tcp, port).await?;
         let mut candidates: Vec<SocketAddr> = listeners
             .iter()
             .filter_map(|p| p.address.parse().ok().map(|ip| reach(ip, port)))
@@ -175,6 +219,71 @@ impl Relay for RelayService {
                     drop(conn);
                     let _ = tokio::time::timeout(STATUS_WAIT, out_tx.send(Err(status))).await;
                 }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(out_rx)))
+    }
+}
+
+impl RelayService {
+    /// A UDP flow to a socket bound on `port` inside the container, sent to
+    /// that socket's own address (loopback of its family for a wildcard).
+    async fn dial_udp(
+        &self,
+        mut inbound: Streaming<RelayFrame>,
+        port: u16,
+    ) -> Result<Response<ReceiverStream<Result<RelayFrame, Status>>>, Status> {
+        let bound = self.monitor.sockets(Protocol::Udp, port).await?;
+        let Some(addr) = bound
+            .iter()
+            .filter_map(|p| p.address.parse().ok().map(|ip| reach(ip, port)))
+            .min_by_key(|a: &SocketAddr| a.is_ipv6())
+        else {
+            return Err(Status::failed_precondition(format!(
+                "no UDP socket bound on port {port} inside the container"
+            )));
+        };
+        let local: SocketAddr = if addr.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = async {
+            let s = tokio::net::UdpSocket::bind(local).await?;
+            s.connect(addr).await?;
+            std::io::Result::Ok(s)
+        }
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot reach UDP port {port} at {addr}: {e}")))?;
+        let (out_tx, out_rx) = mpsc::channel::<Result<RelayFrame, Status>>(FRAMES_IN_FLIGHT);
+        let dialed = RelayFrame {
+            kind: Some(Kind::Dialed(DialReply {
+                address: addr.to_string(),
+            })),
+        };
+        out_tx
+            .send(Ok(dialed))
+            .await
+            .map_err(|_| Status::cancelled("caller went away"))?;
+        let metrics = self.monitor.metrics.clone();
+        let shutdown = self.shutdown.clone();
+        metrics.relays_total.fetch_add(1, Relaxed);
+        metrics.relays_active.fetch_add(1, Relaxed);
+        tokio::spawn(async move {
+            let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+            let result = tokio::select! {
+                result = udp_flow(socket, &mut inbound, &out_tx, &sent, &received) => {
+                    result.map_err(|e| broken(port, &e))
+                }
+                _ = shutdown.cancelled() => Err(Status::unavailable(format!(
+                    "monitor-svc is shutting down; the UDP flow to port {port} ended"
+                ))),
+            };
+            metrics.relays_active.fetch_sub(1, Relaxed);
+            if let Err(status) = result {
+                metrics.relays_failed.fetch_add(1, Relaxed);
+                tracing::debug!(port, %addr, error = %status.message(), "udp flow ended badly");
+                let _ = tokio::time::timeout(STATUS_WAIT, out_tx.send(Err(status))).await;
             }
         });
         Ok(Response::new(ReceiverStream::new(out_rx)))

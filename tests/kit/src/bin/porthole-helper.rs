@@ -13,6 +13,8 @@
 //!   stdin line: `open PORT ADDR` → `ok NANOS` (the time `listen()`
 //!   returned, in ns since the epoch); `close PORT` → `ok` (its connections
 //!   are closed too); anything else → `err ...`.
+//! - `udp-echo ADDR PORT`: sends every datagram back to where it came
+//!   from; prints `ready` once bound.
 //! - `hold ADDR BASE COUNT [PADDING...]`: listens on COUNT TCP ports of
 //!   ADDR from BASE (0: any free ones), prints `ready`, then per stdin
 //!   line closes the port the previous line opened and opens another
@@ -49,6 +51,7 @@ fn main() {
             }
             ["serve", addr, port, label] => serve(sockaddr(addr, port)?, label.to_string()).await,
             ["ports"] => ports().await,
+            ["udp-echo", addr, port] => udp_echo(sockaddr(addr, port)?).await,
             ["hold", addr, base, count, ..] => hold(addr, base, count).await,
             _ => Err("usage: porthole-helper listen|serve|ports|hold ...".to_string()),
         }
@@ -252,4 +255,17 @@ async fn hold(addr: &str, base: &str, count: &str) -> Result<(), String> {
     }
     drop((held, churned));
     Ok(())
+}
+
+/// `udp-echo`: every datagram back to its sender, boundaries kept.
+async fn udp_echo(addr: SocketAddr) -> Result<(), String> {
+    let s = socket(addr, Type::DGRAM, addr.is_ipv6().then_some(false))?;
+    s.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let udp = tokio::net::UdpSocket::from_std(s.into()).map_err(|e| e.to_string())?;
+    ready("ready");
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, from) = udp.recv_from(&mut buf).await.map_err(|e| e.to_string())?;
+        let _ = udp.send_to(&buf[..n], from).await;
+    }
 }
