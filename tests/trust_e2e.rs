@@ -198,7 +198,9 @@ async fn verdict(server: &Proc) -> String {
     let deadline = Instant::now() + Duration::from_secs(45);
     loop {
         let log = server.log();
-        if let Some(line) = log
+        // Only whole lines: the server may be between two writes of one.
+        let complete = &log[..log.rfind('\n').map_or(0, |i| i + 1)];
+        if let Some(line) = complete
             .lines()
             .find(|l| l.starts_with("DONE") || l.starts_with("EOF") || l.starts_with("ERR"))
         {
