@@ -104,7 +104,7 @@ const MAX_DATAGRAM: usize = 65_507;
 async fn udp_flow(
     socket: tokio::net::UdpSocket,
     inbound: &mut Streaming<RelayFrame>,
-    out: &mpsc::Sender<Result<RelayFrame, Status>>,
+    out: &Outbound,
     sent: &AtomicU64,
     received: &AtomicU64,
 ) -> Result<(), PumpError> {
@@ -177,20 +177,9 @@ impl Relay for RelayService {
         // even this process dying resets it.
         let mut conn = ResetOnDrop::new(conn);
 
-        let (out_tx, out_rx) = mpsc::channel::<Result<RelayFrame, Status>>(FRAMES_IN_FLIGHT);
-        let dialed = RelayFrame {
-            kind: Some(Kind::Dialed(DialReply {
-                address: addr.to_string(),
-            })),
-        };
-        out_tx
-            .send(Ok(dialed))
-            .await
-            .map_err(|_| Status::cancelled("caller went away"))?;
+        let (out_tx, out_rx) = self.answer(addr).await?;
         let metrics = self.monitor.metrics.clone();
         let shutdown = self.shutdown.clone();
-        metrics.relays_total.fetch_add(1, Relaxed);
-        metrics.relays_active.fetch_add(1, Relaxed);
         tokio::spawn(async move {
             let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
             let result = {
@@ -225,7 +214,32 @@ impl Relay for RelayService {
     }
 }
 
+/// The caller's half of a relay stream.
+type Outbound = mpsc::Sender<Result<RelayFrame, Status>>;
+
 impl RelayService {
+    /// Opens the reply stream with its `dialed` frame (the address reached)
+    /// and counts the relay as started.
+    async fn answer(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(Outbound, mpsc::Receiver<Result<RelayFrame, Status>>), Status> {
+        let (out_tx, out_rx) = mpsc::channel(FRAMES_IN_FLIGHT);
+        let dialed = RelayFrame {
+            kind: Some(Kind::Dialed(DialReply {
+                address: addr.to_string(),
+            })),
+        };
+        out_tx
+            .send(Ok(dialed))
+            .await
+            .map_err(|_| Status::cancelled("caller went away"))?;
+        let metrics = &self.monitor.metrics;
+        metrics.relays_total.fetch_add(1, Relaxed);
+        metrics.relays_active.fetch_add(1, Relaxed);
+        Ok((out_tx, out_rx))
+    }
+
     /// A UDP flow to a socket bound on `port` inside the container, sent to
     /// that socket's own address (loopback of its family for a wildcard).
     async fn dial_udp(
@@ -255,20 +269,9 @@ impl RelayService {
         }
         .await
         .map_err(|e| Status::unavailable(format!("cannot reach UDP port {port} at {addr}: {e}")))?;
-        let (out_tx, out_rx) = mpsc::channel::<Result<RelayFrame, Status>>(FRAMES_IN_FLIGHT);
-        let dialed = RelayFrame {
-            kind: Some(Kind::Dialed(DialReply {
-                address: addr.to_string(),
-            })),
-        };
-        out_tx
-            .send(Ok(dialed))
-            .await
-            .map_err(|_| Status::cancelled("caller went away"))?;
+        let (out_tx, out_rx) = self.answer(addr).await?;
         let metrics = self.monitor.metrics.clone();
         let shutdown = self.shutdown.clone();
-        metrics.relays_total.fetch_add(1, Relaxed);
-        metrics.relays_active.fetch_add(1, Relaxed);
         tokio::spawn(async move {
             let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
             let result = tokio::select! {
