@@ -1,7 +1,7 @@
 //! The reconciler owns every tunnel. Watchers tell it which ports are open
 //! in each target; the admin API asks it to close or open tunnels; both
 //! talk to it through a [`Handle`]. After every change it asks
-//! [`plan`](crate::plan) which tunnels should exist and applies the
+//! [`plan`] which tunnels should exist and applies the
 //! actions that get there, so restarts, reconnects and lost ssh masters
 //! need no special paths. Backends prepare and release ports in order, on
 //! one task per target, and report back.
