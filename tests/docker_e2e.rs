@@ -501,3 +501,46 @@ async fn container_labels_carry_rules() {
         "porthole.ignore holds"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_monitor_left_running_in_the_container_is_replaced() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let port = free_port();
+    let c = w.http("127.0.0.1", port, "replaced");
+    // A monitor from an earlier tunnel-svc whose stream never closed: its
+    // stdin is a pipe nobody ends.
+    let dest = format!("{}:/.porthole-monitor-svc", c.name);
+    common::docker::docker(&["cp", &static_monitor().display().to_string(), &dest])
+        .expect("docker cp");
+    common::docker::docker(&[
+        "exec",
+        "-d",
+        &c.name,
+        "/bin/sh",
+        "-c",
+        "/bin/busybox sleep 600 | /.porthole-monitor-svc --stdio",
+    ])
+    .expect("docker exec -d");
+    wait_for("the earlier monitor to run", DEADLINE, || {
+        c.exec(&["ps"]).contains("porthole-monitor-svc --stdio")
+    });
+    let _tunnel = w.tunnel_svc(&[]).await;
+    assert_eq!(
+        poll_until("the tunnel", DEADLINE, || get(port)).await,
+        "replaced"
+    );
+    // (The shell that started the earlier one stays, waiting for `sleep`.)
+    let monitors = |ps: &str| -> Vec<String> {
+        ps.lines()
+            .filter(|l| l.contains("porthole-monitor-svc") && !l.contains("sh -c"))
+            .map(String::from)
+            .collect()
+    };
+    wait_for("exactly one monitor, the new one", DEADLINE, || {
+        let now = monitors(&c.exec(&["ps"]));
+        now.len() == 1 && now[0].contains("--replace")
+    });
+}

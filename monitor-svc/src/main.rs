@@ -24,6 +24,10 @@ struct Args {
     /// network), requiring the token that the first line on stdin holds.
     #[arg(long, value_name = "ADDR", requires = "stdio")]
     stdio_listen: Option<SocketAddr>,
+    /// Stop (SIGTERM) other processes running this same executable first: a
+    /// monitor left by an earlier tunnel-svc. What tunnel-svc --docker runs.
+    #[arg(long)]
+    replace: bool,
     /// Delete this executable once started (it keeps running): a monitor
     /// copied into a container leaves nothing behind.
     #[arg(long)]
@@ -80,6 +84,15 @@ enum SourceArg {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     porthole::telemetry::init(&args.log_level, args.log_format).map_err(anyhow::Error::msg)?;
+    if args.replace {
+        let exe = std::env::current_exe().context("finding this executable")?;
+        for pid in same_executable(&exe) {
+            tracing::info!(pid, "stopping an earlier monitor");
+            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+        }
+    }
     if args.remove_self {
         let exe = std::env::current_exe().context("finding this executable")?;
         std::fs::remove_file(&exe).with_context(|| format!("removing {}", exe.display()))?;
@@ -118,7 +131,18 @@ async fn main() -> anyhow::Result<()> {
         },
         max_subscribers: args.max_subscribers as usize,
     };
-    monitor_svc::run(listen, opts, shutdown).await
+    let stdio = args.stdio;
+    let result = monitor_svc::run(listen, opts, shutdown).await;
+    if stdio {
+        // Reading stdin blocks a thread the runtime would wait for at exit
+        // while the pipe stays open (a caller that never closes it): leave
+        // without waiting.
+        if let Err(e) = &result {
+            eprintln!("Error: {e:#}");
+        }
+        std::process::exit(i32::from(result.is_err()));
+    }
+    result
 }
 
 /// The token a listening monitor requires: from --token-file, or made in
@@ -142,6 +166,23 @@ fn token(args: &Args) -> anyhow::Result<porthole::auth::Token> {
             token
         }
     })
+}
+
+/// Pids of other processes running `exe` (also when the file has since
+/// been replaced or removed).
+fn same_executable(exe: &std::path::Path) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let deleted = format!("{} (deleted)", exe.display());
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|link| link == exe || link.as_os_str() == deleted.as_str())
+        })
+        .collect()
 }
 
 /// The first line on stdin, as the token (--stdio-listen). Read a byte at

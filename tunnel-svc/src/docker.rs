@@ -678,6 +678,7 @@ fn command(listen: bool) -> Vec<String> {
     let mut cmd = vec![
         MONITOR_PATH.to_string(),
         "--stdio".into(),
+        "--replace".into(),
         "--remove-self".into(),
     ];
     if listen {
