@@ -313,9 +313,8 @@ pub struct Options {
 }
 
 struct Target {
-    backend: Arc<Backend>,
-    /// What its tunnels dial with: `backend`, swappable under them.
-    cell: Arc<BackendCell>,
+    /// What its tunnels dial with, swappable under them.
+    backend: Arc<BackendCell>,
     /// Prepare/release requests, run in order (backends that need them).
     port_ops: Option<mpsc::UnboundedSender<PortOp>>,
     monitor_port: u16,
@@ -341,8 +340,7 @@ impl Target {
             ops
         });
         Target {
-            cell: Arc::new(BackendCell::new(spec.backend.clone())),
-            backend: spec.backend,
+            backend: Arc::new(BackendCell::new(spec.backend)),
             port_ops,
             monitor_port: spec.monitor_port,
             published: spec.published,
@@ -558,7 +556,7 @@ impl Reconciler {
         }
         for t in self.targets.values_mut() {
             t.port_ops = None;
-            t.backend.shutdown().await;
+            t.backend.get().shutdown().await;
         }
         tracing::info!(tunnels = self.entries.len(), "all tunnels closed");
     }
@@ -602,7 +600,7 @@ impl Reconciler {
                     .map(|(name, t)| TargetView {
                         name: name.clone(),
                         url: t.url.clone(),
-                        backend: t.backend.kind(),
+                        backend: t.backend.get().kind(),
                         connected: t.up,
                         instance_id: t.instance_id.clone(),
                         error: t.error.clone(),
@@ -670,8 +668,7 @@ impl Reconciler {
                 };
                 // Tunnels keep their host listeners; new connections dial
                 // with the new backend.
-                t.cell.set(backend.clone());
-                t.backend = backend;
+                t.backend.set(backend);
                 t.url = url;
                 t.monitor_port = monitor_port;
                 tracing::info!(target = %target, url = %t.url, "target reached another way");
@@ -720,7 +717,7 @@ impl Reconciler {
         for id in ids {
             if let Some(mut e) = self.entries.remove(&id) {
                 e.stop(&target, id.port);
-                let view = e.view(&id, target.backend.kind());
+                let view = e.view(&id, target.backend.get().kind());
                 self.publish_removed(view);
             }
         }
@@ -730,7 +727,7 @@ impl Reconciler {
     }
 
     fn view(&self, id: &TunnelId) -> Option<TunnelView> {
-        let kind = self.targets.get(&id.target)?.backend.kind();
+        let kind = self.targets.get(&id.target)?.backend.get().kind();
         Some(self.entries.get(id)?.view(id, kind))
     }
 
@@ -781,7 +778,7 @@ impl Reconciler {
                     if let Some(mut e) = self.entries.remove(&id) {
                         e.stop(&self.targets[&id.target], id.port);
                         e.span.in_scope(|| tracing::info!("tunnel removed"));
-                        let kind = self.targets[&id.target].backend.kind();
+                        let kind = self.targets[&id.target].backend.get().kind();
                         self.publish_removed(e.view(&id, kind));
                     }
                 }
@@ -871,7 +868,7 @@ impl Reconciler {
     /// asks the backend to prepare the port; or says why it cannot.
     fn listen(&mut self, id: &TunnelId, want: &Want, entry: &mut Entry) -> Result<(), String> {
         let t = &self.targets[&id.target];
-        if let Some(why) = t.backend.unreachable(&want.addresses) {
+        if let Some(why) = t.backend.get().unreachable(&want.addresses) {
             return Err(why);
         }
         if let Some(holder) = &want.held_by {
@@ -921,7 +918,7 @@ impl Reconciler {
         let cancel = CancellationToken::new();
         tunnel::serve(
             listeners,
-            t.cell.clone(),
+            t.backend.clone(),
             tunnel::Carry {
                 container_port: id.port,
                 stats: entry.stats.clone(),
@@ -955,7 +952,7 @@ impl Reconciler {
         if tunnel.state != State::Active {
             return Ok(Probing { tunnel, dial: None });
         }
-        let backend = self.targets[&id.target].cell.get();
+        let backend = self.targets[&id.target].backend.get();
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
             let dialed = tokio::time::timeout(PROBE_TIMEOUT, backend.dial(id.port)).await;
@@ -1130,7 +1127,7 @@ fn all_events(
     entries
         .iter()
         .map(|(id, e)| {
-            let tunnel = e.view(id, targets[&id.target].backend.kind());
+            let tunnel = e.view(id, targets[&id.target].backend.get().kind());
             Arc::new(TunnelEvent {
                 tunnel,
                 removed: false,
