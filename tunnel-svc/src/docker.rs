@@ -755,13 +755,8 @@ fn exec_channel(current: Arc<Current>) -> porthole::auth::AuthChannel {
         let current = current.clone();
         async move { current.take().await.map(hyper_util::rt::TokioIo::new) }
     });
-    let channel = tonic::transport::Endpoint::from_static("http://monitor.docker-exec")
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(porthole::server::STREAM_WINDOW)
-        .initial_connection_window_size(porthole::server::CONNECTION_WINDOW)
-        .connect_with_connector_lazy(connector);
+    let endpoint = tonic::transport::Endpoint::from_static("http://monitor.docker-exec");
+    let channel = crate::monitor_endpoint(endpoint).connect_with_connector_lazy(connector);
     porthole::auth::with_token(channel, None)
 }
 
