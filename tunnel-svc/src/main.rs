@@ -327,13 +327,12 @@ async fn real_main() -> Result<(), Failure> {
     }
 }
 
-async fn run(args: RunArgs) -> Result<(), Failure> {
+async fn run(mut args: RunArgs) -> Result<(), Failure> {
     let token = args.service.start()?;
     let file = match &args.config {
         Some(path) => config::ConfigFile::load(path)?,
         None => config::ConfigFile::default(),
     };
-    let mut args = args;
     args.targets.extend(file.targets.iter().cloned());
     args.backends.extend(file.backends.iter().cloned());
     let docker_only = args.docker && args.monitor.is_none() && args.targets.is_empty();
