@@ -41,7 +41,19 @@ pub struct Options {
     pub filters: Vec<(String, String)>,
     /// The static monitor-svc to put in each container.
     pub monitor_binary: PathBuf,
+    /// It, read and checked once, as the archive each container gets.
+    pub archive: Archive,
     pub transport: Transport,
+}
+
+/// The monitor as a tar archive (see [`monitor_archive`]).
+#[derive(Clone)]
+pub struct Archive(Bytes);
+
+impl std::fmt::Debug for Archive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Archive({} bytes)", self.0.len())
+    }
 }
 
 /// How tunnel bytes reach a container (`--docker-transport`). Events always
@@ -157,7 +169,7 @@ fn tar_one(name: &str, data: &[u8]) -> Vec<u8> {
 }
 
 /// Reads and checks the monitor binary; the archive to upload.
-pub fn monitor_archive(path: &Path) -> Result<Bytes, DockerError> {
+pub fn monitor_archive(path: &Path) -> Result<Archive, DockerError> {
     let binary = std::fs::read(path).map_err(|e| DockerError::Binary {
         path: path.into(),
         why: format!("cannot read it ({e})"),
@@ -169,7 +181,7 @@ pub fn monitor_archive(path: &Path) -> Result<Bytes, DockerError> {
         });
     }
     let name = MONITOR_PATH.trim_start_matches('/');
-    Ok(Bytes::from(tar_one(name, &binary)))
+    Ok(Archive(Bytes::from(tar_one(name, &binary))))
 }
 
 /// The monitor for `--docker`: `--monitor-binary`, else `monitor-svc`
@@ -247,7 +259,6 @@ pub async fn connect() -> Result<Docker, DockerError> {
 pub async fn follow(
     docker: Docker,
     opts: Options,
-    archive: Bytes,
     reconciler: Handle,
     shutdown: CancellationToken,
 ) {
@@ -258,7 +269,7 @@ pub async fn follow(
     let follower = Follower {
         docker,
         filters,
-        archive,
+        archive: opts.archive.0.clone(),
         reconciler,
         transport: opts.transport,
         attached: Mutex::new(BTreeMap::new()),

@@ -253,15 +253,12 @@ pub async fn run(
         tokio::spawn(reload_on_hangup(reload, handle.clone(), shutdown.clone()));
     }
     if let Some(docker_opts) = &opts.docker {
-        // Checked before anything runs: a bad binary or no engine is a
-        // configuration mistake, said at once.
-        let archive = docker::monitor_archive(&docker_opts.monitor_binary)?;
+        // Checked before anything runs: no engine is said at once.
         let engine = docker::connect().await?;
         tracing::info!(filters = ?docker_opts.filters, monitor = %docker_opts.monitor_binary.display(), "following Docker containers");
         tokio::spawn(docker::follow(
             engine,
             docker_opts.clone(),
-            archive,
             handle.clone(),
             shutdown.clone(),
         ));

@@ -385,6 +385,23 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
     };
     reload.check(&file)?;
     let policy = reload.merge(&file);
+    // A monitor that cannot run in containers is a configuration mistake:
+    // said before anything starts. The file is read once, here.
+    let docker = if args.docker {
+        let monitor_binary = args
+            .monitor_binary
+            .unwrap_or_else(tunnel_svc::docker::default_monitor_binary);
+        let archive = tunnel_svc::docker::monitor_archive(&monitor_binary)
+            .map_err(|e| Failure::Config(e.into()))?;
+        Some(tunnel_svc::docker::Options {
+            filters: args.docker_filters,
+            monitor_binary,
+            archive,
+            transport: args.docker_transport,
+        })
+    } else {
+        None
+    };
     let opts = tunnel_svc::Options {
         targets,
         reconcile: tunnel_svc::reconcile::Options {
@@ -398,21 +415,9 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
         admin_token: token,
         monitor_tokens,
         ssh_options: args.ssh_options,
-        docker: args.docker.then(|| tunnel_svc::docker::Options {
-            filters: args.docker_filters,
-            monitor_binary: args
-                .monitor_binary
-                .unwrap_or_else(tunnel_svc::docker::default_monitor_binary),
-            transport: args.docker_transport,
-        }),
+        docker,
         reload: args.config.is_some().then_some(reload),
     };
-    if let Some(docker) = &opts.docker {
-        // A monitor that cannot run in containers is a configuration
-        // mistake: said before anything starts.
-        tunnel_svc::docker::monitor_archive(&docker.monitor_binary)
-            .map_err(|e| Failure::Config(e.into()))?;
-    }
     let shutdown = porthole::shutdown::on_signal()?;
     let admin = args.service.bind_admin().await?;
     Ok(tunnel_svc::run(admin, opts, shutdown).await?)

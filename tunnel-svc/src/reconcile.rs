@@ -1500,9 +1500,14 @@ mod tests {
         assert_eq!(tunnel(&h, "dev", p).await.unwrap().state, State::Active);
         assert!(!is_free(p));
         stop.cancel();
-        while h.targets().await.is_ok() {
-            tokio::task::yield_now().await;
-        }
+        let stopped = async {
+            while h.targets().await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(tunnel::DRAIN * 3, stopped)
+            .await
+            .expect("the reconciler stops");
         assert!(freed(p).await);
         assert!(matches!(h.tunnels(None).await, Err(AdminError::Stopping)));
     }
