@@ -173,9 +173,10 @@ async fn containers_started_later_are_followed_and_filters_hold() {
     let w = World::new();
     let (port, other_port) = (free_port(), free_port());
     let tunnel = w.tunnel_svc(&[]).await;
-    let chosen = w.http("0.0.0.0", port, "chosen");
-    // The same image and network, without the label.
+    // The same image and network, without the label, started first: by the
+    // time the labelled one is usable, its start event has been seen too.
     let other = Container::http(&w.image, &w.net, &[], "0.0.0.0", other_port, "other");
+    let chosen = w.http("0.0.0.0", port, "chosen");
     let body = poll_until(
         "the labelled container, started after tunnel-svc",
         DEADLINE,
@@ -184,6 +185,13 @@ async fn containers_started_later_are_followed_and_filters_hold() {
     .await;
     assert_eq!(body, "chosen");
     assert!(tunnels_of(&tunnel, &other.name).await.is_empty());
+    // A container is a target as soon as it is followed: the other never was.
+    let targets = tunnel.targets().await;
+    assert!(
+        targets.iter().all(|t| t.name != other.name)
+            && targets.iter().any(|t| t.name == chosen.name),
+        "{targets:?}"
+    );
     assert!(
         common::host_port_is_free(other_port),
         "the other container is not forwarded"
