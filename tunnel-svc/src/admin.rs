@@ -1,7 +1,7 @@
 //! `porthole.v1.TunnelAdmin` over gRPC, plus `/healthz` and `/metrics` on
 //! the same port.
 
-use crate::model::{Origin, State as TunnelState, TargetView, TunnelView};
+use crate::model::{Origin, Proto, State as TunnelState, TargetView, TunnelView};
 use crate::reconcile::{AdminError, Handle};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -57,7 +57,7 @@ pub fn tunnel(t: TunnelView) -> pb::Tunnel {
     pb::Tunnel {
         id: t.id.to_string(),
         target: t.id.target,
-        protocol: Protocol::Tcp as i32,
+        protocol: t.id.proto.to_pb() as i32,
         container_port: u32::from(t.id.port),
         host_port: u32::from(t.host_port),
         host_addresses: t.host_addresses.iter().map(|a| a.to_string()).collect(),
@@ -71,6 +71,9 @@ pub fn tunnel(t: TunnelView) -> pb::Tunnel {
         total_connections: t.counters.total,
         bytes_in: t.counters.bytes_in,
         bytes_out: t.counters.bytes_out,
+        datagrams_in: t.counters.datagrams_in,
+        datagrams_out: t.counters.datagrams_out,
+        datagrams_dropped: t.counters.datagrams_dropped,
         note: t.note.unwrap_or_default(),
         label: t.label.unwrap_or_default(),
     }
@@ -157,12 +160,15 @@ impl TunnelAdmin for Admin {
                 porthole::text::clip(&target, 64)
             )));
         }
-        if !matches!(
-            Protocol::try_from(protocol),
-            Ok(Protocol::Tcp | Protocol::Unspecified)
-        ) {
-            return Err(Status::invalid_argument("only TCP ports can be forwarded"));
-        }
+        let proto = match Protocol::try_from(protocol) {
+            Ok(Protocol::Tcp | Protocol::Unspecified) => Proto::Tcp,
+            Ok(Protocol::Udp) => Proto::Udp,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "protocol {protocol} is neither TCP nor UDP"
+                )))
+            }
+        };
         let container_port = port("container_port", container_port)?;
         let host_port = match host_port {
             0 => None,
@@ -170,7 +176,7 @@ impl TunnelAdmin for Admin {
         };
         let opened = self
             .reconciler
-            .open(target, container_port, host_port)
+            .open(target, (proto, container_port), host_port)
             .await?;
         Ok(GrpcResponse::new(OpenTunnelResponse {
             tunnel: Some(tunnel(opened)),

@@ -146,6 +146,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             remap: true,
             allow_privileged: false,
             rules: Vec::new(),
+            udp: Default::default(),
         },
         admin_token: None,
         monitor_tokens: [("demo".to_string(), token)].into(),

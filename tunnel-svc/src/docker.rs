@@ -8,6 +8,7 @@
 //! the container starts and goes, with its host ports, when it stops.
 
 use crate::backend::{grpc::Grpc, Backend};
+use crate::model::{PortKey, Proto};
 use crate::reconcile::{Handle, Link, TargetSpec};
 use crate::watch::Watcher;
 use bollard::container::LogOutput;
@@ -199,9 +200,9 @@ struct Container {
     id: String,
     name: String,
     image: String,
-    /// Container TCP ports published on the host with `-p`, with the host
+    /// Container ports published on the host with `-p`, with the host
     /// port.
-    published: BTreeMap<u16, u16>,
+    published: BTreeMap<PortKey, u16>,
     /// `porthole.*` labels.
     labels: HashMap<String, String>,
 }
@@ -218,11 +219,15 @@ impl Container {
             .ports
             .unwrap_or_default()
             .into_iter()
-            .filter(|p| {
-                p.typ
-                    .is_none_or(|t| t == bollard::models::PortSummaryTypeEnum::TCP)
+            .filter_map(|p| {
+                use bollard::models::PortSummaryTypeEnum as Type;
+                let proto = match p.typ {
+                    None | Some(Type::TCP) => Proto::Tcp,
+                    Some(Type::UDP) => Proto::Udp,
+                    Some(_) => return None,
+                };
+                Some(((proto, p.private_port), p.public_port?))
             })
-            .filter_map(|p| Some((p.private_port, p.public_port?)))
             .collect();
         Some(Container {
             id,

@@ -318,6 +318,7 @@ pub async fn run(
         // The operator declared these ports (ssh's 22 among them).
         allow_privileged: true,
         rules: Vec::new(),
+        udp: Default::default(),
     };
     let (handle, task) = reconcile::spawn(specs, reconcile_opts, statics, shutdown.clone());
     tracing::info!(addr = %admin.local_addr()?, "egress gate admin API listening");

@@ -17,6 +17,7 @@ pub mod reconcile;
 pub mod rules;
 mod sys;
 pub mod tunnel;
+pub mod udp;
 pub mod watch;
 
 use backend::Backend;

@@ -138,6 +138,15 @@ struct RunArgs {
     /// What to do when a host port is taken.
     #[arg(long, value_enum, default_value_t = OnConflict::Next)]
     on_conflict: OnConflict,
+    /// A UDP flow (one host client address) ends after this long without a
+    /// datagram either way.
+    #[arg(long, default_value = "60s", value_parser = porthole::time::parse_duration)]
+    udp_idle_timeout: std::time::Duration,
+    /// Most UDP flows one UDP tunnel carries at once; datagrams from further
+    /// clients are dropped (and counted) until one ends.
+    #[arg(long, default_value_t = tunnel_svc::udp::DEFAULT_MAX_FLOWS as u64,
+          value_parser = clap::value_parser!(u64).range(1..=65536))]
+    udp_max_flows: u64,
     /// Host address tunnels listen on. Repeatable. Default 127.0.0.1 and ::1.
     #[arg(long = "bind", value_name = "ADDR")]
     bind: Vec<IpAddr>,
@@ -411,6 +420,10 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
             remap: matches!(args.on_conflict, OnConflict::Next),
             allow_privileged: args.allow_privileged_ports,
             rules: policy.rules,
+            udp: tunnel_svc::udp::Limits {
+                idle: args.udp_idle_timeout,
+                max_flows: args.udp_max_flows as usize,
+            },
         },
         admin_token: token,
         monitor_tokens,

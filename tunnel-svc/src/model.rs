@@ -8,41 +8,96 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
-/// A tunnel's identity: a target and a TCP port in it. Shown and parsed as
-/// `TARGET:tcp:PORT`.
+/// The transport a port and its tunnel carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+
+    pub fn to_pb(self) -> porthole::pb::v1::Protocol {
+        match self {
+            Proto::Tcp => porthole::pb::v1::Protocol::Tcp,
+            Proto::Udp => porthole::pb::v1::Protocol::Udp,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Proto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Proto, String> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            other => Err(format!("protocol {other:?}: use tcp or udp")),
+        }
+    }
+}
+
+/// A port of a container: its transport and number.
+pub type PortKey = (Proto, u16);
+
+/// A tunnel's identity: a target and a TCP or UDP port in it. Shown and
+/// parsed as `TARGET:tcp:PORT` or `TARGET:udp:PORT`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TunnelId {
     pub target: String,
+    pub proto: Proto,
     pub port: u16,
 }
 
 impl TunnelId {
+    /// A TCP port's tunnel.
     pub fn new(target: &str, port: u16) -> TunnelId {
+        TunnelId::of(target, (Proto::Tcp, port))
+    }
+
+    pub fn of(target: &str, (proto, port): PortKey) -> TunnelId {
         TunnelId {
             target: target.to_string(),
+            proto,
             port,
         }
+    }
+
+    pub fn key(&self) -> PortKey {
+        (self.proto, self.port)
     }
 }
 
 impl fmt::Display for TunnelId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:tcp:{}", self.target, self.port)
+        write!(f, "{}:{}:{}", self.target, self.proto, self.port)
     }
 }
 
 impl FromStr for TunnelId {
     type Err = ();
-    /// `TARGET:tcp:PORT` with PORT in 1..65535; the target may itself hold
-    /// colons (a gate upstream named by address).
+    /// `TARGET:tcp:PORT` or `TARGET:udp:PORT` with PORT in 1..65535; the
+    /// target may itself hold colons (a gate upstream named by address).
     fn from_str(s: &str) -> Result<TunnelId, ()> {
         let (rest, port) = s.rsplit_once(':').ok_or(())?;
-        let target = rest.strip_suffix(":tcp").ok_or(())?;
+        let (target, proto) = rest.rsplit_once(':').ok_or(())?;
+        let proto: Proto = proto.parse().map_err(|_| ())?;
         let port: u16 = port.parse().map_err(|_| ())?;
         if target.is_empty() || port == 0 || port.to_string().len() != s.len() - rest.len() - 1 {
             return Err(());
         }
-        Ok(TunnelId::new(target, port))
+        Ok(TunnelId::of(target, (proto, port)))
     }
 }
 
@@ -107,10 +162,17 @@ impl Listener {
 /// Live counters of one tunnel, as read at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
+    /// Connections (UDP: flows) open now.
     pub active: u64,
     pub total: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// UDP: datagrams host → container.
+    pub datagrams_in: u64,
+    /// UDP: datagrams container → host.
+    pub datagrams_out: u64,
+    /// UDP: datagrams from the host dropped (no flow could take them).
+    pub datagrams_dropped: u64,
 }
 
 /// A tunnel as the admin API shows it.
@@ -155,13 +217,17 @@ mod tests {
         let id = TunnelId::new("dev", 8080);
         assert_eq!(id.to_string(), "dev:tcp:8080");
         assert_eq!("dev:tcp:8080".parse(), Ok(id));
+        let dns = TunnelId::of("dev", (super::Proto::Udp, 53));
+        assert_eq!(dns.to_string(), "dev:udp:53");
+        assert_eq!("dev:udp:53".parse(), Ok(dns));
         let odd: TunnelId = "git.example:22:tcp:22".parse().unwrap();
         assert_eq!((odd.target.as_str(), odd.port), ("git.example:22", 22));
         for bad in [
             "",
             "dev",
             "dev:8080",
-            "dev:udp:53",
+            "dev:sctp:53",
+            "dev:TCP:53",
             ":tcp:80",
             "dev:tcp:0",
             "dev:tcp:65536",

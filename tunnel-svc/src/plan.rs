@@ -4,7 +4,7 @@
 //! without root.
 
 use crate::config::PortSet;
-use crate::model::{Listener, Origin, State as TunnelState, TunnelId};
+use crate::model::{Listener, Origin, PortKey, Proto, State as TunnelState, TunnelId};
 use porthole::pb::v1::Process;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -73,13 +73,13 @@ impl Want {
 /// One target's open ports, as its watcher last reported them.
 pub struct TargetPorts<'a> {
     pub name: &'a str,
-    /// The monitor's own port, never forwarded.
+    /// The monitor's own TCP port, never forwarded.
     pub monitor_port: u16,
     /// Ports the container publishes on the host itself: container port →
     /// host port. Listed, never forwarded.
-    pub published: &'a BTreeMap<u16, u16>,
-    /// Open TCP ports, with every listener on each.
-    pub ports: &'a BTreeMap<u16, Vec<Listener>>,
+    pub published: &'a BTreeMap<PortKey, u16>,
+    /// Open TCP ports and UDP servers, with every listener on each.
+    pub ports: &'a BTreeMap<PortKey, Vec<Listener>>,
     /// This target's own rules (a container's labels), before the global ones.
     pub rules: &'a [crate::rules::Rule],
 }
@@ -156,7 +156,7 @@ pub fn desired(
         targets
             .iter()
             .find(|t| t.name == id.target)
-            .and_then(|t| t.ports.get(&id.port))
+            .and_then(|t| t.ports.get(&id.key()))
             .map_or(&[][..], |v| v.as_slice())
     };
     for id in state.statics {
@@ -183,22 +183,22 @@ pub fn desired(
         let eligible: Vec<(TunnelId, &Vec<Listener>, Option<&crate::rules::Rule>)> = t
             .ports
             .iter()
-            .map(|(&port, listeners)| {
-                let rule = crate::rules::first(t.rules, t.name, port, listeners)
-                    .or_else(|| crate::rules::first(policy.rules, t.name, port, listeners));
-                (TunnelId::new(t.name, port), listeners, rule)
+            .map(|(&key, listeners)| {
+                let rule = crate::rules::first(t.rules, t.name, key, listeners)
+                    .or_else(|| crate::rules::first(policy.rules, t.name, key, listeners));
+                (TunnelId::of(t.name, key), listeners, rule)
             })
             .filter(|(id, _, rule)| {
                 !(want.contains_key(id)
-                    || id.port == t.monitor_port
-                    || t.published.contains_key(&id.port)
+                    || id.key() == (Proto::Tcp, t.monitor_port)
+                    || t.published.contains_key(&id.key())
                     || policy.skip.contains(id.port)
                     || state.closed.contains(id)
                     || rule.is_some_and(|r| r.action == crate::rules::Action::Ignore))
             })
             .collect();
-        for (&port, listeners) in t.ports {
-            let (Some(&host), id) = (t.published.get(&port), TunnelId::new(t.name, port)) else {
+        for (&key, listeners) in t.ports {
+            let (Some(&host), id) = (t.published.get(&key), TunnelId::of(t.name, key)) else {
                 continue;
             };
             want.entry(id).or_insert_with(|| Want {
@@ -236,12 +236,13 @@ pub fn desired(
 /// rule of [`desired`]), and notes why a host port differs from the
 /// container port.
 fn assign_host_ports(want: &mut BTreeMap<TunnelId, Want>, policy: &Policy, state: &State) {
-    // Ports held by open tunnels that stay: they keep them.
-    let mut taken: BTreeMap<u16, TunnelId> = state
+    // Ports held by open tunnels that stay: they keep them. TCP and UDP
+    // host ports are apart.
+    let mut taken: BTreeMap<PortKey, TunnelId> = state
         .existing
         .iter()
         .filter(|(id, e)| e.state.is_open() && want.get(*id).is_some_and(|w| !w.capped))
-        .map(|(id, e)| (e.host_port, id.clone()))
+        .map(|(id, e)| ((id.proto, e.host_port), id.clone()))
         .collect();
     let order = |w: &Want| match w.origin {
         Origin::Egress => 0,
@@ -256,7 +257,7 @@ fn assign_host_ports(want: &mut BTreeMap<TunnelId, Want>, policy: &Policy, state
                 && !state.existing.get(*id).is_some_and(|e| e.state.is_open())
         })
         .collect();
-    new.sort_by_key(|(id, w)| (order(w), id.target.clone(), id.port));
+    new.sort_by_key(|(id, w)| (order(w), id.target.clone(), id.proto, id.port));
     for (id, w) in new {
         if w.port_note_needed(id.port) {
             w.note = Some(format!(
@@ -265,8 +266,12 @@ fn assign_host_ports(want: &mut BTreeMap<TunnelId, Want>, policy: &Policy, state
                 id.port, w.host_port, id.port
             ));
         }
-        let Some(holder) = taken.get(&w.host_port).filter(|h| *h != id).cloned() else {
-            taken.insert(w.host_port, id.clone());
+        let Some(holder) = taken
+            .get(&(id.proto, w.host_port))
+            .filter(|h| *h != id)
+            .cloned()
+        else {
+            taken.insert((id.proto, w.host_port), id.clone());
             continue;
         };
         if w.exact || !policy.remap {
@@ -275,14 +280,14 @@ fn assign_host_ports(want: &mut BTreeMap<TunnelId, Want>, policy: &Policy, state
         }
         let next = (u32::from(w.host_port) + 1..=65535)
             .map(|p| p as u16)
-            .find(|p| !taken.contains_key(p));
+            .find(|p| !taken.contains_key(&(id.proto, *p)));
         if let Some(next) = next {
             w.note = Some(format!(
                 "host port {} is held by {holder}; forwarded on {next} instead",
                 w.host_port
             ));
             w.host_port = next;
-            taken.insert(next, id.clone());
+            taken.insert((id.proto, next), id.clone());
         }
     }
 }
@@ -363,8 +368,11 @@ mod tests {
         }
     }
 
-    fn open(ports: &[u16]) -> BTreeMap<u16, Vec<Listener>> {
-        ports.iter().map(|&p| (p, vec![listener(p)])).collect()
+    fn open(ports: &[u16]) -> BTreeMap<PortKey, Vec<Listener>> {
+        ports
+            .iter()
+            .map(|&p| ((Proto::Tcp, p), vec![listener(p)]))
+            .collect()
     }
 
     fn id(target: &str, port: u16) -> TunnelId {
@@ -374,7 +382,7 @@ mod tests {
     /// What the reconciler would know: targets' ports, flags, admin
     /// decisions and the tunnels that exist.
     struct World {
-        targets: BTreeMap<&'static str, BTreeMap<u16, Vec<Listener>>>,
+        targets: BTreeMap<&'static str, BTreeMap<PortKey, Vec<Listener>>>,
         skip: PortSet,
         max: usize,
         allow_privileged: bool,
@@ -384,7 +392,7 @@ mod tests {
         closed: BTreeSet<TunnelId>,
         existing: BTreeMap<TunnelId, Existing>,
         /// Published ports of every target (docker -p).
-        published: BTreeMap<u16, u16>,
+        published: BTreeMap<PortKey, u16>,
         rules: Vec<crate::rules::Rule>,
     }
 
@@ -405,7 +413,7 @@ mod tests {
             }
         }
 
-        fn ports(&mut self) -> &mut BTreeMap<u16, Vec<Listener>> {
+        fn ports(&mut self) -> &mut BTreeMap<PortKey, Vec<Listener>> {
             self.targets.get_mut("dev").unwrap()
         }
 
@@ -539,7 +547,7 @@ mod tests {
         w.max = 2;
         w.apply();
         // 8001 opens after 8002 and 8003 got their tunnels: it waits.
-        w.ports().insert(8001, vec![listener(8001)]);
+        w.ports().insert((Proto::Tcp, 8001), vec![listener(8001)]);
         assert_eq!(
             w.summary(),
             [
@@ -553,7 +561,7 @@ mod tests {
         w.apply();
         assert_eq!(w.existing[&id("dev", 8001)].state, TunnelState::Capped);
         // A slot frees: the capped port takes it.
-        w.ports().remove(&8002);
+        w.ports().remove(&(Proto::Tcp, 8002));
         assert_eq!(
             w.actions(false),
             [
@@ -592,12 +600,12 @@ mod tests {
         w.existing.get_mut(&id("dev", 8000)).unwrap().state = TunnelState::Closed;
         assert!(w.actions(true).is_empty());
         // The port closes inside (the reconciler then forgets the close).
-        w.ports().remove(&8000);
+        w.ports().remove(&(Proto::Tcp, 8000));
         w.closed.clear();
         assert_eq!(w.actions(false), [("remove", "dev:tcp:8000".into())]);
         w.apply();
         // It reopens: a tunnel again.
-        w.ports().insert(8000, vec![listener(8000)]);
+        w.ports().insert((Proto::Tcp, 8000), vec![listener(8000)]);
         assert_eq!(w.actions(false), [("start", "dev:tcp:8000".into())]);
     }
 
@@ -689,7 +697,7 @@ mod tests {
     #[test]
     fn published_ports_are_listed_not_forwarded_nor_counted() {
         let mut w = World::new(&[8000, 8080]);
-        w.published.insert(8080, 18080);
+        w.published.insert((Proto::Tcp, 8080), 18080);
         w.max = 1;
         let (want, capped) = w.plan();
         let p = &want[&id("dev", 8080)];
@@ -760,7 +768,7 @@ mod tests {
         w.apply();
         assert!(w.actions(true).is_empty(), "nothing changed");
         // Only the process changed: updated in place, never restarted.
-        w.ports().get_mut(&8000).unwrap()[0].process = Some(Process {
+        w.ports().get_mut(&(Proto::Tcp, 8000)).unwrap()[0].process = Some(Process {
             pid: 8,
             name: "srv2".into(),
             ..Default::default()

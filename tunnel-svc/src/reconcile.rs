@@ -8,7 +8,9 @@
 
 use crate::backend::{Backend, BackendCell};
 use crate::config::PortSet;
-use crate::model::{Counters, Listener, Origin, State, TargetView, TunnelId, TunnelView};
+use crate::model::{
+    Counters, Listener, Origin, PortKey, Proto, State, TargetView, TunnelId, TunnelView,
+};
 use crate::plan::{self, Want, PRIVILEGED};
 use crate::tunnel::{self, Stats};
 use porthole::fanout::{self, Fanout, Subscription};
@@ -85,7 +87,7 @@ pub enum Link {
 enum Command {
     Ports {
         target: String,
-        ports: BTreeMap<u16, Vec<Listener>>,
+        ports: BTreeMap<PortKey, Vec<Listener>>,
     },
     Link {
         target: String,
@@ -102,7 +104,7 @@ enum Command {
     },
     Open {
         target: String,
-        port: u16,
+        port: PortKey,
         host_port: Option<u16>,
         reply: oneshot::Sender<Result<TunnelView, AdminError>>,
     },
@@ -154,7 +156,7 @@ impl Handle {
     }
 
     /// Every port now open in `target`. False once the reconciler stopped.
-    pub async fn ports(&self, target: &str, ports: BTreeMap<u16, Vec<Listener>>) -> bool {
+    pub async fn ports(&self, target: &str, ports: BTreeMap<PortKey, Vec<Listener>>) -> bool {
         let target = target.to_string();
         self.commands
             .send(Command::Ports { target, ports })
@@ -187,7 +189,7 @@ impl Handle {
     pub async fn open(
         &self,
         target: String,
-        port: u16,
+        port: PortKey,
         host_port: Option<u16>,
     ) -> Result<TunnelView, AdminError> {
         self.ask(|reply| Command::Open {
@@ -293,7 +295,7 @@ pub struct TargetSpec {
     pub fixed: bool,
     /// Ports the container publishes on the host itself (`docker run
     /// -p`): container port → host port. Listed, never forwarded.
-    pub published: BTreeMap<u16, u16>,
+    pub published: BTreeMap<PortKey, u16>,
     /// The target's own rules (a container's `porthole.*` labels), matched
     /// before `--config`'s.
     pub rules: Vec<crate::rules::Rule>,
@@ -310,6 +312,8 @@ pub struct Options {
     pub allow_privileged: bool,
     /// `[[rule]]`s of `--config`, first match wins.
     pub rules: Vec<crate::rules::Rule>,
+    /// Idle timeout and flow bound of UDP tunnels.
+    pub udp: crate::udp::Limits,
 }
 
 struct Target {
@@ -318,9 +322,9 @@ struct Target {
     /// Prepare/release requests, run in order (backends that need them).
     port_ops: Option<mpsc::UnboundedSender<PortOp>>,
     monitor_port: u16,
-    published: BTreeMap<u16, u16>,
+    published: BTreeMap<PortKey, u16>,
     rules: Vec<crate::rules::Rule>,
-    ports: BTreeMap<u16, Vec<Listener>>,
+    ports: BTreeMap<PortKey, Vec<Listener>>,
     up: bool,
     capped: bool,
     url: String,
@@ -439,6 +443,9 @@ impl Entry {
                 total: s.total.load(Relaxed),
                 bytes_in: s.bytes_in.load(Relaxed),
                 bytes_out: s.bytes_out.load(Relaxed),
+                datagrams_in: s.datagrams_in.load(Relaxed),
+                datagrams_out: s.datagrams_out.load(Relaxed),
+                datagrams_dropped: s.datagrams_dropped.load(Relaxed),
             },
         }
     }
@@ -570,7 +577,7 @@ impl Reconciler {
                 t.ports = ports;
                 // A closed port forgets that an admin closed its tunnel.
                 self.closed
-                    .retain(|id| id.target != target || t.ports.contains_key(&id.port));
+                    .retain(|id| id.target != target || t.ports.contains_key(&id.key()));
                 self.reconcile(false);
             }
             Command::Link { target, link } => {
@@ -868,7 +875,11 @@ impl Reconciler {
     /// asks the backend to prepare the port; or says why it cannot.
     fn listen(&mut self, id: &TunnelId, want: &Want, entry: &mut Entry) -> Result<(), String> {
         let t = &self.targets[&id.target];
-        if let Some(why) = t.backend.get().unreachable(&want.addresses) {
+        let backend = t.backend.get();
+        if let Some(why) = backend.no_udp().filter(|_| id.proto == Proto::Udp) {
+            return Err(why.to_string());
+        }
+        if let Some(why) = backend.unreachable(&want.addresses) {
             return Err(why);
         }
         if let Some(holder) = &want.held_by {
@@ -883,14 +894,17 @@ impl Reconciler {
             ));
         }
         let remap = self.opts.remap && !want.exact;
-        let (host_port, listeners) = tunnel::allocate(&self.opts.bind, want.host_port, remap)
-            .map_err(|e| bind_failure(want, e))?;
+        let (bind, wanted) = (&self.opts.bind, want.host_port);
+        let (host_port, sockets) = match id.proto {
+            Proto::Tcp => tunnel::allocate(bind, wanted, remap, tunnel::bind_tcp)
+                .map(|(port, ls)| (port, Sockets::Tcp(ls))),
+            Proto::Udp => tunnel::allocate(bind, wanted, remap, crate::udp::bind)
+                .map(|(port, ss)| (port, Sockets::Udp(ss))),
+        }
+        .map_err(|e| bind_failure(want, e))?;
         entry.opened_at = Some(chrono::Utc::now());
         entry.host_port = host_port;
-        entry.host_addresses = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect();
+        entry.host_addresses = sockets.local_addrs();
         if let Some(note) = want.note.as_ref().filter(|n| n.contains(" is held by ")) {
             tracing::warn!(%note, "host port held by another tunnel; moved");
         }
@@ -916,19 +930,21 @@ impl Reconciler {
             );
         }
         let cancel = CancellationToken::new();
-        tunnel::serve(
-            listeners,
-            t.backend.clone(),
-            tunnel::Carry {
-                container_port: id.port,
-                stats: entry.stats.clone(),
-                cancel: cancel.clone(),
-                tracker: self.connections.clone(),
-                span: entry.span.clone(),
-            },
-        );
+        let carry = tunnel::Carry {
+            container_port: id.port,
+            stats: entry.stats.clone(),
+            cancel: cancel.clone(),
+            tracker: self.connections.clone(),
+            span: entry.span.clone(),
+        };
+        match sockets {
+            Sockets::Tcp(listeners) => tunnel::serve(listeners, t.backend.clone(), carry),
+            Sockets::Udp(sockets) => {
+                crate::udp::serve(sockets, t.backend.clone(), carry, self.opts.udp)
+            }
+        }
         entry.cancel = Some(cancel);
-        match &t.port_ops {
+        match t.port_ops.as_ref().filter(|_| id.proto == Proto::Tcp) {
             Some(ops) => {
                 entry.prepared = true;
                 let _ = ops.send(PortOp::Prepare {
@@ -955,9 +971,15 @@ impl Reconciler {
         let backend = self.targets[&id.target].backend.get();
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
-            let dialed = tokio::time::timeout(PROBE_TIMEOUT, backend.dial(id.port)).await;
+            let dial = async {
+                match id.proto {
+                    Proto::Tcp => backend.dial(id.port).await.map(drop),
+                    Proto::Udp => backend.dial_udp(id.port).await.map(drop),
+                }
+            };
+            let dialed = tokio::time::timeout(PROBE_TIMEOUT, dial).await;
             let outcome = match dialed {
-                Ok(Ok(_upstream)) => Ok(()),
+                Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err(format!("no answer within {}s", PROBE_TIMEOUT.as_secs())),
             };
@@ -972,10 +994,10 @@ impl Reconciler {
     /// Why a port open in its container has no tunnel, if it is open.
     fn not_forwarded(&self, id: &TunnelId) -> Option<AdminError> {
         let t = self.targets.get(&id.target)?;
-        let listeners = t.ports.get(&id.port)?;
-        let rule = crate::rules::first(&t.rules, &id.target, id.port, listeners)
-            .or_else(|| crate::rules::first(&self.opts.rules, &id.target, id.port, listeners));
-        let why = if id.port == t.monitor_port {
+        let listeners = t.ports.get(&id.key())?;
+        let rule = crate::rules::first(&t.rules, &id.target, id.key(), listeners)
+            .or_else(|| crate::rules::first(&self.opts.rules, &id.target, id.key(), listeners));
+        let why = if id.key() == (Proto::Tcp, t.monitor_port) {
             "it is the monitor's own port"
         } else if self.opts.skip.contains(id.port) {
             "it is in the skip list (--skip, the defaults, or the config file)"
@@ -1007,7 +1029,7 @@ impl Reconciler {
         // A manual tunnel of a port open in the container stays closed like
         // an automatic one: forgetting it would bring the automatic tunnel
         // straight back.
-        let open_inside = self.targets[&id.target].ports.contains_key(&id.port);
+        let open_inside = self.targets[&id.target].ports.contains_key(&id.key());
         if self.manual.remove(&id).is_some() && !open_inside {
             self.entries.remove(&id);
             self.publish_removed(view.clone());
@@ -1022,7 +1044,7 @@ impl Reconciler {
     fn open(
         &mut self,
         target: String,
-        port: u16,
+        port: PortKey,
         host_port: Option<u16>,
     ) -> Result<TunnelView, AdminError> {
         let names = || self.targets.keys().cloned().collect::<Vec<_>>().join(", ");
@@ -1057,7 +1079,7 @@ impl Reconciler {
                  ports only with --allow-privileged-ports"
             )));
         }
-        let id = TunnelId::new(&target, port);
+        let id = TunnelId::of(&target, port);
         let current = self
             .entries
             .get(&id)
@@ -1067,7 +1089,15 @@ impl Reconciler {
         // port that is taken is refused and the tunnel stays as it is.
         if let (Some(now), Some(host)) = (current, host_port) {
             if now != host {
-                if let Err(e) = tunnel::bind_all(&self.opts.bind, host) {
+                let free = match id.proto {
+                    Proto::Tcp => {
+                        tunnel::bind_all(&self.opts.bind, host, tunnel::bind_tcp).map(drop)
+                    }
+                    Proto::Udp => {
+                        tunnel::bind_all(&self.opts.bind, host, crate::udp::bind).map(drop)
+                    }
+                };
+                if let Err(e) = free {
                     return Err(AdminError::Precondition(format!(
                         "cannot listen on host port {host}: {e}; {id} stays as it is"
                     )));
@@ -1136,6 +1166,21 @@ fn all_events(
         .collect()
 }
 
+/// A tunnel's host side: TCP listeners or UDP sockets.
+enum Sockets {
+    Tcp(Vec<tokio::net::TcpListener>),
+    Udp(Vec<tokio::net::UdpSocket>),
+}
+
+impl Sockets {
+    fn local_addrs(&self) -> Vec<SocketAddr> {
+        match self {
+            Sockets::Tcp(ls) => ls.iter().filter_map(|l| l.local_addr().ok()).collect(),
+            Sockets::Udp(ss) => ss.iter().filter_map(|s| s.local_addr().ok()).collect(),
+        }
+    }
+}
+
 /// Why a tunnel cannot listen on its host port, in the user's terms.
 fn bind_failure(want: &Want, e: std::io::Error) -> String {
     if e.kind() != std::io::ErrorKind::AddrInUse {
@@ -1196,6 +1241,7 @@ mod tests {
             remap: true,
             allow_privileged: false,
             rules: Vec::new(),
+            udp: Default::default(),
         }
     }
 
@@ -1220,7 +1266,7 @@ mod tests {
         (h, shutdown)
     }
 
-    fn open(ports: &[u16]) -> BTreeMap<u16, Vec<Listener>> {
+    fn open(ports: &[u16]) -> BTreeMap<PortKey, Vec<Listener>> {
         ports
             .iter()
             .map(|&port| {
@@ -1230,7 +1276,7 @@ mod tests {
                     dual_stack: false,
                     process: None,
                 };
-                (port, vec![l])
+                ((Proto::Tcp, port), vec![l])
             })
             .collect()
     }
@@ -1246,6 +1292,43 @@ mod tests {
 
     async fn count(h: &Handle) -> usize {
         h.tunnels(None).await.unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn udp_servers_get_udp_tunnels_beside_the_tcp_ones() {
+        let (h, _stop) = start(&["dev"], options());
+        let p = free_port();
+        let udp_free = || std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok();
+        assert!(udp_free());
+        let mut ports = open(&[p]);
+        let tcp = ports[&(Proto::Tcp, p)].clone();
+        ports.insert((Proto::Udp, p), tcp);
+        assert!(h.ports("dev", ports).await);
+        let all = h.tunnels(None).await.unwrap();
+        let shown: Vec<(String, State, u16)> = all
+            .iter()
+            .map(|t| (t.id.to_string(), t.state.clone(), t.host_port))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (format!("dev:tcp:{p}"), State::Active, p),
+                (format!("dev:udp:{p}"), State::Active, p),
+            ],
+            "TCP and UDP on one port number are two tunnels on the same host port"
+        );
+        assert!(!udp_free(), "the host UDP port is bound");
+        assert!(h.ports("dev", BTreeMap::new()).await);
+        assert_eq!(count(&h).await, 0);
+        let mut freed = false;
+        for _ in 0..100 {
+            freed = udp_free();
+            if freed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(freed, "the host UDP port is freed when the port closes");
     }
 
     #[tokio::test]
@@ -1280,7 +1363,7 @@ mod tests {
         let (h, _stop) = start(&["dev"], opts);
         h.ports("dev", open(&[p])).await;
         assert_eq!(count(&h).await, 0);
-        let t = h.open(String::new(), p, None).await.unwrap();
+        let t = h.open(String::new(), (Proto::Tcp, p), None).await.unwrap();
         assert_eq!((t.state, t.origin), (State::Active, Origin::Manual));
     }
 
@@ -1327,13 +1410,16 @@ mod tests {
         let (p, q) = (free_port(), free_port());
         let busy = std::net::TcpListener::bind(("127.0.0.1", q)).unwrap();
         h.ports("dev", open(&[p])).await;
-        let t = h.open("dev".into(), p, Some(q)).await;
+        let t = h.open("dev".into(), (Proto::Tcp, p), Some(q)).await;
         // The pre-bind check refuses to move a working tunnel onto a busy port.
         assert!(matches!(t, Err(AdminError::Precondition(_))), "{t:?}");
         assert_eq!(tunnel(&h, "dev", p).await.unwrap().host_port, p);
         // A new manual tunnel on a busy exact port fails and is retried.
         let r = free_port();
-        let t = h.open("dev".into(), r, Some(q)).await.unwrap();
+        let t = h
+            .open("dev".into(), (Proto::Tcp, r), Some(q))
+            .await
+            .unwrap();
         let State::Failed(why) = t.state else {
             panic!("{t:?}")
         };
@@ -1412,7 +1498,10 @@ mod tests {
         );
         let err = h.close(format!("forge:tcp:{p}")).await.unwrap_err();
         assert!(matches!(err, AdminError::Precondition(_)), "{err}");
-        let err = h.open("forge".into(), 9, None).await.unwrap_err();
+        let err = h
+            .open("forge".into(), (Proto::Tcp, 9), None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, AdminError::Precondition(_)), "{err}");
         let targets = h.targets().await.unwrap();
         assert!(targets[0].connected, "a gate upstream needs no monitor");
@@ -1445,7 +1534,7 @@ mod tests {
         assert!(freed(p).await, "a removed target's host ports are freed");
         // A target that comes back starts afresh.
         h.add_target(TargetSpec {
-            published: [(p, 18080)].into(),
+            published: [((Proto::Tcp, p), 18080)].into(),
             ..target("web")
         })
         .await;

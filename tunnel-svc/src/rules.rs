@@ -4,7 +4,7 @@
 //! target; the first rule that matches a port decides.
 
 use crate::config::PortSet;
-use crate::model::Listener;
+use crate::model::{Listener, PortKey, Proto};
 use regex::Regex;
 use serde::Deserialize;
 
@@ -23,8 +23,7 @@ pub enum Action {
 pub struct RuleFile {
     /// `18800`, `18801-18809` or a list `22,80,6000-6100`.
     pub ports: Option<String>,
-    /// `tcp` or `udp` (only TCP is forwarded, so `udp` rules match nothing
-    /// yet).
+    /// `tcp` or `udp`; both when left out.
     pub protocol: Option<String>,
     /// A regex searched in the listening process's command line.
     pub process: Option<String>,
@@ -41,7 +40,7 @@ pub struct RuleFile {
 #[derive(Clone, Debug)]
 pub struct Rule {
     ports: Option<PortSet>,
-    udp: bool,
+    protocol: Option<Proto>,
     process: Option<Regex>,
     target: Option<String>,
     pub action: Action,
@@ -58,11 +57,11 @@ impl Rule {
             .as_deref()
             .map(|p| p.parse::<PortSet>().map_err(|e| at(e.to_string())))
             .transpose()?;
-        let udp = match f.protocol.as_deref() {
-            None | Some("tcp") => false,
-            Some("udp") => true,
-            Some(other) => return Err(at(format!("protocol {other:?}: use tcp or udp"))),
-        };
+        let protocol = f
+            .protocol
+            .as_deref()
+            .map(|p| p.parse::<Proto>().map_err(at))
+            .transpose()?;
         let process = f
             .process
             .as_deref()
@@ -81,7 +80,7 @@ impl Rule {
         }
         Ok(Rule {
             ports,
-            udp,
+            protocol,
             process,
             target: f.target,
             action: f.action,
@@ -90,10 +89,10 @@ impl Rule {
         })
     }
 
-    /// Whether this rule is about `port` of `target` (TCP), with these
-    /// listeners on it.
-    fn matches(&self, target: &str, port: u16, listeners: &[Listener]) -> bool {
-        !self.udp
+    /// Whether this rule is about `port` of `target`, with these listeners
+    /// on it.
+    fn matches(&self, target: &str, (proto, port): PortKey, listeners: &[Listener]) -> bool {
+        self.protocol.is_none_or(|p| p == proto)
             && self.ports.as_ref().is_none_or(|p| p.contains(port))
             && self.target.as_deref().is_none_or(|t| t == target)
             && self.process.as_ref().is_none_or(|re| {
@@ -178,7 +177,7 @@ pub fn from_labels<'a>(
 pub fn first<'a>(
     rules: &'a [Rule],
     target: &str,
-    port: u16,
+    port: PortKey,
     listeners: &[Listener],
 ) -> Option<&'a Rule> {
     rules.iter().find(|r| r.matches(target, port, listeners))
@@ -232,13 +231,19 @@ mod tests {
             action = "ignore"
             [[rule]]
             target = "db"
+            protocol = "tcp"
             host_port = 15432
+            [[rule]]
+            protocol = "udp"
+            ports = "53"
+            label = "dns"
             "#,
         )
         .unwrap();
         let web = listener(&["python3", "-m", "http.server"]);
         let pg = listener(&["/usr/lib/postgresql/bin/postgres", "-D", "/data"]);
-        let hit = |t: &str, p: u16, l: &Listener| first(&r, t, p, std::slice::from_ref(l));
+        let hit =
+            |t: &str, p: u16, l: &Listener| first(&r, t, (Proto::Tcp, p), std::slice::from_ref(l));
         assert_eq!(
             hit("dev", 18800, &web).unwrap().label.as_deref(),
             Some("web")
@@ -251,6 +256,18 @@ mod tests {
         );
         assert!(hit("dev", 9000, &web).is_none());
         assert_eq!(hit("db", 9000, &web).unwrap().host_port, Some(15432));
+        let udp = |t: &str, p: u16| first(&r, t, (Proto::Udp, p), std::slice::from_ref(&web));
+        assert_eq!(
+            udp("dev", 18805).unwrap().action,
+            Action::Ignore,
+            "no protocol: both"
+        );
+        assert!(udp("db", 9000).is_none(), "a tcp rule leaves UDP alone");
+        assert_eq!(udp("dev", 53).unwrap().label.as_deref(), Some("dns"));
+        assert!(
+            hit("dev", 53, &web).is_none(),
+            "a udp rule leaves TCP alone"
+        );
     }
 
     #[test]
@@ -267,7 +284,7 @@ mod tests {
         assert_eq!(wrong.len(), 3, "{wrong:?}");
         assert!(wrong.iter().any(|w| w.contains("privileged")), "{wrong:?}");
         let l = listener(&["srv"]);
-        let hit = |p: u16| first(&r, "c", p, std::slice::from_ref(&l));
+        let hit = |p: u16| first(&r, "c", (Proto::Tcp, p), std::slice::from_ref(&l));
         assert_eq!(hit(5432).unwrap().action, Action::Ignore);
         assert_eq!(hit(8003).unwrap().action, Action::Ignore);
         let web = hit(8000).unwrap();

@@ -25,6 +25,12 @@ pub struct Stats {
     pub bytes_in: AtomicU64,
     /// Container → host client.
     pub bytes_out: AtomicU64,
+    /// UDP datagrams host client → container.
+    pub datagrams_in: AtomicU64,
+    /// UDP datagrams container → host client.
+    pub datagrams_out: AtomicU64,
+    /// UDP datagrams from host clients no flow could take.
+    pub datagrams_dropped: AtomicU64,
     /// Why the latest connection failed, until one gets through again:
     /// an ACTIVE tunnel whose far end is unreachable says so.
     pub last_error: Mutex<Option<String>>,
@@ -52,12 +58,17 @@ impl Stats {
     }
 }
 
-/// Binds `port` on every address, or none: a port counts as free only if
-/// all of them are. Addresses the host does not have (no IPv6) are left out.
-pub fn bind_all(addrs: &[IpAddr], port: u16) -> io::Result<Vec<TcpListener>> {
+/// Binds `port` on every address with `bind` (a TCP listener or a UDP
+/// socket), or none: a port counts as free only if all of them are.
+/// Addresses the host does not have (no IPv6) are left out.
+pub fn bind_all<L>(
+    addrs: &[IpAddr],
+    port: u16,
+    bind: impl Fn(SocketAddr) -> io::Result<L>,
+) -> io::Result<Vec<L>> {
     let mut listeners = Vec::with_capacity(addrs.len());
     for ip in addrs {
-        match bind_one(SocketAddr::new(*ip, port)) {
+        match bind(SocketAddr::new(*ip, port)) {
             Ok(l) => listeners.push(l),
             Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => {
                 tracing::debug!(%ip, "address not available on this host; skipped");
@@ -74,7 +85,8 @@ pub fn bind_all(addrs: &[IpAddr], port: u16) -> io::Result<Vec<TcpListener>> {
     Ok(listeners)
 }
 
-fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+/// A TCP listener on `addr`.
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -86,16 +98,21 @@ fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-/// Finds host listeners for a tunnel: `wanted` itself, or with `next` the
-/// first free port after it (up to 1000 tries).
-pub fn allocate(addrs: &[IpAddr], wanted: u16, next: bool) -> io::Result<(u16, Vec<TcpListener>)> {
-    let first_err = match bind_all(addrs, wanted) {
+/// Finds host listeners (or UDP sockets) for a tunnel: `wanted` itself, or
+/// with `next` the first free port after it (up to 1000 tries).
+pub fn allocate<L>(
+    addrs: &[IpAddr],
+    wanted: u16,
+    next: bool,
+    bind: impl Fn(SocketAddr) -> io::Result<L> + Copy,
+) -> io::Result<(u16, Vec<L>)> {
+    let first_err = match bind_all(addrs, wanted, bind) {
         Ok(ls) => return Ok((wanted, ls)),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse && next => e,
         Err(e) => return Err(e),
     };
     for port in (u32::from(wanted) + 1..=65535).take(1000) {
-        match bind_all(addrs, port as u16) {
+        match bind_all(addrs, port as u16, bind) {
             Ok(ls) => return Ok((port as u16, ls)),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
             Err(e) => return Err(e),

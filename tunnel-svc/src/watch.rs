@@ -5,7 +5,7 @@
 //! last known ports stand, so tunnels stay up.
 
 use crate::backoff::Backoff;
-use crate::model::Listener;
+use crate::model::{Listener, PortKey, Proto};
 use crate::reconcile::{Handle, Link};
 use porthole::auth::AuthChannel;
 use porthole::pb::v1::{
@@ -32,8 +32,8 @@ pub struct Watcher {
 struct Position {
     instance_id: String,
     seq: u64,
-    /// Open TCP listeners by the monitor's key.
-    ports: BTreeMap<String, Listener>,
+    /// Open TCP listeners and UDP servers by the monitor's key.
+    ports: BTreeMap<String, (Proto, Listener)>,
 }
 
 /// Largest message taken from a monitor. A snapshot holds every listening
@@ -79,27 +79,30 @@ fn describe(status: &tonic::Status) -> String {
     porthole::text::clip(&text, 300).into_owned()
 }
 
-/// The open TCP ports among `ports`, with their listeners.
-fn by_port(ports: &BTreeMap<String, Listener>) -> BTreeMap<u16, Vec<Listener>> {
-    let mut open: BTreeMap<u16, Vec<Listener>> = BTreeMap::new();
-    for l in ports.values() {
-        open.entry(l.port).or_default().push(l.clone());
+/// The open ports among `ports`, with their listeners.
+fn by_port(ports: &BTreeMap<String, (Proto, Listener)>) -> BTreeMap<PortKey, Vec<Listener>> {
+    let mut open: BTreeMap<PortKey, Vec<Listener>> = BTreeMap::new();
+    for (proto, l) in ports.values() {
+        open.entry((*proto, l.port)).or_default().push(l.clone());
     }
     open
 }
 
 impl Watcher {
-    /// `p` as a listener if it is a valid TCP one; logs (at most once per
-    /// interval) why an invalid one is ignored.
-    fn checked(&self, p: &Port) -> Option<Listener> {
+    /// `p` as a listener if it is a valid TCP listener or UDP server (the
+    /// monitor's `server` flag: UDP client sockets are never forwarded);
+    /// logs (at most once per interval) why an invalid one is ignored.
+    fn checked(&self, p: &Port) -> Option<(Proto, Listener)> {
         static LOG: porthole::telemetry::RateLimit =
             porthole::telemetry::RateLimit::new(Duration::from_secs(10));
-        if p.protocol != Protocol::Tcp as i32 {
-            return None;
-        }
+        let proto = match Protocol::try_from(p.protocol) {
+            Ok(Protocol::Tcp) => Proto::Tcp,
+            Ok(Protocol::Udp) if p.server => Proto::Udp,
+            _ => return None,
+        };
         match listener(p) {
             Ok(l) if self.ignore.contains(&l.address) => None,
-            Ok(l) => Some(l),
+            Ok(l) => Some((proto, l)),
             Err(why) => {
                 if let Some(suppressed) = LOG.check() {
                     tracing::warn!(error = %why, suppressed, "monitor reported an invalid port; ignored");

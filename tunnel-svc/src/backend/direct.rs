@@ -3,7 +3,7 @@
 
 use super::DialError;
 use porthole::net::ResetOnDrop;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 /// How long a connection waits for the far end to accept: a client is
@@ -24,6 +24,27 @@ impl Direct {
             .await
             .map(ResetOnDrop::new)
             .map_err(|e| DialError(format!("cannot reach {}:{port}: {e}", self.host)))
+    }
+
+    /// A UDP socket connected to `port` at the container's address.
+    pub async fn dial_udp(&self, port: u16) -> Result<tokio::net::UdpSocket, DialError> {
+        let fail = |e: std::io::Error| DialError(format!("cannot reach {}:{port}: {e}", self.host));
+        let addr = tokio::net::lookup_host((self.host.as_str(), port))
+            .await
+            .map_err(fail)?
+            .next()
+            .ok_or_else(|| fail(std::io::ErrorKind::NotFound.into()))?;
+        let socket = crate::udp::bind(SocketAddr::new(
+            if addr.is_ipv4() {
+                Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                Ipv6Addr::UNSPECIFIED.into()
+            },
+            0,
+        ))
+        .map_err(fail)?;
+        socket.connect(addr).await.map_err(fail)?;
+        Ok(socket)
     }
 
     /// Why a server whose listeners accept connections only on `addresses`

@@ -52,10 +52,20 @@ impl RelayStream {
 }
 
 impl Grpc {
-    /// Opens a relay stream to `port` and waits (bounded) for the monitor
-    /// to connect it.
+    /// Opens a relay stream to TCP `port` and waits (bounded) for the
+    /// monitor to connect it.
     pub async fn dial(&self, port: u16) -> Result<RelayStream, DialError> {
-        let dialed = tokio::time::timeout(DIAL_TIMEOUT, self.open(port))
+        self.dial_as(Protocol::Tcp, port).await
+    }
+
+    /// Opens a UDP flow to `port`: the monitor confirms only a port it sees
+    /// bound.
+    pub async fn dial_udp(&self, port: u16) -> Result<RelayStream, DialError> {
+        self.dial_as(Protocol::Udp, port).await
+    }
+
+    async fn dial_as(&self, protocol: Protocol, port: u16) -> Result<RelayStream, DialError> {
+        let dialed = tokio::time::timeout(DIAL_TIMEOUT, self.open(protocol, port))
             .await
             .map_err(|_| {
                 DialError(format!(
@@ -83,10 +93,10 @@ impl Grpc {
 
     /// Opens a `Relay.Dial` stream to `port` and waits for the monitor to
     /// confirm it connected.
-    async fn open(&self, port: u16) -> Result<RelayStream, tonic::Status> {
+    async fn open(&self, protocol: Protocol, port: u16) -> Result<RelayStream, tonic::Status> {
         let (tx, rx) = mpsc::channel(8);
         let dial = DialRequest {
-            protocol: Protocol::Tcp as i32,
+            protocol: protocol as i32,
             port: u32::from(port),
         };
         tx.send(RelayFrame {

@@ -18,6 +18,10 @@ use tokio::net::UnixStream;
 #[error("{0}")]
 pub struct DialError(pub String);
 
+/// Why an ssh tunnel of a UDP port is FAILED.
+const NO_UDP: &str = "the ssh backend cannot carry UDP (OpenSSH forwards TCP only); use \
+                      --backend grpc or direct for UDP ports";
+
 /// A connection to a container port, made by a backend.
 pub enum Upstream {
     /// A TCP connection to the port itself (direct). Reset if dropped
@@ -31,6 +35,14 @@ pub enum Upstream {
     },
     /// A `Relay.Dial` stream the monitor has connected.
     Relay(grpc::RelayStream),
+}
+
+/// A UDP flow to a container port, made by a backend.
+pub enum UdpUpstream {
+    /// A `Relay.Dial` UDP stream: one `data` frame per datagram (grpc).
+    Relay(grpc::RelayStream),
+    /// A UDP socket connected to the container's address (direct).
+    Socket(tokio::net::UdpSocket),
 }
 
 /// The backend a target's tunnels dial with, which can be swapped while
@@ -96,6 +108,20 @@ impl Backend {
             Backend::Direct(d) => d.dial(port).await.map(Upstream::Tcp),
             Backend::Ssh(s) => s.dial(port).await,
         }
+    }
+
+    /// Starts a UDP flow to the container's `port`.
+    pub async fn dial_udp(&self, port: u16) -> Result<UdpUpstream, DialError> {
+        match self {
+            Backend::Grpc(g) => g.dial_udp(port).await.map(UdpUpstream::Relay),
+            Backend::Direct(d) => d.dial_udp(port).await.map(UdpUpstream::Socket),
+            Backend::Ssh(_) => Err(DialError(NO_UDP.into())),
+        }
+    }
+
+    /// Why this backend cannot carry UDP, if it cannot.
+    pub fn no_udp(&self) -> Option<&'static str> {
+        matches!(self, Backend::Ssh(_)).then_some(NO_UDP)
     }
 
     /// Why the backend cannot reach a port that listens only on these

@@ -1,0 +1,427 @@
+//! The host side of a UDP tunnel: a socket on each host address, and one
+//! flow per host client address (IP and port), each carried to the
+//! container by its own upstream: a `Relay.Dial` UDP stream (grpc) or a
+//! UDP socket connected to the container's address (direct). A datagram
+//! stays one datagram end to end; replies go back to the client whose flow
+//! they came in on. A flow ends after `idle` without a datagram either way,
+//! and a tunnel carries at most `max_flows` at once: datagrams from a new
+//! client beyond that are dropped (and counted) until a flow ends.
+
+use crate::backend::{Backend, BackendCell, UdpUpstream};
+use crate::tunnel::{Carry, Stats};
+use bytes::Bytes;
+use porthole::pb::v1::{relay_frame::Kind, RelayFrame};
+use porthole::relay::PumpError;
+use porthole::telemetry::RateLimit;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+/// How long a flow lives without a datagram either way, by default.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
+/// Flows one UDP tunnel carries at once, by default.
+pub const DEFAULT_MAX_FLOWS: usize = 256;
+
+/// Datagrams waiting for one flow's upstream (while it dials, or while the
+/// container side is slower than the client): beyond this they are dropped,
+/// as a full socket buffer would drop them.
+const FLOW_QUEUE: usize = 64;
+
+/// Room for any datagram (IPv6 loopback carries up to 65,527 bytes).
+const DATAGRAM_BUF: usize = 65_536;
+
+/// Socket buffers asked for: a burst of large datagrams fits. The kernel
+/// caps them at `net.core.rmem_max`/`wmem_max`.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// The UDP flow bounds of every tunnel.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub idle: Duration,
+    pub max_flows: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            idle: DEFAULT_IDLE,
+            max_flows: DEFAULT_MAX_FLOWS,
+        }
+    }
+}
+
+/// A UDP socket bound to `addr`, with large buffers.
+pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    // Best effort: the kernel's limits apply.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// What every socket task of one tunnel shares.
+struct Shared {
+    carry: Carry,
+    backend: Arc<BackendCell>,
+    limits: Limits,
+    failures: RateLimit,
+    dropped: RateLimit,
+}
+
+/// Receives datagrams on `sockets` until `carry.cancel`, carrying each
+/// client's to the container through `backend` on that client's flow.
+/// Flows end at once when the tunnel closes (UDP has nothing to drain).
+pub fn serve(sockets: Vec<UdpSocket>, backend: Arc<BackendCell>, carry: Carry, limits: Limits) {
+    let shared = Arc::new(Shared {
+        carry,
+        backend,
+        limits,
+        failures: RateLimit::new(Duration::from_secs(10)),
+        dropped: RateLimit::new(Duration::from_secs(10)),
+    });
+    for socket in sockets {
+        let span = shared.carry.span.clone();
+        tokio::spawn(receive(Arc::new(socket), shared.clone()).instrument(span));
+    }
+}
+
+/// One host socket: hands each datagram to its client's flow, starting
+/// one for a new client while the tunnel has room.
+async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
+    let stats = &shared.carry.stats;
+    // The only owner of the senders: a flow that ended has a closed one.
+    let mut flows: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
+    let mut buf = vec![0u8; DATAGRAM_BUF];
+    loop {
+        let received = tokio::select! {
+            _ = shared.carry.cancel.cancelled() => break,
+            received = socket.recv_from(&mut buf) => received,
+        };
+        let (n, peer) = match received {
+            Ok(got) => got,
+            Err(e) => {
+                // An ICMP error of an earlier reply, or a resource limit:
+                // the socket itself carries on.
+                tracing::debug!(error = %e, "udp receive failed");
+                continue;
+            }
+        };
+        let datagram = Bytes::copy_from_slice(&buf[..n]);
+        if !flows.get(&peer).is_some_and(|tx| !tx.is_closed()) {
+            flows.retain(|_, tx| !tx.is_closed());
+            let max = shared.limits.max_flows as u64;
+            let room = stats
+                .active
+                .fetch_update(Relaxed, Relaxed, |a| (a < max).then_some(a + 1));
+            if room.is_err() {
+                stats.datagrams_dropped.fetch_add(1, Relaxed);
+                if let Some(suppressed) = shared.dropped.check() {
+                    tracing::warn!(%peer, max, suppressed, "udp flow limit reached; datagrams from new clients are dropped");
+                }
+                continue;
+            }
+            stats.total.fetch_add(1, Relaxed);
+            let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+            let span = tracing::info_span!("flow", %peer);
+            let work = flow(socket.clone(), peer, rx, shared.clone());
+            shared.carry.tracker.spawn(work.instrument(span));
+            flows.insert(peer, tx);
+        }
+        let tx = &flows[&peer];
+        if tx.try_send(datagram).is_err() {
+            stats.datagrams_dropped.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// How a flow went wrong.
+#[derive(Debug, thiserror::Error)]
+enum FlowError {
+    #[error(transparent)]
+    Dial(#[from] crate::backend::DialError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("relay: {0}")]
+    Relay(#[from] PumpError),
+}
+
+/// Carries one client's flow until it is idle, the tunnel closes, or
+/// either end fails; counts it.
+async fn flow(
+    socket: Arc<UdpSocket>,
+    peer: SocketAddr,
+    rx: mpsc::Receiver<Bytes>,
+    shared: Arc<Shared>,
+) {
+    let stats = &shared.carry.stats;
+    let backend = shared.backend.get();
+    let port = shared.carry.container_port;
+    let work = carry_flow(&socket, peer, rx, &backend, port, stats, shared.limits.idle);
+    let result = tokio::select! {
+        result = work => result,
+        _ = shared.carry.cancel.cancelled() => Ok(()),
+    };
+    match result {
+        Ok(()) => tracing::debug!("udp flow ended"),
+        Err(FlowError::Dial(why)) => {
+            if let Some(suppressed) = shared.failures.check() {
+                tracing::warn!(error = %why, suppressed, "udp flow failed");
+            }
+            stats.set_error(format!("last flow failed: {why}"));
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "udp flow broke");
+            stats.set_error(format!("last flow broke: {e}"));
+        }
+    }
+    stats.active.fetch_sub(1, Relaxed);
+}
+
+async fn carry_flow(
+    socket: &UdpSocket,
+    peer: SocketAddr,
+    mut rx: mpsc::Receiver<Bytes>,
+    backend: &Backend,
+    port: u16,
+    stats: &Stats,
+    idle: Duration,
+) -> Result<(), FlowError> {
+    let upstream = backend.dial_udp(port).await?;
+    stats.connected();
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
+    let rearm = |timer: std::pin::Pin<&mut tokio::time::Sleep>| {
+        timer.reset(tokio::time::Instant::now() + idle)
+    };
+    let sent = |n: usize| {
+        stats.datagrams_in.fetch_add(1, Relaxed);
+        stats.bytes_in.fetch_add(n as u64, Relaxed);
+    };
+    let back = |n: usize| {
+        stats.datagrams_out.fetch_add(1, Relaxed);
+        stats.bytes_out.fetch_add(n as u64, Relaxed);
+    };
+    match upstream {
+        UdpUpstream::Relay(mut relay) => {
+            loop {
+                tokio::select! {
+                    datagram = rx.recv() => {
+                        let Some(datagram) = datagram else { break };
+                        let n = datagram.len();
+                        let frame = RelayFrame { kind: Some(Kind::Data(datagram)) };
+                        relay.tx.send(frame).await.map_err(|_| PumpError::PeerGone)?;
+                        sent(n);
+                        rearm(timer.as_mut());
+                    }
+                    frame = relay.inbound.message() => {
+                        match frame.map_err(PumpError::Stream)?.and_then(|f| f.kind) {
+                            Some(Kind::Data(datagram)) => {
+                                socket.send_to(&datagram, peer).await?;
+                                back(datagram.len());
+                                rearm(timer.as_mut());
+                            }
+                            None => return Err(PumpError::PeerGone.into()),
+                            Some(_) => return Err(PumpError::Protocol("not a datagram").into()),
+                        }
+                    }
+                    _ = &mut timer => break,
+                }
+            }
+            // The flow ends cleanly: say so, and let the monitor end it.
+            let end = RelayFrame {
+                kind: Some(Kind::CloseWrite(true)),
+            };
+            relay.tx.send(end).await.map_err(|_| PumpError::PeerGone)?;
+            relay.finish().await?;
+        }
+        UdpUpstream::Socket(up) => {
+            let mut buf = vec![0u8; DATAGRAM_BUF];
+            loop {
+                tokio::select! {
+                    datagram = rx.recv() => {
+                        let Some(datagram) = datagram else { break };
+                        up.send(&datagram).await?;
+                        sent(datagram.len());
+                        rearm(timer.as_mut());
+                    }
+                    got = up.recv(&mut buf) => {
+                        // The port refused a datagram (ICMP unreachable):
+                        // the flow ends with that error.
+                        let n = got?;
+                        socket.send_to(&buf[..n], peer).await?;
+                        back(n);
+                        rearm(timer.as_mut());
+                    }
+                    _ = &mut timer => break,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! UDP tunnels over the direct backend to a loopback echo server: real
+    //! sockets, no root.
+    use super::*;
+    use crate::backend::direct::Direct;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    /// An echo server on loopback that prefixes nothing and answers each
+    /// datagram to its sender; its port.
+    async fn echo() -> u16 {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = s.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; DATAGRAM_BUF];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let _ = s.send_to(&buf[..n], from).await;
+            }
+        });
+        port
+    }
+
+    struct Tunnel {
+        addr: SocketAddr,
+        stats: Arc<Stats>,
+        cancel: CancellationToken,
+    }
+
+    fn tunnel(container_port: u16, limits: Limits) -> Tunnel {
+        let socket = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let stats = Arc::new(Stats::default());
+        let cancel = CancellationToken::new();
+        let backend = Arc::new(BackendCell::new(Arc::new(Backend::Direct(Direct {
+            host: "127.0.0.1".into(),
+        }))));
+        let carry = Carry {
+            container_port,
+            stats: stats.clone(),
+            cancel: cancel.clone(),
+            tracker: TaskTracker::new(),
+            span: tracing::Span::none(),
+        };
+        serve(vec![socket], backend, carry, limits);
+        Tunnel {
+            addr,
+            stats,
+            cancel,
+        }
+    }
+
+    async fn client(to: SocketAddr) -> UdpSocket {
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.connect(to).await.unwrap();
+        c
+    }
+
+    async fn ask(c: &UdpSocket, what: &[u8]) -> Vec<u8> {
+        c.send(what).await.unwrap();
+        let mut buf = vec![0u8; DATAGRAM_BUF];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.recv(&mut buf))
+            .await
+            .expect("a reply within 5 s")
+            .unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    /// Polls `cond` every 10 ms for up to 5 s.
+    async fn eventually(cond: impl Fn() -> bool) -> bool {
+        for _ in 0..500 {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cond()
+    }
+
+    #[tokio::test]
+    async fn each_client_gets_its_own_replies_whole() {
+        let t = tunnel(echo().await, Limits::default());
+        let (a, b) = (client(t.addr).await, client(t.addr).await);
+        for size in [1, 1400, 9000, 65_507] {
+            let (da, db) = (vec![b'a'; size], vec![b'b'; size]);
+            assert_eq!(ask(&a, &da).await, da);
+            assert_eq!(ask(&b, &db).await, db);
+        }
+        let s = &t.stats;
+        assert_eq!(s.active.load(Relaxed), 2, "one flow per client");
+        assert_eq!(s.total.load(Relaxed), 2);
+        assert_eq!(s.datagrams_in.load(Relaxed), 8);
+        assert_eq!(s.datagrams_out.load(Relaxed), 8);
+        let bytes = 2 * (1 + 1400 + 9000 + 65_507);
+        assert_eq!(s.bytes_in.load(Relaxed), bytes);
+        assert_eq!(s.bytes_out.load(Relaxed), bytes);
+        t.cancel.cancel();
+        assert!(eventually(|| s.active.load(Relaxed) == 0).await);
+    }
+
+    #[tokio::test]
+    async fn idle_flows_end_and_the_client_gets_a_new_one() {
+        let idle = Duration::from_millis(200);
+        let t = tunnel(echo().await, Limits { idle, max_flows: 8 });
+        let c = client(t.addr).await;
+        assert_eq!(ask(&c, b"one").await, b"one");
+        assert_eq!(t.stats.active.load(Relaxed), 1);
+        assert!(
+            eventually(|| t.stats.active.load(Relaxed) == 0).await,
+            "the idle flow ended"
+        );
+        assert_eq!(ask(&c, b"two").await, b"two");
+        assert_eq!(t.stats.total.load(Relaxed), 2, "a new flow");
+    }
+
+    #[tokio::test]
+    async fn flows_beyond_the_bound_are_dropped_and_counted() {
+        let t = tunnel(
+            echo().await,
+            Limits {
+                idle: Duration::from_secs(60),
+                max_flows: 2,
+            },
+        );
+        let (a, b, c) = (
+            client(t.addr).await,
+            client(t.addr).await,
+            client(t.addr).await,
+        );
+        assert_eq!(ask(&a, b"a").await, b"a");
+        assert_eq!(ask(&b, b"b").await, b"b");
+        c.send(b"c").await.unwrap();
+        let dropped = || t.stats.datagrams_dropped.load(Relaxed) == 1;
+        assert!(eventually(dropped).await, "the third client's datagram");
+        assert_eq!(t.stats.active.load(Relaxed), 2);
+        // The first two carry on.
+        assert_eq!(ask(&a, b"a2").await, b"a2");
+    }
+
+    #[tokio::test]
+    async fn a_closed_container_port_ends_the_flow_with_the_reason() {
+        // A port nothing listens on: the kernel answers ICMP unreachable.
+        let port = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap().port()
+        };
+        let t = tunnel(port, Limits::default());
+        let c = client(t.addr).await;
+        c.send(b"anyone?").await.unwrap();
+        assert!(eventually(|| t.stats.last_error().is_some()).await);
+        let why = t.stats.last_error().unwrap();
+        assert!(why.contains("refused"), "{why}");
+        assert!(eventually(|| t.stats.active.load(Relaxed) == 0).await);
+    }
+}
