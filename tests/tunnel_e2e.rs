@@ -1641,3 +1641,152 @@ async fn config_rules_label_ignore_and_pin_and_sighup_reloads_them() {
         "site"
     );
 }
+
+// ---------------------------------------------------------------------------
+// UDP
+
+/// A UDP client on the host, connected to `to`.
+async fn udp_client(to: SocketAddr) -> tokio::net::UdpSocket {
+    let local: SocketAddr = if to.is_ipv4() {
+        (Ipv4Addr::LOCALHOST, 0).into()
+    } else {
+        (Ipv6Addr::LOCALHOST, 0).into()
+    };
+    let c = tokio::net::UdpSocket::bind(local).await.unwrap();
+    c.connect(to).await.unwrap();
+    c
+}
+
+/// Sends `datagram` and returns the reply (5 s at most).
+async fn udp_ask(c: &tokio::net::UdpSocket, datagram: &[u8]) -> Vec<u8> {
+    c.send(datagram).await.expect("send");
+    let mut buf = vec![0u8; 65_536];
+    let n = within("a UDP reply", c.recv(&mut buf))
+        .await
+        .expect("receive");
+    buf.truncate(n);
+    buf
+}
+
+fn host_udp_port_is_free(port: u16) -> bool {
+    std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+        && (!host_has_ipv6() || std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, port)).is_ok())
+}
+
+/// A UDP echo server inside gets a UDP tunnel on the same host port: 1,000
+/// datagrams of 1 to 65,507 bytes come back whole, two clients each get
+/// their own replies, flows are counted and expire when idle, `wait
+/// --protocol udp` finds it, a client-only socket inside gets no tunnel,
+/// and closing the port frees the host's UDP port.
+async fn udp_tunnel(backend: Backend) {
+    if !require_root() {
+        return;
+    }
+    const DATAGRAMS: usize = 1000;
+    const MAX: usize = 65_507;
+    let block = ports(40, backend);
+    let port = block.base + 1;
+    let w = World::start(backend, &["--udp-idle-timeout", "1s"]).await;
+    let udp_id = format!("default:udp:{port}");
+    let waiting = wait_cmd(&w.tunnel, &[&port.to_string(), "--protocol", "udp"]);
+    let echo = Server::udp_echo(&w.ns, "0.0.0.0", port).await;
+    let t = w.tunnel.wait_active(&udp_id).await;
+    assert_eq!(t.protocol, Protocol::Udp as i32, "{t:?}");
+    assert_eq!((t.container_port, t.host_port), (port.into(), port.into()));
+    assert_eq!(t.process.as_ref().map(|p| p.pid), Some(echo.pid()), "{t:?}");
+    assert!(w.tunnel.tunnel(&id(port)).await.is_none(), "no TCP tunnel");
+    let out = within("tunnel-svc wait --protocol udp", waiting.wait_with_output())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), format!("localhost:{port}"));
+
+    // 1,000 datagrams, every size from 1 to 65,507 bytes in steps, each
+    // with its own contents: back whole, in their own datagram.
+    let a = udp_client(v4(port)).await;
+    let mut bytes = 0u64;
+    let started = Instant::now();
+    for i in 0..DATAGRAMS {
+        let size = 1 + i * (MAX - 1) / (DATAGRAMS - 1);
+        let mut d = pattern(size);
+        d[0] = i as u8;
+        let back = udp_ask(&a, &d).await;
+        assert!(
+            back == d,
+            "datagram {i} ({size} bytes) came back as {} bytes",
+            back.len()
+        );
+        bytes += size as u64;
+    }
+    eprintln!(
+        "{}: {DATAGRAMS} datagrams ({bytes} bytes) echoed in {:.2}s",
+        test_name(),
+        started.elapsed().as_secs_f64()
+    );
+    // A second client (on ::1 when the host has it): each gets its own.
+    let b = udp_client(if host_has_ipv6() { v6(port) } else { v4(port) }).await;
+    for round in 0..20u8 {
+        a.send(&[b'a', round]).await.unwrap();
+        b.send(&[b'b', round]).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = within("a's reply", a.recv(&mut buf)).await.unwrap();
+        assert_eq!(&buf[..n], &[b'a', round]);
+        let n = within("b's reply", b.recv(&mut buf)).await.unwrap();
+        assert_eq!(&buf[..n], &[b'b', round]);
+    }
+    let (n, total) = (DATAGRAMS as u64 + 40, bytes + 80);
+    let t = w
+        .tunnel
+        .wait_tunnel(&udp_id, "every datagram counted", |t| {
+            t.datagrams_in == n && t.datagrams_out == n
+        })
+        .await;
+    assert_eq!((t.bytes_in, t.bytes_out), (total, total), "{t:?}");
+    assert_eq!(t.total_connections, 2, "one flow per client: {t:?}");
+    assert_eq!(t.datagrams_dropped, 0, "{t:?}");
+    // Idle flows end (--udp-idle-timeout 1s); the tunnel stays.
+    w.tunnel
+        .wait_tunnel(&udp_id, "both flows expired", |t| {
+            t.active_connections == 0 && state(t) == TunnelState::Active
+        })
+        .await;
+    assert_eq!(udp_ask(&a, b"again").await, b"again", "a new flow");
+
+    // A client-only socket on an ephemeral port inside (a resolver's): the
+    // monitor lists it, tunnel-svc leaves it alone. A server opened after
+    // it gets its tunnel, so the client socket's event was seen before.
+    let client_only = common::Listener::udp(&w.ns, "0.0.0.0", 45_000);
+    let later = Server::udp_echo(&w.ns, "0.0.0.0", port + 1).await;
+    w.tunnel
+        .wait_active(&format!("default:udp:{}", port + 1))
+        .await;
+    let all = ids(&w.tunnel.tunnels().await);
+    assert!(!all.contains("default:udp:45000"), "{all:?}");
+    let mut monitor = w.monitor.client().await;
+    let listed = monitor
+        .list_ports(porthole::pb::v1::ListPortsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .ports;
+    let p = listed.iter().find(|p| p.port == 45_000).expect("listed");
+    assert!(!p.server, "{p:?}");
+    drop((client_only, later));
+
+    // The port closes: the tunnel goes and the host's UDP port is free.
+    echo.close();
+    w.tunnel.wait_gone(&udp_id).await;
+    wait_for("the host UDP port freed", DEADLINE, || {
+        host_udp_port_is_free(port)
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn udp_datagrams_round_trip_whole_per_client_grpc() {
+    udp_tunnel(Backend::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn udp_datagrams_round_trip_whole_per_client_direct() {
+    udp_tunnel(Backend::Direct).await;
+}

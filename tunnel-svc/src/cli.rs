@@ -155,11 +155,20 @@ pub fn table(tunnels: &[Tunnel]) -> String {
             format!("{}/{}", t.active_connections, t.total_connections),
             human_bytes(t.bytes_in),
             human_bytes(t.bytes_out),
-            safe(&match (t.error.is_empty(), t.note.is_empty()) {
-                (true, _) => t.note.clone(),
-                (false, true) => t.error.clone(),
-                (false, false) => format!("{}; {}", t.error, t.note),
-            }),
+            safe(
+                &[
+                    t.error.clone(),
+                    t.note.clone(),
+                    match t.datagrams_dropped {
+                        0 => String::new(),
+                        n => format!("{n} datagrams dropped (flow limit or queue full)"),
+                    },
+                ]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join("; "),
+            ),
         ]);
     }
     columns(&rows)
@@ -205,6 +214,7 @@ pub async fn close(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WaitFor {
     pub target: Option<String>,
+    pub protocol: crate::model::Proto,
     pub port: u16,
 }
 
@@ -221,7 +231,11 @@ impl std::str::FromStr for WaitFor {
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| format!("{s:?}: use [TARGET:]PORT with PORT in 1..65535"))?;
-        Ok(WaitFor { target, port })
+        Ok(WaitFor {
+            target,
+            protocol: crate::model::Proto::Tcp,
+            port,
+        })
     }
 }
 
@@ -246,11 +260,15 @@ pub async fn wait(
         .await?
         .into_inner();
     let mut tunnels: std::collections::BTreeMap<String, Tunnel> = Default::default();
-    let mut last = format!("no tunnel for container port {} yet", what.port);
+    let mut last = format!(
+        "no tunnel for container {} port {} yet",
+        what.protocol, what.port
+    );
+    let protocol = what.protocol.to_pb() as i32;
     loop {
         let matching: Vec<&Tunnel> = tunnels
             .values()
-            .filter(|t| t.container_port == u32::from(what.port))
+            .filter(|t| t.container_port == u32::from(what.port) && t.protocol == protocol)
             .filter(|t| what.target.as_ref().is_none_or(|n| *n == t.target))
             .collect();
         if matching.len() > 1 {
@@ -280,7 +298,7 @@ pub async fn wait(
                     .collect(),
             };
             for target in targets {
-                let id = format!("{target}:tcp:{}", what.port);
+                let id = format!("{target}:{}:{}", what.protocol, what.port);
                 if let Err(s) = client.probe_tunnel(ProbeTunnelRequest { id }).await {
                     if s.code() == tonic::Code::FailedPrecondition {
                         anyhow::bail!("{}", s.message());
@@ -347,6 +365,7 @@ mod tests {
             "8000".parse::<WaitFor>(),
             Ok(WaitFor {
                 target: None,
+                protocol: crate::model::Proto::Tcp,
                 port: 8000
             })
         );
@@ -354,6 +373,7 @@ mod tests {
             "web:8000".parse::<WaitFor>(),
             Ok(WaitFor {
                 target: Some("web".into()),
+                protocol: crate::model::Proto::Tcp,
                 port: 8000
             })
         );

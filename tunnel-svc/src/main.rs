@@ -28,6 +28,11 @@ enum Cmd {
         /// [TARGET:]PORT
         #[arg(value_name = "[TARGET:]PORT")]
         port: tunnel_svc::cli::WaitFor,
+        /// The port's protocol: tcp or udp. A UDP tunnel counts as reaching
+        /// its server once the monitor sees the server's socket bound (grpc)
+        /// or the container's address takes datagrams (direct).
+        #[arg(long, default_value = "tcp")]
+        protocol: tunnel_svc::model::Proto,
         /// Give up after this long (e.g. 500ms, 30s, 2m).
         #[arg(long, default_value = "30s", value_parser = porthole::time::parse_duration)]
         timeout: std::time::Duration,
@@ -310,11 +315,13 @@ async fn real_main() -> Result<(), Failure> {
         }
         Some(Cmd::Wait {
             port,
+            protocol,
             timeout,
             client,
         }) => {
             let token = read_token(client.token_file.as_deref())?;
-            let addr = tunnel_svc::cli::wait(client.admin, token, &port, timeout).await?;
+            let what = tunnel_svc::cli::WaitFor { protocol, ..port };
+            let addr = tunnel_svc::cli::wait(client.admin, token, &what, timeout).await?;
             println!("{addr}");
             Ok(())
         }

@@ -644,6 +644,17 @@ impl Server {
         Server::start(ns, "::", port, "srv").await
     }
 
+    /// A UDP server on `addr:port` that sends every datagram back to its
+    /// sender; returns once it is bound.
+    pub async fn udp_echo(ns: &Netns, addr: &str, port: u16) -> Server {
+        let mut cmd = ns.command(binary(HELPER));
+        cmd.args(["udp-echo", addr, &port.to_string()])
+            .stdin(std::process::Stdio::null());
+        let mut proc = ns.spawn_command(&format!("udp-echo-{port}"), cmd);
+        proc.wait_for_log("ready").await;
+        Server { proc }
+    }
+
     pub fn pid(&self) -> u32 {
         self.proc.pid()
     }

@@ -260,6 +260,9 @@ async fn hold(addr: &str, base: &str, count: &str) -> Result<(), String> {
 /// `udp-echo`: every datagram back to its sender, boundaries kept.
 async fn udp_echo(addr: SocketAddr) -> Result<(), String> {
     let s = socket(addr, Type::DGRAM, addr.is_ipv6().then_some(false))?;
+    // Room for bursts of large datagrams (best effort: rmem_max caps it).
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
     s.set_nonblocking(true).map_err(|e| e.to_string())?;
     let udp = tokio::net::UdpSocket::from_std(s.into()).map_err(|e| e.to_string())?;
     ready("ready");
