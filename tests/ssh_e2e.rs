@@ -389,6 +389,19 @@ async fn loopback_only_server_reachable_on_same_host_port() {
     let masters = ssh_children(w.tunnel.pid());
     assert_eq!(masters.len(), 1, "ssh children of tunnel-svc: {masters:?}");
 
+    // A UDP server: OpenSSH forwards TCP only, so its tunnel is FAILED and
+    // says why, and holds no host port.
+    let dns = porthole_testkit::Server::udp_echo(&w._ns, "0.0.0.0", 5399).await;
+    let udp = w
+        .tunnel
+        .wait_tunnel("the UDP tunnel failed", "default:udp:5399", |t| {
+            t.state == TunnelState::Failed as i32
+        })
+        .await;
+    assert!(udp.error.contains("cannot carry UDP"), "{udp:?}");
+    assert_eq!(udp.host_port, 0, "{udp:?}");
+    drop(dns);
+
     // The server stops: the tunnel goes, and with it the forward's socket
     // and the host port.
     let socket = w
