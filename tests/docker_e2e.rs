@@ -552,3 +552,57 @@ async fn a_monitor_left_running_in_the_container_is_replaced() {
         now.len() == 1 && now[0].contains("--replace")
     });
 }
+
+/// A UDP port of 127.0.0.1 (and ::1) free on the host, below the ephemeral
+/// range so the container's monitor counts a socket on it as a server.
+fn free_udp_port() -> u16 {
+    (29_100..29_900)
+        .find(|&p| {
+            std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+                && (!common::host_has_ipv6() || std::net::UdpSocket::bind(("::1", p)).is_ok())
+        })
+        .expect("a free UDP port in 29100..29900")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_udp_server_is_carried_over_the_exec_stream() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let port = free_udp_port();
+    let helper = format!(
+        "{}:/porthole-helper:ro",
+        common::docker::static_helper().display()
+    );
+    let extra = ["--label", w.label.as_str(), "-v", helper.as_str()];
+    let args = ["/porthole-helper", "udp-echo", "0.0.0.0", &port.to_string()];
+    let c = Container::run(&w.image, &w.net, &extra, &args);
+    let tunnel = w.tunnel_svc(&["--docker-transport", "exec"]).await;
+    let id = format!("{}:udp:{port}", c.name);
+    let t = tunnel.wait_active(&id).await;
+    assert_eq!(t.host_port, u32::from(port), "{t:?}");
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(("127.0.0.1", port)).await.unwrap();
+    let mut buf = vec![0u8; 65_536];
+    for size in [1usize, 512, 1472, 9000, 65_507] {
+        let datagram: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        client.send(&datagram).await.unwrap();
+        let n = common::within("the echo through the exec stream", client.recv(&mut buf))
+            .await
+            .unwrap();
+        assert!(buf[..n] == datagram[..], "{size} bytes came back as {n}");
+    }
+    let t = tunnel
+        .wait_tunnel(&id, "five datagrams each way", |t| {
+            t.datagrams_in == 5 && t.datagrams_out == 5
+        })
+        .await;
+    assert_eq!(t.active_connections, 1, "{t:?}");
+    // The container stops: the tunnel goes and frees the port.
+    c.docker("stop");
+    tunnel.wait_gone(&id).await;
+    wait_for("the host UDP port freed", DEADLINE, || {
+        std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+    });
+}

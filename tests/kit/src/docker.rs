@@ -209,6 +209,12 @@ pub fn static_monitor() -> PathBuf {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A static `porthole-helper` (servers to run in a container), built with
+/// [`static_monitor`].
+pub fn static_helper() -> PathBuf {
+    static_monitor().with_file_name(crate::HELPER)
+}
+
 fn build_static_monitor() -> Result<PathBuf, String> {
     const TRIPLE: &str = "x86_64-unknown-linux-gnu";
     let profile = crate::profile_name();
@@ -225,6 +231,10 @@ fn build_static_monitor() -> Result<PathBuf, String> {
             "monitor-svc",
             "--bin",
             "monitor-svc",
+            "-p",
+            "porthole-testkit",
+            "--bin",
+            crate::HELPER,
             "--target",
             TRIPLE,
         ])
