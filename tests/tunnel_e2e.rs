@@ -1744,6 +1744,13 @@ async fn udp_tunnel(backend: Backend) {
     assert_eq!((t.bytes_in, t.bytes_out), (total, total), "{t:?}");
     assert_eq!(t.total_connections, 2, "one flow per client: {t:?}");
     assert_eq!(t.datagrams_dropped, 0, "{t:?}");
+    let metrics = common::http_get(w.tunnel.admin(), "/metrics").await;
+    let line = format!("porthole_tunnel_datagrams_in_total{{id=\"{udp_id}\"}} {n}");
+    assert!(
+        metrics.body.lines().any(|l| l == line),
+        "{line:?} in\n{}",
+        metrics.body
+    );
     // Idle flows end (--udp-idle-timeout 1s); the tunnel stays.
     w.tunnel
         .wait_tunnel(&udp_id, "both flows expired", |t| {

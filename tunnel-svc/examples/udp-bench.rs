@@ -130,7 +130,11 @@ async fn run() -> anyhow::Result<()> {
     let ns = Netns::new();
     let monitor = MonitorProc::start(&ns, &["--log-level", "warn"]).await;
     let _echo = Server::udp_echo(&ns, "0.0.0.0", PORT).await;
-    eprintln!("namespace {} at {}; echo on udp {PORT}", ns.name(), ns.addr());
+    eprintln!(
+        "namespace {} at {}; echo on udp {PORT}",
+        ns.name(),
+        ns.addr()
+    );
     let mut rows: Vec<(String, usize, anyhow::Result<Rate>)> = Vec::new();
     let container = SocketAddr::new(ns.addr().into(), PORT);
     for size in SIZES {
@@ -144,7 +148,10 @@ async fn run() -> anyhow::Result<()> {
     for backend in ["grpc", "direct"] {
         let args = ["--backend", backend, "--log-level", "warn"];
         let mut tunnel = TunnelProc::follow(&ns, &monitor, &args).await;
-        let host = tunnel.wait_active(&format!("default:udp:{PORT}")).await.host_port;
+        let host = tunnel
+            .wait_active(&format!("default:udp:{PORT}"))
+            .await
+            .host_port;
         let to = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), host as u16);
         for size in SIZES {
             eprintln!("tunnel-svc --backend {backend}, {size} B");

@@ -303,17 +303,17 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         &'static str,
         fn(&pb::Tunnel) -> u64,
     );
-    let per_tunnel: [Counter; 4] = [
+    let per_tunnel: [Counter; 7] = [
         (
             "porthole_tunnel_active_connections",
             "gauge",
-            "Connections open now.",
+            "Connections (UDP: flows) open now.",
             |t| t.active_connections,
         ),
         (
             "porthole_tunnel_connections_total",
             "counter",
-            "Connections accepted.",
+            "Connections (UDP: flows) accepted.",
             |t| t.total_connections,
         ),
         (
@@ -327,6 +327,24 @@ async fn metrics(State(admin): State<Admin>) -> Response {
             "counter",
             "Bytes from the container to host clients.",
             |t| t.bytes_out,
+        ),
+        (
+            "porthole_tunnel_datagrams_in_total",
+            "counter",
+            "UDP datagrams from host clients to the container.",
+            |t| t.datagrams_in,
+        ),
+        (
+            "porthole_tunnel_datagrams_out_total",
+            "counter",
+            "UDP datagrams from the container to host clients.",
+            |t| t.datagrams_out,
+        ),
+        (
+            "porthole_tunnel_datagrams_dropped_total",
+            "counter",
+            "UDP datagrams from host clients no flow could take.",
+            |t| t.datagrams_dropped,
         ),
     ];
     for (name, kind, help, get) in per_tunnel {

@@ -420,11 +420,18 @@ impl Entry {
             && self.state.is_open()
             && note.is_none()
         {
-            note = Some(format!(
-                "nothing listens on port {} in the container (yet); connections fail until \
-                 something does",
-                id.port
-            ));
+            note = Some(match id.proto {
+                Proto::Tcp => format!(
+                    "nothing listens on port {} in the container (yet); connections fail until \
+                     something does",
+                    id.port
+                ),
+                Proto::Udp => format!(
+                    "no UDP server on port {} in the container (yet); datagrams are dropped \
+                     until one is bound",
+                    id.port
+                ),
+            });
         }
         TunnelView {
             id: id.clone(),

@@ -116,7 +116,7 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
             }
         };
         let datagram = Bytes::copy_from_slice(&buf[..n]);
-        if !flows.get(&peer).is_some_and(|tx| !tx.is_closed()) {
+        if flows.get(&peer).is_none_or(|tx| tx.is_closed()) {
             flows.retain(|_, tx| !tx.is_closed());
             let max = shared.limits.max_flows as u64;
             let room = stats
