@@ -1206,10 +1206,10 @@ async fn bad_admin_requests_change_nothing() {
         (
             OpenTunnelRequest {
                 container_port: u32::from(port) + 1,
-                protocol: Protocol::Udp as i32,
+                protocol: 7,
                 ..Default::default()
             },
-            "TCP",
+            "neither TCP nor UDP",
         ),
     ];
     for (req, needle) in cases {

@@ -1,6 +1,7 @@
 //! `tunnel-svc ls`, `close` and `wait`: the admin API for people and
 //! scripts.
 
+use crate::model::Proto;
 use anyhow::Context;
 use porthole::pb::v1::{
     tunnel_admin_client::TunnelAdminClient, CloseTunnelRequest, ListTargetsRequest,
@@ -260,10 +261,10 @@ pub async fn wait(
         .await?
         .into_inner();
     let mut tunnels: std::collections::BTreeMap<String, Tunnel> = Default::default();
-    let mut last = format!(
-        "no tunnel for container {} port {} yet",
-        what.protocol, what.port
-    );
+    let mut last = match what.protocol {
+        Proto::Tcp => format!("no tunnel for container port {} yet", what.port),
+        Proto::Udp => format!("no tunnel for container UDP port {} yet", what.port),
+    };
     let protocol = what.protocol.to_pb() as i32;
     loop {
         let matching: Vec<&Tunnel> = tunnels
