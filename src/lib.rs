@@ -16,6 +16,7 @@ pub mod prometheus;
 pub mod relay;
 pub mod server;
 pub mod shutdown;
+pub mod splice;
 pub mod telemetry;
 pub mod text;
 pub mod time;

@@ -1,6 +1,7 @@
 //! The host side of one tunnel: listeners on the host addresses, an accept
 //! loop per address, and one task per connection that dials the container
-//! through the backend and copies and counts the bytes. This is the only
+//! through the backend and copies and counts the bytes (spliced in the
+//! kernel between sockets, framed for relay streams). This is the only
 //! place bytes are copied on the host, for every backend.
 
 use crate::backend::{Backend, BackendCell, DialError, Upstream};
@@ -235,14 +236,14 @@ async fn carry_one(
     let (bytes_in, bytes_out) = (&stats.bytes_in, &stats.bytes_out);
     match upstream {
         Upstream::Tcp(mut up) => {
-            porthole::relay::copy(&mut *conn, &mut *up, bytes_in, bytes_out).await?;
+            porthole::splice::copy(&mut *conn, &mut *up, bytes_in, bytes_out).await?;
             up.finish();
         }
         Upstream::Forward {
             mut stream,
             ended_cleanly,
         } => {
-            porthole::relay::copy_verified(
+            porthole::splice::copy_verified(
                 &mut *conn,
                 &mut stream,
                 bytes_in,

@@ -1,0 +1,199 @@
+//! Zero-copy relaying between two sockets: each direction moves bytes with
+//! `splice(2)` from one socket into a pipe and from the pipe into the other
+//! socket, so they never enter userspace. Same semantics as
+//! [`crate::relay::copy_verified`]: half-close passes on, either direction
+//! failing ends both (the caller then resets its sockets), and the counters
+//! advance as bytes are delivered. When no pipe can be made (out of file
+//! descriptors) it copies through userspace instead.
+
+use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
+use tokio::net::{TcpStream, UnixStream};
+
+/// Pipe size asked for: fewer, larger moves. Pages are taken only while
+/// bytes are in flight, so an idle connection costs none of it.
+const PIPE_SIZE: usize = 1 << 20;
+
+/// A tokio socket whose readiness can be awaited and whose descriptor
+/// `splice` can use.
+pub trait Socket: AsFd + AsyncRead + AsyncWrite + Unpin {
+    fn ready(&self, interest: Interest) -> impl std::future::Future<Output = io::Result<()>>;
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+}
+
+macro_rules! socket {
+    ($t:ty) => {
+        impl Socket for $t {
+            async fn ready(&self, interest: Interest) -> io::Result<()> {
+                <$t>::ready(self, interest).await.map(drop)
+            }
+            fn try_io<R>(
+                &self,
+                interest: Interest,
+                f: impl FnOnce() -> io::Result<R>,
+            ) -> io::Result<R> {
+                <$t>::try_io(self, interest, f)
+            }
+        }
+    };
+}
+socket!(TcpStream);
+socket!(UnixStream);
+
+/// One direction's pipe.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        // Best effort: the system's pipe-max-size may be lower.
+        let _ = fcntl_setpipe_size(&write, PIPE_SIZE);
+        Ok(Pipe { read, write })
+    }
+}
+
+/// `f` until it stops saying "would block", awaiting `interest` on `sock`
+/// between tries.
+async fn retry<S: Socket>(
+    sock: &S,
+    interest: Interest,
+    mut f: impl FnMut() -> io::Result<usize>,
+) -> io::Result<usize> {
+    loop {
+        sock.ready(interest).await?;
+        match sock.try_io(interest, &mut f) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Moves `r`'s bytes to `w` until `r` ends, then shuts `w`'s write half
+/// (if `ended_cleanly` agrees).
+async fn one_way<R: Socket, W: Socket>(
+    r: &R,
+    w: &W,
+    pipe: &Pipe,
+    counter: &AtomicU64,
+    ended_cleanly: &(dyn Fn() -> io::Result<()> + Sync),
+) -> io::Result<()> {
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    loop {
+        // The pipe is empty here, so "would block" can only be the socket's.
+        let n = retry(r, Interest::READABLE, || {
+            Ok(splice(r, None, &pipe.write, None, PIPE_SIZE, flags)?)
+        })
+        .await?;
+        if n == 0 {
+            ended_cleanly()?;
+            return socket2::SockRef::from(w).shutdown(std::net::Shutdown::Write);
+        }
+        let mut left = n;
+        while left > 0 {
+            // The pipe holds `left` bytes: "would block" is the socket's.
+            left -= retry(w, Interest::WRITABLE, || {
+                Ok(splice(&pipe.read, None, w, None, left, flags)?)
+            })
+            .await?;
+        }
+        counter.fetch_add(n as u64, Relaxed);
+    }
+}
+
+/// Relays `a` ↔ `b` until both directions ended, counting bytes each way;
+/// an end of `b` counts as clean only if `b_ended_cleanly` agrees (see
+/// [`crate::relay::copy_verified`]).
+pub async fn copy_verified<A: Socket, B: Socket>(
+    a: &mut A,
+    b: &mut B,
+    a_to_b: &AtomicU64,
+    b_to_a: &AtomicU64,
+    b_ended_cleanly: &(dyn Fn() -> io::Result<()> + Sync),
+) -> io::Result<()> {
+    let pipes = Pipe::new().and_then(|up| Ok((up, Pipe::new()?)));
+    let (up_pipe, down_pipe) = match pipes {
+        Ok(pipes) => pipes,
+        Err(e) => {
+            tracing::debug!(error = %e, "no pipe for splice; copying through userspace");
+            return crate::relay::copy_verified(a, b, a_to_b, b_to_a, b_ended_cleanly).await;
+        }
+    };
+    let (a, b) = (&*a, &*b);
+    let up = one_way(a, b, &up_pipe, a_to_b, &|| Ok(()));
+    let down = one_way(b, a, &down_pipe, b_to_a, b_ended_cleanly);
+    tokio::try_join!(up, down).map(drop)
+}
+
+/// [`copy_verified`] where every end is clean.
+pub async fn copy<A: Socket, B: Socket>(
+    a: &mut A,
+    b: &mut B,
+    a_to_b: &AtomicU64,
+    b_to_a: &AtomicU64,
+) -> io::Result<()> {
+    copy_verified(a, b, a_to_b, b_to_a, &|| Ok(())).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A connected pair of TCP sockets on loopback.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn megabytes_both_ways_with_half_close_and_counts() {
+        // client ⇄ (a | relay | b) ⇄ server
+        let (mut client, mut a) = pair().await;
+        let (mut b, mut server) = pair().await;
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let data: Vec<u8> = (0..8 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+        let sent = data.clone();
+        let client_side = async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        };
+        let server_side = async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            // Half-closed: the other direction still works.
+            server.write_all(&got[..1000]).await.unwrap();
+            server.shutdown().await.unwrap();
+            got
+        };
+        let relay = copy(&mut a, &mut b, &up, &down);
+        let (back, got, relayed) = tokio::join!(client_side, server_side, relay);
+        relayed.unwrap();
+        assert!(got == data, "the server got every byte in order");
+        assert_eq!(back, data[..1000]);
+        assert_eq!(up.load(Relaxed), data.len() as u64);
+        assert_eq!(down.load(Relaxed), 1000);
+    }
+
+    #[tokio::test]
+    async fn a_reset_on_one_side_fails_the_relay() {
+        let (client, mut a) = pair().await;
+        let (mut b, _server) = pair().await;
+        let _ = client.set_zero_linger();
+        drop(client);
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let err = copy(&mut a, &mut b, &up, &down).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+    }
+}
