@@ -13,6 +13,7 @@ pub mod net;
 pub mod netns;
 pub mod pb;
 pub mod prometheus;
+pub mod rawrelay;
 pub mod relay;
 pub mod server;
 pub mod shutdown;

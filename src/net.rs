@@ -104,6 +104,23 @@ impl DerefMut for ResetOnDrop {
     }
 }
 
+/// Makes a long-lived relay connection notice a dead peer as the HTTP/2
+/// keepalive does (see [`crate::server::KEEPALIVE_INTERVAL`]): TCP
+/// keepalive probes after 10 s of silence, 5 s apart, and sent data left
+/// unacknowledged for 15 s, fail it instead of hanging on a cut link.
+pub fn detect_dead_peer(stream: &TcpStream) {
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(crate::server::KEEPALIVE_INTERVAL)
+        .with_interval(crate::server::KEEPALIVE_TIMEOUT)
+        .with_retries(1);
+    // Both only fail on a socket that is already gone.
+    let _ = sock.set_tcp_keepalive(&keepalive);
+    let _ = sock.set_tcp_user_timeout(Some(
+        crate::server::KEEPALIVE_INTERVAL + crate::server::KEEPALIVE_TIMEOUT,
+    ));
+}
+
 /// Connects with a deadline: a listener that drops SYNs fails the
 /// connection after `timeout` instead of the kernel's two minutes.
 pub async fn connect(

@@ -131,7 +131,15 @@ pub struct App {
     pub policy: Policy,
     pub limits: Limits,
     pub stats: Arc<ServerStats>,
+    /// Takes the TCP connections that open with
+    /// [`crate::rawrelay::MAGIC`] (the monitor's raw relay path) instead of
+    /// the HTTP server; each keeps its connection slot while it runs.
+    pub raw: Option<RawHandler>,
 }
+
+/// See [`App::raw`].
+pub type RawHandler =
+    Arc<dyn Fn(TcpStream) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
 
 /// Where a server takes its connections from.
 pub enum Listen {
@@ -201,7 +209,9 @@ pub async fn serve(
         }));
 
     let incoming = match listen {
-        Listen::Tcp(listener) => incoming(listener, app.limits, app.stats, shutdown.clone()),
+        Listen::Tcp(listener) => {
+            incoming(listener, app.limits, app.stats, app.raw, shutdown.clone())
+        }
         Listen::Stdio => {
             // The incoming stream ends only once the connection has (an
             // ended stream makes the server send GOAWAY at once).
@@ -216,7 +226,7 @@ pub async fn serve(
         }
         Listen::StdioAndTcp(listener) => {
             let (conn, ended) = stdio();
-            let tcp = incoming(listener, app.limits, app.stats, shutdown.clone());
+            let tcp = incoming(listener, app.limits, app.stats, app.raw, shutdown.clone());
             let stop = shutdown.clone();
             tokio::spawn(async move {
                 let _ = ended.await;
@@ -270,6 +280,7 @@ fn incoming(
     listener: TcpListener,
     limits: Limits,
     stats: Arc<ServerStats>,
+    raw: Option<RawHandler>,
     shutdown: CancellationToken,
 ) -> ReceiverStream<std::io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
@@ -310,7 +321,7 @@ fn incoming(
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let (tx, stats) = (tx.clone(), stats.clone());
+            let (tx, stats, raw) = (tx.clone(), stats.clone(), raw.clone());
             stats.connections.fetch_add(1, Relaxed);
             let slot = Slot {
                 _permit: permit,
@@ -320,6 +331,13 @@ fn incoming(
             };
             tokio::spawn(async move {
                 if sends_something(&stream, limits.first_byte_timeout).await {
+                    if let Some(raw) = raw {
+                        if opens_raw(&stream).await {
+                            raw(stream).await;
+                            drop(slot);
+                            return;
+                        }
+                    }
                     let conn = Conn {
                         stream: Stream::Tcp(stream),
                         _slot: Some(slot),
@@ -343,6 +361,13 @@ async fn sends_something(stream: &TcpStream, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, stream.peek(&mut byte)).await,
         Ok(Ok(n)) if n > 0
     )
+}
+
+/// Whether the connection's first bytes are a raw relay request (sent in
+/// one write by its client).
+async fn opens_raw(stream: &TcpStream) -> bool {
+    let mut first = [0u8; crate::rawrelay::MAGIC.len()];
+    matches!(stream.peek(&mut first).await, Ok(n) if first[..n] == *crate::rawrelay::MAGIC)
 }
 
 /// Connections held per peer address.

@@ -3,14 +3,15 @@
 //! socket, so they never enter userspace. Same semantics as
 //! [`crate::relay::copy_verified`]: half-close passes on, either direction
 //! failing ends both (the caller then resets its sockets), and the counters
-//! advance as bytes are delivered. When no pipe can be made (out of file
-//! descriptors) it copies through userspace instead.
+//! advance as bytes are delivered. A direction makes its pipe when its
+//! first bytes come; when it cannot (out of file descriptors) it copies
+//! through userspace instead.
 
 use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use tokio::io::{AsyncRead, AsyncWrite, Interest};
+use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
 /// Pipe size asked for: fewer, larger moves. Pages are taken only while
@@ -19,7 +20,7 @@ const PIPE_SIZE: usize = 1 << 20;
 
 /// A tokio socket whose readiness can be awaited and whose descriptor
 /// `splice` can use.
-pub trait Socket: AsFd + AsyncRead + AsyncWrite + Unpin {
+pub trait Socket: AsFd {
     fn ready(&self, interest: Interest) -> impl std::future::Future<Output = io::Result<()>>;
     fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
 }
@@ -75,35 +76,71 @@ async fn retry<S: Socket>(
 }
 
 /// Moves `r`'s bytes to `w` until `r` ends, then shuts `w`'s write half
-/// (if `ended_cleanly` agrees).
+/// (if `ended_cleanly` agrees). The pipe is made when the first bytes
+/// come, so an idle connection holds none; when none can be made (out of
+/// file descriptors) this direction copies through a buffer instead.
 async fn one_way<R: Socket, W: Socket>(
     r: &R,
     w: &W,
-    pipe: &Pipe,
     counter: &AtomicU64,
     ended_cleanly: &(dyn Fn() -> io::Result<()> + Sync),
 ) -> io::Result<()> {
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    r.ready(Interest::READABLE).await?;
+    let mut way = match Pipe::new() {
+        Ok(pipe) => Way::Pipe(pipe),
+        Err(e) => {
+            tracing::debug!(error = %e, "no pipe for splice; copying through userspace");
+            Way::Buffer(vec![0; crate::relay::CHUNK])
+        }
+    };
     loop {
-        // The pipe is empty here, so "would block" can only be the socket's.
-        let n = retry(r, Interest::READABLE, || {
-            Ok(splice(r, None, &pipe.write, None, PIPE_SIZE, flags)?)
-        })
-        .await?;
+        // An empty pipe or buffer here, so "would block" can only be the
+        // socket's.
+        let n = match &mut way {
+            Way::Pipe(pipe) => {
+                retry(r, Interest::READABLE, || {
+                    Ok(splice(r, None, &pipe.write, None, PIPE_SIZE, flags)?)
+                })
+                .await?
+            }
+            Way::Buffer(buf) => {
+                retry(r, Interest::READABLE, || {
+                    Ok(rustix::io::read(r, &mut buf[..])?)
+                })
+                .await?
+            }
+        };
         if n == 0 {
             ended_cleanly()?;
             return socket2::SockRef::from(w).shutdown(std::net::Shutdown::Write);
         }
-        let mut left = n;
-        while left > 0 {
-            // The pipe holds `left` bytes: "would block" is the socket's.
-            left -= retry(w, Interest::WRITABLE, || {
-                Ok(splice(&pipe.read, None, w, None, left, flags)?)
-            })
-            .await?;
+        let mut done = 0;
+        while done < n {
+            // The pipe or buffer holds bytes: "would block" is the socket's.
+            done += match &way {
+                Way::Pipe(pipe) => {
+                    retry(w, Interest::WRITABLE, || {
+                        Ok(splice(&pipe.read, None, w, None, n - done, flags)?)
+                    })
+                    .await?
+                }
+                Way::Buffer(buf) => {
+                    retry(w, Interest::WRITABLE, || {
+                        Ok(rustix::io::write(w, &buf[done..n])?)
+                    })
+                    .await?
+                }
+            };
         }
         counter.fetch_add(n as u64, Relaxed);
     }
+}
+
+/// How one direction moves its bytes.
+enum Way {
+    Pipe(Pipe),
+    Buffer(Vec<u8>),
 }
 
 /// Relays `a` ↔ `b` until both directions ended, counting bytes each way;
@@ -116,17 +153,9 @@ pub async fn copy_verified<A: Socket, B: Socket>(
     b_to_a: &AtomicU64,
     b_ended_cleanly: &(dyn Fn() -> io::Result<()> + Sync),
 ) -> io::Result<()> {
-    let pipes = Pipe::new().and_then(|up| Ok((up, Pipe::new()?)));
-    let (up_pipe, down_pipe) = match pipes {
-        Ok(pipes) => pipes,
-        Err(e) => {
-            tracing::debug!(error = %e, "no pipe for splice; copying through userspace");
-            return crate::relay::copy_verified(a, b, a_to_b, b_to_a, b_ended_cleanly).await;
-        }
-    };
     let (a, b) = (&*a, &*b);
-    let up = one_way(a, b, &up_pipe, a_to_b, &|| Ok(()));
-    let down = one_way(b, a, &down_pipe, b_to_a, b_ended_cleanly);
+    let up = one_way(a, b, a_to_b, &|| Ok(()));
+    let down = one_way(b, a, b_to_a, b_ended_cleanly);
     tokio::try_join!(up, down).map(drop)
 }
 

@@ -1342,3 +1342,81 @@ async fn relay_carries_udp_datagrams_intact_to_bound_ports_only() {
     );
     echo.kill();
 }
+
+/// The raw relay path (see `porthole::rawrelay`) on the monitor's own port:
+/// the token, only a listening port, bytes both ways with half-close, and a
+/// reset towards the server when the client's side breaks.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_raw_relay_path_keeps_the_relay_rules() {
+    if !require_root() {
+        return;
+    }
+    use porthole::rawrelay::{request, Answer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let port = 5410;
+    let _server = common::Server::start(&ns, "127.0.0.1", port, "raw").await;
+    monitor
+        .wait_listed("the server listed", DEADLINE, |p| p.port == u32::from(port))
+        .await;
+    let token = monitor.token().secret().to_string();
+    let ask = |port: u16, token: Option<String>| {
+        let addr = monitor.addr();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let answer = within(
+                "a raw relay answer",
+                request(&mut s, port, token.as_deref()),
+            )
+            .await
+            .unwrap();
+            (s, answer)
+        }
+    };
+    // No token, a wrong one: refused.
+    for wrong in [None, Some("nope".to_string())] {
+        let (_, answer) = ask(port, wrong).await;
+        assert!(
+            matches!(&answer, Answer::Err { code, .. } if code == "UNAUTHENTICATED"),
+            "{answer:?}"
+        );
+    }
+    // A port nothing listens on: refused, never dialled.
+    let (_, answer) = ask(port + 1, Some(token.clone())).await;
+    assert!(
+        matches!(&answer, Answer::Err { code, message } if code == "FAILED_PRECONDITION" && message.contains("no TCP listener")),
+        "{answer:?}"
+    );
+    // A listening port: its bytes, both ways, and a clean end.
+    let (mut s, answer) = ask(port, Some(token.clone())).await;
+    assert!(
+        matches!(&answer, Answer::Ok(addr) if addr == &format!("127.0.0.1:{port}")),
+        "{answer:?}"
+    );
+    s.write_all(b"ping\n").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut reply = String::new();
+    within("the server's answer", s.read_to_string(&mut reply))
+        .await
+        .unwrap();
+    assert_eq!(reply.trim(), "pong raw");
+    // Something that is not a request after the magic: refused.
+    let mut s = tokio::net::TcpStream::connect(monitor.addr())
+        .await
+        .unwrap();
+    s.write_all(b"PORTHOLE-RELAY/1 sctp 80 x\n").await.unwrap();
+    let mut reply = String::new();
+    within("the refusal", s.read_to_string(&mut reply))
+        .await
+        .unwrap();
+    assert!(reply.starts_with("ERR INVALID_ARGUMENT "), "{reply}");
+    // The relays were counted.
+    let metrics = common::http_get(monitor.addr(), "/metrics").await.body;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "porthole_monitor_relays_total 1"),
+        "{metrics}"
+    );
+}

@@ -434,14 +434,14 @@ async fn reachable_on_same_port_then_gone_direct() {
 // ---------------------------------------------------------------------------
 // 2. Data integrity: megabytes both ways, half-close, byte counters
 
-async fn data_integrity(backend: Backend) {
+async fn data_integrity(backend: Backend, extra: &[&str]) {
     if !require_root() {
         return;
     }
     const N: usize = 16 << 20;
-    let block = ports(1, backend);
+    let block = ports(1 + 40 * extra.len() as u16, backend);
     let port = block.base;
-    let w = World::start(backend, &[]).await;
+    let w = World::start(backend, extra).await;
     let _server = Server::start(&w.ns, "0.0.0.0", port, "srv").await;
     w.tunnel.wait_active(&id(port)).await;
 
@@ -474,12 +474,19 @@ async fn data_integrity(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sixteen_mib_both_ways_intact_grpc() {
-    data_integrity(Backend::Grpc).await;
+    data_integrity(Backend::Grpc, &[]).await;
+}
+
+/// The same in Relay.Dial streams only (what the Docker exec stream and
+/// monitors without the raw path use).
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_mib_both_ways_intact_grpc_relay_streams() {
+    data_integrity(Backend::Grpc, &["--no-raw-relay"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sixteen_mib_both_ways_intact_direct() {
-    data_integrity(Backend::Direct).await;
+    data_integrity(Backend::Direct, &[]).await;
 }
 
 // ---------------------------------------------------------------------------

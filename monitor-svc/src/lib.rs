@@ -103,6 +103,7 @@ pub async fn run(listen: Listen, opts: Options, shutdown: CancellationToken) -> 
     );
     let stats = Arc::new(porthole::server::ServerStats::default());
     let http_stats = stats.clone();
+    let raw_token = opts.token.clone();
     let app = porthole::server::App {
         grpc: tonic::service::Routes::new(PortEventsServer::new(grpc::PortEventsService::new(
             handle.clone(),
@@ -114,11 +115,18 @@ pub async fn run(listen: Listen, opts: Options, shutdown: CancellationToken) -> 
         grpc_names: vec![PORT_EVENTS, RELAY],
         http: http::router(handle.clone(), http_stats),
         policy: porthole::auth::Policy {
-            token: opts.token,
+            token: opts.token.clone(),
             public: opts.anonymous.public(),
         },
         limits: opts.limits,
         stats: stats.clone(),
+        raw: Some({
+            let (handle, token, shutdown) = (handle.clone(), raw_token, shutdown.clone());
+            Arc::new(move |stream| {
+                let relay = relay::raw(handle.clone(), token.clone(), shutdown.clone(), stream);
+                Box::pin(relay)
+            })
+        }),
     };
     tokio::spawn(trim_after_clients_leave(
         stats.clone(),

@@ -9,6 +9,7 @@ use porthole::relay::PumpError;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -131,6 +132,108 @@ async fn udp_flow(
     }
 }
 
+/// Connects to TCP `port` inside the container on a listener's own address
+/// (loopback of its family for a wildcard), if the monitor sees one.
+async fn connect_listener(monitor: &Handle, port: u16) -> Result<(TcpStream, SocketAddr), Status> {
+    let listeners = monitor.sockets(Protocol::Tcp, port).await?;
+    let mut candidates: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|p| p.address.parse().ok().map(|ip| reach(ip, port)))
+        .collect();
+    candidates.sort_by_key(|a| a.is_ipv6());
+    candidates.dedup();
+    if candidates.is_empty() {
+        return Err(Status::failed_precondition(format!(
+            "no TCP listener on port {port} inside the container"
+        )));
+    }
+    let mut last_err = None;
+    for addr in &candidates {
+        match porthole::net::connect(*addr, CONNECT_TIMEOUT).await {
+            Ok(c) => return Ok((c, *addr)),
+            Err(e) => last_err = Some(format!("{addr}: {e}")),
+        }
+    }
+    Err(Status::unavailable(format!(
+        "cannot connect to port {port}: {}",
+        last_err.unwrap_or_default()
+    )))
+}
+
+/// Serves one raw relay connection (see [`porthole::rawrelay`]): checks
+/// the request line and the token, connects the port, answers, then
+/// splices both ways. Any failure resets both connections.
+pub async fn raw(
+    monitor: Handle,
+    token: Option<porthole::auth::Token>,
+    shutdown: CancellationToken,
+    mut client: TcpStream,
+) {
+    use porthole::rawrelay;
+    use tokio::io::AsyncWriteExt;
+    let client_addr = client.peer_addr().ok();
+    let answered = async {
+        let line = rawrelay::read_line(&mut client)
+            .await
+            .map_err(|e| Status::invalid_argument(format!("reading the request: {e}")))?;
+        let req = rawrelay::parse_request(&line).map_err(Status::invalid_argument)?;
+        if let Some(token) = &token {
+            if !req.token.is_some_and(|t| token.matches(t.as_bytes())) {
+                return Err(Status::unauthenticated("missing or wrong bearer token"));
+            }
+        }
+        let (conn, addr) = connect_listener(&monitor, req.port).await?;
+        Ok((req.port, conn, addr))
+    }
+    .await;
+    let (port, conn, addr) = match answered {
+        Ok(connected) => connected,
+        Err(status) => {
+            tracing::debug!(client = ?client_addr, error = %status.message(), "raw relay refused");
+            let line = rawrelay::error_line(status.code(), status.message());
+            let _ = tokio::time::timeout(STATUS_WAIT, client.write_all(&line)).await;
+            return;
+        }
+    };
+    porthole::net::detect_dead_peer(&client);
+    let mut conn = ResetOnDrop::new(conn);
+    let mut client = ResetOnDrop::new(client);
+    if client
+        .write_all(format!("OK {addr}\n").as_bytes())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let metrics = monitor.metrics.clone();
+    metrics.relays_total.fetch_add(1, Relaxed);
+    metrics.relays_active.fetch_add(1, Relaxed);
+    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+    let result = {
+        let copy = porthole::splice::copy(&mut *client, &mut *conn, &sent, &received);
+        tokio::pin!(copy);
+        tokio::select! {
+            result = &mut copy => result,
+            _ = shutdown.cancelled() => match tokio::time::timeout(DRAIN, &mut copy).await {
+                Ok(result) => result,
+                Err(_) => Err(std::io::Error::other("monitor-svc is shutting down")),
+            },
+        }
+    };
+    metrics.relays_active.fetch_sub(1, Relaxed);
+    match result {
+        Ok(()) => {
+            conn.finish();
+            client.finish();
+            tracing::debug!(port, %addr, sent = sent.load(Relaxed), received = received.load(Relaxed), "raw relay closed");
+        }
+        Err(e) => {
+            metrics.relays_failed.fetch_add(1, Relaxed);
+            tracing::debug!(port, %addr, error = %e, "raw relay reset");
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Relay for RelayService {
     type DialStream = ReceiverStream<Result<RelayFrame, Status>>;
@@ -144,35 +247,7 @@ impl Relay for RelayService {
         if protocol == Protocol::Udp {
             return self.dial_udp(inbound, port).await;
         }
-        let listeners = self.monitor.sockets(Protocol::Tcp, port).await?;
-        let mut candidates: Vec<SocketAddr> = listeners
-            .iter()
-            .filter_map(|p| p.address.parse().ok().map(|ip| reach(ip, port)))
-            .collect();
-        candidates.sort_by_key(|a| a.is_ipv6());
-        candidates.dedup();
-        if candidates.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "no TCP listener on port {port} inside the container"
-            )));
-        }
-        let mut last_err = None;
-        let mut conn = None;
-        for addr in &candidates {
-            match porthole::net::connect(*addr, CONNECT_TIMEOUT).await {
-                Ok(c) => {
-                    conn = Some((c, *addr));
-                    break;
-                }
-                Err(e) => last_err = Some(format!("{addr}: {e}")),
-            }
-        }
-        let Some((conn, addr)) = conn else {
-            return Err(Status::unavailable(format!(
-                "cannot connect to port {port}: {}",
-                last_err.unwrap_or_default()
-            )));
-        };
+        let (conn, addr) = connect_listener(&self.monitor, port).await?;
         // Reset, never closed cleanly, unless the transfer ends cleanly:
         // even this process dying resets it.
         let mut conn = ResetOnDrop::new(conn);

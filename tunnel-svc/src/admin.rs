@@ -257,6 +257,7 @@ pub async fn serve(
         },
         limits: porthole::server::Limits::default(),
         stats: Default::default(),
+        raw: None,
     };
     porthole::server::serve(porthole::server::Listen::Tcp(listener), app, shutdown).await
 }

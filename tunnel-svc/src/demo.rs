@@ -151,6 +151,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         admin_token: None,
         monitor_tokens: [("demo".to_string(), token)].into(),
         ssh_options: Vec::new(),
+        raw_relay: true,
         docker: None,
         reload: None,
     };

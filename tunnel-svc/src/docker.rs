@@ -45,6 +45,9 @@ pub struct Options {
     /// It, read and checked once, as the archive each container gets.
     pub archive: Archive,
     pub transport: Transport,
+    /// Give the grpc backend the raw relay path where the container's
+    /// address is reached (`--no-raw-relay` turns it off).
+    pub raw_relay: bool,
 }
 
 /// The monitor as a tar archive (see [`monitor_archive`]).
@@ -277,6 +280,7 @@ pub async fn follow(
         archive: opts.archive.0.clone(),
         reconciler,
         transport: opts.transport,
+        raw_relay: opts.raw_relay,
         attached: Mutex::new(BTreeMap::new()),
     };
     let follower = Arc::new(follower);
@@ -322,6 +326,7 @@ struct Follower {
     archive: Bytes,
     reconciler: Handle,
     transport: Transport,
+    raw_relay: bool,
     /// Attached containers by id: their name and what stops their monitor.
     attached: Mutex<BTreeMap<String, (String, CancellationToken)>>,
 }
@@ -463,6 +468,7 @@ impl Follower {
         }
         let exec_backend = Arc::new(Backend::Grpc(Grpc {
             channel: channel.clone(),
+            raw: None,
         }));
         self.reconciler
             .add_target(TargetSpec {
@@ -524,7 +530,16 @@ impl Follower {
                                 match crate::monitor_channel(&url, Some(token.clone())) {
                                     Ok(channel) => (
                                         format!("ip {addr}"),
-                                        Arc::new(Backend::Grpc(Grpc { channel })),
+                                        Arc::new(Backend::Grpc(Grpc {
+                                            channel,
+                                            raw: self.raw_relay.then(|| {
+                                                crate::backend::grpc::Raw::new(
+                                                    url.host.clone(),
+                                                    url.port,
+                                                    Some(token.clone()),
+                                                )
+                                            }),
+                                        })),
                                         MONITOR_PORT,
                                     ),
                                     Err(e) => {

@@ -37,6 +37,9 @@ pub struct Options {
     pub monitor_tokens: std::collections::BTreeMap<String, porthole::auth::Token>,
     /// Extra `-o` options for every ssh command.
     pub ssh_options: Vec<String>,
+    /// grpc targets reached over TCP carry each connection on its own raw
+    /// relay connection (false: only in Relay streams).
+    pub raw_relay: bool,
     /// Follow the Docker engine's containers too (`--docker`).
     pub docker: Option<docker::Options>,
     /// `--config FILE`, read again on SIGHUP.
@@ -208,6 +211,13 @@ pub async fn run(
             let backend = match t.backend {
                 config::BackendKind::Grpc => Backend::Grpc(backend::grpc::Grpc {
                     channel: channel.clone(),
+                    raw: opts.raw_relay.then(|| {
+                        backend::grpc::Raw::new(
+                            t.url.host.clone(),
+                            t.url.port,
+                            opts.monitor_tokens.get(&t.name).cloned(),
+                        )
+                    }),
                 }),
                 config::BackendKind::Direct => Backend::Direct(backend::direct::Direct {
                     host: t.url.host.clone(),

@@ -140,6 +140,11 @@ struct RunArgs {
     /// (flags win over it; skip lists add up). SIGHUP reads it again.
     #[arg(long, env = "PORTHOLE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// grpc backend: carry tunnel bytes only in Relay.Dial streams (HTTP/2
+    /// frames on the one connection to the monitor), never on raw relay
+    /// connections of their own.
+    #[arg(long)]
+    no_raw_relay: bool,
     /// What to do when a host port is taken.
     #[arg(long, value_enum, default_value_t = OnConflict::Next)]
     on_conflict: OnConflict,
@@ -414,6 +419,7 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
             monitor_binary,
             archive,
             transport: args.docker_transport,
+            raw_relay: !args.no_raw_relay,
         })
     } else {
         None
@@ -435,6 +441,7 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
         admin_token: token,
         monitor_tokens,
         ssh_options: args.ssh_options,
+        raw_relay: !args.no_raw_relay,
         docker,
         reload: args.config.is_some().then_some(reload),
     };

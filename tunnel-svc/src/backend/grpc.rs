@@ -1,12 +1,19 @@
-//! grpc backend: each host connection is one `Relay.Dial` stream on the
-//! target's single HTTP/2 connection to monitor-svc.
+//! grpc backend: each host connection is carried by monitor-svc. When the
+//! monitor is reached over TCP, each gets a raw relay connection of its own
+//! to the monitor's port (see [`porthole::rawrelay`]: bytes spliced by the
+//! kernel at both ends); otherwise (the Docker exec stream, or a monitor
+//! that does not offer the raw path) one `Relay.Dial` stream on the
+//! target's single HTTP/2 connection.
 
-use super::DialError;
+use super::{DialError, Upstream};
 use porthole::auth::AuthChannel;
+use porthole::net::ResetOnDrop;
 use porthole::pb::v1::{
     relay_client::RelayClient, relay_frame::Kind, DialRequest, Protocol, RelayFrame,
 };
+use porthole::rawrelay::{self, Answer};
 use porthole::relay::PumpError;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,6 +29,70 @@ const FINISH_WAIT: Duration = Duration::from_secs(5);
 pub struct Grpc {
     /// Carries the monitor's token, if any.
     pub channel: AuthChannel,
+    /// The raw data path, when the monitor is reached over TCP.
+    pub raw: Option<Raw>,
+}
+
+/// Where a monitor takes raw relay connections.
+pub struct Raw {
+    pub host: String,
+    pub port: u16,
+    pub token: Option<porthole::auth::Token>,
+    /// Set once the monitor answered a raw request as something else (an
+    /// older monitor): Relay streams from then on.
+    unsupported: AtomicBool,
+}
+
+impl Raw {
+    pub fn new(host: String, port: u16, token: Option<porthole::auth::Token>) -> Raw {
+        Raw {
+            host,
+            port,
+            token,
+            unsupported: AtomicBool::new(false),
+        }
+    }
+
+    /// A raw relay connection to TCP `port`, or why not; `Ok(None)` when
+    /// the monitor does not offer the raw path or this process is out of
+    /// file descriptors (a Relay stream then carries the connection).
+    async fn dial(&self, port: u16) -> Result<Option<tokio::net::TcpStream>, DialError> {
+        let unreachable = |e: std::io::Error| DialError(format!("monitor unreachable: {e}"));
+        let connected = porthole::net::connect(
+            (self.host.as_str(), self.port),
+            super::direct::CONNECT_TIMEOUT,
+        )
+        .await;
+        let mut stream = match connected {
+            Ok(stream) => stream,
+            // Out of descriptors: the Relay stream needs none.
+            Err(e) if porthole::net::is_exhaustion(&e) => return Ok(None),
+            Err(e) => return Err(unreachable(e)),
+        };
+        let _ = stream.set_nodelay(true);
+        porthole::net::detect_dead_peer(&stream);
+        let token = self.token.as_ref().map(|t| t.secret());
+        match rawrelay::request(&mut stream, port, token)
+            .await
+            .map_err(unreachable)?
+        {
+            Answer::Ok(_) => Ok(Some(stream)),
+            Answer::Err { code, message } => Err(DialError(if code == "UNAUTHENTICATED" {
+                format!(
+                    "monitor refused: {message}; give tunnel-svc the monitor's token with \
+                     --monitor-token-file (monitor-svc logs where it keeps it)"
+                )
+            } else {
+                format!("the monitor says: {message}")
+            })),
+            Answer::Unknown(what) => {
+                if !self.unsupported.swap(true, Relaxed) {
+                    tracing::info!(answer = %what, "the monitor offers no raw relay path; tunnel bytes go in Relay streams");
+                }
+                Ok(None)
+            }
+        }
+    }
 }
 
 /// A `Relay.Dial` stream the monitor confirmed: frames out, frames in.
@@ -52,10 +123,24 @@ impl RelayStream {
 }
 
 impl Grpc {
-    /// Opens a relay stream to TCP `port` and waits (bounded) for the
+    /// A connection to TCP `port` through the monitor: a raw relay
+    /// connection when it can, else a relay stream; waits (bounded) for the
     /// monitor to connect it.
-    pub async fn dial(&self, port: u16) -> Result<RelayStream, DialError> {
-        self.dial_as(Protocol::Tcp, port).await
+    pub async fn dial(&self, port: u16) -> Result<Upstream, DialError> {
+        if let Some(raw) = self.raw.as_ref().filter(|r| !r.unsupported.load(Relaxed)) {
+            let dialed = tokio::time::timeout(DIAL_TIMEOUT, raw.dial(port))
+                .await
+                .map_err(|_| {
+                    DialError(format!(
+                        "monitor unreachable: no answer to the dial within {}s",
+                        DIAL_TIMEOUT.as_secs()
+                    ))
+                })?;
+            if let Some(stream) = dialed? {
+                return Ok(Upstream::Tcp(ResetOnDrop::new(stream)));
+            }
+        }
+        self.dial_as(Protocol::Tcp, port).await.map(Upstream::Relay)
     }
 
     /// Opens a UDP flow to `port`: the monitor confirms only a port it sees

@@ -104,7 +104,7 @@ impl Backend {
     /// Connects to the container's `port`.
     pub async fn dial(&self, port: u16) -> Result<Upstream, DialError> {
         match self {
-            Backend::Grpc(g) => g.dial(port).await.map(Upstream::Relay),
+            Backend::Grpc(g) => g.dial(port).await,
             Backend::Direct(d) => d.dial(port).await.map(Upstream::Tcp),
             Backend::Ssh(s) => s.dial(port).await,
         }
