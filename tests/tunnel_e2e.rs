@@ -1804,3 +1804,104 @@ async fn udp_datagrams_round_trip_whole_per_client_grpc() {
 async fn udp_datagrams_round_trip_whole_per_client_direct() {
     udp_tunnel(Backend::Direct).await;
 }
+
+// ---------------------------------------------------------------------------
+// Flow control
+
+/// Writes 64 KiB blocks to `conn` until one waits longer than `stall`, or
+/// `cap` bytes went; the bytes written.
+async fn write_until_stalled(conn: &mut TcpStream, cap: usize, stall: Duration) -> usize {
+    let block = vec![0xa5u8; 1 << 16];
+    let mut written = 0;
+    while written < cap {
+        match tokio::time::timeout(stall, conn.write_all(&block)).await {
+            Ok(Ok(())) => written += block.len(),
+            Ok(Err(e)) => panic!("write failed after {written} bytes: {e}"),
+            Err(_) => break,
+        }
+    }
+    written
+}
+
+/// A server that stops reading and a client that stops reading: neither
+/// tunnel-svc nor the monitor buffers without bound — the sender is held
+/// back after a few MiB, and neither process grows.
+async fn slow_readers(backend: Backend, extra: &[&str]) {
+    if !require_root() {
+        return;
+    }
+    const CAP: usize = 256 << 20;
+    const BOUND: usize = 64 << 20;
+    let block = ports(50 + extra.len() as u16, backend);
+    let port = block.base;
+    let w = World::start(backend, extra).await;
+    let _server = Server::start(&w.ns, "0.0.0.0", port, "srv").await;
+    w.tunnel.wait_active(&id(port)).await;
+    let (tunnel_before, monitor_before) =
+        (common::rss(w.tunnel.pid()), common::rss(w.monitor.pid()));
+
+    // Upload to a server that never reads.
+    let mut up = TcpStream::connect(v4(port)).await.unwrap();
+    up.write_all(b"stall\n").await.unwrap();
+    let mut line = [0u8; 8];
+    within("stalled", up.read_exact(&mut line)).await.unwrap();
+    assert_eq!(&line, b"stalled\n");
+    let written = write_until_stalled(&mut up, CAP, Duration::from_millis(500)).await;
+    assert!(
+        written < BOUND,
+        "the client wrote {written} bytes into a stalled server"
+    );
+
+    // Download by a client that never reads.
+    let mut down = TcpStream::connect(v4(port)).await.unwrap();
+    down.write_all(b"flood\n").await.unwrap();
+    // Held back once the bytes delivered stop growing between two looks.
+    let deadline = Instant::now() + DEADLINE;
+    let mut last = 0;
+    let held = loop {
+        let now = w.tunnel.tunnel(&id(port)).await.map_or(0, |t| t.bytes_out);
+        if now > 0 && now == last {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the flood was never held back: {now} bytes"
+        );
+        last = now;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        (held as usize) < BOUND,
+        "{held} bytes reached a client that reads nothing"
+    );
+    let grown = |before: u64, now: u64| now.saturating_sub(before) >> 20;
+    let (tunnel_grew, monitor_grew) = (
+        grown(tunnel_before, common::rss(w.tunnel.pid())),
+        grown(monitor_before, common::rss(w.monitor.pid())),
+    );
+    eprintln!(
+        "{}: {written} bytes into a stalled server, {held} to a client that does not read; \
+         tunnel-svc grew {tunnel_grew} MiB, the monitor {monitor_grew} MiB",
+        test_name()
+    );
+    assert!(
+        tunnel_grew < 32 && monitor_grew < 32,
+        "tunnel-svc +{tunnel_grew} MiB, monitor +{monitor_grew} MiB"
+    );
+    drop((up, down));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_readers_hold_the_sender_back_grpc() {
+    slow_readers(Backend::Grpc, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_readers_hold_the_sender_back_grpc_relay_streams() {
+    slow_readers(Backend::Grpc, &["--no-raw-relay"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_readers_hold_the_sender_back_direct() {
+    slow_readers(Backend::Direct, &[]).await;
+}

@@ -7,8 +7,9 @@
 //!   connections start with a command line: `ping` → `pong LABEL`; `echo` →
 //!   every byte back as it comes, then after the client's half-close
 //!   `END <count>`; `source N` → `N CRC32`, then N random bytes; `hold` →
-//!   `holding`, then nothing until the client goes. Prints `ready` once it
-//!   listens.
+//!   `holding`, then nothing until the client goes; `stall` → `stalled`,
+//!   then it never reads again; `flood` → bytes until the client goes.
+//!   Prints `ready` once it listens.
 //! - `ports`: opens and closes echo listeners on request, one command per
 //!   stdin line: `open PORT ADDR` → `ok NANOS` (the time `listen()`
 //!   returned, in ns since the epoch); `close PORT` → `ok` (its connections
@@ -153,6 +154,19 @@ async fn command(conn: TcpStream, label: std::sync::Arc<str>) -> std::io::Result
             let head = format!("{} {}\n", data.len(), crc32(&data));
             conn.write_all(head.as_bytes()).await?;
             conn.write_all(&data).await
+        }
+        ["stall"] => {
+            // Never reads again: the client's bytes pile up in front of it.
+            conn.write_all(b"stalled\n").await?;
+            std::future::pending::<()>().await;
+            Ok(())
+        }
+        ["flood"] => {
+            // Writes until the client goes, however slowly it reads.
+            let block = vec![0x5a; 65536];
+            loop {
+                conn.write_all(&block).await?;
+            }
         }
         ["hold"] => {
             conn.write_all(b"holding\n").await?;
