@@ -124,14 +124,8 @@ pub enum Answer {
 /// and reads the answer.
 pub async fn request(stream: &mut TcpStream, port: u16, token: Option<&str>) -> io::Result<Answer> {
     stream.write_all(&request_line(port, token)).await?;
-    let line = match read_line(stream).await {
-        Ok(line) => line,
-        // An older monitor closes (or answers in HTTP) without a line.
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            return Ok(Answer::Unknown(e.to_string()))
-        }
-        Err(e) => return Err(e),
-    };
+    // A monitor at its connection limit closes at once (an error here).
+    let line = read_line(stream).await?;
     if let Some(addr) = line.strip_prefix("OK ") {
         return Ok(Answer::Ok(addr.to_string()));
     }

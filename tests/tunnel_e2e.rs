@@ -1905,3 +1905,70 @@ async fn slow_readers_hold_the_sender_back_grpc_relay_streams() {
 async fn slow_readers_hold_the_sender_back_direct() {
     slow_readers(Backend::Direct, &[]).await;
 }
+
+// ---------------------------------------------------------------------------
+// Many connections
+
+/// The value of the metric line `name` (no labels) in `/metrics` at `addr`.
+async fn metric(addr: SocketAddr, name: &str) -> Option<u64> {
+    let body = common::http_get(addr, "/metrics").await.body;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// More connections at once than the grpc backend's raw relay slots (16)
+/// and the monitor's per-peer connection share (10 of 40 here, so raw
+/// connections are refused at its limit): every one completes intact (the
+/// rest ride Relay streams), then connections and relays go back to where
+/// they were.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_concurrent_connections_complete_grpc() {
+    if !require_root() {
+        return;
+    }
+    const N: usize = 200;
+    let block = ports(60, Backend::Grpc);
+    let port = block.base;
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &["--max-connections", "40"]).await;
+    let tunnel = start_tunnel(&ns, &monitor, Backend::Grpc, &[]).await;
+    let w = World {
+        tunnel,
+        monitor,
+        ns,
+    };
+    let _server = Server::start(&w.ns, "0.0.0.0", port, "srv").await;
+    w.tunnel.wait_active(&id(port)).await;
+    let before = metric(w.monitor.addr(), "porthole_monitor_connections").await;
+    let data = std::sync::Arc::new(pattern(256 << 10));
+    let all: Vec<_> = (0..N)
+        .map(|_| {
+            let data = data.clone();
+            tokio::spawn(async move { echo_through(v4(port), &data).await })
+        })
+        .collect();
+    let mut broken = 0;
+    for task in all {
+        broken += usize::from(task.await.is_err());
+    }
+    assert_eq!(
+        broken,
+        0,
+        "connections broke; tunnel-svc:\n{}\nmonitor:\n{}",
+        w.tunnel.log(),
+        w.monitor.log()
+    );
+    w.tunnel
+        .wait_tunnel(&id(port), "every connection done", |t| {
+            t.total_connections == N as u64 && t.active_connections == 0
+        })
+        .await;
+    poll_until("the monitor back to its connections", DEADLINE, || async {
+        let active = metric(w.monitor.addr(), "porthole_monitor_relays_active").await;
+        let now = metric(w.monitor.addr(), "porthole_monitor_connections").await;
+        (active == Some(0) && now == before).then_some(())
+    })
+    .await;
+    let failed = metric(w.monitor.addr(), "porthole_monitor_relays_failed_total").await;
+    assert_eq!(failed, Some(0));
+}

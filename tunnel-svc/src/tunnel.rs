@@ -235,7 +235,7 @@ async fn carry_one(
     stats.connected();
     let (bytes_in, bytes_out) = (&stats.bytes_in, &stats.bytes_out);
     match upstream {
-        Upstream::Tcp(mut up) => {
+        Upstream::Tcp(mut up) | Upstream::Raw(mut up, _) => {
             porthole::splice::copy(&mut *conn, &mut *up, bytes_in, bytes_out).await?;
             up.finish();
         }

@@ -14,8 +14,10 @@ use porthole::pb::v1::{
 use porthole::rawrelay::{self, Answer};
 use porthole::relay::PumpError;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::sync::Semaphore;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// How long reaching the monitor and its dial to the port may take: a
@@ -41,7 +43,15 @@ pub struct Raw {
     /// Set once the monitor answered a raw request as something else (an
     /// older monitor): Relay streams from then on.
     unsupported: AtomicBool,
+    /// Raw connections open at once; beyond them, Relay streams. Each is a
+    /// connection the monitor counts against one peer's share of its
+    /// `--max-connections` (a quarter, 64 by default), which its event
+    /// stream must never be refused for.
+    slots: Arc<Semaphore>,
 }
+
+/// Raw relay connections one target holds at once.
+pub const RAW_CONNECTIONS: usize = 16;
 
 impl Raw {
     pub fn new(host: String, port: u16, token: Option<porthole::auth::Token>) -> Raw {
@@ -50,13 +60,17 @@ impl Raw {
             port,
             token,
             unsupported: AtomicBool::new(false),
+            slots: Arc::new(Semaphore::new(RAW_CONNECTIONS)),
         }
     }
 
     /// A raw relay connection to TCP `port`, or why not; `Ok(None)` when
     /// the monitor does not offer the raw path or this process is out of
     /// file descriptors (a Relay stream then carries the connection).
-    async fn dial(&self, port: u16) -> Result<Option<tokio::net::TcpStream>, DialError> {
+    async fn dial(&self, port: u16) -> Result<Option<Upstream>, DialError> {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return Ok(None);
+        };
         let unreachable = |e: std::io::Error| DialError(format!("monitor unreachable: {e}"));
         let connected = porthole::net::connect(
             (self.host.as_str(), self.port),
@@ -65,18 +79,37 @@ impl Raw {
         .await;
         let mut stream = match connected {
             Ok(stream) => stream,
-            // Out of descriptors: the Relay stream needs none.
-            Err(e) if porthole::net::is_exhaustion(&e) => return Ok(None),
+            // Out of descriptors: the Relay stream needs none. Reset at
+            // once: the monitor is at its connection limit.
+            Err(e)
+                if porthole::net::is_exhaustion(&e)
+                    || e.kind() == std::io::ErrorKind::ConnectionReset =>
+            {
+                return Ok(None)
+            }
             Err(e) => return Err(unreachable(e)),
         };
         let _ = stream.set_nodelay(true);
         porthole::net::detect_dead_peer(&stream);
         let token = self.token.as_ref().map(|t| t.secret());
-        match rawrelay::request(&mut stream, port, token)
-            .await
-            .map_err(unreachable)?
-        {
-            Answer::Ok(_) => Ok(Some(stream)),
+        let answer = match rawrelay::request(&mut stream, port, token).await {
+            Ok(answer) => answer,
+            // Closed without an answer: the monitor is at its connection
+            // limit; the Relay stream shares the connection it has.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(unreachable(e)),
+        };
+        match answer {
+            Answer::Ok(_) => Ok(Some(Upstream::Raw(ResetOnDrop::new(stream), slot))),
             Answer::Err { code, message } => Err(DialError(if code == "UNAUTHENTICATED" {
                 format!(
                     "monitor refused: {message}; give tunnel-svc the monitor's token with \
@@ -136,8 +169,8 @@ impl Grpc {
                         DIAL_TIMEOUT.as_secs()
                     ))
                 })?;
-            if let Some(stream) = dialed? {
-                return Ok(Upstream::Tcp(ResetOnDrop::new(stream)));
+            if let Some(upstream) = dialed? {
+                return Ok(upstream);
             }
         }
         self.dial_as(Protocol::Tcp, port).await.map(Upstream::Relay)

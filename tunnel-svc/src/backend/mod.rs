@@ -35,6 +35,9 @@ pub enum Upstream {
     },
     /// A `Relay.Dial` stream the monitor has connected.
     Relay(grpc::RelayStream),
+    /// A raw relay connection the monitor has connected (grpc), holding one
+    /// of the target's raw slots while it lives.
+    Raw(ResetOnDrop, tokio::sync::OwnedSemaphorePermit),
 }
 
 /// A UDP flow to a container port, made by a backend.
