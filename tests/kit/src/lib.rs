@@ -13,6 +13,7 @@
 //! ([`wait_until`], [`poll_until`]); nothing sleeps to "let things settle".
 
 pub mod docker;
+pub mod load;
 pub mod measure;
 mod sshd;
 
