@@ -133,13 +133,21 @@ pub struct App {
     pub stats: Arc<ServerStats>,
     /// Takes the TCP connections that open with
     /// [`crate::rawrelay::MAGIC`] (the monitor's raw relay path) instead of
-    /// the HTTP server; each keeps its connection slot while it runs.
+    /// the HTTP server, with the connection's slot: it holds the slot until
+    /// the connection has proved it may stay (then its own bounds apply).
     pub raw: Option<RawHandler>,
 }
 
 /// See [`App::raw`].
-pub type RawHandler =
-    Arc<dyn Fn(TcpStream) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+pub type RawHandler = Arc<
+    dyn Fn(TcpStream, ConnectionSlot) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A connection's place among [`Limits::max_connections`] (and its peer's
+/// share); given back when dropped.
+pub struct ConnectionSlot(#[allow(dead_code)] Slot);
 
 /// Where a server takes its connections from.
 pub enum Listen {
@@ -333,8 +341,7 @@ fn incoming(
                 if sends_something(&stream, limits.first_byte_timeout).await {
                     if let Some(raw) = raw {
                         if opens_raw(&stream).await {
-                            raw(stream).await;
-                            drop(slot);
+                            raw(stream, ConnectionSlot(slot)).await;
                             return;
                         }
                     }

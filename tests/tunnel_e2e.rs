@@ -1916,11 +1916,11 @@ async fn metric(addr: SocketAddr, name: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// More connections at once than the grpc backend's raw relay slots (16)
-/// and the monitor's per-peer connection share (10 of 40 here, so raw
-/// connections are refused at its limit): every one completes intact (the
-/// rest ride Relay streams), then connections and relays go back to where
-/// they were.
+/// A burst of connections far beyond the monitor's per-peer connection
+/// share (10 of 40 here), which raw relay connections count against until
+/// their token is checked, so some are refused at its limit: every one
+/// completes intact (the refused ones ride Relay streams), then
+/// connections and relays go back to where they were.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_hundred_concurrent_connections_complete_grpc() {
     if !require_root() {

@@ -122,8 +122,15 @@ pub async fn run(listen: Listen, opts: Options, shutdown: CancellationToken) -> 
         stats: stats.clone(),
         raw: Some({
             let (handle, token, shutdown) = (handle.clone(), raw_token, shutdown.clone());
-            Arc::new(move |stream| {
-                let relay = relay::raw(handle.clone(), token.clone(), shutdown.clone(), stream);
+            let relays = Arc::new(tokio::sync::Semaphore::new(relay::MAX_RAW_RELAYS));
+            Arc::new(move |stream, slot| {
+                let relay = relay::raw(
+                    handle.clone(),
+                    token.clone(),
+                    relays.clone(),
+                    shutdown.clone(),
+                    (stream, slot),
+                );
                 Box::pin(relay)
             })
         }),

@@ -8,6 +8,7 @@ use porthole::pb::v1::{relay_frame::Kind, relay_server::Relay, DialReply, Protoc
 use porthole::relay::PumpError;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -160,14 +161,22 @@ async fn connect_listener(monitor: &Handle, port: u16) -> Result<(TcpStream, Soc
     )))
 }
 
+/// Raw relays open at once (each holds two sockets, and two pipes while
+/// bytes flow); beyond them, RESOURCE_EXHAUSTED (the caller then uses a
+/// Relay stream).
+pub const MAX_RAW_RELAYS: usize = 4096;
+
 /// Serves one raw relay connection (see [`porthole::rawrelay`]): checks
 /// the request line and the token, connects the port, answers, then
-/// splices both ways. Any failure resets both connections.
+/// splices both ways. Any failure resets both connections. The connection
+/// holds its server slot until the token is checked; from then on it
+/// counts among the `relays` instead.
 pub async fn raw(
     monitor: Handle,
     token: Option<porthole::auth::Token>,
+    relays: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
-    mut client: TcpStream,
+    (mut client, slot): (TcpStream, porthole::server::ConnectionSlot),
 ) {
     use porthole::rawrelay;
     use tokio::io::AsyncWriteExt;
@@ -182,11 +191,17 @@ pub async fn raw(
                 return Err(Status::unauthenticated("missing or wrong bearer token"));
             }
         }
+        let relay = relays.try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{MAX_RAW_RELAYS} raw relays are open; use a Relay stream"
+            ))
+        })?;
+        drop(slot);
         let (conn, addr) = connect_listener(&monitor, req.port).await?;
-        Ok((req.port, conn, addr))
+        Ok((req.port, conn, addr, relay))
     }
     .await;
-    let (port, conn, addr) = match answered {
+    let (port, conn, addr, _relay) = match answered {
         Ok(connected) => connected,
         Err(status) => {
             tracing::debug!(client = ?client_addr, error = %status.message(), "raw relay refused");

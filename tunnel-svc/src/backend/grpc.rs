@@ -24,6 +24,14 @@ use tokio_stream::wrappers::ReceiverStream;
 /// monitor or a listener that drops packets fails the connection in time.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A dial the monitor did not answer within [`DIAL_TIMEOUT`].
+fn no_answer() -> DialError {
+    DialError(format!(
+        "monitor unreachable: no answer to the dial within {}s",
+        DIAL_TIMEOUT.as_secs()
+    ))
+}
+
 /// How long the monitor may take to end a relay stream whose connection
 /// ended cleanly in both directions.
 const FINISH_WAIT: Duration = Duration::from_secs(5);
@@ -43,15 +51,14 @@ pub struct Raw {
     /// Set once the monitor answered a raw request as something else (an
     /// older monitor): Relay streams from then on.
     unsupported: AtomicBool,
-    /// Raw connections open at once; beyond them, Relay streams. Each is a
-    /// connection the monitor counts against one peer's share of its
-    /// `--max-connections` (a quarter, 64 by default), which its event
-    /// stream must never be refused for.
+    /// Raw connections open at once; beyond them, Relay streams. (The
+    /// monitor counts one against its `--max-connections` only until its
+    /// token is checked, and bounds open raw relays itself.)
     slots: Arc<Semaphore>,
 }
 
 /// Raw relay connections one target holds at once.
-pub const RAW_CONNECTIONS: usize = 16;
+pub const RAW_CONNECTIONS: usize = 1024;
 
 impl Raw {
     pub fn new(host: String, port: u16, token: Option<porthole::auth::Token>) -> Raw {
@@ -110,6 +117,8 @@ impl Raw {
         };
         match answer {
             Answer::Ok(_) => Ok(Some(Upstream::Raw(ResetOnDrop::new(stream), slot))),
+            // The monitor's raw relays are all taken: a Relay stream.
+            Answer::Err { code, .. } if code == "RESOURCE_EXHAUSTED" => Ok(None),
             Answer::Err { code, message } => Err(DialError(if code == "UNAUTHENTICATED" {
                 format!(
                     "monitor refused: {message}; give tunnel-svc the monitor's token with \
@@ -163,12 +172,7 @@ impl Grpc {
         if let Some(raw) = self.raw.as_ref().filter(|r| !r.unsupported.load(Relaxed)) {
             let dialed = tokio::time::timeout(DIAL_TIMEOUT, raw.dial(port))
                 .await
-                .map_err(|_| {
-                    DialError(format!(
-                        "monitor unreachable: no answer to the dial within {}s",
-                        DIAL_TIMEOUT.as_secs()
-                    ))
-                })?;
+                .map_err(|_| no_answer())?;
             if let Some(upstream) = dialed? {
                 return Ok(upstream);
             }
@@ -185,12 +189,7 @@ impl Grpc {
     async fn dial_as(&self, protocol: Protocol, port: u16) -> Result<RelayStream, DialError> {
         let dialed = tokio::time::timeout(DIAL_TIMEOUT, self.open(protocol, port))
             .await
-            .map_err(|_| {
-                DialError(format!(
-                    "monitor unreachable: no answer to the dial within {}s",
-                    DIAL_TIMEOUT.as_secs()
-                ))
-            })?;
+            .map_err(|_| no_answer())?;
         dialed.map_err(|status| {
             // A status with a source is tonic's own (no answer from the
             // monitor); one without came from the monitor.
