@@ -512,13 +512,14 @@ fn report(machine: &Machine, r: &mut Results) {
          after another ({}s budget; connections/s and connect-to-first-byte); {CONCURRENT} concurrent \
          connections each sending {} MiB and reading it back (payload each way per second; not through \
          socat, which forks a process per connection); {KEPT_ALIVE} kept-alive connections × {EXCHANGES} \
-         64-byte request/response round trips, with the relay processes' fds and RSS before → after it; \
+         64-byte request/response round trips; \
          {IDLE} idle connections held open, and what one costs the relay processes (tunnel-svc, + the \
-         monitor for grpc, + the ssh master for ssh).\n",
+         monitor for grpc, + the ssh master for ssh), whose fds and RSS are shown before the workloads \
+         and once they are all done.\n",
         SHORT_BUDGET.as_secs(),
         CONCURRENT_BYTES >> 20
     );
-    println!("| path | short: conn/s | first byte p50 / p99 | failed | {CONCURRENT} × {} MiB: Gbit/s (s) | failed | kept-alive: round trips/s | relay fds, RSS before → after | per idle connection: fds, RSS |", CONCURRENT_BYTES >> 20);
+    println!("| path | short: conn/s | first byte p50 / p99 | failed | {CONCURRENT} × {} MiB: Gbit/s (s) | failed | kept-alive: round trips/s | relay fds, RSS: before → after all | per idle connection: fds, RSS |", CONCURRENT_BYTES >> 20);
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |");
     for (path, work) in &mut r.workloads {
         let w = match work {
@@ -536,22 +537,25 @@ fn report(machine: &Machine, r: &mut Results) {
         let (conc, conc_failed) = w.concurrent.as_ref().map_or(("—".into(), "—".into()), |c| {
             (
                 format!("{:.2} ({:.1} s)", c.gbits, c.took.as_secs_f64()),
-                c.failed.to_string(),
+                match &c.first_error {
+                    None => "0".into(),
+                    Some(why) => format!("{} ({})", c.failed, one_line(why)),
+                },
             )
         });
-        let around = w.around_kept.map_or("—".into(), |((f0, r0), (f1, r1))| {
+        let around = w.start_end.map_or("—".into(), |((f0, r0), (f1, r1))| {
             format!(
                 "{f0} → {f1} fds, {:.1} → {:.1} MiB",
                 r0 as f64 / 1048576.0,
                 r1 as f64 / 1048576.0
             )
         });
-        let idle = w.idle.map_or("—".into(), |(fds, rss, failed)| {
+        let idle = w.idle.map_or("—".into(), |(fds, rss, held, failed)| {
             format!(
                 "{fds:.1}, {:.1} KiB{}",
                 rss / 1024.0,
                 if failed > 0 {
-                    format!(" ({failed} could not open)")
+                    format!(" (**only {held} could be opened**)")
                 } else {
                     String::new()
                 }
@@ -642,11 +646,12 @@ struct Work {
     /// Not run through socat (it forks a process per connection).
     concurrent: Option<porthole_testkit::load::Concurrent>,
     kept: porthole_testkit::load::KeptAlive,
-    /// Relay processes' (fds, RSS bytes) before and after the kept-alive run.
-    around_kept: Option<((usize, u64), (usize, u64))>,
-    /// Per idle connection: fds and RSS bytes in the relay processes, and
-    /// connections that could not be opened.
-    idle: Option<(f64, f64, usize)>,
+    /// Relay processes' (fds, RSS bytes) before the workloads and once
+    /// they are all done.
+    start_end: Option<((usize, u64), (usize, u64))>,
+    /// Per idle connection: fds and RSS bytes in the relay processes; the
+    /// connections held, and whether one more could not be opened.
+    idle: Option<(f64, f64, usize, usize)>,
 }
 
 /// The processes that carry a tunnel's bytes on this machine.
@@ -776,6 +781,7 @@ impl Lab {
                 }
             }
         };
+        let start = footprint();
         let short = load::short_connections(addr, SHORT_CONNECTIONS, SHORT_BUDGET).await;
         settled(0).await;
         let concurrent = if pids.is_empty() && tunnel.is_none() && addr.ip().is_loopback() {
@@ -786,7 +792,6 @@ impl Lab {
             )
         };
         settled(0).await;
-        let before = footprint();
         let kept = load::kept_alive(addr, KEPT_ALIVE, EXCHANGES).await;
         settled(0).await;
         let after = footprint();
@@ -801,17 +806,18 @@ impl Lab {
         let n = held.len().max(1);
         drop(held);
         settled(0).await;
+        let end = footprint();
         Ok(Work {
             short,
             concurrent,
             kept,
-            around_kept: (!pids.is_empty()).then_some((before, after)),
+            start_end: (!pids.is_empty()).then_some((start, end)),
             idle: (!pids.is_empty()).then(|| {
                 let (fds, rss) = (
                     holding.0.saturating_sub(after.0) as f64 / n as f64,
                     holding.1.saturating_sub(after.1) as f64 / n as f64,
                 );
-                (fds, rss, idle_failed)
+                (fds, rss, n, idle_failed)
             }),
         })
     }

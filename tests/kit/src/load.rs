@@ -61,6 +61,8 @@ pub async fn short_connections(addr: SocketAddr, n: usize, budget: Duration) -> 
 pub struct Concurrent {
     pub done: usize,
     pub failed: usize,
+    /// Why the first failed connection failed.
+    pub first_error: Option<String>,
     pub took: Duration,
     /// Payload each way, all connections, per second.
     pub gbits: f64,
@@ -105,17 +107,26 @@ pub async fn concurrent(addr: SocketAddr, n: usize, size: usize, budget: Duratio
         .collect();
     let mut done = 0;
     let mut failed = 0;
+    let mut first_error = None;
     let deadline = started + budget;
     for t in tasks {
-        match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), t).await {
-            Ok(Ok(Ok(()))) => done += 1,
-            _ => failed += 1,
-        }
+        let why = match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), t).await {
+            Ok(Ok(Ok(()))) => {
+                done += 1;
+                continue;
+            }
+            Ok(Ok(Err(e))) => e.to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "not done within the budget".to_string(),
+        };
+        failed += 1;
+        first_error.get_or_insert(why);
     }
     let took = started.elapsed();
     Concurrent {
         done,
         failed,
+        first_error,
         took,
         gbits: (done * size) as f64 * 8.0 / took.as_secs_f64() / 1e9,
     }
@@ -166,11 +177,12 @@ pub async fn kept_alive(addr: SocketAddr, conns: usize, exchanges: usize) -> Kep
 }
 
 /// `n` connections that each echo one byte and then stay open, idle,
-/// until the returned vector is dropped; and how many could not.
+/// until the returned vector is dropped; stops at the first that cannot
+/// (then the second value is 1).
 pub async fn idle(addr: SocketAddr, n: usize) -> (Vec<TcpStream>, usize) {
     let mut held = Vec::with_capacity(n);
     let mut failed = 0;
-    for _ in 0..n {
+    while held.len() < n && failed == 0 {
         let open = async {
             let mut s = TcpStream::connect(addr).await?;
             s.write_all(b"x").await?;

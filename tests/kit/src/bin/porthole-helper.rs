@@ -89,7 +89,7 @@ fn socket(addr: SocketAddr, kind: Type, v6only: Option<bool>) -> Result<Socket, 
 
 fn tcp_listener(addr: SocketAddr, v6only: Option<bool>) -> Result<TcpListener, String> {
     let s = socket(addr, Type::STREAM, v6only)?;
-    s.listen(128).map_err(|e| e.to_string())?;
+    s.listen(1024).map_err(|e| e.to_string())?;
     s.set_nonblocking(true).map_err(|e| e.to_string())?;
     TcpListener::from_std(s.into()).map_err(|e| e.to_string())
 }
