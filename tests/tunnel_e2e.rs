@@ -1922,11 +1922,11 @@ async fn metric(addr: SocketAddr, name: &str) -> Option<u64> {
 /// completes intact (the refused ones ride Relay streams), then
 /// connections and relays go back to where they were.
 #[tokio::test(flavor = "multi_thread")]
-async fn two_hundred_concurrent_connections_complete_grpc() {
+async fn a_thousand_concurrent_connections_complete_grpc() {
     if !require_root() {
         return;
     }
-    const N: usize = 200;
+    const N: usize = 1000;
     let block = ports(60, Backend::Grpc);
     let port = block.base;
     let ns = Netns::new();

@@ -24,6 +24,18 @@ use tokio_stream::wrappers::ReceiverStream;
 /// monitor or a listener that drops packets fails the connection in time.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Whether HTTP/2 refused the stream before the monitor saw it.
+fn refused_stream(status: &tonic::Status) -> bool {
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// A dial the monitor did not answer within [`DIAL_TIMEOUT`].
 fn no_answer() -> DialError {
     DialError(format!(
@@ -187,7 +199,22 @@ impl Grpc {
     }
 
     async fn dial_as(&self, protocol: Protocol, port: u16) -> Result<RelayStream, DialError> {
-        let dialed = tokio::time::timeout(DIAL_TIMEOUT, self.open(protocol, port))
+        // The monitor may refuse a new stream when it still counts streams
+        // that already ended here (HTTP/2 REFUSED_STREAM: it did nothing
+        // with it, so trying again is safe).
+        let open = async {
+            let mut attempt = 0;
+            loop {
+                match self.open(protocol, port).await {
+                    Err(status) if refused_stream(&status) && attempt < 20 => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
+                    }
+                    other => return other,
+                }
+            }
+        };
+        let dialed = tokio::time::timeout(DIAL_TIMEOUT, open)
             .await
             .map_err(|_| no_answer())?;
         dialed.map_err(|status| {
