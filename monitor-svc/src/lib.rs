@@ -161,7 +161,7 @@ async fn trim_after_clients_leave(
     use std::sync::atomic::Ordering::Relaxed;
     let count = || {
         (
-            server.connections.load(Relaxed),
+            server.connections.load(Relaxed) + metrics.relays_active.load(Relaxed),
             metrics.subscribers.load(Relaxed),
         )
     };

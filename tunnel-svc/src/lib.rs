@@ -100,6 +100,25 @@ impl Reload {
     }
 }
 
+/// Hands freed memory back to the kernel every time fewer connections are
+/// carried than at the last look (every 2 s), so a burst of connections
+/// does not leave tunnel-svc at its peak RSS.
+async fn trim_after_connections_end(shutdown: CancellationToken) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut last = tunnel::LIVE.load(Relaxed);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        let now = tunnel::LIVE.load(Relaxed);
+        if now < last {
+            sys::release_free_memory();
+        }
+        last = now;
+    }
+}
+
 /// Automatic tunnels per target when neither `--max-tunnels` nor the
 /// config file says.
 pub const DEFAULT_MAX_TUNNELS: usize = 10;
@@ -275,6 +294,7 @@ pub async fn run(
         ));
     }
     tracing::info!(addr = %admin.local_addr()?, "tunnel-svc admin API listening");
+    tokio::spawn(trim_after_connections_end(shutdown.clone()));
     let served = admin::serve(admin, handle, opts.admin_token.clone(), shutdown.clone()).await;
     shutdown.cancel();
     let (task, runtime) = reconciler;

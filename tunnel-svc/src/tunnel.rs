@@ -17,6 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+/// Connections and UDP flows carried right now, by every tunnel: when it
+/// falls, freed memory is handed back (see [`crate::sys`]).
+pub static LIVE: AtomicU64 = AtomicU64::new(0);
+
 /// Live counters of one tunnel.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -202,6 +206,7 @@ async fn handle(conn: ResetOnDrop, shared: Arc<Shared>) {
     let stats = &carry.stats;
     stats.active.fetch_add(1, Relaxed);
     stats.total.fetch_add(1, Relaxed);
+    LIVE.fetch_add(1, Relaxed);
     let work = carry_one(conn, &backend, carry.container_port, stats);
     tokio::pin!(work);
     let result = tokio::select! {
@@ -220,6 +225,7 @@ async fn handle(conn: ResetOnDrop, shared: Arc<Shared>) {
         None => tracing::debug!("connection still open after the drain; reset"),
     }
     stats.active.fetch_sub(1, Relaxed);
+    LIVE.fetch_sub(1, Relaxed);
 }
 
 /// Dials the container's `port` and copies both ways until both ends

@@ -130,6 +130,7 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
                 continue;
             }
             stats.total.fetch_add(1, Relaxed);
+            crate::tunnel::LIVE.fetch_add(1, Relaxed);
             let (tx, rx) = mpsc::channel(FLOW_QUEUE);
             let span = tracing::info_span!("flow", %peer);
             let work = flow(socket.clone(), peer, rx, shared.clone());
@@ -184,6 +185,7 @@ async fn flow(
         }
     }
     stats.active.fetch_sub(1, Relaxed);
+    crate::tunnel::LIVE.fetch_sub(1, Relaxed);
 }
 
 async fn carry_flow(
