@@ -1917,7 +1917,7 @@ async fn metric(addr: SocketAddr, name: &str) -> Option<u64> {
 }
 
 /// A burst of connections far beyond the monitor's per-peer connection
-/// share (10 of 40 here), which raw relay connections count against until
+/// share (5 of 20 here), which raw relay connections count against until
 /// their token is checked, so some are refused at its limit: every one
 /// completes intact (the refused ones ride Relay streams), then
 /// connections and relays go back to where they were.
@@ -1930,7 +1930,7 @@ async fn a_thousand_concurrent_connections_complete_grpc() {
     let block = ports(60, Backend::Grpc);
     let port = block.base;
     let ns = Netns::new();
-    let monitor = MonitorProc::start(&ns, &["--max-connections", "40"]).await;
+    let monitor = MonitorProc::start(&ns, &["--max-connections", "20"]).await;
     let tunnel = start_tunnel(&ns, &monitor, Backend::Grpc, &[]).await;
     let w = World {
         tunnel,

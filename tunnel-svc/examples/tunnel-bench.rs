@@ -806,7 +806,19 @@ impl Lab {
         let n = held.len().max(1);
         drop(held);
         settled(0).await;
-        let end = footprint();
+        // Freed memory is handed back within a couple of seconds (both
+        // services trim after connections end): take RSS once it stops
+        // falling.
+        let mut end = footprint();
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = footprint();
+            let falling = now.1 < end.1;
+            end = now;
+            if !falling {
+                break;
+            }
+        }
         Ok(Work {
             short,
             concurrent,

@@ -67,7 +67,15 @@ pub struct Raw {
     /// monitor counts one against its `--max-connections` only until its
     /// token is checked, and bounds open raw relays itself.)
     slots: Arc<Semaphore>,
+    /// Raw connections being opened at once: until its token is checked a
+    /// raw connection takes one of the monitor's per-peer connection slots
+    /// (a quarter of `--max-connections`), so a burst waits here instead of
+    /// being refused there.
+    handshakes: Semaphore,
 }
+
+/// Raw relay connections one target opens at once.
+const RAW_HANDSHAKES: usize = 8;
 
 /// Raw relay connections one target holds at once.
 pub const RAW_CONNECTIONS: usize = 1024;
@@ -80,6 +88,7 @@ impl Raw {
             token,
             unsupported: AtomicBool::new(false),
             slots: Arc::new(Semaphore::new(RAW_CONNECTIONS)),
+            handshakes: Semaphore::new(RAW_HANDSHAKES),
         }
     }
 
@@ -88,6 +97,9 @@ impl Raw {
     /// file descriptors (a Relay stream then carries the connection).
     async fn dial(&self, port: u16) -> Result<Option<Upstream>, DialError> {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return Ok(None);
+        };
+        let Ok(_handshake) = self.handshakes.acquire().await else {
             return Ok(None);
         };
         let unreachable = |e: std::io::Error| DialError(format!("monitor unreachable: {e}"));
