@@ -36,6 +36,8 @@ pub struct Stats {
     pub datagrams_out: AtomicU64,
     /// UDP datagrams from host clients no flow could take.
     pub datagrams_dropped: AtomicU64,
+    /// UDP: bytes of datagrams waiting in the flows' queues.
+    pub queued: std::sync::atomic::AtomicUsize,
     /// Why the latest connection failed, until one gets through again:
     /// an ACTIVE tunnel whose far end is unreachable says so.
     pub last_error: Mutex<Option<String>>,

@@ -8,7 +8,7 @@
 //! client beyond that are dropped (and counted) until a flow ends.
 
 use crate::backend::{Backend, BackendCell, UdpUpstream};
-use crate::tunnel::{Carry, Stats};
+use crate::tunnel::Carry;
 use bytes::Bytes;
 use porthole::pb::v1::{relay_frame::Kind, RelayFrame};
 use porthole::relay::PumpError;
@@ -32,6 +32,10 @@ pub const DEFAULT_MAX_FLOWS: usize = 256;
 /// container side is slower than the client): beyond this they are dropped,
 /// as a full socket buffer would drop them.
 const FLOW_QUEUE: usize = 64;
+
+/// Bytes of datagrams waiting in all of one tunnel's flows: with large
+/// datagrams the byte bound, not the count, is what holds memory down.
+const QUEUED_BYTES: usize = 4 << 20;
 
 /// Room for any datagram (IPv6 loopback carries up to 65,527 bytes).
 const DATAGRAM_BUF: usize = 65_536;
@@ -138,7 +142,19 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
             flows.insert(peer, tx);
         }
         let tx = &flows[&peer];
-        if tx.try_send(datagram).is_err() {
+        let n = datagram.len();
+        let room = shared
+            .carry
+            .stats
+            .queued
+            .fetch_update(Relaxed, Relaxed, |q| {
+                (q + n <= QUEUED_BYTES).then_some(q + n)
+            })
+            .is_ok();
+        if !room {
+            stats.datagrams_dropped.fetch_add(1, Relaxed);
+        } else if tx.try_send(datagram).is_err() {
+            shared.carry.stats.queued.fetch_sub(n, Relaxed);
             stats.datagrams_dropped.fetch_add(1, Relaxed);
         }
     }
@@ -160,13 +176,13 @@ enum FlowError {
 async fn flow(
     socket: Arc<UdpSocket>,
     peer: SocketAddr,
-    rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<Bytes>,
     shared: Arc<Shared>,
 ) {
     let stats = &shared.carry.stats;
     let backend = shared.backend.get();
     let port = shared.carry.container_port;
-    let work = carry_flow(&socket, peer, rx, &backend, port, stats, shared.limits.idle);
+    let work = carry_flow(&socket, peer, &mut rx, &shared, &backend, port);
     let result = tokio::select! {
         result = work => result,
         _ = shared.carry.cancel.cancelled() => Ok(()),
@@ -184,6 +200,12 @@ async fn flow(
             stats.set_error(format!("last flow broke: {e}"));
         }
     }
+    // What is still queued is dropped, and its bytes given back.
+    rx.close();
+    while let Ok(datagram) = rx.try_recv() {
+        shared.carry.stats.queued.fetch_sub(datagram.len(), Relaxed);
+        stats.datagrams_dropped.fetch_add(1, Relaxed);
+    }
     stats.active.fetch_sub(1, Relaxed);
     crate::tunnel::LIVE.fetch_sub(1, Relaxed);
 }
@@ -191,12 +213,19 @@ async fn flow(
 async fn carry_flow(
     socket: &UdpSocket,
     peer: SocketAddr,
-    mut rx: mpsc::Receiver<Bytes>,
+    rx: &mut mpsc::Receiver<Bytes>,
+    shared: &Shared,
     backend: &Backend,
     port: u16,
-    stats: &Stats,
-    idle: Duration,
 ) -> Result<(), FlowError> {
+    let (stats, idle) = (&*shared.carry.stats, shared.limits.idle);
+    // A datagram leaves the queue: its bytes are given back.
+    let taken = |d: Option<Bytes>| {
+        if let Some(d) = &d {
+            shared.carry.stats.queued.fetch_sub(d.len(), Relaxed);
+        }
+        d
+    };
     let upstream = backend.dial_udp(port).await?;
     stats.connected();
     let timer = tokio::time::sleep(idle);
@@ -217,7 +246,7 @@ async fn carry_flow(
             loop {
                 tokio::select! {
                     datagram = rx.recv() => {
-                        let Some(datagram) = datagram else { break };
+                        let Some(datagram) = taken(datagram) else { break };
                         let n = datagram.len();
                         let frame = RelayFrame { kind: Some(Kind::Data(datagram)) };
                         relay.tx.send(frame).await.map_err(|_| PumpError::PeerGone)?;
@@ -250,7 +279,7 @@ async fn carry_flow(
             loop {
                 tokio::select! {
                     datagram = rx.recv() => {
-                        let Some(datagram) = datagram else { break };
+                        let Some(datagram) = taken(datagram) else { break };
                         up.send(&datagram).await?;
                         sent(datagram.len());
                         rearm(timer.as_mut());
@@ -277,6 +306,7 @@ mod tests {
     //! sockets, no root.
     use super::*;
     use crate::backend::direct::Direct;
+    use crate::tunnel::Stats;
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
@@ -385,6 +415,46 @@ mod tests {
         );
         assert_eq!(ask(&c, b"two").await, b"two");
         assert_eq!(t.stats.total.load(Relaxed), 2, "a new flow");
+    }
+
+    #[tokio::test]
+    async fn a_flow_that_fails_gives_its_queue_back() {
+        // A container port nothing listens on yet: the flow's first
+        // datagram is refused, and it ends with the rest still queued.
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let t = tunnel(port, Limits::default());
+        let c = client(t.addr).await;
+        let big = vec![7u8; 65_000];
+        for _ in 0..100 {
+            c.send(&big).await.unwrap();
+        }
+        assert!(eventually(|| t.stats.last_error().is_some()).await);
+        assert!(eventually(|| t.stats.active.load(Relaxed) == 0).await);
+        // The port opens: a new client's datagrams all go through, so no
+        // queued byte of the failed flow is still counted against the
+        // tunnel's budget.
+        let echo_server = UdpSocket::bind(("127.0.0.1", port)).await.unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; DATAGRAM_BUF];
+            while let Ok((n, from)) = echo_server.recv_from(&mut buf).await {
+                let _ = echo_server.send_to(&buf[..n], from).await;
+            }
+        });
+        assert_eq!(
+            t.stats.queued.load(Relaxed),
+            0,
+            "every queued byte given back"
+        );
+        let dropped = t.stats.datagrams_dropped.load(Relaxed);
+        let d = client(t.addr).await;
+        for i in 0..20u8 {
+            assert!(ask(&d, &[i; 40_000]).await == [i; 40_000]);
+        }
+        assert_eq!(t.stats.datagrams_dropped.load(Relaxed), dropped);
     }
 
     #[tokio::test]
