@@ -1,10 +1,10 @@
-//! Moving bytes: between two sockets (`copy`), and between a socket and a
-//! `Relay.Dial` stream (`pump`). Both keep TCP half-close semantics: when one
-//! side stops sending, the other side's write half is shut down and the
-//! opposite direction carries on until it ends too. Both return an error
-//! the moment either direction fails; the caller then resets its sockets
-//! (see [`crate::net::ResetOnDrop`]) so no peer mistakes a broken path for
-//! a clean end.
+//! Moving bytes between a socket and a `Relay.Dial` stream (`pump`; between
+//! two sockets see [`crate::splice`]). It keeps TCP half-close semantics:
+//! when one side stops sending, the other side's write half is shut down
+//! and the opposite direction carries on until it ends too. It returns an
+//! error the moment either direction fails; the caller then resets its
+//! sockets (see [`crate::net::ResetOnDrop`]) so no peer mistakes a broken
+//! path for a clean end.
 
 use crate::pb::v1::{relay_frame::Kind, RelayFrame};
 use prost::bytes::BytesMut;
@@ -15,66 +15,6 @@ use tokio::sync::mpsc;
 /// Read size per hop. Large enough for multi-Gbit/s on loopback, small
 /// enough that a few thousand idle connections cost little.
 pub const CHUNK: usize = 64 * 1024;
-
-/// Copies `a` → `b` and `b` → `a` until both directions have ended, adding
-/// the bytes moved to `a_to_b` and `b_to_a` as they go.
-pub async fn copy<A, B>(
-    a: &mut A,
-    b: &mut B,
-    a_to_b: &AtomicU64,
-    b_to_a: &AtomicU64,
-) -> std::io::Result<()>
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    copy_verified(a, b, a_to_b, b_to_a, &|| Ok(())).await
-}
-
-/// [`copy`], where an end of `b` is passed on to `a` as a clean end only if
-/// `b_ended_cleanly` agrees: for a `b` whose EOF can also mean that the
-/// process behind it died (an ssh forward socket).
-pub async fn copy_verified<A, B>(
-    a: &mut A,
-    b: &mut B,
-    a_to_b: &AtomicU64,
-    b_to_a: &AtomicU64,
-    b_ended_cleanly: &(dyn Fn() -> std::io::Result<()> + Sync),
-) -> std::io::Result<()>
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    let up = one_way(&mut ar, &mut bw, a_to_b, &|| Ok(()));
-    let down = one_way(&mut br, &mut aw, b_to_a, b_ended_cleanly);
-    // Either side failing ends both: nothing waits on a dead peer.
-    tokio::try_join!(up, down).map(|_| ())
-}
-
-async fn one_way<R, W>(
-    r: &mut R,
-    w: &mut W,
-    counter: &AtomicU64,
-    ended_cleanly: &(dyn Fn() -> std::io::Result<()> + Sync),
-) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            ended_cleanly()?;
-            // Half-close: the peer sees EOF, the other direction goes on.
-            return w.shutdown().await;
-        }
-        w.write_all(&buf[..n]).await?;
-        counter.fetch_add(n as u64, Relaxed);
-    }
-}
 
 /// Why a relay stream ended badly.
 #[derive(Debug, thiserror::Error)]
@@ -210,55 +150,5 @@ mod tests {
                 Some(_) => assert!(matches!(err, PumpError::Stream(_)), "{err}"),
             }
         }
-    }
-
-    #[tokio::test]
-    async fn copy_verified_refuses_an_end_it_cannot_vouch_for() {
-        let (mut a, _client) = duplex(1024);
-        let (mut b, far) = duplex(1024);
-        drop(far); // EOF from b
-        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-        let gone = || {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                "gone",
-            ))
-        };
-        let err = copy_verified(&mut a, &mut b, &up, &down, &gone)
-            .await
-            .expect_err("an EOF from a dead peer is an error");
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted);
-    }
-
-    #[tokio::test]
-    async fn copy_moves_both_ways_with_half_close() {
-        let (client, mut relay_a) = duplex(1024);
-        let (mut relay_b, server) = duplex(1024);
-        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-        let relay = copy(&mut relay_a, &mut relay_b, &up, &down);
-        let ends = async {
-            let (mut cr, mut cw) = tokio::io::split(client);
-            let (mut sr, mut sw) = tokio::io::split(server);
-            let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-            let send = async {
-                cw.write_all(&big).await.unwrap();
-                cw.shutdown().await.unwrap();
-            };
-            let mut got = Vec::new();
-            let recv = sr.read_to_end(&mut got);
-            let (_, n) = tokio::join!(send, recv);
-            assert_eq!(n.unwrap(), big.len());
-            assert_eq!(got, big, "bytes arrive intact and in order");
-            // The server still answers after the client's half-close.
-            sw.write_all(b"reply").await.unwrap();
-            sw.shutdown().await.unwrap();
-            let mut reply = Vec::new();
-            cr.read_to_end(&mut reply).await.unwrap();
-            assert_eq!(reply, b"reply");
-        };
-        let (result, ()) = tokio::join!(relay, ends);
-        result.unwrap();
-        assert_eq!(up.load(Relaxed), 200_000);
-        assert_eq!(down.load(Relaxed), 5);
     }
 }

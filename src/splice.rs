@@ -216,6 +216,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_end_it_cannot_vouch_for_is_an_error() {
+        let (_client, mut a) = pair().await;
+        let (mut b, far) = pair().await;
+        drop(far); // EOF from b
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let gone = || Err(io::Error::new(io::ErrorKind::ConnectionAborted, "gone"));
+        let err = copy_verified(&mut a, &mut b, &up, &down, &gone)
+            .await
+            .expect_err("an EOF from a dead peer is an error");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+    }
+
+    #[tokio::test]
     async fn a_reset_on_one_side_fails_the_relay() {
         let (client, mut a) = pair().await;
         let (mut b, _server) = pair().await;
