@@ -21,3 +21,18 @@ pub fn on_signal() -> std::io::Result<CancellationToken> {
     });
     Ok(token)
 }
+
+/// Runs `work` to its end; once `stop` is cancelled it gets `drain` more
+/// to finish. `None`: it was still running when the drain ran out (the
+/// caller then resets what it holds).
+pub async fn drained<F: std::future::Future>(
+    work: F,
+    stop: &CancellationToken,
+    drain: std::time::Duration,
+) -> Option<F::Output> {
+    tokio::pin!(work);
+    tokio::select! {
+        out = &mut work => Some(out),
+        _ = stop.cancelled() => tokio::time::timeout(drain, &mut work).await.ok(),
+    }
+}

@@ -224,17 +224,10 @@ pub async fn raw(
     metrics.relays_total.fetch_add(1, Relaxed);
     metrics.relays_active.fetch_add(1, Relaxed);
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
-    let result = {
-        let copy = porthole::splice::copy(&mut *client, &mut *conn, &sent, &received);
-        tokio::pin!(copy);
-        tokio::select! {
-            result = &mut copy => result,
-            _ = shutdown.cancelled() => match tokio::time::timeout(DRAIN, &mut copy).await {
-                Ok(result) => result,
-                Err(_) => Err(std::io::Error::other("monitor-svc is shutting down")),
-            },
-        }
-    };
+    let copy = porthole::splice::copy(&mut *client, &mut *conn, &sent, &received);
+    let result = porthole::shutdown::drained(copy, &shutdown, DRAIN)
+        .await
+        .unwrap_or_else(|| Err(std::io::Error::other("monitor-svc is shutting down")));
     metrics.relays_active.fetch_sub(1, Relaxed);
     match result {
         Ok(()) => {
@@ -272,19 +265,13 @@ impl Relay for RelayService {
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
-            let result = {
-                let pump =
-                    porthole::relay::pump(&mut *conn, &mut inbound, &out_tx, Ok, &sent, &received);
-                tokio::pin!(pump);
-                tokio::select! {
-                    result = &mut pump => result.map_err(|e| broken(port, &e)),
-                    _ = shutdown.cancelled() => match tokio::time::timeout(DRAIN, &mut pump).await {
-                        Ok(result) => result.map_err(|e| broken(port, &e)),
-                        Err(_) => Err(Status::unavailable(format!(
-                            "monitor-svc is shutting down; the connection to port {port} was reset"
-                        ))),
-                    },
-                }
+            let pump =
+                porthole::relay::pump(&mut *conn, &mut inbound, &out_tx, Ok, &sent, &received);
+            let result = match porthole::shutdown::drained(pump, &shutdown, DRAIN).await {
+                Some(result) => result.map_err(|e| broken(port, &e)),
+                None => Err(Status::unavailable(format!(
+                    "monitor-svc is shutting down; the connection to port {port} was reset"
+                ))),
             };
             metrics.relays_active.fetch_sub(1, Relaxed);
             match result {

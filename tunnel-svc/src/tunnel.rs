@@ -210,11 +210,7 @@ async fn handle(conn: ResetOnDrop, shared: Arc<Shared>) {
     stats.total.fetch_add(1, Relaxed);
     LIVE.fetch_add(1, Relaxed);
     let work = carry_one(conn, &backend, carry.container_port, stats);
-    tokio::pin!(work);
-    let result = tokio::select! {
-        result = &mut work => Some(result),
-        _ = carry.cancel.cancelled() => tokio::time::timeout(DRAIN, &mut work).await.ok(),
-    };
+    let result = porthole::shutdown::drained(work, &carry.cancel, DRAIN).await;
     match result {
         Some(Ok(())) => {}
         Some(Err(CarryError::Dial(why))) => {
