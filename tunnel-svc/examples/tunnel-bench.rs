@@ -640,6 +640,87 @@ struct Latency {
     dropped: usize,
 }
 
+/// The workloads themselves (see [`Lab::workloads`]).
+async fn run_workloads(
+    port: u16,
+    addr: SocketAddr,
+    pids: &[u32],
+    tunnel: Option<&TunnelSvc>,
+) -> Work {
+    use porthole_testkit::load;
+    let footprint = || {
+        let fds: usize = pids.iter().map(|p| load::fds(*p)).sum();
+        let rss: u64 = pids.iter().map(|p| porthole_testkit::rss(*p)).sum();
+        (fds, rss)
+    };
+    // Until the tunnel carries `n` connections (none: at once).
+    let settled = |n: u64| async move {
+        if let Some(t) = tunnel {
+            let id = TunnelSvc::id(port);
+            let deadline = Instant::now() + DEADLINE;
+            while Instant::now() < deadline {
+                if t.0
+                    .tunnel(&id)
+                    .await
+                    .is_some_and(|t| t.active_connections == n)
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let start = footprint();
+    let short = load::short_connections(addr, SHORT_CONNECTIONS, SHORT_BUDGET).await;
+    settled(0).await;
+    let concurrent = if pids.is_empty() && tunnel.is_none() && addr.ip().is_loopback() {
+        None
+    } else {
+        Some(load::concurrent(addr, CONCURRENT, CONCURRENT_BYTES, Duration::from_secs(60)).await)
+    };
+    settled(0).await;
+    let kept = load::kept_alive(addr, KEPT_ALIVE, EXCHANGES).await;
+    settled(0).await;
+    let after = footprint();
+    let (held, idle_failed) = if pids.is_empty() {
+        // Nothing to weigh (and socat would fork a process each).
+        (Vec::new(), 0)
+    } else {
+        load::idle(addr, IDLE).await
+    };
+    settled(held.len() as u64).await;
+    let holding = footprint();
+    let n = held.len().max(1);
+    drop(held);
+    settled(0).await;
+    // Freed memory is handed back within a couple of seconds (both
+    // services trim after connections end): take RSS once it stops
+    // falling.
+    let mut end = footprint();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = footprint();
+        let falling = now.1 < end.1;
+        end = now;
+        if !falling {
+            break;
+        }
+    }
+    Work {
+        short,
+        concurrent,
+        kept,
+        start_end: (!pids.is_empty()).then_some((start, end)),
+        idle: (!pids.is_empty()).then(|| {
+            let (fds, rss) = (
+                holding.0.saturating_sub(after.0) as f64 / n as f64,
+                holding.1.saturating_sub(after.1) as f64 / n as f64,
+            );
+            (fds, rss, n, idle_failed)
+        }),
+    }
+}
+
 /// What the connection workloads measured on one path.
 struct Work {
     short: porthole_testkit::load::Short,
@@ -746,92 +827,9 @@ impl Lab {
         if let Some(t) = tunnel {
             t.0.wait_active(&TunnelSvc::id(port)).await;
         }
-        let work = self.run_workloads(port, addr, pids, tunnel).await;
+        let work = run_workloads(port, addr, pids, tunnel).await;
         self.helper.close(port).map_err(anyhow::Error::msg)?;
-        work
-    }
-
-    async fn run_workloads(
-        &mut self,
-        port: u16,
-        addr: SocketAddr,
-        pids: &[u32],
-        tunnel: Option<&TunnelSvc>,
-    ) -> anyhow::Result<Work> {
-        use porthole_testkit::load;
-        let footprint = || {
-            let fds: usize = pids.iter().map(|p| load::fds(*p)).sum();
-            let rss: u64 = pids.iter().map(|p| porthole_testkit::rss(*p)).sum();
-            (fds, rss)
-        };
-        // Until the tunnel carries `n` connections (none: at once).
-        let settled = |n: u64| async move {
-            if let Some(t) = tunnel {
-                let id = TunnelSvc::id(port);
-                let deadline = Instant::now() + DEADLINE;
-                while Instant::now() < deadline {
-                    if t.0
-                        .tunnel(&id)
-                        .await
-                        .is_some_and(|t| t.active_connections == n)
-                    {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        };
-        let start = footprint();
-        let short = load::short_connections(addr, SHORT_CONNECTIONS, SHORT_BUDGET).await;
-        settled(0).await;
-        let concurrent = if pids.is_empty() && tunnel.is_none() && addr.ip().is_loopback() {
-            None
-        } else {
-            Some(
-                load::concurrent(addr, CONCURRENT, CONCURRENT_BYTES, Duration::from_secs(60)).await,
-            )
-        };
-        settled(0).await;
-        let kept = load::kept_alive(addr, KEPT_ALIVE, EXCHANGES).await;
-        settled(0).await;
-        let after = footprint();
-        let (held, idle_failed) = if pids.is_empty() {
-            // Nothing to weigh (and socat would fork a process each).
-            (Vec::new(), 0)
-        } else {
-            load::idle(addr, IDLE).await
-        };
-        settled(held.len() as u64).await;
-        let holding = footprint();
-        let n = held.len().max(1);
-        drop(held);
-        settled(0).await;
-        // Freed memory is handed back within a couple of seconds (both
-        // services trim after connections end): take RSS once it stops
-        // falling.
-        let mut end = footprint();
-        for _ in 0..10 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let now = footprint();
-            let falling = now.1 < end.1;
-            end = now;
-            if !falling {
-                break;
-            }
-        }
-        Ok(Work {
-            short,
-            concurrent,
-            kept,
-            start_end: (!pids.is_empty()).then_some((start, end)),
-            idle: (!pids.is_empty()).then(|| {
-                let (fds, rss) = (
-                    holding.0.saturating_sub(after.0) as f64 / n as f64,
-                    holding.1.saturating_sub(after.1) as f64 / n as f64,
-                );
-                (fds, rss, n, idle_failed)
-            }),
-        })
+        Ok(work)
     }
 
     /// The workloads through `socat -b` on the host.
@@ -1084,14 +1082,10 @@ impl Lab {
     ) -> anyhow::Result<Both> {
         let _server = self.iperf_server(port).await?;
         let host_port = tunnel.wait_active(port).await;
-        let mut pids = vec![tunnel.pid()];
-        match kind {
-            Kind::Grpc | Kind::GrpcStreams => pids.push(self.monitor.proc.pid()),
-            Kind::Ssh => {
-                pids.extend(children_named(tunnel.pid(), "ssh"));
-                pids.extend(pids_named(&self.ns, "sshd"));
-            }
-            Kind::Direct => {}
+        let mut pids = relay_pids(self, tunnel, kind);
+        if kind == Kind::Ssh {
+            // The far end of the encryption too, as for `ssh -L`.
+            pids.extend(pids_named(&self.ns, "sshd"));
         }
         self.iperf(loopback(host_port), &pids).await
     }
