@@ -24,6 +24,19 @@ use tokio_stream::wrappers::ReceiverStream;
 /// monitor or a listener that drops packets fails the connection in time.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A dial the monitor refused, in words: a missing or wrong token says
+/// how to give it.
+fn monitor_said(unauthenticated: bool, message: &str) -> DialError {
+    DialError(if unauthenticated {
+        format!(
+            "monitor refused: {message}; give tunnel-svc the monitor's token with \
+             --monitor-token-file (monitor-svc logs where it keeps it)"
+        )
+    } else {
+        format!("the monitor says: {message}")
+    })
+}
+
 /// Whether HTTP/2 refused the stream before the monitor saw it.
 fn refused_stream(status: &tonic::Status) -> bool {
     let mut cause = std::error::Error::source(status);
@@ -102,55 +115,40 @@ impl Raw {
         let Ok(_handshake) = self.handshakes.acquire().await else {
             return Ok(None);
         };
-        let unreachable = |e: std::io::Error| DialError(format!("monitor unreachable: {e}"));
-        let connected = porthole::net::connect(
-            (self.host.as_str(), self.port),
-            super::direct::CONNECT_TIMEOUT,
-        )
-        .await;
-        let mut stream = match connected {
-            Ok(stream) => stream,
-            // Out of descriptors: the Relay stream needs none. Reset at
-            // once: the monitor is at its connection limit.
+        let token = self.token.as_ref().map(|t| t.secret());
+        let asked = async {
+            let mut stream = porthole::net::connect(
+                (self.host.as_str(), self.port),
+                super::direct::CONNECT_TIMEOUT,
+            )
+            .await?;
+            porthole::net::detect_dead_peer(&stream);
+            let answer = rawrelay::request(&mut stream, port, token).await?;
+            std::io::Result::Ok((stream, answer))
+        };
+        let (stream, answer) = match asked.await {
+            Ok(asked) => asked,
+            // Out of descriptors (the Relay stream needs none), or closed
+            // without an answer (the monitor is at its connection limit;
+            // the Relay stream shares the connection it has).
             Err(e)
                 if porthole::net::is_exhaustion(&e)
-                    || e.kind() == std::io::ErrorKind::ConnectionReset =>
+                    || matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::BrokenPipe
+                    ) =>
             {
                 return Ok(None)
             }
-            Err(e) => return Err(unreachable(e)),
-        };
-        let _ = stream.set_nodelay(true);
-        porthole::net::detect_dead_peer(&stream);
-        let token = self.token.as_ref().map(|t| t.secret());
-        let answer = match rawrelay::request(&mut stream, port, token).await {
-            Ok(answer) => answer,
-            // Closed without an answer: the monitor is at its connection
-            // limit; the Relay stream shares the connection it has.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionReset
-                        | std::io::ErrorKind::UnexpectedEof
-                        | std::io::ErrorKind::BrokenPipe
-                ) =>
-            {
-                return Ok(None)
-            }
-            Err(e) => return Err(unreachable(e)),
+            Err(e) => return Err(DialError(format!("monitor unreachable: {e}"))),
         };
         match answer {
             Answer::Ok(_) => Ok(Some(Upstream::Raw(ResetOnDrop::new(stream), slot))),
             // The monitor's raw relays are all taken: a Relay stream.
             Answer::Err { code, .. } if code == "RESOURCE_EXHAUSTED" => Ok(None),
-            Answer::Err { code, message } => Err(DialError(if code == "UNAUTHENTICATED" {
-                format!(
-                    "monitor refused: {message}; give tunnel-svc the monitor's token with \
-                     --monitor-token-file (monitor-svc logs where it keeps it)"
-                )
-            } else {
-                format!("the monitor says: {message}")
-            })),
+            Answer::Err { code, message } => Err(monitor_said(code == "UNAUTHENTICATED", &message)),
             Answer::Unknown(what) => {
                 if !self.unsupported.swap(true, Relaxed) {
                     tracing::info!(answer = %what, "the monitor offers no raw relay path; tunnel bytes go in Relay streams");
@@ -233,17 +231,12 @@ impl Grpc {
             // A status with a source is tonic's own (no answer from the
             // monitor); one without came from the monitor.
             let transport = std::error::Error::source(&status).is_some();
-            DialError(match status.code() {
+            match status.code() {
                 tonic::Code::Unavailable if transport => {
-                    format!("monitor unreachable: {}", status.message())
+                    DialError(format!("monitor unreachable: {}", status.message()))
                 }
-                tonic::Code::Unauthenticated => format!(
-                    "monitor refused: {}; give tunnel-svc the monitor's token with \
-                     --monitor-token-file (monitor-svc logs where it keeps it)",
-                    status.message()
-                ),
-                _ => format!("the monitor says: {}", status.message()),
-            })
+                code => monitor_said(code == tonic::Code::Unauthenticated, status.message()),
+            }
         })
     }
 
