@@ -5,23 +5,21 @@
 //! failing ends both (the caller then resets its sockets), and the counters
 //! advance as bytes are delivered. A direction makes its pipe when its
 //! first bytes come; when it cannot (out of file descriptors) it copies
-//! through userspace instead. A socket can also be relayed to a pair of
-//! pipes ([`copy_pipes`]), which is how another process (an OpenSSH
-//! master) is handed a connection's bytes.
+//! through userspace instead.
 
 use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use tokio::io::Interest;
-use tokio::net::{unix::pipe, TcpStream, UnixStream};
+use tokio::net::{TcpStream, UnixStream};
 
 /// Pipe size asked for: fewer, larger moves. Pages are taken only while
 /// bytes are in flight, so an idle connection costs none of it.
 const PIPE_SIZE: usize = 1 << 20;
 
-/// A tokio socket (or pipe end) whose readiness can be awaited and whose
-/// descriptor `splice` can use.
+/// A tokio socket whose readiness can be awaited and whose descriptor
+/// `splice` can use.
 pub trait Socket: AsFd {
     fn ready(&self, interest: Interest) -> impl std::future::Future<Output = io::Result<()>>;
     fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
@@ -45,21 +43,6 @@ macro_rules! socket {
 }
 socket!(TcpStream);
 socket!(UnixStream);
-
-macro_rules! pipe_end {
-    ($t:ty) => {
-        impl Socket for $t {
-            async fn ready(&self, interest: Interest) -> io::Result<()> {
-                <$t>::ready(self, interest).await.map(drop)
-            }
-            fn try_io<R>(&self, _: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
-                <$t>::try_io(self, f)
-            }
-        }
-    };
-}
-pipe_end!(pipe::Sender);
-pipe_end!(pipe::Receiver);
 
 /// One direction's pipe.
 struct Pipe {
@@ -93,23 +76,15 @@ async fn retry<S: Socket>(
 }
 
 /// Moves `r`'s bytes to `w` until `r` ends, then shuts `w`'s write half
-/// (if `ended_cleanly` agrees).
+/// (if `ended_cleanly` agrees). The pipe is made when the first bytes
+/// come, so an idle connection holds none; when none can be made (out of
+/// file descriptors) this direction copies through a buffer instead.
 async fn one_way<R: Socket, W: Socket>(
     r: &R,
     w: &W,
     counter: &AtomicU64,
     ended_cleanly: &(dyn Fn() -> io::Result<()> + Sync),
 ) -> io::Result<()> {
-    pump(r, w, counter).await?;
-    ended_cleanly()?;
-    socket2::SockRef::from(w).shutdown(std::net::Shutdown::Write)
-}
-
-/// Moves `r`'s bytes to `w` until `r` ends. The pipe is made when the
-/// first bytes come, so an idle connection holds none; when none can be
-/// made (out of file descriptors) this direction copies through a buffer
-/// instead.
-async fn pump<R: Socket, W: Socket>(r: &R, w: &W, counter: &AtomicU64) -> io::Result<()> {
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     r.ready(Interest::READABLE).await?;
     let mut way = match Pipe::new() {
@@ -137,7 +112,8 @@ async fn pump<R: Socket, W: Socket>(r: &R, w: &W, counter: &AtomicU64) -> io::Re
             }
         };
         if n == 0 {
-            return Ok(());
+            ended_cleanly()?;
+            return socket2::SockRef::from(w).shutdown(std::net::Shutdown::Write);
         }
         let mut done = 0;
         while done < n {
@@ -180,28 +156,6 @@ pub async fn copy_verified<A: Socket, B: Socket>(
     let (a, b) = (&*a, &*b);
     let up = one_way(a, b, a_to_b, &|| Ok(()));
     let down = one_way(b, a, b_to_a, b_ended_cleanly);
-    tokio::try_join!(up, down).map(drop)
-}
-
-/// Relays socket `a` ↔ a pair of pipes another process serves: `a`'s
-/// bytes go into `to`, which is closed when `a` ends (its reader gets
-/// EOF); `from`'s bytes go to `a`, whose write half is shut when `from`
-/// ends and `from_ended_cleanly` agrees. Counts as [`copy_verified`].
-pub async fn copy_pipes<A: Socket>(
-    a: &mut A,
-    to: pipe::Sender,
-    from: &pipe::Receiver,
-    a_to: &AtomicU64,
-    to_a: &AtomicU64,
-    from_ended_cleanly: &(dyn Fn() -> io::Result<()> + Sync),
-) -> io::Result<()> {
-    let a = &*a;
-    let up = async move {
-        pump(a, &to, a_to).await?;
-        drop(to);
-        Ok(())
-    };
-    let down = one_way(from, a, to_a, from_ended_cleanly);
     tokio::try_join!(up, down).map(drop)
 }
 
@@ -259,54 +213,6 @@ mod tests {
         assert_eq!(back, data[..1000]);
         assert_eq!(up.load(Relaxed), data.len() as u64);
         assert_eq!(down.load(Relaxed), 1000);
-    }
-
-    /// The pipe pair stands for another process (an ssh master): it gets
-    /// every byte and an EOF when the client half-closes, and what it
-    /// writes, then its EOF, reach the client.
-    #[tokio::test]
-    async fn a_socket_relayed_to_pipes_passes_bytes_and_both_ends() {
-        let (mut client, mut a) = pair().await;
-        let (to, mut their_in) = pipe::pipe().unwrap();
-        let (mut their_out, from) = pipe::pipe().unwrap();
-        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-        let data: Vec<u8> = (0..8 << 20).map(|i: u32| (i * 13 % 251) as u8).collect();
-        let sent = data.clone();
-        let client_side = async move {
-            client.write_all(&sent).await.unwrap();
-            client.shutdown().await.unwrap();
-            let mut back = Vec::new();
-            client.read_to_end(&mut back).await.unwrap();
-            back
-        };
-        let other_process = async move {
-            let mut got = Vec::new();
-            their_in.read_to_end(&mut got).await.unwrap();
-            their_out.write_all(&got[..1000]).await.unwrap();
-            drop(their_out);
-            got
-        };
-        let relay = copy_pipes(&mut a, to, &from, &up, &down, &|| Ok(()));
-        let (back, got, relayed) = tokio::join!(client_side, other_process, relay);
-        relayed.unwrap();
-        assert!(got == data, "the other end got every byte in order, then EOF");
-        assert_eq!(back, data[..1000], "and the client its reply, then EOF");
-        assert_eq!(up.load(Relaxed), data.len() as u64);
-        assert_eq!(down.load(Relaxed), 1000);
-    }
-
-    #[tokio::test]
-    async fn a_pipe_end_it_cannot_vouch_for_is_an_error() {
-        let (_client, mut a) = pair().await;
-        let (to, _their_in) = pipe::pipe().unwrap();
-        let (their_out, from) = pipe::pipe().unwrap();
-        drop(their_out);
-        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-        let gone = || Err(io::Error::new(io::ErrorKind::ConnectionAborted, "gone"));
-        let err = copy_pipes(&mut a, to, &from, &up, &down, &gone)
-            .await
-            .expect_err("an EOF from a dead process is an error");
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
     }
 
     #[tokio::test]

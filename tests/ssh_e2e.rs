@@ -54,38 +54,10 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
-/// Greets, half-closes at once, then counts what the client still sends
-/// and says so (`heard N`) when the client ends.
-const HALF_CLOSES_FIRST_PY: &str = r#"
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen(8)
-print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    with c:
-        c.sendall(b"hello, and that is all")
-        c.shutdown(socket.SHUT_WR)
-        n = 0
-        while True:
-            d = c.recv(65536)
-            if not d:
-                break
-            n += len(d)
-        print("heard", n, flush=True)
-"#;
-
 /// A server on 127.0.0.1:`port` ONLY, inside the namespace.
 async fn start_server(ns: &Netns, port: u16) -> Proc {
-    start_python(ns, SERVER_PY, port).await
-}
-
-/// `script` as a server on `port` inside the namespace, once it said ready.
-async fn start_python(ns: &Netns, script: &str, port: u16) -> Proc {
     let mut cmd = ns.command("python3");
-    cmd.args(["-c", script, &port.to_string()])
+    cmd.args(["-c", SERVER_PY, &port.to_string()])
         .stdin(Stdio::null());
     let mut proc = ns.spawn_command("server", cmd);
     proc.wait_for_log("ready").await;
@@ -430,25 +402,25 @@ async fn loopback_only_server_reachable_on_same_host_port() {
     assert_eq!(udp.host_port, 0, "{udp:?}");
     drop(dns);
 
-    // Connections are stdio forwards of the master: nothing is bound or
-    // added per port, the target's directory holds the control socket only.
-    let dir = w.tunnel.runtime_dir().join("default");
-    let mut entries: Vec<String> = fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    entries.sort();
-    assert_eq!(entries, ["ctl"], "in {}", dir.display());
-
-    // The server stops: the tunnel goes, and with it the host port.
+    // The server stops: the tunnel goes, and with it the forward's socket
+    // and the host port.
+    let socket = w
+        .tunnel
+        .runtime_dir()
+        .join(format!("default/fwd-{}.sock", w.port));
+    assert!(
+        socket.exists(),
+        "{} exists while forwarded",
+        socket.display()
+    );
     w.server.kill();
     poll_until("the tunnel to go with its server", DEADLINE, || async {
         let tunnels = w.tunnel.tunnels().await;
         (!tunnels.iter().any(|t| t.id == w.id())).then_some(())
     })
     .await;
-    poll_until("the host port to be free", DEADLINE, || async {
-        host_port_free(w.port).then_some(())
+    poll_until("the forward to be cancelled", DEADLINE, || async {
+        (!socket.exists() && host_port_free(w.port)).then_some(())
     })
     .await;
     w.tunnel.stop().await;

@@ -3,9 +3,8 @@
 //! talk to it through a [`Handle`]. After every change it asks
 //! [`plan`] which tunnels should exist and applies the
 //! actions that get there, so restarts, reconnects and lost ssh masters
-//! need no special paths. A backend that must be ready before a port's
-//! tunnel is ACTIVE (ssh: its master up) is asked on one task per target,
-//! which reports back.
+//! need no special paths. Backends prepare and release ports in order, on
+//! one task per target, and report back.
 
 use crate::backend::{Backend, BackendCell};
 use crate::config::PortSet;
@@ -320,7 +319,7 @@ pub struct Options {
 struct Target {
     /// What its tunnels dial with, swappable under them.
     backend: Arc<BackendCell>,
-    /// Prepare requests, run in order (backends that need them).
+    /// Prepare/release requests, run in order (backends that need them).
     port_ops: Option<mpsc::UnboundedSender<PortOp>>,
     monitor_port: u16,
     published: BTreeMap<PortKey, u16>,
@@ -337,7 +336,7 @@ struct Target {
 }
 
 impl Target {
-    /// A target as `spec` says; its prepare task reports to `results`.
+    /// A target as `spec` says; its prepare/release task reports to `results`.
     fn new(spec: TargetSpec, results: &mpsc::Sender<Command>) -> Target {
         let port_ops = spec.backend.needs_prepare().then(|| {
             let (ops, rx) = mpsc::unbounded_channel();
@@ -361,26 +360,32 @@ impl Target {
     }
 }
 
-struct PortOp {
-    id: TunnelId,
-    generation: u64,
+enum PortOp {
+    Prepare { id: TunnelId, generation: u64 },
+    Release(u16),
 }
 
-/// Runs one target's prepare requests in order and reports each result.
+/// Runs one target's prepare/release requests in order and reports each
+/// prepare's result.
 async fn port_ops(
     backend: Arc<Backend>,
     mut ops: mpsc::UnboundedReceiver<PortOp>,
     results: mpsc::Sender<Command>,
 ) {
-    while let Some(PortOp { id, generation }) = ops.recv().await {
-        let result = backend.prepare(id.port).await;
-        let done = Command::Prepared {
-            id,
-            generation,
-            result,
-        };
-        if results.send(done).await.is_err() {
-            return;
+    while let Some(op) = ops.recv().await {
+        match op {
+            PortOp::Prepare { id, generation } => {
+                let result = backend.prepare(id.port).await;
+                let done = Command::Prepared {
+                    id,
+                    generation,
+                    result,
+                };
+                if results.send(done).await.is_err() {
+                    return;
+                }
+            }
+            PortOp::Release(port) => backend.release(port).await,
         }
     }
 }
@@ -398,6 +403,8 @@ struct Entry {
     stats: Arc<Stats>,
     /// Set while the host listeners run.
     cancel: Option<CancellationToken>,
+    /// Whether the backend was asked to prepare the port.
+    prepared: bool,
     /// Tells a prepare result for this entry from one for an older one.
     generation: u64,
     /// `tunnel{id}`: its log lines and its connections' are inside it.
@@ -461,10 +468,16 @@ impl Entry {
         }
     }
 
-    /// Closes the host listeners (connections get the drain).
-    fn stop(&mut self) {
+    /// Closes the host listeners (connections get the drain) and asks the
+    /// backend to release the port.
+    fn stop(&mut self, target: &Target, port: u16) {
         if let Some(cancel) = self.cancel.take() {
             cancel.cancel();
+        }
+        if std::mem::take(&mut self.prepared) {
+            if let Some(ops) = &target.port_ops {
+                let _ = ops.send(PortOp::Release(port));
+            }
         }
     }
 }
@@ -695,7 +708,7 @@ impl Reconciler {
                     }
                     Err(why) => {
                         tracing::warn!(error = %why, "tunnel failed");
-                        e.stop();
+                        e.stop(&self.targets[&id.target], id.port);
                         e.state = State::Failed(why);
                     }
                 }
@@ -717,7 +730,7 @@ impl Reconciler {
             .collect();
         for id in ids {
             if let Some(mut e) = self.entries.remove(&id) {
-                e.stop();
+                e.stop(&target, id.port);
                 let view = e.view(&id, target.backend.get().kind());
                 self.publish_removed(view);
             }
@@ -777,7 +790,7 @@ impl Reconciler {
             match action {
                 plan::Action::Remove(id) => {
                     if let Some(mut e) = self.entries.remove(&id) {
-                        e.stop();
+                        e.stop(&self.targets[&id.target], id.port);
                         e.span.in_scope(|| tracing::info!("tunnel removed"));
                         let kind = self.targets[&id.target].backend.get().kind();
                         self.publish_removed(e.view(&id, kind));
@@ -787,7 +800,7 @@ impl Reconciler {
                 plan::Action::Restart(id, want) => {
                     let mut before = None;
                     if let Some(mut e) = self.entries.remove(&id) {
-                        e.stop();
+                        e.stop(&self.targets[&id.target], id.port);
                         if let State::Failed(why) = e.state {
                             before = Some(why);
                         }
@@ -826,6 +839,7 @@ impl Reconciler {
             label: want.label.clone(),
             stats: Arc::new(Stats::default()),
             cancel: None,
+            prepared: false,
             generation: self.generation,
             span: span.clone(),
         };
@@ -939,7 +953,8 @@ impl Reconciler {
         entry.cancel = Some(cancel);
         match t.port_ops.as_ref().filter(|_| id.proto == Proto::Tcp) {
             Some(ops) => {
-                let _ = ops.send(PortOp {
+                entry.prepared = true;
+                let _ = ops.send(PortOp::Prepare {
                     id: id.clone(),
                     generation: entry.generation,
                 });
@@ -1013,7 +1028,7 @@ impl Reconciler {
         }
         let e = self.entries.get_mut(&id).ok_or_else(not_found)?;
         if e.state != State::Closed {
-            e.stop();
+            e.stop(&self.targets[&id.target], id.port);
             e.state = State::Closed;
             e.span.in_scope(|| tracing::info!("tunnel closed by admin"));
         }
@@ -1101,7 +1116,7 @@ impl Reconciler {
         let keep = current.is_some_and(|now| host_port.is_none_or(|h| h == now));
         if !keep {
             if let Some(mut e) = self.entries.remove(&id) {
-                e.stop();
+                e.stop(&self.targets[&id.target], id.port);
             }
         }
         self.reconcile(false);

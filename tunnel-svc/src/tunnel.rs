@@ -4,7 +4,7 @@
 //! kernel between sockets, framed for relay streams). This is the only
 //! place bytes are copied on the host, for every backend.
 
-use crate::backend::{mux, Backend, BackendCell, DialError, Upstream};
+use crate::backend::{Backend, BackendCell, DialError, Upstream};
 use porthole::net::ResetOnDrop;
 use porthole::telemetry::RateLimit;
 use std::io;
@@ -243,27 +243,18 @@ async fn carry_one(
             porthole::splice::copy(&mut *conn, &mut *up, bytes_in, bytes_out).await?;
             up.finish();
         }
-        Upstream::Ssh {
-            forward,
+        Upstream::Forward {
+            mut stream,
             ended_cleanly,
         } => {
-            // The control connection is held until both ways ended: the
-            // master ends the channel when it closes.
-            let mux::StdioForward {
-                control,
-                to_master,
-                from_master,
-            } = forward;
-            porthole::splice::copy_pipes(
+            porthole::splice::copy_verified(
                 &mut *conn,
-                to_master,
-                &from_master,
+                &mut stream,
                 bytes_in,
                 bytes_out,
                 &*ended_cleanly,
             )
             .await?;
-            drop(control);
         }
         Upstream::Relay(mut relay) => {
             // On failure the stream ends without close_write, so the

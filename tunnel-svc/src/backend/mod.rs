@@ -1,17 +1,16 @@
 //! How a tunnel reaches the container: a `Relay.Dial` stream (grpc), a
-//! plain TCP connection to the container's address (direct), or a stdio
-//! forward of an OpenSSH ControlMaster (ssh). A backend only makes
-//! connections ([`Backend::dial`]) and says when a port can be used; the
-//! host side (tunnel.rs) accepts, copies and counts the same way for all
-//! three.
+//! plain TCP connection to the container's address (direct), or an OpenSSH
+//! ControlMaster forward (ssh). A backend only makes connections
+//! ([`Backend::dial`]) and prepares or releases what a port needs; the host
+//! side (tunnel.rs) accepts, copies and counts the same way for all three.
 
 pub mod direct;
 pub mod grpc;
-pub mod mux;
 pub mod ssh;
 
 use crate::config::BackendKind;
 use porthole::net::ResetOnDrop;
+use tokio::net::UnixStream;
 
 /// Why a connection to the container's port could not be made, in words
 /// for the tunnel's `error`.
@@ -28,10 +27,10 @@ pub enum Upstream {
     /// A TCP connection to the port itself (direct). Reset if dropped
     /// before [`ResetOnDrop::finish`].
     Tcp(ResetOnDrop),
-    /// A stdio forward of the ssh master, with a check that tells a clean
-    /// end from the master dying (both close its pipe alike).
-    Ssh {
-        forward: mux::StdioForward,
+    /// ssh's local socket for the port's forward, with a check that tells
+    /// a clean end from the master dying (both close the socket alike).
+    Forward {
+        stream: UnixStream,
         ended_cleanly: Box<dyn Fn() -> std::io::Result<()> + Send + Sync>,
     },
     /// A `Relay.Dial` stream the monitor has connected.
@@ -84,17 +83,24 @@ impl Backend {
     }
 
     /// Whether a port needs [`Backend::prepare`] before connections work
-    /// (ssh: the master must be up); otherwise a tunnel is active as it
-    /// listens.
+    /// (ssh adds a forward); otherwise a tunnel is active as it listens.
     pub fn needs_prepare(&self) -> bool {
         matches!(self, Backend::Ssh(_))
     }
 
-    /// Waits until `port` is reachable, or says why it is not.
+    /// Makes `port` reachable. The reconciler calls prepare and
+    /// [`Backend::release`] for one target in order, one at a time.
     pub async fn prepare(&self, port: u16) -> Result<(), String> {
         match self {
             Backend::Ssh(s) => s.open(port).await,
             _ => Ok(()),
+        }
+    }
+
+    /// Undoes [`Backend::prepare`].
+    pub async fn release(&self, port: u16) {
+        if let Backend::Ssh(s) = self {
+            s.close(port).await;
         }
     }
 

@@ -1,24 +1,24 @@
 //! ssh backend: one OpenSSH ControlMaster per target, run and restarted by
-//! a supervisor task; every connection is one stdio forward of that master.
+//! a supervisor task; every tunnel is one forward added to that master.
 //!
-//! tunnel-svc owns the host listeners for every backend (127.0.0.1 and
-//! ::1, conflict remapping, connection and byte counts), and ssh only
-//! carries the bytes: [`Ssh::dial`] asks the master, over its control
-//! socket, for a channel to `localhost:PORT` in the container and hands it
-//! a pair of pipes for it (see [`super::mux`]), which tunnel-svc splices to
-//! the accepted connection. Nothing is added to the master per port.
+//! The forwards go from a UNIX socket per tunnel (`RUNTIME_DIR/fwd-PORT.sock`)
+//! to `localhost:PORT` in the container, not from a host TCP port:
+//! tunnel-svc owns the host listeners for every backend (127.0.0.1 and ::1,
+//! conflict remapping, connection and byte counts), and ssh only carries
+//! the bytes. [`Ssh::dial`] connects to that socket for an accepted host
+//! connection.
 //!
-//! The master lives in its own 0700 runtime directory with its control
+//! The master lives in its own 0700 runtime directory next to its control
 //! socket (`ctl`). It is ready when `ssh -O check` answers; a dead master
-//! is restarted with capped, jittered backoff. Every ssh command runs with
+//! is restarted with capped, jittered backoff and gets every wanted forward
+//! back before it counts as up again. Every ssh command runs with
 //! `BatchMode=yes` and a time bound, so a prompt or a hung peer cannot
 //! stall a tunnel, and shutdown reaps the master: no ssh process outlives
 //! tunnel-svc.
 
-use super::mux::{self, MuxError};
 use super::{DialError, Upstream};
 use crate::backoff::Backoff;
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
@@ -26,8 +26,9 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -40,9 +41,11 @@ const POLL: Duration = Duration::from_millis(20);
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long [`Ssh::open`] waits for a master that is not up.
 const OPEN_WAIT: Duration = Duration::from_secs(15);
-/// How long a connection waits for a master (a restarting one) and for
-/// the channel to open.
+/// How long a connection waits for its forward (being added, or being
+/// re-added by a restarting master).
 const DIAL_WAIT: Duration = Duration::from_secs(10);
+/// How often a connection waiting for its forward looks again.
+const FORWARD_POLL: Duration = Duration::from_millis(5);
 /// How long the master may take to exit after `-O exit`.
 const EXIT_WAIT: Duration = Duration::from_secs(3);
 /// Restart delays of a dead master.
@@ -64,7 +67,7 @@ pub struct SshConfig {
     pub host: String,
     /// Extra `-o` options.
     pub options: Vec<String>,
-    /// Private directory for the control socket.
+    /// Private directory for the control socket and forward sockets.
     pub runtime_dir: PathBuf,
 }
 
@@ -73,7 +76,8 @@ pub struct SshConfig {
 enum Master {
     /// Not connected (yet, or again), and why the last attempt failed.
     Connecting { last_error: Option<String> },
-    /// Connected. Each master that comes up gets the next generation.
+    /// Connected with every wanted forward added. Each master that comes
+    /// up gets the next generation.
     Up { generation: u64, pid: u32 },
     /// Shut down for good.
     Stopped,
@@ -83,13 +87,18 @@ enum Master {
 struct Shared {
     config: SshConfig,
     ctl: PathBuf,
+    /// Container ports to forward. The reconciler opens and closes a port
+    /// in order, so a set says it all. The lock is also held while ssh
+    /// adds or removes a forward, so a restart's re-adding and open/close
+    /// never interleave.
+    wanted: Mutex<BTreeSet<u16>>,
     master: watch::Sender<Master>,
     open_wait: Duration,
     /// `ssh{target, host}`: every log line of this backend is inside it.
     span: tracing::Span,
 }
 
-/// One target's ControlMaster.
+/// One target's ControlMaster and its forwards.
 pub struct Ssh {
     shared: Arc<Shared>,
     cancel: CancellationToken,
@@ -108,6 +117,7 @@ impl Ssh {
         let shared = Arc::new(Shared {
             ctl: config.runtime_dir.join("ctl"),
             config,
+            wanted: Mutex::new(BTreeSet::new()),
             master: watch::Sender::new(Master::Connecting { last_error: None }),
             open_wait,
             span: span.clone(),
@@ -121,59 +131,61 @@ impl Ssh {
         }
     }
 
-    /// Waits (bounded) for the master, which every port of the target
-    /// uses; says why it is not up.
+    /// Adds the forward for container `port`, waiting (bounded) for the
+    /// master if it is not up. Idempotent.
     pub async fn open(&self, port: u16) -> Result<(), String> {
         let s = &self.shared;
-        s.wait_up(s.open_wait, None)
-            .instrument(s.span.clone())
-            .await
-            .map(|_| tracing::debug!(parent: &s.span, port, "ssh tunnel ready"))
+        s.open(port).instrument(s.span.clone()).await
     }
 
-    /// Opens a stdio forward to the container's `port` for one host
-    /// connection, waiting (bounded) for a master that is not up.
-    pub async fn dial(&self, port: u16) -> Result<Upstream, DialError> {
+    /// Removes the forward of `port`.
+    pub async fn close(&self, port: u16) {
         let s = &self.shared;
+        s.close(port).instrument(s.span.clone()).await
+    }
+
+    /// Connects to the forward of `port` for one host connection.
+    pub async fn dial(&self, port: u16) -> Result<Upstream, DialError> {
+        let s = self.shared.clone();
+        let path = forward_path(&s.config.runtime_dir, port);
         let deadline = tokio::time::Instant::now() + DIAL_WAIT;
-        let mut newer_than = None;
-        let (forward, pid) = loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            s.wait_up(left, newer_than).await.map_err(DialError)?;
-            let Master::Up { generation, pid } = *s.master.borrow() else {
-                continue;
+        let stream = loop {
+            let err = match UnixStream::connect(&path).await {
+                Ok(u) => break u,
+                Err(e) => e,
             };
-            let opened = tokio::time::timeout_at(deadline, mux::stdio_forward(&s.ctl, port));
-            match opened.await {
-                Ok(Ok(forward)) => break (forward, pid),
-                Ok(Err(MuxError::Refused(why))) => return Err(DialError(why)),
-                // The master went away between being up and the request:
-                // the next one will do.
-                Ok(Err(_)) if exiting(pid) => newer_than = Some(generation),
-                Ok(Err(e)) => return Err(DialError(e.to_string())),
-                Err(_) => {
-                    return Err(DialError(format!(
-                        "the ssh master did not open a channel to port {port} within {}s",
-                        DIAL_WAIT.as_secs()
-                    )))
+            // Not there (yet): the tunnel's host listener opens before its
+            // forward is added, and a restarting master re-adds every wanted
+            // forward before it counts as up. Wait for either, boundedly (a
+            // tunnel that closes meanwhile resets its connections anyway).
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DialError(format!(
+                    "the ssh forward of port {port} did not come up: {err}"
+                )));
+            }
+            let up = match *s.master.borrow() {
+                Master::Up { generation, .. } => Some(generation),
+                _ => None,
+            };
+            match up {
+                Some(_) => tokio::time::sleep(FORWARD_POLL).await,
+                None => {
+                    s.wait_up(DIAL_WAIT, up).await.map_err(DialError)?;
                 }
             }
         };
-        // ssh ends a forward the same way when the server closed cleanly
-        // and when the master died: an end counts as clean only if the
-        // master that carried it is alive.
-        let ended_cleanly = Box::new(move || {
-            if exiting(pid) {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionAborted,
-                    "the ssh master went away",
-                ))
-            } else {
-                Ok(())
-            }
+        // ssh closes a forward's socket the same way when the server closed
+        // cleanly and when the master died: an end counts as clean only if
+        // the master is alive.
+        let ended_cleanly = Box::new(move || match *s.master.borrow() {
+            Master::Up { pid, .. } if !exiting(pid) => Ok(()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the ssh master went away",
+            )),
         });
-        Ok(Upstream::Ssh {
-            forward,
+        Ok(Upstream::Forward {
+            stream,
             ended_cleanly,
         })
     }
@@ -210,6 +222,54 @@ enum Life {
 }
 
 impl Shared {
+    /// See [`Ssh::open`].
+    async fn open(&self, port: u16) -> Result<(), String> {
+        self.wanted.lock().await.insert(port);
+        let mut newer_than = None;
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            let generation = self.wait_up(self.open_wait, newer_than).await?;
+            let wanted = self.wanted.lock().await;
+            if !wanted.contains(&port) {
+                return Err(format!(
+                    "the forward of port {port} was closed while opening"
+                ));
+            }
+            match self.forward(port).await {
+                Ok(()) => {
+                    tracing::info!(port, "ssh forward added");
+                    return Ok(());
+                }
+                Err(e) => last_error = e,
+            }
+            drop(wanted);
+            if self.control(&["-O", "check"]).await.is_ok() {
+                break; // The master is fine; the forward itself failed.
+            }
+            // The master went away meanwhile; the next one re-adds the port.
+            newer_than = Some(generation);
+        }
+        Err(last_error)
+    }
+
+    /// See [`Ssh::close`].
+    async fn close(&self, port: u16) {
+        let mut wanted = self.wanted.lock().await;
+        if !wanted.remove(&port) {
+            return;
+        }
+        let up = matches!(*self.master.borrow(), Master::Up { .. });
+        if up {
+            let spec = forward_spec(&self.config.runtime_dir, port);
+            let cancel = [os("-O"), os("cancel"), os("-L"), spec];
+            match self.control_os(&cancel).await {
+                Ok(()) => tracing::info!(port, "ssh forward removed"),
+                Err(e) => tracing::warn!(port, error = %e, "cannot remove ssh forward"),
+            }
+        }
+        let _ = std::fs::remove_file(forward_path(&self.config.runtime_dir, port));
+    }
+
     /// Keeps a master running until `cancel`, restarting it with backoff.
     async fn supervise(self: Arc<Self>, cancel: CancellationToken) {
         let mut backoff = Backoff::new(RESTART_MIN, RESTART_MAX);
@@ -233,13 +293,13 @@ impl Shared {
             }
         }
         self.master.send_replace(Master::Stopped);
-        let _ = std::fs::remove_file(&self.ctl);
+        self.remove_sockets();
         let _ = std::fs::remove_dir(&self.config.runtime_dir);
         tracing::info!("ssh master stopped");
     }
 
     /// Starts one master, waits until it answers on the control socket,
-    /// then waits for it to die or `cancel`.
+    /// re-adds every wanted forward, then waits for it to die or `cancel`.
     async fn run_master(&self, cancel: &CancellationToken, generation: &mut u64) -> Life {
         let died = |error: String| Life::Died {
             error,
@@ -290,12 +350,20 @@ impl Shared {
         }
 
         let up_since = Instant::now();
-        *generation += 1;
-        self.master.send_replace(Master::Up {
-            generation: *generation,
-            pid: child.id().unwrap_or_default(),
-        });
-        tracing::info!(pid = child.id(), "ssh master up");
+        {
+            let wanted = self.wanted.lock().await;
+            for &port in wanted.iter() {
+                if let Err(e) = self.forward(port).await {
+                    tracing::warn!(port, error = %e, "cannot re-add ssh forward");
+                }
+            }
+            *generation += 1;
+            self.master.send_replace(Master::Up {
+                generation: *generation,
+                pid: child.id().unwrap_or_default(),
+            });
+            tracing::info!(pid = child.id(), forwards = wanted.len(), "ssh master up");
+        }
 
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -322,8 +390,8 @@ impl Shared {
         }
     }
 
-    /// Creates the runtime directory (0700) and removes the control socket
-    /// of an earlier master: a stale one would make ssh run without one.
+    /// Creates the runtime directory (0700) and clears sockets of an earlier
+    /// master: a stale control socket would make ssh run without one.
     fn prepare_dir(&self) -> Result<(), String> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let dir = &self.config.runtime_dir;
@@ -348,8 +416,22 @@ impl Shared {
                 MAX_CTL_PATH - "/ctl".len()
             ));
         }
-        let _ = std::fs::remove_file(&self.ctl);
+        self.remove_sockets();
         Ok(())
+    }
+
+    fn remove_sockets(&self) {
+        let _ = std::fs::remove_file(&self.ctl);
+        let Ok(entries) = std::fs::read_dir(&self.config.runtime_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("fwd-") && name.ends_with(".sock") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Waits until a master is up (one newer than `newer_than`, if given);
@@ -387,6 +469,13 @@ impl Shared {
                 timeout.as_secs()
             )),
         }
+    }
+
+    /// `ssh -O forward -L RUNTIME_DIR/fwd-PORT.sock:localhost:PORT`.
+    async fn forward(&self, port: u16) -> Result<(), String> {
+        let spec = forward_spec(&self.config.runtime_dir, port);
+        self.control_os(&[os("-O"), os("forward"), os("-L"), spec])
+            .await
     }
 
     async fn control(&self, op: &[&str]) -> Result<(), String> {
@@ -582,6 +671,17 @@ fn escape_percent(p: &Path) -> OsString {
     OsString::from_vec(out)
 }
 
+fn forward_path(dir: &Path, port: u16) -> PathBuf {
+    dir.join(format!("fwd-{port}.sock"))
+}
+
+/// `DIR/fwd-PORT.sock:localhost:PORT`, the `-L` argument of a forward.
+fn forward_spec(dir: &Path, port: u16) -> OsString {
+    let mut spec = escape_percent(&forward_path(dir, port));
+    spec.push(format!(":localhost:{port}"));
+    spec
+}
+
 /// Options every ssh command gets: `-S CTL`, `BatchMode` so no prompt can
 /// hang us, then the user's, then defaults they may override (ssh keeps
 /// the first value it sees of an option).
@@ -601,7 +701,8 @@ fn common_args(config: &SshConfig, ctl: &Path, own: &[&str], defaults: &[&str]) 
 
 /// `ssh -M -N -S CTL -o ... -- HOST`: the master, forwarding nothing until
 /// asked to. `ControlPersist=no` keeps it our child (no fork to the
-/// background); `ClearAllForwardings` leaves out the forwards the user's
+/// background); `StreamLocalBindUnlink` lets a forward replace a stale
+/// socket file; `ClearAllForwardings` leaves out the forwards the user's
 /// config may list for that host, which belong to their own sessions.
 fn master_args(config: &SshConfig, ctl: &Path) -> Vec<OsString> {
     let mut args = vec![os("-M"), os("-N")];
@@ -610,6 +711,8 @@ fn master_args(config: &SshConfig, ctl: &Path) -> Vec<OsString> {
         ctl,
         &[
             "ControlPersist=no",
+            "ExitOnForwardFailure=yes",
+            "StreamLocalBindUnlink=yes",
             "ClearAllForwardings=yes",
         ],
         &["ServerAliveInterval=10", "ServerAliveCountMax=3"],
@@ -658,8 +761,9 @@ mod tests {
             .collect();
         for must in [
             "ControlPersist=no",
-            "ClearAllForwardings=yes",
+            "ExitOnForwardFailure=yes",
             "BatchMode=yes",
+            "StreamLocalBindUnlink=yes",
             "ServerAliveInterval=10",
             "ServerAliveCountMax=3",
         ] {
@@ -673,12 +777,14 @@ mod tests {
     }
 
     #[test]
-    fn control_command_line() {
+    fn forward_and_cancel_command_lines() {
         let c = config(Path::new("/tmp/a%b"));
+        let spec = forward_spec(&c.runtime_dir, 8080);
+        assert_eq!(spec, "/tmp/a%%b/fwd-8080.sock:localhost:8080");
         let args = strings(&control_args(
             &c,
             &c.runtime_dir.join("ctl"),
-            &[os("-O"), os("check")],
+            &[os("-O"), os("forward"), os("-L"), spec],
         ));
         assert_eq!(
             args,
@@ -690,7 +796,9 @@ mod tests {
                 "-o",
                 "User=me",
                 "-O",
-                "check",
+                "forward",
+                "-L",
+                "/tmp/a%%b/fwd-8080.sock:localhost:8080",
                 "--",
                 "box"
             ]
@@ -727,6 +835,7 @@ mod tests {
             err.contains("not connected") && err.contains("refused"),
             "{err}"
         );
+        ssh.close(8080).await;
         ssh.shutdown().await;
         assert!(!dir.exists(), "runtime dir removed");
         let err = ssh.open(8080).await.unwrap_err();
