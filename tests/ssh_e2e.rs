@@ -54,10 +54,38 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
+/// Greets, half-closes at once, then counts what the client still sends
+/// and says so (`heard N`) when the client ends.
+const HALF_CLOSES_FIRST_PY: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(8)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    with c:
+        c.sendall(b"hello, and that is all")
+        c.shutdown(socket.SHUT_WR)
+        n = 0
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            n += len(d)
+        print("heard", n, flush=True)
+"#;
+
 /// A server on 127.0.0.1:`port` ONLY, inside the namespace.
 async fn start_server(ns: &Netns, port: u16) -> Proc {
+    start_python(ns, SERVER_PY, port).await
+}
+
+/// `script` as a server on `port` inside the namespace, once it said ready.
+async fn start_python(ns: &Netns, script: &str, port: u16) -> Proc {
     let mut cmd = ns.command("python3");
-    cmd.args(["-c", SERVER_PY, &port.to_string()])
+    cmd.args(["-c", script, &port.to_string()])
         .stdin(Stdio::null());
     let mut proc = ns.spawn_command("server", cmd);
     proc.wait_for_log("ready").await;
@@ -566,4 +594,45 @@ async fn sigterm_leaves_no_ssh_process_behind() {
         test_name(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// A server that half-closes first (greets, then only listens): the client
+/// sees the greeting end with EOF while its own half stays open, and the
+/// server still gets every byte the client sends after that.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_half_closes_first_still_hears_the_client() {
+    if !require_root() || !have_openssh(&test_name()) {
+        return;
+    }
+    let mut w = World::start().await;
+    let port = free_port();
+    let mut server = start_python(&w._ns, HALF_CLOSES_FIRST_PY, port).await;
+    w.tunnel.wait_active(port).await;
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let conn = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect through the tunnel");
+    let (mut r, mut w_half) = conn.into_split();
+    let mut greeting = Vec::new();
+    within("the greeting and its EOF", r.read_to_end(&mut greeting))
+        .await
+        .expect("read the greeting");
+    assert_eq!(greeting, b"hello, and that is all");
+    let data = pattern(1 << 20);
+    within("sending after the server's EOF", w_half.write_all(&data))
+        .await
+        .expect("the client's half is still open");
+    w_half.shutdown().await.expect("half-close");
+    within(
+        "the server to count the bytes",
+        server.wait_for_log("heard 1048576"),
+    )
+    .await;
+    let id = format!("default:tcp:{port}");
+    w.tunnel
+        .wait_tunnel("bytes counted", &id, |t| {
+            t.bytes_in == 1 << 20 && t.bytes_out == greeting.len() as u64
+        })
+        .await;
+    w.tunnel.stop().await;
 }
