@@ -72,6 +72,9 @@ const IDLE: usize = 1_000;
 const SOCAT_BLOCK: usize = 128 * 1024;
 /// Trials per forward set-up method.
 const FORWARD_TRIALS: usize = 10;
+/// The cipher of the second `ssh -L` row: what tunnel-svc's ssh master
+/// puts first when the CPU has AES instructions and nobody chose ciphers.
+const SAME_CIPHER: &str = "aes128-gcm@openssh.com";
 /// Ports that stay out of tunnel-svc's automatic tunnels: the namespace's sshd.
 const SKIP: &str = "22";
 
@@ -230,7 +233,7 @@ async fn measure(tools: &Tools) -> anyhow::Result<Results> {
 
     // --- Baselines, before any tunnel-svc runs ------------------------------
     let mut throughput: Vec<(String, Result<Both, String>, &str)> = Vec::new();
-    let [p_direct, p_socat, p_socat_big, p_ssh, p_grpc_t, p_streams_t, p_ssh_t, p_direct_t] =
+    let [p_direct, p_socat, p_socat_big, p_ssh, p_ssh_gcm, p_grpc_t, p_streams_t, p_ssh_t, p_direct_t] =
         plan.iperf;
     let [w_direct, w_socat, w_grpc, w_streams, w_ssh, w_direct_t] = plan.work;
     let mut workloads: Vec<(String, Result<Work, String>)> = Vec::new();
@@ -306,9 +309,25 @@ async fn measure(tools: &Tools) -> anyhow::Result<Results> {
         match (&lab.sshd, have_iperf) {
             (Err(e), _) => Err(e.clone()),
             (_, false) => no_iperf(),
-            _ => lab.baseline_ssh(p_ssh).await.map_err(|e| format!("{e:#}")),
+            _ => lab
+                .baseline_ssh(p_ssh, None)
+                .await
+                .map_err(|e| format!("{e:#}")),
         },
         "5.8–6.2 Gbit/s",
+    ));
+    eprintln!("throughput: ssh -L -o Ciphers={SAME_CIPHER}");
+    throughput.push((
+        format!("`ssh -L -o Ciphers={SAME_CIPHER}` (the cipher tunnel-svc's master prefers on a CPU with AES)"),
+        match (&lab.sshd, have_iperf) {
+            (Err(e), _) => Err(e.clone()),
+            (_, false) => no_iperf(),
+            _ => lab
+                .baseline_ssh(p_ssh_gcm, Some(SAME_CIPHER))
+                .await
+                .map_err(|e| format!("{e:#}")),
+        },
+        "",
     ));
     eprintln!("forward set-up: ControlMaster -O forward vs new ssh -L");
     let forward = match &lab.sshd {
@@ -457,7 +476,8 @@ fn report(machine: &Machine, r: &mut Results) {
     println!(
         "Relay CPU: utime+stime (and reaped children) over the run, in % of one core, of the processes \
          that carry the bytes — socat; `ssh` + the namespace's `sshd` processes; tunnel-svc (+ monitor-svc \
-         for grpc, + its ssh master and `sshd` for ssh); per Gbit/s it is what a Gbit/s costs. iperf3 \
+         for grpc, + its ssh master and `sshd` for ssh), with tunnel-svc's own share in brackets; per \
+         Gbit/s it is what a Gbit/s costs. iperf3 \
          itself uses the rest of the {} cores. → is host → container (the iperf3 client on the host \
          sends), ← is `iperf3 -R` (the server inside sends). \"× goal path\" compares a tunnel-svc row \
          with the row its goal names, in this run.\n",
@@ -471,30 +491,45 @@ fn report(machine: &Machine, r: &mut Results) {
             .find(|(p, _, _)| p.starts_with(prefix))
             .and_then(|(_, r, _)| r.as_ref().ok().map(|[up, down]| [up.gbits, down.gbits]))
     };
-    let cpu = |m: &Measured| m.cpu.map_or("—".into(), |c| format!("{c:.0} %"));
+    let cpu = |m: &Measured, path: &str| match (m.cpu, m.first) {
+        (Some(c), Some(own)) if path.starts_with("tunnel-svc") => {
+            format!("{c:.0} % (tunnel-svc {own:.0} %)")
+        }
+        (Some(c), _) => format!("{c:.0} %"),
+        (None, _) => "—".into(),
+    };
     let per_gbit = |m: &Measured| m.cpu.map_or("—".into(), |c| format!("{:.0}", c / m.gbits));
     for (path, result, goal) in &r.throughput {
         let against = if goal.contains("socat -b") {
             gbits_of("socat `-b")
         } else if goal.contains("ssh -L") {
-            gbits_of("`ssh -L`")
+            gbits_of("`ssh -L` (")
         } else if goal.contains("no relay") {
             gbits_of("direct, no relay")
         } else {
             None
         };
+        // The ssh rows also against ssh -L with the master's cipher: what
+        // the extra hop in front of ssh costs.
+        let same_cipher = goal
+            .contains("ssh -L")
+            .then(|| gbits_of("`ssh -L -o Ciphers"))
+            .flatten();
+        let ratio = |[gu, gd]: [f64; 2], up: &Measured, down: &Measured| {
+            format!("{:.2}× / {:.2}×", up.gbits / gu, down.gbits / gd)
+        };
         match result {
             Ok([up, down]) => println!(
-                "| {path} | {:.2} | {:.2} | {} | {goal} | {} / {} | {} / {} |",
+                "| {path} | {:.2} | {:.2} | {}{} | {goal} | {} / {} | {} / {} |",
                 up.gbits,
                 down.gbits,
-                against.map_or("".into(), |[gu, gd]| format!(
-                    "{:.2}× / {:.2}×",
-                    up.gbits / gu,
-                    down.gbits / gd
+                against.map_or("".into(), |g| ratio(g, up, down)),
+                same_cipher.map_or("".into(), |g| format!(
+                    " (same cipher: {})",
+                    ratio(g, up, down)
                 )),
-                cpu(up),
-                cpu(down),
+                cpu(up, path),
+                cpu(down, path),
                 per_gbit(up),
                 per_gbit(down),
             ),
@@ -752,6 +787,8 @@ type Both = [Measured; 2];
 struct Measured {
     gbits: f64,
     cpu: Option<f64>,
+    /// The first relay process's share of `cpu` (tunnel-svc in its rows).
+    first: Option<f64>,
 }
 
 impl Lab {
@@ -950,7 +987,8 @@ impl Lab {
         m
     }
 
-    async fn baseline_ssh(&mut self, port: u16) -> anyhow::Result<Both> {
+    /// A plain `ssh -L` (with `ciphers`, `-o Ciphers=` that).
+    async fn baseline_ssh(&mut self, port: u16, ciphers: Option<&str>) -> anyhow::Result<Both> {
         let _server = self.iperf_server(port).await?;
         let sshd = self.sshd.as_ref().map_err(|e| anyhow!("{e}"))?;
         let host_port = free_port()?;
@@ -960,9 +998,11 @@ impl Lab {
             "-L",
             &format!("127.0.0.1:{host_port}:127.0.0.1:{port}"),
         ])
-        .args(["-o", "ExitOnForwardFailure=yes"])
-        .args(sshd.ssh_args())
-        .arg(sshd.destination());
+        .args(["-o", "ExitOnForwardFailure=yes"]);
+        if let Some(c) = ciphers {
+            cmd.args(["-o", &format!("Ciphers={c}")]);
+        }
+        cmd.args(sshd.ssh_args()).arg(sshd.destination());
         let mut ssh = self.ns.spawn_command("ssh-L", cmd);
         wait_host_listening(&mut ssh, host_port).await?;
         let mut pids = vec![ssh.pid()];
@@ -1130,12 +1170,15 @@ async fn iperf_client(target: SocketAddr, reverse: bool, pids: &[u32]) -> anyhow
     .args(["-t", &IPERF_SECS.to_string(), "-J"])
     .args(reverse.then_some("-R"));
     let before = cpu_of(pids);
+    let first_before = cpu_of(&pids[..pids.len().min(1)]);
     let t0 = Instant::now();
     let out = run_for(cmd, Duration::from_secs(IPERF_SECS + 15)).await?;
     let wall = t0.elapsed();
     // socat's forked children are counted once socat has reaped them.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let after = cpu_of(pids);
+    let first_after = cpu_of(&pids[..pids.len().min(1)]);
+    let percent = |d: Duration| d.as_secs_f64() / wall.as_secs_f64() * 100.0;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "iperf3 -c {target} ({}): no JSON: {}",
@@ -1151,8 +1194,8 @@ async fn iperf_client(target: SocketAddr, reverse: bool, pids: &[u32]) -> anyhow
         .context("no end.sum_received.bits_per_second in iperf3's JSON")?;
     Ok(Measured {
         gbits: bps / 1e9,
-        cpu: (!pids.is_empty())
-            .then(|| after.saturating_sub(before).as_secs_f64() / wall.as_secs_f64() * 100.0),
+        cpu: (!pids.is_empty()).then(|| percent(after.saturating_sub(before))),
+        first: (!pids.is_empty()).then(|| percent(first_after.saturating_sub(first_before))),
     })
 }
 
@@ -1475,9 +1518,9 @@ impl Tools {
 struct PortPlan {
     /// One warm-up port and [`LATENCY_PORTS`] more, per backend.
     latency: [Vec<u16>; 3],
-    /// iperf3 servers: direct, socat, socat -b, ssh -L, then grpc, grpc
-    /// streams, ssh, direct tunnels.
-    iperf: [u16; 8],
+    /// iperf3 servers: direct, socat, socat -b, ssh -L, ssh -L with the
+    /// master's cipher, then grpc, grpc streams, ssh, direct tunnels.
+    iperf: [u16; 9],
     /// Echo servers for the connection workloads: no relay, socat -b, then
     /// grpc, grpc streams, ssh, direct tunnels.
     work: [u16; 6],
