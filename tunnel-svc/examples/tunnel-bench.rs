@@ -6,7 +6,12 @@
 //! ```text
 //! cargo build --release -p tunnel-svc --example tunnel-bench
 //! sudo ./target/release/examples/tunnel-bench
+//! sudo ./target/release/examples/tunnel-bench --throughput-only direct   # one row, quickly
 //! ```
+//!
+//! `--throughput-only` leaves out the latency, connection and forward
+//! set-up parts; naming backends (`grpc`, `ssh`, `direct`) measures only
+//! those (the baselines always run: the ratios need them).
 //!
 //! Needs root (the container is a network namespace) and `ip`; the
 //! throughput and forward set-up parts also use `iperf3`, `socat` and
@@ -78,7 +83,54 @@ const SAME_CIPHER: &str = "aes128-gcm@openssh.com";
 /// Ports that stay out of tunnel-svc's automatic tunnels: the namespace's sshd.
 const SKIP: &str = "22";
 
+/// What the command line asked for.
+struct Scope {
+    throughput_only: bool,
+    /// Backend names to measure; empty: all.
+    backends: Vec<String>,
+}
+
+impl Scope {
+    fn from_args() -> Result<Scope, String> {
+        let mut scope = Scope {
+            throughput_only: false,
+            backends: Vec::new(),
+        };
+        for arg in std::env::args().skip(1) {
+            match arg.as_str() {
+                "--throughput-only" => scope.throughput_only = true,
+                "grpc" | "ssh" | "direct" => scope.backends.push(arg),
+                other => {
+                    return Err(format!(
+                        "unknown argument {other:?}; usage: tunnel-bench [--throughput-only] [grpc|ssh|direct]..."
+                    ))
+                }
+            }
+        }
+        Ok(scope)
+    }
+
+    fn wants(&self, kind: Kind) -> bool {
+        self.backends.is_empty() || self.backends.iter().any(|b| b == kind.name())
+    }
+}
+
+static SCOPE: std::sync::OnceLock<Scope> = std::sync::OnceLock::new();
+
+fn scope() -> &'static Scope {
+    SCOPE.get().expect("set in main")
+}
+
 fn main() -> ExitCode {
+    match Scope::from_args() {
+        Ok(s) => {
+            let _ = SCOPE.set(s);
+        }
+        Err(e) => {
+            eprintln!("bench: {e}");
+            return ExitCode::from(2);
+        }
+    }
     // Thousands of connections at once.
     porthole::net::raise_fd_limit();
     if !rustix::process::geteuid().is_root() {
@@ -237,21 +289,23 @@ async fn measure(tools: &Tools) -> anyhow::Result<Results> {
         plan.iperf;
     let [w_direct, w_socat, w_grpc, w_streams, w_ssh, w_direct_t] = plan.work;
     let mut workloads: Vec<(String, Result<Work, String>)> = Vec::new();
-    eprintln!("connections: direct, no relay");
-    let direct_addr = SocketAddr::new(lab.ns.addr().into(), w_direct);
-    workloads.push((
-        "direct, no relay".into(),
-        lab.workloads(w_direct, direct_addr, &[], None)
-            .await
-            .map_err(|e| format!("{e:#}")),
-    ));
-    eprintln!("connections: socat -b {SOCAT_BLOCK}");
-    workloads.push((
-        format!("socat `-b {SOCAT_BLOCK}`"),
-        lab.socat_workloads(w_socat)
-            .await
-            .map_err(|e| format!("{e:#}")),
-    ));
+    if !scope().throughput_only {
+        eprintln!("connections: direct, no relay");
+        let direct_addr = SocketAddr::new(lab.ns.addr().into(), w_direct);
+        workloads.push((
+            "direct, no relay".into(),
+            lab.workloads(w_direct, direct_addr, &[], None)
+                .await
+                .map_err(|e| format!("{e:#}")),
+        ));
+        eprintln!("connections: socat -b {SOCAT_BLOCK}");
+        workloads.push((
+            format!("socat `-b {SOCAT_BLOCK}`"),
+            lab.socat_workloads(w_socat)
+                .await
+                .map_err(|e| format!("{e:#}")),
+        ));
+    }
     let have_iperf = tools.iperf3_version.starts_with("iperf");
     let no_iperf = || Err("iperf3 missing (apt-get install -y iperf3)".to_string());
     eprintln!("throughput: loopback, no namespace");
@@ -330,7 +384,9 @@ async fn measure(tools: &Tools) -> anyhow::Result<Results> {
         "",
     ));
     eprintln!("forward set-up: ControlMaster -O forward vs new ssh -L");
+    let skipped = || Err("skipped (--throughput-only)".to_string());
     let forward = match &lab.sshd {
+        _ if scope().throughput_only => [skipped(), skipped()],
         Err(e) => [Err(e.clone()), Err(e.clone())],
         Ok(_) => lab.forward_setup(plan.forward).await,
     };
@@ -343,6 +399,9 @@ async fn measure(tools: &Tools) -> anyhow::Result<Results> {
         (Kind::Ssh, &plan.latency[1][..], p_ssh_t, w_ssh),
         (Kind::Direct, &plan.latency[2][..], p_direct_t, w_direct_t),
     ] {
+        if !scope().wants(kind) {
+            continue;
+        }
         let (lat, thr, work, note) = if kind == Kind::Ssh && lab.sshd.is_err() {
             let e = lab.sshd.as_ref().err().cloned().unwrap_or_default();
             (Err(e.clone()), Err(e.clone()), Err(e), String::new())
@@ -353,11 +412,13 @@ async fn measure(tools: &Tools) -> anyhow::Result<Results> {
         if let Err(e) = &lat {
             eprintln!("{} backend: latency not measured: {e}", kind.label());
         }
-        if !ports.is_empty() {
+        if !ports.is_empty() && !scope().throughput_only {
             latency.push((kind, lat, note));
         }
         throughput.push((format!("tunnel-svc {}", kind.label()), thr, kind.goal()));
-        workloads.push((format!("tunnel-svc {}", kind.label()), work));
+        if !scope().throughput_only {
+            workloads.push((format!("tunnel-svc {}", kind.label()), work));
+        }
     }
 
     let status = lab.monitor.proc.terminate().await;
@@ -814,8 +875,11 @@ impl Lab {
                 return (Err(e.clone()), Err(e.clone()), Err(e), String::new());
             }
         };
+        let skipped = || Err("skipped (--throughput-only)".to_string());
         let lat = if ports.is_empty() {
             Err("latency not measured for this row".to_string())
+        } else if scope().throughput_only {
+            skipped()
         } else {
             eprintln!(
                 "{}: latency over {LATENCY_PORTS} ports, 0-{MAX_GAP_MS} ms apart",
@@ -838,12 +902,15 @@ impl Lab {
                     .map_err(|e| format!("{e:#}"))
             }
         };
-        eprintln!("{}: connection workloads", kind.label());
-        let pids = relay_pids(self, &tunnel, kind);
-        let work = self
-            .workloads(work_port, loopback(work_port), &pids, Some(&tunnel))
-            .await
-            .map_err(|e| format!("{e:#}"));
+        let work = if scope().throughput_only {
+            Err("skipped (--throughput-only)".to_string())
+        } else {
+            eprintln!("{}: connection workloads", kind.label());
+            let pids = relay_pids(self, &tunnel, kind);
+            self.workloads(work_port, loopback(work_port), &pids, Some(&tunnel))
+                .await
+                .map_err(|e| format!("{e:#}"))
+        };
         let note = tunnel.stop().await;
         (lat, thr, work, note)
     }
