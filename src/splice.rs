@@ -3,8 +3,11 @@
 //! socket, so they never enter userspace. Same semantics as
 //! [`crate::relay::copy_verified`]: half-close passes on, either direction
 //! failing ends both (the caller then resets its sockets), and the counters
-//! advance as bytes are delivered. A direction makes its pipe when its
-//! first bytes come; when it cannot (out of file descriptors) it copies
+//! advance as bytes are delivered. A direction holds a pipe only while
+//! bytes are in flight: it takes one from a small process-wide pool when
+//! bytes come and gives it back, empty, once nothing more waits, so an idle
+//! connection holds no pipe at all (HAProxy keeps its pipes the same way).
+//! When no pipe can be had (out of file descriptors) a direction copies
 //! through userspace instead.
 
 use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
@@ -15,8 +18,13 @@ use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
 /// Pipe size asked for: fewer, larger moves. Pages are taken only while
-/// bytes are in flight, so an idle connection costs none of it.
+/// bytes are in flight, so a pooled pipe costs none of it.
 const PIPE_SIZE: usize = 1 << 20;
+/// Empty pipes kept for the next burst; more are closed.
+const POOL_MAX: usize = 64;
+
+/// Empty pipes, ready to be taken.
+static POOL: std::sync::Mutex<Vec<Pipe>> = std::sync::Mutex::new(Vec::new());
 
 /// A tokio socket whose readiness can be awaited and whose descriptor
 /// `splice` can use.
@@ -51,6 +59,20 @@ struct Pipe {
 }
 
 impl Pipe {
+    /// A pooled pipe, or a new one.
+    fn take() -> io::Result<Pipe> {
+        let pooled = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        pooled.map_or_else(Pipe::new, Ok)
+    }
+
+    /// Back to the pool; only an empty pipe may be given back.
+    fn give_back(self) {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < POOL_MAX {
+            pool.push(self);
+        }
+    }
+
     fn new() -> io::Result<Pipe> {
         let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
         // Best effort: the system's pipe-max-size may be lower.
@@ -76,62 +98,40 @@ async fn retry<S: Socket>(
 }
 
 /// Moves `r`'s bytes to `w` until `r` ends, then shuts `w`'s write half
-/// (if `ended_cleanly` agrees). The pipe is made when the first bytes
-/// come, so an idle connection holds none; when none can be made (out of
-/// file descriptors) this direction copies through a buffer instead.
+/// (if `ended_cleanly` agrees). A pipe (or, out of file descriptors, a
+/// buffer) is held from the moment bytes come until they are all written
+/// and `r` has no more: an idle direction holds none.
 async fn one_way<R: Socket, W: Socket>(
     r: &R,
     w: &W,
     counter: &AtomicU64,
     ended_cleanly: &(dyn Fn() -> io::Result<()> + Sync),
 ) -> io::Result<()> {
-    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
-    r.ready(Interest::READABLE).await?;
-    let mut way = match Pipe::new() {
-        Ok(pipe) => Way::Pipe(pipe),
-        Err(e) => {
-            tracing::debug!(error = %e, "no pipe for splice; copying through userspace");
-            Way::Buffer(vec![0; crate::relay::CHUNK])
-        }
-    };
+    let mut held: Option<Way> = None;
     loop {
-        // An empty pipe or buffer here, so "would block" can only be the
-        // socket's.
-        let n = match &mut way {
-            Way::Pipe(pipe) => {
-                retry(r, Interest::READABLE, || {
-                    Ok(splice(r, None, &pipe.write, None, PIPE_SIZE, flags)?)
-                })
-                .await?
-            }
-            Way::Buffer(buf) => {
-                retry(r, Interest::READABLE, || {
-                    Ok(rustix::io::read(r, &mut buf[..])?)
-                })
-                .await?
+        // Nothing is in flight here, so "would block" can only be the
+        // socket's: the empty pipe goes back while `r` has nothing.
+        let n = loop {
+            r.ready(Interest::READABLE).await?;
+            let way = held.get_or_insert_with(Way::take);
+            match r.try_io(Interest::READABLE, || way.fill(r)) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    held.take().map(Way::give_back);
+                }
+                Err(e) => return Err(e),
             }
         };
         if n == 0 {
+            held.take().map(Way::give_back);
             ended_cleanly()?;
             return socket2::SockRef::from(w).shutdown(std::net::Shutdown::Write);
         }
+        let way = held.as_ref().expect("taken before reading");
         let mut done = 0;
         while done < n {
             // The pipe or buffer holds bytes: "would block" is the socket's.
-            done += match &way {
-                Way::Pipe(pipe) => {
-                    retry(w, Interest::WRITABLE, || {
-                        Ok(splice(&pipe.read, None, w, None, n - done, flags)?)
-                    })
-                    .await?
-                }
-                Way::Buffer(buf) => {
-                    retry(w, Interest::WRITABLE, || {
-                        Ok(rustix::io::write(w, &buf[done..n])?)
-                    })
-                    .await?
-                }
-            };
+            done += retry(w, Interest::WRITABLE, || way.drain(w, done, n)).await?;
         }
         counter.fetch_add(n as u64, Relaxed);
     }
@@ -141,6 +141,43 @@ async fn one_way<R: Socket, W: Socket>(
 enum Way {
     Pipe(Pipe),
     Buffer(Vec<u8>),
+}
+
+impl Way {
+    fn take() -> Way {
+        match Pipe::take() {
+            Ok(pipe) => Way::Pipe(pipe),
+            Err(e) => {
+                tracing::debug!(error = %e, "no pipe for splice; copying through userspace");
+                Way::Buffer(vec![0; crate::relay::CHUNK])
+            }
+        }
+    }
+
+    /// Only when empty: everything read was written.
+    fn give_back(self) {
+        if let Way::Pipe(pipe) = self {
+            pipe.give_back();
+        }
+    }
+
+    /// Reads what `r` has into the (empty) pipe or buffer.
+    fn fill(&mut self, r: &impl AsFd) -> io::Result<usize> {
+        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+        Ok(match self {
+            Way::Pipe(pipe) => splice(r, None, &pipe.write, None, PIPE_SIZE, flags)?,
+            Way::Buffer(buf) => rustix::io::read(r, &mut buf[..])?,
+        })
+    }
+
+    /// Writes bytes `done..n` of what [`Way::fill`] read to `w`.
+    fn drain(&self, w: &impl AsFd, done: usize, n: usize) -> io::Result<usize> {
+        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+        Ok(match self {
+            Way::Pipe(pipe) => splice(&pipe.read, None, w, None, n - done, flags)?,
+            Way::Buffer(buf) => rustix::io::write(w, &buf[done..n])?,
+        })
+    }
 }
 
 /// Relays `a` ↔ `b` until both directions ended, counting bytes each way;

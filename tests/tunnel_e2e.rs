@@ -1972,3 +1972,48 @@ async fn a_thousand_concurrent_connections_complete_grpc() {
     let failed = metric(w.monitor.addr(), "porthole_monitor_relays_failed_total").await;
     assert_eq!(failed, Some(0));
 }
+
+/// Connections that went idle after carrying bytes hold no pipes: each
+/// costs the direct backend its two sockets, and the pipes are back in a
+/// small pool (at most 64, 128 descriptors) for the next burst. Then the
+/// idle connections still carry bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_hold_no_pipes_direct() {
+    if !require_root() {
+        return;
+    }
+    const N: usize = 200;
+    const POOL_FDS: usize = 128;
+    let block = ports(61, Backend::Direct);
+    let port = block.base;
+    let w = World::start(Backend::Direct, &[]).await;
+    let mut echo = common::EchoPorts::start(&w.ns);
+    echo.open(port, "0.0.0.0").expect("echo port");
+    w.tunnel.wait_active(&id(port)).await;
+    let before = common::load::fds(w.tunnel.pid());
+    let (mut held, failed) = common::load::idle(v4(port), N).await;
+    assert_eq!(failed, 0, "{} of {N} connections opened", held.len());
+    // Two sockets per connection, the pool, and nothing else.
+    let idle_fds = poll_until("the pipes to go back", DEADLINE, || async {
+        let now = common::load::fds(w.tunnel.pid());
+        (now <= before + 2 * N + POOL_FDS).then_some(now)
+    })
+    .await;
+    eprintln!(
+        "tunnel-svc: {before} fds before, {idle_fds} with {N} idle connections ({:.1} each)",
+        (idle_fds - before) as f64 / N as f64
+    );
+    for conn in held.iter_mut().take(10) {
+        conn.write_all(b"y").await.unwrap();
+        let mut b = [0u8; 1];
+        within("an echo on an idle connection", conn.read_exact(&mut b))
+            .await
+            .unwrap();
+        assert_eq!(&b, b"y");
+    }
+    drop(held);
+    poll_until("the connections to close", DEADLINE, || async {
+        (common::load::fds(w.tunnel.pid()) <= before + POOL_FDS).then_some(())
+    })
+    .await;
+}
