@@ -252,6 +252,70 @@ mod tests {
         assert_eq!(down.load(Relaxed), 1000);
     }
 
+    /// Out of file descriptors, a direction that cannot have a pipe copies
+    /// through a buffer: every byte arrives all the same. Exhausting
+    /// descriptors would fail the other tests running beside it, so the
+    /// test runs itself again alone in a child process.
+    #[tokio::test]
+    async fn out_of_descriptors_it_copies_through_a_buffer() {
+        const NAME: &str = "splice::tests::out_of_descriptors_it_copies_through_a_buffer";
+        const CHILD: &str = "PORTHOLE_SPLICE_TEST_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success() && said.contains("1 passed"), "{said}");
+            return;
+        }
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        let (mut client, mut a) = pair().await;
+        let (mut b, mut server) = pair().await;
+        let limit = getrlimit(Resource::Nofile);
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(64),
+                maximum: limit.maximum,
+            },
+        )
+        .unwrap();
+        let mut hog = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            hog.push(f);
+        }
+        assert!(Pipe::new().is_err(), "no pipe can be made now");
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 31 % 251) as u8).collect();
+        let sent = data.clone();
+        let client_side = async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        };
+        let server_side = async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            server.write_all(&got).await.unwrap();
+            server.shutdown().await.unwrap();
+        };
+        let relay = copy(&mut a, &mut b, &up, &down);
+        let (back, (), relayed) = tokio::join!(client_side, server_side, relay);
+        drop(hog);
+        relayed.unwrap();
+        assert!(back == data, "every byte there and back, in order");
+        assert_eq!(up.load(Relaxed), data.len() as u64);
+        assert_eq!(down.load(Relaxed), data.len() as u64);
+    }
+
     #[tokio::test]
     async fn an_end_it_cannot_vouch_for_is_an_error() {
         let (_client, mut a) = pair().await;
