@@ -116,14 +116,12 @@ async fn one_way<R: Socket, W: Socket>(
             let way = held.get_or_insert_with(Way::take);
             match r.try_io(Interest::READABLE, || way.fill(r)) {
                 Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    held.take().map(Way::give_back);
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Way::give_back(held.take()),
                 Err(e) => return Err(e),
             }
         };
         if n == 0 {
-            held.take().map(Way::give_back);
+            Way::give_back(held.take());
             ended_cleanly()?;
             return socket2::SockRef::from(w).shutdown(std::net::Shutdown::Write);
         }
@@ -155,8 +153,8 @@ impl Way {
     }
 
     /// Only when empty: everything read was written.
-    fn give_back(self) {
-        if let Way::Pipe(pipe) = self {
+    fn give_back(way: Option<Way>) {
+        if let Some(Way::Pipe(pipe)) = way {
             pipe.give_back();
         }
     }

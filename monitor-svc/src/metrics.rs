@@ -1,6 +1,7 @@
 //! Counters behind `GET /metrics`, in the Prometheus text format.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Default)]
@@ -15,12 +16,36 @@ pub struct Metrics {
     pub subscribers: AtomicU64,
     pub resyncs: AtomicU64,
     pub refused_subscribers: AtomicU64,
-    pub relays_failed: AtomicU64,
+    relays_failed: AtomicU64,
     pub relays_active: AtomicU64,
-    pub relays_total: AtomicU64,
+    relays_total: AtomicU64,
+}
+
+/// One relay (a raw relay connection, a Relay TCP stream or UDP flow)
+/// while it runs: counted as started when made, as ended when dropped.
+pub struct RelayCount(Arc<Metrics>);
+
+impl RelayCount {
+    /// The relay ended badly (reset, refused, cut off).
+    pub fn failed(&self) {
+        self.0.relays_failed.fetch_add(1, Relaxed);
+    }
+}
+
+impl Drop for RelayCount {
+    fn drop(&mut self) {
+        self.0.relays_active.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Metrics {
+    /// Counts a relay as started until the returned guard drops.
+    pub fn relay_started(self: &Arc<Self>) -> RelayCount {
+        self.relays_total.fetch_add(1, Relaxed);
+        self.relays_active.fetch_add(1, Relaxed);
+        RelayCount(self.clone())
+    }
+
     pub fn scan_took(&self, took: Duration) {
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.scans.fetch_add(1, Relaxed);

@@ -2,6 +2,7 @@
 //! call to a port that is listening (bound, for UDP) inside the container
 //! right now, on that socket's own address, and nowhere else.
 
+use crate::metrics::RelayCount;
 use crate::monitor::Handle;
 use porthole::net::ResetOnDrop;
 use porthole::pb::v1::{relay_frame::Kind, relay_server::Relay, DialReply, Protocol, RelayFrame};
@@ -220,15 +221,12 @@ pub async fn raw(
     {
         return;
     }
-    let metrics = monitor.metrics.clone();
-    metrics.relays_total.fetch_add(1, Relaxed);
-    metrics.relays_active.fetch_add(1, Relaxed);
+    let count = monitor.metrics.relay_started();
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let copy = porthole::splice::copy(&mut *client, &mut *conn, &sent, &received);
     let result = porthole::shutdown::drained(copy, &shutdown, DRAIN)
         .await
         .unwrap_or_else(|| Err(std::io::Error::other("monitor-svc is shutting down")));
-    metrics.relays_active.fetch_sub(1, Relaxed);
     match result {
         Ok(()) => {
             conn.finish();
@@ -236,7 +234,7 @@ pub async fn raw(
             tracing::debug!(port, %addr, sent = sent.load(Relaxed), received = received.load(Relaxed), "raw relay closed");
         }
         Err(e) => {
-            metrics.relays_failed.fetch_add(1, Relaxed);
+            count.failed();
             tracing::debug!(port, %addr, error = %e, "raw relay reset");
         }
     }
@@ -260,8 +258,7 @@ impl Relay for RelayService {
         // even this process dying resets it.
         let mut conn = ResetOnDrop::new(conn);
 
-        let (out_tx, out_rx) = self.answer(addr).await?;
-        let metrics = self.monitor.metrics.clone();
+        let (out_tx, out_rx, count) = self.answer(addr).await?;
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -273,16 +270,15 @@ impl Relay for RelayService {
                     "monitor-svc is shutting down; the connection to port {port} was reset"
                 ))),
             };
-            metrics.relays_active.fetch_sub(1, Relaxed);
             match result {
                 Ok(()) => {
                     conn.finish();
                     tracing::debug!(port, %addr, sent = sent.load(Relaxed), received = received.load(Relaxed), "relay closed");
                 }
                 Err(status) => {
-                    metrics.relays_failed.fetch_add(1, Relaxed);
+                    count.failed();
                     tracing::debug!(port, %addr, sent = sent.load(Relaxed), received = received.load(Relaxed), error = %status.message(), "relay reset");
-                    drop(conn);
+                    drop((conn, count));
                     let _ = tokio::time::timeout(STATUS_WAIT, out_tx.send(Err(status))).await;
                 }
             }
@@ -300,7 +296,14 @@ impl RelayService {
     async fn answer(
         &self,
         addr: SocketAddr,
-    ) -> Result<(Outbound, mpsc::Receiver<Result<RelayFrame, Status>>), Status> {
+    ) -> Result<
+        (
+            Outbound,
+            mpsc::Receiver<Result<RelayFrame, Status>>,
+            RelayCount,
+        ),
+        Status,
+    > {
         let (out_tx, out_rx) = mpsc::channel(FRAMES_IN_FLIGHT);
         let dialed = RelayFrame {
             kind: Some(Kind::Dialed(DialReply {
@@ -311,10 +314,7 @@ impl RelayService {
             .send(Ok(dialed))
             .await
             .map_err(|_| Status::cancelled("caller went away"))?;
-        let metrics = &self.monitor.metrics;
-        metrics.relays_total.fetch_add(1, Relaxed);
-        metrics.relays_active.fetch_add(1, Relaxed);
-        Ok((out_tx, out_rx))
+        Ok((out_tx, out_rx, self.monitor.metrics.relay_started()))
     }
 
     /// A UDP flow to a socket bound on `port` inside the container, sent to
@@ -346,8 +346,7 @@ impl RelayService {
         }
         .await
         .map_err(|e| Status::unavailable(format!("cannot reach UDP port {port} at {addr}: {e}")))?;
-        let (out_tx, out_rx) = self.answer(addr).await?;
-        let metrics = self.monitor.metrics.clone();
+        let (out_tx, out_rx, count) = self.answer(addr).await?;
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -359,9 +358,9 @@ impl RelayService {
                     "monitor-svc is shutting down; the UDP flow to port {port} ended"
                 ))),
             };
-            metrics.relays_active.fetch_sub(1, Relaxed);
             if let Err(status) = result {
-                metrics.relays_failed.fetch_add(1, Relaxed);
+                count.failed();
+                drop(count);
                 tracing::debug!(port, %addr, error = %status.message(), "udp flow ended badly");
                 let _ = tokio::time::timeout(STATUS_WAIT, out_tx.send(Err(status))).await;
             }
