@@ -23,8 +23,9 @@
 //!
 //! Traffic goes only to loopback and to the namespace the bench creates (one
 //! /30 of 198.18.0.0/15). Every process it starts is stopped by its pid, and
-//! the namespace deleted, on exit, on error and on Ctrl-C. The whole run is
-//! bounded (about two minutes). Progress goes to stderr; stdout is a
+//! the namespace deleted, on exit, on error and on Ctrl-C. Every part is
+//! bounded in count and time (the whole run took 5–8 minutes on a 2-core
+//! machine; `--throughput-only` about 3). Progress goes to stderr; stdout is a
 //! markdown report, printed once everything is measured.
 #![forbid(unsafe_code)]
 
@@ -287,7 +288,7 @@ async fn measure(tools: &Tools) -> anyhow::Result<Results> {
     let mut throughput: Vec<(String, Result<Both, String>, &str)> = Vec::new();
     let [p_direct, p_socat, p_socat_big, p_ssh, p_ssh_gcm, p_grpc_t, p_streams_t, p_ssh_t, p_direct_t] =
         plan.iperf;
-    let [w_direct, w_socat, w_grpc, w_streams, w_ssh, w_direct_t] = plan.work;
+    let [w_direct, w_socat, w_ssh_l, w_grpc, w_streams, w_ssh, w_direct_t] = plan.work;
     let mut workloads: Vec<(String, Result<Work, String>)> = Vec::new();
     if !scope().throughput_only {
         eprintln!("connections: direct, no relay");
@@ -304,6 +305,17 @@ async fn measure(tools: &Tools) -> anyhow::Result<Results> {
             lab.socat_workloads(w_socat)
                 .await
                 .map_err(|e| format!("{e:#}")),
+        ));
+        eprintln!("connections: ssh -L");
+        workloads.push((
+            format!("`ssh -L -o Ciphers={SAME_CIPHER}`"),
+            match &lab.sshd {
+                Err(e) => Err(e.clone()),
+                Ok(_) => lab
+                    .ssh_l_workloads(w_ssh_l)
+                    .await
+                    .map_err(|e| format!("{e:#}")),
+            },
         ));
     }
     let have_iperf = tools.iperf3_version.starts_with("iperf");
@@ -610,7 +622,7 @@ fn report(machine: &Machine, r: &mut Results) {
          socat, which forks a process per connection); {KEPT_ALIVE} kept-alive connections × {EXCHANGES} \
          64-byte request/response round trips; \
          {IDLE} idle connections held open, and what one costs the relay processes (tunnel-svc, + the \
-         monitor for grpc, + the ssh master for ssh), whose fds and RSS are shown before the workloads \
+         monitor for grpc, + the ssh master for ssh; the `ssh` process for `ssh -L`), whose fds and RSS are shown before the workloads \
          and once they are all done.\n",
         SHORT_BUDGET.as_secs(),
         CONCURRENT_BYTES >> 20
@@ -1054,9 +1066,9 @@ impl Lab {
         m
     }
 
-    /// A plain `ssh -L` (with `ciphers`, `-o Ciphers=` that).
-    async fn baseline_ssh(&mut self, port: u16, ciphers: Option<&str>) -> anyhow::Result<Both> {
-        let _server = self.iperf_server(port).await?;
+    /// A plain `ssh -L` from a free host port to `port` inside (with
+    /// `ciphers`, `-o Ciphers=` that), once it listens.
+    async fn ssh_l(&mut self, port: u16, ciphers: Option<&str>) -> anyhow::Result<(Proc, u16)> {
         let sshd = self.sshd.as_ref().map_err(|e| anyhow!("{e}"))?;
         let host_port = free_port()?;
         let mut cmd = Command::new("ssh");
@@ -1072,6 +1084,22 @@ impl Lab {
         cmd.args(sshd.ssh_args()).arg(sshd.destination());
         let mut ssh = self.ns.spawn_command("ssh-L", cmd);
         wait_host_listening(&mut ssh, host_port).await?;
+        Ok((ssh, host_port))
+    }
+
+    /// The connection workloads through `ssh -L` with the master's cipher.
+    async fn ssh_l_workloads(&mut self, port: u16) -> anyhow::Result<Work> {
+        let (mut ssh, host_port) = self.ssh_l(port, Some(SAME_CIPHER)).await?;
+        let work = self
+            .workloads(port, loopback(host_port), &[ssh.pid()], None)
+            .await;
+        ssh.terminate().await;
+        work
+    }
+
+    async fn baseline_ssh(&mut self, port: u16, ciphers: Option<&str>) -> anyhow::Result<Both> {
+        let _server = self.iperf_server(port).await?;
+        let (mut ssh, host_port) = self.ssh_l(port, ciphers).await?;
         let mut pids = vec![ssh.pid()];
         pids.extend(pids_named(&self.ns, "sshd"));
         let m = self.iperf(loopback(host_port), &pids).await;
@@ -1588,9 +1616,9 @@ struct PortPlan {
     /// iperf3 servers: direct, socat, socat -b, ssh -L, ssh -L with the
     /// master's cipher, then grpc, grpc streams, ssh, direct tunnels.
     iperf: [u16; 9],
-    /// Echo servers for the connection workloads: no relay, socat -b, then
-    /// grpc, grpc streams, ssh, direct tunnels.
-    work: [u16; 6],
+    /// Echo servers for the connection workloads: no relay, socat -b,
+    /// ssh -L, then grpc, grpc streams, ssh, direct tunnels.
+    work: [u16; 7],
     /// The echo server behind the forward set-up trials.
     forward: u16,
 }
