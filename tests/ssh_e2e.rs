@@ -416,6 +416,25 @@ async fn loopback_only_server_reachable_on_same_host_port() {
     // The tunnel rides the ControlMaster: one ssh process, no per-tunnel ssh -L.
     let masters = ssh_children(w.tunnel.pid());
     assert_eq!(masters.len(), 1, "ssh children of tunnel-svc: {masters:?}");
+    // On a CPU with AES instructions, with no ssh configuration choosing
+    // ciphers, the master asks for AES-GCM first.
+    let cpu_aes = fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|w| w == "aes"))
+    });
+    let user_config = std::env::var_os("HOME")
+        .is_some_and(|h| Path::new(&h).join(".ssh/config").exists())
+        || fs::read_to_string("/etc/ssh/ssh_config")
+            .is_ok_and(|c| c.lines().any(|l| l.trim_start().starts_with("Ciphers")));
+    if cpu_aes && !user_config {
+        let argv = &masters[0].1;
+        assert!(
+            argv.iter()
+                .any(|a| a.starts_with("Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,")),
+            "{argv:?}"
+        );
+    }
 
     // A UDP server: OpenSSH forwards TCP only, so its tunnel is FAILED and
     // says why, and holds no host port.
