@@ -1,6 +1,7 @@
 //! Sockets as both services use them: accepting without spinning when file
 //! descriptors run out, the file-descriptor limit, and TCP connections that
-//! end with a reset unless they finished cleanly.
+//! end with a reset unless they finished cleanly; and [`Proto`], TCP or UDP,
+//! as tunnel-svc and the test kit name a port's transport.
 
 use crate::telemetry::RateLimit;
 use std::io;
@@ -192,6 +193,46 @@ mod tests {
                 let err = result.unwrap_err();
                 assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
             }
+        }
+    }
+}
+
+/// The transport of a port, a tunnel or a relay: TCP or UDP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+
+    pub fn to_pb(self) -> crate::pb::v1::Protocol {
+        match self {
+            Proto::Tcp => crate::pb::v1::Protocol::Tcp,
+            Proto::Udp => crate::pb::v1::Protocol::Udp,
+        }
+    }
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Proto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Proto, String> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            other => Err(format!("protocol {other:?}: use tcp or udp")),
         }
     }
 }

@@ -8,45 +8,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
-/// The transport a port and its tunnel carry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        }
-    }
-
-    pub fn to_pb(self) -> porthole::pb::v1::Protocol {
-        match self {
-            Proto::Tcp => porthole::pb::v1::Protocol::Tcp,
-            Proto::Udp => porthole::pb::v1::Protocol::Udp,
-        }
-    }
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Proto {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Proto, String> {
-        match s {
-            "tcp" => Ok(Proto::Tcp),
-            "udp" => Ok(Proto::Udp),
-            other => Err(format!("protocol {other:?}: use tcp or udp")),
-        }
-    }
-}
+pub use porthole::net::Proto;
 
 /// A port of a container: its transport and number.
 pub type PortKey = (Proto, u16);

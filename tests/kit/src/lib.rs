@@ -504,20 +504,7 @@ impl Drop for Proc {
 /// container as a listener, a server, or a set of echo ports.
 pub const HELPER: &str = "porthole-helper";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        }
-    }
-}
+pub use porthole::net::Proto;
 
 /// A real process ([`HELPER`]) inside a namespace holding one listening socket:
 /// a TCP socket in LISTEN or a bound UDP socket. Dropping it (or
