@@ -94,6 +94,9 @@ struct Shared {
     wanted: Mutex<BTreeSet<u16>>,
     master: watch::Sender<Master>,
     open_wait: Duration,
+    /// The `Ciphers=` value every master of this target gets, found once
+    /// (see [`cipher_preference`]).
+    ciphers: tokio::sync::OnceCell<Option<String>>,
     /// `ssh{target, host}`: every log line of this backend is inside it.
     span: tracing::Span,
 }
@@ -120,6 +123,7 @@ impl Ssh {
             wanted: Mutex::new(BTreeSet::new()),
             master: watch::Sender::new(Master::Connecting { last_error: None }),
             open_wait,
+            ciphers: tokio::sync::OnceCell::new(),
             span: span.clone(),
         });
         let cancel = CancellationToken::new();
@@ -309,7 +313,10 @@ impl Shared {
             return died(e);
         }
         let mut cmd = Command::new("ssh");
-        let ciphers = cipher_preference(&self.config).await;
+        let ciphers = self
+            .ciphers
+            .get_or_init(|| cipher_preference(&self.config))
+            .await;
         cmd.args(master_args(&self.config, &self.ctl, ciphers.as_deref()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
