@@ -20,6 +20,8 @@ use tokio::net::{TcpStream, UnixStream};
 /// Pipe size asked for: fewer, larger moves. Pages are taken only while
 /// bytes are in flight, so a pooled pipe costs none of it.
 const PIPE_SIZE: usize = 1 << 20;
+/// Every splice: never blocks (the sockets are non-blocking too).
+const FLAGS: SpliceFlags = SpliceFlags::MOVE.union(SpliceFlags::NONBLOCK);
 /// Empty pipes kept for the next burst; more are closed.
 const POOL_MAX: usize = 64;
 
@@ -161,18 +163,16 @@ impl Way {
 
     /// Reads what `r` has into the (empty) pipe or buffer.
     fn fill(&mut self, r: &impl AsFd) -> io::Result<usize> {
-        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
         Ok(match self {
-            Way::Pipe(pipe) => splice(r, None, &pipe.write, None, PIPE_SIZE, flags)?,
+            Way::Pipe(pipe) => splice(r, None, &pipe.write, None, PIPE_SIZE, FLAGS)?,
             Way::Buffer(buf) => rustix::io::read(r, &mut buf[..])?,
         })
     }
 
     /// Writes bytes `done..n` of what [`Way::fill`] read to `w`.
     fn drain(&self, w: &impl AsFd, done: usize, n: usize) -> io::Result<usize> {
-        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
         Ok(match self {
-            Way::Pipe(pipe) => splice(&pipe.read, None, w, None, n - done, flags)?,
+            Way::Pipe(pipe) => splice(&pipe.read, None, w, None, n - done, FLAGS)?,
             Way::Buffer(buf) => rustix::io::write(w, &buf[done..n])?,
         })
     }

@@ -116,6 +116,11 @@ impl Scope {
     }
 }
 
+/// What a part left out by `--throughput-only` reports.
+fn skipped<T>() -> Result<T, String> {
+    Err("skipped (--throughput-only)".to_string())
+}
+
 static SCOPE: std::sync::OnceLock<Scope> = std::sync::OnceLock::new();
 
 fn scope() -> &'static Scope {
@@ -396,7 +401,6 @@ async fn measure(tools: &Tools) -> anyhow::Result<Results> {
         "",
     ));
     eprintln!("forward set-up: ControlMaster -O forward vs new ssh -L");
-    let skipped = || Err("skipped (--throughput-only)".to_string());
     let forward = match &lab.sshd {
         _ if scope().throughput_only => [skipped(), skipped()],
         Err(e) => [Err(e.clone()), Err(e.clone())],
@@ -887,7 +891,6 @@ impl Lab {
                 return (Err(e.clone()), Err(e.clone()), Err(e), String::new());
             }
         };
-        let skipped = || Err("skipped (--throughput-only)".to_string());
         let lat = if ports.is_empty() {
             Err("latency not measured for this row".to_string())
         } else if scope().throughput_only {
@@ -915,7 +918,7 @@ impl Lab {
             }
         };
         let work = if scope().throughput_only {
-            Err("skipped (--throughput-only)".to_string())
+            skipped()
         } else {
             eprintln!("{}: connection workloads", kind.label());
             let pids = relay_pids(self, &tunnel, kind);
