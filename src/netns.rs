@@ -7,6 +7,14 @@
 //! on subnet X: creating it fails while any process holds X, so namespaces
 //! made at once by many processes never share an address. (198.19.0.0/16
 //! is left to the Docker networks porthole's tests make.)
+//!
+//! Traffic to these ranges never leaves the machine: before a namespace
+//! (or a test's Docker network) is made, [`keep_test_ranges_local`] puts an
+//! `unreachable` route for 198.18.0.0/15 at the lowest priority, so when a
+//! namespace's /30 route or a network's /24 route goes away, packets to its
+//! addresses fail here (EHOSTUNREACH) instead of following the default
+//! route off the machine. A link is cut on the namespace's side
+//! ([`Namespace::set_link`]), which keeps the host's route in place.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -16,6 +24,32 @@ use std::time::{Duration, Instant};
 
 /// /30 subnets in 198.18.0.0/16.
 const SUBNETS: u32 = 1 << 14;
+
+/// The benchmarking range (RFC 2544) every namespace and test network is
+/// made in.
+pub const TEST_RANGES: &str = "198.18.0.0/15";
+
+/// Adds `unreachable 198.18.0.0/15` with the largest metric (the lowest
+/// priority) unless it is there. Any more specific route (a namespace's
+/// /30, a network's /24) wins over it; when that route goes, packets fail
+/// on this machine rather than take the default route. It is never
+/// removed: it is harmless (nothing may leave for that range anyway), and
+/// removing it while another process's namespace exists would reopen the
+/// leak.
+pub fn keep_test_ranges_local() -> io::Result<()> {
+    let route = [
+        "route",
+        "add",
+        "unreachable",
+        TEST_RANGES,
+        "metric",
+        "4294967295",
+    ];
+    match ip(&route) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
 
 pub struct Namespace {
     name: String,
@@ -49,6 +83,7 @@ impl Namespace {
     /// `hint` on. A namespace of that name left by a dead process is
     /// replaced.
     pub fn create(name: &str, hint: u32) -> io::Result<Namespace> {
+        keep_test_ranges_local()?;
         if Path::new("/run/netns").join(name).exists() {
             let _ = ip(&["netns", "del", name]);
         }
@@ -109,10 +144,18 @@ impl Namespace {
         self.inside
     }
 
-    /// Takes the host end of the link down (nothing crosses, nothing is
-    /// refused) or up again.
+    /// Cuts the link (nothing crosses, nothing is refused) or joins it
+    /// again, on the namespace's side: its `eth0` goes down, the host end
+    /// loses its carrier but keeps its route, so packets for the namespace
+    /// are dropped at the veth instead of being routed elsewhere.
     pub fn set_link(&self, up: bool) -> io::Result<()> {
-        ip(&["link", "set", &self.veth, if up { "up" } else { "down" }])
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.name, "link", "set", "eth0", state])
+    }
+
+    /// The host end's interface name (`ph<X>h`).
+    pub fn host_link(&self) -> &str {
+        &self.veth
     }
 
     /// `ip netns exec NAME program`, to be completed by the caller. `ip`

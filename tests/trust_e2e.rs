@@ -343,6 +343,47 @@ interrupted! {
     direct_tunnel_sigterm_upload: "direct", TunnelTerm, Upload, 19116;
 }
 
+/// `ip route get ADDR` on the host: the route a packet to ADDR takes, or
+/// the error (`unreachable`) when there is none.
+fn route_get(addr: std::net::Ipv4Addr) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["route", "get", &addr.to_string()])
+        .output()
+        .expect("run ip route get");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A packet for the test range never takes the default route: not while a
+/// namespace's link is cut (keepalives and reconnects carry the monitor's
+/// token), not after the namespace is gone.
+#[test]
+fn a_cut_link_or_a_removed_namespace_keeps_its_address_on_this_machine() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let addr = ns.addr();
+    let on_link = format!("dev {}", ns.host_link());
+    assert!(route_get(addr).contains(&on_link), "{}", route_get(addr));
+    ns.set_link(false);
+    let cut = route_get(addr);
+    assert!(
+        cut.contains(&on_link) && !cut.contains(" via "),
+        "with the link cut, {addr} must stay on {on_link}: {cut}"
+    );
+    ns.set_link(true);
+    drop(ns);
+    let gone = route_get(addr);
+    assert!(
+        gone.contains("No route to host") && !gone.contains(" via "),
+        "with the namespace gone, {addr} must be unreachable here: {gone}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Clients that never read
 

@@ -113,6 +113,8 @@ pub struct Network {
 
 impl Network {
     pub fn new() -> Network {
+        porthole::netns::keep_test_ranges_local()
+            .unwrap_or_else(|e| panic!("keeping 198.18.0.0/15 on this machine: {e}"));
         let name = unique("net");
         let start = std::process::id()
             .wrapping_mul(7)

@@ -230,8 +230,14 @@ impl Netns {
         self.ns.addr()
     }
 
-    /// Takes the host end of the veth pair down (the container's link is
-    /// cut: nothing crosses, nothing is refused) or up again.
+    /// The host end's interface, `ph<X>h`.
+    pub fn host_link(&self) -> &str {
+        self.ns.host_link()
+    }
+
+    /// Cuts the container's link on its side (nothing crosses, nothing is
+    /// refused; the host keeps its route, see [`porthole::netns`]) or joins
+    /// it again.
     pub fn set_link(&self, up: bool) {
         self.ns.set_link(up).unwrap_or_else(|e| panic!("{e}"));
     }
