@@ -62,15 +62,36 @@ impl RelayService {
     }
 }
 
-/// Where to reach a listener: its own address, or loopback of the same
-/// family for a wildcard.
-pub fn reach(addr: IpAddr, port: u16) -> SocketAddr {
-    let ip = match addr {
-        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        other => other,
+/// Where to reach a listener, in the order to try: its own address; for a
+/// wildcard, a loopback it accepts. `0.0.0.0` → `127.0.0.1`; an IPv6-only
+/// `::` → `::1`; a dual-stack `::` → `127.0.0.1` first, which exists in
+/// every container with `lo` up, then `::1`, which does not exist where
+/// IPv6 is off (Docker's default), where dialling it fails with "Cannot
+/// assign requested address".
+pub fn reach(addr: IpAddr, dual_stack: bool, port: u16) -> Vec<SocketAddr> {
+    let ips = match addr {
+        IpAddr::V4(v4) if v4.is_unspecified() => vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        IpAddr::V6(v6) if v6.is_unspecified() && dual_stack => vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ],
+        IpAddr::V6(v6) if v6.is_unspecified() => vec![IpAddr::V6(Ipv6Addr::LOCALHOST)],
+        other => vec![other],
     };
-    SocketAddr::new(ip, port)
+    ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect()
+}
+
+/// Every address to try for the sockets the monitor sees on `port`: each
+/// one's [`reach`], IPv4 before IPv6, no address twice.
+fn candidates(sockets: &[porthole::pb::v1::Port], port: u16) -> Vec<SocketAddr> {
+    let mut all: Vec<SocketAddr> = sockets
+        .iter()
+        .filter_map(|p| Some(reach(p.address.parse().ok()?, p.dual_stack, port)))
+        .flatten()
+        .collect();
+    all.sort_by_key(|a| a.is_ipv6());
+    all.dedup();
+    all
 }
 
 /// Reads and checks the dial frame; returns the protocol and port.
@@ -137,13 +158,7 @@ async fn udp_flow(
 /// Connects to TCP `port` inside the container on a listener's own address
 /// (loopback of its family for a wildcard), if the monitor sees one.
 async fn connect_listener(monitor: &Handle, port: u16) -> Result<(TcpStream, SocketAddr), Status> {
-    let listeners = monitor.sockets(Protocol::Tcp, port).await?;
-    let mut candidates: Vec<SocketAddr> = listeners
-        .iter()
-        .filter_map(|p| p.address.parse().ok().map(|ip| reach(ip, port)))
-        .collect();
-    candidates.sort_by_key(|a| a.is_ipv6());
-    candidates.dedup();
+    let candidates = candidates(&monitor.sockets(Protocol::Tcp, port).await?, port);
     if candidates.is_empty() {
         return Err(Status::failed_precondition(format!(
             "no TCP listener on port {port} inside the container"
@@ -325,27 +340,41 @@ impl RelayService {
         port: u16,
     ) -> Result<Response<ReceiverStream<Result<RelayFrame, Status>>>, Status> {
         let bound = self.monitor.sockets(Protocol::Udp, port).await?;
-        let Some(addr) = bound
-            .iter()
-            .filter_map(|p| p.address.parse().ok().map(|ip| reach(ip, port)))
-            .min_by_key(|a: &SocketAddr| a.is_ipv6())
-        else {
+        let candidates = candidates(&bound, port);
+        if candidates.is_empty() {
             return Err(Status::failed_precondition(format!(
                 "no UDP socket bound on port {port} inside the container"
             )));
-        };
-        let local: SocketAddr = if addr.is_ipv4() {
-            (Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let socket = async {
-            let s = tokio::net::UdpSocket::bind(local).await?;
-            s.connect(addr).await?;
-            std::io::Result::Ok(s)
         }
-        .await
-        .map_err(|e| Status::unavailable(format!("cannot reach UDP port {port} at {addr}: {e}")))?;
+        // Connecting a UDP socket sends nothing; it fails only where the
+        // address cannot be used at all (`::1` with IPv6 off).
+        let mut last_err = None;
+        let mut connected = None;
+        for addr in candidates {
+            let local: SocketAddr = if addr.is_ipv4() {
+                (Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let socket = async {
+                let s = tokio::net::UdpSocket::bind(local).await?;
+                s.connect(addr).await?;
+                std::io::Result::Ok(s)
+            };
+            match socket.await {
+                Ok(s) => {
+                    connected = Some((s, addr));
+                    break;
+                }
+                Err(e) => last_err = Some(format!("{addr}: {e}")),
+            }
+        }
+        let (socket, addr) = connected.ok_or_else(|| {
+            Status::unavailable(format!(
+                "cannot reach UDP port {port}: {}",
+                last_err.unwrap_or_default()
+            ))
+        })?;
         let (out_tx, out_rx, count) = self.answer(addr).await?;
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -374,16 +403,35 @@ mod tests {
     use super::reach;
 
     #[test]
-    fn wildcards_are_reached_on_loopback_of_their_family() {
+    fn wildcards_are_reached_on_a_loopback_they_accept() {
+        let at = |addr: &str, dual_stack| -> Vec<String> {
+            reach(addr.parse().unwrap(), dual_stack, 80)
+                .iter()
+                .map(|a| a.to_string())
+                .collect()
+        };
+        assert_eq!(at("0.0.0.0", false), ["127.0.0.1:80"]);
+        assert_eq!(at("::", false), ["[::1]:80"], "IPv6-only: IPv4 would not reach it");
         assert_eq!(
-            reach("0.0.0.0".parse().unwrap(), 80).to_string(),
-            "127.0.0.1:80"
+            at("::", true),
+            ["127.0.0.1:80", "[::1]:80"],
+            "dual-stack: IPv4 loopback first, it exists with IPv6 off"
         );
-        assert_eq!(reach("::".parse().unwrap(), 80).to_string(), "[::1]:80");
-        assert_eq!(
-            reach("198.18.0.2".parse().unwrap(), 80).to_string(),
-            "198.18.0.2:80"
-        );
-        assert_eq!(reach("::1".parse().unwrap(), 80).to_string(), "[::1]:80");
+        assert_eq!(at("198.18.0.2", false), ["198.18.0.2:80"]);
+        assert_eq!(at("::1", false), ["[::1]:80"]);
+    }
+
+    #[test]
+    fn candidates_are_ipv4_first_and_each_once() {
+        use porthole::pb::v1::Port;
+        let port = |address: &str, dual_stack| Port {
+            address: address.into(),
+            dual_stack,
+            port: 80,
+            ..Default::default()
+        };
+        let all = super::candidates(&[port("::", true), port("127.0.0.1", false)], 80);
+        let all: Vec<String> = all.iter().map(|a| a.to_string()).collect();
+        assert_eq!(all, ["127.0.0.1:80", "[::1]:80"]);
     }
 }

@@ -113,6 +113,34 @@ pub fn targets_table(targets: &[Target], now: chrono::DateTime<chrono::Utc>) -> 
     columns(&rows)
 }
 
+/// Writes a command's output. A reader that went away (`ls | head`) ends
+/// the command quietly, as it ends `ls` or `cat`, instead of a panic.
+pub fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        _ => {}
+    }
+}
+
+/// Where a user reaches a tunnel: `localhost:PORT` when it listens on
+/// 127.0.0.1 and/or ::1 (what `localhost` resolves to), else its own
+/// addresses (`--bind 127.0.0.2` is not `localhost`).
+pub fn host_of(t: &Tunnel) -> String {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let localhost = |a: &String| {
+        a.parse::<SocketAddr>().is_ok_and(|a| {
+            matches!(a.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST) | IpAddr::V6(Ipv6Addr::LOCALHOST))
+        })
+    };
+    match t.host_port {
+        0 => "-".to_string(),
+        p if t.host_addresses.iter().all(localhost) => format!("localhost:{p}"),
+        _ => t.host_addresses.join(","),
+    }
+}
+
 /// The table `tunnel-svc ls` prints.
 pub fn table(tunnels: &[Tunnel]) -> String {
     let mut rows = vec![[
@@ -127,15 +155,7 @@ pub fn table(tunnels: &[Tunnel]) -> String {
         "NOTE".into(),
     ]];
     for t in tunnels {
-        let loopback_only = t.host_addresses.iter().all(|a| {
-            a.parse::<std::net::SocketAddr>()
-                .is_ok_and(|a| a.ip().is_loopback())
-        });
-        let host = match (t.host_port, loopback_only) {
-            (0, _) => "-".to_string(),
-            (p, true) => format!("localhost:{p}"),
-            (_, false) => t.host_addresses.join(","),
-        };
+        let host = host_of(t);
         let process = t
             .process
             .as_ref()
@@ -178,10 +198,10 @@ pub fn table(tunnels: &[Tunnel]) -> String {
 pub async fn ls(admin: SocketAddr, token: Option<porthole::auth::Token>) -> anyhow::Result<()> {
     let mut client = client(admin, token).await?;
     match client.list_targets(ListTargetsRequest::default()).await {
-        Ok(resp) => println!(
-            "{}",
+        Ok(resp) => out(&format!(
+            "{}\n",
             targets_table(&resp.into_inner().targets, chrono::Utc::now())
-        ),
+        )),
         // An older tunnel-svc: tunnels only.
         Err(s) if s.code() == tonic::Code::Unimplemented => {}
         Err(s) => return Err(s.into()),
@@ -189,9 +209,9 @@ pub async fn ls(admin: SocketAddr, token: Option<porthole::auth::Token>) -> anyh
     let resp = client.list_tunnels(ListTunnelsRequest::default()).await?;
     let tunnels = resp.into_inner().tunnels;
     if tunnels.is_empty() {
-        println!("no tunnels");
+        out("no tunnels\n");
     } else {
-        print!("{}", table(&tunnels));
+        out(&table(&tunnels));
     }
     Ok(())
 }
@@ -207,7 +227,7 @@ pub async fn close(
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     let t = resp.into_inner().tunnel.unwrap_or_default();
-    println!("closed {} (was localhost:{})", t.id, t.host_port);
+    out(&format!("closed {} (was {})\n", t.id, host_of(&t)));
     Ok(())
 }
 
@@ -315,12 +335,12 @@ pub async fn wait(
                         .await?
                         .into_inner();
                     if probe.reachable {
-                        return Ok(format!("localhost:{}", t.host_port));
+                        return Ok(host_of(t));
                     }
                     last = format!("{} is active, but: {}", t.id, probe.error);
                     retry = true;
                 }
-                TunnelState::Published => return Ok(format!("localhost:{}", t.host_port)),
+                TunnelState::Published => return Ok(host_of(t)),
                 TunnelState::Failed => anyhow::bail!("{} failed: {}", t.id, t.error),
                 TunnelState::Closed => {
                     anyhow::bail!("{} is closed by an admin (OpenTunnel opens it again)", t.id)
@@ -381,6 +401,24 @@ mod tests {
         for bad in ["", "0", "web:", ":80", "web:70000", "x"] {
             assert!(bad.parse::<WaitFor>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn localhost_only_where_localhost_reaches() {
+        let at = |addresses: &[&str]| {
+            host_of(&Tunnel {
+                host_port: 8080,
+                host_addresses: addresses.iter().map(|a| a.to_string()).collect(),
+                ..Default::default()
+            })
+        };
+        assert_eq!(at(&["127.0.0.1:8080", "[::1]:8080"]), "localhost:8080");
+        assert_eq!(at(&["127.0.0.2:8080"]), "127.0.0.2:8080");
+        assert_eq!(at(&["0.0.0.0:8080"]), "0.0.0.0:8080");
+        assert_eq!(
+            at(&["127.0.0.1:8080", "198.18.0.1:8080"]),
+            "127.0.0.1:8080,198.18.0.1:8080"
+        );
     }
 
     #[test]

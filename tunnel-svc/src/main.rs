@@ -327,7 +327,7 @@ async fn real_main() -> Result<(), Failure> {
             let token = read_token(client.token_file.as_deref())?;
             let what = tunnel_svc::cli::WaitFor { protocol, ..port };
             let addr = tunnel_svc::cli::wait(client.admin, token, &what, timeout).await?;
-            println!("{addr}");
+            tunnel_svc::cli::out(&format!("{addr}\n"));
             Ok(())
         }
         Some(Cmd::Close { id, client }) => {
@@ -455,7 +455,7 @@ async fn gate(args: GateArgs) -> Result<(), Failure> {
     use tunnel_svc::gate;
     let upstreams = gate::load(&args.config)?;
     if let Some(host) = args.print_ssh_config {
-        print!("{}", gate::ssh_config(&upstreams, &host)?);
+        tunnel_svc::cli::out(&gate::ssh_config(&upstreams, &host)?);
         return Ok(());
     }
     gate::check_admin(&upstreams, &args.listen, args.service.admin)?;
