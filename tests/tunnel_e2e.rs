@@ -697,6 +697,21 @@ async fn admin_close_stays_closed_until_reopened() {
     let mut lines = table.lines();
     assert!(lines.next().unwrap_or("").starts_with("TARGET"), "{table}");
     assert!(lines.any(|l| l.starts_with("ID ")), "{table}");
+    // `ls | head`: a reader that is gone before ls writes ends it quietly.
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let mut ls = tokio::process::Command::new(binary("tunnel-svc"));
+    ls.args(["ls", "--admin", &admin])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let out = within("ls into a closed pipe", ls.output()).await.unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "ls into a closed pipe: {} {}",
+        out.status,
+        text(&out.stderr)
+    );
     let out = run_cli(&["close", &id(p), "--admin", &admin]).await;
     assert!(out.status.success(), "close: {}", text(&out.stderr));
     assert!(text(&out.stdout).contains(&id(p)), "{}", text(&out.stdout));

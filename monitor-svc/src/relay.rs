@@ -78,7 +78,9 @@ pub fn reach(addr: IpAddr, dual_stack: bool, port: u16) -> Vec<SocketAddr> {
         IpAddr::V6(v6) if v6.is_unspecified() => vec![IpAddr::V6(Ipv6Addr::LOCALHOST)],
         other => vec![other],
     };
-    ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect()
+    ips.into_iter()
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect()
 }
 
 /// Every address to try for the sockets the monitor sees on `port`: each
@@ -411,7 +413,11 @@ mod tests {
                 .collect()
         };
         assert_eq!(at("0.0.0.0", false), ["127.0.0.1:80"]);
-        assert_eq!(at("::", false), ["[::1]:80"], "IPv6-only: IPv4 would not reach it");
+        assert_eq!(
+            at("::", false),
+            ["[::1]:80"],
+            "IPv6-only: IPv4 would not reach it"
+        );
         assert_eq!(
             at("::", true),
             ["127.0.0.1:80", "[::1]:80"],

@@ -118,7 +118,10 @@ pub fn targets_table(targets: &[Target], now: chrono::DateTime<chrono::Utc>) -> 
 pub fn out(text: &str) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         _ => {}
     }
@@ -131,7 +134,10 @@ pub fn host_of(t: &Tunnel) -> String {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     let localhost = |a: &String| {
         a.parse::<SocketAddr>().is_ok_and(|a| {
-            matches!(a.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST) | IpAddr::V6(Ipv6Addr::LOCALHOST))
+            matches!(
+                a.ip(),
+                IpAddr::V4(Ipv4Addr::LOCALHOST) | IpAddr::V6(Ipv6Addr::LOCALHOST)
+            )
         })
     };
     match t.host_port {

@@ -220,6 +220,23 @@ impl Netns {
         self.ns.name()
     }
 
+    /// Turns IPv6 off inside, as Docker leaves it on networks without
+    /// IPv6: no `::1`, no IPv6 address, though IPv6 sockets still open and
+    /// bind `::`.
+    pub fn disable_ipv6(&self) {
+        let mut cmd = self.command("sysctl");
+        cmd.arg("-qw");
+        for conf in ["all", "default", "lo", "eth0"] {
+            cmd.arg(format!("net.ipv6.conf.{conf}.disable_ipv6=1"));
+        }
+        let out = cmd.output().expect("run sysctl");
+        assert!(
+            out.status.success(),
+            "sysctl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The host end of the veth pair, `198.18.X.1`.
     pub fn host_addr(&self) -> Ipv4Addr {
         self.ns.host_addr()
