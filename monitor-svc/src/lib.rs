@@ -13,6 +13,7 @@ pub mod process;
 pub mod relay;
 pub mod scan;
 mod sys;
+pub mod user;
 
 use porthole::pb::v1::port_events_server::{PortEventsServer, SERVICE_NAME as PORT_EVENTS};
 use porthole::pb::v1::relay_server::{RelayServer, SERVICE_NAME as RELAY};

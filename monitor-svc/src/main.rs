@@ -22,14 +22,27 @@ struct Args {
     stdio: bool,
     /// With --stdio: also listen on ADDR (for Relay and events from the
     /// network), requiring the token that the first line on stdin holds.
+    /// Port 0 takes a free ephemeral port, so no port an app may want is
+    /// taken. The first line on stdout says `listening ADDR` (without
+    /// --stdio-listen: `ready`).
     #[arg(long, value_name = "ADDR", requires = "stdio")]
     stdio_listen: Option<SocketAddr>,
+    /// Once started (and removed, with --remove-self), run as this user:
+    /// NAME or UID, optionally :GROUP or :GID, as `docker run --user` takes
+    /// it; names are looked up in this container's /etc/passwd and
+    /// /etc/group. What tunnel-svc --docker passes for a container whose
+    /// user is not root (it starts the monitor as root so that the monitor
+    /// can remove itself from `/`). If the drop is refused (no CAP_SETUID),
+    /// the monitor warns and goes on as it is.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    user: Option<String>,
     /// Stop (SIGTERM) other processes running this same executable first: a
     /// monitor left by an earlier tunnel-svc. What tunnel-svc --docker runs.
     #[arg(long)]
     replace: bool,
-    /// Delete this executable once started (it keeps running): a monitor
-    /// copied into a container leaves nothing behind.
+    /// Delete this executable first thing, before anything can fail (it
+    /// keeps running): a monitor copied into a container leaves nothing
+    /// behind, even when it cannot start.
     #[arg(long)]
     remove_self: bool,
     /// How often to scan for listening sockets (e.g. 100ms, 2s).
@@ -78,12 +91,41 @@ enum SourceArg {
     Procfs,
 }
 
-// One thread: the monitor is a small sidecar (the detector has a thread of
-// its own), and relaying on one thread saves cross-thread wake-ups.
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the flags are even parsed: a copy put here by tunnel-svc must
+    // not stay when this start fails.
+    let removed = std::env::args_os()
+        .any(|a| a == "--remove-self")
+        .then(remove_self);
     let args = Args::parse();
     porthole::telemetry::init(&args.log_level, args.log_format).map_err(anyhow::Error::msg)?;
+    if let Some(removed) = removed {
+        removed?;
+    }
+    // While this is the only thread, so that every thread runs as the user.
+    if let Some(user) = &args.user {
+        match monitor_svc::user::switch_to(user) {
+            Ok(id) => tracing::info!(user = %user, uid = id.0, gid = id.1, "running as the container's user"),
+            Err(e) => tracing::warn!(user = %user, error = %e, "cannot run as the container's user; going on as this one"),
+        }
+    }
+    // One thread: the monitor is a small sidecar (the detector has a
+    // thread of its own), and relaying on one thread saves cross-thread
+    // wake-ups.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(run(args))
+}
+
+/// Deletes this executable (it keeps running).
+fn remove_self() -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding this executable")?;
+    std::fs::remove_file(&exe).with_context(|| format!("removing {}", exe.display()))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     if args.replace {
         let exe = std::env::current_exe().context("finding this executable")?;
         for pid in same_executable(&exe) {
@@ -93,10 +135,6 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    if args.remove_self {
-        let exe = std::env::current_exe().context("finding this executable")?;
-        std::fs::remove_file(&exe).with_context(|| format!("removing {}", exe.display()))?;
-    }
     let fds = porthole::net::raise_fd_limit();
     tracing::debug!(limit = ?fds, "file-descriptor limit");
     let shutdown = porthole::shutdown::on_signal()?;
@@ -105,8 +143,11 @@ async fn main() -> anyhow::Result<()> {
         let listener = porthole::net::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
+        let bound = listener.local_addr().context("the listening address")?;
+        hello(&format!("listening {bound}"))?;
         (porthole::server::Listen::StdioAndTcp(listener), Some(token))
     } else if args.stdio {
+        hello("ready")?;
         (porthole::server::Listen::Stdio, None)
     } else {
         let token = token(&args)?;
@@ -143,6 +184,17 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(i32::from(result.is_err()));
     }
     result
+}
+
+/// With --stdio, the first line on stdout, before any HTTP/2 byte: the
+/// caller learns that the monitor started (and where it listens) or, when
+/// the stream ends first, reads why not on stderr.
+fn hello(line: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    out.write_all(format!("{line}\n").as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
 }
 
 /// The token a listening monitor requires: from --token-file, or made in

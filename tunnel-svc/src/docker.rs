@@ -87,9 +87,6 @@ impl std::str::FromStr for Transport {
     }
 }
 
-/// Where the monitor listens on the container's address (ip transport).
-pub const MONITOR_PORT: u16 = 7070;
-
 /// How long the host tries the monitor on the container's address.
 const REACH_WAIT: Duration = Duration::from_secs(3);
 
@@ -474,12 +471,8 @@ impl Follower {
             .add_target(TargetSpec {
                 name: c.name.clone(),
                 backend: exec_backend.clone(),
-                // The monitor's own port on the container's address.
-                monitor_port: if self.transport == Transport::Exec {
-                    0
-                } else {
-                    MONITOR_PORT
-                },
+                // The monitor's own port, once a monitor says which.
+                monitor_port: 0,
                 url: format!("{base_url} via exec"),
                 fixed: false,
                 published: c.published.clone(),
@@ -515,65 +508,38 @@ impl Follower {
                 started = self.start_monitor(&c, token.as_ref()) => started,
             };
             let why = match started {
-                Ok((io, ended)) => {
-                    current.set(Slot::Ready(io));
+                Ok(Started {
+                    io,
+                    ended,
+                    port,
+                    said,
+                }) => {
                     last_error.clear();
                     backoff.reset();
-                    let (now, backend, port) = match &token {
-                        None => ("exec".to_string(), exec_backend.clone(), 0),
-                        Some(token) => match self.reach(&c).await {
-                            Ok(addr) => {
-                                let url = crate::config::MonitorUrl {
-                                    host: addr.ip().to_string(),
-                                    port: addr.port(),
-                                };
-                                match crate::monitor_channel(&url, Some(token.clone())) {
-                                    Ok(channel) => (
-                                        format!("ip {addr}"),
-                                        Arc::new(Backend::Grpc(Grpc {
-                                            channel,
-                                            raw: self.raw_relay.then(|| {
-                                                crate::backend::grpc::Raw::new(
-                                                    url.host.clone(),
-                                                    url.port,
-                                                    Some(token.clone()),
-                                                )
-                                            }),
-                                        })),
-                                        MONITOR_PORT,
-                                    ),
-                                    Err(e) => {
-                                        (format!("exec ({e})"), exec_backend.clone(), MONITOR_PORT)
-                                    }
-                                }
-                            }
-                            Err(why) if self.transport == Transport::Auto => {
-                                tracing::info!(reason = %why, "the host cannot reach the container's address; tunnel bytes go over the exec stream");
-                                listen = false;
-                                ("exec".to_string(), exec_backend.clone(), MONITOR_PORT)
-                            }
-                            Err(why) => {
-                                tracing::warn!(reason = %why, "--docker-transport ip: the container's address is not reachable");
-                                (
-                                    format!("exec (--docker-transport ip, but {why})"),
-                                    exec_backend.clone(),
-                                    MONITOR_PORT,
-                                )
-                            }
-                        },
+                    // Every life has its own token and port: the path is
+                    // set anew each time, nothing of an earlier life kept,
+                    // and before the monitor's ports are read (its own is
+                    // not forwarded).
+                    let (now, backend, monitor_port) = match (&token, port) {
+                        (Some(token), Some(port)) => self.path(&c, token, port, &exec_backend).await,
+                        _ => ("exec".to_string(), exec_backend.clone(), 0),
                     };
-                    if now != via {
+                    if now == "exec" && self.transport == Transport::Auto {
+                        listen = false;
+                    }
+                    if token.is_some() || now != via {
                         via = now;
                         let url = format!("{base_url} via {via}");
                         self.reconciler
-                            .set_backend(&c.name, backend, url, port)
+                            .set_backend(&c.name, backend, url, monitor_port)
                             .await;
                     }
+                    current.set(Slot::Ready(io));
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = ended => {}
                     }
-                    "the monitor's exec stream ended".to_string()
+                    exited(&said)
                 }
                 Err(why) => why,
             };
@@ -592,9 +558,48 @@ impl Follower {
         }
     }
 
+    /// How tunnel bytes reach a monitor listening on `port` with `token`:
+    /// `("ip ADDR", its backend, port)` when the host reaches the
+    /// container's address, else the exec stream (`"exec"` with `auto`,
+    /// which then stops asking the monitor to listen).
+    async fn path(
+        &self,
+        c: &Container,
+        token: &porthole::auth::Token,
+        port: u16,
+        exec: &Arc<Backend>,
+    ) -> (String, Arc<Backend>, u16) {
+        let addr = match self.reach(c, port).await {
+            Ok(addr) => addr,
+            Err(why) if self.transport == Transport::Auto => {
+                tracing::info!(reason = %why, "the host cannot reach the container's address; tunnel bytes go over the exec stream");
+                return ("exec".into(), exec.clone(), port);
+            }
+            Err(why) => {
+                tracing::warn!(reason = %why, "--docker-transport ip: the container's address is not reachable");
+                let via = format!("exec (--docker-transport ip, but {why})");
+                return (via, exec.clone(), port);
+            }
+        };
+        let url = crate::config::MonitorUrl {
+            host: addr.ip().to_string(),
+            port,
+        };
+        match crate::monitor_channel(&url, Some(token.clone())) {
+            Ok(channel) => {
+                let raw = self.raw_relay.then(|| {
+                    crate::backend::grpc::Raw::new(url.host.clone(), port, Some(token.clone()))
+                });
+                let backend = Arc::new(Backend::Grpc(Grpc { channel, raw }));
+                (format!("ip {addr}"), backend, port)
+            }
+            Err(e) => (format!("exec ({e})"), exec.clone(), port),
+        }
+    }
+
     /// The monitor on the container's own address, if the host reaches it
     /// (within [`REACH_WAIT`]: the monitor binds once it has its token).
-    async fn reach(&self, c: &Container) -> Result<SocketAddr, String> {
+    async fn reach(&self, c: &Container, port: u16) -> Result<SocketAddr, String> {
         let info = self
             .docker
             .inspect_container(&c.id, None)
@@ -606,7 +611,7 @@ impl Follower {
             .unwrap_or_default()
             .values()
             .filter_map(|n| n.ip_address.as_deref()?.parse::<IpAddr>().ok())
-            .map(|ip| SocketAddr::new(ip, MONITOR_PORT))
+            .map(|ip| SocketAddr::new(ip, port))
             .collect();
         if addrs.is_empty() {
             return Err("the container has no address of its own".into());
@@ -631,14 +636,24 @@ impl Follower {
     }
 
     /// Copies the monitor into `c` and starts it on an exec stream; the
-    /// stream, and what fires when it ends.
+    /// stream, what fires when it ends, and the port the monitor listens
+    /// on when it was handed a token.
     async fn start_monitor(
         &self,
         c: &Container,
         token: Option<&porthole::auth::Token>,
-    ) -> Result<(ExecIo, tokio::sync::oneshot::Receiver<()>), String> {
+    ) -> Result<Started, String> {
+        let info = self
+            .docker
+            .inspect_container(&c.id, None)
+            .await
+            .map_err(|e| format!("cannot inspect the container: {}", engine_error(&e)))?;
+        let user = info.config.and_then(|c| c.user).unwrap_or_default();
+        let user = non_root(&user);
+        // Never replaces a directory of the container's with the file.
         let upload = UploadToContainerOptions {
             path: "/".into(),
+            no_overwrite_dir_non_dir: Some("true".into()),
             ..Default::default()
         };
         self.docker
@@ -662,7 +677,8 @@ impl Follower {
                     attach_stdin: Some(true),
                     attach_stdout: Some(true),
                     attach_stderr: Some(true),
-                    cmd: Some(command(token.is_some())),
+                    cmd: Some(command(token.is_some(), user)),
+                    user: user.map(|_| "0".to_string()),
                     ..Default::default()
                 },
             )
@@ -697,25 +713,94 @@ impl Follower {
             input,
             pending: Bytes::new(),
             stderr: Vec::new(),
+            said: Said::default(),
+            container: c.name.clone(),
             ended: Some(ended_tx),
         };
-        Ok((io, ended))
+        let mut io = io;
+        let port = match tokio::time::timeout(MONITOR_START, io.hello()).await {
+            Err(_) => return Err("monitor-svc did not start in time".into()),
+            Ok(hello) => hello?,
+        };
+        let said = io.said.clone();
+        Ok(Started {
+            io,
+            ended,
+            port,
+            said,
+        })
     }
 }
 
-/// The monitor's command line: on stdio, and (with `listen`) also on the
-/// container's address with the token it reads from stdin.
-fn command(listen: bool) -> Vec<String> {
+/// The monitor's command line: on stdio, and (with `listen`) also on a
+/// free port of the container's address with the token it reads from
+/// stdin; as `user` once it has removed itself.
+fn command(listen: bool, user: Option<&str>) -> Vec<String> {
     let mut cmd = vec![
         MONITOR_PATH.to_string(),
         "--stdio".into(),
         "--replace".into(),
         "--remove-self".into(),
+        "--log-format".into(),
+        "json".into(),
     ];
     if listen {
-        cmd.extend(["--stdio-listen".into(), format!("0.0.0.0:{MONITOR_PORT}")]);
+        cmd.extend(["--stdio-listen".into(), "0.0.0.0:0".into()]);
+    }
+    if let Some(user) = user {
+        cmd.extend(["--user".into(), user.into()]);
     }
     cmd
+}
+
+/// A monitor that started: its exec stream, what fires when the stream
+/// ends, the port it listens on (when it was handed a token), and the last
+/// warning it wrote.
+struct Started {
+    io: ExecIo,
+    ended: tokio::sync::oneshot::Receiver<()>,
+    port: Option<u16>,
+    said: Said,
+}
+
+/// The container's user (`docker run --user`) when it is not root: the
+/// monitor is then started as root, so that it can remove itself from the
+/// root-owned `/`, and becomes that user at once.
+fn non_root(user: &str) -> Option<&str> {
+    let uid = user.split(':').next().unwrap_or_default();
+    (!matches!(uid, "" | "0" | "root")).then_some(user)
+}
+
+/// Why a monitor stopped, in its own words when it left any.
+fn exited(said: &Said) -> String {
+    match said.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
+        Some(why) => format!("monitor-svc stopped: {why}"),
+        None => "monitor-svc stopped".into(),
+    }
+}
+
+/// A monitor's log line (tracing's JSON) as a level and a text:
+/// the message, then its fields as `key=value`. Anything else (a last
+/// `Error: ...` line, the engine's own words) is a warning as it is.
+fn monitor_line(line: &str) -> (tracing::Level, String) {
+    let Ok(serde_json::Value::Object(v)) = serde_json::from_str::<serde_json::Value>(line) else {
+        return (tracing::Level::WARN, line.to_string());
+    };
+    let level = v
+        .get("level")
+        .and_then(|l| l.as_str()?.parse().ok())
+        .unwrap_or(tracing::Level::INFO);
+    let mut text = String::new();
+    if let Some(serde_json::Value::Object(fields)) = v.get("fields") {
+        if let Some(m) = fields.get("message").and_then(|m| m.as_str()) {
+            text.push_str(m);
+        }
+        for (k, val) in fields.iter().filter(|(k, _)| *k != "message") {
+            let val = val.as_str().map_or_else(|| val.to_string(), str::to_string);
+            text.push_str(&format!(" {k}={val}"));
+        }
+    }
+    (level, text)
 }
 
 /// What the engine said, without bollard's wrapping.
@@ -802,20 +887,80 @@ struct ExecIo {
     pending: Bytes,
     /// A stderr line not finished yet.
     stderr: Vec<u8>,
+    /// The last warning or error the monitor wrote: why it stopped, when
+    /// it stops.
+    said: Said,
+    /// Whose monitor, for its log lines.
+    container: String,
     /// Fired when the stream ends.
     ended: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+/// The last warning or error a monitor wrote, shared with its loop.
+type Said = Arc<Mutex<Option<String>>>;
+
 impl ExecIo {
+    /// Passes the monitor's log lines (JSON) on at their own level, tagged
+    /// with the container; remembers the last warning or error.
     fn log_stderr(&mut self, bytes: &[u8]) {
         self.stderr.extend_from_slice(bytes);
         while let Some(n) = self.stderr.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = self.stderr.drain(..=n).collect();
             let line = String::from_utf8_lossy(&line);
-            tracing::info!(target: "monitor", "{}", porthole::text::printable(line.trim_end()));
+            let (level, text) = monitor_line(line.trim_end());
+            let text = porthole::text::printable(&text).into_owned();
+            let container = self.container.as_str();
+            match level {
+                tracing::Level::ERROR => tracing::error!(target: "monitor", container, "{text}"),
+                tracing::Level::WARN => tracing::warn!(target: "monitor", container, "{text}"),
+                tracing::Level::INFO => tracing::info!(target: "monitor", container, "{text}"),
+                _ => tracing::debug!(target: "monitor", container, "{text}"),
+            }
+            if level <= tracing::Level::WARN {
+                *self.said.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
+            }
         }
         if self.stderr.len() > 16 << 10 {
             self.stderr.clear();
+        }
+    }
+
+    /// Reads the monitor's first line on stdout: `ready`, or `listening
+    /// ADDR` (its port is returned). When the stream ends first, the error
+    /// is what the monitor said on its way out.
+    async fn hello(&mut self) -> Result<Option<u16>, String> {
+        let mut line = Vec::new();
+        loop {
+            if let Some(n) = self.pending.iter().position(|b| *b == b'\n') {
+                line.extend_from_slice(&self.pending.split_to(n + 1)[..n]);
+                break;
+            }
+            line.extend_from_slice(&std::mem::take(&mut self.pending));
+            if line.len() > 512 {
+                break;
+            }
+            match self.output.next().await {
+                None | Some(Err(_)) => return Err(exited(&self.said)),
+                Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
+                    self.pending = message
+                }
+                Some(Ok(LogOutput::StdErr { message })) => self.log_stderr(&message),
+                Some(Ok(LogOutput::StdIn { .. })) => {}
+            }
+        }
+        let line = String::from_utf8_lossy(&line);
+        match line.trim() {
+            "ready" => Ok(None),
+            other => other
+                .strip_prefix("listening ")
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .map(|a| Some(a.port()))
+                .ok_or_else(|| {
+                    format!(
+                        "monitor-svc did not start: {}",
+                        porthole::text::printable(other)
+                    )
+                }),
         }
     }
 
