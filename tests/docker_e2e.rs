@@ -456,6 +456,17 @@ async fn a_name_filter_selects_and_a_rename_follows() {
         poll_until("the named container", DEADLINE, || get(port)).await,
         "named"
     );
+    // A download under way when the container is renamed.
+    c.exec(&["dd", "if=/dev/zero", "of=/tmp/www/big", "bs=1M", "count=32"]);
+    let mut download = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    download
+        .write_all(b"GET /big HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    download.read_exact(&mut got).await.expect("the first MiB");
     // Renamed: the target takes the new name (which still matches the
     // name filter, a substring as in `docker ps`).
     let renamed = format!("{}-renamed", c.name);
@@ -471,6 +482,17 @@ async fn a_name_filter_selects_and_a_rename_follows() {
     .await;
     assert_eq!(moved.host_port, u32::from(port));
     assert!(tunnels_of(&tunnel, &c.name).await.is_empty());
+    // The download goes on to its end: a rename is not a restart.
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, download.read_to_end(&mut rest))
+        .await
+        .expect("the rest of the download in time")
+        .expect("no reset across the rename");
+    assert!(
+        got.len() + rest.len() >= 32 << 20,
+        "{} bytes of 32 MiB",
+        got.len() + rest.len()
+    );
     // The container keeps its new name; remove it by that.
     let _ = common::docker::docker(&["rm", "-f", &renamed]);
 }

@@ -105,8 +105,12 @@ fn main() -> anyhow::Result<()> {
     // While this is the only thread, so that every thread runs as the user.
     if let Some(user) = &args.user {
         match monitor_svc::user::switch_to(user) {
-            Ok(id) => tracing::info!(user = %user, uid = id.0, gid = id.1, "running as the container's user"),
-            Err(e) => tracing::warn!(user = %user, error = %e, "cannot run as the container's user; going on as this one"),
+            Ok(id) => {
+                tracing::info!(user = %user, uid = id.0, gid = id.1, "running as the container's user")
+            }
+            Err(e) => {
+                tracing::warn!(user = %user, error = %e, "cannot run as the container's user; going on as this one")
+            }
         }
     }
     // One thread: the monitor is a small sidecar (the detector has a

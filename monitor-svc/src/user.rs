@@ -33,7 +33,8 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<(u32, u32), User
     };
     let users = entries(passwd);
     let found = users.iter().find(|e| {
-        e.first().is_some_and(|n| n == user) || (user.parse::<u32>().is_ok() && e.get(2).is_some_and(|u| u == user))
+        e.first().is_some_and(|n| n == user)
+            || (user.parse::<u32>().is_ok() && e.get(2).is_some_and(|u| u == user))
     });
     let uid = match user.parse::<u32>() {
         Ok(uid) => uid,
@@ -81,10 +82,20 @@ mod tests {
     fn names_and_numbers_as_docker_takes_them() {
         assert_eq!(resolve("app", PASSWD, GROUP).unwrap(), (1000, 1001));
         assert_eq!(resolve("1000", PASSWD, GROUP).unwrap(), (1000, 1001));
-        assert_eq!(resolve("4242", PASSWD, GROUP).unwrap(), (4242, 0), "not in passwd: group 0");
+        assert_eq!(
+            resolve("4242", PASSWD, GROUP).unwrap(),
+            (4242, 0),
+            "not in passwd: group 0"
+        );
         assert_eq!(resolve("app:staff", PASSWD, GROUP).unwrap(), (1000, 50));
         assert_eq!(resolve("1000:7", "", "").unwrap(), (1000, 7));
-        assert!(matches!(resolve("nobody", PASSWD, GROUP), Err(UserError::NoUser(_))));
-        assert!(matches!(resolve("app:wheel", PASSWD, GROUP), Err(UserError::NoGroup(_))));
+        assert!(matches!(
+            resolve("nobody", PASSWD, GROUP),
+            Err(UserError::NoUser(_))
+        ));
+        assert!(matches!(
+            resolve("app:wheel", PASSWD, GROUP),
+            Err(UserError::NoGroup(_))
+        ));
     }
 }

@@ -194,17 +194,75 @@ pub fn default_monitor_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("monitor-svc"))
 }
 
+/// How a followed container is shown (`docker://NAME (ID, IMAGE) via
+/// HOW`), shared by its monitor loop and a rename.
+#[derive(Clone, Debug)]
+struct Shown(Arc<Mutex<ShownParts>>);
+
+#[derive(Debug)]
+struct ShownParts {
+    name: String,
+    short_id: String,
+    image: String,
+    via: String,
+}
+
+impl Shown {
+    fn new(name: &str, id: &str, image: &str) -> Shown {
+        Shown(Arc::new(Mutex::new(ShownParts {
+            name: name.into(),
+            short_id: id.chars().take(12).collect(),
+            image: image.into(),
+            via: "exec".into(),
+        })))
+    }
+
+    fn parts(&self) -> std::sync::MutexGuard<'_, ShownParts> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn url(&self) -> String {
+        let p = self.parts();
+        format!(
+            "docker://{} ({}, {}) via {}",
+            p.name, p.short_id, p.image, p.via
+        )
+    }
+
+    fn name(&self) -> String {
+        self.parts().name.clone()
+    }
+
+    fn via(&self) -> String {
+        self.parts().via.clone()
+    }
+
+    /// The url with tunnel bytes going `via`.
+    fn set_via(&self, via: &str) -> String {
+        self.parts().via = via.into();
+        self.url()
+    }
+
+    /// The url under the new name.
+    fn rename(&self, name: &str) -> String {
+        self.parts().name = name.into();
+        self.url()
+    }
+}
+
 /// A container as the engine lists it.
 #[derive(Clone, Debug)]
 struct Container {
     id: String,
     name: String,
-    image: String,
     /// Container ports published on the host with `-p`, with the host
     /// port.
     published: BTreeMap<PortKey, u16>,
     /// `porthole.*` labels.
     labels: HashMap<String, String>,
+    /// `--network`: a network's name, `host`, `none` or `container:ID`.
+    network_mode: String,
+    shown: Shown,
 }
 
 impl Container {
@@ -229,10 +287,16 @@ impl Container {
                 Some(((proto, p.private_port), p.public_port?))
             })
             .collect();
+        let network_mode = c
+            .host_config
+            .and_then(|h| h.network_mode)
+            .unwrap_or_default();
+        let image = c.image.unwrap_or_default();
         Some(Container {
+            network_mode,
+            shown: Shown::new(&name, &id, &image),
             id,
             name,
-            image: c.image.unwrap_or_default(),
             published,
             labels: c
                 .labels
@@ -243,8 +307,23 @@ impl Container {
         })
     }
 
-    fn short_id(&self) -> &str {
-        &self.id[..self.id.len().min(12)]
+    /// Why the container gets no monitor of its own, if it does not: its
+    /// ports are the host's already (`--network host`), or another
+    /// container's (`--network container:OTHER`), forwarded as that one's.
+    fn not_followed(&self) -> Option<String> {
+        if self.network_mode == "host" {
+            return Some(
+                "it uses the host's network (--network host): its ports are on the host \
+                 already; nothing to forward"
+                    .into(),
+            );
+        }
+        let other = self.network_mode.strip_prefix("container:")?;
+        Some(format!(
+            "it shares the network of container {} (--network container:): its ports are \
+             that container's, forwarded once, as that container's",
+            &other[..other.len().min(12)]
+        ))
     }
 }
 
@@ -324,8 +403,9 @@ struct Follower {
     reconciler: Handle,
     transport: Transport,
     raw_relay: bool,
-    /// Attached containers by id: their name and what stops their monitor.
-    attached: Mutex<BTreeMap<String, (String, CancellationToken)>>,
+    /// Attached containers by id: how they are shown (their name) and
+    /// what stops their monitor.
+    attached: Mutex<BTreeMap<String, (Shown, CancellationToken)>>,
 }
 
 impl Follower {
@@ -352,11 +432,7 @@ impl Follower {
             match action.as_str() {
                 "start" => self.clone().attach_matching(&id, shutdown).await,
                 "die" | "destroy" => self.detach(&id).await,
-                // The target is named after the container: follow it anew.
-                "rename" => {
-                    self.detach(&id).await;
-                    self.clone().attach_matching(&id, shutdown).await;
-                }
+                "rename" => self.clone().renamed(&id, shutdown).await,
                 _ => {}
             }
         }
@@ -424,16 +500,48 @@ impl Follower {
 
     /// Puts a monitor in `c` and makes it a target, in the background.
     fn attach(self: Arc<Self>, c: Container, shutdown: &CancellationToken) {
+        if let Some(why) = c.not_followed() {
+            tracing::info!(container = %c.name, "not followed: {why}");
+            return;
+        }
         let cancel = shutdown.child_token();
         {
             let mut attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
             if attached.contains_key(&c.id) {
                 return;
             }
-            attached.insert(c.id.clone(), (c.name.clone(), cancel.clone()));
+            attached.insert(c.id.clone(), (c.shown.clone(), cancel.clone()));
         }
         let span = tracing::info_span!("docker", container = %c.name);
         tokio::spawn(self.run_monitor(c, cancel).instrument(span));
+    }
+
+    /// Container `id` has a new name: its target takes it, and keeps its
+    /// tunnels and connections; unless the filters no longer select it.
+    async fn renamed(self: Arc<Self>, id: &str, shutdown: &CancellationToken) {
+        let now = match self.list(Some(id)).await {
+            Ok(list) => list.into_iter().next(),
+            Err(e) => {
+                tracing::warn!(error = %engine_error(&e), id = %id, "cannot look the container up");
+                return;
+            }
+        };
+        let shown = self
+            .attached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .map(|(shown, _)| shown.clone());
+        match (now, shown) {
+            (Some(c), Some(shown)) => {
+                let from = shown.name();
+                let url = shown.rename(&c.name);
+                self.reconciler.rename_target(&from, &c.name, url).await;
+                tracing::info!(container = %c.name, was = %from, "container renamed; its tunnels stay");
+            }
+            (Some(c), None) => self.attach(c, shutdown),
+            (None, _) => self.detach(id).await,
+        }
     }
 
     /// The container stopped or went: its target and tunnels go.
@@ -443,7 +551,8 @@ impl Follower {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
-        if let Some((name, cancel)) = gone {
+        if let Some((shown, cancel)) = gone {
+            let name = shown.name();
             cancel.cancel();
             self.reconciler.remove_target(&name).await;
             tracing::info!(container = %name, "container stopped; its tunnels are closed");
@@ -457,7 +566,6 @@ impl Follower {
     async fn run_monitor(self: Arc<Self>, c: Container, cancel: CancellationToken) {
         let current = Arc::new(Current::default());
         let channel = exec_channel(current.clone());
-        let base_url = format!("docker://{} ({}, {})", c.name, c.short_id(), c.image);
         let (rules, wrong) =
             crate::rules::from_labels(c.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         for why in wrong {
@@ -473,7 +581,7 @@ impl Follower {
                 backend: exec_backend.clone(),
                 // The monitor's own port, once a monitor says which.
                 monitor_port: 0,
-                url: format!("{base_url} via exec"),
+                url: c.shown.url(),
                 fixed: false,
                 published: c.published.clone(),
                 rules,
@@ -492,7 +600,7 @@ impl Follower {
         // Whether the monitor also listens on the container's address, and
         // how tunnel bytes go now ("exec", or "ip ADDR").
         let mut listen = self.transport != Transport::Exec;
-        let mut via = "exec".to_string();
+        let mut via = c.shown.via();
         loop {
             current.set(Slot::Starting);
             let token = match listen.then(porthole::auth::Token::generate).transpose() {
@@ -521,7 +629,9 @@ impl Follower {
                     // and before the monitor's ports are read (its own is
                     // not forwarded).
                     let (now, backend, monitor_port) = match (&token, port) {
-                        (Some(token), Some(port)) => self.path(&c, token, port, &exec_backend).await,
+                        (Some(token), Some(port)) => {
+                            self.path(&c, token, port, &exec_backend).await
+                        }
                         _ => ("exec".to_string(), exec_backend.clone(), 0),
                     };
                     if now == "exec" && self.transport == Transport::Auto {
@@ -529,7 +639,7 @@ impl Follower {
                     }
                     if token.is_some() || now != via {
                         via = now;
-                        let url = format!("{base_url} via {via}");
+                        let url = c.shown.set_via(&via);
                         self.reconciler
                             .set_backend(&c.name, backend, url, monitor_port)
                             .await;

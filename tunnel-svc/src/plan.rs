@@ -188,17 +188,17 @@ pub fn desired(
                     .or_else(|| crate::rules::first(policy.rules, t.name, key, listeners));
                 (TunnelId::of(t.name, key), listeners, rule)
             })
-            .filter(|(id, _, rule)| {
+            .filter(|(id, listeners, rule)| {
                 !(want.contains_key(id)
                     || id.key() == (Proto::Tcp, t.monitor_port)
-                    || t.published.contains_key(&id.key())
+                    || published(t, id.key(), listeners).is_some()
                     || policy.skip.contains(id.port)
                     || state.closed.contains(id)
                     || rule.is_some_and(|r| r.action == crate::rules::Action::Ignore))
             })
             .collect();
         for (&key, listeners) in t.ports {
-            let (Some(&host), id) = (t.published.get(&key), TunnelId::of(t.name, key)) else {
+            let (Some(host), id) = (published(t, key, listeners), TunnelId::of(t.name, key)) else {
                 continue;
             };
             want.entry(id).or_insert_with(|| Want {
@@ -217,12 +217,19 @@ pub fn desired(
             if !keep {
                 capped_targets.insert(t.name.to_string());
             }
+            let unreached = t.published.get(&id.key()).map(|host| {
+                format!(
+                    "Docker publishes it on host port {host}, but its server listens on \
+                     loopback only, which Docker's forward cannot reach; forwarded here"
+                )
+            });
             let exact = rule.and_then(|r| r.host_port);
             let host_port = exact.unwrap_or(host_port_for(id.port, policy.allow_privileged));
             let w = Want {
                 capped: !keep,
                 exact: exact.is_some(),
                 label: rule.and_then(|r| r.label.clone()),
+                note: unreached,
                 ..Want::new(Origin::Auto, host_port, listeners)
             };
             want.insert(id, w);
@@ -230,6 +237,15 @@ pub fn desired(
     }
     assign_host_ports(&mut want, policy, state);
     (want, capped_targets)
+}
+
+/// The host port Docker publishes `key` on, if its forward reaches the
+/// server: not when every listener is on the container's loopback (Docker
+/// forwards to the container's address), where porthole forwards it.
+fn published(t: &TargetPorts, key: PortKey, listeners: &[Listener]) -> Option<u16> {
+    let host = *t.published.get(&key)?;
+    let reached = listeners.is_empty() || listeners.iter().any(|l| !l.address.is_loopback());
+    reached.then_some(host)
 }
 
 /// Gives every wanted tunnel a host port no other one holds (see the last
@@ -716,6 +732,27 @@ mod tests {
         // No longer published (the container was recreated without -p).
         w.published.clear();
         assert_eq!(w.actions(false), [("restart", "dev:tcp:8080".into())]);
+    }
+
+    #[test]
+    fn a_published_port_docker_cannot_reach_is_forwarded_with_a_note() {
+        let mut w = World::new(&[8080]);
+        w.published.insert((Proto::Tcp, 8080), 18080);
+        let loopback = "127.0.0.1".parse().unwrap();
+        w.targets
+            .get_mut("dev")
+            .unwrap()
+            .get_mut(&(Proto::Tcp, 8080))
+            .unwrap()[0]
+            .address = loopback;
+        let (want, _) = w.plan();
+        let p = &want[&id("dev", 8080)];
+        assert_eq!((p.published, p.host_port), (None, 8080));
+        let note = p.note.as_deref().unwrap_or_default();
+        assert!(
+            note.contains("18080") && note.contains("loopback only"),
+            "{note}"
+        );
     }
 
     #[test]

@@ -113,6 +113,14 @@ enum Command {
     AddTarget(TargetSpec),
     /// A target that went away: its tunnels go, their host ports are freed.
     RemoveTarget(String),
+    /// A target has a new name (a renamed container): its tunnels, host
+    /// ports and connections stay, under ids with the new name; what is
+    /// still sent under the old name reaches it.
+    RenameTarget {
+        from: String,
+        to: String,
+        url: String,
+    },
     /// A target reaches its container another way now: its tunnels start
     /// again on the new backend; what its watcher reported stands.
     SetBackend {
@@ -246,6 +254,16 @@ impl Handle {
     /// New rules, skip list and cap (a reloaded `--config`); tunnels follow.
     pub async fn set_policy(&self, policy: PolicyUpdate) {
         let _ = self.commands.send(Command::SetPolicy(policy)).await;
+    }
+
+    /// Renames a target; its tunnels stay (see [`Command::RenameTarget`]).
+    pub async fn rename_target(&self, from: &str, to: &str, url: String) {
+        let rename = Command::RenameTarget {
+            from: from.into(),
+            to: to.into(),
+            url,
+        };
+        let _ = self.commands.send(rename).await;
     }
 
     /// Removes a target and every tunnel of it.
@@ -499,6 +517,9 @@ struct Reconciler {
     connections: TaskTracker,
     /// Where prepare results come back (for targets added later).
     commands: mpsc::Sender<Command>,
+    /// Old name → new name of renamed targets, for what their watchers
+    /// and backends still send under the old one.
+    renamed: BTreeMap<String, String>,
 }
 
 /// Starts the reconciler with static tunnels `(target, port)` that exist
@@ -530,6 +551,7 @@ pub fn spawn(
         generation: 0,
         connections: TaskTracker::new(),
         commands: tx.clone(),
+        renamed: BTreeMap::new(),
     };
     (Handle { commands: tx }, tokio::spawn(r.run(rx, shutdown)))
 }
@@ -578,6 +600,7 @@ impl Reconciler {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Ports { target, ports } => {
+                let target = self.current_name(target);
                 let Some(t) = self.targets.get_mut(&target) else {
                     return;
                 };
@@ -588,6 +611,7 @@ impl Reconciler {
                 self.reconcile(false);
             }
             Command::Link { target, link } => {
+                let target = self.current_name(target);
                 let Some(t) = self.targets.get_mut(&target) else {
                     return;
                 };
@@ -657,6 +681,8 @@ impl Reconciler {
                 let _ = reply.send(self.subscribers.subscribe(self.all_events()));
             }
             Command::AddTarget(spec) => {
+                // The name is this target's now, not an alias of another's.
+                self.renamed.remove(&spec.name);
                 if self.remove_target(&spec.name) {
                     tracing::warn!(target = %spec.name, "a target of this name is replaced");
                 }
@@ -667,16 +693,20 @@ impl Reconciler {
                 self.reconcile(false);
             }
             Command::RemoveTarget(name) => {
+                let name = self.current_name(name);
                 if self.remove_target(&name) {
                     tracing::info!(target = %name, "target removed");
                 }
+                self.renamed.retain(|_, to| *to != name);
             }
+            Command::RenameTarget { from, to, url } => self.rename_target(from, to, url),
             Command::SetBackend {
                 target,
                 backend,
                 url,
                 monitor_port,
             } => {
+                let target = self.current_name(target);
                 let Some(t) = self.targets.get_mut(&target) else {
                     return;
                 };
@@ -689,10 +719,11 @@ impl Reconciler {
                 self.reconcile(false);
             }
             Command::Prepared {
-                id,
+                mut id,
                 generation,
                 result,
             } => {
+                id.target = self.current_name(id.target);
                 let Some(e) = self
                     .entries
                     .get_mut(&id)
@@ -715,6 +746,66 @@ impl Reconciler {
                 self.publish(&id);
             }
         }
+    }
+
+    /// What target `name` is called now.
+    fn current_name(&self, mut name: String) -> String {
+        // Each rename adds one link; a chain ends within as many steps.
+        for _ in 0..=self.renamed.len() {
+            match self.renamed.get(&name) {
+                Some(to) => name = to.clone(),
+                None => break,
+            }
+        }
+        name
+    }
+
+    /// Moves target `from` and everything of it to the name `to`: its
+    /// tunnels keep their host listeners and connections; subscribers see
+    /// the old ids go and the new ones come.
+    fn rename_target(&mut self, from: String, to: String, url: String) {
+        let from = self.current_name(from);
+        if from == to || self.targets.contains_key(&to) {
+            tracing::warn!(target = %from, to = %to, "cannot rename: the new name is taken");
+            return;
+        }
+        let Some(mut target) = self.targets.remove(&from) else {
+            return;
+        };
+        target.url = url;
+        let kind = target.backend.get().kind();
+        self.targets.insert(to.clone(), target);
+        let moved = |id: &TunnelId| TunnelId {
+            target: to.clone(),
+            ..id.clone()
+        };
+        let ids: Vec<TunnelId> = self
+            .entries
+            .keys()
+            .filter(|id| id.target == from)
+            .cloned()
+            .collect();
+        for id in ids {
+            let entry = self.entries.remove(&id).expect("listed");
+            self.publish_removed(entry.view(&id, kind));
+            let new = moved(&id);
+            self.entries.insert(new.clone(), entry);
+            self.publish(&new);
+        }
+        self.closed = std::mem::take(&mut self.closed)
+            .into_iter()
+            .map(|id| if id.target == from { moved(&id) } else { id })
+            .collect();
+        self.manual = std::mem::take(&mut self.manual)
+            .into_iter()
+            .map(|(id, p)| (if id.target == from { moved(&id) } else { id }, p))
+            .collect();
+        for old in self.renamed.values_mut().filter(|t| **t == from) {
+            *old = to.clone();
+        }
+        tracing::info!(target = %from, to = %to, "target renamed; its tunnels stay");
+        self.renamed.insert(from, to);
+        self.reconcile(false);
     }
 
     /// Stops and forgets every tunnel of target `name`, then the target.

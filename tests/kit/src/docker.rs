@@ -78,6 +78,12 @@ impl Image {
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(root.join("bin")).expect("make the rootfs");
         std::fs::create_dir_all(root.join("tmp")).expect("make the rootfs");
+        // As in every image: anyone may write to /tmp (--user tests).
+        std::fs::set_permissions(
+            root.join("tmp"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+        )
+        .expect("chmod /tmp");
         std::fs::copy(BUSYBOX, root.join("bin/busybox")).expect("copy busybox");
         std::os::unix::fs::symlink("busybox", root.join("bin/sh")).expect("link sh");
         let tar = root.with_extension("tar");
