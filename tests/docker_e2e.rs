@@ -6,84 +6,14 @@
 
 use porthole_testkit as common;
 
-use common::docker::{have_docker, static_monitor, Container, Image, Network};
+use common::docker::{get, have_docker, static_monitor, tunnels_of, Container, World};
 use common::{poll_until, wait_for, TunnelProc, DEADLINE};
-use porthole::pb::v1::Tunnel;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn test_name() -> String {
     std::thread::current().name().unwrap_or("test").to_string()
-}
-
-/// The body of `GET /` on the host's `127.0.0.1:port`, if it answers.
-async fn get(port: u16) -> Option<String> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).await?;
-        std::io::Result::Ok(answer)
-    };
-    let answer = tokio::time::timeout(Duration::from_secs(2), io)
-        .await
-        .ok()?
-        .ok()?;
-    let (head, body) = answer.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.").then(|| body.trim().to_string())
-}
-
-/// One test's image, network and label; the containers it starts carry
-/// the label and its tunnel-svc follows only those, so tests running at
-/// once never see each other's containers.
-struct World {
-    image: Image,
-    net: Network,
-    label: String,
-    /// Holds the logs of tunnel-svc (which runs on the host).
-    ns: common::Netns,
-}
-
-impl World {
-    fn new() -> World {
-        World {
-            image: Image::busybox(),
-            net: Network::new(),
-            label: format!("porthole.test={}", common::docker::unique("t")),
-            ns: common::Netns::new(),
-        }
-    }
-
-    /// A labelled busybox HTTP server on `addr:port` saying `text`.
-    fn http(&self, addr: &str, port: u16, text: &str) -> Container {
-        let extra = ["--label", self.label.as_str()];
-        Container::http(&self.image, &self.net, &extra, addr, port, text)
-    }
-
-    /// tunnel-svc --docker following this world's containers.
-    async fn tunnel_svc(&self, extra: &[&str]) -> TunnelProc {
-        let monitor = static_monitor().display().to_string();
-        let filter = format!("label={}", self.label);
-        let mut args = vec![
-            "--docker",
-            "--monitor-binary",
-            &monitor,
-            "--docker-filter",
-            &filter,
-        ];
-        args.extend_from_slice(extra);
-        TunnelProc::start(&self.ns, &args).await
-    }
-}
-
-async fn tunnels_of(t: &TunnelProc, target: &str) -> Vec<Tunnel> {
-    t.tunnels()
-        .await
-        .into_iter()
-        .filter(|x| x.target == target)
-        .collect()
 }
 
 fn free_port() -> u16 {

@@ -889,10 +889,12 @@ fn exited(said: &Said) -> String {
     }
 }
 
-/// A monitor's log line (tracing's JSON) as a level and a text:
-/// the message, then its fields as `key=value`. Anything else (a last
-/// `Error: ...` line, the engine's own words) is a warning as it is.
+/// A monitor's log line (its `--log-format json`: an event's fields at the
+/// top level) as a level and a text: the message, then the other fields as
+/// `key=value`. Anything else (a last `Error: ...` line, the engine's own
+/// words) is a warning as it is.
 fn monitor_line(line: &str) -> (tracing::Level, String) {
+    const NOT_FIELDS: [&str; 6] = ["timestamp", "level", "message", "target", "span", "spans"];
     let Ok(serde_json::Value::Object(v)) = serde_json::from_str::<serde_json::Value>(line) else {
         return (tracing::Level::WARN, line.to_string());
     };
@@ -900,15 +902,14 @@ fn monitor_line(line: &str) -> (tracing::Level, String) {
         .get("level")
         .and_then(|l| l.as_str()?.parse().ok())
         .unwrap_or(tracing::Level::INFO);
-    let mut text = String::new();
-    if let Some(serde_json::Value::Object(fields)) = v.get("fields") {
-        if let Some(m) = fields.get("message").and_then(|m| m.as_str()) {
-            text.push_str(m);
-        }
-        for (k, val) in fields.iter().filter(|(k, _)| *k != "message") {
-            let val = val.as_str().map_or_else(|| val.to_string(), str::to_string);
-            text.push_str(&format!(" {k}={val}"));
-        }
+    let mut text = v
+        .get("message")
+        .and_then(|m| m.as_str())
+        .unwrap_or_default()
+        .to_string();
+    for (k, val) in v.iter().filter(|(k, _)| !NOT_FIELDS.contains(&k.as_str())) {
+        let val = val.as_str().map_or_else(|| val.to_string(), str::to_string);
+        text.push_str(&format!(" {k}={val}"));
     }
     (level, text)
 }
@@ -1143,6 +1144,28 @@ impl AsyncWrite for ExecIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn monitor_log_lines_keep_their_level_and_words() {
+        let line = r#"{"timestamp":"2026-12-02T01:48:26Z","level":"WARN","message":"cannot run as the container's user","user":"1000","error":"setgroups: Operation not permitted"}"#;
+        let (level, text) = monitor_line(line);
+        assert_eq!(level, tracing::Level::WARN);
+        assert_eq!(
+            text,
+            "cannot run as the container's user error=setgroups: Operation not permitted user=1000"
+        );
+        assert_eq!(
+            monitor_line("Error: cannot listen on 0.0.0.0:0"),
+            (
+                tracing::Level::WARN,
+                "Error: cannot listen on 0.0.0.0:0".into()
+            )
+        );
+        assert_eq!(
+            monitor_line(r#"{"level":"DEBUG","message":"x","n":3}"#).1,
+            "x n=3"
+        );
+    }
 
     #[test]
     fn filters_take_label_name_and_id() {

@@ -3,11 +3,15 @@
 //! busybox's), a network of the test's own in 198.19.0.0/16, and containers
 //! on it. Everything is made through the `docker` CLI and removed on drop.
 
-use crate::{skip_or_fail, which};
+use crate::{skip_or_fail, which, TunnelProc};
+use porthole::pb::v1::Tunnel;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Where Debian's `busybox-static` puts its one binary.
 const BUSYBOX: &str = "/bin/busybox";
@@ -72,20 +76,37 @@ pub struct Image {
 }
 
 impl Image {
+    /// `/bin/busybox`, `/bin/sh` linked to it, `/tmp`.
     pub fn busybox() -> Image {
-        let name = format!("{}:latest", unique("busybox"));
+        Image::build("busybox", |root| {
+            std::fs::create_dir_all(root.join("bin"))?;
+            std::fs::copy(BUSYBOX, root.join("bin/busybox"))?;
+            std::os::unix::fs::symlink("busybox", root.join("bin/sh"))
+        })
+    }
+
+    /// No shell, no busybox: only `/httpd` (busybox under that name runs
+    /// its httpd applet) and `/www/index.html` saying `text`, as a
+    /// distroless image holds only its program.
+    pub fn httpd_only(text: &str) -> Image {
+        Image::build("httpd-only", |root| {
+            std::fs::create_dir_all(root.join("www"))?;
+            std::fs::write(root.join("www/index.html"), format!("{text}\n"))?;
+            std::fs::copy(BUSYBOX, root.join("httpd")).map(drop)
+        })
+    }
+
+    /// An image of a rootfs that `fill` makes (plus a `/tmp` anyone may
+    /// write to, as in every image), imported with `docker import`.
+    fn build(what: &str, fill: impl FnOnce(&Path) -> std::io::Result<()>) -> Image {
+        use std::os::unix::fs::PermissionsExt;
+        let name = format!("{}:latest", unique(what));
         let root = crate::target_dir().join("tmp").join(name.replace(':', "-"));
         let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("bin")).expect("make the rootfs");
         std::fs::create_dir_all(root.join("tmp")).expect("make the rootfs");
-        // As in every image: anyone may write to /tmp (--user tests).
-        std::fs::set_permissions(
-            root.join("tmp"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-        )
-        .expect("chmod /tmp");
-        std::fs::copy(BUSYBOX, root.join("bin/busybox")).expect("copy busybox");
-        std::os::unix::fs::symlink("busybox", root.join("bin/sh")).expect("link sh");
+        std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod /tmp");
+        fill(&root).unwrap_or_else(|e| panic!("filling the {what} rootfs: {e}"));
         let tar = root.with_extension("tar");
         let status = Command::new("tar")
             .arg("-C")
@@ -95,7 +116,7 @@ impl Image {
             .arg(".")
             .status()
             .expect("run tar");
-        assert!(status.success(), "tar of the busybox rootfs");
+        assert!(status.success(), "tar of the {what} rootfs");
         must(&["import", &tar.display().to_string(), &name]);
         let _ = std::fs::remove_dir_all(&root);
         let _ = std::fs::remove_file(&tar);
@@ -149,6 +170,16 @@ impl Drop for Network {
     }
 }
 
+/// The command of a busybox HTTP server on `addr:port` whose page says
+/// `text` (in the busybox image).
+pub fn http_server(addr: &str, port: u16, text: &str) -> [String; 3] {
+    let script = format!(
+        "mkdir -p /tmp/www && echo {text} > /tmp/www/index.html && \
+         exec /bin/busybox httpd -f -p {addr}:{port} -h /tmp/www"
+    );
+    ["/bin/sh".into(), "-c".into(), script]
+}
+
 /// A container (removed with `docker rm -f` on drop).
 pub struct Container {
     pub name: String,
@@ -157,8 +188,17 @@ pub struct Container {
 impl Container {
     /// `docker run -d --name NAME --network NET EXTRA... IMAGE ARGS...`.
     pub fn run(image: &Image, network: &Network, extra: &[&str], args: &[&str]) -> Container {
+        Container::run_on(image, &[&network.name], extra, args)
+    }
+
+    /// [`Container::run`] with a `--network` for each of `networks` (a
+    /// network's name, `none`, `host`, `container:NAME`).
+    pub fn run_on(image: &Image, networks: &[&str], extra: &[&str], args: &[&str]) -> Container {
         let name = unique("c");
-        let mut all = vec!["run", "-d", "--name", &name, "--network", &network.name];
+        let mut all = vec!["run", "-d", "--name", &name];
+        for n in networks {
+            all.extend(["--network", n]);
+        }
         all.extend_from_slice(extra);
         all.push(&image.name);
         all.extend_from_slice(args);
@@ -175,11 +215,8 @@ impl Container {
         port: u16,
         text: &str,
     ) -> Container {
-        let script = format!(
-            "mkdir -p /tmp/www && echo {text} > /tmp/www/index.html && \
-             exec /bin/busybox httpd -f -p {addr}:{port} -h /tmp/www"
-        );
-        Container::run(image, network, extra, &["/bin/sh", "-c", &script])
+        let cmd = http_server(addr, port, text);
+        Container::run(image, network, extra, &cmd.each_ref().map(String::as_str))
     }
 
     /// `docker ACTION NAME` (stop, start, restart, ...).
@@ -273,4 +310,73 @@ fn build_static_monitor() -> Result<PathBuf, String> {
         Err(_) if path.is_file() => Ok(path),
         Err(e) => Err(format!("cannot run {cargo:?}: {e}")),
     }
+}
+
+/// The body of `GET /` on the host's `127.0.0.1:port`, if it answers.
+pub async fn get(port: u16) -> Option<String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await?;
+        std::io::Result::Ok(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(2), io)
+        .await
+        .ok()?
+        .ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.trim().to_string())
+}
+
+/// One test's image, network and label; the containers it starts carry
+/// the label and its tunnel-svc follows only those, so tests running at
+/// once never see each other's containers.
+pub struct World {
+    pub image: Image,
+    pub net: Network,
+    pub label: String,
+    /// Holds the logs of tunnel-svc (which runs on the host).
+    pub ns: crate::Netns,
+}
+
+impl World {
+    pub fn new() -> World {
+        World {
+            image: Image::busybox(),
+            net: Network::new(),
+            label: format!("porthole.test={}", crate::docker::unique("t")),
+            ns: crate::Netns::new(),
+        }
+    }
+
+    /// A labelled busybox HTTP server on `addr:port` saying `text`.
+    pub fn http(&self, addr: &str, port: u16, text: &str) -> Container {
+        let extra = ["--label", self.label.as_str()];
+        Container::http(&self.image, &self.net, &extra, addr, port, text)
+    }
+
+    /// tunnel-svc --docker following this world's containers.
+    pub async fn tunnel_svc(&self, extra: &[&str]) -> TunnelProc {
+        let monitor = static_monitor().display().to_string();
+        let filter = format!("label={}", self.label);
+        let mut args = vec![
+            "--docker",
+            "--monitor-binary",
+            &monitor,
+            "--docker-filter",
+            &filter,
+        ];
+        args.extend_from_slice(extra);
+        TunnelProc::start(&self.ns, &args).await
+    }
+}
+
+pub async fn tunnels_of(t: &TunnelProc, target: &str) -> Vec<Tunnel> {
+    t.tunnels()
+        .await
+        .into_iter()
+        .filter(|x| x.target == target)
+        .collect()
 }
