@@ -1606,7 +1606,7 @@ async fn config_rules_label_ignore_and_pin_and_sighup_reloads_them() {
         .await;
     assert!(
         p.error.contains(&format!(
-            "host port {pin_host} is busy (pinned by a --config rule)"
+            "host port {pin_host} is busy (pinned by rule 4 of --config)"
         )),
         "{p:?}"
     );

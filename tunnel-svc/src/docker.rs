@@ -574,6 +574,7 @@ impl Follower {
         let exec_backend = Arc::new(Backend::Grpc(Grpc {
             channel: channel.clone(),
             raw: None,
+            token: crate::backend::grpc::TokenFrom::Handed,
         }));
         self.reconciler
             .add_target(TargetSpec {
@@ -698,9 +699,20 @@ impl Follower {
         match crate::monitor_channel(&url, Some(token.clone())) {
             Ok(channel) => {
                 let raw = self.raw_relay.then(|| {
-                    crate::backend::grpc::Raw::new(url.host.clone(), port, Some(token.clone()))
+                    let from = crate::backend::grpc::TokenFrom::Handed;
+                    crate::backend::grpc::Raw::new(
+                        url.host.clone(),
+                        port,
+                        Some(token.clone()),
+                        from,
+                    )
                 });
-                let backend = Arc::new(Backend::Grpc(Grpc { channel, raw }));
+                let token = crate::backend::grpc::TokenFrom::Handed;
+                let backend = Arc::new(Backend::Grpc(Grpc {
+                    channel,
+                    raw,
+                    token,
+                }));
                 (format!("ip {addr}"), backend, port)
             }
             Err(e) => (format!("exec ({e})"), exec.clone(), port),

@@ -235,8 +235,10 @@ pub async fn run(
                             t.url.host.clone(),
                             t.url.port,
                             opts.monitor_tokens.get(&t.name).cloned(),
+                            backend::grpc::TokenFrom::User,
                         )
                     }),
+                    token: backend::grpc::TokenFrom::User,
                 }),
                 config::BackendKind::Direct => Backend::Direct(backend::direct::Direct {
                     host: t.url.host.clone(),

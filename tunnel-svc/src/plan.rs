@@ -34,6 +34,8 @@ pub struct Want {
     /// Never remap: the host port was asked for explicitly (or is the
     /// gate's), so a busy port is a failure.
     pub exact: bool,
+    /// The rule that pinned the host port, if one did.
+    pub pinned_by: Option<crate::rules::RuleFrom>,
     pub process: Option<Process>,
     /// Where the container's listeners accept connections.
     pub addresses: Vec<IpAddr>,
@@ -58,6 +60,7 @@ impl Want {
             origin,
             host_port,
             exact: false,
+            pinned_by: None,
             process: listeners.iter().find_map(|l| l.process.clone()),
             addresses: listeners.iter().flat_map(Listener::reachable_on).collect(),
             listening: !listeners.is_empty(),
@@ -228,6 +231,7 @@ pub fn desired(
             let w = Want {
                 capped: !keep,
                 exact: exact.is_some(),
+                pinned_by: exact.and(rule.map(|r| r.from)),
                 label: rule.and_then(|r| r.label.clone()),
                 note: unreached,
                 ..Want::new(Origin::Auto, host_port, listeners)
@@ -777,6 +781,7 @@ mod tests {
             (web.label.as_deref(), web.host_port, web.exact),
             (Some("web"), 18000, true)
         );
+        assert_eq!(web.pinned_by, Some(crate::rules::RuleFrom::Config(1)));
         assert!(!want.contains_key(&id("dev", 8005)), "ignored");
         assert_eq!(want[&id("dev", 9000)].label, None);
         w.apply();

@@ -1294,10 +1294,10 @@ fn bind_failure(want: &Want, e: std::io::Error) -> String {
             "host port {} is busy (asked for by OpenTunnel)",
             want.host_port
         ),
-        _ if want.exact => format!(
-            "host port {} is busy (pinned by a --config rule)",
-            want.host_port
-        ),
+        _ if want.exact => match want.pinned_by {
+            Some(rule) => format!("host port {} is busy (pinned by {rule})", want.host_port),
+            None => format!("host port {} is busy", want.host_port),
+        },
         _ => format!("host port {} is busy (--on-conflict=fail)", want.host_port),
     }
 }
@@ -1449,6 +1449,42 @@ mod tests {
         h.ports("dev", open(&[])).await;
         assert_eq!(count(&h).await, 0);
         assert!(freed(p).await, "the host port is free again");
+    }
+
+    #[tokio::test]
+    async fn a_renamed_target_keeps_its_tunnels_under_the_new_name() {
+        let (h, _stop) = start(&["dev"], options());
+        let (p, q) = (free_port(), free_port());
+        h.ports("dev", open(&[p])).await;
+        let closed = h.close(format!("dev:tcp:{p}")).await.unwrap();
+        assert_eq!(closed.state, State::Closed);
+        h.ports("dev", open(&[p, q])).await;
+        let before = tunnel(&h, "dev", q).await.unwrap();
+        h.rename_target("dev", "web", "renamed".into()).await;
+        let after = tunnel(&h, "web", q).await.expect("under the new name");
+        assert_eq!(
+            (after.state, after.host_port, after.opened_at),
+            (State::Active, q, before.opened_at),
+            "the same tunnel, not a new one"
+        );
+        assert!(tunnel(&h, "dev", q).await.is_none());
+        assert_eq!(
+            tunnel(&h, "web", p).await.unwrap().state,
+            State::Closed,
+            "still closed"
+        );
+        let targets = h.targets().await.unwrap();
+        assert_eq!(
+            targets
+                .iter()
+                .map(|t| (t.name.as_str(), t.url.as_str()))
+                .collect::<Vec<_>>(),
+            [("web", "renamed")]
+        );
+        // What the watcher still sends under the old name reaches it.
+        h.ports("dev", open(&[])).await;
+        assert_eq!(count(&h).await, 0);
+        assert!(freed(q).await);
     }
 
     #[tokio::test]

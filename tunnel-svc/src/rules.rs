@@ -46,6 +46,25 @@ pub struct Rule {
     pub action: Action,
     pub label: Option<String>,
     pub host_port: Option<u16>,
+    pub from: RuleFrom,
+}
+
+/// Where a rule was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleFrom {
+    /// The Nth `[[rule]]` of `--config`.
+    Config(usize),
+    /// A container's `porthole.*` labels.
+    Label,
+}
+
+impl std::fmt::Display for RuleFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RuleFrom::Config(n) => write!(f, "rule {n} of --config"),
+            RuleFrom::Label => f.write_str("a container label"),
+        }
+    }
 }
 
 impl Rule {
@@ -86,6 +105,7 @@ impl Rule {
             action: f.action,
             label: f.label,
             host_port: f.host_port,
+            from: RuleFrom::Config(n),
         })
     }
 
@@ -134,7 +154,12 @@ pub fn from_labels<'a>(
                     ..Default::default()
                 },
             )
-            .map(|r| rules.push(r)),
+            .map(|r| {
+                rules.push(Rule {
+                    from: RuleFrom::Label,
+                    ..r
+                })
+            }),
             Some(("label", port)) => match port_of(port) {
                 Some(p) => {
                     per_port.entry(p).or_default().label = Some(value.into());
@@ -166,7 +191,10 @@ pub fn from_labels<'a>(
     for (port, mut f) in per_port {
         f.ports = Some(port.to_string());
         match Rule::new(0, f) {
-            Ok(r) => rules.push(r),
+            Ok(r) => rules.push(Rule {
+                from: RuleFrom::Label,
+                ..r
+            }),
             Err(e) => wrong.push(format!("porthole labels of port {port}: {e}")),
         }
     }
@@ -292,6 +320,8 @@ mod tests {
             (web.label.as_deref(), web.host_port),
             (Some("web"), Some(18000))
         );
+        assert_eq!(web.from.to_string(), "a container label");
+        assert!(r.iter().all(|r| r.from == RuleFrom::Label));
         assert!(hit(9000).is_none());
     }
 

@@ -63,19 +63,31 @@ pub fn listener(p: &Port) -> Result<Listener, String> {
     })
 }
 
-/// A status in words, with the causes tonic keeps behind "transport
-/// error" (a refused connection, a monitor that could not start).
+/// Why a monitor cannot be followed, in words that apply: the monitor's
+/// own status (`Code: message`), or, when the connection itself failed,
+/// the cause (an address that refused, a monitor that could not start in
+/// a container) without the layers' wrapping words.
 fn describe(status: &tonic::Status) -> String {
-    let mut text = format!("{:?}: {}", status.code(), status.message());
+    /// What the gRPC and HTTP layers add around a connection's failure.
+    const WRAPPING: [&str; 3] = [
+        "transport error",
+        "client error (Connect)",
+        "error trying to connect",
+    ];
+    let mut parts: Vec<String> = Vec::new();
     let mut cause = std::error::Error::source(status);
     while let Some(e) = cause {
         let part = e.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
+        if !WRAPPING.contains(&part.as_str()) && !parts.iter().any(|p| p.contains(&part)) {
+            parts.push(part);
         }
         cause = e.source();
     }
+    let text = if parts.is_empty() {
+        format!("{:?}: {}", status.code(), status.message())
+    } else {
+        parts.join(": ")
+    };
     porthole::text::clip(&text, 300).into_owned()
 }
 

@@ -25,9 +25,10 @@ use tokio_stream::wrappers::ReceiverStream;
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A dial the monitor refused, in words: a missing or wrong token says
-/// how to give it.
-fn monitor_said(unauthenticated: bool, message: &str) -> DialError {
-    DialError(if unauthenticated {
+/// how to give it, where the user gives it (not in Docker mode, where
+/// tunnel-svc hands each monitor its own).
+fn monitor_said(unauthenticated: bool, message: &str, token: TokenFrom) -> DialError {
+    DialError(if unauthenticated && token == TokenFrom::User {
         format!(
             "monitor refused: {message}; give tunnel-svc the monitor's token with \
              --monitor-token-file (monitor-svc logs where it keeps it)"
@@ -64,15 +65,27 @@ const FINISH_WAIT: Duration = Duration::from_secs(5);
 pub struct Grpc {
     /// Carries the monitor's token, if any.
     pub channel: AuthChannel,
+    /// Where that token came from.
+    pub token: TokenFrom,
     /// The raw data path, when the monitor is reached over TCP.
     pub raw: Option<Raw>,
 }
 
 /// Where a monitor takes raw relay connections.
+/// Where a monitor's token comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenFrom {
+    /// `--monitor-token-file`/`--token-file`.
+    User,
+    /// Made by tunnel-svc and handed to the monitor it started.
+    Handed,
+}
+
 pub struct Raw {
     pub host: String,
     pub port: u16,
     pub token: Option<porthole::auth::Token>,
+    from: TokenFrom,
     /// Set once the monitor answered a raw request as something else (an
     /// older monitor): Relay streams from then on.
     unsupported: AtomicBool,
@@ -94,11 +107,17 @@ const RAW_HANDSHAKES: usize = 8;
 pub const RAW_CONNECTIONS: usize = 1024;
 
 impl Raw {
-    pub fn new(host: String, port: u16, token: Option<porthole::auth::Token>) -> Raw {
+    pub fn new(
+        host: String,
+        port: u16,
+        token: Option<porthole::auth::Token>,
+        from: TokenFrom,
+    ) -> Raw {
         Raw {
             host,
             port,
             token,
+            from,
             unsupported: AtomicBool::new(false),
             slots: Arc::new(Semaphore::new(RAW_CONNECTIONS)),
             handshakes: Semaphore::new(RAW_HANDSHAKES),
@@ -148,7 +167,9 @@ impl Raw {
             Answer::Ok(_) => Ok(Some(Upstream::Raw(ResetOnDrop::new(stream), slot))),
             // The monitor's raw relays are all taken: a Relay stream.
             Answer::Err { code, .. } if code == "RESOURCE_EXHAUSTED" => Ok(None),
-            Answer::Err { code, message } => Err(monitor_said(code == "UNAUTHENTICATED", &message)),
+            Answer::Err { code, message } => {
+                Err(monitor_said(code == "UNAUTHENTICATED", &message, self.from))
+            }
             Answer::Unknown(what) => {
                 if !self.unsupported.swap(true, Relaxed) {
                     tracing::info!(answer = %what, "the monitor offers no raw relay path; tunnel bytes go in Relay streams");
@@ -235,7 +256,11 @@ impl Grpc {
                 tonic::Code::Unavailable if transport => {
                     DialError(format!("monitor unreachable: {}", status.message()))
                 }
-                code => monitor_said(code == tonic::Code::Unauthenticated, status.message()),
+                code => monitor_said(
+                    code == tonic::Code::Unauthenticated,
+                    status.message(),
+                    self.token,
+                ),
             }
         })
     }
