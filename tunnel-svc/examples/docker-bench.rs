@@ -43,6 +43,9 @@ struct Results {
     open_failed: usize,
     /// (path, Gbit/s from the container to the host client).
     throughput: Vec<(&'static str, Result<f64, String>)>,
+    /// tunnel-svc's RSS: idle, with [`RUNS`] containers at once, after
+    /// they are gone.
+    rss: [u64; 3],
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -135,6 +138,7 @@ async fn measure() -> Results {
         open: Vec::new(),
         open_failed: 0,
         throughput: Vec::new(),
+        rss: [porthole_testkit::rss(tunnel.pid()), 0, 0],
     };
 
     eprintln!("docker run → localhost, {RUNS} containers");
@@ -179,6 +183,25 @@ async fn measure() -> Results {
         }
     }
     drop(idle);
+
+    eprintln!("memory: {RUNS} containers at once, then none");
+    let ports: Vec<u16> = (0..RUNS).map(|_| unused_local_port()).collect();
+    let many: Vec<Container> = ports
+        .iter()
+        .map(|&port| Container::http(&image, &net, &extra, "0.0.0.0", port, "mem"))
+        .collect();
+    for &port in &ports {
+        if usable(port, Instant::now()).await.is_none() {
+            eprintln!("  port {port} never answered");
+        }
+    }
+    r.rss[1] = porthole_testkit::rss(tunnel.pid());
+    drop(many);
+    let deadline = Instant::now() + DEADLINE;
+    while !tunnel.targets().await.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    r.rss[2] = porthole_testkit::rss(tunnel.pid());
 
     eprintln!("throughput: {} MiB from the container", BYTES >> 20);
     let port = unused_local_port();
@@ -300,6 +323,17 @@ fn report(r: &Results) {
             ms(st.max)
         );
     }
+    println!();
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+    println!("| tunnel-svc RSS | idle | {RUNS} containers | after they are removed |");
+    println!("| --- | ---: | ---: | ---: |");
+    let [idle, busy, after] = r.rss;
+    println!(
+        "| `--docker` | {} | {} | {} |",
+        mib(idle),
+        mib(busy),
+        mib(after)
+    );
     println!();
     println!(
         "Throughput, one HTTP download of {} MiB from the container to a client on the host:\n",

@@ -555,6 +555,9 @@ impl Follower {
             let name = shown.name();
             cancel.cancel();
             self.reconciler.remove_target(&name).await;
+            // What its monitor's streams and uploads held goes back to
+            // the system, not only to the allocator.
+            crate::sys::release_free_memory();
             tracing::info!(container = %name, "container stopped; its tunnels are closed");
         }
     }
