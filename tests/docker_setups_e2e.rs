@@ -296,3 +296,67 @@ async fn a_shared_network_is_forwarded_once() {
     assert_eq!(tunnels_of(&r.tunnel, &r.c.name).await.len(), 1);
     assert_eq!(get(r.port).await.as_deref(), Some(test_name().as_str()));
 }
+
+/// `docker run -p` of a server that listens on the container's loopback
+/// only: Docker's forward cannot reach it, so porthole forwards it, and
+/// the tunnel says why it is not left to Docker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_published_port_docker_cannot_reach_is_forwarded() {
+    let published = unused_local_port();
+    let port = unused_local_port();
+    let publish = format!("127.0.0.1:{published}:{port}");
+    let Some(r) = works(Setup {
+        addr: "127.0.0.1",
+        port,
+        extra: &["-p", &publish],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let t = tunnels_of(&r.tunnel, &r.c.name).await;
+    assert_eq!(t.len(), 1, "{t:?}");
+    assert_eq!(t[0].host_port, u32::from(port), "{t:?}");
+    assert!(
+        t[0].note.contains(&published.to_string()) && t[0].note.contains("loopback only"),
+        "{t:?}"
+    );
+    assert_eq!(
+        get(published).await,
+        None,
+        "Docker's own forward reaches nothing"
+    );
+}
+
+/// A directory of the container's own at the monitor's path is never
+/// replaced: the container gets no monitor, and its target says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_directory_at_the_monitors_path_is_left_alone() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let script = "mkdir -p /.porthole-monitor-svc && echo mine > /.porthole-monitor-svc/keep \
+                  && exec /bin/busybox sleep 600";
+    let extra = ["--label", w.label.as_str()];
+    let c = Container::run(&w.image, &w.net, &extra, &["/bin/sh", "-c", script]);
+    wait_for("the container's directory", DEADLINE, || {
+        common::docker::docker(&[
+            "exec",
+            &c.name,
+            "/bin/busybox",
+            "cat",
+            "/.porthole-monitor-svc/keep",
+        ])
+        .is_ok_and(|s| s == "mine")
+    });
+    let tunnel = w.tunnel_svc(&[]).await;
+    let t = tunnel
+        .wait_target("the target's reason", |t| {
+            t.name == c.name && t.error.contains("cannot copy monitor-svc")
+        })
+        .await;
+    assert!(!t.connected, "{t:?}");
+    assert_eq!(c.exec(&["cat", "/.porthole-monitor-svc/keep"]), "mine");
+}

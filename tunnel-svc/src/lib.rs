@@ -101,17 +101,19 @@ impl Reload {
 }
 
 /// Hands freed memory back to the kernel every time fewer connections are
-/// carried than at the last look (every 2 s), so a burst of connections
-/// does not leave tunnel-svc at its peak RSS.
+/// carried, or fewer containers followed, than at the last look (every
+/// 2 s), so a burst of connections or containers does not leave tunnel-svc
+/// at its peak RSS.
 async fn trim_after_connections_end(shutdown: CancellationToken) {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut last = tunnel::LIVE.load(Relaxed);
+    let load = || tunnel::LIVE.load(Relaxed) + docker::FOLLOWED.load(Relaxed) as u64;
+    let mut last = load();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
-        let now = tunnel::LIVE.load(Relaxed);
+        let now = load();
         if now < last {
             sys::release_free_memory();
         }
