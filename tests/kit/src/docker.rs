@@ -342,6 +342,7 @@ pub struct World {
 }
 
 impl World {
+    #[allow(clippy::new_without_default)] // Each call makes an image, a network, a namespace.
     pub fn new() -> World {
         World {
             image: Image::busybox(),
