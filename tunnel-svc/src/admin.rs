@@ -64,7 +64,14 @@ pub fn tunnel(t: TunnelView) -> pb::Tunnel {
         state: state as i32,
         backend: backend(t.backend) as i32,
         origin: origin as i32,
-        error: failed.or(t.last_error).unwrap_or_default(),
+        error: failed
+            .or_else(|| t.failing.as_ref().map(|f| f.why.clone()))
+            .unwrap_or_default(),
+        consecutive_failures: t.failing.as_ref().map_or(0, |f| f.count),
+        failing_since: t
+            .failing
+            .as_ref()
+            .map(|f| porthole::time::to_proto(f.since)),
         opened_at: t.opened_at.map(porthole::time::to_proto),
         process: t.process,
         active_connections: t.counters.active,
@@ -304,7 +311,7 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         &'static str,
         fn(&pb::Tunnel) -> u64,
     );
-    let per_tunnel: [Counter; 7] = [
+    let per_tunnel: [Counter; 8] = [
         (
             "porthole_tunnel_active_connections",
             "gauge",
@@ -346,6 +353,12 @@ async fn metrics(State(admin): State<Admin>) -> Response {
             "counter",
             "UDP datagrams from host clients no flow could take.",
             |t| t.datagrams_dropped,
+        ),
+        (
+            "porthole_tunnel_consecutive_failures",
+            "gauge",
+            "Connections (UDP: flows) failed in a row; 0 while the tunnel is healthy.",
+            |t| t.consecutive_failures,
         ),
     ];
     for (name, kind, help, get) in per_tunnel {

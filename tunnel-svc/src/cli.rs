@@ -27,6 +27,7 @@ async fn client(
 fn state_name(t: &Tunnel) -> &'static str {
     match TunnelState::try_from(t.state).unwrap_or_default() {
         TunnelState::Pending => "pending",
+        TunnelState::Active if t.consecutive_failures > 0 => "failing",
         TunnelState::Active => "active",
         TunnelState::Failed => "failed",
         TunnelState::Closed => "closed",
@@ -184,7 +185,10 @@ pub fn table(tunnels: &[Tunnel]) -> String {
             human_bytes(t.bytes_out),
             safe(
                 &[
-                    t.error.clone(),
+                    match t.consecutive_failures {
+                        0 | 1 => t.error.clone(),
+                        n => format!("{n} connections failed in a row, the latest: {}", t.error),
+                    },
                     t.note.clone(),
                     match t.datagrams_dropped {
                         0 => String::new(),

@@ -153,9 +153,18 @@ pub struct TunnelView {
     pub note: Option<String>,
     /// From the rule that matched the port.
     pub label: Option<String>,
-    /// Why the latest connection failed, until one gets through again.
-    pub last_error: Option<String>,
+    /// Its connections fail, until one gets through again.
+    pub failing: Option<Failing>,
     pub counters: Counters,
+}
+
+/// A tunnel whose connections fail: how many in a row, since when, and
+/// why the latest did. The first one that gets through clears it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failing {
+    pub why: String,
+    pub count: u64,
+    pub since: chrono::DateTime<chrono::Utc>,
 }
 
 /// A target as ListTargets shows it.

@@ -49,10 +49,8 @@ impl TunnelEvent {
             .process
             .as_ref()
             .map_or(0, |p| p.cmdline.len() + p.name.len());
-        let texts = [&t.note, &t.last_error]
-            .iter()
-            .map(|s| s.as_ref().map_or(0, String::len))
-            .sum::<usize>();
+        let texts =
+            t.note.as_ref().map_or(0, String::len) + t.failing.as_ref().map_or(0, |f| f.why.len());
         let failed = match &t.state {
             State::Failed(why) => why.len(),
             _ => 0,
@@ -462,7 +460,7 @@ impl Entry {
             opened_at: self.opened_at,
             note,
             label: self.label.clone(),
-            last_error: s.last_error(),
+            failing: s.failing(),
             counters: Counters {
                 active: s.active.load(Relaxed),
                 total: s.total.load(Relaxed),
@@ -1485,6 +1483,57 @@ mod tests {
         h.ports("dev", open(&[])).await;
         assert_eq!(count(&h).await, 0);
         assert!(freed(q).await);
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_whose_connections_fail_is_unhealthy_until_one_gets_through() {
+        let shutdown = CancellationToken::new();
+        let mut spec = target("dev");
+        // Nothing listens there yet; the tunnel itself is on 127.0.0.1.
+        spec.backend = Arc::new(Backend::Direct(Direct {
+            host: "127.0.0.2".into(),
+        }));
+        let (h, _) = spawn(vec![spec], options(), Vec::new(), shutdown.clone());
+        let p = free_port();
+        h.ports("dev", open(&[p])).await;
+        let t = tunnel(&h, "dev", p).await.unwrap();
+        assert_eq!(t.state, State::Active, "{t:?}");
+        let failing = |h: Handle| async move { tunnel(&h, "dev", p).await.and_then(|t| t.failing) };
+        for n in 1..=2u64 {
+            let mut c = tokio::net::TcpStream::connect(("127.0.0.1", p))
+                .await
+                .unwrap();
+            let mut buf = [0u8; 1];
+            let _ = tokio::io::AsyncReadExt::read(&mut c, &mut buf).await;
+            let mut seen = None;
+            for _ in 0..200 {
+                seen = failing(h.clone()).await.filter(|f| f.count == n);
+                if seen.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let f = seen.unwrap_or_else(|| panic!("{n} failures in a row"));
+            assert!(f.why.contains("127.0.0.2"), "{f:?}");
+        }
+        let first = failing(h.clone()).await.unwrap().since;
+        assert!(first <= chrono::Utc::now());
+        let server = tokio::net::TcpListener::bind(("127.0.0.2", p))
+            .await
+            .unwrap();
+        let _c = tokio::net::TcpStream::connect(("127.0.0.1", p))
+            .await
+            .unwrap();
+        let _accepted = server.accept().await.unwrap();
+        for _ in 0..200 {
+            if failing(h.clone()).await.is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(failing(h.clone()).await, None, "healthy again");
+        assert_eq!(tunnel(&h, "dev", p).await.unwrap().state, State::Active);
+        shutdown.cancel();
     }
 
     #[tokio::test]

@@ -38,27 +38,35 @@ pub struct Stats {
     pub datagrams_dropped: AtomicU64,
     /// UDP: bytes of datagrams waiting in the flows' queues.
     pub queued: std::sync::atomic::AtomicUsize,
-    /// Why the latest connection failed, until one gets through again:
-    /// an ACTIVE tunnel whose far end is unreachable says so.
-    pub last_error: Mutex<Option<String>>,
+    /// Connections failing in a row, until one gets through again: an
+    /// ACTIVE tunnel whose far end is unreachable says so.
+    failing: Mutex<Option<crate::model::Failing>>,
 }
 
 impl Stats {
-    /// A connection failed; ListTunnels shows why.
+    /// A connection failed; ListTunnels shows why, how many in a row and
+    /// since when.
     pub fn set_error(&self, why: String) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        let now = failing.get_or_insert_with(|| crate::model::Failing {
+            why: String::new(),
+            count: 0,
+            since: chrono::Utc::now(),
+        });
+        now.why = why;
+        now.count += 1;
     }
 
-    /// The far end was reached: the last failure no longer holds.
+    /// The far end was reached: the failures no longer hold.
     pub fn connected(&self) {
-        self.last_error
+        self.failing
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
     }
 
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error
+    pub fn failing(&self) -> Option<crate::model::Failing> {
+        self.failing
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()

@@ -432,7 +432,7 @@ mod tests {
         for _ in 0..100 {
             c.send(&big).await.unwrap();
         }
-        assert!(eventually(|| t.stats.last_error().is_some()).await);
+        assert!(eventually(|| t.stats.failing().is_some()).await);
         assert!(eventually(|| t.stats.active.load(Relaxed) == 0).await);
         // The port opens: a new client's datagrams all go through, so no
         // queued byte of the failed flow is still counted against the
@@ -491,8 +491,8 @@ mod tests {
         let t = tunnel(port, Limits::default());
         let c = client(t.addr).await;
         c.send(b"anyone?").await.unwrap();
-        assert!(eventually(|| t.stats.last_error().is_some()).await);
-        let why = t.stats.last_error().unwrap();
+        assert!(eventually(|| t.stats.failing().is_some()).await);
+        let why = t.stats.failing().unwrap().why;
         assert!(why.contains("refused"), "{why}");
         assert!(eventually(|| t.stats.active.load(Relaxed) == 0).await);
     }
