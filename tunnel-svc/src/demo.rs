@@ -147,6 +147,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             allow_privileged: false,
             rules: Vec::new(),
             udp: Default::default(),
+            park: Default::default(),
         },
         admin_token: None,
         monitor_tokens: [("demo".to_string(), token)].into(),

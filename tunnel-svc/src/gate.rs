@@ -319,6 +319,12 @@ pub async fn run(
         allow_privileged: true,
         rules: Vec::new(),
         udp: Default::default(),
+        // An upstream that does not answer fails the connection at once:
+        // git and ssh say so and retry on their own.
+        park: crate::tunnel::Park {
+            wait: std::time::Duration::ZERO,
+            ..Default::default()
+        },
     };
     let (handle, task) = reconcile::spawn(specs, reconcile_opts, statics, shutdown.clone());
     tracing::info!(addr = %admin.local_addr()?, "egress gate admin API listening");

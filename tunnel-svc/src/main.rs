@@ -157,6 +157,12 @@ struct RunArgs {
     #[arg(long, default_value_t = tunnel_svc::udp::DEFAULT_MAX_FLOWS as u64,
           value_parser = clap::value_parser!(u64).range(1..=65536))]
     udp_max_flows: u64,
+    /// How long a new TCP connection waits while its path comes back (a
+    /// monitor restarting, a container paused or reconnected) before it is
+    /// reset; 0 fails it at the first failed dial. At most 256 wait per
+    /// tunnel.
+    #[arg(long, default_value = "15s", value_parser = porthole::time::parse_duration)]
+    park: std::time::Duration,
     /// Host address tunnels listen on. Repeatable. Default 127.0.0.1 and ::1.
     #[arg(long = "bind", value_name = "ADDR")]
     bind: Vec<IpAddr>,
@@ -436,6 +442,10 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
             udp: tunnel_svc::udp::Limits {
                 idle: args.udp_idle_timeout,
                 max_flows: args.udp_max_flows as usize,
+            },
+            park: tunnel_svc::tunnel::Park {
+                wait: args.park,
+                ..Default::default()
             },
         },
         admin_token: token,

@@ -330,6 +330,8 @@ pub struct Options {
     pub rules: Vec<crate::rules::Rule>,
     /// Idle timeout and flow bound of UDP tunnels.
     pub udp: crate::udp::Limits,
+    /// How long new TCP connections wait for a path coming back.
+    pub park: tunnel::Park,
 }
 
 struct Target {
@@ -1028,6 +1030,7 @@ impl Reconciler {
         let cancel = CancellationToken::new();
         let carry = tunnel::Carry {
             container_port: id.port,
+            park: self.opts.park,
             stats: entry.stats.clone(),
             cancel: cancel.clone(),
             tracker: self.connections.clone(),
@@ -1338,6 +1341,12 @@ mod tests {
             allow_privileged: false,
             rules: Vec::new(),
             udp: Default::default(),
+            // A failed dial fails its connection at once, unless a test
+            // parks.
+            park: tunnel::Park {
+                wait: Duration::ZERO,
+                ..Default::default()
+            },
         }
     }
 
@@ -1533,6 +1542,61 @@ mod tests {
         }
         assert_eq!(failing(h.clone()).await, None, "healthy again");
         assert_eq!(tunnel(&h, "dev", p).await.unwrap().state, State::Active);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_connection_waits_for_its_path_to_come_back() {
+        let shutdown = CancellationToken::new();
+        let mut spec = target("dev");
+        spec.backend = Arc::new(Backend::Direct(Direct {
+            host: "127.0.0.2".into(),
+        }));
+        let opts = Options {
+            park: tunnel::Park {
+                wait: Duration::from_secs(10),
+                max: 1,
+            },
+            ..options()
+        };
+        let (h, _) = spawn(vec![spec], opts, Vec::new(), shutdown.clone());
+        let p = free_port();
+        h.ports("dev", open(&[p])).await;
+        assert_eq!(tunnel(&h, "dev", p).await.unwrap().state, State::Active);
+        // Nothing answers at the far end yet: the first connection waits,
+        // the second finds the one parking place taken and fails.
+        let mut parked = tokio::net::TcpStream::connect(("127.0.0.1", p))
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut parked, b"hello")
+            .await
+            .unwrap();
+        let mut second = tokio::net::TcpStream::connect(("127.0.0.1", p))
+            .await
+            .unwrap();
+        let mut buf = [0u8; 5];
+        let refused = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(&mut second, &mut buf),
+        )
+        .await
+        .expect("the second fails at once");
+        assert!(matches!(refused, Ok(0) | Err(_)), "{refused:?}");
+        // The path comes back: the parked one gets through, bytes intact.
+        let server = tokio::net::TcpListener::bind(("127.0.0.2", p))
+            .await
+            .unwrap();
+        let (mut far, _) = tokio::time::timeout(Duration::from_secs(5), server.accept())
+            .await
+            .expect("the parked connection arrives")
+            .unwrap();
+        tokio::io::AsyncReadExt::read_exact(&mut far, &mut buf)
+            .await
+            .unwrap();
+        assert_eq!(&buf, b"hello");
+        let t = tunnel(&h, "dev", p).await.unwrap();
+        assert_eq!(t.failing, None, "the latest connection got through");
+        assert_eq!(t.counters.total, 2);
         shutdown.cancel();
     }
 

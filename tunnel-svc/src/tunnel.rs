@@ -144,9 +144,36 @@ pub const DRAIN: Duration = Duration::from_secs(2);
 /// client can make connections fail), with a count of the rest.
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// How long a new connection waits for its path while the path is being
+/// re-established (a monitor restarting, a container paused, a network
+/// reconnected), and how many may wait at once per tunnel.
+#[derive(Clone, Copy, Debug)]
+pub struct Park {
+    pub wait: Duration,
+    pub max: usize,
+}
+
+impl Default for Park {
+    fn default() -> Park {
+        Park {
+            wait: DEFAULT_PARK,
+            max: MAX_PARKED,
+        }
+    }
+}
+
+/// `--park`'s default: longer than a monitor's restart, a short pause or a
+/// network reconnect; shorter than a user's patience.
+pub const DEFAULT_PARK: Duration = Duration::from_secs(15);
+
+/// Connections of one tunnel waiting for their path at once; more fail
+/// at their first failed dial.
+pub const MAX_PARKED: usize = 256;
+
 /// What the accept loops of one tunnel need.
 pub struct Carry {
     pub container_port: u16,
+    pub park: Park,
     pub stats: Arc<Stats>,
     /// Closes the listeners; connections in flight then get [`DRAIN`].
     pub cancel: CancellationToken,
@@ -164,6 +191,8 @@ struct Shared {
     failures: RateLimit,
     /// Failed accepts, logged once per interval.
     accept_errors: RateLimit,
+    /// Connections waiting for their path now.
+    parked: tokio::sync::Semaphore,
 }
 
 /// How a carried connection went wrong.
@@ -184,10 +213,11 @@ enum CarryError {
 /// cancelled; connections in flight get [`DRAIN`] to finish, then are reset.
 pub fn serve(listeners: Vec<TcpListener>, backend: Arc<BackendCell>, carry: Carry) {
     let shared = Arc::new(Shared {
-        carry,
         backend,
         failures: RateLimit::new(FAILURE_LOG_EVERY),
         accept_errors: RateLimit::new(porthole::net::ACCEPT_LOG_EVERY),
+        parked: tokio::sync::Semaphore::new(carry.park.max),
+        carry,
     });
     for listener in listeners {
         let shared = shared.clone();
@@ -211,13 +241,12 @@ pub fn serve(listeners: Vec<TcpListener>, backend: Arc<BackendCell>, carry: Carr
 
 /// Carries one accepted connection and counts it.
 async fn handle(conn: ResetOnDrop, shared: Arc<Shared>) {
-    let Shared { carry, backend, .. } = &*shared;
-    let backend = backend.get();
+    let carry = &shared.carry;
     let stats = &carry.stats;
     stats.active.fetch_add(1, Relaxed);
     stats.total.fetch_add(1, Relaxed);
     LIVE.fetch_add(1, Relaxed);
-    let work = carry_one(conn, &backend, carry.container_port, stats);
+    let work = carry_one(conn, &shared);
     let result = porthole::shutdown::drained(work, &carry.cancel, DRAIN).await;
     match result {
         Some(Ok(())) => {}
@@ -234,16 +263,39 @@ async fn handle(conn: ResetOnDrop, shared: Arc<Shared>) {
     LIVE.fetch_sub(1, Relaxed);
 }
 
-/// Dials the container's `port` and copies both ways until both ends
+/// Dials the container's port through the target's backend as it is at
+/// each try: a failed dial is tried again, with backoff, until the park
+/// time is over (the path may be coming back: a new monitor brings a new
+/// backend), unless too many connections of the tunnel wait already.
+async fn dial_parked(shared: &Shared) -> Result<Upstream, DialError> {
+    let Park { wait, .. } = shared.carry.park;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut slot = None;
+    let mut delay = Duration::from_millis(20);
+    loop {
+        let backend: Arc<Backend> = shared.backend.get();
+        let why = match backend.dial(shared.carry.container_port).await {
+            Ok(upstream) => return Ok(upstream),
+            Err(why) => why,
+        };
+        if slot.is_none() {
+            slot = Some(shared.parked.try_acquire().map_err(|_| why.clone())?);
+        }
+        if tokio::time::Instant::now() + delay >= deadline {
+            return Err(why);
+        }
+        tracing::debug!(error = %why, "dial failed; waiting for the path");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Dials the container's port and copies both ways until both ends
 /// finished. `conn` ends with a FIN only when the far side ended cleanly;
 /// on any failure it (and the far side) is reset as it drops.
-async fn carry_one(
-    mut conn: ResetOnDrop,
-    backend: &Backend,
-    port: u16,
-    stats: &Stats,
-) -> Result<(), CarryError> {
-    let upstream = backend.dial(port).await?;
+async fn carry_one(mut conn: ResetOnDrop, shared: &Shared) -> Result<(), CarryError> {
+    let stats = &shared.carry.stats;
+    let upstream = dial_parked(shared).await?;
     stats.connected();
     let (bytes_in, bytes_out) = (&stats.bytes_in, &stats.bytes_out);
     match upstream {

@@ -340,6 +340,7 @@ mod tests {
         }))));
         let carry = Carry {
             container_port,
+            park: Default::default(),
             stats: stats.clone(),
             cancel: cancel.clone(),
             tracker: TaskTracker::new(),

@@ -14,7 +14,7 @@ use tokio::net::UnixStream;
 
 /// Why a connection to the container's port could not be made, in words
 /// for the tunnel's `error`.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct DialError(pub String);
 
