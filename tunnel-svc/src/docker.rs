@@ -372,7 +372,10 @@ pub async fn follow(
         // Subscribe first, so no start between the listing and the stream
         // is missed (a container seen twice is attached once).
         let mut event_filters = HashMap::new();
-        event_filters.insert("type".to_string(), vec!["container".to_string()]);
+        event_filters.insert(
+            "type".to_string(),
+            vec!["container".to_string(), "network".to_string()],
+        );
         let events = follower.docker.events(Some(EventsOptions {
             filters: Some(event_filters),
             ..Default::default()
@@ -407,9 +410,18 @@ struct Follower {
     reconciler: Handle,
     transport: Transport,
     raw_relay: bool,
-    /// Attached containers by id: how they are shown (their name) and
-    /// what stops their monitor.
-    attached: Mutex<BTreeMap<String, (Shown, CancellationToken)>>,
+    /// Attached containers by id.
+    attached: Mutex<BTreeMap<String, Attached>>,
+}
+
+/// A container with a monitor loop.
+struct Attached {
+    /// How it is shown (its name).
+    shown: Shown,
+    /// Stops its monitor.
+    cancel: CancellationToken,
+    /// Its networks changed: the path to its monitor is found again.
+    moved: Arc<tokio::sync::Notify>,
 }
 
 impl Follower {
@@ -430,6 +442,16 @@ impl Follower {
                 }
             };
             backoff.reset();
+            if event.typ == Some(bollard::models::EventMessageTypeEnum::NETWORK) {
+                // connect or disconnect: the container's addresses changed.
+                let container = event
+                    .actor
+                    .and_then(|a| a.attributes?.get("container").cloned());
+                if let Some(moved) = container.and_then(|id| self.moved(&id)) {
+                    moved.notify_one();
+                }
+                continue;
+            }
             let (Some(action), Some(id)) = (event.action, event.actor.and_then(|a| a.id)) else {
                 continue;
             };
@@ -437,6 +459,13 @@ impl Follower {
                 "start" => self.clone().attach_matching(&id, shutdown).await,
                 "die" | "destroy" => self.detach(&id).await,
                 "rename" => self.clone().renamed(&id, shutdown).await,
+                // A monitor that could not be started while the container
+                // was paused is tried again now, not after its backoff.
+                "unpause" => {
+                    if let Some(moved) = self.moved(&id) {
+                        moved.notify_one();
+                    }
+                }
                 _ => {}
             }
         }
@@ -509,16 +538,28 @@ impl Follower {
             return;
         }
         let cancel = shutdown.child_token();
+        let moved = Arc::new(tokio::sync::Notify::new());
         {
             let mut attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
             if attached.contains_key(&c.id) {
                 return;
             }
-            attached.insert(c.id.clone(), (c.shown.clone(), cancel.clone()));
+            let a = Attached {
+                shown: c.shown.clone(),
+                cancel: cancel.clone(),
+                moved: moved.clone(),
+            };
+            attached.insert(c.id.clone(), a);
             FOLLOWED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let span = tracing::info_span!("docker", container = %c.name);
-        tokio::spawn(self.run_monitor(c, cancel).instrument(span));
+        tokio::spawn(self.run_monitor(c, cancel, moved).instrument(span));
+    }
+
+    /// What wakes container `id`'s monitor loop when its networks change.
+    fn moved(&self, id: &str) -> Option<Arc<tokio::sync::Notify>> {
+        let attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+        attached.get(id).map(|a| a.moved.clone())
     }
 
     /// Container `id` has a new name: its target takes it, and keeps its
@@ -536,7 +577,7 @@ impl Follower {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
-            .map(|(shown, _)| shown.clone());
+            .map(|a| a.shown.clone());
         match (now, shown) {
             (Some(c), Some(shown)) => {
                 let from = shown.name();
@@ -556,7 +597,7 @@ impl Follower {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
-        if let Some((shown, cancel)) = gone {
+        if let Some(Attached { shown, cancel, .. }) = gone {
             let name = shown.name();
             cancel.cancel();
             self.reconciler.remove_target(&name).await;
@@ -569,7 +610,12 @@ impl Follower {
     /// (the container stopped, or tunnel-svc is stopping): injected and
     /// started again, with backoff, whenever it dies or cannot start. Why
     /// it is not running shows on the target (ListTargets, `ls`, the log).
-    async fn run_monitor(self: Arc<Self>, c: Container, cancel: CancellationToken) {
+    async fn run_monitor(
+        self: Arc<Self>,
+        c: Container,
+        cancel: CancellationToken,
+        moved: Arc<tokio::sync::Notify>,
+    ) {
         let current = Arc::new(Current::default());
         let channel = exec_channel(current.clone());
         let (rules, wrong) =
@@ -652,9 +698,28 @@ impl Follower {
                             .await;
                     }
                     current.set(Slot::Ready(io));
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = ended => {}
+                    let mut ended = std::pin::pin!(ended);
+                    loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = &mut ended => break,
+                            // A network connected or disconnected: the
+                            // address found for this life may be gone, or
+                            // another container's now.
+                            _ = moved.notified() => {
+                                let (Some(token), Some(port)) = (&token, port) else {
+                                    continue;
+                                };
+                                let (now, backend, monitor_port) =
+                                    self.path(&c, token, port, &exec_backend).await;
+                                tracing::info!(via = %now, "the container's networks changed");
+                                via = now;
+                                let url = c.shown.set_via(&via);
+                                self.reconciler
+                                    .set_backend(&c.name, backend, url, monitor_port)
+                                    .await;
+                            }
+                        }
                     }
                     exited(&said)
                 }
@@ -671,6 +736,8 @@ impl Follower {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
+                // Unpaused, or its networks changed: try now.
+                _ = moved.notified() => {}
             }
         }
     }

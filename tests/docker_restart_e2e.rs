@@ -1,0 +1,128 @@
+//! `tunnel-svc --docker` while things restart under it: the monitor killed
+//! inside a running container, the container paused for longer than the
+//! monitor link's keepalive, its network reconnected onto a new address.
+//! Each time the tunnel works again within 2 s of the container being
+//! back, and a request made meanwhile waits (parks) instead of failing.
+
+use porthole_testkit as common;
+
+use common::docker::{docker, get, have_docker, World};
+use common::{poll_until, wait_for, DEADLINE};
+use std::time::{Duration, Instant};
+
+fn test_name() -> String {
+    std::thread::current().name().unwrap_or("test").to_string()
+}
+
+/// How soon after the container is back the tunnel must work.
+const BACK: Duration = Duration::from_secs(2);
+
+/// A container serving `text` on a free port, followed by tunnel-svc
+/// (transport `auto`: the monitor on the container's address).
+async fn running(w: &World) -> (common::docker::Container, u16, common::TunnelProc) {
+    let port = common::unused_local_port();
+    let c = w.http("0.0.0.0", port, &test_name());
+    let tunnel = w.tunnel_svc(&[]).await;
+    let body = poll_until("the tunnel", DEADLINE, || get(port)).await;
+    assert_eq!(body, test_name());
+    (c, port, tunnel)
+}
+
+/// Waits until the tunnel answers; how long that took from `since`.
+async fn back(port: u16, since: Instant) -> Duration {
+    let body = poll_until("the tunnel again", DEADLINE, || get(port)).await;
+    assert_eq!(body, test_name());
+    since.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_monitor_killed_inside_is_replaced_and_the_tunnel_works_again() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let (c, port, tunnel) = running(&w).await;
+    let ps = c.exec(&["ps"]);
+    let pid = ps
+        .lines()
+        .find(|l| l.contains("--stdio"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("a monitor in:\n{ps}"))
+        .to_string();
+    c.exec(&["kill", "-9", &pid]);
+    let killed = Instant::now();
+    // A request made now waits for the new monitor instead of failing.
+    let took = back(port, killed).await;
+    eprintln!(
+        "a request right after the kill took {} ms",
+        took.as_millis()
+    );
+    assert!(took < BACK + Duration::from_secs(1), "{took:?}");
+    wait_for("a new monitor", DEADLINE, || {
+        c.exec(&["ps"])
+            .lines()
+            .any(|l| l.contains("--stdio") && !l.starts_with(&format!("{pid} ")))
+    });
+    let t = tunnel.targets().await;
+    assert!(t.iter().any(|t| t.name == c.name && t.connected), "{t:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_paused_past_the_keepalive_works_again_after_unpause() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let (c, port, tunnel) = running(&w).await;
+    c.docker("pause");
+    // Longer than the monitor link's keepalive (10 s + 5 s): tunnel-svc
+    // gives that monitor up and cannot start another while paused.
+    let paused = Instant::now();
+    tunnel
+        .wait_target("the monitor given up", |t| t.name == c.name && !t.connected)
+        .await;
+    while paused.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.docker("unpause");
+    let took = back(port, Instant::now()).await;
+    eprintln!(
+        "after unpause the tunnel answered in {} ms",
+        took.as_millis()
+    );
+    assert!(took < BACK, "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_network_reconnect_onto_a_new_address_is_followed() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let (c, port, tunnel) = running(&w).await;
+    let before = tunnel
+        .wait_target("the ip transport", |t| {
+            t.name == c.name && t.url.contains(" via ip ")
+        })
+        .await
+        .url;
+    // A new address in the network's /24 that nothing holds.
+    let prefix = w.net.subnet.trim_end_matches("0/24");
+    let new_ip = format!("{prefix}77");
+    docker(&["network", "disconnect", &w.net.name, &c.name]).unwrap();
+    docker(&["network", "connect", "--ip", &new_ip, &w.net.name, &c.name]).unwrap();
+    let reconnected = Instant::now();
+    let took = back(port, reconnected).await;
+    eprintln!(
+        "after the reconnect the tunnel answered in {} ms",
+        took.as_millis()
+    );
+    assert!(took < BACK, "{took:?}");
+    let after = tunnel
+        .wait_target("the new address", |t| {
+            t.name == c.name && t.url.contains(&new_ip)
+        })
+        .await
+        .url;
+    assert_ne!(before, after);
+}
