@@ -82,10 +82,29 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+/// [`parse_duration`], where `0` (with or without a unit) means "not at
+/// all".
+pub fn parse_duration_or_zero(s: &str) -> Result<std::time::Duration, String> {
+    match s {
+        "0" | "0ms" | "0s" | "0m" => Ok(std::time::Duration::ZERO),
+        _ => parse_duration(s),
+    }
+}
+
 #[cfg(test)]
 mod duration_tests {
-    use super::parse_duration;
+    use super::{parse_duration, parse_duration_or_zero};
     use std::time::Duration;
+
+    #[test]
+    fn zero_where_zero_means_off() {
+        for zero in ["0", "0s", "0ms"] {
+            assert_eq!(parse_duration_or_zero(zero), Ok(Duration::ZERO), "{zero}");
+        }
+        assert_eq!(parse_duration_or_zero("15s"), Ok(Duration::from_secs(15)));
+        assert!(parse_duration_or_zero("0x").is_err());
+        assert!(parse_duration_or_zero("soon").is_err());
+    }
 
     #[test]
     fn parses_units_and_refuses_nonsense() {

@@ -931,7 +931,8 @@ async fn a_listener_that_drops_connections_fails_the_dial_in_time() {
     );
     let mut stuck = ns.spawn("python3", ["-c", script.as_str()]);
     stuck.wait_for_log("ready").await;
-    let tunnel = TunnelProc::follow(&ns, &monitor, &[]).await;
+    // The dial's own bound, without waiting for the path (--park) on top.
+    let tunnel = TunnelProc::follow(&ns, &monitor, &["--park", "0s"]).await;
     tunnel.wait_active(&format!("default:tcp:{port}")).await;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     // Fill the backlog, then one more connection whose dial hangs.

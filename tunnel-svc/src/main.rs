@@ -161,7 +161,7 @@ struct RunArgs {
     /// monitor restarting, a container paused or reconnected) before it is
     /// reset; 0 fails it at the first failed dial. At most 256 wait per
     /// tunnel.
-    #[arg(long, default_value = "15s", value_parser = porthole::time::parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = porthole::time::parse_duration_or_zero)]
     park: std::time::Duration,
     /// Host address tunnels listen on. Repeatable. Default 127.0.0.1 and ::1.
     #[arg(long = "bind", value_name = "ADDR")]
