@@ -425,6 +425,8 @@ struct Entry {
     prepared: bool,
     /// Tells a prepare result for this entry from one for an older one.
     generation: u64,
+    /// Whether its connections were failing when it was last published.
+    published_failing: bool,
     /// `tunnel{id}`: its log lines and its connections' are inside it.
     span: tracing::Span,
 }
@@ -570,6 +572,7 @@ impl Reconciler {
                     if self.entries.values().any(|e| matches!(e.state, State::Failed(_))) {
                         self.reconcile(true);
                     }
+                    self.publish_health_changes();
                     self.resync_subscribers();
                 }
             }
@@ -932,6 +935,7 @@ impl Reconciler {
             cancel: None,
             prepared: false,
             generation: self.generation,
+            published_failing: false,
             span: span.clone(),
         };
         let _in = span.enter();
@@ -1225,7 +1229,25 @@ impl Reconciler {
         self.subscribers.resync(|| all_events(entries, targets));
     }
 
+    /// Publishes the tunnels whose connections started failing, or got
+    /// through again, since they were last published (the connections
+    /// themselves never talk to the reconciler).
+    fn publish_health_changes(&mut self) {
+        let changed: Vec<TunnelId> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.stats.failing().is_some() != e.published_failing)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in changed {
+            self.publish(&id);
+        }
+    }
+
     fn publish(&mut self, id: &TunnelId) {
+        if let Some(e) = self.entries.get_mut(id) {
+            e.published_failing = e.stats.failing().is_some();
+        }
         if let Some(tunnel) = self.view(id) {
             self.broadcast(TunnelEvent {
                 tunnel,
@@ -1507,6 +1529,9 @@ mod tests {
         h.ports("dev", open(&[p])).await;
         let t = tunnel(&h, "dev", p).await.unwrap();
         assert_eq!(t.state, State::Active, "{t:?}");
+        let mut events = h.watch().await.unwrap();
+        let first = events.next().await.unwrap().unwrap();
+        assert_eq!(first.tunnel.failing, None);
         let failing = |h: Handle| async move { tunnel(&h, "dev", p).await.and_then(|t| t.failing) };
         for n in 1..=2u64 {
             let mut c = tokio::net::TcpStream::connect(("127.0.0.1", p))
@@ -1527,6 +1552,16 @@ mod tests {
         }
         let first = failing(h.clone()).await.unwrap().since;
         assert!(first <= chrono::Utc::now());
+        // Watchers hear of it too, within a tick.
+        let heard = tokio::time::timeout(RETRY * 3, events.next())
+            .await
+            .expect("an update within a tick")
+            .unwrap()
+            .unwrap();
+        assert!(
+            heard.tunnel.failing.as_ref().is_some_and(|f| f.count >= 1),
+            "{heard:?}"
+        );
         let server = tokio::net::TcpListener::bind(("127.0.0.2", p))
             .await
             .unwrap();
