@@ -126,3 +126,48 @@ async fn a_network_reconnect_onto_a_new_address_is_followed() {
         .url;
     assert_ne!(before, after);
 }
+
+/// Containers that all serve the same port keep their host ports when
+/// tunnel-svc restarts, whichever monitor reports first.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_ports_stay_the_same_across_a_tunnel_svc_restart() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let port = common::unused_local_port();
+    let containers: Vec<_> = (0..5)
+        .map(|i| w.http("0.0.0.0", port, &format!("c{i}")))
+        .collect();
+    let names: Vec<String> = containers.iter().map(|c| c.name.clone()).collect();
+    let mut tunnel = w.tunnel_svc(&[]).await;
+    let before = host_ports(&tunnel, &names).await;
+    assert!(tunnel.terminate().await.success());
+    let tunnel = w.tunnel_svc(&[]).await;
+    let after = host_ports(&tunnel, &names).await;
+    assert_eq!(before, after, "the same host port for each container");
+    // Each still reaches its own container.
+    for (i, p) in after.iter().enumerate() {
+        assert_eq!(
+            get(*p as u16).await.as_deref(),
+            Some(format!("c{i}").as_str())
+        );
+    }
+}
+
+/// The host port of each of `names`' one tunnel, once all are active.
+async fn host_ports(tunnel: &common::TunnelProc, names: &[String]) -> Vec<u32> {
+    poll_until("every container's tunnel", DEADLINE, || async {
+        let all = tunnel.tunnels().await;
+        let active = porthole::pb::v1::TunnelState::Active as i32;
+        let ports: Vec<u32> = names
+            .iter()
+            .filter_map(|n| {
+                let t = all.iter().find(|t| &t.target == n && t.state == active)?;
+                Some(t.host_port)
+            })
+            .collect();
+        (ports.len() == names.len()).then_some(ports)
+    })
+    .await
+}

@@ -148,6 +148,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             rules: Vec::new(),
             udp: Default::default(),
             park: Default::default(),
+            host_ports: None,
         },
         admin_token: None,
         monitor_tokens: [("demo".to_string(), token)].into(),

@@ -325,6 +325,8 @@ pub async fn run(
             wait: std::time::Duration::ZERO,
             ..Default::default()
         },
+        // The gate's ports are its upstreams' own.
+        host_ports: None,
     };
     let (handle, task) = reconcile::spawn(specs, reconcile_opts, statics, shutdown.clone());
     tracing::info!(addr = %admin.local_addr()?, "egress gate admin API listening");

@@ -157,6 +157,11 @@ struct RunArgs {
     #[arg(long, default_value_t = tunnel_svc::udp::DEFAULT_MAX_FLOWS as u64,
           value_parser = clap::value_parser!(u64).range(1..=65536))]
     udp_max_flows: u64,
+    /// Where automatic tunnels' host ports are remembered, so they stay
+    /// the same across restarts (host-ports.json). Default
+    /// $XDG_STATE_HOME/porthole, else ~/.local/state/porthole.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<std::path::PathBuf>,
     /// How long a new TCP connection waits while its path comes back (a
     /// monitor restarting, a container paused or reconnected) before it is
     /// reset; 0 fails it at the first failed dial. At most 256 wait per
@@ -447,6 +452,10 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
                 wait: args.park,
                 ..Default::default()
             },
+            host_ports: args
+                .state_dir
+                .or_else(tunnel_svc::hostports::default_dir)
+                .map(|d| d.join("host-ports.json")),
         },
         admin_token: token,
         monitor_tokens,

@@ -130,6 +130,9 @@ pub struct State<'a> {
     pub statics: &'a BTreeSet<TunnelId>,
     /// Automatic tunnels an admin closed.
     pub closed: &'a BTreeSet<TunnelId>,
+    /// Host ports tunnels had before (this run or an earlier one) and
+    /// keep: each is its tunnel's preference and no other new tunnel's.
+    pub remembered: &'a BTreeMap<TunnelId, u16>,
     pub existing: &'a BTreeMap<TunnelId, Existing>,
 }
 
@@ -227,7 +230,9 @@ pub fn desired(
                 )
             });
             let exact = rule.and_then(|r| r.host_port);
-            let host_port = exact.unwrap_or(host_port_for(id.port, policy.allow_privileged));
+            let host_port = exact
+                .or_else(|| state.remembered.get(&id).copied())
+                .unwrap_or(host_port_for(id.port, policy.allow_privileged));
             let w = Want {
                 capped: !keep,
                 exact: exact.is_some(),
@@ -264,6 +269,12 @@ fn assign_host_ports(want: &mut BTreeMap<TunnelId, Want>, policy: &Policy, state
         .filter(|(id, e)| e.state.is_open() && want.get(*id).is_some_and(|w| !w.capped))
         .map(|(id, e)| ((id.proto, e.host_port), id.clone()))
         .collect();
+    // Kept for the tunnels that had them, which may come back.
+    let kept: BTreeMap<PortKey, &TunnelId> = state
+        .remembered
+        .iter()
+        .map(|(id, port)| ((id.proto, *port), id))
+        .collect();
     let order = |w: &Want| match w.origin {
         Origin::Egress => 0,
         Origin::Manual => 1,
@@ -286,24 +297,31 @@ fn assign_host_ports(want: &mut BTreeMap<TunnelId, Want>, policy: &Policy, state
                 id.port, w.host_port, id.port
             ));
         }
-        let Some(holder) = taken
+        let kept_for = |port: u16| kept.get(&(id.proto, port)).filter(|k| **k != id).copied();
+        let holder = taken
             .get(&(id.proto, w.host_port))
             .filter(|h| *h != id)
-            .cloned()
-        else {
+            .cloned();
+        let keeper = kept_for(w.host_port).filter(|_| !w.exact);
+        if holder.is_none() && keeper.is_none() {
             taken.insert((id.proto, w.host_port), id.clone());
             continue;
-        };
-        if w.exact || !policy.remap {
+        }
+        if let Some(holder) = holder.clone().filter(|_| w.exact || !policy.remap) {
             w.held_by = Some(holder);
             continue;
         }
         let next = (u32::from(w.host_port) + 1..=65535)
             .map(|p| p as u16)
-            .find(|p| !taken.contains_key(&(id.proto, *p)));
+            .find(|p| !taken.contains_key(&(id.proto, *p)) && kept_for(*p).is_none());
         if let Some(next) = next {
+            let why = match (holder, keeper) {
+                (Some(holder), _) => format!("is held by {holder}"),
+                (None, Some(keeper)) => format!("is kept for {keeper}, which had it before"),
+                (None, None) => unreachable!("one of them stopped it"),
+            };
             w.note = Some(format!(
-                "host port {} is held by {holder}; forwarded on {next} instead",
+                "host port {} {why}; forwarded on {next} instead",
                 w.host_port
             ));
             w.host_port = next;
@@ -414,6 +432,7 @@ mod tests {
         /// Published ports of every target (docker -p).
         published: BTreeMap<PortKey, u16>,
         rules: Vec<crate::rules::Rule>,
+        remembered: BTreeMap<TunnelId, u16>,
     }
 
     impl World {
@@ -430,6 +449,7 @@ mod tests {
                 existing: BTreeMap::new(),
                 published: BTreeMap::new(),
                 rules: Vec::new(),
+                remembered: BTreeMap::new(),
             }
         }
 
@@ -443,6 +463,7 @@ mod tests {
                 statics: &self.statics,
                 closed: &self.closed,
                 existing: &self.existing,
+                remembered: &self.remembered,
             }
         }
 
@@ -712,6 +733,41 @@ mod tests {
         let (want, _) = w.plan();
         assert_eq!(want[&id("api", 8000)].host_port, 8000);
         assert_eq!(want[&id("api", 8000)].held_by, Some(id("dev", 8000)));
+    }
+
+    #[test]
+    fn remembered_host_ports_come_back_whatever_reports_first() {
+        // Before: api had 8000, dev 8001 (api's monitor reported first).
+        let mut w = World::new(&[8000]);
+        w.remembered.insert(id("api", 8000), 8000);
+        w.remembered.insert(id("dev", 8000), 8001);
+        // Now dev reports first: it takes its own port back, not 8000.
+        let (want, _) = w.plan();
+        assert_eq!(want[&id("dev", 8000)].host_port, 8001);
+        w.apply();
+        w.targets.insert("api", open(&[8000]));
+        let (want, _) = w.plan();
+        assert_eq!(want[&id("api", 8000)].host_port, 8000);
+        w.apply();
+        // A newcomer moves past ports held or kept for others, and says
+        // for whom.
+        w.targets.insert("new", open(&[8000]));
+        let (want, _) = w.plan();
+        let n = &want[&id("new", 8000)];
+        assert_eq!(n.host_port, 8002);
+        let note = n.note.as_deref().unwrap_or_default();
+        assert!(note.contains("held by api:tcp:8000"), "{note}");
+        // Only held, not kept: a port kept for a tunnel not here is named so.
+        let mut w = World::new(&[8000]);
+        w.remembered.insert(id("gone", 8000), 8000);
+        let (want, _) = w.plan();
+        let d = &want[&id("dev", 8000)];
+        assert_eq!(d.host_port, 8001);
+        let note = d.note.as_deref().unwrap_or_default();
+        assert!(
+            note.contains("kept for gone:tcp:8000, which had it before"),
+            "{note}"
+        );
     }
 
     #[test]

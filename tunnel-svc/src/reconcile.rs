@@ -332,6 +332,9 @@ pub struct Options {
     pub udp: crate::udp::Limits,
     /// How long new TCP connections wait for a path coming back.
     pub park: tunnel::Park,
+    /// Where automatic tunnels' host ports are remembered across restarts
+    /// (None: for this run only).
+    pub host_ports: Option<std::path::PathBuf>,
 }
 
 struct Target {
@@ -522,6 +525,9 @@ struct Reconciler {
     /// Old name → new name of renamed targets, for what their watchers
     /// and backends still send under the old one.
     renamed: BTreeMap<String, String>,
+    /// Host ports automatic tunnels had, kept across restarts.
+    host_ports: crate::hostports::HostPorts,
+    started: std::time::Instant,
 }
 
 /// Starts the reconciler with static tunnels `(target, port)` that exist
@@ -539,6 +545,7 @@ pub fn spawn(
         .into_iter()
         .map(|s| (s.name.clone(), Target::new(s, &tx)))
         .collect();
+    let host_ports = crate::hostports::HostPorts::load(opts.host_ports.clone());
     let r = Reconciler {
         opts,
         targets,
@@ -554,6 +561,8 @@ pub fn spawn(
         connections: TaskTracker::new(),
         commands: tx.clone(),
         renamed: BTreeMap::new(),
+        host_ports,
+        started: std::time::Instant::now(),
     };
     (Handle { commands: tx }, tokio::spawn(r.run(rx, shutdown)))
 }
@@ -847,11 +856,16 @@ impl Reconciler {
             .iter()
             .map(|(id, e)| (id.clone(), e.existing()))
             .collect();
+        let in_grace = self.started.elapsed() < crate::hostports::GRACE;
+        let remembered = self
+            .host_ports
+            .in_force(|t| self.targets.contains_key(t), in_grace);
         let state = plan::State {
             manual: &self.manual,
             statics: &self.statics,
             closed: &self.closed,
             existing: &existing,
+            remembered: &remembered,
         };
         let targets: Vec<plan::TargetPorts> = self
             .targets
@@ -1006,6 +1020,9 @@ impl Reconciler {
         .map_err(|e| bind_failure(want, e))?;
         entry.opened_at = Some(chrono::Utc::now());
         entry.host_port = host_port;
+        if want.origin == Origin::Auto && !want.exact {
+            self.host_ports.record(id, host_port);
+        }
         entry.host_addresses = sockets.local_addrs();
         if let Some(note) = want.note.as_ref().filter(|n| n.contains(" is held by ")) {
             tracing::warn!(%note, "host port held by another tunnel; moved");
@@ -1363,6 +1380,7 @@ mod tests {
             allow_privileged: false,
             rules: Vec::new(),
             udp: Default::default(),
+            host_ports: None,
             // A failed dial fails its connection at once, unless a test
             // parks.
             park: tunnel::Park {

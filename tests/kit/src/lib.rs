@@ -1363,9 +1363,12 @@ impl TunnelProc {
             }
         }
         // ssh backend sockets then always go to /tmp/porthole-PID.
+        // Host ports remembered in the namespace's own directory: a test
+        // sees only its own tunnel-svc's, across its restarts.
         cmd.args(&all)
             .stdin(Stdio::null())
             .env("NO_COLOR", "1")
+            .env("XDG_STATE_HOME", ns.log_dir())
             .env_remove("XDG_RUNTIME_DIR")
             .env_remove("TMPDIR");
         let mut proc = ns.spawn_command("tunnel-svc", cmd);
