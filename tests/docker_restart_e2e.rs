@@ -171,3 +171,69 @@ async fn host_ports(tunnel: &common::TunnelProc, names: &[String]) -> Vec<u32> {
     })
     .await
 }
+
+/// A container its restart policy restarts (`--restart always`) keeps its
+/// tunnel: requests made while it is down wait for it and get through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_restarted_by_its_policy_keeps_its_tunnel_and_no_request_fails() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let port = common::unused_local_port();
+    // The server runs in the background; the container exits after 2 s
+    // and is started again by the engine.
+    let script = format!(
+        "mkdir -p /tmp/www && echo {name} > /tmp/www/index.html && \
+         /bin/busybox httpd -p 0.0.0.0:{port} -h /tmp/www && exec /bin/busybox sleep 2",
+        name = test_name()
+    );
+    let extra = ["--label", w.label.as_str(), "--restart", "always"];
+    let c = common::docker::Container::run(&w.image, &w.net, &extra, &["/bin/sh", "-c", &script]);
+    let tunnel = w.tunnel_svc(&[]).await;
+    back(port, Instant::now()).await;
+    let restarts = || {
+        docker(&["inspect", "-f", "{{.RestartCount}}", &c.name])
+            .ok()
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let first = restarts();
+    let (mut sent, mut slowest) = (0, Duration::ZERO);
+    let started = Instant::now();
+    while restarts() < first + 2 && started.elapsed() < Duration::from_secs(30) {
+        let asked = Instant::now();
+        let body = request(port, Duration::from_secs(20)).await;
+        let body = body.unwrap_or_else(|e| panic!("request {sent} failed: {e}"));
+        assert!(body.ends_with(&test_name()), "{body}");
+        sent += 1;
+        slowest = slowest.max(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(restarts() >= first + 2, "the container was restarted twice");
+    eprintln!(
+        "{sent} requests across two restarts, the slowest {} ms",
+        slowest.as_millis()
+    );
+    assert!(tunnel.targets().await.iter().any(|t| t.name == c.name));
+}
+
+/// One `GET /` on the host's `127.0.0.1:port`, allowed `limit` (a parked
+/// request takes as long as its path takes to come back): the reply's
+/// text, or what went wrong.
+async fn request(port: u16, limit: Duration) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await?;
+        std::io::Result::Ok(answer)
+    };
+    match tokio::time::timeout(limit, io).await {
+        Err(_) => Err(format!("no answer within {limit:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(a)) if a.starts_with("HTTP/1.") => Ok(a.trim().to_string()),
+        Ok(Ok(a)) => Err(format!("not an HTTP answer: {a:?}")),
+    }
+}

@@ -456,7 +456,17 @@ impl Follower {
                 continue;
             };
             match action.as_str() {
-                "start" => self.clone().attach_matching(&id, shutdown).await,
+                "start" => {
+                    // Back after its restart policy restarted it: its
+                    // monitor loop starts the next monitor now.
+                    if let Some(moved) = self.moved(&id) {
+                        moved.notify_one();
+                    }
+                    self.clone().attach_matching(&id, shutdown).await
+                }
+                "die" if self.restarting(&id).await => {
+                    tracing::info!(id = %id, "the container died and its restart policy restarts it; its tunnels wait for it");
+                }
                 "die" | "destroy" => self.detach(&id).await,
                 "rename" => self.clone().renamed(&id, shutdown).await,
                 // A monitor that could not be started while the container
@@ -554,6 +564,18 @@ impl Follower {
         }
         let span = tracing::info_span!("docker", container = %c.name);
         tokio::spawn(self.run_monitor(c, cancel, moved).instrument(span));
+    }
+
+    /// Whether the engine is restarting container `id` by its restart
+    /// policy (`--restart`): its tunnels then stay, their new connections
+    /// waiting (see `--park`), instead of closing. A container stopped by
+    /// hand, or restarted with `docker restart`, looks stopped here: its
+    /// host ports are freed at once.
+    async fn restarting(&self, id: &str) -> bool {
+        let Ok(info) = self.docker.inspect_container(id, None).await else {
+            return false;
+        };
+        info.state.and_then(|s| s.restarting).unwrap_or(false)
     }
 
     /// What wakes container `id`'s monitor loop when its networks change.
