@@ -237,3 +237,42 @@ async fn request(port: u16, limit: Duration) -> Result<String, String> {
         Ok(Ok(a)) => Err(format!("not an HTTP answer: {a:?}")),
     }
 }
+
+/// `docker restart`: requests made while the container is down wait for
+/// it (its tunnel stays for the restart window) and none fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_request_fails_across_docker_restart() {
+    if !have_docker(&test_name()) {
+        return;
+    }
+    let w = World::new();
+    let (c, port, _tunnel) = running(&w).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut asked = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                asked.push(tokio::spawn(request(port, Duration::from_secs(20))));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let mut outcomes = Vec::new();
+            for a in asked {
+                outcomes.push(a.await.unwrap());
+            }
+            outcomes
+        })
+    };
+    c.docker("restart");
+    back(port, Instant::now()).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let outcomes = client.await.unwrap();
+    let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    eprintln!(
+        "{} requests across docker restart, {} failed",
+        outcomes.len(),
+        failed.len()
+    );
+    assert!(outcomes.len() > 10, "{outcomes:?}");
+    assert!(failed.is_empty(), "{failed:?}");
+}

@@ -37,6 +37,12 @@ const MONITOR_PATH: &str = "/.porthole-monitor-svc";
 /// is handed back to the system (see `trim_after_connections_end`).
 pub static FOLLOWED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// How long a container that died keeps its tunnels (new connections
+/// waiting) in case it starts again: `docker restart` is a stop and a
+/// start, and its events are a stopped container's until the start. A
+/// container removed (`docker rm`) frees its host ports at once.
+pub const RESTART_WINDOW: Duration = Duration::from_secs(2);
+
 /// Docker's embedded DNS server on user-defined networks: never forwarded.
 const EMBEDDED_DNS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 11));
 
@@ -362,6 +368,7 @@ pub async fn follow(
         transport: opts.transport,
         raw_relay: opts.raw_relay,
         attached: Mutex::new(BTreeMap::new()),
+        stopping: Mutex::new(BTreeMap::new()),
     };
     let follower = Arc::new(follower);
     let mut backoff =
@@ -412,6 +419,9 @@ struct Follower {
     raw_relay: bool,
     /// Attached containers by id.
     attached: Mutex<BTreeMap<String, Attached>>,
+    /// Containers that died, by id: what keeps their tunnels for the
+    /// [`RESTART_WINDOW`].
+    stopping: Mutex<BTreeMap<String, CancellationToken>>,
 }
 
 /// A container with a monitor loop.
@@ -457,8 +467,10 @@ impl Follower {
             };
             match action.as_str() {
                 "start" => {
-                    // Back after its restart policy restarted it: its
-                    // monitor loop starts the next monitor now.
+                    // Back (`docker restart`, its restart policy): its
+                    // tunnels stay, its monitor loop starts the next
+                    // monitor now.
+                    self.stopping(&id, None);
                     if let Some(moved) = self.moved(&id) {
                         moved.notify_one();
                     }
@@ -467,7 +479,21 @@ impl Follower {
                 "die" if self.restarting(&id).await => {
                     tracing::info!(id = %id, "the container died and its restart policy restarts it; its tunnels wait for it");
                 }
-                "die" | "destroy" => self.detach(&id).await,
+                "die" => {
+                    // Stopped, or restarting (`docker restart` looks the
+                    // same until it starts): its tunnels wait RESTART_WINDOW
+                    // for it, then close.
+                    let gone = CancellationToken::new();
+                    self.stopping(&id, Some(gone.clone()));
+                    let (me, id) = (self.clone(), id.clone());
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = gone.cancelled() => {}
+                            _ = tokio::time::sleep(RESTART_WINDOW) => me.detach(&id).await,
+                        }
+                    });
+                }
+                "destroy" => self.detach(&id).await,
                 "rename" => self.clone().renamed(&id, shutdown).await,
                 // A monitor that could not be started while the container
                 // was paused is tried again now, not after its backoff.
@@ -576,6 +602,19 @@ impl Follower {
             return false;
         };
         info.state.and_then(|s| s.restarting).unwrap_or(false)
+    }
+
+    /// Container `id` is stopping, its tunnels closing after the window
+    /// unless `wait` is cancelled; None: it started again, they stay.
+    fn stopping(&self, id: &str, wait: Option<CancellationToken>) {
+        let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
+        let old = match wait {
+            Some(w) => stopping.insert(id.to_string(), w),
+            None => stopping.remove(id),
+        };
+        if let Some(old) = old {
+            old.cancel();
+        }
     }
 
     /// What wakes container `id`'s monitor loop when its networks change.
