@@ -33,7 +33,21 @@ pub enum TokenError {
          make it private with `chmod 600 {path}`"
     )]
     Exposed { path: String, mode: u32 },
+    #[error("token file {path} belongs to uid {owner}, not to this user")]
+    NotOwned { path: String, owner: u32 },
+    #[error(
+        "token file {path} is in {dir}, which other users may write to (mode {mode:o}); \
+         keep it in a directory only you can change"
+    )]
+    OpenDirectory {
+        path: String,
+        dir: String,
+        mode: u32,
+    },
 }
+
+/// A token file is at most this big.
+const MAX_TOKEN_FILE: u64 = 4096;
 
 /// A shared secret. Clients send `authorization: Bearer TOKEN`.
 #[derive(Clone)]
@@ -62,7 +76,30 @@ impl Token {
         if mode & 0o077 != 0 {
             return Err(TokenError::Exposed { path: shown, mode });
         }
-        let text = std::fs::read_to_string(path).map_err(read)?;
+        // Someone else's file, or one in a directory others may write to
+        // (where it could be swapped), is not this user's secret.
+        use std::os::unix::fs::MetadataExt;
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(TokenError::NotOwned {
+                path: shown,
+                owner: meta.uid(),
+            });
+        }
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let dir_meta = std::fs::metadata(dir).map_err(read)?;
+        let dir_mode = dir_meta.permissions().mode();
+        if dir_mode & 0o022 != 0 && dir_mode & 0o1000 == 0 {
+            return Err(TokenError::OpenDirectory {
+                path: shown,
+                dir: dir.display().to_string(),
+                mode: dir_mode & 0o7777,
+            });
+        }
+        let text = crate::text::read_small_file(path, MAX_TOKEN_FILE).map_err(read)?;
         Token::new(text.trim()).map_err(|e| match e {
             TokenError::Empty { .. } => TokenError::Empty { path: shown },
             _ => TokenError::Invalid { path: shown },
@@ -297,6 +334,33 @@ pub async fn check(policy: Policy, mut req: Request, next: Next) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_file_must_be_this_users_in_a_directory_others_cannot_change() {
+        let dir = std::env::temp_dir().join(format!("porthole-auth-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        let path = dir.join("token");
+        let (t, _) = Token::load_or_create(&path).unwrap();
+        assert_eq!(Token::from_file(&path).unwrap().secret(), t.secret());
+        // A directory anyone may write to (no sticky bit): refused.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = Token::from_file(&path).unwrap_err();
+        assert!(matches!(e, TokenError::OpenDirectory { .. }), "{e}");
+        // With the sticky bit (as /tmp), only the owner may swap it: fine.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(Token::from_file(&path).is_ok());
+        // Another user's file.
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let e = Token::from_file(&path).unwrap_err();
+            assert!(
+                matches!(e, TokenError::NotOwned { owner: 65534, .. }),
+                "{e}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn accepts_only_the_exact_bearer_token() {

@@ -64,6 +64,8 @@ async fn request(port: u16) -> Option<String> {
 
 /// The client: a request every [`EVERY`] until dropped, each on its own.
 struct Client {
+    /// When each request started.
+    started: Arc<Mutex<Vec<Instant>>>,
     outcomes: Arc<Mutex<Vec<Outcome>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -71,14 +73,16 @@ struct Client {
 impl Client {
     fn start(port: u16) -> Client {
         let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
-        let out = outcomes.clone();
+        let started: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let (out, starts) = (outcomes.clone(), started.clone());
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(EVERY);
             loop {
                 tick.tick().await;
                 let out = out.clone();
+                let started = Instant::now();
+                starts.lock().unwrap().push(started);
                 tokio::spawn(async move {
-                    let started = Instant::now();
                     let failed = request(port).await;
                     out.lock()
                         .unwrap()
@@ -86,7 +90,11 @@ impl Client {
                 });
             }
         });
-        Client { outcomes, task }
+        Client {
+            started,
+            outcomes,
+            task,
+        }
     }
 
     /// The row of the requests started between `from` and `to`, once each
@@ -99,8 +107,29 @@ impl Client {
         from: Instant,
         to: Instant,
     ) -> Row {
-        // Requests started before `to` end within LIMIT.
-        tokio::time::sleep_until((to + LIMIT + Duration::from_millis(100)).into()).await;
+        // Every request started before `to` ends, within LIMIT.
+        let between = |s: &Instant| *s >= from && *s < to;
+        let deadline = to + LIMIT + Duration::from_secs(1);
+        loop {
+            let asked = self
+                .started
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| between(s))
+                .count();
+            let ended = self
+                .outcomes
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(s, _, _)| between(s))
+                .count();
+            if ended >= asked || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let all = self.outcomes.lock().unwrap();
         let mine: Vec<&Outcome> = all
             .iter()

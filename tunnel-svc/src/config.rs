@@ -427,13 +427,18 @@ pub struct ConfigFile {
     pub rules: Vec<crate::rules::Rule>,
 }
 
+/// A `--config` file is at most this big (a megabyte of rules is a
+/// mistake; a symlink to `/dev/zero` is refused before it is read).
+pub const MAX_CONFIG: u64 = 1 << 20;
+
 impl ConfigFile {
     pub fn load(path: &std::path::Path) -> Result<ConfigFile, ConfigError> {
         let fail = |why: String| ConfigError::File {
             path: path.display().to_string(),
             why,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        let text =
+            porthole::text::read_small_file(path, MAX_CONFIG).map_err(|e| fail(e.to_string()))?;
         ConfigFile::parse(&text).map_err(fail)
     }
 

@@ -144,7 +144,7 @@ pub fn load(path: &Path) -> Result<Vec<Upstream>, LoadError> {
         Some("json") => Format::Json,
         _ => return Err(fail(GateError::Extension)),
     };
-    let text = std::fs::read_to_string(path)
+    let text = porthole::text::read_small_file(path, crate::config::MAX_CONFIG)
         .map_err(|e| fail(GateError::Syntax(format!("cannot read it: {e}"))))?;
     parse(&text, format).map_err(fail)
 }
