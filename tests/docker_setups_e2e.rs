@@ -55,6 +55,15 @@ struct Running {
     w: World,
 }
 
+impl Running {
+    /// The container's target, as ListTargets shows it.
+    async fn target(&self) -> porthole::pb::v1::Target {
+        let all = self.tunnel.targets().await;
+        let t = all.into_iter().find(|t| t.name == self.c.name);
+        t.expect("the container is a target")
+    }
+}
+
 /// Runs the set-up and checks it works; what runs, for more checks.
 async fn works(setup: Setup<'_>) -> Option<Running> {
     if !have_docker(&test_name()) {
@@ -181,8 +190,7 @@ async fn no_network_goes_over_the_exec_stream() {
     else {
         return;
     };
-    let t = r.tunnel.targets().await;
-    let t = t.iter().find(|t| t.name == r.c.name).expect("a target");
+    let t = r.target().await;
     assert!(t.url.ends_with(" via exec"), "{t:?}");
 }
 
@@ -223,8 +231,7 @@ async fn an_app_on_port_7070() {
     else {
         return;
     };
-    let t = r.tunnel.targets().await;
-    let t = t.iter().find(|t| t.name == r.c.name).expect("a target");
+    let t = r.target().await;
     assert!(
         t.url.contains(" via ip ") && !t.url.ends_with(":7070"),
         "{t:?}"

@@ -17,7 +17,7 @@
 //! OpenSSH (`sshd`). Everything it makes is removed at the end.
 #![forbid(unsafe_code)]
 
-use porthole_testkit::docker::{docker, have_docker, static_monitor, Container, Image, Network};
+use porthole_testkit::docker::{docker, have_docker, Container, Network, World};
 use porthole_testkit::measure::{ms, nproc};
 use porthole_testkit::{unused_local_port, MonitorProc, Netns, Sshd, TunnelProc};
 use std::sync::{Arc, Mutex};
@@ -211,25 +211,13 @@ async fn main() {
 
 /// The Docker events, through `tunnel-svc --docker --docker-transport T`.
 async fn docker_paths(transport: &str, events: usize) -> Vec<Row> {
-    let (image, net) = (Image::busybox(), Network::new());
-    let label = format!("porthole.bench={}", porthole_testkit::docker::unique("r"));
-    let ns = Netns::new();
+    let w = World::new();
     let port = unused_local_port();
-    let c = Container::http(&image, &net, &["--label", &label], "0.0.0.0", port, "bench");
-    let monitor = static_monitor().display().to_string();
-    let filter = format!("label={label}");
-    let args = [
-        "--docker",
-        "--monitor-binary",
-        &monitor,
-        "--docker-filter",
-        &filter,
-        "--docker-transport",
-        transport,
-        "--log-level",
-        "warn",
-    ];
-    let _tunnel = TunnelProc::start(&ns, &args).await;
+    let c = w.http("0.0.0.0", port, "bench");
+    let _tunnel = w
+        .tunnel_svc(&["--docker-transport", transport, "--log-level", "warn"])
+        .await;
+    let net = &w.net;
     back(port).await;
     let path = format!("docker, `{transport}`");
     let client = Client::start(port);
@@ -245,7 +233,7 @@ async fn docker_paths(transport: &str, events: usize) -> Vec<Row> {
         eprintln!("{path}: {event} × {events}");
         let from = Instant::now();
         for i in 0..events {
-            strike(kind, &c, &net, &format!("{prefix}{}", 100 + i % 50)).await;
+            strike(kind, &c, net, &format!("{prefix}{}", 100 + i % 50)).await;
             back(port).await;
             // The path is back; a moment of steady traffic between events.
             tokio::time::sleep(Duration::from_millis(500)).await;
