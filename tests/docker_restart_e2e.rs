@@ -20,9 +20,17 @@ const BACK: Duration = Duration::from_secs(2);
 /// A container serving `text` on a free port, followed by tunnel-svc
 /// (transport `auto`: the monitor on the container's address).
 async fn running(w: &World) -> (common::docker::Container, u16, common::TunnelProc) {
+    running_with(w, &[]).await
+}
+
+/// [`running`], tunnel-svc with `args`.
+async fn running_with(
+    w: &World,
+    args: &[&str],
+) -> (common::docker::Container, u16, common::TunnelProc) {
     let port = common::unused_local_port();
     let c = w.http("0.0.0.0", port, &test_name());
-    let tunnel = w.tunnel_svc(&[]).await;
+    let tunnel = w.tunnel_svc(args).await;
     let body = poll_until("the tunnel", DEADLINE, || get(port)).await;
     assert_eq!(body, test_name());
     (c, port, tunnel)
@@ -68,29 +76,42 @@ async fn a_monitor_killed_inside_is_replaced_and_the_tunnel_works_again() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_container_paused_past_the_keepalive_works_again_after_unpause() {
+async fn a_container_paused_20_s_works_again_after_unpause_and_a_request_waits_for_it() {
     if !have_docker(&test_name()) {
         return;
     }
     let w = World::new();
-    let (c, port, tunnel) = running(&w).await;
+    // Connections may wait longer than the pause.
+    let (c, port, tunnel) = running_with(&w, &["--park", "30s"]).await;
     c.docker("pause");
-    // Longer than the monitor link's keepalive (10 s + 5 s): tunnel-svc
-    // gives that monitor up and cannot start another while paused.
     let paused = Instant::now();
-    tunnel
-        .wait_target("the monitor given up", |t| t.name == c.name && !t.connected)
+    let t = tunnel
+        .wait_target("the target says paused", |t| {
+            t.name == c.name && !t.connected
+        })
         .await;
+    assert!(t.error.contains("paused"), "{t:?}");
+    // A request made during the pause waits for the container.
+    let waiting = tokio::spawn(request(port, Duration::from_secs(40)));
     while paused.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     c.docker("unpause");
-    let took = back(port, Instant::now()).await;
+    let unpaused = Instant::now();
+    let answer = waiting.await.unwrap();
+    assert!(
+        answer.as_deref().is_ok_and(|a| a.ends_with(&test_name())),
+        "{answer:?}"
+    );
+    let took = back(port, unpaused).await;
     eprintln!(
         "after unpause the tunnel answered in {} ms",
         took.as_millis()
     );
     assert!(took < BACK, "{took:?}");
+    tunnel
+        .wait_target("connected again", |t| t.name == c.name && t.connected)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

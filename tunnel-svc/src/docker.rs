@@ -495,9 +495,13 @@ impl Follower {
                 }
                 "destroy" => self.detach(&id).await,
                 "rename" => self.clone().renamed(&id, shutdown).await,
+                // Its monitor is frozen with it: the target says so, and
+                // new connections wait (see --park).
+                "pause" => self.paused(&id, true).await,
                 // A monitor that could not be started while the container
                 // was paused is tried again now, not after its backoff.
                 "unpause" => {
+                    self.paused(&id, false).await;
                     if let Some(moved) = self.moved(&id) {
                         moved.notify_one();
                     }
@@ -615,6 +619,27 @@ impl Follower {
         if let Some(old) = old {
             old.cancel();
         }
+    }
+
+    /// Shows container `id` paused (its link down, saying why) or not.
+    async fn paused(&self, id: &str, paused: bool) {
+        let name = {
+            let attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+            attached.get(id).map(|a| a.shown.name())
+        };
+        let Some(name) = name else {
+            return;
+        };
+        let link = if paused {
+            Link::Down {
+                error: "the container is paused (docker pause); new connections wait for it".into(),
+            }
+        } else {
+            Link::Up {
+                instance_id: String::new(),
+            }
+        };
+        self.reconciler.link(&name, link).await;
     }
 
     /// What wakes container `id`'s monitor loop when its networks change.
@@ -1131,6 +1156,10 @@ impl Current {
     }
 }
 
+/// How long a monitor on an exec stream may leave a keepalive unanswered
+/// (a paused container's does) before tunnel-svc gives it up.
+const EXEC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a connection waits for a monitor that is being started.
 const MONITOR_START: Duration = Duration::from_secs(30);
 
@@ -1143,7 +1172,13 @@ fn exec_channel(current: Arc<Current>) -> porthole::auth::AuthChannel {
         async move { current.take().await.map(hyper_util::rt::TokioIo::new) }
     });
     let endpoint = tonic::transport::Endpoint::from_static("http://monitor.docker-exec");
-    let channel = crate::monitor_endpoint(endpoint).connect_with_connector_lazy(connector);
+    // A monitor that dies ends its exec stream, which is noticed at once;
+    // the keepalive is only for a stream that hangs. Given up on sooner,
+    // a short `docker pause` would end the monitor (it exits when its
+    // stdin closes) and reset every connection it carries.
+    let channel = crate::monitor_endpoint(endpoint)
+        .keep_alive_timeout(EXEC_KEEPALIVE_TIMEOUT)
+        .connect_with_connector_lazy(connector);
     porthole::auth::with_token(channel, None)
 }
 
