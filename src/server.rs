@@ -39,6 +39,14 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The keepalive timeout of a server on stdio (a monitor that tunnel-svc
+/// started in a container): a paused container's clock runs on, so a ping
+/// sent just before `docker pause` looks unanswered the moment it thaws;
+/// with [`KEEPALIVE_TIMEOUT`] a pause of a few seconds would end the
+/// monitor and reset every connection it carries. (Its stdio peer's death
+/// is seen as the end of stdin anyway.)
+pub const STDIO_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot build the reflection service: {0}")]
@@ -216,6 +224,10 @@ pub async fn serve(
             auth::check(policy.clone(), req, next)
         }));
 
+    let keepalive_timeout = match listen {
+        Listen::Tcp(_) => KEEPALIVE_TIMEOUT,
+        Listen::Stdio | Listen::StdioAndTcp(_) => STDIO_KEEPALIVE_TIMEOUT,
+    };
     let incoming = match listen {
         Listen::Tcp(listener) => {
             incoming(listener, app.limits, app.stats, app.raw, shutdown.clone())
@@ -258,7 +270,7 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_keepalive_timeout(Some(keepalive_timeout))
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .max_concurrent_streams(Some(app.limits.max_streams))

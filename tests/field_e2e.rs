@@ -120,7 +120,7 @@ fn psql(_: &Setup, at: SocketAddr) -> Command {
 fn dig(at: SocketAddr, tcp: bool) -> Command {
     let mut c = Command::new("dig");
     c.args([&format!("@{}", at.ip()), "-p", &at.port().to_string()])
-        .args(["porthole.test", "+short", "+time=5", "+tries=2"]);
+        .args(["porthole.test", "+short", "+time=5", "+tries=3"]);
     if tcp {
         c.arg("+tcp");
     }
