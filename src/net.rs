@@ -128,14 +128,40 @@ pub async fn connect(
     addr: impl tokio::net::ToSocketAddrs,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(result) => result,
-        Err(_) => Err(io::Error::new(
+    match awake_timeout(timeout, TcpStream::connect(addr)).await {
+        Some(result) => result,
+        None => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("no answer within {}s", timeout.as_secs()),
         )),
     }
 }
+
+/// `fut`'s output, or None once it has taken `limit` of the time this
+/// process was running. Time spent frozen does not count: a paused
+/// container's clock runs on, and a plain timeout started before `docker
+/// pause` fires the moment the container thaws, failing what would have
+/// worked. Counted in ticks of [`AWAKE_TICK`]; a tick that took longer
+/// than two was a freeze and counts as two.
+pub async fn awake_timeout<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut counted = Duration::ZERO;
+    loop {
+        let tick = tokio::time::Instant::now();
+        tokio::select! {
+            biased;
+            out = &mut fut => return Some(out),
+            _ = tokio::time::sleep(AWAKE_TICK.min(limit)) => {}
+        }
+        counted += tick.elapsed().min(AWAKE_TICK * 2);
+        if counted >= limit {
+            return None;
+        }
+    }
+}
+
+/// The tick [`awake_timeout`] counts in.
+pub const AWAKE_TICK: Duration = Duration::from_millis(100);
 
 /// How long a service start-up keeps retrying a listen address that is
 /// still in use (a predecessor killed a moment ago).

@@ -310,7 +310,7 @@ fn report(r: &Results) {
             "`docker stop` returns → the host port is free",
             &r.stop,
             r.stop_failed,
-            "within a second",
+            "the 2 s restart window (a `docker restart` loses nothing)",
         ),
         (
             "`docker exec -d` httpd on a new port in a running container → answers on localhost",
