@@ -517,8 +517,20 @@ async fn busy_host_port(backend: Backend) {
     assert!(tunnel.terminate().await.success(), "{}", tunnel.log());
     assert!(host_port_is_free(host), "tunnel-svc left {host} bound");
 
-    // --on-conflict fail: FAILED with the reason, nothing bound.
-    let tunnel = start_tunnel(&ns, &monitor, backend, &["--on-conflict", "fail"]).await;
+    // The remembered host port is this tunnel's from now on.
+    let again = start_tunnel(&ns, &monitor, backend, &[]).await;
+    assert_eq!(
+        again.wait_active(&id(port)).await.host_port,
+        u32::from(host)
+    );
+    drop(again);
+    wait_port_free(host);
+    // --on-conflict fail (and nothing remembered): FAILED with the
+    // reason, nothing bound.
+    let fresh = ns.log_dir().join("fresh-state");
+    let fresh = fresh.display().to_string();
+    let args = ["--on-conflict", "fail", "--state-dir", fresh.as_str()];
+    let tunnel = start_tunnel(&ns, &monitor, backend, &args).await;
     let t = tunnel
         .wait_tunnel(&id(port), "FAILED", |t| state(t) == TunnelState::Failed)
         .await;
