@@ -359,6 +359,13 @@ async fn the_ip_transport_carries_bytes_with_a_token_the_command_line_never_show
         .await
         .expect_err("no relay without the token");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    // Nor the read-only surface: that listener is tunnel-svc's alone.
+    let events = common::http(addr, "GET", "/port-events", &[])
+        .await
+        .unwrap();
+    assert_eq!(events.status, 401, "{events:?}");
+    let health = common::http(addr, "GET", "/healthz", &[]).await.unwrap();
+    assert_eq!(health.status, 200, "{health:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -18,7 +18,7 @@ struct Args {
     /// (gRPC over HTTP/2, no token: only that process holds the pipes)
     /// instead of listening; exit when stdin closes. What tunnel-svc
     /// --docker runs over a `docker exec` stream.
-    #[arg(long, conflicts_with_all = ["listen", "token_file", "anonymous", "max_connections"])]
+    #[arg(long, conflicts_with_all = ["listen", "token_file", "max_connections"])]
     stdio: bool,
     /// With --stdio: also listen on ADDR (for Relay and events from the
     /// network), requiring the token that the first line on stdin holds.
@@ -62,7 +62,8 @@ struct Args {
     token_file: Option<PathBuf>,
     /// What callers without the token get: read-only (/port-events,
     /// PortEvents, health, reflection, /metrics; no command lines) or none
-    /// (only /healthz).
+    /// (only /healthz). With --stdio, it applies to --stdio-listen's callers
+    /// (the stdio peer has everything).
     #[arg(long, env = "PORTHOLE_ANONYMOUS", value_enum, default_value_t = Anonymous::ReadOnly)]
     anonymous: Anonymous,
     /// Client connections at once; more are closed as they arrive.

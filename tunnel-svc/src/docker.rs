@@ -1026,7 +1026,9 @@ fn command(listen: bool, user: Option<&str>) -> Vec<String> {
         "json".into(),
     ];
     if listen {
+        // Only tunnel-svc uses that listener: nothing for anyone else.
         cmd.extend(["--stdio-listen".into(), "0.0.0.0:0".into()]);
+        cmd.extend(["--anonymous".into(), "none".into()]);
     }
     if let Some(user) = user {
         cmd.extend(["--user".into(), user.into()]);
