@@ -22,7 +22,6 @@ use porthole_testkit::measure::{ms, nproc};
 use porthole_testkit::{unused_local_port, MonitorProc, Netns, Sshd, TunnelProc};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One request every this long.
 const EVERY: Duration = Duration::from_millis(20);
@@ -47,19 +46,7 @@ struct Row {
 
 /// One `GET /` on `127.0.0.1:port`; the failure, if it failed.
 async fn request(port: u16) -> Option<String> {
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await?;
-        let mut answer = Vec::new();
-        s.read_to_end(&mut answer).await?;
-        std::io::Result::Ok(answer)
-    };
-    match tokio::time::timeout(LIMIT, io).await {
-        Err(_) => Some(format!("no answer within {LIMIT:?}")),
-        Ok(Err(e)) => Some(e.to_string()),
-        Ok(Ok(a)) if a.starts_with(b"HTTP/1.") => None,
-        Ok(Ok(a)) => Some(format!("no HTTP answer ({} bytes)", a.len())),
-    }
+    porthole_testkit::docker::request(port, LIMIT).await.err()
 }
 
 /// The client: a request every [`EVERY`] until dropped, each on its own.

@@ -312,22 +312,33 @@ fn build_static_monitor() -> Result<PathBuf, String> {
     }
 }
 
-/// The body of `GET /` on the host's `127.0.0.1:port`, if it answers.
+/// The body of `GET /` on the host's `127.0.0.1:port`, if it answers
+/// within 2 s.
 pub async fn get(port: u16) -> Option<String> {
+    request(port, Duration::from_secs(2)).await.ok()
+}
+
+/// One `GET /` on the host's `127.0.0.1:port`, allowed `limit` (a request
+/// waiting for its path takes as long as the path takes to come back): the
+/// reply's body, or what went wrong.
+pub async fn request(port: u16, limit: Duration) -> Result<String, String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let io = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).await?;
-        std::io::Result::Ok(answer)
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await?;
+        std::io::Result::Ok(String::from_utf8_lossy(&answer).into_owned())
     };
-    let answer = tokio::time::timeout(Duration::from_secs(2), io)
-        .await
-        .ok()?
-        .ok()?;
-    let (head, body) = answer.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.").then(|| body.trim().to_string())
+    let answer = match tokio::time::timeout(limit, io).await {
+        Err(_) => return Err(format!("no answer within {limit:?}")),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Ok(Ok(a)) => a,
+    };
+    match answer.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.") => Ok(body.trim().to_string()),
+        _ => Err(format!("not an HTTP answer ({} bytes)", answer.len())),
+    }
 }
 
 /// One test's image, network and label; the containers it starts carry
