@@ -183,6 +183,8 @@ pub fn http_server(addr: &str, port: u16, text: &str) -> [String; 3] {
 /// A container (removed with `docker rm -f` on drop).
 pub struct Container {
     pub name: String,
+    /// Removed by id, which a `docker rename` does not change.
+    id: String,
 }
 
 impl Container {
@@ -202,8 +204,14 @@ impl Container {
         all.extend_from_slice(extra);
         all.push(&image.name);
         all.extend_from_slice(args);
-        must(&all);
-        Container { name }
+        match docker(&all) {
+            Ok(id) => Container { name, id },
+            Err(e) => {
+                // A container that was created but could not start.
+                let _ = docker(&["rm", "-f", &name]);
+                panic!("{e}");
+            }
+        }
     }
 
     /// A busybox HTTP server on `addr:port` inside, whose page says `text`.
@@ -239,7 +247,7 @@ impl Container {
 
 impl Drop for Container {
     fn drop(&mut self) {
-        let _ = docker(&["rm", "-f", &self.name]);
+        let _ = docker(&["rm", "-f", &self.id]);
     }
 }
 
