@@ -117,11 +117,8 @@ async fn works(setup: Setup<'_>) -> Option<Running> {
 
 /// The monitor's line in `ps` inside the container.
 fn monitor_ps(c: &Container) -> String {
-    let ps = c.exec(&["ps"]);
-    ps.lines()
-        .find(|l| l.contains("--stdio"))
-        .unwrap_or_else(|| panic!("a monitor in:\n{ps}"))
-        .to_string()
+    c.monitor_ps()
+        .unwrap_or_else(|| panic!("a monitor in:\n{}", c.exec(&["ps"])))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -268,11 +265,9 @@ async fn host_network_is_left_alone_and_says_why() {
     );
     let mut tunnel = w.tunnel_svc(&[]).await;
     tunnel.proc().wait_for_log("--network host").await;
-    assert_eq!(
-        get(port).await.as_deref(),
-        Some("on-the-host"),
-        "its own port"
-    );
+    // Its own server, on the host's port, started in its own time.
+    let own = poll_until("the container's server on the host", DEADLINE, || get(port)).await;
+    assert_eq!(own, "on-the-host");
     assert!(tunnel.targets().await.iter().all(|t| t.name != c.name));
     assert!(!c.exec(&["ps"]).contains("--stdio"), "no monitor inside");
 }

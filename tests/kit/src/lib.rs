@@ -1566,10 +1566,21 @@ pub fn host_port_is_free(port: u16) -> bool {
 /// A port of 127.0.0.1 nothing listens on right now (bound on port 0, read
 /// and released), for an address that must be known before a process starts.
 pub fn unused_local_port() -> u16 {
-    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    // Never the same port twice in one process: a port handed out for a
+    // container's server is not bound until its tunnel opens, and the
+    // kernel may offer it again meanwhile (say, for tunnel-svc's --admin).
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Runs grpcurl with `args`; returns stdout, panicking with its output on
