@@ -50,13 +50,8 @@ async fn a_monitor_killed_inside_is_replaced_and_the_tunnel_works_again() {
     }
     let w = World::new();
     let (c, port, tunnel) = running(&w).await;
-    let ps = c.exec(&["ps"]);
-    let pid = ps
-        .lines()
-        .find(|l| l.contains("--stdio"))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("a monitor in:\n{ps}"))
-        .to_string();
+    let line = c.monitor_ps().expect("a monitor runs inside");
+    let pid = line.split_whitespace().next().unwrap().to_string();
     c.exec(&["kill", "-9", &pid]);
     let killed = Instant::now();
     // A request made now waits for the new monitor instead of failing.

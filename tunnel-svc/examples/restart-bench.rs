@@ -150,11 +150,8 @@ async fn back(port: u16) {
 
 /// The monitor's pid inside container `c`.
 fn monitor_pid(c: &Container) -> Option<String> {
-    let ps = c.exec(&["ps"]);
-    ps.lines()
-        .find(|l| l.contains("--stdio"))
-        .and_then(|l| l.split_whitespace().next())
-        .map(str::to_string)
+    let line = c.monitor_ps()?;
+    line.split_whitespace().next().map(str::to_string)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -430,8 +430,10 @@ struct Attached {
     shown: Shown,
     /// Stops its monitor.
     cancel: CancellationToken,
-    /// Its networks changed: the path to its monitor is found again.
-    moved: Arc<tokio::sync::Notify>,
+    /// Wakes its monitor loop: its networks changed (the path to its
+    /// monitor is found again), or it was unpaused or started again (a
+    /// monitor that could not start is tried at once).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Follower {
@@ -457,8 +459,8 @@ impl Follower {
                 let container = event
                     .actor
                     .and_then(|a| a.attributes?.get("container").cloned());
-                if let Some(moved) = container.and_then(|id| self.moved(&id)) {
-                    moved.notify_one();
+                if let Some(id) = container {
+                    self.wake(&id);
                 }
                 continue;
             }
@@ -471,9 +473,7 @@ impl Follower {
                     // tunnels stay, its monitor loop starts the next
                     // monitor now.
                     self.stopping(&id, None);
-                    if let Some(moved) = self.moved(&id) {
-                        moved.notify_one();
-                    }
+                    self.wake(&id);
                     self.clone().attach_matching(&id, shutdown).await
                 }
                 "die" if self.restarting(&id).await => {
@@ -502,9 +502,7 @@ impl Follower {
                 // was paused is tried again now, not after its backoff.
                 "unpause" => {
                     self.paused(&id, false).await;
-                    if let Some(moved) = self.moved(&id) {
-                        moved.notify_one();
-                    }
+                    self.wake(&id);
                 }
                 _ => {}
             }
@@ -578,7 +576,7 @@ impl Follower {
             return;
         }
         let cancel = shutdown.child_token();
-        let moved = Arc::new(tokio::sync::Notify::new());
+        let wake = Arc::new(tokio::sync::Notify::new());
         {
             let mut attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
             if attached.contains_key(&c.id) {
@@ -587,20 +585,20 @@ impl Follower {
             let a = Attached {
                 shown: c.shown.clone(),
                 cancel: cancel.clone(),
-                moved: moved.clone(),
+                wake: wake.clone(),
             };
             attached.insert(c.id.clone(), a);
             FOLLOWED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let span = tracing::info_span!("docker", container = %c.name);
-        tokio::spawn(self.run_monitor(c, cancel, moved).instrument(span));
+        tokio::spawn(self.run_monitor(c, cancel, wake).instrument(span));
     }
 
     /// Whether the engine is restarting container `id` by its restart
     /// policy (`--restart`): its tunnels then stay, their new connections
-    /// waiting (see `--park`), instead of closing. A container stopped by
-    /// hand, or restarted with `docker restart`, looks stopped here: its
-    /// host ports are freed at once.
+    /// waiting (see `--park`), for as long as that takes. A container
+    /// stopped by hand, or restarted with `docker restart`, looks stopped
+    /// here: its tunnels wait only the [`RESTART_WINDOW`].
     async fn restarting(&self, id: &str) -> bool {
         let Ok(info) = self.docker.inspect_container(id, None).await else {
             return false;
@@ -642,10 +640,13 @@ impl Follower {
         self.reconciler.link(&name, link).await;
     }
 
-    /// What wakes container `id`'s monitor loop when its networks change.
-    fn moved(&self, id: &str) -> Option<Arc<tokio::sync::Notify>> {
+    /// Wakes container `id`'s monitor loop, if it is followed (see
+    /// [`Attached::wake`]).
+    fn wake(&self, id: &str) {
         let attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
-        attached.get(id).map(|a| a.moved.clone())
+        if let Some(a) = attached.get(id) {
+            a.wake.notify_one();
+        }
     }
 
     /// Container `id` has a new name: its target takes it, and keeps its
@@ -683,6 +684,8 @@ impl Follower {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
+        // Whatever kept it for the restart window has done so.
+        self.stopping(id, None);
         if let Some(Attached { shown, cancel, .. }) = gone {
             let name = shown.name();
             cancel.cancel();
@@ -700,7 +703,7 @@ impl Follower {
         self: Arc<Self>,
         c: Container,
         cancel: CancellationToken,
-        moved: Arc<tokio::sync::Notify>,
+        wake: Arc<tokio::sync::Notify>,
     ) {
         let current = Arc::new(Current::default());
         let channel = exec_channel(current.clone());
@@ -739,7 +742,6 @@ impl Follower {
         // Whether the monitor also listens on the container's address, and
         // how tunnel bytes go now ("exec", or "ip ADDR").
         let mut listen = self.transport != Transport::Exec;
-        let mut via = c.shown.via();
         loop {
             current.set(Slot::Starting);
             let token = match listen.then(porthole::auth::Token::generate).transpose() {
@@ -760,6 +762,7 @@ impl Follower {
                     ended,
                     port,
                     said,
+                    addresses,
                 }) => {
                     last_error.clear();
                     backoff.reset();
@@ -767,21 +770,17 @@ impl Follower {
                     // set anew each time, nothing of an earlier life kept,
                     // and before the monitor's ports are read (its own is
                     // not forwarded).
-                    let (now, backend, monitor_port) = match (&token, port) {
+                    let path = match (&token, port) {
                         (Some(token), Some(port)) => {
-                            self.path(&c, token, port, &exec_backend).await
+                            self.path(&addresses, token, port, &exec_backend).await
                         }
-                        _ => ("exec".to_string(), exec_backend.clone(), 0),
+                        _ => Route::exec("exec".into(), exec_backend.clone(), 0),
                     };
-                    if now == "exec" && self.transport == Transport::Auto {
+                    if !path.reached && self.transport == Transport::Auto {
                         listen = false;
                     }
-                    if token.is_some() || now != via {
-                        via = now;
-                        let url = c.shown.set_via(&via);
-                        self.reconciler
-                            .set_backend(&c.name, backend, url, monitor_port)
-                            .await;
+                    if token.is_some() || path.via != c.shown.via() {
+                        self.take(&c, path).await;
                     }
                     current.set(Slot::Ready(io));
                     let mut ended = std::pin::pin!(ended);
@@ -792,18 +791,14 @@ impl Follower {
                             // A network connected or disconnected: the
                             // address found for this life may be gone, or
                             // another container's now.
-                            _ = moved.notified() => {
+                            _ = wake.notified() => {
                                 let (Some(token), Some(port)) = (&token, port) else {
                                     continue;
                                 };
-                                let (now, backend, monitor_port) =
-                                    self.path(&c, token, port, &exec_backend).await;
-                                tracing::info!(via = %now, "the container's networks changed");
-                                via = now;
-                                let url = c.shown.set_via(&via);
-                                self.reconciler
-                                    .set_backend(&c.name, backend, url, monitor_port)
-                                    .await;
+                                let addresses = self.addresses(&c).await.unwrap_or_default();
+                                let path = self.path(&addresses, token, port, &exec_backend).await;
+                                tracing::info!(via = %path.via, "the container's networks changed");
+                                self.take(&c, path).await;
                             }
                         }
                     }
@@ -823,32 +818,32 @@ impl Follower {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
                 // Unpaused, or its networks changed: try now.
-                _ = moved.notified() => {}
+                _ = wake.notified() => {}
             }
         }
     }
 
-    /// How tunnel bytes reach a monitor listening on `port` with `token`:
-    /// `("ip ADDR", its backend, port)` when the host reaches the
-    /// container's address, else the exec stream (`"exec"` with `auto`,
-    /// which then stops asking the monitor to listen).
+    /// How tunnel bytes reach a monitor listening on `port` with `token`
+    /// in a container with `addresses`: its address when the host reaches
+    /// it, else the exec stream (which, with `auto`, then stops asking the
+    /// monitor to listen).
     async fn path(
         &self,
-        c: &Container,
+        addresses: &[IpAddr],
         token: &porthole::auth::Token,
         port: u16,
         exec: &Arc<Backend>,
-    ) -> (String, Arc<Backend>, u16) {
-        let addr = match self.reach(c, port).await {
+    ) -> Route {
+        let addr = match reach(addresses, port).await {
             Ok(addr) => addr,
             Err(why) if self.transport == Transport::Auto => {
                 tracing::info!(reason = %why, "the host cannot reach the container's address; tunnel bytes go over the exec stream");
-                return ("exec".into(), exec.clone(), port);
+                return Route::exec("exec".into(), exec.clone(), port);
             }
             Err(why) => {
                 tracing::warn!(reason = %why, "--docker-transport ip: the container's address is not reachable");
                 let via = format!("exec (--docker-transport ip, but {why})");
-                return (via, exec.clone(), port);
+                return Route::exec(via, exec.clone(), port);
             }
         };
         let url = crate::config::MonitorUrl {
@@ -858,62 +853,40 @@ impl Follower {
         match crate::monitor_channel(&url, Some(token.clone())) {
             Ok(channel) => {
                 let raw = self.raw_relay.then(|| {
-                    let from = crate::backend::grpc::TokenFrom::Handed;
-                    crate::backend::grpc::Raw::new(
-                        url.host.clone(),
-                        port,
-                        Some(token.clone()),
-                        from,
-                    )
+                    crate::backend::grpc::Raw::new(url.host.clone(), port, Some(token.clone()))
                 });
                 let token = crate::backend::grpc::TokenFrom::Handed;
-                let backend = Arc::new(Backend::Grpc(Grpc {
-                    channel,
-                    raw,
-                    token,
-                }));
-                (format!("ip {addr}"), backend, port)
+                Route {
+                    via: format!("ip {addr}"),
+                    backend: Arc::new(Backend::Grpc(Grpc {
+                        channel,
+                        raw,
+                        token,
+                    })),
+                    monitor_port: port,
+                    reached: true,
+                }
             }
-            Err(e) => (format!("exec ({e})"), exec.clone(), port),
+            Err(e) => Route::exec(format!("exec ({e})"), exec.clone(), port),
         }
     }
 
-    /// The monitor on the container's own address, if the host reaches it
-    /// (within [`REACH_WAIT`]: the monitor binds once it has its token).
-    async fn reach(&self, c: &Container, port: u16) -> Result<SocketAddr, String> {
+    /// Container `c`'s tunnels go by `path` from now on.
+    async fn take(&self, c: &Container, path: Route) {
+        let url = c.shown.set_via(&path.via);
+        self.reconciler
+            .set_backend(&c.name, path.backend, url, path.monitor_port)
+            .await;
+    }
+
+    /// The container's addresses on its networks, as the engine says now.
+    async fn addresses(&self, c: &Container) -> Result<Vec<IpAddr>, String> {
         let info = self
             .docker
             .inspect_container(&c.id, None)
             .await
             .map_err(|e| engine_error(&e))?;
-        let addrs: Vec<SocketAddr> = info
-            .network_settings
-            .and_then(|n| n.networks)
-            .unwrap_or_default()
-            .values()
-            .filter_map(|n| n.ip_address.as_deref()?.parse::<IpAddr>().ok())
-            .map(|ip| SocketAddr::new(ip, port))
-            .collect();
-        if addrs.is_empty() {
-            return Err("the container has no address of its own".into());
-        }
-        let deadline = tokio::time::Instant::now() + REACH_WAIT;
-        loop {
-            for addr in &addrs {
-                let probe = tokio::time::timeout(
-                    Duration::from_millis(200),
-                    tokio::net::TcpStream::connect(addr),
-                );
-                if let Ok(Ok(_)) = probe.await {
-                    return Ok(*addr);
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let shown: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-                return Err(format!("no answer on {}", shown.join(", ")));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        Ok(addresses(&info))
     }
 
     /// Copies the monitor into `c` and starts it on an exec stream; the
@@ -929,6 +902,7 @@ impl Follower {
             .inspect_container(&c.id, None)
             .await
             .map_err(|e| format!("cannot inspect the container: {}", engine_error(&e)))?;
+        let addresses = addresses(&info);
         let user = info.config.and_then(|c| c.user).unwrap_or_default();
         let user = non_root(&user);
         // Never replaces a directory of the container's with the file.
@@ -1009,6 +983,7 @@ impl Follower {
             ended,
             port,
             said,
+            addresses,
         })
     }
 }
@@ -1036,6 +1011,67 @@ fn command(listen: bool, user: Option<&str>) -> Vec<String> {
     cmd
 }
 
+/// The monitor on one of `addresses`, `port`, if the host reaches it (within
+/// [`REACH_WAIT`]: the monitor binds once it has its token).
+async fn reach(addresses: &[IpAddr], port: u16) -> Result<SocketAddr, String> {
+    let addrs: Vec<SocketAddr> = addresses
+        .iter()
+        .map(|ip| SocketAddr::new(*ip, port))
+        .collect();
+    if addrs.is_empty() {
+        return Err("the container has no address of its own".into());
+    }
+    let deadline = tokio::time::Instant::now() + REACH_WAIT;
+    loop {
+        for addr in &addrs {
+            let probe = tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::net::TcpStream::connect(addr),
+            );
+            if let Ok(Ok(_)) = probe.await {
+                return Ok(*addr);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let shown: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+            return Err(format!("no answer on {}", shown.join(", ")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A container's addresses on its networks, from an inspect.
+fn addresses(info: &bollard::models::ContainerInspectResponse) -> Vec<IpAddr> {
+    info.network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref())
+        .into_iter()
+        .flat_map(|n| n.values())
+        .filter_map(|n| n.ip_address.as_deref()?.parse::<IpAddr>().ok())
+        .collect()
+}
+
+/// How a container's tunnel bytes go: shown as `via`, carried by
+/// `backend`, with the monitor's own port (never forwarded).
+struct Route {
+    via: String,
+    backend: Arc<Backend>,
+    monitor_port: u16,
+    /// The container's address is used (not the exec stream).
+    reached: bool,
+}
+
+impl Route {
+    fn exec(via: String, backend: Arc<Backend>, monitor_port: u16) -> Route {
+        Route {
+            via,
+            backend,
+            monitor_port,
+            reached: false,
+        }
+    }
+}
+
 /// A monitor that started: its exec stream, what fires when the stream
 /// ends, the port it listens on (when it was handed a token), and the last
 /// warning it wrote.
@@ -1044,6 +1080,8 @@ struct Started {
     ended: tokio::sync::oneshot::Receiver<()>,
     port: Option<u16>,
     said: Said,
+    /// The container's addresses as the inspect before the start said.
+    addresses: Vec<IpAddr>,
 }
 
 /// The container's user (`docker run --user`) when it is not root: the

@@ -125,6 +125,29 @@ impl HostPorts {
         }
     }
 
+    /// Target `from` is called `to` now: its ports are remembered under the
+    /// new name.
+    pub fn rename_target(&mut self, from: &str, to: &str) {
+        let moved: Vec<TunnelId> = self
+            .ports
+            .keys()
+            .filter(|id| id.target == from)
+            .cloned()
+            .collect();
+        if moved.is_empty() {
+            return;
+        }
+        for id in moved {
+            let e = self.ports.remove(&id).expect("listed");
+            let new = TunnelId {
+                target: to.to_string(),
+                ..id
+            };
+            self.ports.insert(new, e);
+        }
+        self.save();
+    }
+
     fn save(&self) {
         let Some(path) = &self.path else {
             return;
@@ -193,6 +216,12 @@ mod tests {
         // In force: followed targets, or everything within the grace.
         assert_eq!(third.in_force(|t| t == "web", false).len(), 0);
         assert_eq!(third.in_force(|_| false, true).len(), 1);
+        // A renamed target keeps its ports, under the new name.
+        let mut renamed = HostPorts::load(Some(path.clone()));
+        renamed.rename_target("api", "api2");
+        let after = HostPorts::load(Some(path.clone()));
+        assert_eq!(after.get(&TunnelId::new("api2", 8000)), Some(8000));
+        assert_eq!(after.get(&api), None);
         // A file that is not ours is ignored, not trusted.
         std::fs::write(&path, "not json").unwrap();
         assert_eq!(HostPorts::load(Some(path)).get(&api), None);

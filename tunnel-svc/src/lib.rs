@@ -238,7 +238,6 @@ pub async fn run(
                             t.url.host.clone(),
                             t.url.port,
                             opts.monitor_tokens.get(&t.name).cloned(),
-                            backend::grpc::TokenFrom::User,
                         )
                     }),
                     token: backend::grpc::TokenFrom::User,

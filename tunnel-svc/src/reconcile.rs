@@ -791,13 +791,7 @@ impl Reconciler {
             target: to.clone(),
             ..id.clone()
         };
-        let ids: Vec<TunnelId> = self
-            .entries
-            .keys()
-            .filter(|id| id.target == from)
-            .cloned()
-            .collect();
-        for id in ids {
+        for id in self.ids_of(&from) {
             let entry = self.entries.remove(&id).expect("listed");
             self.publish_removed(entry.view(&id, kind));
             let new = moved(&id);
@@ -812,6 +806,7 @@ impl Reconciler {
             .into_iter()
             .map(|(id, p)| (if id.target == from { moved(&id) } else { id }, p))
             .collect();
+        self.host_ports.rename_target(&from, &to);
         for old in self.renamed.values_mut().filter(|t| **t == from) {
             *old = to.clone();
         }
@@ -820,18 +815,18 @@ impl Reconciler {
         self.reconcile(false);
     }
 
+    /// The ids of target `name`'s tunnels.
+    fn ids_of(&self, name: &str) -> Vec<TunnelId> {
+        let ids = self.entries.keys().filter(|id| id.target == name);
+        ids.cloned().collect()
+    }
+
     /// Stops and forgets every tunnel of target `name`, then the target.
     fn remove_target(&mut self, name: &str) -> bool {
         let Some(target) = self.targets.remove(name) else {
             return false;
         };
-        let ids: Vec<TunnelId> = self
-            .entries
-            .keys()
-            .filter(|id| id.target == name)
-            .cloned()
-            .collect();
-        for id in ids {
+        for id in self.ids_of(name) {
             if let Some(mut e) = self.entries.remove(&id) {
                 e.stop(&target, id.port);
                 let view = e.view(&id, target.backend.get().kind());

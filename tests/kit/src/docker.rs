@@ -237,6 +237,15 @@ impl Container {
         must(&args);
     }
 
+    /// The line `busybox ps` shows for porthole's monitor inside (`PID
+    /// USER TIME COMMAND`), if one runs.
+    pub fn monitor_ps(&self) -> Option<String> {
+        let ps = self.exec(&["ps"]);
+        ps.lines()
+            .find(|l| l.contains("--stdio"))
+            .map(str::to_string)
+    }
+
     /// Runs `busybox ARGS` inside; its output.
     pub fn exec(&self, args: &[&str]) -> String {
         let mut all = vec!["exec", self.name.as_str(), "/bin/busybox"];

@@ -85,7 +85,6 @@ pub struct Raw {
     pub host: String,
     pub port: u16,
     pub token: Option<porthole::auth::Token>,
-    from: TokenFrom,
     /// Set once the monitor answered a raw request as something else (an
     /// older monitor): Relay streams from then on.
     unsupported: AtomicBool,
@@ -107,17 +106,11 @@ const RAW_HANDSHAKES: usize = 8;
 pub const RAW_CONNECTIONS: usize = 1024;
 
 impl Raw {
-    pub fn new(
-        host: String,
-        port: u16,
-        token: Option<porthole::auth::Token>,
-        from: TokenFrom,
-    ) -> Raw {
+    pub fn new(host: String, port: u16, token: Option<porthole::auth::Token>) -> Raw {
         Raw {
             host,
             port,
             token,
-            from,
             unsupported: AtomicBool::new(false),
             slots: Arc::new(Semaphore::new(RAW_CONNECTIONS)),
             handshakes: Semaphore::new(RAW_HANDSHAKES),
@@ -127,7 +120,8 @@ impl Raw {
     /// A raw relay connection to TCP `port`, or why not; `Ok(None)` when
     /// the monitor does not offer the raw path or this process is out of
     /// file descriptors (a Relay stream then carries the connection).
-    async fn dial(&self, port: u16) -> Result<Option<Upstream>, DialError> {
+    /// (`from`: where the token came from, for the words of a refusal.)
+    async fn dial(&self, port: u16, from: TokenFrom) -> Result<Option<Upstream>, DialError> {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return Ok(None);
         };
@@ -168,7 +162,7 @@ impl Raw {
             // The monitor's raw relays are all taken: a Relay stream.
             Answer::Err { code, .. } if code == "RESOURCE_EXHAUSTED" => Ok(None),
             Answer::Err { code, message } => {
-                Err(monitor_said(code == "UNAUTHENTICATED", &message, self.from))
+                Err(monitor_said(code == "UNAUTHENTICATED", &message, from))
             }
             Answer::Unknown(what) => {
                 if !self.unsupported.swap(true, Relaxed) {
@@ -213,7 +207,7 @@ impl Grpc {
     /// monitor to connect it.
     pub async fn dial(&self, port: u16) -> Result<Upstream, DialError> {
         if let Some(raw) = self.raw.as_ref().filter(|r| !r.unsupported.load(Relaxed)) {
-            let dialed = tokio::time::timeout(DIAL_TIMEOUT, raw.dial(port))
+            let dialed = tokio::time::timeout(DIAL_TIMEOUT, raw.dial(port, self.token))
                 .await
                 .map_err(|_| no_answer())?;
             if let Some(upstream) = dialed? {
