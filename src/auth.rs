@@ -155,9 +155,7 @@ impl Token {
 
     /// A new random token: 256 bits from the kernel, as hex.
     pub fn generate() -> std::io::Result<Token> {
-        use std::io::Read;
-        let mut bytes = [0u8; GENERATED_BYTES];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let bytes: [u8; GENERATED_BYTES] = random_bytes()?;
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         Ok(Token(hex.into()))
     }
@@ -222,6 +220,25 @@ impl Token {
         self.matches(given)
     }
 
+    /// What a server holding this token answers to `nonce` in
+    /// `TunnelAdmin.Prove`: HMAC-SHA256 keyed with the token over
+    /// [`PROOF_CONTEXT`] then the nonce. It shows the server holds the
+    /// token without revealing it.
+    pub fn proof(&self, nonce: &[u8]) -> [u8; 32] {
+        hmac_sha256(self.0.as_bytes(), &[PROOF_CONTEXT, nonce])
+    }
+
+    /// Whether `proof` is [`Token::proof`] of `nonce`, compared in constant
+    /// time.
+    pub fn proves(&self, nonce: &[u8], proof: &[u8]) -> bool {
+        let want = self.proof(nonce);
+        let mut diff = u8::from(proof.len() != want.len());
+        for (i, p) in proof.iter().enumerate() {
+            diff |= p ^ want[i % want.len()];
+        }
+        diff == 0
+    }
+
     /// Whether `given` is this token, in the same time wherever the first
     /// difference is and whatever the two lengths are.
     pub fn matches(&self, given: &[u8]) -> bool {
@@ -234,6 +251,39 @@ impl Token {
         }
         diff == 0
     }
+}
+
+/// What `TunnelAdmin.Prove` answers are computed over, before the nonce.
+pub const PROOF_CONTEXT: &[u8] = b"porthole-admin-proof-v1";
+
+/// HMAC-SHA256 (RFC 2104) of the concatenated `parts`.
+fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| k.map(|b| b ^ byte);
+    let mut inner = Sha256::new();
+    inner.update(pad(0x36));
+    for part in parts {
+        inner.update(part);
+    }
+    let mut outer = Sha256::new();
+    outer.update(pad(0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().into()
+}
+
+/// 32 random bytes from the kernel.
+pub fn random_bytes() -> std::io::Result<[u8; 32]> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// A client-side interceptor that adds the token (when there is one) to
@@ -334,6 +384,33 @@ pub async fn check(policy: Policy, mut req: Request, next: Next) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_proof_is_rfc_4231_hmac_sha256() {
+        // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
+        let mac = hmac_sha256(b"Jefe", &[b"what do ya want ", b"for nothing?"]);
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // Test case 6: a key longer than the block is hashed first.
+        let mac = hmac_sha256(
+            &[0xaa; 131],
+            &[b"Test Using Larger Than Block-Size Key - Hash Key First"],
+        );
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+        let token = Token::new("secret").unwrap();
+        let proof = token.proof(b"nonce");
+        assert!(token.proves(b"nonce", &proof));
+        assert!(!token.proves(b"other", &proof));
+        assert!(!Token::new("secreT").unwrap().proves(b"nonce", &proof));
+        assert!(!token.proves(b"nonce", &proof[..31]));
+    }
 
     #[test]
     fn a_token_file_must_be_this_users_in_a_directory_others_cannot_change() {

@@ -12,6 +12,8 @@ fn demo_forwards_a_server_and_cleans_up() {
     }
     // The demo runs the monitor-svc that sits next to tunnel-svc.
     common::binary("monitor-svc");
+    // Its admin token goes here, not into this machine's home.
+    let state = std::env::temp_dir().join(format!("porthole-demo-e2e-{}", std::process::id()));
     // A port no other test uses, so the demo gets the same host port.
     let out = Command::new(common::binary("tunnel-svc"))
         .args([
@@ -23,6 +25,7 @@ fn demo_forwards_a_server_and_cleans_up() {
             "127.0.0.1:0",
         ])
         .env_remove("PORTHOLE_ADMIN")
+        .env("XDG_STATE_HOME", &state)
         .output()
         .expect("run tunnel-svc demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -41,6 +44,12 @@ fn demo_forwards_a_server_and_cleans_up() {
         "the request went through: {stdout}"
     );
     assert!(stdout.contains("cleaned up"), "{stdout}");
+    // Its admin API took root's own token (tunnel-svc ls finds it there).
+    assert!(
+        state.join("porthole/admin.token").exists(),
+        "the admin token is in the state directory"
+    );
+    let _ = std::fs::remove_dir_all(&state);
     // Nothing left behind: no namespace, no host port.
     let pid_tag = stdout
         .lines()

@@ -16,8 +16,7 @@
 use porthole_testkit as common;
 
 use common::{
-    binary, have_openssh, require_root, skip_or_fail, which, MonitorProc, Netns, Proc, Sshd,
-    TunnelProc,
+    have_openssh, require_root, skip_or_fail, which, MonitorProc, Netns, Proc, Sshd, TunnelProc,
 };
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -295,11 +294,10 @@ fn start_nothing(_: &Setup) -> Vec<Proc> {
 }
 
 /// Runs a client with a deadline; what it printed, or why it failed.
-async fn run(mut cmd: Command) -> Result<String, String> {
-    cmd.stdin(std::process::Stdio::null());
-    let shown = format!("{cmd:?}");
-    let mut cmd = tokio::process::Command::from(cmd);
-    cmd.kill_on_drop(true);
+async fn run(cmd: impl Into<tokio::process::Command>) -> Result<String, String> {
+    let mut cmd = cmd.into();
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+    let shown = format!("{:?}", cmd.as_std());
     match tokio::time::timeout(CELL, cmd.output()).await {
         Err(_) => Err(format!("{shown}: no answer within {CELL:?}")),
         Ok(Err(e)) => Err(format!("{shown}: {e}")),
@@ -315,9 +313,7 @@ async fn run(mut cmd: Command) -> Result<String, String> {
 
 /// One cell: `tunnel-svc wait`, then the client on what it printed.
 async fn cell(setup: &Setup, tunnel: &TunnelProc, way: Way, check: &Check) -> Result<(), String> {
-    let mut wait = Command::new(binary("tunnel-svc"));
-    wait.args(["wait", &check.port.to_string(), "--timeout", "25s"])
-        .args(["--admin", &tunnel.admin().to_string()]);
+    let mut wait = tunnel.cli(&["wait", &check.port.to_string(), "--timeout", "25s"]);
     if check.udp {
         wait.args(["--protocol", "udp"]);
     }

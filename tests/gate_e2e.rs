@@ -178,6 +178,7 @@ async fn output(what: &str, cmd: Command) -> Output {
 struct Gate {
     proc: Proc,
     admin: SocketAddr,
+    token: porthole::auth::Token,
 }
 
 /// Writes a gate config of `(alias, hostname, port)` entries.
@@ -198,11 +199,15 @@ impl Gate {
     /// namespace's address; returns once every forward has left PENDING.
     async fn start(ns: &Netns, config: &Path, upstreams: usize) -> Gate {
         let admin = SocketAddr::new(ns.addr().into(), ADMIN_PORT);
+        let token_file = ns.log_dir().join("gate-admin.token");
+        let (token, _) = porthole::auth::Token::load_or_create(&token_file).expect("a token");
         let mut cmd = ns.command(binary("tunnel-svc"));
         cmd.arg("gate")
             .arg("--config")
             .arg(config)
             .args(["--admin", &admin.to_string()])
+            .arg("--admin-token-file")
+            .arg(&token_file)
             .env_remove("PORTHOLE_TOKEN_FILE")
             .env_remove("PORTHOLE_ADMIN")
             .env("NO_COLOR", "1")
@@ -213,7 +218,7 @@ impl Gate {
             if let Some(status) = proc.try_wait() {
                 panic!("the gate exited ({status}):\n{}", proc.log());
             }
-            if let Ok(tunnels) = list(admin).await {
+            if let Ok(tunnels) = list(admin, &token).await {
                 if tunnels.len() == upstreams
                     && tunnels
                         .iter()
@@ -229,11 +234,11 @@ impl Gate {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Gate { proc, admin }
+        Gate { proc, admin, token }
     }
 
     async fn tunnels(&self) -> Vec<Tunnel> {
-        list(self.admin).await.expect("ListTunnels")
+        list(self.admin, &self.token).await.expect("ListTunnels")
     }
 
     async fn tunnel(&self, id: &str) -> Tunnel {
@@ -245,18 +250,27 @@ impl Gate {
     }
 }
 
-async fn admin_client(admin: SocketAddr) -> Result<TunnelAdminClient<Channel>, tonic::Status> {
+async fn admin_client(
+    admin: SocketAddr,
+    token: &porthole::auth::Token,
+) -> Result<TunnelAdminClient<porthole::auth::AuthChannel>, tonic::Status> {
     let channel = Channel::from_shared(format!("http://{admin}"))
         .expect("valid url")
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    Ok(TunnelAdminClient::new(channel))
+    Ok(TunnelAdminClient::new(porthole::auth::with_token(
+        channel,
+        Some(token.clone()),
+    )))
 }
 
-async fn list(admin: SocketAddr) -> Result<Vec<Tunnel>, tonic::Status> {
-    let mut c = admin_client(admin).await?;
+async fn list(
+    admin: SocketAddr,
+    token: &porthole::auth::Token,
+) -> Result<Vec<Tunnel>, tonic::Status> {
+    let mut c = admin_client(admin, token).await?;
     Ok(c.list_tunnels(ListTunnelsRequest::default())
         .await?
         .into_inner()
@@ -668,7 +682,7 @@ async fn a_dead_upstream_fails_alone_and_says_why() {
     );
 
     // Admin API: egress forwards come from the config only.
-    let mut admin = admin_client(gate.admin).await.unwrap();
+    let mut admin = admin_client(gate.admin, &gate.token).await.unwrap();
     let err = admin
         .close_tunnel(CloseTunnelRequest {
             id: "forge:tcp:30009".into(),

@@ -881,6 +881,8 @@ async fn a_resume_with_nothing_new_brings_the_link_up() {
     }
     let log_dir = std::env::temp_dir().join(format!("porthole-resume-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).unwrap();
+    // Its admin token and host ports stay out of this machine's home.
+    cmd.env("XDG_STATE_HOME", &log_dir);
     let log = log_dir.join("tunnel-svc.log");
     let file = std::fs::File::create(&log).unwrap();
     cmd.stderr(file.try_clone().unwrap())
@@ -1094,4 +1096,138 @@ async fn errors_never_echo_unbounded_input() {
     .expect_err("unknown");
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(err.message().len() < 400, "{}", err.message());
+}
+
+// ---------------------------------------------------------------------------
+// The admin API is its user's alone
+
+/// tunnel-svc makes its admin token in its user's state directory; another
+/// local user (`nobody`) is refused by the API and by the CLI, which says
+/// why; and the CLI sends the token only to a server that proves it holds
+/// it: not to whatever took the admin port after tunnel-svc stopped (a
+/// recorder here, as a container's tunnel would be), nor to another
+/// tunnel-svc.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_is_its_users_alone_and_its_token_goes_nowhere_else() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let mut tunnel = TunnelProc::follow(&ns, &monitor, &[]).await;
+    let admin = tunnel.admin().to_string();
+    let token_file = ns.log_dir().join("porthole/admin.token");
+    let token = std::fs::read_to_string(&token_file).expect("tunnel-svc made its admin token");
+    let token = token.trim().to_string();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "only its user reads it: {mode:o}");
+    let out = within("ls", tunnel.cli(&["ls"]).output()).await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    // nobody: a copy of the binary it may run, and no token of its own.
+    let dir = std::env::temp_dir().join(format!("porthole-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("tunnel-svc");
+    std::fs::copy(common::binary("tunnel-svc"), &bin).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new("runuser");
+        cmd.args(["-u", "nobody", "--"])
+            .arg(&bin)
+            .args(args)
+            .args(["--admin", &admin])
+            .env_remove("XDG_STATE_HOME")
+            .env("HOME", "/nonexistent")
+            .kill_on_drop(true);
+        cmd
+    };
+    let out = within("ls as nobody", as_nobody(&["ls"]).output())
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("wants its admin token"),
+        "{out:?}"
+    );
+    let mut close = as_nobody(&["close", "default:tcp:7070"]);
+    close.arg("--token-file").arg(&token_file);
+    let out = within("close as nobody", close.output()).await.unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("Permission denied"),
+        "nobody cannot read the token: {out:?}"
+    );
+    let mut client = tunnel.client();
+    let refused = within(
+        "ListTunnels without the token",
+        client.list_tunnels(porthole::pb::v1::ListTunnelsRequest::default()),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // tunnel-svc stops; something else takes its port and records.
+    tunnel.proc().kill();
+    let at = tunnel.admin();
+    let listener = common::poll_until("the admin port is free again", DEADLINE, || async move {
+        std::net::TcpListener::bind(at).ok()
+    })
+    .await;
+    listener.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let recorder = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(8), conn.read_to_end(&mut seen)).await;
+        (seen, listener)
+    });
+    let out = within("ls against the recorder", tunnel.cli(&["ls"]).output())
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("no token was sent"),
+        "{out:?}"
+    );
+    let (seen, listener) = recorder.await.unwrap();
+    assert!(
+        seen.starts_with(b"PRI * HTTP/2.0"),
+        "the request did reach the recorder: {seen:?}"
+    );
+    assert!(
+        !seen.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the token was sent to the recorder"
+    );
+    drop(listener);
+
+    // Another tunnel-svc, with another token, on the same address.
+    let other_token = ns.log_dir().join("other-admin.token");
+    porthole::auth::Token::load_or_create(&other_token).unwrap();
+    let other_file = other_token.to_str().unwrap();
+    let other = TunnelProc::start(
+        &ns,
+        &[
+            "--monitor",
+            &monitor.url(),
+            "--admin",
+            &admin,
+            "--admin-token-file",
+            other_file,
+        ],
+    )
+    .await;
+    let out = within(
+        "ls against another tunnel-svc",
+        tunnel.cli(&["ls"]).output(),
+    )
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("could not prove it holds your admin token"),
+        "{out:?}"
+    );
+    drop(other);
 }

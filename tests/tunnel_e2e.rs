@@ -307,11 +307,20 @@ async fn run_cli(args: &[&str]) -> Output {
             cmd.env_remove(key);
         }
     }
+    // No admin token of this machine's user is found, or made.
     cmd.args(args)
         .env("NO_COLOR", "1")
+        .env("XDG_STATE_HOME", "/nonexistent/porthole-tests")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     within(&format!("tunnel-svc {args:?}"), cmd.output())
+        .await
+        .expect("run tunnel-svc")
+}
+
+/// `tunnel-svc ARGS...` against `tunnel`, as its user runs it.
+async fn cli(tunnel: &TunnelProc, args: &[&str]) -> Output {
+    within(&format!("tunnel-svc {args:?}"), tunnel.cli(args).output())
         .await
         .expect("run tunnel-svc")
 }
@@ -396,7 +405,7 @@ async fn reachable_then_gone(backend: Backend) {
         })
         .await;
     assert!(t.bytes_in > 0 && t.bytes_out > 0, "{t:?}");
-    let metrics = common::http_get(w.tunnel.admin(), "/metrics").await;
+    let metrics = w.tunnel.metrics().await;
     for line in [
         format!(
             "porthole_tunnel_connections_total{{id=\"{}\"}} {connections}",
@@ -695,8 +704,7 @@ async fn admin_close_stays_closed_until_reopened() {
     assert_eq!(ping(v4(p)).await, "srv");
 
     // The CLI: `ls` shows it, `close` closes it.
-    let admin = tunnel.admin().to_string();
-    let out = run_cli(&["ls", "--admin", &admin]).await;
+    let out = cli(&tunnel, &["ls"]).await;
     assert!(out.status.success(), "ls: {}", text(&out.stderr));
     let table = text(&out.stdout);
     let row = table
@@ -712,9 +720,8 @@ async fn admin_close_stays_closed_until_reopened() {
     // `ls | head`: a reader that is gone before ls writes ends it quietly.
     let (reader, writer) = std::io::pipe().expect("a pipe");
     drop(reader);
-    let mut ls = tokio::process::Command::new(binary("tunnel-svc"));
-    ls.args(["ls", "--admin", &admin])
-        .stdout(writer)
+    let mut ls = tunnel.cli(&["ls"]);
+    ls.stdout(writer)
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     let out = within("ls into a closed pipe", ls.output()).await.unwrap();
@@ -724,13 +731,13 @@ async fn admin_close_stays_closed_until_reopened() {
         out.status,
         text(&out.stderr)
     );
-    let out = run_cli(&["close", &id(p), "--admin", &admin]).await;
+    let out = cli(&tunnel, &["close", &id(p)]).await;
     assert!(out.status.success(), "close: {}", text(&out.stderr));
     assert!(text(&out.stdout).contains(&id(p)), "{}", text(&out.stdout));
     let t = tunnel.tunnel(&id(p)).await.expect("listed");
     assert_eq!(state(&t), TunnelState::Closed, "{t:?}");
     wait_port_free(p);
-    let out = run_cli(&["ls", "--admin", &admin]).await;
+    let out = cli(&tunnel, &["ls"]).await;
     assert!(
         text(&out.stdout)
             .lines()
@@ -1015,7 +1022,7 @@ async fn monitor_restart(backend: Backend) {
     // tunnel-svc says the monitor is gone (its tunnels stay, below).
     let down = target(false).await;
     assert!(!down.error.is_empty(), "why it is unreachable: {down:?}");
-    let out = run_cli(&["ls", "--admin", &w.tunnel.admin().to_string()]).await;
+    let out = cli(&w.tunnel, &["ls"]).await;
     let table = text(&out.stdout);
     assert!(table.contains("unreachable"), "{table}");
     // Tunnels stay up while the monitor is down.
@@ -1415,9 +1422,26 @@ async fn grpcurl_lists_tunnels_without_proto_files() {
             "{name} in:\n{services}"
         );
     }
+    // Without the token: refused, and nothing about tunnels said.
+    let refused = tokio::process::Command::new(&bin)
+        .args(["--plaintext", &addr, "porthole.v1.TunnelAdmin/ListTunnels"])
+        .output();
+    let refused = within("grpcurl without the token", refused).await.unwrap();
+    let said = format!("{}{}", text(&refused.stdout), text(&refused.stderr));
+    assert!(
+        !refused.status.success() && said.contains("Unauthenticated"),
+        "{said}"
+    );
+    let bearer = w.tunnel.bearer_header();
     let out = grpcurl(
         &bin,
-        &["--plaintext", &addr, "porthole.v1.TunnelAdmin/ListTunnels"],
+        &[
+            "--plaintext",
+            "-H",
+            &bearer,
+            &addr,
+            "porthole.v1.TunnelAdmin/ListTunnels",
+        ],
     )
     .await;
     let json: serde_json::Value =
@@ -1452,10 +1476,10 @@ async fn grpcurl_lists_tunnels_without_proto_files() {
 /// `tunnel-svc wait ARGS... --admin ADMIN` started now; its output when it
 /// ends.
 fn wait_cmd(tunnel: &TunnelProc, args: &[&str]) -> tokio::process::Child {
-    tokio::process::Command::new(binary("tunnel-svc"))
-        .arg("wait")
-        .args(args)
-        .args(["--admin", &tunnel.admin().to_string()])
+    let mut all = vec!["wait"];
+    all.extend_from_slice(args);
+    tunnel
+        .cli(&all)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -1631,14 +1655,9 @@ async fn config_rules_label_ignore_and_pin_and_sighup_reloads_them() {
     }
     assert!(host_port_is_free(ignored) && host_port_is_free(pg));
     // `ls` shows the label.
-    let out = within(
-        "tunnel-svc ls",
-        tokio::process::Command::new(binary("tunnel-svc"))
-            .args(["ls", "--admin", &tunnel.admin().to_string()])
-            .output(),
-    )
-    .await
-    .unwrap();
+    let out = within("tunnel-svc ls", tunnel.cli(&["ls"]).output())
+        .await
+        .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     let row = table
         .lines()
@@ -1778,7 +1797,7 @@ async fn udp_tunnel(backend: Backend) {
     assert_eq!((t.bytes_in, t.bytes_out), (total, total), "{t:?}");
     assert_eq!(t.total_connections, 2, "one flow per client: {t:?}");
     assert_eq!(t.datagrams_dropped, 0, "{t:?}");
-    let metrics = common::http_get(w.tunnel.admin(), "/metrics").await;
+    let metrics = w.tunnel.metrics().await;
     let line = format!("porthole_tunnel_datagrams_in_total{{id=\"{udp_id}\"}} {n}");
     assert!(
         metrics.body.lines().any(|l| l == line),

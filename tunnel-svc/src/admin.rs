@@ -109,12 +109,27 @@ fn port(field: &str, n: u32) -> Result<u16, Status> {
 #[derive(Clone)]
 pub struct Admin {
     reconciler: Handle,
+    token: Option<porthole::auth::Token>,
 }
 
 impl Admin {
-    pub fn new(reconciler: Handle) -> Admin {
-        Admin { reconciler }
+    pub fn new(reconciler: Handle, token: Option<porthole::auth::Token>) -> Admin {
+        Admin { reconciler, token }
     }
+}
+
+/// What is served without the token: health, the schema (grpcurl's
+/// `list` and `describe`) and `Prove`; nothing about tunnels.
+fn public(path: &str) -> bool {
+    path == "/healthz"
+        || path == "/porthole.v1.TunnelAdmin/Prove"
+        || [
+            "/grpc.health.v1.Health/",
+            "/grpc.reflection.v1.ServerReflection/",
+            "/grpc.reflection.v1alpha.ServerReflection/",
+        ]
+        .iter()
+        .any(|prefix| path.starts_with(prefix))
 }
 
 #[tonic::async_trait]
@@ -217,6 +232,27 @@ impl TunnelAdmin for Admin {
         }))
     }
 
+    async fn prove(
+        &self,
+        req: Request<pb::ProveRequest>,
+    ) -> Result<GrpcResponse<pb::ProveResponse>, Status> {
+        let nonce = req.into_inner().nonce;
+        if !(16..=64).contains(&nonce.len()) {
+            return Err(Status::invalid_argument(format!(
+                "nonce is {} bytes; send 16 to 64 random bytes",
+                nonce.len()
+            )));
+        }
+        let Some(token) = &self.token else {
+            return Err(Status::failed_precondition(
+                "this tunnel-svc has no admin token: its admin API is open to every local user",
+            ));
+        };
+        Ok(GrpcResponse::new(pb::ProveResponse {
+            proof: token.proof(&nonce).to_vec(),
+        }))
+    }
+
     type WatchTunnelsStream =
         std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<TunnelUpdate, Status>> + Send>>;
 
@@ -253,15 +289,12 @@ pub async fn serve(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), porthole::server::ServeError> {
     use porthole::pb::v1::tunnel_admin_server::{TunnelAdminServer, SERVICE_NAME};
-    let admin = Admin::new(reconciler);
+    let admin = Admin::new(reconciler, token.clone());
     let app = porthole::server::App {
         grpc: tonic::service::Routes::new(TunnelAdminServer::new(admin.clone())),
         grpc_names: vec![SERVICE_NAME],
         http: http_router(admin),
-        policy: porthole::auth::Policy {
-            token,
-            public: |path| path == "/healthz",
-        },
+        policy: porthole::auth::Policy { token, public },
         limits: porthole::server::Limits::default(),
         stats: Default::default(),
         raw: None,

@@ -19,9 +19,65 @@ async fn client(
         .with_context(|| {
             format!("cannot reach tunnel-svc at {admin} (is it running? see --admin)")
         })?;
+    authenticate(&channel, admin, token.as_ref()).await?;
     Ok(TunnelAdminClient::new(porthole::auth::with_token(
         channel, token,
     )))
+}
+
+/// How long a server has to answer `Prove`: tunnel-svc answers at once.
+const PROVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Checks that the server at `admin` holds `token` (`Prove`) before
+/// the token is ever sent: a port freed for a moment may have been taken
+/// by another process, even a container's tunnel. Without a token, says
+/// where to find one if the server wants it.
+async fn authenticate(
+    channel: &tonic::transport::Channel,
+    admin: SocketAddr,
+    token: Option<&porthole::auth::Token>,
+) -> anyhow::Result<()> {
+    use tonic::Code;
+    let nonce = porthole::auth::random_bytes()?;
+    let mut prover = TunnelAdminClient::new(channel.clone());
+    let prove = prover.prove(porthole::pb::v1::ProveRequest {
+        nonce: nonce.to_vec(),
+    });
+    let Ok(answer) = tokio::time::timeout(PROVE_TIMEOUT, prove).await else {
+        anyhow::bail!(
+            "{admin} did not answer as tunnel-svc within {PROVE_TIMEOUT:?} (is something else \
+             listening there?); no token was sent"
+        );
+    };
+    let where_ = crate::default_admin_token()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "$XDG_STATE_HOME/porthole/admin.token".into());
+    match (token, answer) {
+        (Some(token), Ok(proof)) if token.proves(&nonce, &proof.get_ref().proof) => Ok(()),
+        (Some(_), Ok(_)) => anyhow::bail!(
+            "the server at {admin} could not prove it holds your admin token, so it was not \
+             sent: another process may have taken the address, or --token-file is not this \
+             tunnel-svc's"
+        ),
+        (Some(_), Err(s)) if s.code() == Code::FailedPrecondition => anyhow::bail!(
+            "the server at {admin} has no admin token, but you hold one: it is not the \
+             tunnel-svc that made it, so the token was not sent"
+        ),
+        (Some(_), Err(s)) if s.code() == Code::Unimplemented => anyhow::bail!(
+            "the server at {admin} cannot prove it holds the admin token (not tunnel-svc, or an \
+             older one), so the token was not sent"
+        ),
+        (None, Ok(_)) => anyhow::bail!(
+            "tunnel-svc at {admin} wants its admin token, and there is none at {where_}: run \
+             this as the user who runs tunnel-svc (e.g. sudo), or pass --token-file"
+        ),
+        // No token, and the server needs none (or is too old to say).
+        (None, Err(s)) if matches!(s.code(), Code::FailedPrecondition | Code::Unimplemented) => {
+            Ok(())
+        }
+        (_, Err(s)) => Err(anyhow::anyhow!("{}", s.message()))
+            .with_context(|| format!("tunnel-svc at {admin} did not answer Prove")),
+    }
 }
 
 fn state_name(t: &Tunnel) -> &'static str {

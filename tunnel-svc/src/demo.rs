@@ -97,6 +97,10 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         TempDir(std::env::temp_dir().join(format!("porthole-demo-{}", std::process::id())));
     let token_file = secrets.0.join("monitor.token");
     let (token, _) = porthole::auth::Token::load_or_create(&token_file)?;
+    // The admin API is root's alone, as tunnel-svc's always is.
+    let admin_token_file = crate::default_admin_token()
+        .context("no state directory for the admin token: set HOME or XDG_STATE_HOME")?;
+    let (admin_token, _) = porthole::auth::Token::load_or_create(&admin_token_file)?;
     let pid = std::process::id();
     let ns = porthole::netns::Namespace::create(&format!("porthole-demo-{pid}"), pid)
         .context("creating the demo's network namespace")?;
@@ -150,7 +154,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             park: Default::default(),
             host_ports: None,
         },
-        admin_token: None,
+        admin_token: Some(admin_token.clone()),
         monitor_tokens: [("demo".to_string(), token)].into(),
         ssh_options: Vec::new(),
         raw_relay: true,
@@ -161,13 +165,16 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let service = tokio::spawn(crate::run(admin, opts, shutdown.clone()));
 
     let result = tokio::select! {
-        r = show(admin_addr, args.port, started) => r,
+        r = show(admin_addr, admin_token, args.port, started) => r,
         _ = shutdown.cancelled() => Ok(()),
     };
     if result.is_ok() && !args.once {
         println!("\nTry it:     curl http://localhost:{port}/");
-        println!("            tunnel-svc ls --admin {admin_addr}");
-        println!("            grpcurl -plaintext {admin_addr} porthole.v1.TunnelAdmin/ListTunnels");
+        println!("            sudo tunnel-svc ls --admin {admin_addr}");
+        println!(
+            "            grpcurl -plaintext -H \"authorization: Bearer $(sudo cat {})\" \\\n                {admin_addr} porthole.v1.TunnelAdmin/ListTunnels",
+            admin_token_file.display()
+        );
         println!("Ctrl-C stops the demo and removes the namespace.");
         shutdown.cancelled().await;
     }
@@ -183,11 +190,16 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 /// Waits for the tunnel, then fetches a page through it.
-async fn show(admin: SocketAddr, port: u16, started: Instant) -> anyhow::Result<()> {
+async fn show(
+    admin: SocketAddr,
+    token: porthole::auth::Token,
+    port: u16,
+    started: Instant,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{admin}"))?.connect_lazy();
-    let mut client = TunnelAdminClient::new(channel);
+    let mut client = TunnelAdminClient::new(porthole::auth::with_token(channel, Some(token)));
     let host_port = loop {
         if Instant::now() > deadline {
             bail!("no tunnel for port {port} after 15 s");

@@ -28,6 +28,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// The admin token's file name in the state directory.
+pub const ADMIN_TOKEN: &str = "admin.token";
+
+/// Where this user's tunnel-svc keeps its admin token by default.
+pub fn default_admin_token() -> Option<std::path::PathBuf> {
+    hostports::default_dir().map(|d| d.join(ADMIN_TOKEN))
+}
+
 #[derive(Clone, Debug)]
 pub struct Options {
     pub targets: Vec<config::Target>,

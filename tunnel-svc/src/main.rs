@@ -93,7 +93,8 @@ struct ClientArgs {
     /// Admin API of the running tunnel-svc.
     #[arg(long, env = "PORTHOLE_ADMIN", default_value = "127.0.0.1:7071")]
     admin: SocketAddr,
-    /// File holding the bearer token, if the service requires one.
+    /// File holding the admin token. Default: admin.token in this user's
+    /// state directory, where tunnel-svc makes it.
     #[arg(long, env = "PORTHOLE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
 }
@@ -157,11 +158,6 @@ struct RunArgs {
     #[arg(long, default_value_t = tunnel_svc::udp::DEFAULT_MAX_FLOWS as u64,
           value_parser = clap::value_parser!(u64).range(1..=65536))]
     udp_max_flows: u64,
-    /// Where automatic tunnels' host ports are remembered, so they stay
-    /// the same across restarts (host-ports.json). Default
-    /// $XDG_STATE_HOME/porthole, else ~/.local/state/porthole.
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<std::path::PathBuf>,
     /// How long a new TCP connection waits while its path comes back (a
     /// monitor restarting, a container paused or reconnected) before it is
     /// reset; 0 fails it at the first failed dial. At most 256 wait per
@@ -216,9 +212,15 @@ struct ServiceArgs {
     #[arg(long, env = "PORTHOLE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// File holding the admin API's own token (instead of --token-file), so
-    /// a monitor's token does not open the admin API.
+    /// a monitor's token does not open the admin API. Without either, the
+    /// token is admin.token in --state-dir, made on first start.
     #[arg(long, env = "PORTHOLE_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// This user's private directory for the admin token (admin.token) and
+    /// the remembered host ports (host-ports.json). Default
+    /// $XDG_STATE_HOME/porthole, else ~/.local/state/porthole.
+    #[arg(long, env = "PORTHOLE_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// Log level or tracing filter.
     #[arg(long, env = "PORTHOLE_LOG", default_value = "info")]
     log_level: String,
@@ -228,23 +230,62 @@ struct ServiceArgs {
 }
 
 impl ServiceArgs {
-    /// Starts logging, raises the fd limit and reads the admin API's token.
-    fn start(&self) -> Result<Option<porthole::auth::Token>, Failure> {
+    /// Starts logging and raises the fd limit.
+    fn start(&self) -> Result<(), Failure> {
         porthole::telemetry::init(&self.log_level, self.log_format)
             .map_err(|e| Failure::Config(anyhow::Error::msg(e)))?;
         let fds = porthole::net::raise_fd_limit();
         tracing::debug!(limit = ?fds, "file-descriptor limit");
-        Ok(read_token(
-            self.admin_token_file
-                .as_deref()
-                .or(self.token_file.as_deref()),
-        )?)
+        Ok(())
+    }
+
+    /// The admin API's token: the file given, else this user's, made on
+    /// first start. Read once the rest of the configuration is known good,
+    /// so a mistake leaves nothing behind.
+    fn admin_token(&self) -> Result<Option<porthole::auth::Token>, Failure> {
+        if let Some(path) = self
+            .admin_token_file
+            .as_deref()
+            .or(self.token_file.as_deref())
+        {
+            return Ok(read_token(Some(path))?);
+        }
+        // The admin API is this user's alone: a token only they can read.
+        let Some(path) = self.state_dir().map(|d| d.join(tunnel_svc::ADMIN_TOKEN)) else {
+            return Err(Failure::Config(anyhow::anyhow!(
+                "no state directory for the admin token: set HOME, XDG_STATE_HOME or --state-dir"
+            )));
+        };
+        let (token, created) = porthole::auth::Token::load_or_create(&path)
+            .map_err(|e| config::ConfigError::Token(e.to_string()))?;
+        tracing::info!(token_file = %path.display(), created, "admin API token (tunnel-svc ls and the other commands of this user read it there)");
+        Ok(Some(token))
+    }
+
+    fn state_dir(&self) -> Option<PathBuf> {
+        self.state_dir
+            .clone()
+            .or_else(tunnel_svc::hostports::default_dir)
     }
 
     async fn bind_admin(&self) -> anyhow::Result<tokio::net::TcpListener> {
         porthole::net::bind(self.admin)
             .await
             .with_context(|| format!("cannot listen on --admin {}", self.admin))
+    }
+}
+
+impl ClientArgs {
+    /// The admin token: --token-file, else this user's admin.token if
+    /// there is one.
+    fn token(&self) -> Result<Option<porthole::auth::Token>, config::ConfigError> {
+        if let Some(path) = &self.token_file {
+            return read_token(Some(path));
+        }
+        match tunnel_svc::default_admin_token() {
+            Some(path) if path.exists() => read_token(Some(&path)),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -326,26 +367,21 @@ fn main() -> std::process::ExitCode {
 async fn real_main() -> Result<(), Failure> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Cmd::Ls(c)) => {
-            Ok(tunnel_svc::cli::ls(c.admin, read_token(c.token_file.as_deref())?).await?)
-        }
+        Some(Cmd::Ls(c)) => Ok(tunnel_svc::cli::ls(c.admin, c.token()?).await?),
         Some(Cmd::Wait {
             port,
             protocol,
             timeout,
             client,
         }) => {
-            let token = read_token(client.token_file.as_deref())?;
+            let token = client.token()?;
             let what = tunnel_svc::cli::WaitFor { protocol, ..port };
             let addr = tunnel_svc::cli::wait(client.admin, token, &what, timeout).await?;
             tunnel_svc::cli::out(&format!("{addr}\n"));
             Ok(())
         }
         Some(Cmd::Close { id, client }) => {
-            Ok(
-                tunnel_svc::cli::close(client.admin, read_token(client.token_file.as_deref())?, id)
-                    .await?,
-            )
+            Ok(tunnel_svc::cli::close(client.admin, client.token()?, id).await?)
         }
         Some(Cmd::Demo { port, admin, once }) => {
             porthole::telemetry::init("warn", LogFormat::Text).map_err(anyhow::Error::msg)?;
@@ -360,7 +396,7 @@ async fn real_main() -> Result<(), Failure> {
 }
 
 async fn run(mut args: RunArgs) -> Result<(), Failure> {
-    let token = args.service.start()?;
+    args.service.start()?;
     let file = match &args.config {
         Some(path) => config::ConfigFile::load(path)?,
         None => config::ConfigFile::default(),
@@ -452,12 +488,9 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
                 wait: args.park,
                 ..Default::default()
             },
-            host_ports: args
-                .state_dir
-                .or_else(tunnel_svc::hostports::default_dir)
-                .map(|d| d.join("host-ports.json")),
+            host_ports: args.service.state_dir().map(|d| d.join("host-ports.json")),
         },
-        admin_token: token,
+        admin_token: args.service.admin_token()?,
         monitor_tokens,
         ssh_options: args.ssh_options,
         raw_relay: !args.no_raw_relay,
@@ -478,7 +511,8 @@ async fn gate(args: GateArgs) -> Result<(), Failure> {
         return Ok(());
     }
     gate::check_admin(&upstreams, &args.listen, args.service.admin)?;
-    let token = args.service.start()?;
+    args.service.start()?;
+    let token = args.service.admin_token()?;
     let shutdown = porthole::shutdown::on_signal()?;
     let admin = args.service.bind_admin().await?;
     let opts = gate::Options {

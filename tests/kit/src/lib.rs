@@ -1316,14 +1316,18 @@ pub struct TunnelProc {
     admin: SocketAddr,
     token: Option<porthole::auth::Token>,
     channel: Channel,
+    /// Its `XDG_STATE_HOME`: the admin token and host ports are under
+    /// `porthole/` there.
+    state_home: PathBuf,
 }
 
 impl TunnelProc {
     /// Starts `tunnel-svc ARGS...` plus, unless ARGS set them, `--admin
     /// 127.0.0.1:PORT` (a port nothing listens on), `--log-format json` and
     /// `--log-level info,tunnel_svc=debug`. Returns once the admin API
-    /// answers `/healthz`. With `--token-file F` in ARGS,
-    /// every call made through [`TunnelProc::request`] carries that token.
+    /// answers `/healthz`. Every call made through [`TunnelProc::request`]
+    /// carries the admin token: `--admin-token-file`/`--token-file F` in
+    /// ARGS, else the one tunnel-svc made in its state directory.
     /// The caller's `PORTHOLE_*` variables are not passed on.
     pub async fn start(ns: &Netns, args: &[&str]) -> TunnelProc {
         let flag = |name: &str| -> Option<String> {
@@ -1352,10 +1356,8 @@ impl TunnelProc {
         if flag("--log-level").is_none() {
             all.extend(["--log-level".into(), "info,tunnel_svc=debug".into()]);
         }
-        let token = flag("--token-file").map(|path| {
-            porthole::auth::Token::from_file(Path::new(&path))
-                .unwrap_or_else(|e| panic!("--token-file {path}: {e}"))
-        });
+        let token_file = flag("--admin-token-file").or_else(|| flag("--token-file"));
+        let state_home = ns.log_dir().to_path_buf();
         let mut cmd = Command::new(binary("tunnel-svc"));
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("PORTHOLE_") {
@@ -1368,7 +1370,7 @@ impl TunnelProc {
         cmd.args(&all)
             .stdin(Stdio::null())
             .env("NO_COLOR", "1")
-            .env("XDG_STATE_HOME", ns.log_dir())
+            .env("XDG_STATE_HOME", &state_home)
             .env_remove("XDG_RUNTIME_DIR")
             .env_remove("TMPDIR");
         let mut proc = ns.spawn_command("tunnel-svc", cmd);
@@ -1390,6 +1392,11 @@ impl TunnelProc {
             );
             tokio::time::sleep(POLL).await;
         }
+        let token_file = token_file
+            .map(PathBuf::from)
+            .unwrap_or_else(|| state_home.join("porthole/admin.token"));
+        let token = porthole::auth::Token::from_file(&token_file)
+            .unwrap_or_else(|e| panic!("tunnel-svc's admin token: {e}"));
         let channel = Channel::from_shared(format!("http://{admin}"))
             .expect("valid url")
             .connect_timeout(DEADLINE)
@@ -1397,8 +1404,9 @@ impl TunnelProc {
         TunnelProc {
             proc,
             admin,
-            token,
+            token: Some(token),
             channel,
+            state_home,
         }
     }
 
@@ -1416,6 +1424,40 @@ impl TunnelProc {
     /// Where the admin API answers.
     pub fn admin(&self) -> SocketAddr {
         self.admin
+    }
+
+    /// The header that carries the admin token, as grpcurl's `-H` takes it.
+    pub fn bearer_header(&self) -> String {
+        let token = self.token.as_ref().expect("tunnel-svc has an admin token");
+        format!("authorization: Bearer {}", token.secret())
+    }
+
+    /// `GET /metrics` of the admin API, with the token.
+    pub async fn metrics(&self) -> HttpResponse {
+        let token = self.token.as_ref().expect("tunnel-svc has an admin token");
+        let bearer = format!("Bearer {}", token.secret());
+        http(self.admin, "GET", "/metrics", &[("Authorization", &bearer)])
+            .await
+            .unwrap_or_else(|e| panic!("GET http://{}/metrics: {e}", self.admin))
+    }
+
+    /// `tunnel-svc ARGS... --admin ADMIN` as this tunnel-svc's user runs
+    /// it: the same state directory, so it finds the admin token where
+    /// tunnel-svc made it; no `PORTHOLE_*` from the test's environment.
+    pub fn cli(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(binary("tunnel-svc"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PORTHOLE_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.args(args)
+            .args(["--admin", &self.admin.to_string()])
+            .env("NO_COLOR", "1")
+            .env("XDG_STATE_HOME", &self.state_home)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
     }
 
     pub fn pid(&self) -> u32 {
