@@ -704,7 +704,7 @@ async fn admin_close_stays_closed_until_reopened() {
     assert_eq!(ping(v4(p)).await, "srv");
 
     // The CLI: `ls` shows it, `close` closes it.
-    let out = cli(&tunnel, &["ls"]).await;
+    let out = cli(tunnel, &["ls"]).await;
     assert!(out.status.success(), "ls: {}", text(&out.stderr));
     let table = text(&out.stdout);
     let row = table
@@ -731,13 +731,13 @@ async fn admin_close_stays_closed_until_reopened() {
         out.status,
         text(&out.stderr)
     );
-    let out = cli(&tunnel, &["close", &id(p)]).await;
+    let out = cli(tunnel, &["close", &id(p)]).await;
     assert!(out.status.success(), "close: {}", text(&out.stderr));
     assert!(text(&out.stdout).contains(&id(p)), "{}", text(&out.stdout));
     let t = tunnel.tunnel(&id(p)).await.expect("listed");
     assert_eq!(state(&t), TunnelState::Closed, "{t:?}");
     wait_port_free(p);
-    let out = cli(&tunnel, &["ls"]).await;
+    let out = cli(tunnel, &["ls"]).await;
     assert!(
         text(&out.stdout)
             .lines()
