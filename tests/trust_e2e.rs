@@ -1231,3 +1231,37 @@ async fn the_admin_api_is_its_users_alone_and_its_token_goes_nowhere_else() {
     );
     drop(other);
 }
+
+// ---------------------------------------------------------------------------
+// A host service's port is not taken while it restarts
+
+/// A host service on 127.0.0.1:P stops for a moment (a restart). The
+/// container opens P just then: its tunnel moves to another host port and
+/// says why, P stays free, and the service gets it back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarting_host_service_keeps_its_port() {
+    if !require_root() {
+        return;
+    }
+    let p = common::unused_local_port();
+    let service = std::net::TcpListener::bind(("127.0.0.1", p)).expect("the host service");
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    // tunnel-svc looks at the host's sockets before it serves (and every
+    // 2 s after), so it has seen the service once it answers.
+    let tunnel = TunnelProc::follow(&ns, &monitor, &[]).await;
+    drop(service);
+    let _server = common::Server::any(&ns, p).await;
+    let t = tunnel.wait_active(&format!("default:tcp:{p}")).await;
+    assert_ne!(t.host_port, u32::from(p), "{t:?}");
+    assert!(
+        t.note
+            .contains(&format!("host port {p} was held by a host process"))
+            && t.note
+                .contains(&format!("forwarded on {} instead", t.host_port)),
+        "{t:?}"
+    );
+    // The service comes back on its port.
+    let back = std::net::TcpListener::bind(("127.0.0.1", p));
+    assert!(back.is_ok(), "the host service's port was taken: {back:?}");
+}

@@ -153,6 +153,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             udp: Default::default(),
             park: Default::default(),
             host_ports: None,
+            keep_host_ports: false,
         },
         admin_token: Some(admin_token.clone()),
         monitor_tokens: [("demo".to_string(), token)].into(),

@@ -327,6 +327,7 @@ pub async fn run(
         },
         // The gate's ports are its upstreams' own.
         host_ports: None,
+        keep_host_ports: false,
     };
     let (handle, task) = reconcile::spawn(specs, reconcile_opts, statics, shutdown.clone());
     tracing::info!(addr = %admin.local_addr()?, "egress gate admin API listening");

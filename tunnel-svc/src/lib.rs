@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod docker;
 pub mod gate;
+pub mod hostheld;
 pub mod hostports;
 pub mod model;
 pub mod plan;

@@ -146,6 +146,12 @@ struct RunArgs {
     /// connections of their own.
     #[arg(long)]
     no_raw_relay: bool,
+    /// Let automatic tunnels take a host port that a host process (a
+    /// service restarting) held less than 5 minutes ago. By default such a
+    /// port is kept for that process: the tunnel moves to another port, or
+    /// an exact one waits.
+    #[arg(long)]
+    no_keep_host_ports: bool,
     /// What to do when a host port is taken.
     #[arg(long, value_enum, default_value_t = OnConflict::Next)]
     on_conflict: OnConflict,
@@ -489,6 +495,7 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
                 ..Default::default()
             },
             host_ports: args.service.state_dir().map(|d| d.join("host-ports.json")),
+            keep_host_ports: !args.no_keep_host_ports,
         },
         admin_token: args.service.admin_token()?,
         monitor_tokens,

@@ -335,6 +335,9 @@ pub struct Options {
     /// Where automatic tunnels' host ports are remembered across restarts
     /// (None: for this run only).
     pub host_ports: Option<std::path::PathBuf>,
+    /// Look at the host's listening sockets, so automatic tunnels leave
+    /// alone the ports host processes held within `hostheld::QUIET`.
+    pub keep_host_ports: bool,
 }
 
 struct Target {
@@ -527,6 +530,8 @@ struct Reconciler {
     renamed: BTreeMap<String, String>,
     /// Host ports automatic tunnels had, kept across restarts.
     host_ports: crate::hostports::HostPorts,
+    /// Host ports host processes held lately.
+    host_held: crate::hostheld::HostHeld,
     started: std::time::Instant,
 }
 
@@ -546,7 +551,7 @@ pub fn spawn(
         .map(|s| (s.name.clone(), Target::new(s, &tx)))
         .collect();
     let host_ports = crate::hostports::HostPorts::load(opts.host_ports.clone());
-    let r = Reconciler {
+    let mut r = Reconciler {
         opts,
         targets,
         entries: BTreeMap::new(),
@@ -562,8 +567,11 @@ pub fn spawn(
         commands: tx.clone(),
         renamed: BTreeMap::new(),
         host_ports,
+        host_held: Default::default(),
         started: std::time::Instant::now(),
     };
+    // Before the admin API answers: what the host held at start is known.
+    r.scan_host();
     (Handle { commands: tx }, tokio::spawn(r.run(rx, shutdown)))
 }
 
@@ -578,6 +586,7 @@ impl Reconciler {
                 _ = shutdown.cancelled() => break,
                 Some(cmd) = rx.recv() => self.handle(cmd),
                 _ = retry.tick() => {
+                    self.scan_host();
                     if self.entries.values().any(|e| matches!(e.state, State::Failed(_))) {
                         self.reconcile(true);
                     }
@@ -843,6 +852,22 @@ impl Reconciler {
         Some(self.entries.get(id)?.view(id, kind))
     }
 
+    /// Notes which host ports processes other than this tunnel-svc's
+    /// tunnels listen on (see `hostheld`).
+    fn scan_host(&mut self) {
+        if !self.opts.keep_host_ports {
+            return;
+        }
+        let ours: std::collections::HashSet<(Proto, u16)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.cancel.is_some())
+            .map(|(id, e)| (id.proto, e.host_port))
+            .collect();
+        let now = std::time::Instant::now();
+        self.host_held.scan(&ours, &self.opts.bind, now);
+    }
+
     /// Applies the plan: see [`plan::desired`] and [`plan::diff`]. Failed
     /// tunnels are tried again only when `retry`.
     fn reconcile(&mut self, retry: bool) {
@@ -1006,10 +1031,23 @@ impl Reconciler {
         }
         let remap = self.opts.remap && !want.exact;
         let (bind, wanted) = (&self.opts.bind, want.host_port);
+        // An admin's OpenTunnel may take a port a host process just left;
+        // nothing a container says may.
+        let now = std::time::Instant::now();
+        let automatic = matches!(want.origin, Origin::Auto);
+        let held = &self.host_held;
+        let kept = |port| automatic && held.recently(id.proto, port, now).is_some();
+        let host_was = match held.recently(id.proto, wanted, now) {
+            Some(crate::hostheld::Held::Ago(ago)) if automatic => Some(ago),
+            _ => None,
+        };
+        if let Some(ago) = host_was.filter(|_| !remap) {
+            return Err(kept_for_host(want, ago));
+        }
         let (host_port, sockets) = match id.proto {
-            Proto::Tcp => tunnel::allocate(bind, wanted, remap, tunnel::bind_tcp)
+            Proto::Tcp => tunnel::allocate(bind, wanted, remap, kept, tunnel::bind_tcp)
                 .map(|(port, ls)| (port, Sockets::Tcp(ls))),
-            Proto::Udp => tunnel::allocate(bind, wanted, remap, crate::udp::bind)
+            Proto::Udp => tunnel::allocate(bind, wanted, remap, kept, crate::udp::bind)
                 .map(|(port, ss)| (port, Sockets::Udp(ss))),
         }
         .map_err(|e| bind_failure(want, e))?;
@@ -1028,10 +1066,18 @@ impl Reconciler {
                 host_port,
                 "host port busy; remapped"
             );
-            let busy = format!(
-                "host port {} is busy; forwarded on {host_port} instead",
-                want.host_port
-            );
+            let busy = match host_was {
+                Some(ago) => format!(
+                    "host port {} was held by a host process {}s ago and is kept for it; \
+                     forwarded on {host_port} instead",
+                    want.host_port,
+                    ago.as_secs()
+                ),
+                None => format!(
+                    "host port {} is busy; forwarded on {host_port} instead",
+                    want.host_port
+                ),
+            };
             entry.note = Some(match entry.note.take() {
                 Some(n) => format!("{n}; {busy}"),
                 None => busy,
@@ -1315,6 +1361,21 @@ impl Sockets {
 }
 
 /// Why a tunnel cannot listen on its host port, in the user's terms.
+/// Why an exact host port is not taken: a host process held it lately.
+fn kept_for_host(want: &Want, ago: Duration) -> String {
+    let left = crate::hostheld::QUIET.saturating_sub(ago).as_secs();
+    let pinned = match &want.pinned_by {
+        Some(rule) => format!(" (pinned by {rule})"),
+        None => String::new(),
+    };
+    format!(
+        "host port {}{pinned} was held by a host process {}s ago; it is kept for that \
+         process for {left}s more (a restarting service gets its port back)",
+        want.host_port,
+        ago.as_secs()
+    )
+}
+
 fn bind_failure(want: &Want, e: std::io::Error) -> String {
     if e.kind() != std::io::ErrorKind::AddrInUse {
         return format!("cannot listen on host port {}: {e}", want.host_port);
@@ -1376,6 +1437,7 @@ mod tests {
             rules: Vec::new(),
             udp: Default::default(),
             host_ports: None,
+            keep_host_ports: false,
             // A failed dial fails its connection at once, unless a test
             // parks.
             park: tunnel::Park {

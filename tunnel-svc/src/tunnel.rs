@@ -114,19 +114,30 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Finds host listeners (or UDP sockets) for a tunnel: `wanted` itself, or
-/// with `next` the first free port after it (up to 1000 tries).
+/// with `next` the first free port after it (up to 1000 tries). A port
+/// `kept` for someone else counts as busy.
 pub fn allocate<L>(
     addrs: &[IpAddr],
     wanted: u16,
     next: bool,
+    kept: impl Fn(u16) -> bool,
     bind: impl Fn(SocketAddr) -> io::Result<L> + Copy,
 ) -> io::Result<(u16, Vec<L>)> {
-    let first_err = match bind_all(addrs, wanted, bind) {
-        Ok(ls) => return Ok((wanted, ls)),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse && next => e,
-        Err(e) => return Err(e),
+    let first_err = if kept(wanted) {
+        io::Error::from(io::ErrorKind::AddrInUse)
+    } else {
+        match bind_all(addrs, wanted, bind) {
+            Ok(ls) => return Ok((wanted, ls)),
+            Err(e) => e,
+        }
     };
+    if first_err.kind() != io::ErrorKind::AddrInUse || !next {
+        return Err(first_err);
+    }
     for port in (u32::from(wanted) + 1..=65535).take(1000) {
+        if kept(port as u16) {
+            continue;
+        }
         match bind_all(addrs, port as u16, bind) {
             Ok(ls) => return Ok((port as u16, ls)),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
