@@ -60,15 +60,19 @@ const HEALTH: &str = "grpc.health.v1.Health";
 /// Caps on what clients can make the server hold.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Connections open at once; more are closed as soon as they are
-    /// accepted. One peer address may hold a quarter of them, so a single
-    /// neighbour cannot take every slot.
+    /// Connections open at once, once they have introduced themselves;
+    /// more are closed. One peer address may hold a quarter of them, so a
+    /// single neighbour cannot take every slot.
     pub max_connections: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub max_streams: u32,
-    /// A connection must send its first byte (an HTTP/1 request line or the
-    /// HTTP/2 preface) within this time, or it is closed.
-    pub first_byte_timeout: Duration,
+    /// A connection must introduce itself whole — the HTTP/2 preface, an
+    /// HTTP/1 request line or a raw relay line — within this time of being
+    /// accepted, or it is closed. Connections still introducing themselves
+    /// hold no slot: at most `max_connections / 2` wait at once, and the
+    /// oldest gives way to a new one, so partial first lines trickled by
+    /// any number of peers never lock a client out.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -76,7 +80,7 @@ impl Default for Limits {
         Limits {
             max_connections: 256,
             max_streams: 256,
-            first_byte_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -88,8 +92,12 @@ pub struct ServerStats {
     pub connections: AtomicU64,
     /// Connections closed at once because `max_connections` were open.
     pub refused_connections: AtomicU64,
-    /// Connections closed for sending nothing within `first_byte_timeout`.
+    /// Connections closed for not introducing themselves within
+    /// `handshake_timeout` (or with something that is no introduction).
     pub silent_connections: AtomicU64,
+    /// Connections still introducing themselves closed to make room for a
+    /// newer one.
+    pub evicted_connections: AtomicU64,
 }
 
 impl ServerStats {
@@ -111,8 +119,14 @@ impl ServerStats {
             (
                 "silent_connections_total",
                 "counter",
-                "Connections closed because they sent no request in time.",
+                "Connections closed because they sent no whole first request in time.",
                 &self.silent_connections,
+            ),
+            (
+                "evicted_connections_total",
+                "counter",
+                "Connections still sending their first request closed to make room for newer ones.",
+                &self.evicted_connections,
             ),
         ];
         for (name, kind, help, value) in rows {
@@ -294,8 +308,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// Accepts connections for the server: at most `max_connections` at once,
-/// each handed over only once it has sent its first byte.
+/// Accepts connections for the server: each is handed over once it has
+/// introduced itself (see [`Limits::handshake_timeout`]) and found a slot
+/// among `max_connections` within its peer's share.
 fn incoming(
     listener: TcpListener,
     limits: Limits,
@@ -307,64 +322,54 @@ fn incoming(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_peer = (limits.max_connections / 4).max(1);
     let peers: Peers = Arc::default();
+    let waiting = Arc::new(Waiting::new((limits.max_connections / 2).max(1)));
     tokio::spawn(async move {
         static ACCEPT_LOG: RateLimit = RateLimit::new(net::ACCEPT_LOG_EVERY);
-        static REFUSED_LOG: RateLimit = RateLimit::new(net::ACCEPT_LOG_EVERY);
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 accepted = net::accept(&listener, &ACCEPT_LOG) => accepted,
             };
-            let ip = peer.ip();
-            let permit = {
-                let mut held = peers.lock().unwrap_or_else(|e| e.into_inner());
-                let mine = held.entry(ip).or_default();
-                match slots.clone().try_acquire_owned() {
-                    Ok(permit) if *mine < per_peer => {
-                        *mine += 1;
-                        Some(permit)
-                    }
-                    _ => {
-                        if *mine == 0 {
-                            held.remove(&ip);
-                        }
-                        None
-                    }
-                }
-            };
-            let Some(permit) = permit else {
-                stats.refused_connections.fetch_add(1, Relaxed);
-                if let Some(suppressed) = REFUSED_LOG.check() {
-                    tracing::warn!(%peer, max = limits.max_connections, per_peer, suppressed, "connection limit reached; closing new connections");
-                }
-                let _ = stream.set_zero_linger();
-                continue;
-            };
             let _ = stream.set_nodelay(true);
+            let (turn, evicted) = waiting.enter(peer.ip());
+            if evicted {
+                stats.evicted_connections.fetch_add(1, Relaxed);
+            }
             let (tx, stats, raw) = (tx.clone(), stats.clone(), raw.clone());
-            stats.connections.fetch_add(1, Relaxed);
-            let slot = Slot {
-                _permit: permit,
-                stats: stats.clone(),
-                peers: peers.clone(),
-                ip,
-            };
+            let (slots, peers) = (slots.clone(), peers.clone());
             tokio::spawn(async move {
-                if sends_something(&stream, limits.first_byte_timeout).await {
-                    if let Some(raw) = raw {
-                        if opens_raw(&stream).await {
-                            raw(stream, ConnectionSlot(slot)).await;
-                            return;
-                        }
+                let kind = tokio::select! {
+                    _ = turn.cancel.cancelled() => None,
+                    kind = introduction(&stream, limits.handshake_timeout) => kind,
+                };
+                let cancelled = turn.cancel.is_cancelled();
+                drop(turn);
+                let Some(kind) = kind else {
+                    if !cancelled {
+                        stats.silent_connections.fetch_add(1, Relaxed);
                     }
-                    let conn = Conn {
-                        stream: Stream::Tcp(stream),
-                        _slot: Some(slot),
-                        _done: None,
-                    };
-                    let _ = tx.send(Ok(conn)).await;
-                } else {
-                    stats.silent_connections.fetch_add(1, Relaxed);
+                    let _ = stream.set_zero_linger();
+                    return;
+                };
+                let Some(slot) = Slot::take(&slots, per_peer, &peers, peer.ip(), &stats) else {
+                    static REFUSED_LOG: RateLimit = RateLimit::new(net::ACCEPT_LOG_EVERY);
+                    stats.refused_connections.fetch_add(1, Relaxed);
+                    if let Some(suppressed) = REFUSED_LOG.check() {
+                        tracing::warn!(%peer, max = limits.max_connections, per_peer, suppressed, "connection limit reached; closing new connections");
+                    }
+                    let _ = stream.set_zero_linger();
+                    return;
+                };
+                match (kind, raw) {
+                    (Introduction::Raw, Some(raw)) => raw(stream, ConnectionSlot(slot)).await,
+                    _ => {
+                        let conn = Conn {
+                            stream: Stream::Tcp(stream),
+                            _slot: Some(slot),
+                            _done: None,
+                        };
+                        let _ = tx.send(Ok(conn)).await;
+                    }
                 }
             });
         }
@@ -372,21 +377,161 @@ fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// Whether the peer sends a byte within `timeout` (rather than nothing, or
-/// only a close).
-async fn sends_something(stream: &TcpStream, timeout: Duration) -> bool {
-    let mut byte = [0u8; 1];
-    matches!(
-        tokio::time::timeout(timeout, stream.peek(&mut byte)).await,
-        Ok(Ok(n)) if n > 0
-    )
+/// What a connection's first bytes say it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Introduction {
+    /// A whole raw relay request line ([`crate::rawrelay::MAGIC`]...`\n`).
+    Raw,
+    /// The HTTP/2 preface, or an HTTP/1 request line.
+    Http,
 }
 
-/// Whether the connection's first bytes are a raw relay request (sent in
-/// one write by its client).
-async fn opens_raw(stream: &TcpStream) -> bool {
-    let mut first = [0u8; crate::rawrelay::MAGIC.len()];
-    matches!(stream.peek(&mut first).await, Ok(n) if first[..n] == *crate::rawrelay::MAGIC)
+/// The HTTP/2 client preface.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What `first` (a connection's first bytes) is: `Ok(Some)` once whole,
+/// `Ok(None)` while it may still become one, `Err` when it cannot.
+fn introduced(first: &[u8]) -> Result<Option<Introduction>, ()> {
+    use crate::rawrelay::{MAGIC, MAX_LINE};
+    let line_end = |max: usize| match first.iter().position(|b| *b == b'\n') {
+        Some(_) => Ok(true),
+        None if first.len() > max => Err(()),
+        None => Ok(false),
+    };
+    if first.starts_with(MAGIC) || MAGIC.starts_with(first) {
+        return Ok(line_end(MAGIC.len() + MAX_LINE)?.then_some(Introduction::Raw));
+    }
+    if first.starts_with(PREFACE) {
+        return Ok(Some(Introduction::Http));
+    }
+    if PREFACE.starts_with(first) {
+        return Ok(None);
+    }
+    // An HTTP/1 request line: method, target, version.
+    Ok(line_end(INTRODUCTION_MAX)?.then_some(Introduction::Http))
+}
+
+/// Most bytes looked at for an introduction (an HTTP/1 request line).
+const INTRODUCTION_MAX: usize = 8192;
+
+/// Waits until the connection has introduced itself, within `timeout`;
+/// `None` when it did not (silence, a close, too long a line).
+async fn introduction(stream: &TcpStream, timeout: Duration) -> Option<Introduction> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut first = vec![0u8; INTRODUCTION_MAX + 1];
+    // Legitimate clients send their introduction in one write, so the first
+    // look nearly always finds it whole; a trickle is looked at less and
+    // less often.
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
+        };
+        match introduced(&first[..n]) {
+            Ok(Some(kind)) => return Some(kind),
+            Err(()) => return None,
+            Ok(None) if tokio::time::Instant::now() + pause >= deadline => return None,
+            Ok(None) => tokio::time::sleep(pause).await,
+        }
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Connections still introducing themselves, oldest first. A peer holds at
+/// most a quarter of the places; a new connection past that closes its own
+/// peer's oldest, and past the cap the oldest of the peer holding most. So
+/// a peer that trickles first lines only ever closes its own.
+struct Waiting {
+    cap: usize,
+    queue: std::sync::Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    next: u64,
+    turns: std::collections::VecDeque<(u64, std::net::IpAddr, CancellationToken)>,
+    per_peer: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+impl Queue {
+    /// Closes the oldest waiting connection of `ip`.
+    fn evict(&mut self, ip: std::net::IpAddr) {
+        if let Some(i) = self.turns.iter().position(|(_, from, _)| *from == ip) {
+            let (_, _, cancel) = self.turns.remove(i).expect("found");
+            cancel.cancel();
+            self.left(ip);
+        }
+    }
+
+    fn left(&mut self, ip: std::net::IpAddr) {
+        if let Some(n) = self.per_peer.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_peer.remove(&ip);
+            }
+        }
+    }
+}
+
+/// A connection's place among the [`Waiting`]; leaves it when dropped.
+struct Turn {
+    waiting: Arc<Waiting>,
+    id: u64,
+    ip: std::net::IpAddr,
+    cancel: CancellationToken,
+}
+
+impl Waiting {
+    fn new(cap: usize) -> Waiting {
+        Waiting {
+            cap,
+            queue: Default::default(),
+        }
+    }
+
+    /// A place for a new connection from `ip`, and whether another was
+    /// closed for it.
+    fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> (Turn, bool) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let share = (self.cap / 4).max(1);
+        let mut evicted = false;
+        if q.per_peer.get(&ip).copied().unwrap_or(0) >= share {
+            q.evict(ip);
+            evicted = true;
+        } else if q.turns.len() >= self.cap {
+            let greediest = q
+                .per_peer
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .map(|(ip, _)| *ip);
+            if let Some(greediest) = greediest {
+                q.evict(greediest);
+                evicted = true;
+            }
+        }
+        q.next += 1;
+        let (id, cancel) = (q.next, CancellationToken::new());
+        q.turns.push_back((id, ip, cancel.clone()));
+        *q.per_peer.entry(ip).or_default() += 1;
+        let turn = Turn {
+            waiting: self.clone(),
+            id,
+            ip,
+            cancel,
+        };
+        (turn, evicted)
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut q = self.waiting.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = q.turns.iter().position(|(id, _, _)| *id == self.id) {
+            q.turns.remove(i);
+            q.left(self.ip);
+        }
+    }
 }
 
 /// Connections held per peer address.
@@ -398,6 +543,38 @@ struct Slot {
     stats: Arc<ServerStats>,
     peers: Peers,
     ip: std::net::IpAddr,
+}
+
+impl Slot {
+    /// A slot for a connection from `ip`, within the global limit and the
+    /// peer's share; `None` when either is used up.
+    fn take(
+        slots: &Arc<Semaphore>,
+        per_peer: usize,
+        peers: &Peers,
+        ip: std::net::IpAddr,
+        stats: &Arc<ServerStats>,
+    ) -> Option<Slot> {
+        let mut held = peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = held.entry(ip).or_default();
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) if *mine < per_peer => permit,
+            _ => {
+                if *mine == 0 {
+                    held.remove(&ip);
+                }
+                return None;
+            }
+        };
+        *mine += 1;
+        stats.connections.fetch_add(1, Relaxed);
+        Some(Slot {
+            _permit: permit,
+            stats: stats.clone(),
+            peers: peers.clone(),
+            ip,
+        })
+    }
 }
 
 impl Drop for Slot {
@@ -505,4 +682,61 @@ async fn not_found(req: Request) -> Response {
         .status(StatusCode::NOT_FOUND)
         .body(Body::from(format!("no such path {path}\n")))
         .expect("static response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_is_introduced_only_by_a_whole_first_line_or_preface() {
+        assert_eq!(introduced(b""), Ok(None));
+        assert_eq!(introduced(b"P"), Ok(None), "a preface in the making");
+        assert_eq!(introduced(&PREFACE[..20]), Ok(None));
+        assert_eq!(introduced(PREFACE), Ok(Some(Introduction::Http)));
+        assert_eq!(introduced(b"PORTHOLE-RELAY/1 tcp 80"), Ok(None));
+        assert_eq!(
+            introduced(b"PORTHOLE-RELAY/1 tcp 80 -\nbytes"),
+            Ok(Some(Introduction::Raw))
+        );
+        assert_eq!(introduced(b"GET /healthz HTTP/1.1"), Ok(None));
+        assert_eq!(
+            introduced(b"GET /healthz HTTP/1.1\r\n"),
+            Ok(Some(Introduction::Http))
+        );
+        let endless = vec![b'a'; INTRODUCTION_MAX + 1];
+        assert_eq!(introduced(&endless), Err(()));
+        let mut raw = crate::rawrelay::MAGIC.to_vec();
+        raw.extend(vec![b'a'; crate::rawrelay::MAX_LINE + 1]);
+        assert_eq!(introduced(&raw), Err(()));
+    }
+
+    #[test]
+    fn a_peer_trickling_first_lines_only_ever_closes_its_own() {
+        let waiting = Arc::new(Waiting::new(8));
+        let (a, b, c): (std::net::IpAddr, std::net::IpAddr, std::net::IpAddr) = (
+            "198.18.0.1".parse().unwrap(),
+            "198.18.0.2".parse().unwrap(),
+            "198.18.0.3".parse().unwrap(),
+        );
+        let (legit, _) = waiting.enter(b);
+        // `a` fills its share, then each new one closes its own oldest.
+        let mut mine = Vec::new();
+        for i in 0..10 {
+            let (turn, evicted) = waiting.enter(a);
+            assert_eq!(evicted, i >= 2, "connection {i}");
+            mine.push(turn);
+        }
+        assert!(!legit.cancel.is_cancelled());
+        assert_eq!(mine.iter().filter(|t| !t.cancel.is_cancelled()).count(), 2);
+        // Full: the peer holding most gives way.
+        let others: Vec<_> = (0..5).map(|_| waiting.enter(c)).collect();
+        assert!(!legit.cancel.is_cancelled());
+        assert!(others.iter().any(|(_, evicted)| *evicted));
+        // Leaving frees the place.
+        drop(mine);
+        drop(others);
+        let q = waiting.queue.lock().unwrap();
+        assert_eq!((q.turns.len(), q.per_peer.len()), (1, 1));
+    }
 }

@@ -1265,3 +1265,75 @@ async fn a_restarting_host_service_keeps_its_port() {
     let back = std::net::TcpListener::bind(("127.0.0.1", p));
     assert!(back.is_ok(), "the host service's port was taken: {back:?}");
 }
+
+// ---------------------------------------------------------------------------
+// Connection slots
+
+/// Four peers inside the container (four loopback addresses) each keep 32
+/// connections open that never finish their first line — half a raw relay
+/// request, or `P` (the start of the HTTP/2 preface) — and open a new one
+/// whenever one is closed: 128, all of the monitor's slots before. A
+/// tunnel-svc started afterwards still connects, and its tunnel carries
+/// every request.
+#[tokio::test(flavor = "multi_thread")]
+async fn peers_trickling_first_lines_do_not_lock_out_tunnel_svc() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let port = common::unused_local_port();
+    let _server = common::Server::any(&ns, port).await;
+    let monitor_port = monitor.addr().port().to_string();
+    let mut peers = Vec::new();
+    for (i, first) in ["PORTHOLE-RELAY/1 tcp", "P", "PORTHOLE-RELAY/1 tcp", "P"]
+        .into_iter()
+        .enumerate()
+    {
+        let src = format!("127.0.0.{}", i + 2);
+        let mut cmd = ns.command(common::binary(common::HELPER));
+        cmd.args(["trickle", &src, "127.0.0.1", &monitor_port, "32", first]);
+        let mut proc = ns.spawn_command(&format!("trickle-{i}"), cmd);
+        proc.wait_for_log("ready").await;
+        peers.push(proc);
+    }
+    // The peers' connections are in place, and some already gave way.
+    let token = format!("Bearer {}", monitor.token().secret());
+    let metric = |name: &'static str| {
+        let token = token.clone();
+        let addr = monitor.addr();
+        async move {
+            let body = common::http(addr, "GET", "/metrics", &[("Authorization", &token)])
+                .await
+                .ok()?
+                .body;
+            body.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+        }
+    };
+    common::poll_until("the peers crowd the monitor", DEADLINE, || async {
+        metric("porthole_monitor_evicted_connections_total")
+            .await
+            .filter(|n| *n >= 64)
+    })
+    .await;
+    let tunnel = TunnelProc::follow(&ns, &monitor, &[]).await;
+    let id = format!("default:tcp:{port}");
+    tunnel.wait_active(&id).await;
+    let at = SocketAddr::from(([127, 0, 0, 1], port));
+    for i in 0..20 {
+        let mut conn = within("connect", TcpStream::connect(at)).await.unwrap();
+        conn.write_all(b"ping\n").await.unwrap();
+        let mut answer = String::new();
+        within("pong", conn.read_to_string(&mut answer))
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}\n{}", tunnel.log()));
+        assert_eq!(answer, "pong srv\n", "request {i}");
+    }
+    // The peers were still at it throughout.
+    for proc in &mut peers {
+        assert!(proc.try_wait().is_none(), "{}", proc.log());
+    }
+    let connections = metric("porthole_monitor_connections").await;
+    assert!(connections.is_some_and(|n| n <= 128), "{connections:?}");
+}

@@ -21,6 +21,11 @@
 //!   line closes the port the previous line opened and opens another
 //!   (churn), until stdin closes. The padding only lengthens its command
 //!   line.
+//! - `trickle SRC DST PORT COUNT FIRST`: keeps COUNT connections from
+//!   address SRC to DST:PORT open, each having sent FIRST (a first line
+//!   never finished), opening a new one whenever one is closed; prints
+//!   `ready` once COUNT are started, and a line `closed N` per 50 closes,
+//!   until killed. A peer holding a server's connection slots.
 
 use porthole_testkit::{crc32, XorShift};
 use socket2::{Domain, Socket, Type};
@@ -54,6 +59,11 @@ fn main() {
             ["ports"] => ports().await,
             ["udp-echo", addr, port] => udp_echo(sockaddr(addr, port)?).await,
             ["hold", addr, base, count, ..] => hold(addr, base, count).await,
+            ["trickle", src, dst, port, count, first] => {
+                let src: IpAddr = src.parse().map_err(|_| format!("bad address {src:?}"))?;
+                let count: usize = count.parse().map_err(|_| format!("bad count {count:?}"))?;
+                trickle(src, sockaddr(dst, port)?, count, first.as_bytes()).await
+            }
             _ => Err("usage: porthole-helper listen|serve|ports|hold ...".to_string()),
         }
     });
@@ -285,4 +295,50 @@ async fn udp_echo(addr: SocketAddr) -> Result<(), String> {
         let (n, from) = udp.recv_from(&mut buf).await.map_err(|e| e.to_string())?;
         let _ = udp.send_to(&buf[..n], from).await;
     }
+}
+
+/// See `trickle` in the module's documentation.
+async fn trickle(src: IpAddr, dst: SocketAddr, count: usize, first: &[u8]) -> Result<(), String> {
+    let first = first.to_vec();
+    let open = || {
+        let first = first.clone();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+            socket
+                .bind(SocketAddr::new(src, 0))
+                .map_err(|e| format!("bind {src}: {e}"))?;
+            let mut conn = socket
+                .connect(dst)
+                .await
+                .map_err(|e| format!("connect {dst}: {e}"))?;
+            conn.write_all(&first).await.map_err(|e| e.to_string())?;
+            // Held until the server closes it.
+            let mut byte = [0u8; 1];
+            let _ = conn.read(&mut byte).await;
+            Ok::<(), String>(())
+        }
+    };
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let spawn = |closed: tokio::sync::mpsc::UnboundedSender<()>| {
+        let held = open();
+        tokio::spawn(async move {
+            let _ = held.await;
+            let _ = closed.send(());
+        })
+    };
+    for _ in 0..count {
+        spawn(closed_tx.clone());
+    }
+    ready("ready");
+    let mut closes = 0u64;
+    while let Some(()) = closed_rx.recv().await {
+        closes += 1;
+        if closes % 50 == 0 {
+            ready(&format!("closed {closes}"));
+        }
+        // A moment's pause: a refused connect is not a busy loop.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        spawn(closed_tx.clone());
+    }
+    Ok(())
 }
