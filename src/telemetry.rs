@@ -76,10 +76,57 @@ impl RateLimit {
     }
 }
 
+/// A log budget for one source (a target, a container): up to `burst`
+/// lines at once, refilled at `per_sec`. Lines past it are held back and
+/// counted; the next line let through says how many, and so does
+/// [`Budget::held`] at a quiet moment.
+#[derive(Debug)]
+pub struct Budget {
+    per_sec: f64,
+    burst: f64,
+    tokens: f64,
+    last: std::time::Instant,
+    held: u64,
+}
+
+impl Budget {
+    pub fn new(per_sec: u32, burst: u32) -> Budget {
+        Budget {
+            per_sec: f64::from(per_sec),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: std::time::Instant::now(),
+            held: 0,
+        }
+    }
+
+    /// `Some(n)`: write the line, saying `n` were held back before it;
+    /// `None`: hold it back.
+    pub fn take(&mut self, now: std::time::Instant) -> Option<u64> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        if self.tokens < 1.0 {
+            self.held += 1;
+            return None;
+        }
+        self.tokens -= 1.0;
+        Some(std::mem::take(&mut self.held))
+    }
+
+    /// The lines held back and not yet said, now said: to be logged as a
+    /// summary once the source has calmed down (a full budget again).
+    pub fn held(&mut self, now: std::time::Instant) -> Option<u64> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        let refilled = self.tokens + elapsed * self.per_sec >= self.burst;
+        (self.held > 0 && refilled).then(|| std::mem::take(&mut self.held))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::RateLimit;
-    use std::time::Duration;
+    use super::{Budget, RateLimit};
+    use std::time::{Duration, Instant};
 
     #[test]
     fn rate_limit_logs_once_per_interval_and_counts_the_rest() {
@@ -91,5 +138,20 @@ mod tests {
         let now = RateLimit::new(Duration::ZERO);
         assert_eq!(now.check(), Some(0));
         assert_eq!(now.check(), Some(0));
+    }
+
+    #[test]
+    fn a_budget_holds_back_what_is_past_it_and_says_how_much() {
+        let mut b = Budget::new(10, 5);
+        let t = Instant::now();
+        let let_through = (0..100).filter(|_| b.take(t).is_some()).count();
+        assert_eq!(let_through, 5, "the burst");
+        assert_eq!(b.held(t), None, "not quiet yet");
+        // A tenth of a second later: one more, saying 95 were held back.
+        assert_eq!(b.take(t + Duration::from_millis(100)), Some(95));
+        assert_eq!(b.take(t + Duration::from_millis(100)), None);
+        // Quiet again: the one held back since is said.
+        assert_eq!(b.held(t + Duration::from_secs(1)), Some(1));
+        assert_eq!(b.held(t + Duration::from_secs(2)), None);
     }
 }

@@ -1337,3 +1337,106 @@ async fn peers_trickling_first_lines_do_not_lock_out_tunnel_svc() {
     let connections = metric("porthole_monitor_connections").await;
     assert!(connections.is_some_and(|n| n <= 128), "{connections:?}");
 }
+
+// ---------------------------------------------------------------------------
+// Port churn
+
+/// The TCP ports in `range` listening on 127.0.0.1 now.
+fn listening_on_loopback(range: std::ops::Range<u16>) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let Some((addr, port)) = f.get(1).and_then(|a| a.split_once(':')) else {
+                return false;
+            };
+            let port = u16::from_str_radix(port, 16).unwrap_or(0);
+            f.get(3) == Some(&"0A") && addr == "0100007F" && range.contains(&port)
+        })
+        .count()
+}
+
+/// A container opens 60 ports at once and closes them all at once, ten
+/// times over, with --max-tunnels 10: tunnel-svc never listens on more than
+/// 10 of them at any moment, writes a few lines a second about it (not a
+/// line per port), and /metrics counts every change.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_churning_container_stays_within_the_cap_and_its_log_budget() {
+    if !require_root() {
+        return;
+    }
+    const BASE: u16 = 19_600;
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let tunnel = TunnelProc::follow(&ns, &monitor, &["--max-tunnels", "10"]).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut most, started) = (0, Instant::now());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && started.elapsed() < Duration::from_secs(120)
+            {
+                most = most.max(listening_on_loopback(BASE..BASE + 200));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            most
+        })
+    };
+    let lines_before = tunnel.log().lines().count();
+    let started = Instant::now();
+    let forwarded = |n: usize| {
+        let tunnel = &tunnel;
+        async move {
+            common::poll_until("the cap's tunnels", DEADLINE, || async {
+                let active = tunnel
+                    .tunnels()
+                    .await
+                    .iter()
+                    .filter(|t| t.state == porthole::pb::v1::TunnelState::Active as i32)
+                    .count();
+                (active == n).then_some(())
+            })
+            .await
+        }
+    };
+    for _ in 0..10 {
+        let holder = many_ports(&ns, BASE, 60, 0);
+        forwarded(10).await;
+        drop(holder);
+        forwarded(0).await;
+    }
+    let churned = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most = sampler.join().unwrap();
+    assert!(most <= 10, "{most} ports listened on at once");
+    let log = tunnel.log();
+    let lines = log.lines().count() - lines_before;
+    // The budget: 40 lines at once, then 5 a second (and a few others).
+    let budget = 40 + 5 * churned.as_secs() as usize + 20;
+    assert!(
+        lines <= budget,
+        "{lines} lines in {churned:?} (budget {budget}):\n{}",
+        log.lines()
+            .skip(lines_before)
+            .take(60)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        log.contains("tunnel changes not logged"),
+        "the count is said"
+    );
+    let metrics = tunnel.metrics().await.body;
+    let changes: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("porthole_target_tunnel_changes_total{target=\"default\"} ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no changes counted:\n{metrics}"));
+    assert!(changes >= 200, "{changes} changes counted");
+}

@@ -401,6 +401,28 @@ async fn metrics(State(admin): State<Admin>) -> Response {
             .collect();
         porthole::prometheus::family(&mut out, name, kind, help, &samples(&rows));
     }
+    let targets = admin.reconciler.targets().await.unwrap_or_default();
+    let per_target: [(&str, &str, &str, fn(&TargetView) -> u64); 2] = [
+        (
+            "porthole_target_ports",
+            "gauge",
+            "Ports open in the container now, forwarded or not.",
+            |t| t.ports as u64,
+        ),
+        (
+            "porthole_target_tunnel_changes_total",
+            "counter",
+            "Tunnels opened and removed (a container opening and closing ports fast shows here, not line by line in the log).",
+            |t| t.changes,
+        ),
+    ];
+    for (name, kind, help, get) in per_target {
+        let rows: Vec<(String, String)> = targets
+            .iter()
+            .map(|t| (format!("{{target=\"{}\"}}", t.name), get(t).to_string()))
+            .collect();
+        porthole::prometheus::family(&mut out, name, kind, help, &samples(&rows));
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -970,6 +970,7 @@ impl Follower {
             stderr: Vec::new(),
             said: Said::default(),
             container: c.name.clone(),
+            budget: porthole::telemetry::Budget::new(5, 40),
             ended: Some(ended_tx),
         };
         let mut io = io;
@@ -1238,6 +1239,8 @@ struct ExecIo {
     said: Said,
     /// Whose monitor, for its log lines.
     container: String,
+    /// Its info lines (a port event each): a few a second, and a count.
+    budget: porthole::telemetry::Budget,
     /// Fired when the stream ends.
     ended: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -1259,7 +1262,13 @@ impl ExecIo {
             match level {
                 tracing::Level::ERROR => tracing::error!(target: "monitor", container, "{text}"),
                 tracing::Level::WARN => tracing::warn!(target: "monitor", container, "{text}"),
-                tracing::Level::INFO => tracing::info!(target: "monitor", container, "{text}"),
+                tracing::Level::INFO => match self.budget.take(std::time::Instant::now()) {
+                    Some(0) => tracing::info!(target: "monitor", container, "{text}"),
+                    Some(unlogged) => {
+                        tracing::info!(target: "monitor", container, unlogged, "{text}")
+                    }
+                    None => tracing::debug!(target: "monitor", container, "{text}"),
+                },
                 _ => tracing::debug!(target: "monitor", container, "{text}"),
             }
             if level <= tracing::Level::WARN {

@@ -177,6 +177,10 @@ pub struct TargetView {
     pub instance_id: String,
     pub error: Option<String>,
     pub since: chrono::DateTime<chrono::Utc>,
+    /// Its tunnels opened and removed so far.
+    pub changes: u64,
+    /// Ports open in the container now, forwarded or not.
+    pub ports: usize,
 }
 
 #[cfg(test)]

@@ -376,7 +376,15 @@ pub fn diff(desired: BTreeMap<TunnelId, Want>, state: &State, retry: bool) -> Ve
             (TunnelState::Failed(_), None) => retry || want.capped,
             (TunnelState::Pending | TunnelState::Active, None) => want.capped,
         };
-        if restart {
+        if restart && want.capped {
+            // Stopped before any other tunnel starts: never more listeners
+            // than the cap, even for a moment.
+            let first_start = actions
+                .iter()
+                .position(|a| !matches!(a, Action::Remove(_)))
+                .unwrap_or(actions.len());
+            actions.insert(first_start, Action::Restart(id, want));
+        } else if restart {
             actions.push(Action::Restart(id, want));
         } else if e.origin != want.origin
             || e.process != want.process

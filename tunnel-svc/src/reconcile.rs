@@ -357,7 +357,17 @@ struct Target {
     error: Option<String>,
     /// When `up` last changed.
     since: chrono::DateTime<chrono::Utc>,
+    /// Its tunnels' open/removed lines: a container that opens and closes
+    /// ports in a loop gets a few lines a second, and a count.
+    log: porthole::telemetry::Budget,
+    /// Tunnels opened and removed since it was added.
+    changes: u64,
 }
+
+/// Lines a second (and at once) about one target's tunnels opening and
+/// closing.
+const LOG_PER_SEC: u32 = 5;
+const LOG_BURST: u32 = 40;
 
 impl Target {
     /// A target as `spec` says; its prepare/release task reports to `results`.
@@ -380,6 +390,8 @@ impl Target {
             instance_id: String::new(),
             error: None,
             since: chrono::Utc::now(),
+            log: porthole::telemetry::Budget::new(LOG_PER_SEC, LOG_BURST),
+            changes: 0,
         }
     }
 }
@@ -587,6 +599,12 @@ impl Reconciler {
                 Some(cmd) = rx.recv() => self.handle(cmd),
                 _ = retry.tick() => {
                     self.scan_host();
+                    let now = std::time::Instant::now();
+                    for (name, t) in &mut self.targets {
+                        if let Some(n) = t.log.held(now) {
+                            tracing::info!(target = %name, unlogged = n, "tunnel changes not logged (ports opening and closing fast); /metrics counts them");
+                        }
+                    }
                     if self.entries.values().any(|e| matches!(e.state, State::Failed(_))) {
                         self.reconcile(true);
                     }
@@ -664,6 +682,8 @@ impl Reconciler {
                         instance_id: t.instance_id.clone(),
                         error: t.error.clone(),
                         since: t.since,
+                        changes: t.changes,
+                        ports: t.ports.len(),
                     })
                     .collect();
                 let _ = reply.send(list);
@@ -756,7 +776,10 @@ impl Reconciler {
                 match result {
                     Ok(()) => {
                         e.state = State::Active;
-                        tracing::info!(host_port = e.host_port, "tunnel active");
+                        let t = self.targets.get_mut(&id.target).expect("a target's tunnel");
+                        if logs(t, &id.target) {
+                            tracing::info!(host_port = e.host_port, "tunnel active");
+                        }
                     }
                     Err(why) => {
                         tracing::warn!(error = %why, "tunnel failed");
@@ -918,8 +941,13 @@ impl Reconciler {
             match action {
                 plan::Action::Remove(id) => {
                     if let Some(mut e) = self.entries.remove(&id) {
-                        e.stop(&self.targets[&id.target], id.port);
-                        e.span.in_scope(|| tracing::info!("tunnel removed"));
+                        let t = self.targets.get_mut(&id.target).expect("a target's tunnel");
+                        e.stop(t, id.port);
+                        t.changes += 1;
+                        // One that was only listed (capped) was never news.
+                        if e.state != State::Capped && logs(t, &id.target) {
+                            e.span.in_scope(|| tracing::info!("tunnel removed"));
+                        }
                         let kind = self.targets[&id.target].backend.get().kind();
                         self.publish_removed(e.view(&id, kind));
                     }
@@ -988,7 +1016,13 @@ impl Reconciler {
             ));
         } else {
             match self.listen(&id, &want, &mut entry) {
-                Ok(()) => tracing::info!(host = ?entry.host_addresses, "tunnel open"),
+                Ok(()) => {
+                    let t = self.targets.get_mut(&id.target).expect("a target's tunnel");
+                    t.changes += 1;
+                    if logs(t, &id.target) {
+                        tracing::info!(host = ?entry.host_addresses, "tunnel open");
+                    }
+                }
                 Err(why) => {
                     let repeated = previous_error.as_deref() == Some(why.as_str());
                     if !repeated {
@@ -1361,6 +1395,19 @@ impl Sockets {
 }
 
 /// Why a tunnel cannot listen on its host port, in the user's terms.
+/// Whether a line about `t`'s tunnels fits its log budget; says first how
+/// many did not fit before it.
+fn logs(t: &mut Target, name: &str) -> bool {
+    match t.log.take(std::time::Instant::now()) {
+        None => false,
+        Some(0) => true,
+        Some(n) => {
+            tracing::info!(target = %name, unlogged = n, "tunnel changes not logged (ports opening and closing fast); /metrics counts them");
+            true
+        }
+    }
+}
+
 /// Why an exact host port is not taken: a host process held it lately.
 fn kept_for_host(want: &Want, ago: Duration) -> String {
     let left = crate::hostheld::QUIET.saturating_sub(ago).as_secs();

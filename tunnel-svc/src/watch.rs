@@ -184,43 +184,67 @@ impl Watcher {
             instance_id: pos.instance_id.clone(),
         };
         self.reconciler.link(&self.target, up).await;
+        use futures_util::{FutureExt, StreamExt};
         while let Some(msg) = stream.message().await? {
-            match msg.kind {
-                Some(Kind::Snapshot(s)) => {
-                    if s.instance_id != pos.instance_id {
-                        tracing::info!(instance_id = %porthole::text::clip(&s.instance_id, 64), ports = s.ports.len(), "monitor snapshot");
-                        let id = porthole::text::clip(&s.instance_id, 64).into_owned();
-                        let up = Link::Up { instance_id: id };
-                        self.reconciler.link(&self.target, up).await;
-                    }
-                    pos.instance_id = s.instance_id;
-                    pos.seq = s.seq;
-                    pos.ports = s
-                        .ports
-                        .iter()
-                        .filter_map(|p| Some((p.key.clone(), self.checked(p)?)))
-                        .collect();
+            // Everything already here is taken in one go: a wave of ports
+            // closing (or opening) is one change for the reconciler, not a
+            // change per port.
+            let mut batch = vec![msg];
+            while batch.len() < MAX_BATCH {
+                match stream.next().now_or_never() {
+                    Some(Some(next)) => batch.push(next?),
+                    _ => break,
                 }
-                Some(Kind::Event(e)) if e.seq > pos.seq => {
-                    pos.seq = e.seq;
-                    if let Some(port) = e.port {
-                        if e.r#type == EventType::Closed as i32 {
-                            pos.ports.remove(&port.key);
-                        } else if let Some(l) = self.checked(&port) {
-                            pos.ports.insert(port.key, l);
-                        }
-                    }
-                }
-                _ => continue,
             }
-            if !self
-                .reconciler
-                .ports(&self.target, by_port(&pos.ports))
-                .await
+            let mut changed = false;
+            for msg in batch {
+                changed |= self.apply(msg, pos).await;
+            }
+            if changed
+                && !self
+                    .reconciler
+                    .ports(&self.target, by_port(&pos.ports))
+                    .await
             {
                 return Ok(());
             }
         }
         Ok(())
     }
+
+    /// Takes one message of the stream into `pos`; whether it was news.
+    async fn apply(&self, msg: porthole::pb::v1::WatchEventsResponse, pos: &mut Position) -> bool {
+        match msg.kind {
+            Some(Kind::Snapshot(s)) => {
+                if s.instance_id != pos.instance_id {
+                    tracing::info!(instance_id = %porthole::text::clip(&s.instance_id, 64), ports = s.ports.len(), "monitor snapshot");
+                    let id = porthole::text::clip(&s.instance_id, 64).into_owned();
+                    let up = Link::Up { instance_id: id };
+                    self.reconciler.link(&self.target, up).await;
+                }
+                pos.instance_id = s.instance_id;
+                pos.seq = s.seq;
+                pos.ports = s
+                    .ports
+                    .iter()
+                    .filter_map(|p| Some((p.key.clone(), self.checked(p)?)))
+                    .collect();
+            }
+            Some(Kind::Event(e)) if e.seq > pos.seq => {
+                pos.seq = e.seq;
+                if let Some(port) = e.port {
+                    if e.r#type == EventType::Closed as i32 {
+                        pos.ports.remove(&port.key);
+                    } else if let Some(l) = self.checked(&port) {
+                        pos.ports.insert(port.key, l);
+                    }
+                }
+            }
+            _ => return false,
+        }
+        true
+    }
 }
+
+/// Most stream messages taken into one change.
+const MAX_BATCH: usize = 4096;
