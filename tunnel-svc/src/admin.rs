@@ -338,13 +338,9 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         "Tunnels by target and state.",
         &samples(&by_state),
     );
-    type Counter = (
-        &'static str,
-        &'static str,
-        &'static str,
-        fn(&pb::Tunnel) -> u64,
-    );
-    let per_tunnel: [Counter; 8] = [
+    /// Name, kind, help and value of a metric family.
+    type Family<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
+    let per_tunnel: [Family<pb::Tunnel>; 8] = [
         (
             "porthole_tunnel_active_connections",
             "gauge",
@@ -402,7 +398,7 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         porthole::prometheus::family(&mut out, name, kind, help, &samples(&rows));
     }
     let targets = admin.reconciler.targets().await.unwrap_or_default();
-    let per_target: [(&str, &str, &str, fn(&TargetView) -> u64); 2] = [
+    let per_target: [Family<TargetView>; 2] = [
         (
             "porthole_target_ports",
             "gauge",
