@@ -914,7 +914,10 @@ async fn two_targets_same_port_both_forwarded() {
         "ListTunnels target b",
         tunnel
             .client()
-            .list_tunnels(tunnel.request(ListTunnelsRequest { target: "b".into() })),
+            .list_tunnels(tunnel.request(ListTunnelsRequest {
+                target: "b".into(),
+                ..Default::default()
+            })),
     )
     .await
     .expect("ListTunnels")

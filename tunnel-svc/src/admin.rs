@@ -14,6 +14,13 @@ use porthole::pb::v1::{
 };
 use tonic::{Request, Response as GrpcResponse, Status};
 
+/// Most tunnels in one ListTunnels answer.
+const MAX_PAGE: usize = 1000;
+
+/// A ListTunnels answer stops short of this many bytes (a message may be
+/// 4 MiB).
+const MAX_PAGE_BYTES: usize = 1 << 20;
+
 /// Longest id or target name taken from a request; anything longer cannot
 /// name a tunnel and is refused without being echoed whole.
 const MAX_ID: usize = 512;
@@ -138,10 +145,45 @@ impl TunnelAdmin for Admin {
         &self,
         req: Request<ListTunnelsRequest>,
     ) -> Result<GrpcResponse<ListTunnelsResponse>, Status> {
-        let target = Some(req.into_inner().target).filter(|t| !t.is_empty());
-        let tunnels = self.reconciler.tunnels(target).await?;
-        let tunnels = tunnels.into_iter().map(tunnel).collect();
-        Ok(GrpcResponse::new(ListTunnelsResponse { tunnels }))
+        use prost::Message;
+        let req = req.into_inner();
+        let after: Option<crate::model::TunnelId> = match req.page_token.as_str() {
+            "" => None,
+            token => Some(token.parse().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "page_token {:?} is not a next_page_token",
+                    porthole::text::clip(token, 64)
+                ))
+            })?),
+        };
+        let size = match req.page_size {
+            0 => MAX_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
+        let target = Some(req.target).filter(|t| !t.is_empty());
+        let views = self.reconciler.tunnels(target).await?;
+        let mut tunnels = Vec::new();
+        let (mut bytes, mut next_page_token) = (0, String::new());
+        for view in views
+            .into_iter()
+            .filter(|v| after.as_ref().is_none_or(|a| v.id > *a))
+        {
+            let t = tunnel(view);
+            let len = t.encoded_len() + 8;
+            if tunnels.len() == size || (!tunnels.is_empty() && bytes + len > MAX_PAGE_BYTES) {
+                next_page_token = tunnels
+                    .last()
+                    .map(|t: &pb::Tunnel| t.id.clone())
+                    .unwrap_or_default();
+                break;
+            }
+            bytes += len;
+            tunnels.push(t);
+        }
+        Ok(GrpcResponse::new(ListTunnelsResponse {
+            tunnels,
+            next_page_token,
+        }))
     }
 
     async fn close_tunnel(

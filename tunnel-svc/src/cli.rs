@@ -272,14 +272,33 @@ pub async fn ls(admin: SocketAddr, token: Option<porthole::auth::Token>) -> anyh
         Err(s) if s.code() == tonic::Code::Unimplemented => {}
         Err(s) => return Err(s.into()),
     }
-    let resp = client.list_tunnels(ListTunnelsRequest::default()).await?;
-    let tunnels = resp.into_inner().tunnels;
+    let tunnels = all_tunnels(&mut client).await?;
     if tunnels.is_empty() {
         out("no tunnels\n");
     } else {
         out(&table(&tunnels));
     }
     Ok(())
+}
+
+/// Every tunnel, page by page.
+async fn all_tunnels(
+    client: &mut TunnelAdminClient<porthole::auth::AuthChannel>,
+) -> Result<Vec<Tunnel>, tonic::Status> {
+    let mut tunnels = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let req = ListTunnelsRequest {
+            page_token,
+            ..Default::default()
+        };
+        let page = client.list_tunnels(req).await?.into_inner();
+        tunnels.extend(page.tunnels);
+        if page.next_page_token.is_empty() {
+            return Ok(tunnels);
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 pub async fn close(

@@ -1487,13 +1487,25 @@ impl TunnelProc {
         req
     }
 
-    /// ListTunnels (with the token), or its error.
+    /// ListTunnels (with the token), every page, or its error.
     pub async fn try_tunnels(&self) -> Result<Vec<Tunnel>, tonic::Status> {
         let mut client = self.client();
-        let req = self.request(ListTunnelsRequest::default());
-        within("ListTunnels", client.list_tunnels(req))
-            .await
-            .map(|r| r.into_inner().tunnels)
+        let mut tunnels = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let req = self.request(ListTunnelsRequest {
+                page_token,
+                ..Default::default()
+            });
+            let page = within("ListTunnels", client.list_tunnels(req))
+                .await?
+                .into_inner();
+            tunnels.extend(page.tunnels);
+            if page.next_page_token.is_empty() {
+                return Ok(tunnels);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     /// ListTunnels, which must succeed.
