@@ -1476,3 +1476,56 @@ async fn a_churning_container_stays_within_the_cap_and_its_log_budget() {
         .unwrap_or_else(|| panic!("no changes counted:\n{metrics}"));
     assert!(changes >= 200, "{changes} changes counted");
 }
+
+// ---------------------------------------------------------------------------
+// Memory follows what is forwarded
+
+/// A container opens 4,000 ports (all forwarded: --max-tunnels 4000), then
+/// closes them: tunnel-svc costs kilobytes per tunnel, not tens of them,
+/// and hands most of it back once they are gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn thousands_of_ports_cost_kilobytes_each_and_are_given_back() {
+    if !require_root() {
+        return;
+    }
+    const BASE: u16 = 30_000;
+    const N: u16 = 4000;
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let tunnel = TunnelProc::follow(&ns, &monitor, &["--max-tunnels", "4000"]).await;
+    let pid = tunnel.pid();
+    let idle = rss(pid);
+    let holder = many_ports(&ns, BASE, N, 0);
+    let ours = |t: &porthole::pb::v1::Tunnel| (BASE..BASE + N).contains(&(t.container_port as u16));
+    common::poll_until("4,000 tunnels active", Duration::from_secs(60), || async {
+        let tunnels = tunnel.try_tunnels().await.ok()?;
+        let active = tunnels
+            .iter()
+            .filter(|t| ours(t) && t.state == porthole::pb::v1::TunnelState::Active as i32)
+            .count();
+        (active == usize::from(N)).then_some(())
+    })
+    .await;
+    let open = rss(pid);
+    drop(holder);
+    common::poll_until("every tunnel removed", Duration::from_secs(60), || async {
+        let tunnels = tunnel.try_tunnels().await.ok()?;
+        (!tunnels.iter().any(ours)).then_some(())
+    })
+    .await;
+    // Handed back on the reconciler's next tick (every 2 s).
+    let grown = open.saturating_sub(idle);
+    let closed = common::poll_until("memory handed back", Duration::from_secs(10), || async {
+        let now = rss(pid);
+        (now < idle + grown * 3 / 4).then_some(now)
+    })
+    .await;
+    let per_tunnel = grown / u64::from(N);
+    println!(
+        "tunnel-svc RSS: idle {} MiB, 4,000 tunnels {} MiB ({per_tunnel} B each), closed {} MiB",
+        idle >> 20,
+        open >> 20,
+        closed >> 20
+    );
+    assert!(per_tunnel < 16 << 10, "{per_tunnel} bytes per tunnel");
+}

@@ -40,6 +40,8 @@ struct Entry {
 pub struct HostPorts {
     path: Option<PathBuf>,
     ports: BTreeMap<TunnelId, Entry>,
+    /// Changed since last written.
+    dirty: bool,
 }
 
 /// Where the file lives by default: `$XDG_STATE_HOME/porthole`, else
@@ -63,6 +65,7 @@ impl HostPorts {
         let mut me = HostPorts {
             path,
             ports: BTreeMap::new(),
+            dirty: false,
         };
         let Some(path) = &me.path else {
             return me;
@@ -96,8 +99,8 @@ impl HostPorts {
             .collect()
     }
 
-    /// `id` listens on `host_port`: remembered, and written down when that
-    /// is news.
+    /// `id` listens on `host_port`: remembered, and written down at the
+    /// next [`HostPorts::flush`] when that is news.
     pub fn record(&mut self, id: &TunnelId, host_port: u16) {
         let now = chrono::Utc::now().timestamp();
         let news = self.get(id) != Some(host_port);
@@ -120,9 +123,7 @@ impl HostPorts {
                 .map(|(id, _)| id.clone());
             self.ports.remove(&oldest.expect("not empty"));
         }
-        if news {
-            self.save();
-        }
+        self.dirty |= news;
     }
 
     /// Target `from` is called `to` now: its ports are remembered under the
@@ -145,10 +146,16 @@ impl HostPorts {
             };
             self.ports.insert(new, e);
         }
-        self.save();
+        self.dirty = true;
     }
 
-    fn save(&self) {
+    /// Writes the file if anything changed since it was last written: a
+    /// few times a minute at most, not once per port (a container opening
+    /// thousands of ports would otherwise rewrite it thousands of times).
+    pub fn flush(&mut self) {
+        if !std::mem::take(&mut self.dirty) {
+            return;
+        }
         let Some(path) = &self.path else {
             return;
         };
@@ -207,10 +214,16 @@ mod tests {
         let mut m = HostPorts::load(Some(path.clone()));
         m.record(&web, 8000);
         m.record(&api, 8001);
+        assert!(
+            HostPorts::load(Some(path.clone())).get(&web).is_none(),
+            "not written yet"
+        );
+        m.flush();
         let mut again = HostPorts::load(Some(path.clone()));
         assert_eq!((again.get(&web), again.get(&api)), (Some(8000), Some(8001)));
         // api took 8000 (web was gone): web no longer owns it.
         again.record(&api, 8000);
+        again.flush();
         let third = HostPorts::load(Some(path.clone()));
         assert_eq!((third.get(&web), third.get(&api)), (None, Some(8000)));
         // In force: followed targets, or everything within the grace.
@@ -219,6 +232,7 @@ mod tests {
         // A renamed target keeps its ports, under the new name.
         let mut renamed = HostPorts::load(Some(path.clone()));
         renamed.rename_target("api", "api2");
+        renamed.flush();
         let after = HostPorts::load(Some(path.clone()));
         assert_eq!(after.get(&TunnelId::new("api2", 8000)), Some(8000));
         assert_eq!(after.get(&api), None);

@@ -544,6 +544,8 @@ struct Reconciler {
     host_ports: crate::hostports::HostPorts,
     /// Host ports host processes held lately.
     host_held: crate::hostheld::HostHeld,
+    /// Most tunnels listed since memory was last handed back.
+    peak: usize,
     started: std::time::Instant,
 }
 
@@ -580,6 +582,7 @@ pub fn spawn(
         renamed: BTreeMap::new(),
         host_ports,
         host_held: Default::default(),
+        peak: 0,
         started: std::time::Instant::now(),
     };
     // Before the admin API answers: what the host held at start is known.
@@ -598,6 +601,8 @@ impl Reconciler {
                 _ = shutdown.cancelled() => break,
                 Some(cmd) = rx.recv() => self.handle(cmd),
                 _ = retry.tick() => {
+                    self.host_ports.flush();
+                    self.release_memory();
                     self.scan_host();
                     let now = std::time::Instant::now();
                     for (name, t) in &mut self.targets {
@@ -613,6 +618,7 @@ impl Reconciler {
                 }
             }
         }
+        self.host_ports.flush();
         // Listeners close at once; connections in flight get
         // tunnel::DRAIN to finish, then are reset.
         for entry in self.entries.values_mut() {
@@ -873,6 +879,16 @@ impl Reconciler {
     fn view(&self, id: &TunnelId) -> Option<TunnelView> {
         let kind = self.targets.get(&id.target)?.backend.get().kind();
         Some(self.entries.get(id)?.view(id, kind))
+    }
+
+    /// Hands memory back to the kernel once most of the tunnels it held
+    /// are gone (a container that opened thousands of ports closed them).
+    fn release_memory(&mut self) {
+        self.peak = self.peak.max(self.entries.len());
+        if self.peak >= 256 && self.entries.len() < self.peak / 2 {
+            crate::sys::release_free_memory();
+            self.peak = self.entries.len();
+        }
     }
 
     /// Notes which host ports processes other than this tunnel-svc's
