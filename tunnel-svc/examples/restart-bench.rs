@@ -10,8 +10,12 @@
 //!
 //! ```text
 //! cargo build --release -p tunnel-svc --example restart-bench
-//! sudo ./target/release/examples/restart-bench [EVENTS]   # EVENTS per kind, default 10
+//! sudo ./target/release/examples/restart-bench [EVENTS] [ONLY]
 //! ```
+//!
+//! EVENTS per kind, default 10. ONLY runs one path and event, e.g.
+//! `exec:pause` (paths `auto`, `exec`, `grpc`, `direct`, `ssh`; events
+//! `kill`, `restart`, `pause`, `reconnect`).
 //!
 //! Needs root, a Docker engine, Debian's `busybox-static`, `python3` and
 //! OpenSSH (`sshd`). Everything it makes is removed at the end.
@@ -160,14 +164,21 @@ async fn main() {
         .nth(1)
         .map(|n| n.parse().expect("EVENTS is a number"))
         .unwrap_or(10);
+    let only = std::env::args().nth(2);
+    let (only_path, only_event) = match only.as_deref().map(|o| o.split_once(':')) {
+        Some(Some((p, e))) => (Some(p.to_string()), Some(e.to_string())),
+        Some(None) => (only.clone(), None),
+        None => (None, None),
+    };
+    let wanted = |path: &str| only_path.as_deref().is_none_or(|p| p == path);
     if !have_docker("restart-bench") {
         std::process::exit(1);
     }
     let mut rows = Vec::new();
-    for transport in ["auto", "exec"] {
-        rows.extend(docker_paths(transport, events).await);
+    for transport in ["auto", "exec"].into_iter().filter(|t| wanted(t)) {
+        rows.extend(docker_paths(transport, events, only_event.as_deref()).await);
     }
-    for backend in ["grpc", "direct", "ssh"] {
+    for backend in ["grpc", "direct", "ssh"].into_iter().filter(|b| wanted(b)) {
         rows.push(namespace_path(backend, events).await);
     }
     println!("## Requests across restarts\n");
@@ -194,12 +205,19 @@ async fn main() {
 }
 
 /// The Docker events, through `tunnel-svc --docker --docker-transport T`.
-async fn docker_paths(transport: &str, events: usize) -> Vec<Row> {
+async fn docker_paths(transport: &str, events: usize, only: Option<&str>) -> Vec<Row> {
     let w = World::new();
     let port = unused_local_port();
     let c = w.http("0.0.0.0", port, "bench");
-    let _tunnel = w
-        .tunnel_svc(&["--docker-transport", transport, "--log-level", "warn"])
+    // RESTART_BENCH_LOG=debug: tunnel-svc's log, printed at the end.
+    let level = std::env::var("RESTART_BENCH_LOG").ok();
+    let tunnel = w
+        .tunnel_svc(&[
+            "--docker-transport",
+            transport,
+            "--log-level",
+            level.as_deref().unwrap_or("warn"),
+        ])
         .await;
     let net = &w.net;
     back(port).await;
@@ -208,12 +226,23 @@ async fn docker_paths(transport: &str, events: usize) -> Vec<Row> {
     let prefix = net.subnet.trim_end_matches("0/24").to_string();
     let mut rows = Vec::new();
     let kinds = [
-        (Event::MonitorKilled, "monitor killed (`kill -9` inside)"),
-        (Event::Restart, "`docker restart -t 1`"),
-        (Event::Pause, "`docker pause`, 5 s, `unpause`"),
-        (Event::Reconnect, "network reconnected, new address"),
+        (
+            Event::MonitorKilled,
+            "kill",
+            "monitor killed (`kill -9` inside)",
+        ),
+        (Event::Restart, "restart", "`docker restart -t 1`"),
+        (Event::Pause, "pause", "`docker pause`, 5 s, `unpause`"),
+        (
+            Event::Reconnect,
+            "reconnect",
+            "network reconnected, new address",
+        ),
     ];
-    for (kind, event) in kinds {
+    let kinds = kinds
+        .into_iter()
+        .filter(|(_, short, _)| only.is_none_or(|o| o == *short));
+    for (kind, _, event) in kinds {
         eprintln!("{path}: {event} × {events}");
         let from = Instant::now();
         for i in 0..events {
@@ -225,6 +254,9 @@ async fn docker_paths(transport: &str, events: usize) -> Vec<Row> {
         rows.push(client.row(&path, event, events, from, Instant::now()).await);
     }
     drop(client);
+    if level.is_some() {
+        eprintln!("{}", tunnel.log());
+    }
     rows
 }
 
