@@ -143,8 +143,9 @@ async fn a_network_reconnect_onto_a_new_address_is_followed() {
     assert_ne!(before, after);
 }
 
-/// Containers that all serve the same port keep their host ports when
-/// tunnel-svc restarts, whichever monitor reports first.
+/// Containers that all serve the same port get host ports in the order of
+/// their names, and keep them when tunnel-svc restarts, whichever monitor
+/// reports first.
 #[tokio::test(flavor = "multi_thread")]
 async fn host_ports_stay_the_same_across_a_tunnel_svc_restart() {
     if !have_docker(&test_name()) {
@@ -158,6 +159,12 @@ async fn host_ports_stay_the_same_across_a_tunnel_svc_restart() {
     let names: Vec<String> = containers.iter().map(|c| c.name.clone()).collect();
     let mut tunnel = w.tunnel_svc(&[]).await;
     let before = host_ports(&tunnel, &names).await;
+    // The first start gave them out by name, not by which monitor
+    // reported first.
+    let mut by_name: Vec<(&String, u32)> = names.iter().zip(before.iter().copied()).collect();
+    by_name.sort();
+    assert_eq!(by_name[0].1, u32::from(port), "{by_name:?}");
+    assert!(by_name.windows(2).all(|w| w[0].1 < w[1].1), "{by_name:?}");
     assert!(tunnel.terminate().await.success());
     let tunnel = w.tunnel_svc(&[]).await;
     let after = host_ports(&tunnel, &names).await;

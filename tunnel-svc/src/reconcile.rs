@@ -362,7 +362,17 @@ struct Target {
     log: porthole::telemetry::Budget,
     /// Tunnels opened and removed since it was added.
     changes: u64,
+    /// Its monitor has said which ports are open (at least once).
+    reported: bool,
 }
+
+/// At start, new host ports wait until every target has reported its
+/// ports (targets added one by one, as Docker's are, until none was added
+/// for [`SETTLE_QUIET`]), at most [`SETTLE_MAX`]: then a port several
+/// containers want goes to them by name, not by which monitor answered
+/// first.
+const SETTLE_QUIET: Duration = Duration::from_secs(1);
+const SETTLE_MAX: Duration = Duration::from_secs(5);
 
 /// Lines a second (and at once) about one target's tunnels opening and
 /// closing.
@@ -392,6 +402,7 @@ impl Target {
             since: chrono::Utc::now(),
             log: porthole::telemetry::Budget::new(LOG_PER_SEC, LOG_BURST),
             changes: 0,
+            reported: false,
         }
     }
 }
@@ -546,6 +557,11 @@ struct Reconciler {
     host_held: crate::hostheld::HostHeld,
     /// Most tunnels listed since memory was last handed back.
     peak: usize,
+    /// Start-up is over: new host ports are given as ports appear (see
+    /// [`SETTLE_MAX`]).
+    settled: bool,
+    /// When the latest target was added after start.
+    last_added: Option<std::time::Instant>,
     started: std::time::Instant,
 }
 
@@ -583,6 +599,8 @@ pub fn spawn(
         host_ports,
         host_held: Default::default(),
         peak: 0,
+        settled: false,
+        last_added: None,
         started: std::time::Instant::now(),
     };
     // Before the admin API answers: what the host held at start is known.
@@ -594,12 +612,19 @@ impl Reconciler {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, shutdown: CancellationToken) {
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Looks whether start-up has settled, until it has.
+        let mut settle = tokio::time::interval(Duration::from_millis(100));
         // Static tunnels need no watcher to appear.
         self.reconcile(false);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(cmd) = rx.recv() => self.handle(cmd),
+                _ = settle.tick(), if !self.settled => {
+                    if !self.settling() {
+                        self.reconcile(false);
+                    }
+                }
                 _ = retry.tick() => {
                     self.host_ports.flush();
                     self.release_memory();
@@ -650,6 +675,7 @@ impl Reconciler {
                     return;
                 };
                 t.ports = ports;
+                t.reported = true;
                 // A closed port forgets that an admin closed its tunnel.
                 self.closed
                     .retain(|id| id.target != target || t.ports.contains_key(&id.key()));
@@ -737,6 +763,7 @@ impl Reconciler {
                 let name = spec.name.clone();
                 let target = Target::new(spec, &self.commands);
                 self.targets.insert(name, target);
+                self.last_added = Some(std::time::Instant::now());
                 self.reconcile(false);
             }
             Command::RemoveTarget(name) => {
@@ -881,6 +908,18 @@ impl Reconciler {
         Some(self.entries.get(id)?.view(id, kind))
     }
 
+    /// Whether start-up is still settling (see [`SETTLE_MAX`]).
+    fn settling(&mut self) -> bool {
+        if self.settled {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let heard = !self.targets.is_empty() && self.targets.values().all(|t| t.reported);
+        let quiet = self.last_added.is_none_or(|at| now >= at + SETTLE_QUIET);
+        self.settled = (heard && quiet) || now >= self.started + SETTLE_MAX;
+        !self.settled
+    }
+
     /// Hands memory back to the kernel once most of the tunnels it held
     /// are gone (a container that opened thousands of ports closed them).
     fn release_memory(&mut self) {
@@ -945,7 +984,19 @@ impl Reconciler {
             rules: &self.opts.rules,
         };
         let (desired, capped) = plan::desired(&targets, &policy, &state);
-        let actions = plan::diff(desired, &state, retry);
+        let mut actions = plan::diff(desired, &state, retry);
+        if self.settling() {
+            // A new automatic host port waits for the other targets' ports.
+            actions.retain(|a| match a {
+                plan::Action::Start(id, want) => {
+                    want.origin != Origin::Auto
+                        || want.capped
+                        || want.published.is_some()
+                        || remembered.contains_key(id)
+                }
+                _ => true,
+            });
+        }
         for (name, t) in &mut self.targets {
             let now = capped.contains(name);
             if now && !t.capped {
@@ -1555,6 +1606,18 @@ mod tests {
             .find(|t| t.id == id)
     }
 
+    /// The tunnel once it is active (polled: a target added after start
+    /// waits out the start-up's quiet second), or None after 5 s.
+    async fn active(h: &Handle, target: &str, port: u16) -> Option<TunnelView> {
+        for _ in 0..100 {
+            match tunnel(h, target, port).await {
+                Some(t) if t.state == State::Active => return Some(t),
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        None
+    }
+
     async fn count(h: &Handle) -> usize {
         h.tunnels(None).await.unwrap().len()
     }
@@ -1880,19 +1943,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn two_targets_on_one_port_the_first_keeps_it() {
+    async fn two_targets_on_one_port_by_name_at_start_then_the_first_keeps_it() {
         let (h, _stop) = start(&["a", "b"], options());
         let p = free_port();
+        // At start, b reports first, yet a (first by name) gets the port:
+        // b waits until every target has reported.
         h.ports("b", open(&[p])).await;
+        assert_eq!(count(&h).await, 0, "b waits for a");
         h.ports("a", open(&[p])).await;
-        let b = tunnel(&h, "b", p).await.unwrap();
         let a = tunnel(&h, "a", p).await.unwrap();
-        assert_eq!((b.state, b.host_port), (State::Active, p));
-        assert_eq!(a.state, State::Active);
-        assert_ne!(a.host_port, p);
+        let b = tunnel(&h, "b", p).await.unwrap();
+        assert_eq!((a.state, a.host_port), (State::Active, p));
+        assert_eq!(b.state, State::Active);
+        assert_ne!(b.host_port, p);
+        let note = b.note.unwrap();
+        assert!(
+            note.starts_with(&format!("host port {p} is held by a:tcp:{p}")),
+            "{note}"
+        );
+        // Afterwards, a port that opens later is the first one's.
+        let q = free_port();
+        h.ports("b", open(&[p, q])).await;
+        h.ports("a", open(&[p, q])).await;
+        let b = tunnel(&h, "b", q).await.unwrap();
+        let a = tunnel(&h, "a", q).await.unwrap();
+        assert_eq!((b.state, b.host_port), (State::Active, q));
+        assert_ne!(a.host_port, q);
         let note = a.note.unwrap();
         assert!(
-            note.starts_with(&format!("host port {p} is held by b:tcp:{p}")),
+            note.starts_with(&format!("host port {q} is held by b:tcp:{q}")),
             "{note}"
         );
     }
@@ -1947,7 +2026,11 @@ mod tests {
         let p = free_port();
         h.add_target(target("web")).await;
         assert!(h.ports("web", open(&[p])).await);
-        assert_eq!(tunnel(&h, "web", p).await.unwrap().state, State::Active);
+        assert!(
+            active(&h, "web", p).await.is_some(),
+            "{:?}",
+            tunnel(&h, "web", p).await
+        );
         h.remove_target("web").await;
         assert!(h.targets().await.unwrap().is_empty());
         assert_eq!(count(&h).await, 0);
