@@ -183,6 +183,19 @@ pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     }
 }
 
+/// This network namespace's ephemeral port range (the kernel's default if
+/// it cannot be read): where the ports of sockets that do not choose one
+/// come from.
+pub fn ephemeral_range() -> std::ops::RangeInclusive<u16> {
+    let text =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut parts = text.split_whitespace().map(|p| p.parse::<u16>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => lo..=hi,
+        _ => 32768..=60999,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

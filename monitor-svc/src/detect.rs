@@ -20,18 +20,6 @@ pub struct Detector {
 /// UDP ports clients bind on purpose: DHCP and DHCPv6 clients.
 const UDP_CLIENT_PORTS: [u16; 2] = [68, 546];
 
-/// This network namespace's ephemeral port range (the kernel's default if
-/// it cannot be read).
-fn ephemeral_range() -> RangeInclusive<u16> {
-    let text =
-        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-    let mut parts = text.split_whitespace().map(|p| p.parse::<u16>());
-    match (parts.next(), parts.next()) {
-        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => lo..=hi,
-        _ => 32768..=60999,
-    }
-}
-
 /// Whether a socket looks like a server's (see `Port.server`).
 pub fn is_server(protocol: Protocol, port: u16, ephemeral: &RangeInclusive<u16>) -> bool {
     match protocol {
@@ -46,7 +34,7 @@ impl Detector {
             scanner,
             owners: HashMap::new(),
             last: None,
-            ephemeral: ephemeral_range(),
+            ephemeral: porthole::net::ephemeral_range(),
         }
     }
 

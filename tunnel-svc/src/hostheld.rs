@@ -41,7 +41,7 @@ impl HostHeld {
     /// tunnels listen on; `bind`: the addresses they listen on (a socket
     /// elsewhere does not conflict).
     pub fn scan(&mut self, ours: &HashSet<(Proto, u16)>, bind: &[IpAddr], now: Instant) {
-        let ephemeral = ephemeral_range();
+        let ephemeral = porthole::net::ephemeral_range();
         for (proto, file) in [
             (Proto::Tcp, "/proc/net/tcp"),
             (Proto::Tcp, "/proc/net/tcp6"),
@@ -115,17 +115,6 @@ fn hex_addr(hex: &str) -> Option<IpAddr> {
         1 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
         4 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
         _ => None,
-    }
-}
-
-/// This machine's ephemeral port range.
-fn ephemeral_range() -> std::ops::RangeInclusive<u16> {
-    let text =
-        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-    let mut parts = text.split_whitespace().map(|p| p.parse::<u16>());
-    match (parts.next(), parts.next()) {
-        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => lo..=hi,
-        _ => 32768..=60999,
     }
 }
 
