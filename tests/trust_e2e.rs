@@ -1137,6 +1137,12 @@ async fn errors_never_echo_unbounded_input() {
 // ---------------------------------------------------------------------------
 // The admin API is its user's alone
 
+/// Asserts that a command failed and said `words` on stderr.
+fn failed_saying(out: &std::process::Output, words: &str) {
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains(words), "{out:?}");
+}
+
 /// tunnel-svc makes its admin token in its user's state directory; another
 /// local user (`nobody`) is refused by the API and by the CLI, which says
 /// why; and the CLI sends the token only to a server that proves it holds
@@ -1181,19 +1187,11 @@ async fn the_admin_api_is_its_users_alone_and_its_token_goes_nowhere_else() {
     let out = within("ls as nobody", as_nobody(&["ls"]).output())
         .await
         .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && said.contains("wants its admin token"),
-        "{out:?}"
-    );
+    failed_saying(&out, "wants its admin token");
     let mut close = as_nobody(&["close", "default:tcp:7070"]);
     close.arg("--token-file").arg(&token_file);
     let out = within("close as nobody", close.output()).await.unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && said.contains("Permission denied"),
-        "nobody cannot read the token: {out:?}"
-    );
+    failed_saying(&out, "Permission denied");
     let mut client = tunnel.client();
     let refused = within(
         "ListTunnels without the token",
@@ -1222,11 +1220,7 @@ async fn the_admin_api_is_its_users_alone_and_its_token_goes_nowhere_else() {
     let out = within("ls against the recorder", tunnel.cli(&["ls"]).output())
         .await
         .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && said.contains("no token was sent"),
-        "{out:?}"
-    );
+    failed_saying(&out, "no token was sent");
     let (seen, listener) = recorder.await.unwrap();
     assert!(
         seen.starts_with(b"PRI * HTTP/2.0"),
@@ -1260,11 +1254,7 @@ async fn the_admin_api_is_its_users_alone_and_its_token_goes_nowhere_else() {
     )
     .await
     .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && said.contains("could not prove it holds your admin token"),
-        "{out:?}"
-    );
+    failed_saying(&out, "could not prove it holds your admin token");
     drop(other);
 }
 
