@@ -17,6 +17,10 @@
 //! `exec:pause` (paths `auto`, `exec`, `grpc`, `direct`, `ssh`; events
 //! `kill`, `restart`, `pause`, `reconnect`).
 //!
+//! The container's server is the kit's (listen backlog 1,024);
+//! `RESTART_BENCH_SERVER=busybox` uses busybox `httpd` (backlog 9)
+//! instead, whose backlog a pause's burst of waiting requests overflows.
+//!
 //! Needs root, a Docker engine, Debian's `busybox-static`, `python3` and
 //! OpenSSH (`sshd`). Everything it makes is removed at the end.
 #![forbid(unsafe_code)]
@@ -208,7 +212,13 @@ async fn main() {
 async fn docker_paths(transport: &str, events: usize, only: Option<&str>) -> Vec<Row> {
     let w = World::new();
     let port = unused_local_port();
-    let c = w.http("0.0.0.0", port, "bench");
+    // The kit's server (listen backlog 1,024); with RESTART_BENCH_SERVER=
+    // busybox, busybox httpd (backlog 9: the burst of requests that waited
+    // out a pause overflows it).
+    let c = match std::env::var("RESTART_BENCH_SERVER").as_deref() {
+        Ok("busybox") => w.http("0.0.0.0", port, "bench"),
+        _ => w.helper_http("0.0.0.0", port, "bench"),
+    };
     // RESTART_BENCH_LOG=debug: tunnel-svc's log, printed at the end.
     let level = std::env::var("RESTART_BENCH_LOG").ok();
     let tunnel = w

@@ -625,22 +625,7 @@ impl Reconciler {
                         self.reconcile(false);
                     }
                 }
-                _ = retry.tick() => {
-                    self.host_ports.flush();
-                    self.release_memory();
-                    self.scan_host();
-                    let now = std::time::Instant::now();
-                    for (name, t) in &mut self.targets {
-                        if let Some(n) = t.log.held(now) {
-                            tracing::info!(target = %name, unlogged = n, "tunnel changes not logged (ports opening and closing fast); /metrics counts them");
-                        }
-                    }
-                    if self.entries.values().any(|e| matches!(e.state, State::Failed(_))) {
-                        self.reconcile(true);
-                    }
-                    self.publish_health_changes();
-                    self.resync_subscribers();
-                }
+                _ = retry.tick() => self.tick(),
             }
         }
         self.host_ports.flush();
@@ -906,6 +891,31 @@ impl Reconciler {
     fn view(&self, id: &TunnelId) -> Option<TunnelView> {
         let kind = self.targets.get(&id.target)?.backend.get().kind();
         Some(self.entries.get(id)?.view(id, kind))
+    }
+
+    /// Every [`RETRY`]: failed tunnels tried again, health and watchers
+    /// brought up to date, and the housekeeping (host ports written down,
+    /// the host's sockets looked at, memory handed back, what the log
+    /// budget held back said).
+    fn tick(&mut self) {
+        self.host_ports.flush();
+        self.release_memory();
+        self.scan_host();
+        let now = std::time::Instant::now();
+        for (name, t) in &mut self.targets {
+            if let Some(n) = t.log.held(now) {
+                say_unlogged(name, n);
+            }
+        }
+        if self
+            .entries
+            .values()
+            .any(|e| matches!(e.state, State::Failed(_)))
+        {
+            self.reconcile(true);
+        }
+        self.publish_health_changes();
+        self.resync_subscribers();
     }
 
     /// Whether start-up is still settling (see [`SETTLE_MAX`]).
@@ -1469,10 +1479,15 @@ fn logs(t: &mut Target, name: &str) -> bool {
         None => false,
         Some(0) => true,
         Some(n) => {
-            tracing::info!(target = %name, unlogged = n, "tunnel changes not logged (ports opening and closing fast); /metrics counts them");
+            say_unlogged(name, n);
             true
         }
     }
+}
+
+/// Says how many lines about `name`'s tunnels the log budget held back.
+fn say_unlogged(name: &str, n: u64) {
+    tracing::info!(target = %name, unlogged = n, "tunnel changes not logged (ports opening and closing fast); /metrics counts them");
 }
 
 /// Why an exact host port is not taken: a host process held it lately.

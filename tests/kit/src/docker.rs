@@ -386,6 +386,16 @@ impl World {
         Container::http(&self.image, &self.net, &extra, addr, port, text)
     }
 
+    /// A container whose HTTP server is the kit's static helper (`serve`):
+    /// answers `GET` with `text`, and listens with a backlog of 1,024
+    /// where busybox `httpd` ([`World::http`]) has 9.
+    pub fn helper_http(&self, addr: &str, port: u16, text: &str) -> Container {
+        let helper = format!("{}:/porthole-helper:ro", static_helper().display());
+        let extra = ["--label", self.label.as_str(), "-v", helper.as_str()];
+        let args = ["/porthole-helper", "serve", addr, &port.to_string(), text];
+        Container::run(&self.image, &self.net, &extra, &args)
+    }
+
     /// tunnel-svc --docker following this world's containers.
     pub async fn tunnel_svc(&self, extra: &[&str]) -> TunnelProc {
         let monitor = static_monitor().display().to_string();

@@ -141,6 +141,21 @@ async fn command(conn: TcpStream, label: std::sync::Arc<str>) -> std::io::Result
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         ["ping"] => conn.write_all(format!("pong {label}\n").as_bytes()).await,
+        ["GET", _, version] if version.starts_with("HTTP/1.") => {
+            // The headers, then `LABEL` as the body; the connection closes.
+            loop {
+                line.clear();
+                if conn.read_line(&mut line).await? == 0 || line.trim().is_empty() {
+                    break;
+                }
+            }
+            let body = format!("{label}\n");
+            let answer = format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            conn.write_all(answer.as_bytes()).await
+        }
         ["echo"] => {
             // Bytes already read past the line go back first.
             let mut n = 0u64;
