@@ -220,6 +220,81 @@ impl Token {
         self.matches(given)
     }
 
+    /// `TS.NONCE.MAC` for a call on `what` (a request path, or a raw relay
+    /// request): the time in Unix seconds, 16 random bytes, and
+    /// HMAC-SHA256 keyed with the token over all three, in hex.
+    pub fn signed(&self, what: &str) -> String {
+        let nonce: [u8; 16] = random_bytes()
+            .map(|b| b[..16].try_into().expect("16 of 32"))
+            .unwrap_or_else(|_| {
+                // No /dev/urandom: the time's nanoseconds, which the nonce
+                // cache still keeps from being used twice.
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                t.to_le_bytes()
+            });
+        let ts = unix_now().to_string();
+        let mac = self.signed_mac(what, &ts, &nonce);
+        format!("{ts}.{}.{}", hex(&nonce), hex(&mac))
+    }
+
+    fn signed_mac(&self, what: &str, ts: &str, nonce: &[u8]) -> [u8; 32] {
+        let parts: [&[u8]; 7] = [
+            b"porthole-signed-v1",
+            b"\0",
+            what.as_bytes(),
+            b"\0",
+            ts.as_bytes(),
+            b"\0",
+            nonce,
+        ];
+        hmac_sha256(self.0.as_bytes(), &parts)
+    }
+
+    /// Whether `value` (`TS.NONCE.MAC`) is this token's signature of a call
+    /// on `what`, made within a minute of now and not seen before.
+    pub fn verifies(&self, what: &str, value: &str) -> bool {
+        let mut parts = value.split('.');
+        let (Some(ts), Some(nonce), Some(mac), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return false;
+        };
+        let (Ok(at), Some(nonce), Some(mac)) =
+            (ts.parse::<u64>(), unhex::<16>(nonce), unhex::<32>(mac))
+        else {
+            return false;
+        };
+        let now = unix_now();
+        if now.abs_diff(at) > SIGNED_WINDOW {
+            return false;
+        }
+        let want = self.signed_mac(what, ts, &nonce);
+        let diff = want
+            .iter()
+            .zip(mac.iter())
+            .fold(0u8, |d, (a, b)| d | (a ^ b));
+        if diff != 0 {
+            return false;
+        }
+        let mut seen = NONCES.lock().unwrap_or_else(|e| e.into_inner());
+        seen.take(u128::from_le_bytes(nonce), at, now)
+    }
+
+    /// Whether an `authorization` header proves this token for a call on
+    /// `path`: a signature ([`SIGNED`]) or the token itself (`Bearer`).
+    pub fn admits(&self, path: &str, header: Option<&HeaderValue>) -> bool {
+        let signed = header
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix(SIGNED))
+            .and_then(|h| h.strip_prefix(' '));
+        match signed {
+            Some(value) => self.verifies(path, value),
+            None => self.accepts(header),
+        }
+    }
+
     /// What a server holding this token answers to `nonce` in
     /// `TunnelAdmin.Prove`: HMAC-SHA256 keyed with the token over
     /// [`PROOF_CONTEXT`] then the nonce. It shows the server holds the
@@ -286,28 +361,125 @@ pub fn random_bytes() -> std::io::Result<[u8; 32]> {
     Ok(bytes)
 }
 
-/// A client-side interceptor that adds the token (when there is one) to
-/// every call: `SomeClient::with_interceptor(channel, Bearer(token))`, or
-/// through [`AuthChannel`].
-#[derive(Clone, Debug, Default)]
-pub struct Bearer(pub Option<Token>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(token) = &self.0 {
-            token.authorize(&mut req);
-        }
-        Ok(req)
-    }
+/// A channel whose every call shows the token without sending it: an
+/// `authorization: Porthole-HMAC TS.NONCE.MAC` header made for that call's
+/// path ([`Token::signed`]). Whatever answers at the address — the
+/// service, or a process that took its port — learns nothing it could
+/// use for another call.
+#[derive(Clone, Debug)]
+pub struct AuthChannel {
+    inner: tonic::transport::Channel,
+    token: Option<Token>,
 }
-
-/// A channel whose every call carries a token.
-pub type AuthChannel =
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
 
 /// `channel` with `token` on every call.
 pub fn with_token(channel: tonic::transport::Channel, token: Option<Token>) -> AuthChannel {
-    tonic::service::interceptor::InterceptedService::new(channel, Bearer(token))
+    AuthChannel {
+        inner: channel,
+        token,
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for AuthChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = tonic::transport::channel::ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+        if let Some(token) = &self.token {
+            let value = format!("{SIGNED} {}", token.signed(req.uri().path()));
+            let mut value = HeaderValue::from_str(&value).expect("hex, digits and dots");
+            value.set_sensitive(true);
+            req.headers_mut().insert(header::AUTHORIZATION, value);
+        }
+        self.inner.call(req)
+    }
+}
+
+/// The `authorization` scheme of a signed call.
+pub const SIGNED: &str = "Porthole-HMAC";
+
+/// How far a signed call's time may be from the server's, in seconds.
+const SIGNED_WINDOW: u64 = 30;
+
+/// The nonces of signed calls still within [`SIGNED_WINDOW`], by their
+/// second, so none is taken twice: at most [`MAX_NONCES`] (about 4,000
+/// signed calls a second; past that new ones are refused until old ones
+/// age out, rather than a replay let through).
+static NONCES: std::sync::Mutex<Nonces> = std::sync::Mutex::new(Nonces {
+    by_second: std::collections::VecDeque::new(),
+    count: 0,
+});
+const MAX_NONCES: usize = 1 << 18;
+
+struct Nonces {
+    by_second: std::collections::VecDeque<(u64, std::collections::HashSet<u128>)>,
+    count: usize,
+}
+
+impl Nonces {
+    /// Takes `nonce` of a call signed at `at`; false when it was seen.
+    fn take(&mut self, nonce: u128, at: u64, now: u64) -> bool {
+        while let Some((second, set)) = self.by_second.front() {
+            if *second + SIGNED_WINDOW >= now {
+                break;
+            }
+            self.count -= set.len();
+            self.by_second.pop_front();
+        }
+        if self.count >= MAX_NONCES {
+            return false;
+        }
+        let i = match self.by_second.iter().position(|(s, _)| *s == at) {
+            Some(i) => i,
+            None => {
+                let i = self.by_second.partition_point(|(s, _)| *s < at);
+                self.by_second.insert(i, (at, Default::default()));
+                i
+            }
+        };
+        if self.seen_elsewhere(i, nonce) || !self.by_second[i].1.insert(nonce) {
+            return false;
+        }
+        self.count += 1;
+        true
+    }
+
+    /// A nonce is one call's whatever second it claims.
+    fn seen_elsewhere(&self, except: usize, nonce: u128) -> bool {
+        self.by_second
+            .iter()
+            .enumerate()
+            .any(|(i, (_, set))| i != except && set.contains(&nonce))
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    if text.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// What a caller may see.
@@ -358,7 +530,7 @@ pub async fn check(policy: Policy, mut req: Request, next: Next) -> Response {
     let access = match &policy.token {
         None => Some(Access::Full),
         Some(_) if stdio => Some(Access::Full),
-        Some(token) if token.accepts(req.headers().get(header::AUTHORIZATION)) => {
+        Some(token) if token.admits(req.uri().path(), req.headers().get(header::AUTHORIZATION)) => {
             Some(Access::Full)
         }
         Some(_) if (policy.public)(req.uri().path()) => Some(Access::Anonymous),
@@ -384,6 +556,37 @@ pub async fn check(policy: Policy, mut req: Request, next: Next) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_signed_call_proves_the_token_once_for_its_path_only() {
+        let token = Token::new("secret").unwrap();
+        let signed = token.signed("/porthole.v1.Relay/Dial");
+        assert!(!signed.contains("secret"));
+        assert!(!token.verifies("/porthole.v1.PortEvents/ListPorts", &signed));
+        assert!(!Token::new("other")
+            .unwrap()
+            .verifies("/porthole.v1.Relay/Dial", &signed));
+        assert!(token.verifies("/porthole.v1.Relay/Dial", &signed));
+        assert!(
+            !token.verifies("/porthole.v1.Relay/Dial", &signed),
+            "a replay"
+        );
+        // Out of the window, or malformed: refused.
+        let (_, rest) = token
+            .signed("/x")
+            .split_once('.')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .unwrap();
+        assert!(!token.verifies("/x", &format!("{}.{rest}", unix_now() - 600)));
+        for bad in ["", "1.2", "x.y.z", "1.00.00.00"] {
+            assert!(!token.verifies("/x", bad), "{bad:?}");
+        }
+        // In a header, with the scheme; Bearer still works.
+        let header = HeaderValue::from_str(&format!("{SIGNED} {}", token.signed("/p"))).unwrap();
+        assert!(token.admits("/p", Some(&header)));
+        assert!(token.admits("/p", Some(&HeaderValue::from_static("Bearer secret"))));
+        assert!(!token.admits("/p", None));
+    }
 
     #[test]
     fn the_proof_is_rfc_4231_hmac_sha256() {

@@ -67,11 +67,34 @@ pub async fn read_line(stream: &mut TcpStream) -> io::Result<String> {
     }
 }
 
-/// The request line for TCP `port`.
-pub fn request_line(port: u16, token: Option<&str>) -> Vec<u8> {
+/// The request line for TCP `port`: the token's signature of the request
+/// (`signed:TS.NONCE.MAC`, see [`crate::auth::Token::signed`]), never the
+/// token itself, or `-` without one.
+pub fn request_line(port: u16, token: Option<&crate::auth::Token>) -> Vec<u8> {
+    let proof = match token {
+        Some(t) => format!("signed:{}", t.signed(&what(port))),
+        None => "-".into(),
+    };
     let mut line = MAGIC.to_vec();
-    line.extend_from_slice(format!("tcp {port} {}\n", token.unwrap_or("-")).as_bytes());
+    line.extend_from_slice(format!("tcp {port} {proof}\n").as_bytes());
     line
+}
+
+/// What a raw relay request's signature covers.
+pub fn what(port: u16) -> String {
+    format!("relay tcp {port}")
+}
+
+/// Whether a request's token field proves `token` for `port`: its
+/// signature, or the token itself (older clients).
+pub fn admits(token: &crate::auth::Token, port: u16, field: Option<&str>) -> bool {
+    match field {
+        Some(f) => match f.strip_prefix("signed:") {
+            Some(signed) => token.verifies(&what(port), signed),
+            None => token.matches(f.as_bytes()),
+        },
+        None => false,
+    }
 }
 
 /// A request as the monitor reads it.
@@ -122,7 +145,11 @@ pub enum Answer {
 
 /// Sends the request for `port` on `stream` (connected to the monitor)
 /// and reads the answer.
-pub async fn request(stream: &mut TcpStream, port: u16, token: Option<&str>) -> io::Result<Answer> {
+pub async fn request(
+    stream: &mut TcpStream,
+    port: u16,
+    token: Option<&crate::auth::Token>,
+) -> io::Result<Answer> {
     stream.write_all(&request_line(port, token)).await?;
     // A monitor at its connection limit closes at once (an error here).
     let line = read_line(stream).await?;
@@ -162,14 +189,18 @@ mod tests {
 
     #[test]
     fn requests_parse_and_refuse_what_they_must() {
-        let line = String::from_utf8(request_line(8080, Some("s3cret"))).unwrap();
-        assert_eq!(
-            parse_request(line.trim_end()),
-            Ok(Request {
-                port: 8080,
-                token: Some("s3cret".into())
-            })
-        );
+        let token = crate::auth::Token::new("s3cret").unwrap();
+        let line = String::from_utf8(request_line(8080, Some(&token))).unwrap();
+        assert!(!line.contains("s3cret"), "the token is never sent: {line}");
+        let req = parse_request(line.trim_end()).unwrap();
+        assert_eq!(req.port, 8080);
+        // Its signature holds for this port, once.
+        assert!(!admits(&token, 8081, req.token.as_deref()));
+        assert!(admits(&token, 8080, req.token.as_deref()));
+        assert!(!admits(&token, 8080, req.token.as_deref()), "a replay");
+        // Older clients send the token itself.
+        assert!(admits(&token, 8080, Some("s3cret")));
+        assert!(!admits(&token, 8080, Some("s3creT")));
         let line = String::from_utf8(request_line(22, None)).unwrap();
         assert_eq!(parse_request(line.trim_end()).unwrap().token, None);
         for bad in [

@@ -1360,22 +1360,19 @@ async fn the_raw_relay_path_keeps_the_relay_rules() {
     monitor
         .wait_listed("the server listed", DEADLINE, |p| p.port == u32::from(port))
         .await;
-    let token = monitor.token().secret().to_string();
-    let ask = |port: u16, token: Option<String>| {
+    let token = monitor.token().clone();
+    let ask = |port: u16, token: Option<porthole::auth::Token>| {
         let addr = monitor.addr();
         async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let answer = within(
-                "a raw relay answer",
-                request(&mut s, port, token.as_deref()),
-            )
-            .await
-            .unwrap();
+            let answer = within("a raw relay answer", request(&mut s, port, token.as_ref()))
+                .await
+                .unwrap();
             (s, answer)
         }
     };
     // No token, a wrong one: refused.
-    for wrong in [None, Some("nope".to_string())] {
+    for wrong in [None, Some(porthole::auth::Token::new("nope").unwrap())] {
         let (_, answer) = ask(port, wrong).await;
         assert!(
             matches!(&answer, Answer::Err { code, .. } if code == "UNAUTHENTICATED"),

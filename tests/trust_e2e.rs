@@ -646,6 +646,8 @@ mod fake {
         /// watcher reconnects and resumes; resumed streams send nothing.
         pub end_first: bool,
         pub calls: std::sync::atomic::AtomicUsize,
+        /// The `authorization` each WatchEvents call carried.
+        pub authorizations: std::sync::Mutex<Vec<String>>,
     }
 
     pub fn port(port: u32, address: &str) -> Port {
@@ -684,6 +686,9 @@ mod fake {
             let call = self
                 .calls
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let auth = req.metadata().get("authorization");
+            let auth = auth.and_then(|v| v.to_str().ok()).unwrap_or_default();
+            self.authorizations.lock().unwrap().push(auth.to_string());
             if req.get_ref().instance_id == "fake" {
                 // A resume with nothing new: no message at all.
                 return Ok(Response::new(Box::pin(futures_util::stream::pending())));
@@ -726,12 +731,12 @@ mod fake {
     use futures_util::StreamExt;
 
     /// Serves `monitor` on 127.0.0.1 until the test ends; returns where.
-    pub async fn serve(monitor: Monitor) -> SocketAddr {
+    pub async fn serve(monitor: impl Into<std::sync::Arc<Monitor>>) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(PortEventsServer::new(monitor))
+                .add_service(PortEventsServer::from_arc(monitor.into()))
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
         );
         addr
@@ -757,6 +762,7 @@ async fn a_monitor_cannot_choose_privileged_or_invalid_host_ports() {
         ],
         end_first: false,
         calls: Default::default(),
+        authorizations: Default::default(),
     })
     .await;
     let ns = Netns::new();
@@ -861,6 +867,7 @@ async fn a_resume_with_nothing_new_brings_the_link_up() {
         ports: vec![fake::port(19_503, "0.0.0.0")],
         end_first: true,
         calls: Default::default(),
+        authorizations: Default::default(),
     })
     .await;
     let ns_free_url = format!("http://{addr}");
@@ -1522,4 +1529,55 @@ async fn thousands_of_ports_cost_kilobytes_each_and_are_given_back() {
         closed >> 20
     );
     assert!(per_tunnel < 16 << 10, "{per_tunnel} bytes per tunnel");
+}
+
+// ---------------------------------------------------------------------------
+// A monitor's token is never on the wire
+
+/// Whatever answers at a monitor's address (a process that took its port,
+/// another container on a reused address) never learns the token:
+/// tunnel-svc signs each call for its path, and a signature opens no other
+/// call, and its own once at most.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_monitor_token_is_never_sent_only_signatures() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let token_file = ns.log_dir().join("monitor.token");
+    let (token, _) = porthole::auth::Token::load_or_create(&token_file).unwrap();
+    let impostor = std::sync::Arc::new(fake::Monitor {
+        ports: vec![fake::port(19_711, "0.0.0.0")],
+        end_first: false,
+        calls: Default::default(),
+        authorizations: Default::default(),
+    });
+    let addr = fake::serve(impostor.clone()).await;
+    let url = format!("http://{addr}");
+    let file = token_file.display().to_string();
+    let args = [
+        "--monitor",
+        &url,
+        "--monitor-token-file",
+        &file,
+        "--bind",
+        "127.0.0.1",
+    ];
+    let _tunnel = TunnelProc::start(&ns, &args).await;
+    let said = common::poll_until("tunnel-svc called the impostor", DEADLINE, || async {
+        let said = impostor.authorizations.lock().unwrap().clone();
+        (!said.is_empty()).then_some(said)
+    })
+    .await;
+    for auth in &said {
+        assert!(!auth.contains(token.secret()), "the token was sent: {auth}");
+        assert!(auth.starts_with("Porthole-HMAC "), "{auth}");
+    }
+    // What the impostor got opens no other call at the real monitor, and
+    // the one it was made for at most once, within 30 s.
+    let value = said[0].strip_prefix("Porthole-HMAC ").unwrap();
+    assert!(!token.verifies("/porthole.v1.Relay/Dial", value));
+    assert!(!token.verifies("/porthole.v1.PortEvents/ListPorts", value));
+    let watch = "/porthole.v1.PortEvents/WatchEvents";
+    assert!(token.verifies(watch, value) && !token.verifies(watch, value));
 }

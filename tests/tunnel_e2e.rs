@@ -535,10 +535,17 @@ async fn busy_host_port(backend: Backend) {
     drop(again);
     wait_port_free(host);
     // --on-conflict fail (and nothing remembered): FAILED with the
-    // reason, nothing bound.
+    // reason, nothing bound. (--no-keep-host-ports: the port is taken as
+    // soon as this test's holder lets it go, not 5 minutes later.)
     let fresh = ns.log_dir().join("fresh-state");
     let fresh = fresh.display().to_string();
-    let args = ["--on-conflict", "fail", "--state-dir", fresh.as_str()];
+    let args = [
+        "--on-conflict",
+        "fail",
+        "--state-dir",
+        fresh.as_str(),
+        "--no-keep-host-ports",
+    ];
     let tunnel = start_tunnel(&ns, &monitor, backend, &args).await;
     let t = tunnel
         .wait_tunnel(&id(port), "FAILED", |t| state(t) == TunnelState::Failed)

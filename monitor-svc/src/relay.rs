@@ -205,7 +205,7 @@ pub async fn raw(
             .map_err(|e| Status::invalid_argument(format!("reading the request: {e}")))?;
         let req = rawrelay::parse_request(&line).map_err(Status::invalid_argument)?;
         if let Some(token) = &token {
-            if !req.token.is_some_and(|t| token.matches(t.as_bytes())) {
+            if !rawrelay::admits(token, req.port, req.token.as_deref()) {
                 return Err(Status::unauthenticated("missing or wrong bearer token"));
             }
         }

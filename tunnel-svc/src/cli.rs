@@ -9,9 +9,17 @@ use porthole::pb::v1::{
 };
 use std::net::SocketAddr;
 
+/// The admin token a client holds, and where it looked for it (to say so
+/// when it has none).
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    pub token: Option<porthole::auth::Token>,
+    pub looked_at: Option<std::path::PathBuf>,
+}
+
 async fn client(
     admin: SocketAddr,
-    token: Option<porthole::auth::Token>,
+    auth: Credentials,
 ) -> anyhow::Result<TunnelAdminClient<porthole::auth::AuthChannel>> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{admin}"))?
         .connect()
@@ -19,9 +27,9 @@ async fn client(
         .with_context(|| {
             format!("cannot reach tunnel-svc at {admin} (is it running? see --admin)")
         })?;
-    authenticate(&channel, admin, token.as_ref()).await?;
+    authenticate(&channel, admin, &auth).await?;
     Ok(TunnelAdminClient::new(porthole::auth::with_token(
-        channel, token,
+        channel, auth.token,
     )))
 }
 
@@ -35,8 +43,9 @@ const PROVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 async fn authenticate(
     channel: &tonic::transport::Channel,
     admin: SocketAddr,
-    token: Option<&porthole::auth::Token>,
+    auth: &Credentials,
 ) -> anyhow::Result<()> {
+    let token = auth.token.as_ref();
     use tonic::Code;
     let nonce = porthole::auth::random_bytes()?;
     let mut prover = TunnelAdminClient::new(channel.clone());
@@ -49,7 +58,9 @@ async fn authenticate(
              listening there?); no token was sent"
         );
     };
-    let where_ = crate::default_admin_token()
+    let where_ = auth
+        .looked_at
+        .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "$XDG_STATE_HOME/porthole/admin.token".into());
     match (token, answer) {
@@ -261,8 +272,8 @@ pub fn table(tunnels: &[Tunnel]) -> String {
     columns(&rows)
 }
 
-pub async fn ls(admin: SocketAddr, token: Option<porthole::auth::Token>) -> anyhow::Result<()> {
-    let mut client = client(admin, token).await?;
+pub async fn ls(admin: SocketAddr, auth: Credentials) -> anyhow::Result<()> {
+    let mut client = client(admin, auth).await?;
     match client.list_targets(ListTargetsRequest::default()).await {
         Ok(resp) => out(&format!(
             "{}\n",
@@ -301,12 +312,8 @@ async fn all_tunnels(
     }
 }
 
-pub async fn close(
-    admin: SocketAddr,
-    token: Option<porthole::auth::Token>,
-    id: String,
-) -> anyhow::Result<()> {
-    let resp = client(admin, token)
+pub async fn close(admin: SocketAddr, auth: Credentials, id: String) -> anyhow::Result<()> {
+    let resp = client(admin, auth)
         .await?
         .close_tunnel(CloseTunnelRequest { id: id.clone() })
         .await
@@ -354,13 +361,13 @@ const WAIT_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 /// reason on `timeout`, a failed or closed tunnel, or an ambiguous port.
 pub async fn wait(
     admin: SocketAddr,
-    token: Option<porthole::auth::Token>,
+    auth: Credentials,
     what: &WaitFor,
     timeout: std::time::Duration,
 ) -> anyhow::Result<String> {
     use porthole::pb::v1::{ProbeTunnelRequest, WatchTunnelsRequest};
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut client = client(admin, token).await?;
+    let mut client = client(admin, auth).await?;
     let mut updates = client
         .watch_tunnels(WatchTunnelsRequest::default())
         .await?

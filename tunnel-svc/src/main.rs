@@ -93,10 +93,15 @@ struct ClientArgs {
     /// Admin API of the running tunnel-svc.
     #[arg(long, env = "PORTHOLE_ADMIN", default_value = "127.0.0.1:7071")]
     admin: SocketAddr,
-    /// File holding the admin token. Default: admin.token in this user's
-    /// state directory, where tunnel-svc makes it.
+    /// File holding the admin token. Default: admin.token in --state-dir,
+    /// where tunnel-svc makes it.
     #[arg(long, env = "PORTHOLE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// The state directory of the tunnel-svc to talk to (as its own
+    /// --state-dir). Default $XDG_STATE_HOME/porthole, else
+    /// ~/.local/state/porthole.
+    #[arg(long, env = "PORTHOLE_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -282,16 +287,28 @@ impl ServiceArgs {
 }
 
 impl ClientArgs {
-    /// The admin token: --token-file, else this user's admin.token if
-    /// there is one.
-    fn token(&self) -> Result<Option<porthole::auth::Token>, config::ConfigError> {
+    /// The admin token: --token-file, else admin.token in the state
+    /// directory if there is one.
+    fn token(&self) -> Result<tunnel_svc::cli::Credentials, config::ConfigError> {
         if let Some(path) = &self.token_file {
-            return read_token(Some(path));
+            return Ok(tunnel_svc::cli::Credentials {
+                token: read_token(Some(path))?,
+                looked_at: Some(path.clone()),
+            });
         }
-        match tunnel_svc::default_admin_token() {
-            Some(path) if path.exists() => read_token(Some(&path)),
-            _ => Ok(None),
-        }
+        let path = self
+            .state_dir
+            .clone()
+            .or_else(tunnel_svc::hostports::default_dir)
+            .map(|d| d.join(tunnel_svc::ADMIN_TOKEN));
+        let token = match &path {
+            Some(path) if path.exists() => read_token(Some(path))?,
+            _ => None,
+        };
+        Ok(tunnel_svc::cli::Credentials {
+            token,
+            looked_at: path,
+        })
     }
 }
 

@@ -1316,9 +1316,8 @@ pub struct TunnelProc {
     admin: SocketAddr,
     token: Option<porthole::auth::Token>,
     channel: Channel,
-    /// Its `XDG_STATE_HOME`: the admin token and host ports are under
-    /// `porthole/` there.
-    state_home: PathBuf,
+    /// Its state directory: the admin token and host ports.
+    state_dir: PathBuf,
 }
 
 impl TunnelProc {
@@ -1392,9 +1391,12 @@ impl TunnelProc {
             );
             tokio::time::sleep(POLL).await;
         }
+        let state_dir = flag("--state-dir")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| state_home.join("porthole"));
         let token_file = token_file
             .map(PathBuf::from)
-            .unwrap_or_else(|| state_home.join("porthole/admin.token"));
+            .unwrap_or_else(|| state_dir.join("admin.token"));
         let token = porthole::auth::Token::from_file(&token_file)
             .unwrap_or_else(|e| panic!("tunnel-svc's admin token: {e}"));
         let channel = Channel::from_shared(format!("http://{admin}"))
@@ -1406,7 +1408,7 @@ impl TunnelProc {
             admin,
             token: Some(token),
             channel,
-            state_home,
+            state_dir,
         }
     }
 
@@ -1454,7 +1456,7 @@ impl TunnelProc {
         cmd.args(args)
             .args(["--admin", &self.admin.to_string()])
             .env("NO_COLOR", "1")
-            .env("XDG_STATE_HOME", &self.state_home)
+            .env("PORTHOLE_STATE_DIR", &self.state_dir)
             .stdin(Stdio::null())
             .kill_on_drop(true);
         cmd

@@ -128,7 +128,7 @@ impl Raw {
         let Ok(_handshake) = self.handshakes.acquire().await else {
             return Ok(None);
         };
-        let token = self.token.as_ref().map(|t| t.secret());
+        let token = self.token.as_ref();
         let asked = async {
             let mut stream = porthole::net::connect(
                 (self.host.as_str(), self.port),
