@@ -8,7 +8,9 @@
 //! close, when either side fails.
 //!
 //! ```text
-//! → PORTHOLE-RELAY/1 tcp PORT TOKEN\n      (TOKEN is "-" when the monitor has none)
+//! → PORTHOLE-RELAY/1 tcp PORT PROOF\n      (PROOF: signed:TS.NONCE.MAC, the token's
+//!                                          signature of "relay tcp PORT"; the token
+//!                                          itself from older clients; "-" without one)
 //! ← OK ADDRESS\n                            then the port's bytes both ways
 //! ← ERR CODE MESSAGE\n                      and the connection closes
 //! ```
