@@ -227,7 +227,7 @@ impl Token {
         let nonce: [u8; 16] = random_bytes()
             .map(|b| b[..16].try_into().expect("16 of 32"))
             .unwrap_or_else(|_| {
-                // No /dev/urandom: the time's nanoseconds, which the nonce
+                // No randomness: the time's nanoseconds, which the nonce
                 // cache still keeps from being used twice.
                 let t = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -353,11 +353,14 @@ fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     outer.finalize().into()
 }
 
-/// 32 random bytes from the kernel.
+/// 32 random bytes from the kernel (`getrandom`, one system call).
 pub fn random_bytes() -> std::io::Result<[u8; 32]> {
-    use std::io::Read;
     let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let mut filled = 0;
+    while filled < bytes.len() {
+        let flags = rustix::rand::GetRandomFlags::empty();
+        filled += rustix::rand::getrandom(&mut bytes[filled..], flags)?;
+    }
     Ok(bytes)
 }
 

@@ -351,6 +351,20 @@ fn http_router(admin: Admin) -> axum::Router {
         .with_state(admin)
 }
 
+/// Name, kind, help and value of a metric family with a row per item.
+type Family<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
+
+/// `families`, each with a row per item of `items` labelled by `label`.
+fn render<T>(out: &mut String, items: &[T], label: impl Fn(&T) -> String, families: &[Family<T>]) {
+    for (name, kind, help, get) in families {
+        let rows: Vec<(String, String)> = items
+            .iter()
+            .map(|t| (label(t), get(t).to_string()))
+            .collect();
+        porthole::prometheus::family(out, name, kind, help, &samples(&rows));
+    }
+}
+
 async fn metrics(State(admin): State<Admin>) -> Response {
     let tunnels = match admin.reconciler.tunnels(None).await {
         Ok(t) => t.into_iter().map(tunnel).collect::<Vec<_>>(),
@@ -380,8 +394,6 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         "Tunnels by target and state.",
         &samples(&by_state),
     );
-    /// Name, kind, help and value of a metric family.
-    type Family<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
     let per_tunnel: [Family<pb::Tunnel>; 8] = [
         (
             "porthole_tunnel_active_connections",
@@ -432,13 +444,12 @@ async fn metrics(State(admin): State<Admin>) -> Response {
             |t| t.consecutive_failures,
         ),
     ];
-    for (name, kind, help, get) in per_tunnel {
-        let rows: Vec<(String, String)> = tunnels
-            .iter()
-            .map(|t| (format!("{{id=\"{}\"}}", t.id), get(t).to_string()))
-            .collect();
-        porthole::prometheus::family(&mut out, name, kind, help, &samples(&rows));
-    }
+    render(
+        &mut out,
+        &tunnels,
+        |t| format!("{{id=\"{}\"}}", t.id),
+        &per_tunnel,
+    );
     let targets = admin.reconciler.targets().await.unwrap_or_default();
     let per_target: [Family<TargetView>; 2] = [
         (
@@ -454,13 +465,12 @@ async fn metrics(State(admin): State<Admin>) -> Response {
             |t| t.changes,
         ),
     ];
-    for (name, kind, help, get) in per_target {
-        let rows: Vec<(String, String)> = targets
-            .iter()
-            .map(|t| (format!("{{target=\"{}\"}}", t.name), get(t).to_string()))
-            .collect();
-        porthole::prometheus::family(&mut out, name, kind, help, &samples(&rows));
-    }
+    render(
+        &mut out,
+        &targets,
+        |t| format!("{{target=\"{}\"}}", t.name),
+        &per_target,
+    );
     (
         [(
             header::CONTENT_TYPE,
