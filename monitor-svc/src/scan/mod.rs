@@ -15,27 +15,8 @@ mod procfs;
 
 use std::{fmt, io, net::IpAddr, path::PathBuf, str::FromStr};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    /// `"tcp"` or `"udp"`, as written in port keys.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// TCP or UDP: the workspace's one transport enum.
+pub use porthole::net::Proto as Protocol;
 
 /// One listening socket: a TCP socket in LISTEN state, or a bound, unconnected
 /// UDP socket (port != 0).
