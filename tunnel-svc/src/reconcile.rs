@@ -557,6 +557,8 @@ struct Reconciler {
     host_held: crate::hostheld::HostHeld,
     /// Most tunnels listed since memory was last handed back.
     peak: usize,
+    /// Ticks on which memory is still to be handed back.
+    trims: u8,
     /// Start-up is over: new host ports are given as ports appear (see
     /// [`SETTLE_MAX`]).
     settled: bool,
@@ -599,6 +601,7 @@ pub fn spawn(
         host_ports,
         host_held: Default::default(),
         peak: 0,
+        trims: 0,
         settled: false,
         last_added: None,
         started: std::time::Instant::now(),
@@ -932,11 +935,18 @@ impl Reconciler {
 
     /// Hands memory back to the kernel once most of the tunnels it held
     /// are gone (a container that opened thousands of ports closed them).
+    /// The tasks of closed tunnels free their memory as they end, some
+    /// after the tick that saw them go, so it is handed back on the next
+    /// few ticks too.
     fn release_memory(&mut self) {
         self.peak = self.peak.max(self.entries.len());
         if self.peak >= 256 && self.entries.len() < self.peak / 2 {
-            crate::sys::release_free_memory();
             self.peak = self.entries.len();
+            self.trims = 3;
+        }
+        if self.trims > 0 {
+            self.trims -= 1;
+            crate::sys::release_free_memory();
         }
     }
 
