@@ -156,8 +156,7 @@ impl Token {
     /// A new random token: 256 bits from the kernel, as hex.
     pub fn generate() -> std::io::Result<Token> {
         let bytes: [u8; GENERATED_BYTES] = random_bytes()?;
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Token(hex.into()))
+        Ok(Token(hex(&bytes).into()))
     }
 
     pub fn new(secret: &str) -> Result<Token, TokenError> {
@@ -271,11 +270,7 @@ impl Token {
             return false;
         }
         let want = self.signed_mac(what, ts, &nonce);
-        let diff = want
-            .iter()
-            .zip(mac.iter())
-            .fold(0u8, |d, (a, b)| d | (a ^ b));
-        if diff != 0 {
+        if !same_mac(&want, &mac) {
             return false;
         }
         let mut seen = NONCES.lock().unwrap_or_else(|e| e.into_inner());
@@ -306,12 +301,7 @@ impl Token {
     /// Whether `proof` is [`Token::proof`] of `nonce`, compared in constant
     /// time.
     pub fn proves(&self, nonce: &[u8], proof: &[u8]) -> bool {
-        let want = self.proof(nonce);
-        let mut diff = u8::from(proof.len() != want.len());
-        for (i, p) in proof.iter().enumerate() {
-            diff |= p ^ want[i % want.len()];
-        }
-        diff == 0
+        same_mac(&self.proof(nonce), proof)
     }
 
     /// Whether `given` is this token, in the same time wherever the first
@@ -470,6 +460,16 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Whether `given` is the MAC `want`, in the same time wherever they
+/// differ (a shorter or longer `given` is compared in full too).
+fn same_mac(want: &[u8; 32], given: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != want.len());
+    for (i, g) in given.iter().enumerate() {
+        diff |= g ^ want[i % want.len()];
+    }
+    diff == 0
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -595,9 +595,8 @@ mod tests {
     fn the_proof_is_rfc_4231_hmac_sha256() {
         // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
         let mac = hmac_sha256(b"Jefe", &[b"what do ya want ", b"for nothing?"]);
-        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
-            hex,
+            hex(&mac),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
         // Test case 6: a key longer than the block is hashed first.
@@ -605,9 +604,8 @@ mod tests {
             &[0xaa; 131],
             &[b"Test Using Larger Than Block-Size Key - Hash Key First"],
         );
-        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
-            hex,
+            hex(&mac),
             "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
         );
         let token = Token::new("secret").unwrap();

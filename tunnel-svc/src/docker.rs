@@ -970,7 +970,10 @@ impl Follower {
             stderr: Vec::new(),
             said: Said::default(),
             container: c.name.clone(),
-            budget: porthole::telemetry::Budget::new(5, 40),
+            budget: porthole::telemetry::Budget::new(
+                crate::reconcile::LOG_PER_SEC,
+                crate::reconcile::LOG_BURST,
+            ),
             ended: Some(ended_tx),
         };
         let mut io = io;
@@ -1239,7 +1242,8 @@ struct ExecIo {
     said: Said,
     /// Whose monitor, for its log lines.
     container: String,
-    /// Its info lines (a port event each): a few a second, and a count.
+    /// Its info lines (a port event each): the reconciler's budget per
+    /// target, and a count.
     budget: porthole::telemetry::Budget,
     /// Fired when the stream ends.
     ended: Option<tokio::sync::oneshot::Sender<()>>,

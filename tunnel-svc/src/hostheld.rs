@@ -20,9 +20,11 @@ pub const QUIET: Duration = Duration::from_secs(300);
 
 /// When each host port was last seen held by a process other than this
 /// tunnel-svc's tunnels.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HostHeld {
     seen: HashMap<(Proto, u16), Instant>,
+    /// This machine's ephemeral port range, read once.
+    ephemeral: std::ops::RangeInclusive<u16>,
     /// When the latest scan ran.
     last: Option<Instant>,
 }
@@ -36,12 +38,21 @@ pub enum Held {
     Ago(Duration),
 }
 
+impl Default for HostHeld {
+    fn default() -> HostHeld {
+        HostHeld {
+            seen: HashMap::new(),
+            ephemeral: porthole::net::ephemeral_range(),
+            last: None,
+        }
+    }
+}
+
 impl HostHeld {
     /// Looks at the host's sockets now. `ours`: the ports this tunnel-svc's
     /// tunnels listen on; `bind`: the addresses they listen on (a socket
     /// elsewhere does not conflict).
     pub fn scan(&mut self, ours: &HashSet<(Proto, u16)>, bind: &[IpAddr], now: Instant) {
-        let ephemeral = porthole::net::ephemeral_range();
         for (proto, file) in [
             (Proto::Tcp, "/proc/net/tcp"),
             (Proto::Tcp, "/proc/net/tcp6"),
@@ -57,7 +68,7 @@ impl HostHeld {
                     .any(|b| *b == addr || b.is_unspecified() || addr.is_unspecified());
                 // A client's unconnected UDP socket sits in the ephemeral
                 // range; that is not a service.
-                let client = proto == Proto::Udp && ephemeral.contains(&port);
+                let client = proto == Proto::Udp && self.ephemeral.contains(&port);
                 if conflicts && !client && !ours.contains(&(proto, port)) {
                     self.seen.insert((proto, port), now);
                 }

@@ -376,8 +376,8 @@ const SETTLE_MAX: Duration = Duration::from_secs(5);
 
 /// Lines a second (and at once) about one target's tunnels opening and
 /// closing.
-const LOG_PER_SEC: u32 = 5;
-const LOG_BURST: u32 = 40;
+pub(crate) const LOG_PER_SEC: u32 = 5;
+pub(crate) const LOG_BURST: u32 = 40;
 
 impl Target {
     /// A target as `spec` says; its prepare/release task reports to `results`.
