@@ -10,6 +10,12 @@ use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
+/// HTTP/2 keepalive on every connection a porthole server accepts: a peer
+/// that stops answering (killed, its link down) is noticed within about
+/// 15 s and its streams fail instead of waiting forever.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long an accept loop pauses when the process or the system is out of
 /// file descriptors (or socket memory): the pending connection waits in the
 /// backlog instead of the loop spinning on the same error.
@@ -106,20 +112,18 @@ impl DerefMut for ResetOnDrop {
 }
 
 /// Makes a long-lived relay connection notice a dead peer as the HTTP/2
-/// keepalive does (see [`crate::server::KEEPALIVE_INTERVAL`]): TCP
+/// keepalive does (see [`KEEPALIVE_INTERVAL`]): TCP
 /// keepalive probes after 10 s of silence, 5 s apart, and sent data left
 /// unacknowledged for 15 s, fail it instead of hanging on a cut link.
 pub fn detect_dead_peer(stream: &TcpStream) {
     let sock = socket2::SockRef::from(stream);
     let keepalive = socket2::TcpKeepalive::new()
-        .with_time(crate::server::KEEPALIVE_INTERVAL)
-        .with_interval(crate::server::KEEPALIVE_TIMEOUT)
+        .with_time(KEEPALIVE_INTERVAL)
+        .with_interval(KEEPALIVE_TIMEOUT)
         .with_retries(1);
     // Both only fail on a socket that is already gone.
     let _ = sock.set_tcp_keepalive(&keepalive);
-    let _ = sock.set_tcp_user_timeout(Some(
-        crate::server::KEEPALIVE_INTERVAL + crate::server::KEEPALIVE_TIMEOUT,
-    ));
+    let _ = sock.set_tcp_user_timeout(Some(KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT));
 }
 
 /// Connects with a deadline: a listener that drops SYNs fails the

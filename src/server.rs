@@ -33,11 +33,7 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 /// connections that remain are closed and `serve` returns.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
-/// HTTP/2 keepalive on every accepted connection: a peer that stops
-/// answering (killed, its link down) is noticed within about 15 s and its
-/// streams fail instead of waiting forever.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+pub use crate::net::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 
 /// The keepalive timeout of a server on stdio (a monitor that tunnel-svc
 /// started in a container): a paused container's clock runs on, so a ping

@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::ops::RangeInclusive;
 use std::str::FromStr;
+
+pub use crate::model::{BackendKind, PortSet};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -22,35 +23,14 @@ pub enum ConfigError {
     NoTarget,
     #[error("{flag} names target {target:?}, which no --monitor/--target defines")]
     UnknownTarget { flag: &'static str, target: String },
-    #[error("bad backend {0:?}: use grpc, ssh or direct")]
-    Backend(String),
     #[error("{0} only applies to targets with --backend ssh, and no target uses it")]
     SshOnly(&'static str),
     #[error("{0}")]
     Token(String),
-    #[error("bad port list {0:?}: want ports and ranges like 22,80,6000-6100")]
-    Ports(String),
+    #[error(transparent)]
+    Value(#[from] crate::model::BadValue),
     #[error("{path}: {why}")]
     File { path: String, why: String },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackendKind {
-    Grpc,
-    Ssh,
-    Direct,
-}
-
-impl FromStr for BackendKind {
-    type Err = ConfigError;
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        match s {
-            "grpc" => Ok(BackendKind::Grpc),
-            "ssh" => Ok(BackendKind::Ssh),
-            "direct" => Ok(BackendKind::Direct),
-            other => Err(ConfigError::Backend(other.into())),
-        }
-    }
 }
 
 /// A monitor URL, checked: `http://HOST[:PORT]` (port 7070 when omitted).
@@ -131,22 +111,6 @@ fn check_name(name: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// A set of ports written as `22,80,6000-6100` (empty: no ports).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PortSet(Vec<RangeInclusive<u16>>);
-
-impl PortSet {
-    pub fn contains(&self, port: u16) -> bool {
-        self.0.iter().any(|r| r.contains(&port))
-    }
-
-    /// The ports of both sets.
-    pub fn union(mut self, other: &PortSet) -> PortSet {
-        self.0.extend(other.0.iter().cloned());
-        self
-    }
-}
-
 /// The ports never forwarded automatically: the defaults (unless
 /// `--no-default-skip`) plus every `--skip`.
 pub fn skip_list(extra: &[PortSet], no_defaults: bool) -> PortSet {
@@ -156,24 +120,6 @@ pub fn skip_list(extra: &[PortSet], no_defaults: bool) -> PortSet {
         DEFAULT_SKIP.parse().expect("the default skip list parses")
     };
     extra.iter().fold(base, |all, s| all.union(s))
-}
-
-impl FromStr for PortSet {
-    type Err = ConfigError;
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        let bad = || ConfigError::Ports(s.into());
-        let mut ranges = Vec::new();
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (lo, hi) = part.split_once('-').unwrap_or((part, part));
-            let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
-            let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
-            if lo == 0 || lo > hi {
-                return Err(bad());
-            }
-            ranges.push(lo..=hi);
-        }
-        Ok(PortSet(ranges))
-    }
 }
 
 /// The classic system ports a developer never wants forwarded.
@@ -288,6 +234,7 @@ pub fn default_bind() -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::BadValue;
 
     #[test]
     fn monitor_urls() {
@@ -379,7 +326,7 @@ mod tests {
         ));
         assert_eq!(
             targets(Some("http://a"), &[], &s(&["telnet"]), &[]),
-            Err(ConfigError::Backend("telnet".into()))
+            Err(ConfigError::Value(BadValue::Backend("telnet".into())))
         );
         assert!(matches!(
             targets(None, &s(&["no-equals"]), &[], &[]),

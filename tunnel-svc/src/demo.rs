@@ -98,7 +98,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let token_file = secrets.0.join("monitor.token");
     let (token, _) = porthole::auth::Token::load_or_create(&token_file)?;
     // The admin API is root's alone, as tunnel-svc's always is.
-    let admin_token_file = crate::default_admin_token()
+    let admin_token_file = crate::service::default_admin_token()
         .context("no state directory for the admin token: set HOME or XDG_STATE_HOME")?;
     let (admin_token, _) = porthole::auth::Token::load_or_create(&admin_token_file)?;
     let pid = std::process::id();
@@ -135,7 +135,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let url: config::MonitorUrl = format!("http://{monitor_addr}").parse()?;
-    let opts = crate::Options {
+    let opts = crate::service::Options {
         targets: vec![config::Target {
             name: "demo".into(),
             ssh_host: url.host.clone(),
@@ -163,7 +163,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         reload: None,
     };
     let admin_addr = admin.local_addr()?;
-    let service = tokio::spawn(crate::run(admin, opts, shutdown.clone()));
+    let service = tokio::spawn(crate::service::run(admin, opts, shutdown.clone()));
 
     let result = tokio::select! {
         r = show(admin_addr, admin_token, args.port, started) => r,

@@ -850,7 +850,7 @@ impl Follower {
             host: addr.ip().to_string(),
             port,
         };
-        match crate::monitor_channel(&url, Some(token.clone())) {
+        match crate::backend::grpc::monitor_channel(&url, Some(token.clone())) {
             Ok(channel) => {
                 let raw = self.raw_relay.then(|| {
                     crate::backend::grpc::Raw::new(url.host.clone(), port, Some(token.clone()))
@@ -1220,7 +1220,7 @@ fn exec_channel(current: Arc<Current>) -> porthole::auth::AuthChannel {
     // the keepalive is only for a stream that hangs. Given up on sooner,
     // a short `docker pause` would end the monitor (it exits when its
     // stdin closes) and reset every connection it carries.
-    let channel = crate::monitor_endpoint(endpoint)
+    let channel = crate::backend::grpc::monitor_endpoint(endpoint)
         .keep_alive_timeout(EXEC_KEEPALIVE_TIMEOUT)
         .connect_with_connector_lazy(connector);
     porthole::auth::with_token(channel, None)

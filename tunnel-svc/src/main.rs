@@ -262,7 +262,10 @@ impl ServiceArgs {
             return Ok(read_token(Some(path))?);
         }
         // The admin API is this user's alone: a token only they can read.
-        let Some(path) = self.state_dir().map(|d| d.join(tunnel_svc::ADMIN_TOKEN)) else {
+        let Some(path) = self
+            .state_dir()
+            .map(|d| d.join(tunnel_svc::service::ADMIN_TOKEN))
+        else {
             return Err(Failure::Config(anyhow::anyhow!(
                 "no state directory for the admin token: set HOME, XDG_STATE_HOME or --state-dir"
             )));
@@ -300,7 +303,7 @@ impl ClientArgs {
             .state_dir
             .clone()
             .or_else(tunnel_svc::hostports::default_dir)
-            .map(|d| d.join(tunnel_svc::ADMIN_TOKEN));
+            .map(|d| d.join(tunnel_svc::service::ADMIN_TOKEN));
         let token = match &path {
             Some(path) if path.exists() => read_token(Some(path))?,
             _ => None,
@@ -467,7 +470,7 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
     } else {
         file.bind.clone().unwrap_or_else(config::default_bind)
     };
-    let reload = tunnel_svc::Reload {
+    let reload = tunnel_svc::service::Reload {
         path: args.config.clone().unwrap_or_default(),
         flag_skip: args.skip.clone(),
         no_default_skip: args.no_default_skip,
@@ -494,7 +497,7 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
     } else {
         None
     };
-    let opts = tunnel_svc::Options {
+    let opts = tunnel_svc::service::Options {
         targets,
         reconcile: tunnel_svc::reconcile::Options {
             bind,
@@ -523,7 +526,7 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
     };
     let shutdown = porthole::shutdown::on_signal()?;
     let admin = args.service.bind_admin().await?;
-    Ok(tunnel_svc::run(admin, opts, shutdown).await?)
+    Ok(tunnel_svc::service::run(admin, opts, shutdown).await?)
 }
 
 /// `tunnel-svc gate`: the whole config is checked before anything listens.

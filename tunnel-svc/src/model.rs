@@ -6,9 +6,76 @@
 use porthole::pb::v1::Process;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::str::FromStr;
 
 pub use porthole::net::Proto;
+
+/// Container ports below this get an unprivileged host port unless
+/// `--allow-privileged-ports`; host ports below it need that flag.
+pub const PRIVILEGED: u16 = 1024;
+
+/// A value tunnel-svc's vocabulary cannot be read from.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadValue {
+    #[error("bad backend {0:?}: use grpc, ssh or direct")]
+    Backend(String),
+    #[error("bad port list {0:?}: want ports and ranges like 22,80,6000-6100")]
+    Ports(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Grpc,
+    Ssh,
+    Direct,
+}
+
+impl FromStr for BackendKind {
+    type Err = BadValue;
+    fn from_str(s: &str) -> Result<Self, BadValue> {
+        match s {
+            "grpc" => Ok(BackendKind::Grpc),
+            "ssh" => Ok(BackendKind::Ssh),
+            "direct" => Ok(BackendKind::Direct),
+            other => Err(BadValue::Backend(other.into())),
+        }
+    }
+}
+
+/// A set of ports written as `22,80,6000-6100` (empty: no ports).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortSet(Vec<RangeInclusive<u16>>);
+
+impl PortSet {
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.iter().any(|r| r.contains(&port))
+    }
+
+    /// The ports of both sets.
+    pub fn union(mut self, other: &PortSet) -> PortSet {
+        self.0.extend(other.0.iter().cloned());
+        self
+    }
+}
+
+impl FromStr for PortSet {
+    type Err = BadValue;
+    fn from_str(s: &str) -> Result<Self, BadValue> {
+        let bad = || BadValue::Ports(s.into());
+        let mut ranges = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+            let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+            let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+            if lo == 0 || lo > hi {
+                return Err(bad());
+            }
+            ranges.push(lo..=hi);
+        }
+        Ok(PortSet(ranges))
+    }
+}
 
 /// A port of a container: its transport and number.
 pub type PortKey = (Proto, u16);
@@ -143,7 +210,7 @@ pub struct TunnelView {
     pub id: TunnelId,
     pub origin: Origin,
     pub state: State,
-    pub backend: crate::config::BackendKind,
+    pub backend: BackendKind,
     /// 0 while it has no host listeners.
     pub host_port: u16,
     pub host_addresses: Vec<SocketAddr>,
@@ -172,7 +239,7 @@ pub struct Failing {
 pub struct TargetView {
     pub name: String,
     pub url: String,
-    pub backend: crate::config::BackendKind,
+    pub backend: BackendKind,
     pub connected: bool,
     pub instance_id: String,
     pub error: Option<String>,

@@ -3,15 +3,12 @@
 //! reconciler applies the steps. No I/O here, so every rule is unit-tested
 //! without root.
 
-use crate::config::PortSet;
-use crate::model::{Listener, Origin, PortKey, Proto, State as TunnelState, TunnelId};
+use crate::model::{Listener, Origin, PortKey, PortSet, Proto, State as TunnelState, TunnelId};
 use porthole::pb::v1::Process;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-/// Container ports below this get an unprivileged host port unless
-/// `--allow-privileged-ports`.
-pub const PRIVILEGED: u16 = 1024;
+pub use crate::model::PRIVILEGED;
 /// What a privileged container port is forwarded on instead: PORT + this.
 pub const PRIVILEGED_OFFSET: u16 = 10000;
 

@@ -12,6 +12,7 @@ use crate::model::{
     Counters, Listener, Origin, PortKey, Proto, State, TargetView, TunnelId, TunnelView,
 };
 use crate::plan::{self, Want, PRIVILEGED};
+use crate::sockets::Sockets;
 use crate::tunnel::{self, Stats};
 use porthole::fanout::{self, Fanout, Subscription};
 use std::collections::{BTreeMap, BTreeSet};
@@ -1165,13 +1166,8 @@ impl Reconciler {
         if let Some(ago) = host_was.filter(|_| !remap) {
             return Err(kept_for_host(want, ago));
         }
-        let (host_port, sockets) = match id.proto {
-            Proto::Tcp => tunnel::allocate(bind, wanted, remap, kept, tunnel::bind_tcp)
-                .map(|(port, ls)| (port, Sockets::Tcp(ls))),
-            Proto::Udp => tunnel::allocate(bind, wanted, remap, kept, crate::udp::bind)
-                .map(|(port, ss)| (port, Sockets::Udp(ss))),
-        }
-        .map_err(|e| bind_failure(want, e))?;
+        let (host_port, sockets) = Sockets::allocate(id.proto, bind, wanted, remap, kept)
+            .map_err(|e| bind_failure(want, e))?;
         entry.opened_at = Some(chrono::Utc::now());
         entry.host_port = host_port;
         if want.origin == Origin::Auto && !want.exact {
@@ -1371,14 +1367,7 @@ impl Reconciler {
         // port that is taken is refused and the tunnel stays as it is.
         if let (Some(now), Some(host)) = (current, host_port) {
             if now != host {
-                let free = match id.proto {
-                    Proto::Tcp => {
-                        tunnel::bind_all(&self.opts.bind, host, tunnel::bind_tcp).map(drop)
-                    }
-                    Proto::Udp => {
-                        tunnel::bind_all(&self.opts.bind, host, crate::udp::bind).map(drop)
-                    }
-                };
+                let free = Sockets::bind(id.proto, &self.opts.bind, host).map(drop);
                 if let Err(e) = free {
                     return Err(AdminError::Precondition(format!(
                         "cannot listen on host port {host}: {e}; {id} stays as it is"
@@ -1464,21 +1453,6 @@ fn all_events(
             })
         })
         .collect()
-}
-
-/// A tunnel's host side: TCP listeners or UDP sockets.
-enum Sockets {
-    Tcp(Vec<tokio::net::TcpListener>),
-    Udp(Vec<tokio::net::UdpSocket>),
-}
-
-impl Sockets {
-    fn local_addrs(&self) -> Vec<SocketAddr> {
-        match self {
-            Sockets::Tcp(ls) => ls.iter().filter_map(|l| l.local_addr().ok()).collect(),
-            Sockets::Udp(ss) => ss.iter().filter_map(|s| s.local_addr().ok()).collect(),
-        }
-    }
 }
 
 /// Why a tunnel cannot listen on its host port, in the user's terms.

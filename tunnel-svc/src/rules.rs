@@ -3,7 +3,7 @@
 //! or range, protocol, the listening process's command line (a regex) and
 //! target; the first rule that matches a port decides.
 
-use crate::config::PortSet;
+use crate::model::PortSet;
 use crate::model::{Listener, PortKey, Proto};
 use regex::Regex;
 use serde::Deserialize;
@@ -169,9 +169,9 @@ pub fn from_labels<'a>(
             },
             Some(("host_port", port)) => match (port_of(port), value.parse::<u16>()) {
                 // A container never makes the host bind a privileged port.
-                (Some(_), Ok(h)) if h < crate::plan::PRIVILEGED => Err(format!(
+                (Some(_), Ok(h)) if h < crate::model::PRIVILEGED => Err(format!(
                     "host port {h} is privileged; labels may pin ports from {} up",
-                    crate::plan::PRIVILEGED
+                    crate::model::PRIVILEGED
                 )),
                 (Some(p), Ok(h)) => {
                     per_port.entry(p).or_default().host_port = Some(h);

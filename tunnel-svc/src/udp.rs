@@ -40,10 +40,6 @@ const QUEUED_BYTES: usize = 4 << 20;
 /// Room for any datagram (IPv6 loopback carries up to 65,527 bytes).
 const DATAGRAM_BUF: usize = 65_536;
 
-/// Socket buffers asked for: a burst of large datagrams fits. The kernel
-/// caps them at `net.core.rmem_max`/`wmem_max`.
-const SOCKET_BUFFER: usize = 4 << 20;
-
 /// The UDP flow bounds of every tunnel.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -58,18 +54,6 @@ impl Default for Limits {
             max_flows: DEFAULT_MAX_FLOWS,
         }
     }
-}
-
-/// A UDP socket bound to `addr`, with large buffers.
-pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
-    // Best effort: the kernel's limits apply.
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
 }
 
 /// What every socket task of one tunnel shares.
@@ -331,7 +315,7 @@ mod tests {
     }
 
     fn tunnel(container_port: u16, limits: Limits) -> Tunnel {
-        let socket = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let socket = crate::sockets::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = socket.local_addr().unwrap();
         let stats = Arc::new(Stats::default());
         let cancel = CancellationToken::new();

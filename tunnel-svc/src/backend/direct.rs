@@ -34,7 +34,7 @@ impl Direct {
             .map_err(fail)?
             .next()
             .ok_or_else(|| fail(std::io::ErrorKind::NotFound.into()))?;
-        let socket = crate::udp::bind(SocketAddr::new(
+        let socket = crate::sockets::bind_udp(SocketAddr::new(
             if addr.is_ipv4() {
                 Ipv4Addr::UNSPECIFIED.into()
             } else {

@@ -285,3 +285,28 @@ impl Grpc {
         }
     }
 }
+
+/// A lazily connecting channel to a monitor, tuned for relaying: no Nagle,
+/// large HTTP/2 windows, keepalives that notice a dead monitor. Every call
+/// on it carries `token`.
+pub fn monitor_channel(
+    url: &crate::config::MonitorUrl,
+    token: Option<porthole::auth::Token>,
+) -> anyhow::Result<porthole::auth::AuthChannel> {
+    let endpoint = monitor_endpoint(tonic::transport::Endpoint::from_shared(url.endpoint())?)
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true);
+    Ok(porthole::auth::with_token(endpoint.connect_lazy(), token))
+}
+
+/// What every connection to a monitor is tuned with, whatever carries it
+/// (TCP, or a Docker exec stream): large HTTP/2 windows for relaying, and
+/// keepalives that notice a dead monitor.
+pub fn monitor_endpoint(endpoint: tonic::transport::Endpoint) -> tonic::transport::Endpoint {
+    endpoint
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(porthole::server::STREAM_WINDOW)
+        .initial_connection_window_size(porthole::server::CONNECTION_WINDOW)
+}
