@@ -160,8 +160,11 @@ mod tests {
 
     #[test]
     fn this_machines_listeners_are_seen_and_ours_are_not() {
-        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = held.local_addr().unwrap().port();
+        // Below the ephemeral range: no other test's socket takes its port
+        // once it is closed.
+        let (port, held) = (20_000..30_000)
+            .find_map(|p| Some((p, std::net::TcpListener::bind(("127.0.0.1", p)).ok()?)))
+            .expect("a free port below the ephemeral range");
         let ours = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let our_port = ours.local_addr().unwrap().port();
         // Elsewhere on loopback: no conflict with tunnels on 127.0.0.1.
