@@ -52,7 +52,7 @@ pub fn tunnel(t: TunnelView) -> pb::Tunnel {
     let (state, failed) = match t.state {
         TunnelState::Pending | TunnelState::Capped => (pb::TunnelState::Pending, None),
         TunnelState::Active => (pb::TunnelState::Active, None),
-        TunnelState::Failed(why) => (pb::TunnelState::Failed, Some(why)),
+        TunnelState::Failed(why) => (pb::TunnelState::Failed, Some(why.to_string())),
         TunnelState::Closed => (pb::TunnelState::Closed, None),
         TunnelState::Published(_) => (pb::TunnelState::Published, None),
     };

@@ -3,7 +3,11 @@
 //! reconciler applies the steps. No I/O here, so every rule is unit-tested
 //! without root.
 
-use crate::model::{Listener, Origin, PortKey, PortSet, Proto, State as TunnelState, TunnelId};
+use crate::model::{
+    Excluded, Holder, Listener, Note, Origin, PortKey, PortSet, Proto, State as TunnelState,
+    TunnelId,
+};
+use crate::rules::Rule;
 use porthole::pb::v1::Process;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -44,7 +48,7 @@ pub struct Want {
     /// this port. Listed, not forwarded.
     pub published: Option<u16>,
     /// Why the host port differs from the container port, if it does.
-    pub note: Option<String>,
+    pub note: Option<Note>,
     /// Another tunnel holds the host port and this one may not move.
     pub held_by: Option<TunnelId>,
     /// From the rule that matched the port.
@@ -81,7 +85,7 @@ pub struct TargetPorts<'a> {
     /// Open TCP ports and UDP servers, with every listener on each.
     pub ports: &'a BTreeMap<PortKey, Vec<Listener>>,
     /// This target's own rules (a container's labels), before the global ones.
-    pub rules: &'a [crate::rules::Rule],
+    pub rules: &'a [Rule],
 }
 
 /// The flags that shape tunnels.
@@ -93,7 +97,7 @@ pub struct Policy<'a> {
     pub remap: bool,
     /// `[[rule]]`s: the first that matches an automatic tunnel's port
     /// decides whether it is made, its label and its host port.
-    pub rules: &'a [crate::rules::Rule],
+    pub rules: &'a [Rule],
 }
 
 /// A tunnel that exists, as the plan needs to know it.
@@ -183,21 +187,18 @@ pub fn desired(
     let mut targets: Vec<&TargetPorts> = targets.iter().collect();
     targets.sort_by_key(|t| t.name);
     for t in targets {
-        let eligible: Vec<(TunnelId, &Vec<Listener>, Option<&crate::rules::Rule>)> = t
+        let eligible: Vec<(TunnelId, &Vec<Listener>, Option<&Rule>)> = t
             .ports
             .iter()
             .map(|(&key, listeners)| {
-                let rule = crate::rules::first(t.rules, t.name, key, listeners)
-                    .or_else(|| crate::rules::first(policy.rules, t.name, key, listeners));
+                let rule = rule_for(t, policy, key, listeners);
                 (TunnelId::of(t.name, key), listeners, rule)
             })
             .filter(|(id, listeners, rule)| {
                 !(want.contains_key(id)
-                    || id.key() == (Proto::Tcp, t.monitor_port)
                     || published(t, id.key(), listeners).is_some()
-                    || policy.skip.contains(id.port)
                     || state.closed.contains(id)
-                    || rule.is_some_and(|r| r.action == crate::rules::Action::Ignore))
+                    || excluded(t, policy, id.key(), *rule).is_some())
             })
             .collect();
         for (&key, listeners) in t.ports {
@@ -220,12 +221,10 @@ pub fn desired(
             if !keep {
                 capped_targets.insert(t.name.to_string());
             }
-            let unreached = t.published.get(&id.key()).map(|host| {
-                format!(
-                    "Docker publishes it on host port {host}, but its server listens on \
-                     loopback only, which Docker's forward cannot reach; forwarded here"
-                )
-            });
+            let unreached = t
+                .published
+                .get(&id.key())
+                .map(|&published| Note::Unreached { published });
             let exact = rule.and_then(|r| r.host_port);
             let host_port = exact
                 .or_else(|| state.remembered.get(&id).copied())
@@ -243,6 +242,37 @@ pub fn desired(
     }
     assign_host_ports(&mut want, policy, state);
     (want, capped_targets)
+}
+
+/// The rule that decides about `key` in `t`: the target's own rules
+/// first, then the policy's; the first that matches.
+pub fn rule_for<'a>(
+    t: &TargetPorts<'a>,
+    policy: &Policy<'a>,
+    key: PortKey,
+    listeners: &[Listener],
+) -> Option<&'a Rule> {
+    crate::rules::first(t.rules, t.name, key, listeners)
+        .or_else(|| crate::rules::first(policy.rules, t.name, key, listeners))
+}
+
+/// Why an open port `key` of `t` gets no automatic tunnel, if it gets
+/// none whatever the admin did (`rule`: see [`rule_for`]).
+pub fn excluded(
+    t: &TargetPorts,
+    policy: &Policy,
+    key: PortKey,
+    rule: Option<&Rule>,
+) -> Option<Excluded> {
+    if key == (Proto::Tcp, t.monitor_port) {
+        Some(Excluded::MonitorPort)
+    } else if policy.skip.contains(key.1) {
+        Some(Excluded::Skipped)
+    } else if rule.is_some_and(|r| r.action == crate::rules::Action::Ignore) {
+        Some(Excluded::Ignored)
+    } else {
+        None
+    }
 }
 
 /// The host port Docker publishes `key` on, if its forward reaches the
@@ -288,11 +318,10 @@ fn assign_host_ports(want: &mut BTreeMap<TunnelId, Want>, policy: &Policy, state
     new.sort_by_key(|(id, w)| (order(w), id.target.clone(), id.proto, id.port));
     for (id, w) in new {
         if w.port_note_needed(id.port) {
-            w.note = Some(format!(
-                "container port {} is privileged; forwarded on host port {} \
-                 (--allow-privileged-ports to use {})",
-                id.port, w.host_port, id.port
-            ));
+            w.note = Some(Note::Privileged {
+                port: id.port,
+                host_port: w.host_port,
+            });
         }
         let kept_for = |port: u16| kept.get(&(id.proto, port)).filter(|k| **k != id).copied();
         let holder = taken
@@ -312,15 +341,16 @@ fn assign_host_ports(want: &mut BTreeMap<TunnelId, Want>, policy: &Policy, state
             .map(|p| p as u16)
             .find(|p| !taken.contains_key(&(id.proto, *p)) && kept_for(*p).is_none());
         if let Some(next) = next {
-            let why = match (holder, keeper) {
-                (Some(holder), _) => format!("is held by {holder}"),
-                (None, Some(keeper)) => format!("is kept for {keeper}, which had it before"),
+            let by = match (holder, keeper) {
+                (Some(holder), _) => Holder::Tunnel(holder),
+                (None, Some(keeper)) => Holder::KeptFor(keeper.clone()),
                 (None, None) => unreachable!("one of them stopped it"),
             };
-            w.note = Some(format!(
-                "host port {} {why}; forwarded on {next} instead",
-                w.host_port
-            ));
+            w.note = Some(Note::Moved {
+                wanted: w.host_port,
+                by,
+                to: next,
+            });
             w.host_port = next;
             taken.insert((id.proto, next), id.clone());
         }
@@ -436,7 +466,7 @@ mod tests {
         existing: BTreeMap<TunnelId, Existing>,
         /// Published ports of every target (docker -p).
         published: BTreeMap<PortKey, u16>,
-        rules: Vec<crate::rules::Rule>,
+        rules: Vec<Rule>,
         remembered: BTreeMap<TunnelId, u16>,
     }
 
@@ -574,7 +604,7 @@ mod tests {
                 row(1024, 1024, false)
             ]
         );
-        let note = w.plan().0[&id("dev", 80)].note.clone().unwrap();
+        let note = w.plan().0[&id("dev", 80)].note.clone().unwrap().to_string();
         assert!(note.contains("privileged"), "{note}");
         w.allow_privileged = true;
         assert_eq!(
@@ -721,7 +751,11 @@ mod tests {
                 ("dev:tcp:8000".into(), 8002, false),
             ]
         );
-        let note = w.plan().0[&id("dev", 8000)].note.clone().unwrap();
+        let note = w.plan().0[&id("dev", 8000)]
+            .note
+            .clone()
+            .unwrap()
+            .to_string();
         assert_eq!(
             note,
             "host port 8000 is held by api:tcp:8000; forwarded on 8002 instead"
@@ -760,7 +794,7 @@ mod tests {
         let (want, _) = w.plan();
         let n = &want[&id("new", 8000)];
         assert_eq!(n.host_port, 8002);
-        let note = n.note.as_deref().unwrap_or_default();
+        let note = n.note.as_ref().map(Note::to_string).unwrap_or_default();
         assert!(note.contains("held by api:tcp:8000"), "{note}");
         // Only held, not kept: a port kept for a tunnel not here is named so.
         let mut w = World::new(&[8000]);
@@ -768,7 +802,7 @@ mod tests {
         let (want, _) = w.plan();
         let d = &want[&id("dev", 8000)];
         assert_eq!(d.host_port, 8001);
-        let note = d.note.as_deref().unwrap_or_default();
+        let note = d.note.as_ref().map(Note::to_string).unwrap_or_default();
         assert!(
             note.contains("kept for gone:tcp:8000, which had it before"),
             "{note}"
@@ -813,7 +847,7 @@ mod tests {
         let (want, _) = w.plan();
         let p = &want[&id("dev", 8080)];
         assert_eq!((p.published, p.host_port), (None, 8080));
-        let note = p.note.as_deref().unwrap_or_default();
+        let note = p.note.as_ref().map(Note::to_string).unwrap_or_default();
         assert!(
             note.contains("18080") && note.contains("loopback only"),
             "{note}"
@@ -860,7 +894,12 @@ mod tests {
         let mut w = World::new(&[8000, 8001]);
         w.apply();
         w.existing.get_mut(&id("dev", 8000)).unwrap().state =
-            TunnelState::Failed("host port 8000 is busy".into());
+            TunnelState::Failed(crate::model::Failure::Busy {
+                host_port: 8000,
+                origin: Origin::Auto,
+                exact: false,
+                pinned_by: None,
+            });
         assert!(w.actions(false).is_empty());
         assert_eq!(w.actions(true), [("restart", "dev:tcp:8000".into())]);
     }

@@ -4,6 +4,7 @@
 //! target; the first rule that matches a port decides.
 
 use crate::model::PortSet;
+pub use crate::model::RuleFrom;
 use crate::model::{Listener, PortKey, Proto};
 use regex::Regex;
 use serde::Deserialize;
@@ -47,24 +48,6 @@ pub struct Rule {
     pub label: Option<String>,
     pub host_port: Option<u16>,
     pub from: RuleFrom,
-}
-
-/// Where a rule was written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RuleFrom {
-    /// The Nth `[[rule]]` of `--config`.
-    Config(usize),
-    /// A container's `porthole.*` labels.
-    Label,
-}
-
-impl std::fmt::Display for RuleFrom {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RuleFrom::Config(n) => write!(f, "rule {n} of --config"),
-            RuleFrom::Label => f.write_str("a container label"),
-        }
-    }
 }
 
 impl Rule {

@@ -4,7 +4,7 @@
 use super::handle::{Probing, PROBE_TIMEOUT};
 use super::{AdminError, Reconciler};
 use crate::model::{PortKey, Proto, State, TunnelId, TunnelView};
-use crate::plan::PRIVILEGED;
+use crate::plan::{self, PRIVILEGED};
 use crate::sockets::Sockets;
 use tokio::sync::oneshot;
 
@@ -56,17 +56,9 @@ impl Reconciler {
     fn not_forwarded(&self, id: &TunnelId) -> Option<AdminError> {
         let t = self.targets.get(&id.target)?;
         let listeners = t.ports.get(&id.key())?;
-        let rule = crate::rules::first(&t.rules, &id.target, id.key(), listeners)
-            .or_else(|| crate::rules::first(&self.opts.rules, &id.target, id.key(), listeners));
-        let why = if id.key() == (Proto::Tcp, t.monitor_port) {
-            "it is the monitor's own port"
-        } else if self.opts.skip.contains(id.port) {
-            "it is in the skip list (--skip, the defaults, or the config file)"
-        } else if rule.is_some_and(|r| r.action == crate::rules::Action::Ignore) {
-            "a rule ignores it"
-        } else {
-            return None;
-        };
+        let (ports, policy) = (t.plan_view(&id.target), self.policy());
+        let rule = plan::rule_for(&ports, &policy, id.key(), listeners);
+        let why = plan::excluded(&ports, &policy, id.key(), rule)?;
         Some(AdminError::Precondition(format!(
             "{id} is open in the container but not forwarded: {why}"
         )))

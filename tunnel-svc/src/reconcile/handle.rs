@@ -66,7 +66,7 @@ pub(super) enum Command {
     Prepared {
         id: TunnelId,
         generation: u64,
-        result: Result<(), String>,
+        result: Result<(), crate::model::Failure>,
     },
 }
 

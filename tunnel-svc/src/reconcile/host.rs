@@ -5,7 +5,7 @@
 use super::targets::PortOp;
 use super::tunnels::Entry;
 use super::Reconciler;
-use crate::model::{Origin, Proto, State, TunnelId};
+use crate::model::{Failure, Holder, Note, Origin, Proto, State, TunnelId};
 use crate::plan::{Want, PRIVILEGED};
 use crate::sockets::Sockets;
 use crate::tunnel;
@@ -20,25 +20,21 @@ impl Reconciler {
         id: &TunnelId,
         want: &Want,
         entry: &mut Entry,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let t = &self.targets[&id.target];
         let backend = t.backend.get();
         if let Some(why) = backend.no_udp().filter(|_| id.proto == Proto::Udp) {
-            return Err(why.to_string());
+            return Err(Failure::Backend(why.to_string()));
         }
         if let Some(why) = backend.unreachable(&want.addresses) {
-            return Err(why);
+            return Err(Failure::Backend(why));
         }
         if let Some(holder) = &want.held_by {
-            return Err(format!(
-                "host port {} is held by {holder}{}",
-                want.host_port,
-                if want.exact {
-                    ""
-                } else {
-                    " (--on-conflict=fail)"
-                }
-            ));
+            return Err(Failure::HeldBy {
+                host_port: want.host_port,
+                holder: holder.clone(),
+                exact: want.exact,
+            });
         }
         let remap = self.opts.remap && !want.exact;
         let (bind, wanted) = (&self.opts.bind, want.host_port);
@@ -63,7 +59,16 @@ impl Reconciler {
             self.host_ports.record(id, host_port);
         }
         entry.host_addresses = sockets.local_addrs();
-        if let Some(note) = want.note.as_ref().filter(|n| n.contains(" is held by ")) {
+        let moved = |n: &&Note| {
+            matches!(
+                n,
+                Note::Moved {
+                    by: Holder::Tunnel(_),
+                    ..
+                }
+            )
+        };
+        if let Some(note) = want.note.as_ref().filter(moved) {
             tracing::warn!(%note, "host port held by another tunnel; moved");
         }
         if host_port != want.host_port {
@@ -72,21 +77,10 @@ impl Reconciler {
                 host_port,
                 "host port busy; remapped"
             );
-            let busy = match host_was {
-                Some(ago) => format!(
-                    "host port {} was held by a host process {}s ago and is kept for it; \
-                     forwarded on {host_port} instead",
-                    want.host_port,
-                    ago.as_secs()
-                ),
-                None => format!(
-                    "host port {} is busy; forwarded on {host_port} instead",
-                    want.host_port
-                ),
-            };
-            entry.note = Some(match entry.note.take() {
-                Some(n) => format!("{n}; {busy}"),
-                None => busy,
+            entry.notes.push(Note::Busy {
+                wanted: want.host_port,
+                to: host_port,
+                host_process_ago: host_was,
             });
         }
         if id.port < PRIVILEGED && host_port != id.port {
@@ -142,38 +136,27 @@ impl Reconciler {
 }
 
 /// Why an exact host port is not taken: a host process held it lately.
-fn kept_for_host(want: &Want, ago: Duration) -> String {
-    let left = crate::hostheld::QUIET.saturating_sub(ago).as_secs();
-    let pinned = match &want.pinned_by {
-        Some(rule) => format!(" (pinned by {rule})"),
-        None => String::new(),
-    };
-    format!(
-        "host port {}{pinned} was held by a host process {}s ago; it is kept for that \
-         process for {left}s more (a restarting service gets its port back)",
-        want.host_port,
-        ago.as_secs()
-    )
+fn kept_for_host(want: &Want, ago: Duration) -> Failure {
+    Failure::KeptForHost {
+        host_port: want.host_port,
+        pinned_by: want.pinned_by,
+        ago,
+        left: crate::hostheld::QUIET.saturating_sub(ago),
+    }
 }
 
-fn bind_failure(want: &Want, e: std::io::Error) -> String {
+/// Why a tunnel cannot listen on its host port.
+fn bind_failure(want: &Want, e: std::io::Error) -> Failure {
     if e.kind() != std::io::ErrorKind::AddrInUse {
-        return format!("cannot listen on host port {}: {e}", want.host_port);
+        return Failure::CannotListen {
+            host_port: want.host_port,
+            error: e.to_string(),
+        };
     }
-    match want.origin {
-        Origin::Egress => format!(
-            "port {} is busy: the gate must listen on the upstream's own port (a port in a git \
-             URL overrides the ssh config's), so it waits for it",
-            want.host_port
-        ),
-        Origin::Manual if want.exact => format!(
-            "host port {} is busy (asked for by OpenTunnel)",
-            want.host_port
-        ),
-        _ if want.exact => match want.pinned_by {
-            Some(rule) => format!("host port {} is busy (pinned by {rule})", want.host_port),
-            None => format!("host port {} is busy", want.host_port),
-        },
-        _ => format!("host port {} is busy (--on-conflict=fail)", want.host_port),
+    Failure::Busy {
+        host_port: want.host_port,
+        origin: want.origin,
+        exact: want.exact,
+        pinned_by: want.pinned_by,
     }
 }

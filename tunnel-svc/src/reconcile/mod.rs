@@ -67,7 +67,7 @@ impl TunnelEvent {
         let texts =
             t.note.as_ref().map_or(0, String::len) + t.failing.as_ref().map_or(0, |f| f.why.len());
         let failed = match &t.state {
-            State::Failed(why) => why.len(),
+            State::Failed(why) => why.to_string().len(),
             _ => 0,
         };
         128 + t.id.target.len() * 2 + t.host_addresses.len() * 48 + process + texts + failed

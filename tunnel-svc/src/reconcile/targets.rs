@@ -4,7 +4,7 @@
 use super::handle::Command;
 use super::{Link, Reconciler, LOG_BURST, LOG_PER_SEC};
 use crate::backend::{Backend, BackendCell};
-use crate::model::{Listener, PortKey, TargetView, TunnelId};
+use crate::model::{Failure, Listener, PortKey, TargetView, TunnelId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -78,6 +78,17 @@ impl Target {
             reported: false,
         }
     }
+
+    /// Its ports as the plan takes them.
+    pub(super) fn plan_view<'a>(&'a self, name: &'a str) -> crate::plan::TargetPorts<'a> {
+        crate::plan::TargetPorts {
+            name,
+            monitor_port: self.monitor_port,
+            published: &self.published,
+            ports: &self.ports,
+            rules: &self.rules,
+        }
+    }
 }
 
 pub(super) enum PortOp {
@@ -95,7 +106,7 @@ async fn port_ops(
     while let Some(op) = ops.recv().await {
         match op {
             PortOp::Prepare { id, generation } => {
-                let result = backend.prepare(id.port).await;
+                let result = backend.prepare(id.port).await.map_err(Failure::Backend);
                 let done = Command::Prepared {
                     id,
                     generation,

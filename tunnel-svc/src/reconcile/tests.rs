@@ -395,7 +395,8 @@ async fn an_exact_host_port_fails_while_busy_and_is_retried() {
         panic!("{t:?}")
     };
     assert!(
-        why.contains(&format!("host port {q} is busy (asked for by OpenTunnel)")),
+        why.to_string()
+            .contains(&format!("host port {q} is busy (asked for by OpenTunnel)")),
         "{why}"
     );
     drop(busy);

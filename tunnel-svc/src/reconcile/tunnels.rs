@@ -3,7 +3,7 @@
 
 use super::targets::{logs, PortOp, Target};
 use super::{Reconciler, TunnelEvent};
-use crate::model::{Counters, Origin, Proto, State, TunnelId, TunnelView};
+use crate::model::{join_notes, Counters, Failure, Note, Origin, State, TunnelId, TunnelView};
 use crate::plan::{self, Want};
 use crate::tunnel::Stats;
 use std::collections::BTreeMap;
@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 pub(super) struct Entry {
     pub(super) origin: Origin,
     pub(super) state: State,
-    pub(super) note: Option<String>,
+    /// Why its host port is what it is, or why it is listed only.
+    pub(super) notes: Vec<Note>,
     pub(super) host_port: u16,
     pub(super) host_addresses: Vec<SocketAddr>,
     pub(super) process: Option<porthole::pb::v1::Process>,
@@ -38,24 +39,17 @@ pub(super) struct Entry {
 impl Entry {
     pub(super) fn view(&self, id: &TunnelId, backend: crate::config::BackendKind) -> TunnelView {
         let s = &self.stats;
-        let mut note = self.note.clone();
+        let mut note = join_notes(&self.notes);
         if self.origin == Origin::Manual
             && !self.listening
             && self.state.is_open()
             && note.is_none()
         {
-            note = Some(match id.proto {
-                Proto::Tcp => format!(
-                    "nothing listens on port {} in the container (yet); connections fail until \
-                     something does",
-                    id.port
-                ),
-                Proto::Udp => format!(
-                    "no UDP server on port {} in the container (yet); datagrams are dropped \
-                     until one is bound",
-                    id.port
-                ),
-            });
+            let idle = Note::NotListening {
+                proto: id.proto,
+                port: id.port,
+            };
+            note = Some(idle.to_string());
         }
         TunnelView {
             id: id.clone(),
@@ -129,21 +123,9 @@ impl Reconciler {
         let targets: Vec<plan::TargetPorts> = self
             .targets
             .iter()
-            .map(|(name, t)| plan::TargetPorts {
-                name,
-                monitor_port: t.monitor_port,
-                published: &t.published,
-                ports: &t.ports,
-                rules: &t.rules,
-            })
+            .map(|(name, t)| t.plan_view(name))
             .collect();
-        let policy = plan::Policy {
-            skip: &self.opts.skip,
-            max_tunnels: self.opts.max_tunnels,
-            allow_privileged: self.opts.allow_privileged,
-            remap: self.opts.remap,
-            rules: &self.opts.rules,
-        };
+        let policy = self.policy();
         let (desired, capped) = plan::desired(&targets, &policy, &state);
         let mut actions = plan::diff(desired, &state, retry);
         if self.settling() {
@@ -208,13 +190,13 @@ impl Reconciler {
     /// lists it, when capped). `previous_error` is the error of the failed
     /// attempt being retried: when it fails the same way again, nobody is
     /// told twice.
-    fn start(&mut self, id: TunnelId, want: Want, previous_error: Option<String>) {
+    fn start(&mut self, id: TunnelId, want: Want, previous_error: Option<Failure>) {
         self.generation += 1;
         let span = tracing::info_span!("tunnel", id = %id);
         let mut entry = Entry {
             origin: want.origin,
             state: State::Pending,
-            note: want.note.clone(),
+            notes: want.note.iter().cloned().collect(),
             host_port: 0,
             host_addresses: Vec::new(),
             process: want.process.clone(),
@@ -232,16 +214,13 @@ impl Reconciler {
         if let Some(host) = want.published {
             entry.state = State::Published(host);
             entry.host_port = host;
-            entry.note = Some(format!(
-                "published by Docker on host port {host} (docker run -p); not forwarded again"
-            ));
+            entry.notes = vec![Note::Published { host_port: host }];
         } else if want.capped {
             entry.state = State::Capped;
-            entry.note = Some(format!(
-                "not forwarded: more than --max-tunnels {} ports are open in {}; it gets a \
-                 tunnel when one of those closes",
-                self.opts.max_tunnels, id.target
-            ));
+            entry.notes = vec![Note::Capped {
+                max: self.opts.max_tunnels,
+                target: id.target.clone(),
+            }];
         } else {
             match self.listen(&id, &want, &mut entry) {
                 Ok(()) => {
@@ -252,7 +231,7 @@ impl Reconciler {
                     }
                 }
                 Err(why) => {
-                    let repeated = previous_error.as_deref() == Some(why.as_str());
+                    let repeated = previous_error.as_ref() == Some(&why);
                     if !repeated {
                         tracing::warn!(error = %why, "tunnel failed");
                     }
@@ -269,12 +248,23 @@ impl Reconciler {
         self.publish(&id);
     }
 
+    /// The flags that shape tunnels, as the plan takes them.
+    pub(super) fn policy(&self) -> plan::Policy<'_> {
+        plan::Policy {
+            skip: &self.opts.skip,
+            max_tunnels: self.opts.max_tunnels,
+            allow_privileged: self.opts.allow_privileged,
+            remap: self.opts.remap,
+            rules: &self.opts.rules,
+        }
+    }
+
     /// A backend finished preparing tunnel `id`'s port.
     pub(super) fn prepared(
         &mut self,
         mut id: TunnelId,
         generation: u64,
-        result: Result<(), String>,
+        result: Result<(), Failure>,
     ) {
         id.target = self.current_name(id.target);
         let Some(e) = self

@@ -3,6 +3,10 @@
 //! only with these; protobuf messages are made and read at the API edges
 //! (admin.rs, watch.rs).
 
+mod why;
+
+pub use why::{join as join_notes, Excluded, Failure, Holder, Note, RuleFrom};
+
 use porthole::pb::v1::Process;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -149,7 +153,7 @@ pub enum State {
     /// Listening on the host and carrying connections.
     Active,
     /// Not forwarded, for this reason; tried again while it is wanted.
-    Failed(String),
+    Failed(Failure),
     /// Closed by an admin; it stays closed until the port closes inside.
     Closed,
     /// Listed only: more ports are open than `--max-tunnels` allows.
