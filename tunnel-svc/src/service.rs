@@ -252,14 +252,7 @@ pub async fn run(
     }
     if let Some(docker_opts) = &opts.docker {
         // Checked before anything runs: no engine is said at once.
-        let engine = docker::connect().await?;
-        tracing::info!(filters = ?docker_opts.filters, monitor = %docker_opts.monitor_binary.display(), "following Docker containers");
-        tokio::spawn(docker::follow(
-            engine,
-            docker_opts.clone(),
-            handle.clone(),
-            shutdown.clone(),
-        ));
+        docker::start(docker_opts.clone(), handle.clone(), shutdown.clone()).await?;
     }
     tracing::info!(addr = %admin.local_addr()?, "tunnel-svc admin API listening");
     tokio::spawn(trim_after_connections_end(shutdown.clone()));
