@@ -16,12 +16,18 @@
 //! stall a tunnel, and shutdown reaps the master: no ssh process outlives
 //! tunnel-svc.
 
+mod args;
+mod sweep;
+
+use sweep::exiting;
+pub use sweep::sweep_stale;
+
 use super::{DialError, Upstream};
 use crate::backoff::Backoff;
+use args::*;
 use std::collections::{BTreeSet, VecDeque};
 use std::ffi::OsString;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -596,224 +602,11 @@ impl Tail {
     }
 }
 
-/// Cleans up after tunnel-svc processes of user `uid` that died without
-/// shutting down (SIGKILL): for each `porthole-PID` directory under `base`
-/// whose process is gone, asks any master still on one of its control
-/// sockets to exit, then removes the directory. (Masters are started to die
-/// with tunnel-svc; this catches what that cannot, such as a master whose
-/// parent thread had not set it up yet.)
-pub async fn sweep_stale(base: &Path, uid: u32) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("porthole-"))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let dir = entry.path();
-        let ours = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir() && m.uid() == uid);
-        if !ours || pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        let targets = std::fs::read_dir(&dir).into_iter().flatten().flatten();
-        for target in targets {
-            let ctl = target.path().join("ctl");
-            if !ctl.exists() {
-                continue;
-            }
-            let exit = Command::new("ssh")
-                .arg("-S")
-                .arg(&ctl)
-                .args(["-O", "exit", "-o", "BatchMode=yes", "porthole-stale"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .status();
-            let _ = tokio::time::timeout(CONTROL_TIMEOUT, exit).await;
-        }
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {
-                tracing::info!(dir = %dir.display(), "removed the ssh directory of a tunnel-svc that is gone")
-            }
-            Err(e) => {
-                tracing::debug!(dir = %dir.display(), error = %e, "cannot remove a stale ssh directory")
-            }
-        }
-    }
-}
-
-/// Whether process `pid` is gone or on its way out. A process that is
-/// killed sets `PF_EXITING` before the kernel closes its files, so an EOF
-/// caused by its death always finds it set (field 9 of `/proc/PID/stat`,
-/// after the parenthesised name).
-fn exiting(pid: u32) -> bool {
-    const PF_EXITING: u64 = 0x4;
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return true;
-    };
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return true;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let state = fields.first().copied().unwrap_or("X");
-    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
-    matches!(state, "Z" | "X" | "x") || flags & PF_EXITING != 0
-}
-
-fn os(s: &str) -> OsString {
-    OsString::from(s)
-}
-
-/// ssh expands `%` tokens in the control path and forward paths.
-fn escape_percent(p: &Path) -> OsString {
-    let mut out = Vec::new();
-    for &b in p.as_os_str().as_bytes() {
-        out.push(b);
-        if b == b'%' {
-            out.push(b'%');
-        }
-    }
-    OsString::from_vec(out)
-}
-
-fn forward_path(dir: &Path, port: u16) -> PathBuf {
-    dir.join(format!("fwd-{port}.sock"))
-}
-
-/// `DIR/fwd-PORT.sock:localhost:PORT`, the `-L` argument of a forward.
-fn forward_spec(dir: &Path, port: u16) -> OsString {
-    let mut spec = escape_percent(&forward_path(dir, port));
-    spec.push(format!(":localhost:{port}"));
-    spec
-}
-
-/// Options every ssh command gets: `-S CTL`, `BatchMode` so no prompt can
-/// hang us, then the user's, then defaults they may override (ssh keeps
-/// the first value it sees of an option).
-fn common_args(config: &SshConfig, ctl: &Path, own: &[&str], defaults: &[&str]) -> Vec<OsString> {
-    let mut args = vec![os("-S"), escape_percent(ctl)];
-    for opt in own.iter().chain(&["BatchMode=yes"]) {
-        args.extend([os("-o"), os(opt)]);
-    }
-    for opt in &config.options {
-        args.extend([os("-o"), os(opt)]);
-    }
-    for opt in defaults {
-        args.extend([os("-o"), os(opt)]);
-    }
-    args
-}
-
-/// `ssh -M -N -S CTL -o ... -- HOST`: the master, forwarding nothing until
-/// asked to. `ControlPersist=no` keeps it our child (no fork to the
-/// background); `StreamLocalBindUnlink` lets a forward replace a stale
-/// socket file; `ClearAllForwardings` leaves out the forwards the user's
-/// config may list for that host, which belong to their own sessions.
-/// `ciphers` is a `Ciphers=` value from [`cipher_preference`].
-fn master_args(config: &SshConfig, ctl: &Path, ciphers: Option<&str>) -> Vec<OsString> {
-    let mut args = vec![os("-M"), os("-N")];
-    let ciphers = ciphers.map(|c| format!("Ciphers={c}"));
-    let mut defaults = vec!["ServerAliveInterval=10", "ServerAliveCountMax=3"];
-    defaults.extend(ciphers.as_deref());
-    args.extend(common_args(
-        config,
-        ctl,
-        &[
-            "ControlPersist=no",
-            "ExitOnForwardFailure=yes",
-            "StreamLocalBindUnlink=yes",
-            "ClearAllForwardings=yes",
-        ],
-        &defaults,
-    ));
-    args.extend([os("--"), os(&config.host)]);
-    args
-}
-
-/// The cipher order the master asks for, when it should ask for one.
-///
-/// OpenSSH's default order starts with chacha20-poly1305, computed in
-/// software; on a CPU with AES instructions AES-GCM moves the same bytes
-/// for much less CPU, and the ssh master's one thread is what limits an
-/// ssh tunnel's throughput. So when the CPU has them and neither the
-/// user's ssh configuration nor `--ssh-option`s chose ciphers (the cipher
-/// list `ssh -G` reports for the host is the one it reports with no
-/// configuration at all), the master gets the same list with the AES-GCM
-/// ciphers first. Anything else — another CPU, a list someone chose, an
-/// ssh without `-G` — leaves the choice to ssh.
-async fn cipher_preference(config: &SshConfig) -> Option<String> {
-    if !cpu_has_aes() {
-        return None;
-    }
-    let ciphers = |own_config: bool| {
-        let mut cmd = Command::new("ssh");
-        cmd.arg("-G");
-        if own_config {
-            for opt in &config.options {
-                cmd.args(["-o", opt]);
-            }
-        } else {
-            cmd.args(["-F", "/dev/null"]);
-        }
-        cmd.args(["--", &config.host])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        async move {
-            let out = tokio::time::timeout(CONTROL_TIMEOUT, cmd.output())
-                .await
-                .ok()?
-                .ok()?;
-            let out = String::from_utf8_lossy(&out.stdout).into_owned();
-            out.lines()
-                .find_map(|l| l.strip_prefix("ciphers "))
-                .map(str::to_string)
-        }
-    };
-    let (theirs, stock) = tokio::join!(ciphers(true), ciphers(false));
-    let theirs = theirs?;
-    if Some(&theirs) != stock.as_ref() {
-        return None; // Someone chose these.
-    }
-    gcm_first(&theirs)
-}
-
-/// `list` with its AES-GCM ciphers moved to the front, if that changes it.
-fn gcm_first(list: &str) -> Option<String> {
-    let (gcm, rest): (Vec<&str>, Vec<&str>) = list.split(',').partition(|c| c.contains("-gcm@"));
-    let reordered = gcm.into_iter().chain(rest).collect::<Vec<_>>().join(",");
-    (reordered != list).then_some(reordered)
-}
-
-/// Whether the CPU has AES instructions (x86 `aes`, Arm `aes` feature).
-fn cpu_has_aes() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
-        info.lines()
-            .filter(|l| l.starts_with("flags") || l.starts_with("Features"))
-            .any(|l| l.split_whitespace().any(|w| w == "aes"))
-    })
-}
-
-/// `ssh -S CTL -o ... OP... -- HOST`: one request to the running master.
-fn control_args(config: &SshConfig, ctl: &Path, op: &[OsString]) -> Vec<OsString> {
-    let mut args = common_args(config, ctl, &[], &[]);
-    args.extend(op.iter().cloned());
-    args.extend([os("--"), os(&config.host)]);
-    args
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn config(dir: &Path) -> SshConfig {
+    pub(super) fn config(dir: &std::path::Path) -> SshConfig {
         SshConfig {
             target: "dev".into(),
             host: "box".into(),
@@ -822,131 +615,9 @@ mod tests {
         }
     }
 
-    fn strings(args: &[OsString]) -> Vec<String> {
-        args.iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect()
-    }
-
-    #[test]
-    fn master_command_line() {
-        let c = config(Path::new("/run/ph"));
-        let args = strings(&master_args(
-            &c,
-            Path::new("/run/ph/ctl"),
-            Some("aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"),
-        ));
-        assert_eq!(&args[..4], ["-M", "-N", "-S", "/run/ph/ctl"]);
-        assert_eq!(&args[args.len() - 2..], ["--", "box"]);
-        let opts: Vec<&str> = args
-            .windows(2)
-            .filter(|w| w[0] == "-o")
-            .map(|w| w[1].as_str())
-            .collect();
-        for must in [
-            "ControlPersist=no",
-            "ExitOnForwardFailure=yes",
-            "BatchMode=yes",
-            "StreamLocalBindUnlink=yes",
-            "ServerAliveInterval=10",
-            "ServerAliveCountMax=3",
-        ] {
-            assert!(opts.contains(&must), "{must} missing from {args:?}");
-        }
-        let pos = |o: &str| opts.iter().position(|x| *x == o).unwrap();
-        // ssh keeps the first value: ours that must hold come before the
-        // user's, the tunable defaults after.
-        assert!(pos("BatchMode=yes") < pos("User=me"));
-        assert!(pos("User=me") < pos("ServerAliveInterval=10"));
-        assert!(
-            pos("User=me") < pos("Ciphers=aes128-gcm@openssh.com,chacha20-poly1305@openssh.com")
-        );
-        let plain = strings(&master_args(&c, Path::new("/run/ph/ctl"), None));
-        assert!(
-            !plain.iter().any(|a| a.starts_with("Ciphers=")),
-            "{plain:?}"
-        );
-    }
-
-    #[test]
-    fn aes_gcm_goes_first_and_nothing_else_moves() {
-        let stock = "chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,\
-                     aes128-gcm@openssh.com,aes256-gcm@openssh.com";
-        assert_eq!(
-            gcm_first(stock).as_deref(),
-            Some(
-                "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,\
-                 aes128-ctr,aes192-ctr,aes256-ctr"
-            )
-        );
-        assert_eq!(
-            gcm_first("aes128-gcm@openssh.com,aes128-ctr"),
-            None,
-            "already first"
-        );
-        assert_eq!(
-            gcm_first("chacha20-poly1305@openssh.com"),
-            None,
-            "none to move"
-        );
-    }
-
     /// With no ssh configuration of the user's, the master is asked for
     /// AES-GCM first on a CPU with AES; a `Ciphers` option the user gave
     /// is left alone.
-    #[tokio::test]
-    async fn the_cipher_order_changes_only_when_nobody_chose_one() {
-        if which_ssh().is_none() {
-            eprintln!("SKIPPED: no ssh on PATH");
-            return;
-        }
-        let c = config(Path::new("/tmp/unused"));
-        let mut chosen = c.clone();
-        chosen
-            .options
-            .push("Ciphers=chacha20-poly1305@openssh.com".into());
-        assert_eq!(cipher_preference(&chosen).await, None);
-        let preferred = cipher_preference(&c).await;
-        // Unless this machine's own ssh configuration chose ciphers.
-        let user_config =
-            std::env::var_os("HOME").is_some_and(|h| Path::new(&h).join(".ssh/config").exists());
-        let system_ciphers = std::fs::read_to_string("/etc/ssh/ssh_config")
-            .is_ok_and(|c| c.lines().any(|l| l.trim_start().starts_with("Ciphers")));
-        if cpu_has_aes() && !user_config && !system_ciphers {
-            let list = preferred.expect("AES-GCM preferred");
-            assert!(list.starts_with("aes128-gcm@openssh.com"), "{list}");
-        }
-    }
-
-    #[test]
-    fn forward_and_cancel_command_lines() {
-        let c = config(Path::new("/tmp/a%b"));
-        let spec = forward_spec(&c.runtime_dir, 8080);
-        assert_eq!(spec, "/tmp/a%%b/fwd-8080.sock:localhost:8080");
-        let args = strings(&control_args(
-            &c,
-            &c.runtime_dir.join("ctl"),
-            &[os("-O"), os("forward"), os("-L"), spec],
-        ));
-        assert_eq!(
-            args,
-            [
-                "-S",
-                "/tmp/a%%b/ctl",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "User=me",
-                "-O",
-                "forward",
-                "-L",
-                "/tmp/a%%b/fwd-8080.sock:localhost:8080",
-                "--",
-                "box"
-            ]
-        );
-    }
-
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("ph-ssh-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -998,7 +669,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    fn which_ssh() -> Option<PathBuf> {
+    pub(super) fn which_ssh() -> Option<PathBuf> {
         std::env::var_os("PATH").and_then(|paths| {
             std::env::split_paths(&paths)
                 .map(|d| d.join("ssh"))
