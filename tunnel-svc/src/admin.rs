@@ -365,6 +365,74 @@ fn render<T>(out: &mut String, items: &[T], label: impl Fn(&T) -> String, famili
     }
 }
 
+/// Each tunnel's counters, one family each.
+const PER_TUNNEL: [Family<pb::Tunnel>; 8] = [
+    (
+        "porthole_tunnel_active_connections",
+        "gauge",
+        "Connections (UDP: flows) open now.",
+        |t| t.active_connections,
+    ),
+    (
+        "porthole_tunnel_connections_total",
+        "counter",
+        "Connections (UDP: flows) accepted.",
+        |t| t.total_connections,
+    ),
+    (
+        "porthole_tunnel_bytes_in_total",
+        "counter",
+        "Bytes from host clients to the container.",
+        |t| t.bytes_in,
+    ),
+    (
+        "porthole_tunnel_bytes_out_total",
+        "counter",
+        "Bytes from the container to host clients.",
+        |t| t.bytes_out,
+    ),
+    (
+        "porthole_tunnel_datagrams_in_total",
+        "counter",
+        "UDP datagrams from host clients to the container.",
+        |t| t.datagrams_in,
+    ),
+    (
+        "porthole_tunnel_datagrams_out_total",
+        "counter",
+        "UDP datagrams from the container to host clients.",
+        |t| t.datagrams_out,
+    ),
+    (
+        "porthole_tunnel_datagrams_dropped_total",
+        "counter",
+        "UDP datagrams from host clients no flow could take.",
+        |t| t.datagrams_dropped,
+    ),
+    (
+        "porthole_tunnel_consecutive_failures",
+        "gauge",
+        "Connections (UDP: flows) failed in a row; 0 while the tunnel is healthy.",
+        |t| t.consecutive_failures,
+    ),
+];
+
+/// Each target's counters.
+const PER_TARGET: [Family<TargetView>; 2] = [
+    (
+        "porthole_target_ports",
+        "gauge",
+        "Ports open in the container now, forwarded or not.",
+        |t| t.ports as u64,
+    ),
+    (
+        "porthole_target_tunnel_changes_total",
+        "counter",
+        "Tunnels opened and removed (a container opening and closing ports fast shows here, not line by line in the log).",
+        |t| t.changes,
+    ),
+];
+
 async fn metrics(State(admin): State<Admin>) -> Response {
     let tunnels = match admin.reconciler.tunnels(None).await {
         Ok(t) => t.into_iter().map(tunnel).collect::<Vec<_>>(),
@@ -394,82 +462,18 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         "Tunnels by target and state.",
         &samples(&by_state),
     );
-    let per_tunnel: [Family<pb::Tunnel>; 8] = [
-        (
-            "porthole_tunnel_active_connections",
-            "gauge",
-            "Connections (UDP: flows) open now.",
-            |t| t.active_connections,
-        ),
-        (
-            "porthole_tunnel_connections_total",
-            "counter",
-            "Connections (UDP: flows) accepted.",
-            |t| t.total_connections,
-        ),
-        (
-            "porthole_tunnel_bytes_in_total",
-            "counter",
-            "Bytes from host clients to the container.",
-            |t| t.bytes_in,
-        ),
-        (
-            "porthole_tunnel_bytes_out_total",
-            "counter",
-            "Bytes from the container to host clients.",
-            |t| t.bytes_out,
-        ),
-        (
-            "porthole_tunnel_datagrams_in_total",
-            "counter",
-            "UDP datagrams from host clients to the container.",
-            |t| t.datagrams_in,
-        ),
-        (
-            "porthole_tunnel_datagrams_out_total",
-            "counter",
-            "UDP datagrams from the container to host clients.",
-            |t| t.datagrams_out,
-        ),
-        (
-            "porthole_tunnel_datagrams_dropped_total",
-            "counter",
-            "UDP datagrams from host clients no flow could take.",
-            |t| t.datagrams_dropped,
-        ),
-        (
-            "porthole_tunnel_consecutive_failures",
-            "gauge",
-            "Connections (UDP: flows) failed in a row; 0 while the tunnel is healthy.",
-            |t| t.consecutive_failures,
-        ),
-    ];
     render(
         &mut out,
         &tunnels,
         |t| format!("{{id=\"{}\"}}", t.id),
-        &per_tunnel,
+        &PER_TUNNEL,
     );
     let targets = admin.reconciler.targets().await.unwrap_or_default();
-    let per_target: [Family<TargetView>; 2] = [
-        (
-            "porthole_target_ports",
-            "gauge",
-            "Ports open in the container now, forwarded or not.",
-            |t| t.ports as u64,
-        ),
-        (
-            "porthole_target_tunnel_changes_total",
-            "counter",
-            "Tunnels opened and removed (a container opening and closing ports fast shows here, not line by line in the log).",
-            |t| t.changes,
-        ),
-    ];
     render(
         &mut out,
         &targets,
         |t| format!("{{target=\"{}\"}}", t.name),
-        &per_target,
+        &PER_TARGET,
     );
     (
         [(

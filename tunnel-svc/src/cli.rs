@@ -365,7 +365,7 @@ pub async fn wait(
     what: &WaitFor,
     timeout: std::time::Duration,
 ) -> anyhow::Result<String> {
-    use porthole::pb::v1::{ProbeTunnelRequest, WatchTunnelsRequest};
+    use porthole::pb::v1::WatchTunnelsRequest;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut client = client(admin, auth).await?;
     let mut updates = client
@@ -377,75 +377,22 @@ pub async fn wait(
         Proto::Tcp => format!("no tunnel for container port {} yet", what.port),
         Proto::Udp => format!("no tunnel for container UDP port {} yet", what.port),
     };
-    let protocol = what.protocol.to_pb() as i32;
     loop {
-        let matching: Vec<&Tunnel> = tunnels
-            .values()
-            .filter(|t| t.container_port == u32::from(what.port) && t.protocol == protocol)
-            .filter(|t| what.target.as_ref().is_none_or(|n| *n == t.target))
-            .collect();
-        if matching.len() > 1 {
-            let names: Vec<&str> = matching.iter().map(|t| t.target.as_str()).collect();
-            anyhow::bail!(
-                "port {} is open in several targets ({}): say which, e.g. {}:{}",
-                what.port,
-                names.join(", "),
-                names[0],
-                what.port
-            );
-        }
         // No tunnel yet: look again now and then, since a port that is
         // open but deliberately not forwarded makes no tunnel events.
-        let mut retry = matching.is_empty();
-        if matching.is_empty() {
-            // Open but deliberately not forwarded: no point waiting.
-            let targets: Vec<String> = match &what.target {
-                Some(t) => vec![t.clone()],
-                None => client
-                    .list_targets(ListTargetsRequest::default())
-                    .await?
-                    .into_inner()
-                    .targets
-                    .into_iter()
-                    .map(|t| t.name)
-                    .collect(),
-            };
-            for target in targets {
-                let id = format!("{target}:{}:{}", what.protocol, what.port);
-                if let Err(s) = client.probe_tunnel(ProbeTunnelRequest { id }).await {
-                    if s.code() == tonic::Code::FailedPrecondition {
-                        anyhow::bail!("{}", s.message());
-                    }
-                }
+        let retry = match the_tunnel(&tunnels, what)? {
+            None => {
+                refuse_if_not_forwarded(&mut client, what).await?;
+                true
             }
-        }
-        if let Some(t) = matching.first() {
-            match TunnelState::try_from(t.state).unwrap_or_default() {
-                TunnelState::Active => {
-                    let probe = client
-                        .probe_tunnel(ProbeTunnelRequest { id: t.id.clone() })
-                        .await?
-                        .into_inner();
-                    if probe.reachable {
-                        return Ok(host_of(t));
-                    }
-                    last = format!("{} is active, but: {}", t.id, probe.error);
-                    retry = true;
+            Some(t) => match judge(&mut client, t).await? {
+                Judged::Ready(host) => return Ok(host),
+                Judged::Waiting { why, retry } => {
+                    last = why;
+                    retry
                 }
-                TunnelState::Published => return Ok(host_of(t)),
-                TunnelState::Failed => anyhow::bail!("{} failed: {}", t.id, t.error),
-                TunnelState::Closed => {
-                    anyhow::bail!("{} is closed by an admin (OpenTunnel opens it again)", t.id)
-                }
-                TunnelState::Pending | TunnelState::Unspecified => {
-                    last = if t.note.is_empty() {
-                        format!("{} is pending", t.id)
-                    } else {
-                        format!("{} is pending: {}", t.id, t.note)
-                    };
-                }
-            }
-        }
+            },
+        };
         let update = tokio::select! {
             update = updates.message() => update,
             _ = tokio::time::sleep(WAIT_RETRY), if retry => continue,
@@ -453,18 +400,116 @@ pub async fn wait(
                 anyhow::bail!("timed out after {timeout:?}: {last}")
             }
         };
-        match update? {
-            Some(u) => {
-                if let Some(t) = u.tunnel {
-                    if u.removed {
-                        tunnels.remove(&t.id);
-                    } else {
-                        tunnels.insert(t.id.clone(), t);
-                    }
-                }
+        let Some(u) = update? else {
+            anyhow::bail!("tunnel-svc ended the stream (stopping?)");
+        };
+        if let Some(t) = u.tunnel {
+            if u.removed {
+                tunnels.remove(&t.id);
+            } else {
+                tunnels.insert(t.id.clone(), t);
             }
-            None => anyhow::bail!("tunnel-svc ended the stream (stopping?)"),
         }
+    }
+}
+
+/// The tunnel of `what` among `tunnels`, if there is one; an error if the
+/// port is open in several targets and `what` names none.
+fn the_tunnel<'a>(
+    tunnels: &'a std::collections::BTreeMap<String, Tunnel>,
+    what: &WaitFor,
+) -> anyhow::Result<Option<&'a Tunnel>> {
+    let protocol = what.protocol.to_pb() as i32;
+    let matching: Vec<&Tunnel> = tunnels
+        .values()
+        .filter(|t| t.container_port == u32::from(what.port) && t.protocol == protocol)
+        .filter(|t| what.target.as_ref().is_none_or(|n| *n == t.target))
+        .collect();
+    if matching.len() > 1 {
+        let names: Vec<&str> = matching.iter().map(|t| t.target.as_str()).collect();
+        anyhow::bail!(
+            "port {} is open in several targets ({}): say which, e.g. {}:{}",
+            what.port,
+            names.join(", "),
+            names[0],
+            what.port
+        );
+    }
+    Ok(matching.first().copied())
+}
+
+/// Fails with the reason when the port of `what` is open in its container
+/// but deliberately not forwarded: no point waiting.
+async fn refuse_if_not_forwarded(
+    client: &mut TunnelAdminClient<porthole::auth::AuthChannel>,
+    what: &WaitFor,
+) -> anyhow::Result<()> {
+    use porthole::pb::v1::ProbeTunnelRequest;
+    let targets: Vec<String> = match &what.target {
+        Some(t) => vec![t.clone()],
+        None => client
+            .list_targets(ListTargetsRequest::default())
+            .await?
+            .into_inner()
+            .targets
+            .into_iter()
+            .map(|t| t.name)
+            .collect(),
+    };
+    for target in targets {
+        let id = format!("{target}:{}:{}", what.protocol, what.port);
+        if let Err(s) = client.probe_tunnel(ProbeTunnelRequest { id }).await {
+            if s.code() == tonic::Code::FailedPrecondition {
+                anyhow::bail!("{}", s.message());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where a tunnel `wait` watches stands.
+enum Judged {
+    /// Usable at this host address.
+    Ready(String),
+    /// Not yet, for this reason; `retry`: look again soon, not only on
+    /// the next change.
+    Waiting { why: String, retry: bool },
+}
+
+/// Whether tunnel `t` is usable now (an active one only once a connection
+/// through it reaches the server); an error when it will not be.
+async fn judge(
+    client: &mut TunnelAdminClient<porthole::auth::AuthChannel>,
+    t: &Tunnel,
+) -> anyhow::Result<Judged> {
+    use porthole::pb::v1::ProbeTunnelRequest;
+    match TunnelState::try_from(t.state).unwrap_or_default() {
+        TunnelState::Active => {
+            let probe = client
+                .probe_tunnel(ProbeTunnelRequest { id: t.id.clone() })
+                .await?
+                .into_inner();
+            if probe.reachable {
+                return Ok(Judged::Ready(host_of(t)));
+            }
+            Ok(Judged::Waiting {
+                why: format!("{} is active, but: {}", t.id, probe.error),
+                retry: true,
+            })
+        }
+        TunnelState::Published => Ok(Judged::Ready(host_of(t))),
+        TunnelState::Failed => anyhow::bail!("{} failed: {}", t.id, t.error),
+        TunnelState::Closed => {
+            anyhow::bail!("{} is closed by an admin (OpenTunnel opens it again)", t.id)
+        }
+        TunnelState::Pending | TunnelState::Unspecified => Ok(Judged::Waiting {
+            why: if t.note.is_empty() {
+                format!("{} is pending", t.id)
+            } else {
+                format!("{} is pending: {}", t.id, t.note)
+            },
+            retry: false,
+        }),
     }
 }
 

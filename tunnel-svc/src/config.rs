@@ -145,12 +145,15 @@ pub fn split_scoped(s: &str) -> (Option<&str>, &str) {
     }
 }
 
-/// Builds the target list from `--monitor`, `--target`, `--backend` and `--ssh-host`.
+/// Builds the target list from `--monitor`, `--target`, the config file's
+/// `[[target]]`s, `--backend` (the file's `backend` wins for its target)
+/// and `--ssh-host`.
 pub fn targets(
     monitor: Option<&str>,
     target_flags: &[String],
     backend_flags: &[String],
     ssh_host_flags: &[String],
+    file: &[FileTarget],
 ) -> Result<Vec<Target>, ConfigError> {
     let mut urls: BTreeMap<String, MonitorUrl> = BTreeMap::new();
     if let Some(url) = monitor {
@@ -160,6 +163,11 @@ pub fn targets(
         let (name, url) = parse_target(t)?;
         if urls.insert(name.clone(), url).is_some() {
             return Err(ConfigError::DuplicateTarget(name));
+        }
+    }
+    for t in file {
+        if urls.insert(t.name.clone(), t.url.clone()).is_some() {
+            return Err(ConfigError::DuplicateTarget(t.name.clone()));
         }
     }
     if urls.is_empty() {
@@ -179,6 +187,11 @@ pub fn targets(
         t.backend = v.parse()?;
         Ok(())
     })?;
+    for (t, backend) in file.iter().filter_map(|f| Some((&f.name, f.backend?))) {
+        if let Some(target) = out.iter_mut().find(|o| o.name == *t) {
+            target.backend = backend;
+        }
+    }
     apply_scoped(&mut out, "--ssh-host", ssh_host_flags, &|t, v| {
         t.ssh_host = v.to_string();
         Ok(())
@@ -297,6 +310,7 @@ mod tests {
             &s(&["web=http://198.18.0.6:7070"]),
             &s(&["web=ssh", "direct"]),
             &s(&["web=devbox"]),
+            &[],
         )
         .unwrap();
         assert_eq!(ts.len(), 2);
@@ -315,25 +329,28 @@ mod tests {
     #[test]
     fn targets_reject_mistakes() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert_eq!(targets(None, &[], &[], &[]), Err(ConfigError::NoTarget));
         assert_eq!(
-            targets(Some("http://a"), &s(&["default=http://b"]), &[], &[]),
+            targets(None, &[], &[], &[], &[]),
+            Err(ConfigError::NoTarget)
+        );
+        assert_eq!(
+            targets(Some("http://a"), &s(&["default=http://b"]), &[], &[], &[]),
             Err(ConfigError::DuplicateTarget("default".into()))
         );
         assert!(matches!(
-            targets(Some("http://a"), &[], &s(&["nope=ssh"]), &[]),
+            targets(Some("http://a"), &[], &s(&["nope=ssh"]), &[], &[]),
             Err(ConfigError::UnknownTarget { .. })
         ));
         assert_eq!(
-            targets(Some("http://a"), &[], &s(&["telnet"]), &[]),
+            targets(Some("http://a"), &[], &s(&["telnet"]), &[], &[]),
             Err(ConfigError::Value(BadValue::Backend("telnet".into())))
         );
         assert!(matches!(
-            targets(None, &s(&["no-equals"]), &[], &[]),
+            targets(None, &s(&["no-equals"]), &[], &[], &[]),
             Err(ConfigError::TargetSyntax(_))
         ));
         assert!(matches!(
-            targets(None, &s(&["a b=http://x"]), &[], &[]),
+            targets(None, &s(&["a b=http://x"]), &[], &[], &[]),
             Err(ConfigError::TargetName(_))
         ));
     }
@@ -349,17 +366,25 @@ struct FileText {
     max_tunnels: Option<usize>,
     bind: Option<Vec<IpAddr>>,
     #[serde(default)]
-    target: Vec<FileTarget>,
+    target: Vec<FileTargetText>,
     #[serde(default)]
     rule: Vec<crate::rules::RuleFile>,
 }
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileTarget {
+struct FileTargetText {
     name: String,
     url: String,
     backend: Option<String>,
+}
+
+/// A `[[target]]` of a configuration file, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileTarget {
+    pub name: String,
+    pub url: MonitorUrl,
+    pub backend: Option<BackendKind>,
 }
 
 /// A configuration file, checked.
@@ -368,9 +393,7 @@ pub struct ConfigFile {
     pub skip: Option<PortSet>,
     pub max_tunnels: Option<usize>,
     pub bind: Option<Vec<IpAddr>>,
-    /// As `--target NAME=URL` and `--backend NAME=BACKEND` would say them.
-    pub targets: Vec<String>,
-    pub backends: Vec<String>,
+    pub targets: Vec<FileTarget>,
     pub rules: Vec<crate::rules::Rule>,
 }
 
@@ -396,16 +419,19 @@ impl ConfigFile {
             .as_deref()
             .map(|s| s.parse::<PortSet>().map_err(|e| e.to_string()))
             .transpose()?;
-        let mut targets = Vec::new();
-        let mut backends = Vec::new();
-        for t in f.target {
-            check_name(&t.name).map_err(|e| e.to_string())?;
-            targets.push(format!("{}={}", t.name, t.url));
-            if let Some(b) = t.backend {
-                b.parse::<BackendKind>().map_err(|e| e.to_string())?;
-                backends.push(format!("{}={b}", t.name));
-            }
-        }
+        let targets = f
+            .target
+            .into_iter()
+            .map(|t| {
+                check_name(&t.name)?;
+                Ok(FileTarget {
+                    url: t.url.parse()?,
+                    backend: t.backend.as_deref().map(str::parse).transpose()?,
+                    name: t.name,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()
+            .map_err(|e| e.to_string())?;
         let rules = f
             .rule
             .into_iter()
@@ -417,7 +443,6 @@ impl ConfigFile {
             max_tunnels: f.max_tunnels,
             bind: f.bind,
             targets,
-            backends,
             rules,
         })
     }

@@ -421,15 +421,48 @@ async fn real_main() -> Result<(), Failure> {
     }
 }
 
-async fn run(mut args: RunArgs) -> Result<(), Failure> {
+async fn run(args: RunArgs) -> Result<(), Failure> {
     args.service.start()?;
     let file = match &args.config {
         Some(path) => config::ConfigFile::load(path)?,
         None => config::ConfigFile::default(),
     };
-    args.targets.extend(file.targets.iter().cloned());
-    args.backends.extend(file.backends.iter().cloned());
-    let docker_only = args.docker && args.monitor.is_none() && args.targets.is_empty();
+    let targets = targets(&args, &file)?;
+    let mut monitor_tokens = std::collections::BTreeMap::new();
+    for t in &targets {
+        if let Some(token) = read_token(t.token_file.as_deref())? {
+            monitor_tokens.insert(t.name.clone(), token);
+        }
+    }
+    let reload = tunnel_svc::service::Reload {
+        path: args.config.clone().unwrap_or_default(),
+        flag_skip: args.skip.clone(),
+        no_default_skip: args.no_default_skip,
+        flag_max_tunnels: args.max_tunnels,
+        allow_privileged: args.allow_privileged_ports,
+    };
+    reload.check(&file)?;
+    let docker = docker_options(&args)?;
+    let opts = tunnel_svc::service::Options {
+        targets,
+        reconcile: reconcile_options(&args, &file, &reload),
+        admin_token: args.service.admin_token()?,
+        monitor_tokens,
+        ssh_options: args.ssh_options.clone(),
+        raw_relay: !args.no_raw_relay,
+        docker,
+        reload: args.config.is_some().then_some(reload),
+    };
+    let shutdown = porthole::shutdown::on_signal()?;
+    let admin = args.service.bind_admin().await?;
+    Ok(tunnel_svc::service::run(admin, opts, shutdown).await?)
+}
+
+/// The monitors to follow, from the flags and the config file, each with
+/// its token file; none but Docker's with `--docker` alone.
+fn targets(args: &RunArgs, file: &config::ConfigFile) -> Result<Vec<config::Target>, Failure> {
+    let docker_only =
+        args.docker && args.monitor.is_none() && args.targets.is_empty() && file.targets.is_empty();
     let mut targets = if docker_only {
         Vec::new()
     } else {
@@ -438,6 +471,7 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
             &args.targets,
             &args.backends,
             &args.ssh_hosts,
+            &file.targets,
         )?
     };
     for t in &mut targets {
@@ -452,12 +486,6 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
             Ok(())
         },
     )?;
-    let mut monitor_tokens = std::collections::BTreeMap::new();
-    for t in &targets {
-        if let Some(token) = read_token(t.token_file.as_deref())? {
-            monitor_tokens.insert(t.name.clone(), token);
-        }
-    }
     if !args.ssh_options.is_empty()
         && !targets
             .iter()
@@ -465,68 +493,61 @@ async fn run(mut args: RunArgs) -> Result<(), Failure> {
     {
         return Err(config::ConfigError::SshOnly("--ssh-option").into());
     }
+    Ok(targets)
+}
+
+/// `--docker`'s options. A monitor that cannot run in containers is a
+/// configuration mistake: said before anything starts. The file is read
+/// once, here.
+fn docker_options(args: &RunArgs) -> Result<Option<tunnel_svc::docker::Options>, Failure> {
+    if !args.docker {
+        return Ok(None);
+    }
+    let monitor_binary = args
+        .monitor_binary
+        .clone()
+        .unwrap_or_else(tunnel_svc::docker::default_monitor_binary);
+    let archive = tunnel_svc::docker::monitor_archive(&monitor_binary)
+        .map_err(|e| Failure::Config(e.into()))?;
+    Ok(Some(tunnel_svc::docker::Options {
+        filters: args.docker_filters.clone(),
+        monitor_binary,
+        archive,
+        transport: args.docker_transport,
+        raw_relay: !args.no_raw_relay,
+    }))
+}
+
+/// What shapes tunnels: the flags, with the config file's policy.
+fn reconcile_options(
+    args: &RunArgs,
+    file: &config::ConfigFile,
+    reload: &tunnel_svc::service::Reload,
+) -> tunnel_svc::reconcile::Options {
+    let policy = reload.merge(file);
     let bind = if !args.bind.is_empty() {
-        args.bind
+        args.bind.clone()
     } else {
         file.bind.clone().unwrap_or_else(config::default_bind)
     };
-    let reload = tunnel_svc::service::Reload {
-        path: args.config.clone().unwrap_or_default(),
-        flag_skip: args.skip.clone(),
-        no_default_skip: args.no_default_skip,
-        flag_max_tunnels: args.max_tunnels,
+    tunnel_svc::reconcile::Options {
+        bind,
+        skip: policy.skip,
+        max_tunnels: policy.max_tunnels,
+        remap: matches!(args.on_conflict, OnConflict::Next),
         allow_privileged: args.allow_privileged_ports,
-    };
-    reload.check(&file)?;
-    let policy = reload.merge(&file);
-    // A monitor that cannot run in containers is a configuration mistake:
-    // said before anything starts. The file is read once, here.
-    let docker = if args.docker {
-        let monitor_binary = args
-            .monitor_binary
-            .unwrap_or_else(tunnel_svc::docker::default_monitor_binary);
-        let archive = tunnel_svc::docker::monitor_archive(&monitor_binary)
-            .map_err(|e| Failure::Config(e.into()))?;
-        Some(tunnel_svc::docker::Options {
-            filters: args.docker_filters,
-            monitor_binary,
-            archive,
-            transport: args.docker_transport,
-            raw_relay: !args.no_raw_relay,
-        })
-    } else {
-        None
-    };
-    let opts = tunnel_svc::service::Options {
-        targets,
-        reconcile: tunnel_svc::reconcile::Options {
-            bind,
-            skip: policy.skip,
-            max_tunnels: policy.max_tunnels,
-            remap: matches!(args.on_conflict, OnConflict::Next),
-            allow_privileged: args.allow_privileged_ports,
-            rules: policy.rules,
-            udp: tunnel_svc::udp::Limits {
-                idle: args.udp_idle_timeout,
-                max_flows: args.udp_max_flows as usize,
-            },
-            park: tunnel_svc::tunnel::Park {
-                wait: args.park,
-                ..Default::default()
-            },
-            host_ports: args.service.state_dir().map(|d| d.join("host-ports.json")),
-            keep_host_ports: !args.no_keep_host_ports,
+        rules: policy.rules,
+        udp: tunnel_svc::udp::Limits {
+            idle: args.udp_idle_timeout,
+            max_flows: args.udp_max_flows as usize,
         },
-        admin_token: args.service.admin_token()?,
-        monitor_tokens,
-        ssh_options: args.ssh_options,
-        raw_relay: !args.no_raw_relay,
-        docker,
-        reload: args.config.is_some().then_some(reload),
-    };
-    let shutdown = porthole::shutdown::on_signal()?;
-    let admin = args.service.bind_admin().await?;
-    Ok(tunnel_svc::service::run(admin, opts, shutdown).await?)
+        park: tunnel_svc::tunnel::Park {
+            wait: args.park,
+            ..Default::default()
+        },
+        host_ports: args.service.state_dir().map(|d| d.join("host-ports.json")),
+        keep_host_ports: !args.no_keep_host_ports,
+    }
 }
 
 /// `tunnel-svc gate`: the whole config is checked before anything listens.

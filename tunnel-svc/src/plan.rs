@@ -157,8 +157,22 @@ pub fn desired(
     policy: &Policy,
     state: &State,
 ) -> (BTreeMap<TunnelId, Want>, BTreeSet<String>) {
-    let mut want = BTreeMap::new();
+    let mut want = given(targets, policy, state);
     let mut capped_targets = BTreeSet::new();
+    let mut targets: Vec<&TargetPorts> = targets.iter().collect();
+    targets.sort_by_key(|t| t.name);
+    for t in targets {
+        if automatic(t, policy, state, &mut want) {
+            capped_targets.insert(t.name.to_string());
+        }
+    }
+    assign_host_ports(&mut want, policy, state);
+    (want, capped_targets)
+}
+
+/// The tunnels nobody's ports decide: the statics, then the manual ones.
+fn given(targets: &[TargetPorts], policy: &Policy, state: &State) -> BTreeMap<TunnelId, Want> {
+    let mut want = BTreeMap::new();
     let listeners_of = |id: &TunnelId| {
         targets
             .iter()
@@ -184,64 +198,69 @@ pub fn desired(
         };
         want.entry(id.clone()).or_insert(w);
     }
-    let mut targets: Vec<&TargetPorts> = targets.iter().collect();
-    targets.sort_by_key(|t| t.name);
-    for t in targets {
-        let eligible: Vec<(TunnelId, &Vec<Listener>, Option<&Rule>)> = t
-            .ports
-            .iter()
-            .map(|(&key, listeners)| {
-                let rule = rule_for(t, policy, key, listeners);
-                (TunnelId::of(t.name, key), listeners, rule)
-            })
-            .filter(|(id, listeners, rule)| {
-                !(want.contains_key(id)
-                    || published(t, id.key(), listeners).is_some()
-                    || state.closed.contains(id)
-                    || excluded(t, policy, id.key(), *rule).is_some())
-            })
-            .collect();
-        for (&key, listeners) in t.ports {
-            let (Some(host), id) = (published(t, key, listeners), TunnelId::of(t.name, key)) else {
-                continue;
-            };
-            want.entry(id).or_insert_with(|| Want {
-                published: Some(host),
-                ..Want::new(Origin::Auto, host, listeners)
-            });
-        }
-        let holds = |id: &TunnelId| state.existing.get(id).is_some_and(Existing::holds_slot);
-        let held = eligible.iter().filter(|(id, _, _)| holds(id)).count();
-        let mut free = policy.max_tunnels.saturating_sub(held);
-        for (id, listeners, rule) in eligible {
-            let keep = holds(&id) || free > 0;
-            if keep && !holds(&id) {
-                free -= 1;
-            }
-            if !keep {
-                capped_targets.insert(t.name.to_string());
-            }
-            let unreached = t
-                .published
-                .get(&id.key())
-                .map(|&published| Note::Unreached { published });
-            let exact = rule.and_then(|r| r.host_port);
-            let host_port = exact
-                .or_else(|| state.remembered.get(&id).copied())
-                .unwrap_or(host_port_for(id.port, policy.allow_privileged));
-            let w = Want {
-                capped: !keep,
-                exact: exact.is_some(),
-                pinned_by: exact.and(rule.map(|r| r.from)),
-                label: rule.and_then(|r| r.label.clone()),
-                note: unreached,
-                ..Want::new(Origin::Auto, host_port, listeners)
-            };
-            want.insert(id, w);
-        }
+    want
+}
+
+/// Adds target `t`'s automatic tunnels (and its published ports, listed)
+/// to `want`; true when the cap left some of them out.
+fn automatic(
+    t: &TargetPorts,
+    policy: &Policy,
+    state: &State,
+    want: &mut BTreeMap<TunnelId, Want>,
+) -> bool {
+    let eligible: Vec<(TunnelId, &Vec<Listener>, Option<&Rule>)> = t
+        .ports
+        .iter()
+        .map(|(&key, listeners)| {
+            let rule = rule_for(t, policy, key, listeners);
+            (TunnelId::of(t.name, key), listeners, rule)
+        })
+        .filter(|(id, listeners, rule)| {
+            !(want.contains_key(id)
+                || published(t, id.key(), listeners).is_some()
+                || state.closed.contains(id)
+                || excluded(t, policy, id.key(), *rule).is_some())
+        })
+        .collect();
+    for (&key, listeners) in t.ports {
+        let (Some(host), id) = (published(t, key, listeners), TunnelId::of(t.name, key)) else {
+            continue;
+        };
+        want.entry(id).or_insert_with(|| Want {
+            published: Some(host),
+            ..Want::new(Origin::Auto, host, listeners)
+        });
     }
-    assign_host_ports(&mut want, policy, state);
-    (want, capped_targets)
+    let holds = |id: &TunnelId| state.existing.get(id).is_some_and(Existing::holds_slot);
+    let held = eligible.iter().filter(|(id, _, _)| holds(id)).count();
+    let mut free = policy.max_tunnels.saturating_sub(held);
+    let mut capped = false;
+    for (id, listeners, rule) in eligible {
+        let keep = holds(&id) || free > 0;
+        if keep && !holds(&id) {
+            free -= 1;
+        }
+        capped |= !keep;
+        let unreached = t
+            .published
+            .get(&id.key())
+            .map(|&published| Note::Unreached { published });
+        let exact = rule.and_then(|r| r.host_port);
+        let host_port = exact
+            .or_else(|| state.remembered.get(&id).copied())
+            .unwrap_or(host_port_for(id.port, policy.allow_privileged));
+        let w = Want {
+            capped: !keep,
+            exact: exact.is_some(),
+            pinned_by: exact.and(rule.map(|r| r.from)),
+            label: rule.and_then(|r| r.label.clone()),
+            note: unreached,
+            ..Want::new(Origin::Auto, host_port, listeners)
+        };
+        want.insert(id, w);
+    }
+    capped
 }
 
 /// The rule that decides about `key` in `t`: the target's own rules

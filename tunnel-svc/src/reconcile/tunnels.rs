@@ -148,42 +148,51 @@ impl Reconciler {
             t.capped = now;
         }
         for action in actions {
-            match action {
-                plan::Action::Remove(id) => {
-                    if let Some(mut e) = self.entries.remove(&id) {
-                        let t = self.targets.get_mut(&id.target).expect("a target's tunnel");
-                        e.stop(t, id.port);
-                        t.changes += 1;
-                        // One that was only listed (capped) was never news.
-                        if e.state != State::Capped && logs(t, &id.target) {
-                            e.span.in_scope(|| tracing::info!("tunnel removed"));
-                        }
-                        let kind = self.targets[&id.target].backend.get().kind();
-                        self.publish_removed(e.view(&id, kind));
+            self.apply(action);
+        }
+    }
+
+    /// Takes one step of the plan.
+    fn apply(&mut self, action: plan::Action) {
+        match action {
+            plan::Action::Remove(id) => self.remove(&id),
+            plan::Action::Start(id, want) => self.start(id, want, None),
+            plan::Action::Restart(id, want) => {
+                let mut before = None;
+                if let Some(mut e) = self.entries.remove(&id) {
+                    e.stop(&self.targets[&id.target], id.port);
+                    if let State::Failed(why) = e.state {
+                        before = Some(why);
                     }
                 }
-                plan::Action::Start(id, want) => self.start(id, want, None),
-                plan::Action::Restart(id, want) => {
-                    let mut before = None;
-                    if let Some(mut e) = self.entries.remove(&id) {
-                        e.stop(&self.targets[&id.target], id.port);
-                        if let State::Failed(why) = e.state {
-                            before = Some(why);
-                        }
-                    }
-                    self.start(id, want, before);
-                }
-                plan::Action::Update(id, want) => {
-                    if let Some(e) = self.entries.get_mut(&id) {
-                        e.origin = want.origin;
-                        e.process = want.process;
-                        e.listening = want.listening;
-                        e.label = want.label;
-                        self.publish(&id);
-                    }
+                self.start(id, want, before);
+            }
+            plan::Action::Update(id, want) => {
+                if let Some(e) = self.entries.get_mut(&id) {
+                    e.origin = want.origin;
+                    e.process = want.process;
+                    e.listening = want.listening;
+                    e.label = want.label;
+                    self.publish(&id);
                 }
             }
         }
+    }
+
+    /// Stops and forgets tunnel `id`.
+    fn remove(&mut self, id: &TunnelId) {
+        let Some(mut e) = self.entries.remove(id) else {
+            return;
+        };
+        let t = self.targets.get_mut(&id.target).expect("a target's tunnel");
+        e.stop(t, id.port);
+        t.changes += 1;
+        // One that was only listed (capped) was never news.
+        if e.state != State::Capped && logs(t, &id.target) {
+            e.span.in_scope(|| tracing::info!("tunnel removed"));
+        }
+        let kind = t.backend.get().kind();
+        self.publish_removed(e.view(id, kind));
     }
 
     /// Makes a tunnel: binds its host listeners and starts carrying (or
