@@ -134,34 +134,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let url: config::MonitorUrl = format!("http://{monitor_addr}").parse()?;
-    let opts = crate::service::Options {
-        targets: vec![config::Target {
-            name: "demo".into(),
-            ssh_host: url.host.clone(),
-            url,
-            backend: config::BackendKind::Grpc,
-            token_file: Some(token_file.clone()),
-        }],
-        reconcile: crate::reconcile::Options {
-            bind: config::default_bind(),
-            skip: config::DEFAULT_SKIP.parse()?,
-            max_tunnels: 10,
-            remap: true,
-            allow_privileged: false,
-            rules: Vec::new(),
-            udp: Default::default(),
-            park: Default::default(),
-            host_ports: None,
-            keep_host_ports: false,
-        },
-        admin_token: Some(admin_token.clone()),
-        monitor_tokens: [("demo".to_string(), token)].into(),
-        ssh_options: Vec::new(),
-        raw_relay: true,
-        docker: None,
-        reload: None,
-    };
+    let opts = options(monitor_addr, token_file.clone(), token, admin_token.clone())?;
     let admin_addr = admin.local_addr()?;
     let service = tokio::spawn(crate::service::run(admin, opts, shutdown.clone()));
 
@@ -188,6 +161,44 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     result?;
     served??;
     Ok(())
+}
+
+/// tunnel-svc following the demo's monitor at `monitor_addr`, with the
+/// defaults a user gets.
+fn options(
+    monitor_addr: SocketAddr,
+    token_file: PathBuf,
+    token: porthole::auth::Token,
+    admin_token: porthole::auth::Token,
+) -> anyhow::Result<crate::service::Options> {
+    let url: config::MonitorUrl = format!("http://{monitor_addr}").parse()?;
+    Ok(crate::service::Options {
+        targets: vec![config::Target {
+            name: "demo".into(),
+            ssh_host: url.host.clone(),
+            url,
+            backend: config::BackendKind::Grpc,
+            token_file: Some(token_file),
+        }],
+        reconcile: crate::reconcile::Options {
+            bind: config::default_bind(),
+            skip: config::DEFAULT_SKIP.parse()?,
+            max_tunnels: 10,
+            remap: true,
+            allow_privileged: false,
+            rules: Vec::new(),
+            udp: Default::default(),
+            park: Default::default(),
+            host_ports: None,
+            keep_host_ports: false,
+        },
+        admin_token: Some(admin_token),
+        monitor_tokens: [("demo".to_string(), token)].into(),
+        ssh_options: Vec::new(),
+        raw_relay: true,
+        docker: None,
+        reload: None,
+    })
 }
 
 /// Waits for the tunnel, then fetches a page through it.

@@ -179,6 +179,44 @@ fn current_uid() -> u32 {
     rustix::process::getuid().as_raw()
 }
 
+/// A target's backend: how its tunnels reach the container. ssh masters
+/// keep their sockets in `runtime`, made on first use.
+async fn backend_of(
+    t: &config::Target,
+    opts: &Options,
+    channel: &porthole::auth::AuthChannel,
+    runtime: &mut Option<PathBuf>,
+) -> anyhow::Result<Backend> {
+    Ok(match t.backend {
+        config::BackendKind::Grpc => Backend::Grpc(backend::grpc::Grpc {
+            channel: channel.clone(),
+            raw: opts.raw_relay.then(|| {
+                backend::grpc::Raw::new(
+                    t.url.host.clone(),
+                    t.url.port,
+                    opts.monitor_tokens.get(&t.name).cloned(),
+                )
+            }),
+            token: backend::grpc::TokenFrom::User,
+        }),
+        config::BackendKind::Direct => Backend::Direct(backend::direct::Direct {
+            host: t.url.host.clone(),
+        }),
+        config::BackendKind::Ssh => {
+            let dir = match runtime {
+                Some(d) => d.clone(),
+                None => runtime.insert(runtime_dir().await?).clone(),
+            };
+            Backend::Ssh(backend::ssh::Ssh::start(backend::ssh::SshConfig {
+                target: t.name.clone(),
+                host: t.ssh_host.clone(),
+                options: opts.ssh_options.clone(),
+                runtime_dir: dir.join(&t.name),
+            }))
+        }
+    })
+}
+
 /// Runs tunnel-svc with its admin API on `admin` until `shutdown` is
 /// cancelled; then every tunnel and ssh process is gone before it returns.
 pub async fn run(
@@ -188,55 +226,25 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut specs = Vec::new();
     let mut watchers = Vec::new();
-    let (handle, reconciler) = {
-        let mut runtime: Option<PathBuf> = None;
-        for t in &opts.targets {
-            let token = opts.monitor_tokens.get(&t.name).cloned();
-            let has_token = token.is_some();
-            let channel = backend::grpc::monitor_channel(&t.url, token)?;
-            let backend = match t.backend {
-                config::BackendKind::Grpc => Backend::Grpc(backend::grpc::Grpc {
-                    channel: channel.clone(),
-                    raw: opts.raw_relay.then(|| {
-                        backend::grpc::Raw::new(
-                            t.url.host.clone(),
-                            t.url.port,
-                            opts.monitor_tokens.get(&t.name).cloned(),
-                        )
-                    }),
-                    token: backend::grpc::TokenFrom::User,
-                }),
-                config::BackendKind::Direct => Backend::Direct(backend::direct::Direct {
-                    host: t.url.host.clone(),
-                }),
-                config::BackendKind::Ssh => {
-                    let dir = match &runtime {
-                        Some(d) => d.clone(),
-                        None => runtime.insert(runtime_dir().await?).clone(),
-                    };
-                    Backend::Ssh(backend::ssh::Ssh::start(backend::ssh::SshConfig {
-                        target: t.name.clone(),
-                        host: t.ssh_host.clone(),
-                        options: opts.ssh_options.clone(),
-                        runtime_dir: dir.join(&t.name),
-                    }))
-                }
-            };
-            specs.push(reconcile::TargetSpec {
-                name: t.name.clone(),
-                backend: Arc::new(backend),
-                monitor_port: t.url.port,
-                url: t.url.endpoint(),
-                fixed: false,
-                published: Default::default(),
-                rules: Vec::new(),
-            });
-            watchers.push((t.name.clone(), channel, has_token));
-        }
-        let (handle, task) =
-            reconcile::spawn(specs, opts.reconcile.clone(), Vec::new(), shutdown.clone());
-        (handle, (task, runtime))
-    };
+    let mut runtime: Option<PathBuf> = None;
+    for t in &opts.targets {
+        let token = opts.monitor_tokens.get(&t.name).cloned();
+        let has_token = token.is_some();
+        let channel = backend::grpc::monitor_channel(&t.url, token)?;
+        let backend = backend_of(t, &opts, &channel, &mut runtime).await?;
+        specs.push(reconcile::TargetSpec {
+            name: t.name.clone(),
+            backend: Arc::new(backend),
+            monitor_port: t.url.port,
+            url: t.url.endpoint(),
+            fixed: false,
+            published: Default::default(),
+            rules: Vec::new(),
+        });
+        watchers.push((t.name.clone(), channel, has_token));
+    }
+    let (handle, task) =
+        reconcile::spawn(specs, opts.reconcile.clone(), Vec::new(), shutdown.clone());
     for (target, channel, token) in watchers {
         tracing::info!(target = %target, token, "watching monitor");
         let w = watch::Watcher {
@@ -258,7 +266,6 @@ pub async fn run(
     tokio::spawn(trim_after_connections_end(shutdown.clone()));
     let served = admin::serve(admin, handle, opts.admin_token.clone(), shutdown.clone()).await;
     shutdown.cancel();
-    let (task, runtime) = reconciler;
     task.await?;
     if let Some(dir) = runtime {
         let _ = std::fs::remove_dir_all(dir);

@@ -202,54 +202,42 @@ async fn carry_flow(
     backend: &Backend,
     port: u16,
 ) -> Result<(), FlowError> {
-    let (stats, idle) = (&*shared.carry.stats, shared.limits.idle);
-    // A datagram leaves the queue: its bytes are given back.
-    let taken = |d: Option<Bytes>| {
-        if let Some(d) = &d {
-            shared.carry.stats.queued.fetch_sub(d.len(), Relaxed);
-        }
-        d
-    };
     let upstream = backend.dial_udp(port).await?;
+    let stats = &*shared.carry.stats;
     stats.connected();
-    let timer = tokio::time::sleep(idle);
+    let mut ends = FlowEnds {
+        socket,
+        peer,
+        rx,
+        stats,
+    };
+    let timer = tokio::time::sleep(shared.limits.idle);
     tokio::pin!(timer);
+    let idle = shared.limits.idle;
     let rearm = |timer: std::pin::Pin<&mut tokio::time::Sleep>| {
         timer.reset(tokio::time::Instant::now() + idle)
-    };
-    let sent = |n: usize| {
-        stats.datagrams_in.fetch_add(1, Relaxed);
-        stats.bytes_in.fetch_add(n as u64, Relaxed);
-    };
-    let back = |n: usize| {
-        stats.datagrams_out.fetch_add(1, Relaxed);
-        stats.bytes_out.fetch_add(n as u64, Relaxed);
     };
     match upstream {
         UdpUpstream::Relay(mut relay) => {
             loop {
                 tokio::select! {
-                    datagram = rx.recv() => {
-                        let Some(datagram) = taken(datagram) else { break };
+                    datagram = ends.next() => {
+                        let Some(datagram) = datagram else { break };
                         let n = datagram.len();
                         let frame = RelayFrame { kind: Some(Kind::Data(datagram)) };
                         relay.tx.send(frame).await.map_err(|_| PumpError::PeerGone)?;
-                        sent(n);
-                        rearm(timer.as_mut());
+                        ends.sent(n);
                     }
                     frame = relay.inbound.message() => {
                         match frame.map_err(PumpError::Stream)?.and_then(|f| f.kind) {
-                            Some(Kind::Data(datagram)) => {
-                                socket.send_to(&datagram, peer).await?;
-                                back(datagram.len());
-                                rearm(timer.as_mut());
-                            }
+                            Some(Kind::Data(datagram)) => ends.reply(&datagram).await?,
                             None => return Err(PumpError::PeerGone.into()),
                             Some(_) => return Err(PumpError::Protocol("not a datagram").into()),
                         }
                     }
                     _ = &mut timer => break,
                 }
+                rearm(timer.as_mut());
             }
             // The flow ends cleanly: say so, and let the monitor end it.
             let end = RelayFrame {
@@ -262,26 +250,56 @@ async fn carry_flow(
             let mut buf = vec![0u8; DATAGRAM_BUF];
             loop {
                 tokio::select! {
-                    datagram = rx.recv() => {
-                        let Some(datagram) = taken(datagram) else { break };
+                    datagram = ends.next() => {
+                        let Some(datagram) = datagram else { break };
                         up.send(&datagram).await?;
-                        sent(datagram.len());
-                        rearm(timer.as_mut());
+                        ends.sent(datagram.len());
                     }
-                    got = up.recv(&mut buf) => {
-                        // The port refused a datagram (ICMP unreachable):
-                        // the flow ends with that error.
-                        let n = got?;
-                        socket.send_to(&buf[..n], peer).await?;
-                        back(n);
-                        rearm(timer.as_mut());
-                    }
+                    // The port refused a datagram (ICMP unreachable): the
+                    // flow ends with that error.
+                    got = up.recv(&mut buf) => ends.reply(&buf[..got?]).await?,
                     _ = &mut timer => break,
                 }
+                rearm(timer.as_mut());
             }
         }
     }
     Ok(())
+}
+
+/// A flow's host side: its client's datagrams, where replies go, and the
+/// tunnel's counters.
+struct FlowEnds<'a> {
+    socket: &'a UdpSocket,
+    peer: SocketAddr,
+    rx: &'a mut mpsc::Receiver<Bytes>,
+    stats: &'a crate::tunnel::Stats,
+}
+
+impl FlowEnds<'_> {
+    /// The client's next datagram, its bytes given back to the queue's
+    /// bound; none once the flow is over.
+    async fn next(&mut self) -> Option<Bytes> {
+        let datagram = self.rx.recv().await?;
+        self.stats.queued.fetch_sub(datagram.len(), Relaxed);
+        Some(datagram)
+    }
+
+    /// A datagram of `n` bytes went to the container.
+    fn sent(&self, n: usize) {
+        self.stats.datagrams_in.fetch_add(1, Relaxed);
+        self.stats.bytes_in.fetch_add(n as u64, Relaxed);
+    }
+
+    /// Sends the container's `datagram` to the client.
+    async fn reply(&self, datagram: &[u8]) -> io::Result<()> {
+        self.socket.send_to(datagram, self.peer).await?;
+        self.stats.datagrams_out.fetch_add(1, Relaxed);
+        self.stats
+            .bytes_out
+            .fetch_add(datagram.len() as u64, Relaxed);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

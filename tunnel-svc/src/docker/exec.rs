@@ -116,6 +116,29 @@ pub(super) struct ExecIo {
 pub(super) type Said = Arc<Mutex<Option<String>>>;
 
 impl ExecIo {
+    /// A monitor's exec stream in `container`, and what fires when it ends.
+    pub(super) fn new(
+        output: Output,
+        input: Pin<Box<dyn AsyncWrite + Send>>,
+        container: String,
+    ) -> (ExecIo, tokio::sync::oneshot::Receiver<()>) {
+        let (ended_tx, ended) = tokio::sync::oneshot::channel();
+        let io = ExecIo {
+            output,
+            input,
+            pending: Bytes::new(),
+            stderr: Vec::new(),
+            said: Said::default(),
+            container,
+            budget: porthole::telemetry::Budget::new(
+                crate::reconcile::LOG_PER_SEC,
+                crate::reconcile::LOG_BURST,
+            ),
+            ended: Some(ended_tx),
+        };
+        (io, ended)
+    }
+
     /// Passes the monitor's log lines (JSON) on at their own level, tagged
     /// with the container; remembers the last warning or error.
     pub(super) fn log_stderr(&mut self, bytes: &[u8]) {

@@ -355,7 +355,24 @@ impl Follower {
             .map_err(|e| StartError::Inspect(engine_error(&e)))?;
         let addresses = addresses(&info);
         let user = info.config.and_then(|c| c.user).unwrap_or_default();
-        let user = non_root(&user);
+        self.copy_in(c).await?;
+        let (mut io, ended) = self.exec_monitor(c, token, non_root(&user)).await?;
+        let port = match tokio::time::timeout(MONITOR_START, io.hello()).await {
+            Err(_) => return Err(StartError::Timeout),
+            Ok(hello) => hello.map_err(StartError::Said)?,
+        };
+        let said = io.said.clone();
+        Ok(Started {
+            io,
+            ended,
+            port,
+            said,
+            addresses,
+        })
+    }
+
+    /// Puts the monitor's file at [`MONITOR_PATH`] in `c`.
+    async fn copy_in(&self, c: &Container) -> Result<(), StartError> {
         // Never replaces a directory of the container's with the file.
         let upload = UploadToContainerOptions {
             path: "/".into(),
@@ -369,7 +386,17 @@ impl Follower {
                 bollard::body_stream(upload_body(&self.archive)),
             )
             .await
-            .map_err(|e| StartError::Upload(engine_error(&e)))?;
+            .map_err(|e| StartError::Upload(engine_error(&e)))
+    }
+
+    /// Runs the monitor in `c` on an exec stream (started as root when
+    /// the container's `user` is another), hands it `token` there.
+    async fn exec_monitor(
+        &self,
+        c: &Container,
+        token: Option<&porthole::auth::Token>,
+        user: Option<&str>,
+    ) -> Result<(ExecIo, tokio::sync::oneshot::Receiver<()>), StartError> {
         let exec = self
             .docker
             .create_exec(
@@ -402,33 +429,7 @@ impl Follower {
                 .await
                 .map_err(StartError::Token)?;
         }
-        let (ended_tx, ended) = tokio::sync::oneshot::channel();
-        let io = ExecIo {
-            output,
-            input,
-            pending: Bytes::new(),
-            stderr: Vec::new(),
-            said: Said::default(),
-            container: c.name.clone(),
-            budget: porthole::telemetry::Budget::new(
-                crate::reconcile::LOG_PER_SEC,
-                crate::reconcile::LOG_BURST,
-            ),
-            ended: Some(ended_tx),
-        };
-        let mut io = io;
-        let port = match tokio::time::timeout(MONITOR_START, io.hello()).await {
-            Err(_) => return Err(StartError::Timeout),
-            Ok(hello) => hello.map_err(StartError::Said)?,
-        };
-        let said = io.said.clone();
-        Ok(Started {
-            io,
-            ended,
-            port,
-            said,
-            addresses,
-        })
+        Ok(ExecIo::new(output, input, c.name.clone()))
     }
 }
 

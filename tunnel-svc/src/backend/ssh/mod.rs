@@ -18,20 +18,21 @@
 
 mod args;
 mod sweep;
+mod tail;
 
 use sweep::exiting;
 pub use sweep::sweep_stale;
+use tail::Tail;
 
 use super::{DialError, Upstream};
 use crate::backoff::Backoff;
 use args::*;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::{watch, Mutex};
@@ -318,32 +319,10 @@ impl Shared {
         if let Err(e) = self.prepare_dir() {
             return died(e);
         }
-        let mut cmd = Command::new("ssh");
-        let ciphers = self
-            .ciphers
-            .get_or_init(|| cipher_preference(&self.config))
-            .await;
-        cmd.args(master_args(&self.config, &self.ctl, ciphers.as_deref()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            // Its own process group: a Ctrl-C meant for tunnel-svc must not
-            // kill the master before shutdown stops it in order.
-            .process_group(0);
-        // ...but tunnel-svc dying any other way (SIGKILL) takes it along.
-        crate::sys::die_with_parent(&mut cmd);
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => return died(format!("cannot run ssh: {e}")),
+        let (mut child, mut tail) = match self.spawn_master().await {
+            Ok(spawned) => spawned,
+            Err(e) => return died(e),
         };
-        let mut tail = Tail::capture(&mut child);
-        tracing::info!(
-            pid = child.id(),
-            ciphers = ciphers.as_deref().unwrap_or("as ssh's configuration says"),
-            "ssh master starting"
-        );
-
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             tokio::select! {
@@ -366,23 +345,8 @@ impl Shared {
                 ));
             }
         }
-
         let up_since = Instant::now();
-        {
-            let wanted = self.wanted.lock().await;
-            for &port in wanted.iter() {
-                if let Err(e) = self.forward(port).await {
-                    tracing::warn!(port, error = %e, "cannot re-add ssh forward");
-                }
-            }
-            *generation += 1;
-            self.master.send_replace(Master::Up {
-                generation: *generation,
-                pid: child.id().unwrap_or_default(),
-            });
-            tracing::info!(pid = child.id(), forwards = wanted.len(), "ssh master up");
-        }
-
+        self.up(&child, generation).await;
         tokio::select! {
             _ = cancel.cancelled() => {
                 self.stop(&mut child).await;
@@ -393,6 +357,50 @@ impl Shared {
                 up_for: Some(up_since.elapsed()),
             },
         }
+    }
+
+    /// Starts an ssh master process, its stderr captured.
+    async fn spawn_master(&self) -> Result<(Child, Tail), String> {
+        let mut cmd = Command::new("ssh");
+        let ciphers = self
+            .ciphers
+            .get_or_init(|| cipher_preference(&self.config))
+            .await;
+        cmd.args(master_args(&self.config, &self.ctl, ciphers.as_deref()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            // Its own process group: a Ctrl-C meant for tunnel-svc must not
+            // kill the master before shutdown stops it in order.
+            .process_group(0);
+        // ...but tunnel-svc dying any other way (SIGKILL) takes it along.
+        crate::sys::die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().map_err(|e| format!("cannot run ssh: {e}"))?;
+        let tail = Tail::capture(&mut child);
+        tracing::info!(
+            pid = child.id(),
+            ciphers = ciphers.as_deref().unwrap_or("as ssh's configuration says"),
+            "ssh master starting"
+        );
+        Ok((child, tail))
+    }
+
+    /// The master `child` answers: every wanted forward is added back,
+    /// then it counts as up (a new generation).
+    async fn up(&self, child: &Child, generation: &mut u64) {
+        let wanted = self.wanted.lock().await;
+        for &port in wanted.iter() {
+            if let Err(e) = self.forward(port).await {
+                tracing::warn!(port, error = %e, "cannot re-add ssh forward");
+            }
+        }
+        *generation += 1;
+        self.master.send_replace(Master::Up {
+            generation: *generation,
+            pid: child.id().unwrap_or_default(),
+        });
+        tracing::info!(pid = child.id(), forwards = wanted.len(), "ssh master up");
     }
 
     /// Asks the master to exit, kills it if it does not, and reaps it.
@@ -540,65 +548,6 @@ impl Shared {
         } else {
             stderr
         })
-    }
-}
-
-/// The last lines the master wrote to stderr; each line is also logged.
-struct Tail {
-    lines: Arc<std::sync::Mutex<VecDeque<String>>>,
-    reader: Option<JoinHandle<()>>,
-}
-
-impl Tail {
-    fn capture(child: &mut Child) -> Tail {
-        let lines = Arc::new(std::sync::Mutex::new(VecDeque::new()));
-        let reader = child.stderr.take().map(|stderr| {
-            let lines = lines.clone();
-            tokio::spawn(
-                async move {
-                    let mut reader = BufReader::new(stderr).lines();
-                    while let Ok(Some(line)) = reader.next_line().await {
-                        let line = line.trim().to_string();
-                        if line.is_empty() {
-                            continue;
-                        }
-                        tracing::debug!(stderr = %line, "ssh master");
-                        let mut l = lines.lock().expect("not poisoned");
-                        if l.len() == TAIL_LINES {
-                            l.pop_front();
-                        }
-                        l.push_back(line);
-                    }
-                }
-                .in_current_span(),
-            )
-        });
-        Tail { lines, reader }
-    }
-
-    /// Why the master ended: its exit status and last words.
-    async fn explain(&mut self, status: std::io::Result<ExitStatus>) -> String {
-        if let Some(mut reader) = self.reader.take() {
-            // Its stderr closes as it exits, unless a child of its
-            // (a ProxyCommand) holds it open.
-            if tokio::time::timeout(Duration::from_secs(1), &mut reader)
-                .await
-                .is_err()
-            {
-                reader.abort();
-            }
-        }
-        let status = match status {
-            Ok(s) => format!("the ssh master ended with {s}"),
-            Err(e) => format!("cannot wait for the ssh master: {e}"),
-        };
-        let lines = self.lines.lock().expect("not poisoned");
-        if lines.is_empty() {
-            status
-        } else {
-            let said: Vec<&str> = lines.iter().map(String::as_str).collect();
-            format!("{} ({status})", said.join("; "))
-        }
     }
 }
 
