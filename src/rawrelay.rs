@@ -138,8 +138,8 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
 pub enum Answer {
     /// Connected to this address inside the container.
     Ok(String),
-    /// Refused: a gRPC status code name and why.
-    Err { code: String, message: String },
+    /// Refused: the gRPC status code and why.
+    Err { code: tonic::Code, message: String },
     /// Not a raw relay answer: the server does not speak this protocol (an
     /// older monitor answers as HTTP).
     Unknown(String),
@@ -161,15 +161,15 @@ pub async fn request(
     if let Some(rest) = line.strip_prefix("ERR ") {
         let (code, message) = rest.split_once(' ').unwrap_or((rest, ""));
         return Ok(Answer::Err {
-            code: code.to_string(),
+            code: code_named(code),
             message: message.to_string(),
         });
     }
     Ok(Answer::Unknown(crate::text::clip(&line, 80).into_owned()))
 }
 
-/// The refusal line for `code` and `message` (kept to one line).
-pub fn error_line(code: tonic::Code, message: &str) -> Vec<u8> {
+/// A status code's name on the wire: `FAILED_PRECONDITION`.
+fn code_name(code: tonic::Code) -> String {
     let code = format!("{code:?}");
     let mut name = String::new();
     for (i, c) in code.chars().enumerate() {
@@ -178,6 +178,20 @@ pub fn error_line(code: tonic::Code, message: &str) -> Vec<u8> {
         }
         name.push(c.to_ascii_uppercase());
     }
+    name
+}
+
+/// The status code `name` names (UNKNOWN for a name it does not know).
+fn code_named(name: &str) -> tonic::Code {
+    (0..=16)
+        .map(tonic::Code::from_i32)
+        .find(|c| code_name(*c) == name)
+        .unwrap_or(tonic::Code::Unknown)
+}
+
+/// The refusal line for `code` and `message` (kept to one line).
+pub fn error_line(code: tonic::Code, message: &str) -> Vec<u8> {
+    let name = code_name(code);
     let message: String = crate::text::clip(message, 400)
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -188,6 +202,19 @@ pub fn error_line(code: tonic::Code, message: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_codes_keep_their_names_both_ways() {
+        for n in 0..=16 {
+            let code = tonic::Code::from_i32(n);
+            assert_eq!(code_named(&code_name(code)), code);
+        }
+        assert_eq!(
+            code_name(tonic::Code::FailedPrecondition),
+            "FAILED_PRECONDITION"
+        );
+        assert_eq!(code_named("NO_SUCH_CODE"), tonic::Code::Unknown);
+    }
 
     #[test]
     fn requests_parse_and_refuse_what_they_must() {

@@ -1375,14 +1375,14 @@ async fn the_raw_relay_path_keeps_the_relay_rules() {
     for wrong in [None, Some(porthole::auth::Token::new("nope").unwrap())] {
         let (_, answer) = ask(port, wrong).await;
         assert!(
-            matches!(&answer, Answer::Err { code, .. } if code == "UNAUTHENTICATED"),
+            matches!(&answer, Answer::Err { code, .. } if *code == tonic::Code::Unauthenticated),
             "{answer:?}"
         );
     }
     // A port nothing listens on: refused, never dialled.
     let (_, answer) = ask(port + 1, Some(token.clone())).await;
     assert!(
-        matches!(&answer, Answer::Err { code, message } if code == "FAILED_PRECONDITION" && message.contains("no TCP listener")),
+        matches!(&answer, Answer::Err { code, message } if *code == tonic::Code::FailedPrecondition && message.contains("no TCP listener")),
         "{answer:?}"
     );
     // A listening port: its bytes, both ways, and a clean end.

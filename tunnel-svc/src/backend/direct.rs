@@ -23,12 +23,20 @@ impl Direct {
         porthole::net::connect((self.host.as_str(), port), CONNECT_TIMEOUT)
             .await
             .map(ResetOnDrop::new)
-            .map_err(|e| DialError(format!("cannot reach {}:{port}: {e}", self.host)))
+            .map_err(|e| DialError::Unreachable {
+                host: self.host.clone(),
+                port,
+                error: e.to_string(),
+            })
     }
 
     /// A UDP socket connected to `port` at the container's address.
     pub async fn dial_udp(&self, port: u16) -> Result<tokio::net::UdpSocket, DialError> {
-        let fail = |e: std::io::Error| DialError(format!("cannot reach {}:{port}: {e}", self.host));
+        let fail = |e: std::io::Error| DialError::Unreachable {
+            host: self.host.clone(),
+            port,
+            error: e.to_string(),
+        };
         let addr = tokio::net::lookup_host((self.host.as_str(), port))
             .await
             .map_err(fail)?

@@ -28,14 +28,11 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// how to give it, where the user gives it (not in Docker mode, where
 /// tunnel-svc hands each monitor its own).
 fn monitor_said(unauthenticated: bool, message: &str, token: TokenFrom) -> DialError {
-    DialError(if unauthenticated && token == TokenFrom::User {
-        format!(
-            "monitor refused: {message}; give tunnel-svc the monitor's token with \
-             --monitor-token-file (monitor-svc logs where it keeps it)"
-        )
+    if unauthenticated && token == TokenFrom::User {
+        DialError::NoToken(message.to_string())
     } else {
-        format!("the monitor says: {message}")
-    })
+        DialError::Monitor(message.to_string())
+    }
 }
 
 /// Whether HTTP/2 refused the stream before the monitor saw it.
@@ -52,8 +49,8 @@ fn refused_stream(status: &tonic::Status) -> bool {
 
 /// A dial the monitor did not answer within [`DIAL_TIMEOUT`].
 fn no_answer() -> DialError {
-    DialError(format!(
-        "monitor unreachable: no answer to the dial within {}s",
+    DialError::MonitorUnreachable(format!(
+        "no answer to the dial within {}s",
         DIAL_TIMEOUT.as_secs()
     ))
 }
@@ -155,15 +152,20 @@ impl Raw {
             {
                 return Ok(None)
             }
-            Err(e) => return Err(DialError(format!("monitor unreachable: {e}"))),
+            Err(e) => return Err(DialError::MonitorUnreachable(e.to_string())),
         };
         match answer {
             Answer::Ok(_) => Ok(Some(Upstream::Raw(ResetOnDrop::new(stream), slot))),
             // The monitor's raw relays are all taken: a Relay stream.
-            Answer::Err { code, .. } if code == "RESOURCE_EXHAUSTED" => Ok(None),
-            Answer::Err { code, message } => {
-                Err(monitor_said(code == "UNAUTHENTICATED", &message, from))
-            }
+            Answer::Err {
+                code: tonic::Code::ResourceExhausted,
+                ..
+            } => Ok(None),
+            Answer::Err { code, message } => Err(monitor_said(
+                code == tonic::Code::Unauthenticated,
+                &message,
+                from,
+            )),
             Answer::Unknown(what) => {
                 if !self.unsupported.swap(true, Relaxed) {
                     tracing::info!(answer = %what, "the monitor offers no raw relay path; tunnel bytes go in Relay streams");
@@ -248,7 +250,7 @@ impl Grpc {
             let transport = std::error::Error::source(&status).is_some();
             match status.code() {
                 tonic::Code::Unavailable if transport => {
-                    DialError(format!("monitor unreachable: {}", status.message()))
+                    DialError::MonitorUnreachable(status.message().to_string())
                 }
                 code => monitor_said(
                     code == tonic::Code::Unauthenticated,

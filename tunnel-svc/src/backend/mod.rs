@@ -15,8 +15,35 @@ use tokio::net::UnixStream;
 /// Why a connection to the container's port could not be made, in words
 /// for the tunnel's `error`.
 #[derive(Clone, Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct DialError(pub String);
+pub enum DialError {
+    /// The monitor could not be reached, or did not answer in time.
+    #[error("monitor unreachable: {0}")]
+    MonitorUnreachable(String),
+    /// The monitor wants the token the user gives tunnel-svc.
+    #[error(
+        "monitor refused: {0}; give tunnel-svc the monitor's token with --monitor-token-file \
+         (monitor-svc logs where it keeps it)"
+    )]
+    NoToken(String),
+    /// The monitor refused the dial, in its words.
+    #[error("the monitor says: {0}")]
+    Monitor(String),
+    /// The container's address did not answer (direct).
+    #[error("cannot reach {host}:{port}: {error}")]
+    Unreachable {
+        host: String,
+        port: u16,
+        error: String,
+    },
+    /// ssh's forward of the port did not come up.
+    #[error("the ssh forward of port {port} did not come up: {error}")]
+    NoForward { port: u16, error: String },
+    /// The ssh master is not there to carry it.
+    #[error(transparent)]
+    Ssh(#[from] ssh::SshError),
+    #[error("{NO_UDP}")]
+    NoUdp,
+}
 
 /// Why an ssh tunnel of a UDP port is FAILED.
 const NO_UDP: &str = "the ssh backend cannot carry UDP (OpenSSH forwards TCP only); use \
@@ -90,7 +117,7 @@ impl Backend {
 
     /// Makes `port` reachable. The reconciler calls prepare and
     /// [`Backend::release`] for one target in order, one at a time.
-    pub async fn prepare(&self, port: u16) -> Result<(), String> {
+    pub async fn prepare(&self, port: u16) -> Result<(), ssh::SshError> {
         match self {
             Backend::Ssh(s) => s.open(port).await,
             _ => Ok(()),
@@ -118,7 +145,7 @@ impl Backend {
         match self {
             Backend::Grpc(g) => g.dial_udp(port).await.map(UdpUpstream::Relay),
             Backend::Direct(d) => d.dial_udp(port).await.map(UdpUpstream::Socket),
-            Backend::Ssh(_) => Err(DialError(NO_UDP.into())),
+            Backend::Ssh(_) => Err(DialError::NoUdp),
         }
     }
 

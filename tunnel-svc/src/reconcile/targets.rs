@@ -106,7 +106,10 @@ async fn port_ops(
     while let Some(op) = ops.recv().await {
         match op {
             PortOp::Prepare { id, generation } => {
-                let result = backend.prepare(id.port).await.map_err(Failure::Backend);
+                let result = backend
+                    .prepare(id.port)
+                    .await
+                    .map_err(|e| Failure::Backend(e.to_string()));
                 let done = Command::Prepared {
                     id,
                     generation,

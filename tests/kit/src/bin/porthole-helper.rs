@@ -348,7 +348,7 @@ async fn trickle(src: IpAddr, dst: SocketAddr, count: usize, first: &[u8]) -> Re
     let mut closes = 0u64;
     while let Some(()) = closed_rx.recv().await {
         closes += 1;
-        if closes % 50 == 0 {
+        if closes.is_multiple_of(50) {
             ready(&format!("closed {closes}"));
         }
         // A moment's pause: a refused connect is not a busy loop.

@@ -66,6 +66,35 @@ const TAIL_LINES: usize = 5;
 /// under a temporary name 17 bytes longer than the ControlPath.
 const MAX_CTL_PATH: usize = 107 - 17;
 
+/// Why the ssh backend could not do something, in words for a tunnel's
+/// error.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SshError {
+    #[error("cannot run ssh: {0}")]
+    Run(String),
+    #[error("ssh {what} timed out after {}s", CONTROL_TIMEOUT.as_secs())]
+    Timeout { what: String },
+    #[error("ssh {what} failed ({status})")]
+    Failed { what: String, status: String },
+    /// What ssh said on stderr when a control command failed.
+    #[error("{0}")]
+    Said(String),
+    #[error("runtime directory {dir}: {error}")]
+    Dir { dir: String, error: String },
+    #[error("runtime directory {dir} is open to other users (mode {mode:o}); it must be 0700")]
+    DirOpen { dir: String, mode: u32 },
+    #[error("runtime directory {dir} is too long for ssh's control socket (at most {max} bytes)")]
+    DirTooLong { dir: String, max: usize },
+    #[error("the ssh backend for {0} is shut down")]
+    Stopped(String),
+    #[error("ssh master for {host} is not connected: {why}")]
+    NotConnected { host: String, why: String },
+    #[error("ssh master for {host} is not connected after {secs}s")]
+    NotConnectedAfter { host: String, secs: u64 },
+    #[error("the forward of port {0} was closed while opening")]
+    ClosedWhileOpening(u16),
+}
+
 /// Settings of one target's ssh connection.
 #[derive(Clone, Debug)]
 pub struct SshConfig {
@@ -144,7 +173,7 @@ impl Ssh {
 
     /// Adds the forward for container `port`, waiting (bounded) for the
     /// master if it is not up. Idempotent.
-    pub async fn open(&self, port: u16) -> Result<(), String> {
+    pub async fn open(&self, port: u16) -> Result<(), SshError> {
         let s = &self.shared;
         s.open(port).instrument(s.span.clone()).await
     }
@@ -170,9 +199,10 @@ impl Ssh {
             // forward before it counts as up. Wait for either, boundedly (a
             // tunnel that closes meanwhile resets its connections anyway).
             if tokio::time::Instant::now() >= deadline {
-                return Err(DialError(format!(
-                    "the ssh forward of port {port} did not come up: {err}"
-                )));
+                return Err(DialError::NoForward {
+                    port,
+                    error: err.to_string(),
+                });
             }
             let up = match *s.master.borrow() {
                 Master::Up { generation, .. } => Some(generation),
@@ -181,7 +211,7 @@ impl Ssh {
             match up {
                 Some(_) => tokio::time::sleep(FORWARD_POLL).await,
                 None => {
-                    s.wait_up(DIAL_WAIT, up).await.map_err(DialError)?;
+                    s.wait_up(DIAL_WAIT, up).await?;
                 }
             }
         };
@@ -234,17 +264,15 @@ enum Life {
 
 impl Shared {
     /// See [`Ssh::open`].
-    async fn open(&self, port: u16) -> Result<(), String> {
+    async fn open(&self, port: u16) -> Result<(), SshError> {
         self.wanted.lock().await.insert(port);
         let mut newer_than = None;
-        let mut last_error = String::new();
+        let mut last_error = SshError::ClosedWhileOpening(port);
         for _ in 0..3 {
             let generation = self.wait_up(self.open_wait, newer_than).await?;
             let wanted = self.wanted.lock().await;
             if !wanted.contains(&port) {
-                return Err(format!(
-                    "the forward of port {port} was closed while opening"
-                ));
+                return Err(SshError::ClosedWhileOpening(port));
             }
             match self.forward(port).await {
                 Ok(()) => {
@@ -317,11 +345,11 @@ impl Shared {
             up_for: None,
         };
         if let Err(e) = self.prepare_dir() {
-            return died(e);
+            return died(e.to_string());
         }
         let (mut child, mut tail) = match self.spawn_master().await {
             Ok(spawned) => spawned,
-            Err(e) => return died(e),
+            Err(e) => return died(e.to_string()),
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -360,7 +388,7 @@ impl Shared {
     }
 
     /// Starts an ssh master process, its stderr captured.
-    async fn spawn_master(&self) -> Result<(Child, Tail), String> {
+    async fn spawn_master(&self) -> Result<(Child, Tail), SshError> {
         let mut cmd = Command::new("ssh");
         let ciphers = self
             .ciphers
@@ -376,7 +404,7 @@ impl Shared {
             .process_group(0);
         // ...but tunnel-svc dying any other way (SIGKILL) takes it along.
         crate::sys::die_with_parent(&mut cmd);
-        let mut child = cmd.spawn().map_err(|e| format!("cannot run ssh: {e}"))?;
+        let mut child = cmd.spawn().map_err(|e| SshError::Run(e.to_string()))?;
         let tail = Tail::capture(&mut child);
         tracing::info!(
             pid = child.id(),
@@ -418,10 +446,14 @@ impl Shared {
 
     /// Creates the runtime directory (0700) and clears sockets of an earlier
     /// master: a stale control socket would make ssh run without one.
-    fn prepare_dir(&self) -> Result<(), String> {
+    fn prepare_dir(&self) -> Result<(), SshError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let dir = &self.config.runtime_dir;
-        let err = |e: std::io::Error| format!("runtime directory {}: {e}", dir.display());
+        let shown = dir.display().to_string();
+        let err = |e: std::io::Error| SshError::Dir {
+            dir: shown.clone(),
+            error: e.to_string(),
+        };
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -429,18 +461,16 @@ impl Shared {
             .map_err(err)?;
         let mode = std::fs::metadata(dir).map_err(err)?.permissions().mode();
         if mode & 0o077 != 0 {
-            return Err(format!(
-                "runtime directory {} is open to other users (mode {:o}); it must be 0700",
-                dir.display(),
-                mode & 0o777
-            ));
+            return Err(SshError::DirOpen {
+                dir: shown,
+                mode: mode & 0o777,
+            });
         }
         if self.ctl.as_os_str().len() > MAX_CTL_PATH {
-            return Err(format!(
-                "runtime directory {} is too long for ssh's control socket (at most {} bytes)",
-                dir.display(),
-                MAX_CTL_PATH - "/ctl".len()
-            ));
+            return Err(SshError::DirTooLong {
+                dir: shown,
+                max: MAX_CTL_PATH - "/ctl".len(),
+            });
         }
         self.remove_sockets();
         Ok(())
@@ -462,14 +492,14 @@ impl Shared {
 
     /// Waits until a master is up (one newer than `newer_than`, if given);
     /// returns its generation, or why there is none.
-    async fn wait_up(&self, timeout: Duration, newer_than: Option<u64>) -> Result<u64, String> {
+    async fn wait_up(&self, timeout: Duration, newer_than: Option<u64>) -> Result<u64, SshError> {
         let mut rx = self.master.subscribe();
         let wanted = |m: &Master| match m {
             Master::Up { generation, .. } => newer_than.is_none_or(|g| *generation > g),
             Master::Stopped => true,
             Master::Connecting { .. } => false,
         };
-        let stopped = || format!("the ssh backend for {} is shut down", self.config.host);
+        let stopped = || SshError::Stopped(self.config.host.clone());
         let found = tokio::time::timeout(timeout, rx.wait_for(wanted))
             .await
             .map(|r| r.map(|state| state.clone()));
@@ -485,33 +515,32 @@ impl Shared {
             Master::Stopped => Err(stopped()),
             Master::Connecting {
                 last_error: Some(why),
-            } => Err(format!(
-                "ssh master for {} is not connected: {why}",
-                self.config.host
-            )),
-            _ => Err(format!(
-                "ssh master for {} is not connected after {}s",
-                self.config.host,
-                timeout.as_secs()
-            )),
+            } => Err(SshError::NotConnected {
+                host: self.config.host.clone(),
+                why,
+            }),
+            _ => Err(SshError::NotConnectedAfter {
+                host: self.config.host.clone(),
+                secs: timeout.as_secs(),
+            }),
         }
     }
 
     /// `ssh -O forward -L RUNTIME_DIR/fwd-PORT.sock:localhost:PORT`.
-    async fn forward(&self, port: u16) -> Result<(), String> {
+    async fn forward(&self, port: u16) -> Result<(), SshError> {
         let spec = forward_spec(&self.config.runtime_dir, port);
         self.control_os(&[os("-O"), os("forward"), os("-L"), spec])
             .await
     }
 
-    async fn control(&self, op: &[&str]) -> Result<(), String> {
+    async fn control(&self, op: &[&str]) -> Result<(), SshError> {
         let op: Vec<OsString> = op.iter().map(OsString::from).collect();
         self.control_os(&op).await
     }
 
     /// Runs one control command against the master, bounded in time;
     /// the error is ssh's stderr.
-    async fn control_os(&self, op: &[OsString]) -> Result<(), String> {
+    async fn control_os(&self, op: &[OsString]) -> Result<(), SshError> {
         let mut cmd = Command::new("ssh");
         cmd.args(control_args(&self.config, &self.ctl, op))
             .stdin(Stdio::null())
@@ -525,13 +554,8 @@ impl Shared {
             .join(" ");
         let out = match tokio::time::timeout(CONTROL_TIMEOUT, cmd.output()).await {
             Ok(Ok(out)) => out,
-            Ok(Err(e)) => return Err(format!("cannot run ssh: {e}")),
-            Err(_) => {
-                return Err(format!(
-                    "ssh {what} timed out after {}s",
-                    CONTROL_TIMEOUT.as_secs()
-                ))
-            }
+            Ok(Err(e)) => return Err(SshError::Run(e.to_string())),
+            Err(_) => return Err(SshError::Timeout { what }),
         };
         if out.status.success() {
             return Ok(());
@@ -544,9 +568,12 @@ impl Shared {
             .collect::<Vec<_>>()
             .join("; ");
         Err(if stderr.is_empty() {
-            format!("ssh {what} failed ({})", out.status)
+            SshError::Failed {
+                what,
+                status: out.status.to_string(),
+            }
         } else {
-            stderr
+            SshError::Said(stderr)
         })
     }
 }
@@ -592,7 +619,7 @@ pub(super) mod tests {
             "ConnectTimeout=2".into(),
         ];
         let ssh = Ssh::start_with(c, Duration::from_secs(2));
-        let err = ssh.open(8080).await.unwrap_err();
+        let err = ssh.open(8080).await.unwrap_err().to_string();
         assert!(
             err.contains("not connected") && err.contains("refused"),
             "{err}"
@@ -600,7 +627,7 @@ pub(super) mod tests {
         ssh.close(8080).await;
         ssh.shutdown().await;
         assert!(!dir.exists(), "runtime dir removed");
-        let err = ssh.open(8080).await.unwrap_err();
+        let err = ssh.open(8080).await.unwrap_err().to_string();
         assert!(err.contains("shut down"), "{err}");
         let _ = std::fs::remove_dir_all(&base);
     }
@@ -613,7 +640,7 @@ pub(super) mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let ssh = Ssh::start_with(config(&dir), Duration::from_millis(500));
         let err = ssh.open(8080).await.unwrap_err();
-        assert!(err.contains("must be 0700"), "{err}");
+        assert!(err.to_string().contains("must be 0700"), "{err}");
         ssh.shutdown().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
