@@ -4,11 +4,12 @@
 //! strings; [`server`] runs gRPC and plain HTTP on one port with health,
 //! reflection and an optional bearer token; [`shutdown`] and [`telemetry`]
 //! are the start-up and stop plumbing both services share.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod auth;
 pub mod fanout;
 pub mod key;
+pub mod memory;
 pub mod net;
 pub mod netns;
 pub mod pb;

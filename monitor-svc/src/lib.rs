@@ -12,7 +12,6 @@ pub mod monitor;
 pub mod process;
 pub mod relay;
 pub mod scan;
-mod sys;
 pub mod user;
 
 use porthole::pb::v1::port_events_server::{PortEventsServer, SERVICE_NAME as PORT_EVENTS};
@@ -174,7 +173,7 @@ async fn trim_after_clients_leave(
         }
         let now = count();
         if now.0 < last.0 || now.1 < last.1 {
-            sys::release_free_memory();
+            porthole::memory::release_free_memory();
         }
         last = now;
     }

@@ -1,7 +1,7 @@
 //! tunnel-svc as a whole: its options, and running it (targets, watchers,
 //! the reconciler, Docker, the admin API) until it is told to stop.
 
-use crate::{admin, backend, config, docker, hostports, plan, reconcile, sys, tunnel, watch};
+use crate::{admin, backend, config, docker, hostports, plan, reconcile, tunnel, watch};
 use backend::Backend;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -105,7 +105,7 @@ async fn trim_after_connections_end(shutdown: CancellationToken) {
         }
         let now = load();
         if now < last {
-            sys::release_free_memory();
+            porthole::memory::release_free_memory();
         }
         last = now;
     }

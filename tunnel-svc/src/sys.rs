@@ -2,9 +2,7 @@
 //! tunnel-svc (Linux's `PR_SET_PDEATHSIG` must be set in the child between
 //! `fork` and `exec`, which only `CommandExt::pre_exec` reaches, and
 //! `pre_exec` is `unsafe` because the closure runs in a forked copy of a
-//! multi-threaded process), and handing freed memory back to the kernel
-//! after a burst of connections (glibc keeps the freed heap resident;
-//! `malloc_trim` returns it). No crate wraps either safely.
+//! multi-threaded process). No crate wraps it safely.
 #![allow(unsafe_code)]
 
 use rustix::process::{getpid, getppid, set_parent_process_death_signal, Signal};
@@ -29,15 +27,5 @@ pub fn die_with_parent(cmd: &mut tokio::process::Command) {
             }
             Ok(())
         });
-    }
-}
-
-/// Returns free heap memory to the kernel (glibc only; elsewhere a no-op).
-pub fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists; it
-    // takes no pointers from us and is safe to call at any time.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

@@ -160,7 +160,7 @@ impl Reconciler {
         }
         if self.trims > 0 {
             self.trims -= 1;
-            crate::sys::release_free_memory();
+            porthole::memory::release_free_memory();
         }
     }
 }

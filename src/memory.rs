@@ -1,8 +1,8 @@
-//! The one place monitor-svc needs `unsafe`: handing freed memory back to
-//! the kernel. After a burst of clients (hundreds of streams or unread
-//! responses) glibc keeps the freed heap resident, so the monitor's RSS
-//! would stay at its peak; `malloc_trim(0)` returns it. libc has no safe
-//! wrapper for it.
+//! Handing freed memory back to the kernel: the one place porthole needs
+//! `unsafe`. After a burst (hundreds of streams, thousands of tunnels or
+//! connections that ended) glibc keeps the freed heap resident, so a
+//! service's RSS would stay at its peak; `malloc_trim(0)` returns it. libc
+//! has no safe wrapper for it.
 #![allow(unsafe_code)]
 
 /// Returns free heap memory to the kernel (glibc only; elsewhere a no-op).
