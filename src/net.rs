@@ -241,7 +241,7 @@ mod tests {
 }
 
 /// The transport of a port, a tunnel or a relay: TCP or UDP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
 pub enum Proto {
     Tcp,
     Udp,
@@ -272,10 +272,7 @@ impl std::fmt::Display for Proto {
 impl std::str::FromStr for Proto {
     type Err = String;
     fn from_str(s: &str) -> Result<Proto, String> {
-        match s {
-            "tcp" => Ok(Proto::Tcp),
-            "udp" => Ok(Proto::Udp),
-            other => Err(format!("protocol {other:?}: use tcp or udp")),
-        }
+        <Proto as clap::ValueEnum>::from_str(s, false)
+            .map_err(|_| format!("protocol {s:?}: use tcp or udp"))
     }
 }

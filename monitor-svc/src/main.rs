@@ -81,7 +81,7 @@ struct Args {
     #[arg(long, env = "PORTHOLE_LOG", default_value = "info")]
     log_level: String,
     /// Log format: text or json.
-    #[arg(long, env = "PORTHOLE_LOG_FORMAT", default_value = "text")]
+    #[arg(long, env = "PORTHOLE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
 

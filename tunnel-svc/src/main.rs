@@ -195,8 +195,8 @@ struct RunArgs {
     /// host reaches it, else the exec stream), exec, or ip.
     #[arg(
         long,
-        value_name = "auto|exec|ip",
-        default_value = "auto",
+        value_enum,
+        default_value_t = tunnel_svc::docker::Transport::Auto,
         requires = "docker"
     )]
     docker_transport: tunnel_svc::docker::Transport,
@@ -236,7 +236,7 @@ struct ServiceArgs {
     #[arg(long, env = "PORTHOLE_LOG", default_value = "info")]
     log_level: String,
     /// Log format: text or json.
-    #[arg(long, env = "PORTHOLE_LOG_FORMAT", default_value = "text")]
+    #[arg(long, env = "PORTHOLE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
 

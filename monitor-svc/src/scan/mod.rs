@@ -13,7 +13,7 @@
 mod netlink;
 mod procfs;
 
-use std::{fmt, io, net::IpAddr, path::PathBuf, str::FromStr};
+use std::{fmt, io, net::IpAddr, path::PathBuf};
 
 /// TCP or UDP: the workspace's one transport enum.
 pub use porthole::net::Proto as Protocol;
@@ -46,20 +46,6 @@ impl fmt::Display for Source {
             Source::Netlink => "netlink",
             Source::Procfs => "procfs",
         })
-    }
-}
-
-impl FromStr for Source {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "netlink" => Ok(Source::Netlink),
-            "procfs" => Ok(Source::Procfs),
-            other => Err(format!(
-                "unknown port detection source {other:?} (expected netlink or procfs)"
-            )),
-        }
     }
 }
 
@@ -368,8 +354,7 @@ mod tests {
         let mut scanner = Scanner::auto();
         scanner.scan().unwrap();
         let src = scanner.source();
-        assert_eq!(src.to_string().parse::<Source>(), Ok(src));
-        assert!("ss".parse::<Source>().is_err());
+        assert!(["netlink", "procfs"].contains(&src.to_string().as_str()));
     }
 
     /// `cargo test -p monitor-svc --release scan_cost -- --ignored --nocapture`

@@ -67,7 +67,7 @@ impl std::fmt::Debug for Archive {
 
 /// How tunnel bytes reach a container (`--docker-transport`). Events always
 /// come over the monitor's exec stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Transport {
     /// The container's address when the host reaches it, else the exec
     /// stream.
@@ -78,18 +78,6 @@ pub enum Transport {
     /// token of its own handed over the exec stream); when the host cannot
     /// reach it, the target says so and the exec stream carries the bytes.
     Ip,
-}
-
-impl std::str::FromStr for Transport {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Transport, String> {
-        match s {
-            "auto" => Ok(Transport::Auto),
-            "exec" => Ok(Transport::Exec),
-            "ip" => Ok(Transport::Ip),
-            other => Err(format!("{other:?}: use auto, exec or ip")),
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

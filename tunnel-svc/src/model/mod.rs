@@ -28,7 +28,7 @@ pub enum BadValue {
     Ports(String),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
     Grpc,
     Ssh,
@@ -38,12 +38,8 @@ pub enum BackendKind {
 impl FromStr for BackendKind {
     type Err = BadValue;
     fn from_str(s: &str) -> Result<Self, BadValue> {
-        match s {
-            "grpc" => Ok(BackendKind::Grpc),
-            "ssh" => Ok(BackendKind::Ssh),
-            "direct" => Ok(BackendKind::Direct),
-            other => Err(BadValue::Backend(other.into())),
-        }
+        <BackendKind as clap::ValueEnum>::from_str(s, false)
+            .map_err(|_| BadValue::Backend(s.into()))
     }
 }
 
