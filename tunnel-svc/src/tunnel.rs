@@ -131,9 +131,9 @@ struct Shared {
     parked: tokio::sync::Semaphore,
 }
 
-/// How a carried connection went wrong.
+/// How a carried connection (or UDP flow) went wrong.
 #[derive(Debug, thiserror::Error)]
-enum CarryError {
+pub(crate) enum CarryError {
     /// The far end could not be reached: the tunnel's `error` says so.
     #[error(transparent)]
     Dial(#[from] DialError),

@@ -8,7 +8,7 @@
 //! client beyond that are dropped (and counted) until a flow ends.
 
 use crate::backend::{Backend, BackendCell, UdpUpstream};
-use crate::tunnel::Carry;
+use crate::tunnel::{Carry, CarryError};
 use bytes::Bytes;
 use porthole::pb::v1::{relay_frame::Kind, RelayFrame};
 use porthole::relay::PumpError;
@@ -144,17 +144,6 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
     }
 }
 
-/// How a flow went wrong.
-#[derive(Debug, thiserror::Error)]
-enum FlowError {
-    #[error(transparent)]
-    Dial(#[from] crate::backend::DialError),
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("relay: {0}")]
-    Relay(#[from] PumpError),
-}
-
 /// Carries one client's flow until it is idle, the tunnel closes, or
 /// either end fails; counts it.
 async fn flow(
@@ -173,7 +162,7 @@ async fn flow(
     };
     match result {
         Ok(()) => tracing::debug!("udp flow ended"),
-        Err(FlowError::Dial(why)) => {
+        Err(CarryError::Dial(why)) => {
             if let Some(suppressed) = shared.failures.check() {
                 tracing::warn!(error = %why, suppressed, "udp flow failed");
             }
@@ -201,7 +190,7 @@ async fn carry_flow(
     shared: &Shared,
     backend: &Backend,
     port: u16,
-) -> Result<(), FlowError> {
+) -> Result<(), CarryError> {
     let upstream = backend.dial_udp(port).await?;
     let stats = &*shared.carry.stats;
     stats.connected();
