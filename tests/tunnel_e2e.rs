@@ -30,6 +30,20 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tonic::{Code, Streaming};
 
+/// One `#[tokio::test]` per backend (and flags) of a scenario
+/// `f(backend, ...)`: `per_backend! { f: name => (args), ... }`.
+macro_rules! per_backend {
+    ($f:ident: $($(#[$doc:meta])* $name:ident => ($($arg:expr),+)),+ $(,)?) => {
+        $(
+            $(#[$doc])*
+            #[tokio::test(flavor = "multi_thread")]
+            async fn $name() {
+                $f($($arg),+).await;
+            }
+        )+
+    };
+}
+
 // ---------------------------------------------------------------------------
 // Ports
 
@@ -430,14 +444,10 @@ async fn reachable_then_gone(backend: Backend) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn reachable_on_same_port_then_gone_grpc() {
-    reachable_then_gone(Backend::Grpc).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn reachable_on_same_port_then_gone_direct() {
-    reachable_then_gone(Backend::Direct).await;
+per_backend! {
+    reachable_then_gone:
+        reachable_on_same_port_then_gone_grpc => (Backend::Grpc),
+        reachable_on_same_port_then_gone_direct => (Backend::Direct),
 }
 
 // ---------------------------------------------------------------------------
@@ -481,21 +491,13 @@ async fn data_integrity(backend: Backend, extra: &[&str]) {
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sixteen_mib_both_ways_intact_grpc() {
-    data_integrity(Backend::Grpc, &[]).await;
-}
-
-/// The same in Relay.Dial streams only (what the Docker exec stream and
-/// monitors without the raw path use).
-#[tokio::test(flavor = "multi_thread")]
-async fn sixteen_mib_both_ways_intact_grpc_relay_streams() {
-    data_integrity(Backend::Grpc, &["--no-raw-relay"]).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn sixteen_mib_both_ways_intact_direct() {
-    data_integrity(Backend::Direct, &[]).await;
+per_backend! {
+    data_integrity:
+        sixteen_mib_both_ways_intact_grpc => (Backend::Grpc, &[]),
+        /// The same in Relay.Dial streams only (what the Docker exec stream and
+        /// monitors without the raw path use).
+        sixteen_mib_both_ways_intact_grpc_relay_streams => (Backend::Grpc, &["--no-raw-relay"]),
+        sixteen_mib_both_ways_intact_direct => (Backend::Direct, &[]),
 }
 
 // ---------------------------------------------------------------------------
@@ -563,14 +565,10 @@ async fn busy_host_port(backend: Backend) {
     assert_eq!(ping(v4(port)).await, "srv");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn busy_host_port_grpc() {
-    busy_host_port(Backend::Grpc).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn busy_host_port_direct() {
-    busy_host_port(Backend::Direct).await;
+per_backend! {
+    busy_host_port:
+        busy_host_port_grpc => (Backend::Grpc),
+        busy_host_port_direct => (Backend::Direct),
 }
 
 // ---------------------------------------------------------------------------
@@ -859,14 +857,10 @@ async fn loopback_only(backend: Backend) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn loopback_only_server_grpc_reaches_it() {
-    loopback_only(Backend::Grpc).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn loopback_only_server_direct_fails_and_says_why() {
-    loopback_only(Backend::Direct).await;
+per_backend! {
+    loopback_only:
+        loopback_only_server_grpc_reaches_it => (Backend::Grpc),
+        loopback_only_server_direct_fails_and_says_why => (Backend::Direct),
 }
 
 // ---------------------------------------------------------------------------
@@ -1108,14 +1102,10 @@ async fn monitor_restart(backend: Backend) {
     drop(monitor);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn monitor_killed_and_restarted_grpc() {
-    monitor_restart(Backend::Grpc).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn monitor_killed_and_restarted_direct() {
-    monitor_restart(Backend::Direct).await;
+per_backend! {
+    monitor_restart:
+        monitor_killed_and_restarted_grpc => (Backend::Grpc),
+        monitor_killed_and_restarted_direct => (Backend::Direct),
 }
 
 // ---------------------------------------------------------------------------
@@ -1168,14 +1158,10 @@ async fn sigterm(backend: Backend) {
     while let Ok(Some(_)) = within("the watch stream ends", updates.message()).await {}
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_exits_0_and_frees_every_port_grpc() {
-    sigterm(Backend::Grpc).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_exits_0_and_frees_every_port_direct() {
-    sigterm(Backend::Direct).await;
+per_backend! {
+    sigterm:
+        sigterm_exits_0_and_frees_every_port_grpc => (Backend::Grpc),
+        sigterm_exits_0_and_frees_every_port_direct => (Backend::Direct),
 }
 
 // ---------------------------------------------------------------------------
@@ -1396,14 +1382,10 @@ async fn token(backend: Backend) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn token_on_both_services_grpc() {
-    token(Backend::Grpc).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn token_on_both_services_direct() {
-    token(Backend::Direct).await;
+per_backend! {
+    token:
+        token_on_both_services_grpc => (Backend::Grpc),
+        token_on_both_services_direct => (Backend::Direct),
 }
 
 // ---------------------------------------------------------------------------
@@ -1851,14 +1833,10 @@ async fn udp_tunnel(backend: Backend) {
     });
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn udp_datagrams_round_trip_whole_per_client_grpc() {
-    udp_tunnel(Backend::Grpc).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn udp_datagrams_round_trip_whole_per_client_direct() {
-    udp_tunnel(Backend::Direct).await;
+per_backend! {
+    udp_tunnel:
+        udp_datagrams_round_trip_whole_per_client_grpc => (Backend::Grpc),
+        udp_datagrams_round_trip_whole_per_client_direct => (Backend::Direct),
 }
 
 // ---------------------------------------------------------------------------
@@ -1947,19 +1925,11 @@ async fn slow_readers(backend: Backend, extra: &[&str]) {
     drop((up, down));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn slow_readers_hold_the_sender_back_grpc() {
-    slow_readers(Backend::Grpc, &[]).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn slow_readers_hold_the_sender_back_grpc_relay_streams() {
-    slow_readers(Backend::Grpc, &["--no-raw-relay"]).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn slow_readers_hold_the_sender_back_direct() {
-    slow_readers(Backend::Direct, &[]).await;
+per_backend! {
+    slow_readers:
+        slow_readers_hold_the_sender_back_grpc => (Backend::Grpc, &[]),
+        slow_readers_hold_the_sender_back_grpc_relay_streams => (Backend::Grpc, &["--no-raw-relay"]),
+        slow_readers_hold_the_sender_back_direct => (Backend::Direct, &[]),
 }
 
 // ---------------------------------------------------------------------------
