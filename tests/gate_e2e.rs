@@ -117,39 +117,14 @@ fn run_ok(what: &str, cmd: &mut Command) -> Output {
 // ---------------------------------------------------------------------------
 // The client side
 
-/// Connects, then reads until a line or EOF: prints `LINE <text>` or `EOF`
-/// (or `ERR <why>`), then the seconds from connect to that.
-const READ_LINE_PY: &str = r#"
-import socket, sys, time
-addr, port = sys.argv[1], int(sys.argv[2])
-try:
-    s = socket.create_connection((addr, port), timeout=15)
-    t = time.monotonic()
-    data = b""
-    while b"\n" not in data:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    took = time.monotonic() - t
-    if data:
-        print("LINE", data.split(b"\n")[0].decode(errors="replace").strip())
-    else:
-        print("EOF")
-    print(took)
-except Exception as e:
-    print("ERR", e)
-    print(0)
-"#;
-
 /// What a client in `ns` gets from `addr:port`: `LINE ...`, `EOF` or
 /// `ERR ...`, and how long after connecting.
 async fn client_read(ns: &Netns, addr: Ipv4Addr, port: u16) -> (String, Duration) {
-    let mut cmd = ns.command("python3");
-    cmd.args(["-c", READ_LINE_PY, &addr.to_string(), &port.to_string()]);
+    let mut cmd = ns.command(common::binary(common::HELPER));
+    cmd.args(["read-line", &addr.to_string(), &port.to_string()]);
     let out = within("client read", tokio::process::Command::from(cmd).output())
         .await
-        .expect("run python3");
+        .expect("run porthole-helper read-line");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let mut lines = stdout.lines();
     let what = lines.next().unwrap_or_default().to_string();

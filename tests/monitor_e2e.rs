@@ -707,15 +707,17 @@ async fn resume_against_a_restarted_monitor_gets_a_snapshot() {
 /// A server on the container's loopback only, with a secret planted in its
 /// command line; it greets every connection.
 fn secret_server(ns: &Netns, port: u16) -> Proc {
-    let script = format!(
-        "import socket\n\
-         s = socket.socket()\n\
-         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind(('127.0.0.1', {port}))\n\
-         s.listen()\n\
-         while True:\n    c, _ = s.accept(); c.sendall(b'inside'); c.close()\n"
-    );
-    ns.spawn("python3", ["-c", script.as_str(), "--password=hunter2"])
+    let port = port.to_string();
+    ns.spawn(
+        binary(common::HELPER),
+        [
+            "greet",
+            "127.0.0.1",
+            port.as_str(),
+            "inside",
+            "--password=hunter2",
+        ],
+    )
 }
 
 /// Relay.Dial of `port` with `authorization` (if any): the bytes the

@@ -30,62 +30,19 @@ const BIG: usize = 8 << 20;
 // ---------------------------------------------------------------------------
 // The server inside, and the tunnel's client side
 
-/// Answers every byte with its complement (255 - b) and half-closes when
-/// the client does, so a test sees that its bytes reached the server and
-/// that the server's came back. Says "ready" once listening.
-const SERVER_PY: &str = r#"
-import socket, sys, threading
-flip = bytes(255 - b for b in range(256))
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen(64)
-print("ready", flush=True)
-def serve(c):
-    with c:
-        while True:
-            d = c.recv(65536)
-            if not d:
-                break
-            c.sendall(d.translate(flip))
-        c.shutdown(socket.SHUT_WR)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#;
-
-/// Greets, half-closes at once, then counts what the client still sends
-/// and says so (`heard N`) when the client ends.
-const HALF_CLOSES_FIRST_PY: &str = r#"
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen(8)
-print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    with c:
-        c.sendall(b"hello, and that is all")
-        c.shutdown(socket.SHUT_WR)
-        n = 0
-        while True:
-            d = c.recv(65536)
-            if not d:
-                break
-            n += len(d)
-        print("heard", n, flush=True)
-"#;
-
-/// A server on 127.0.0.1:`port` ONLY, inside the namespace.
+/// A server on 127.0.0.1:`port` ONLY, inside the namespace, that answers
+/// every byte with its complement (255 - b) and half-closes when the
+/// client does: a test sees that its bytes reached the server and that
+/// the server's came back.
 async fn start_server(ns: &Netns, port: u16) -> Proc {
-    start_python(ns, SERVER_PY, port).await
+    start_helper(ns, "flip", port).await
 }
 
-/// `script` as a server on `port` inside the namespace, once it said ready.
-async fn start_python(ns: &Netns, script: &str, port: u16) -> Proc {
-    let mut cmd = ns.command("python3");
-    cmd.args(["-c", script, &port.to_string()])
+/// The helper's server `mode` on 127.0.0.1:`port` inside the namespace,
+/// once it said ready.
+async fn start_helper(ns: &Netns, mode: &str, port: u16) -> Proc {
+    let mut cmd = ns.command(common::binary(common::HELPER));
+    cmd.args([mode, "127.0.0.1", &port.to_string()])
         .stdin(Stdio::null());
     let mut proc = ns.spawn_command("server", cmd);
     proc.wait_for_log("ready").await;
@@ -625,7 +582,7 @@ async fn a_server_that_half_closes_first_still_hears_the_client() {
     }
     let mut w = World::start().await;
     let port = free_port();
-    let mut server = start_python(&w._ns, HALF_CLOSES_FIRST_PY, port).await;
+    let mut server = start_helper(&w._ns, "greet-then-count", port).await;
     w.tunnel.wait_active(port).await;
     let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
     let conn = within("connect", TcpStream::connect(addr))

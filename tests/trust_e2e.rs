@@ -21,44 +21,6 @@ use tokio::net::TcpStream;
 // ---------------------------------------------------------------------------
 // Transfers broken mid-way
 
-/// One connection, then a 64 KiB-block transfer of `total` bytes: `download`
-/// sends them (then waits for the client's EOF), `upload` receives until
-/// EOF. Prints `DONE n sha` / `EOF n sha` on a clean end, `ERR n ...` when
-/// the connection failed.
-const TRANSFER_PY: &str = r#"
-import hashlib, socket, sys
-mode, addr, port, total = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((addr, port))
-s.listen(4)
-print("ready", flush=True)
-c, _ = s.accept()
-h, n = hashlib.sha256(), 0
-try:
-    if mode == "download":
-        block = bytes(range(256)) * 256
-        while n < total:
-            part = block[: min(len(block), total - n)]
-            c.sendall(part)
-            h.update(part)
-            n += len(part)
-        c.shutdown(socket.SHUT_WR)
-        while c.recv(65536):
-            pass
-        print("DONE", n, h.hexdigest(), flush=True)
-    else:
-        while True:
-            d = c.recv(1 << 20)
-            if not d:
-                break
-            h.update(d)
-            n += len(d)
-        print("EOF", n, h.hexdigest(), flush=True)
-except Exception as e:
-    print("ERR", n, type(e).__name__, e, flush=True)
-"#;
-
 const TOTAL: usize = 200 << 20;
 /// Where the fault strikes.
 const FAULT_AT: usize = 20 << 20;
@@ -231,15 +193,8 @@ async fn interrupted(backend: &str, fault: Fault, direction: Direction, port: u1
     };
     let (port_s, total_s) = (port.to_string(), TOTAL.to_string());
     let mut server = ns.spawn(
-        "python3",
-        [
-            "-c",
-            TRANSFER_PY,
-            mode,
-            bind,
-            port_s.as_str(),
-            total_s.as_str(),
-        ],
+        common::binary(common::HELPER),
+        ["transfer", mode, bind, port_s.as_str(), total_s.as_str()],
     );
     server.wait_for_log("ready").await;
     let mut tunnel = TunnelProc::follow(&ns, &monitor, &["--backend", backend]).await;
@@ -931,14 +886,11 @@ async fn a_listener_that_drops_connections_fails_the_dial_in_time() {
     let port = 19_504;
     // Listens with a backlog of one and never accepts: once it is full,
     // the kernel drops further SYNs.
-    let script = format!(
-        "import socket, time\n\
-         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind(('127.0.0.1', {port})); s.listen(0)\n\
-         print('ready', flush=True)\n\
-         while True: time.sleep(3600)\n"
+    let port_s = port.to_string();
+    let mut stuck = ns.spawn(
+        common::binary(common::HELPER),
+        ["backlog", "127.0.0.1", port_s.as_str()],
     );
-    let mut stuck = ns.spawn("python3", ["-c", script.as_str()]);
     stuck.wait_for_log("ready").await;
     // The dial's own bound, without waiting for the path (--park) on top.
     let tunnel = TunnelProc::follow(&ns, &monitor, &["--park", "0s"]).await;

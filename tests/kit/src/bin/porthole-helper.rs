@@ -26,6 +26,23 @@
 //!   never finished), opening a new one whenever one is closed; prints
 //!   `ready` once COUNT are started, and a line `closed N` per 50 closes,
 //!   until killed. A peer holding a server's connection slots.
+//! - `flip ADDR PORT`: a TCP server that answers every byte with its
+//!   complement (255 - b) and half-closes when the client does.
+//! - `greet-then-count ADDR PORT`: greets each connection with `hello, and
+//!   that is all`, half-closes at once, counts what the client still sends
+//!   and prints `heard N` when the client ends.
+//! - `greet ADDR PORT TEXT [ARGS...]`: sends TEXT to each connection and
+//!   closes it (the extra arguments only stand in its command line).
+//! - `backlog ADDR PORT`: listens with a backlog of one and never accepts.
+//! - `transfer download|upload ADDR PORT TOTAL`: serves one connection:
+//!   sends TOTAL bytes of a fixed pattern then half-closes and reads to the
+//!   end (`DONE N SHA256`), or reads to the end (`EOF N SHA256`); a
+//!   failure prints `ERR N WHY`.
+//! - `read-line ADDR PORT`: a client: connects, reads to the first line
+//!   or EOF, prints `LINE <text>`, `EOF` or `ERR <why>`, then the seconds
+//!   from connect to that.
+//!
+//! Every server prints `ready` once it listens.
 
 use porthole_testkit::{crc32, XorShift};
 use socket2::{Domain, Socket, Type};
@@ -64,7 +81,19 @@ fn main() {
                 let count: usize = count.parse().map_err(|_| format!("bad count {count:?}"))?;
                 trickle(src, sockaddr(dst, port)?, count, first.as_bytes()).await
             }
-            _ => Err("usage: porthole-helper listen|serve|ports|hold ...".to_string()),
+            ["flip", addr, port] => flip(sockaddr(addr, port)?).await,
+            ["greet-then-count", addr, port] => greet_then_count(sockaddr(addr, port)?).await,
+            ["greet", addr, port, text, ..] => greet(sockaddr(addr, port)?, text).await,
+            ["backlog", addr, port] => backlog(sockaddr(addr, port)?).await,
+            ["transfer", mode, addr, port, total] => {
+                let total: u64 = total.parse().map_err(|_| format!("bad total {total:?}"))?;
+                transfer(mode, sockaddr(addr, port)?, total).await
+            }
+            ["read-line", addr, port] => read_line(sockaddr(addr, port)?).await,
+            _ => Err(
+                "usage: porthole-helper listen|serve|ports|hold|flip|greet|... (see its doc)"
+                    .to_string(),
+            ),
         }
     });
     if let Err(e) = result {
@@ -354,6 +383,165 @@ async fn trickle(src: IpAddr, dst: SocketAddr, count: usize, first: &[u8]) -> Re
         // A moment's pause: a refused connect is not a busy loop.
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         spawn(closed_tx.clone());
+    }
+    Ok(())
+}
+
+/// A listener on `addr` (address reuse on, as servers set it); prints
+/// `ready`.
+async fn server(addr: SocketAddr) -> Result<TcpListener, String> {
+    let listener = reusable(addr, 64)?;
+    say("ready");
+    Ok(listener)
+}
+
+/// A bound, listening socket with SO_REUSEADDR and `backlog`.
+fn reusable(addr: SocketAddr, backlog: i32) -> Result<TcpListener, String> {
+    let fail = |e: std::io::Error| format!("cannot listen on {addr}: {e}");
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
+    socket.set_reuse_address(true).map_err(fail)?;
+    socket.bind(&addr.into()).map_err(fail)?;
+    socket.listen(backlog).map_err(fail)?;
+    socket.set_nonblocking(true).map_err(fail)?;
+    TcpListener::from_std(socket.into()).map_err(fail)
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+async fn flip(addr: SocketAddr) -> Result<(), String> {
+    let listener = server(addr).await?;
+    loop {
+        let (mut conn, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let n = match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                buf[..n].iter_mut().for_each(|b| *b = 255 - *b);
+                if conn.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+async fn greet_then_count(addr: SocketAddr) -> Result<(), String> {
+    let listener = server(addr).await?;
+    loop {
+        let (mut conn, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let _ = conn.write_all(b"hello, and that is all").await;
+        let _ = conn.shutdown().await;
+        let mut heard = 0u64;
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n @ 1..) = conn.read(&mut buf).await {
+            heard += n as u64;
+        }
+        say(&format!("heard {heard}"));
+    }
+}
+
+async fn greet(addr: SocketAddr, text: &str) -> Result<(), String> {
+    let listener = server(addr).await?;
+    loop {
+        let (mut conn, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let _ = conn.write_all(text.as_bytes()).await;
+    }
+}
+
+async fn backlog(addr: SocketAddr) -> Result<(), String> {
+    let _listener = reusable(addr, 0)?;
+    say("ready");
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+async fn transfer(mode: &str, addr: SocketAddr, total: u64) -> Result<(), String> {
+    use sha2::{Digest, Sha256};
+    let listener = reusable(addr, 4)?;
+    say("ready");
+    let (mut conn, _) = listener.accept().await.map_err(|e| e.to_string())?;
+    let (mut hash, mut n) = (Sha256::new(), 0u64);
+    let mut buf = vec![0u8; 1 << 20];
+    let result: std::io::Result<&str> = async {
+        if mode == "download" {
+            let block: Vec<u8> = (0..=255u8).cycle().take(65536).collect();
+            while n < total {
+                let part = &block[..block.len().min((total - n) as usize)];
+                conn.write_all(part).await?;
+                hash.update(part);
+                n += part.len() as u64;
+            }
+            conn.shutdown().await?;
+            while conn.read(&mut buf).await? > 0 {}
+            Ok("DONE")
+        } else {
+            loop {
+                let got = conn.read(&mut buf).await?;
+                if got == 0 {
+                    break Ok("EOF");
+                }
+                hash.update(&buf[..got]);
+                n += got as u64;
+            }
+        }
+    }
+    .await;
+    match result {
+        Ok(word) => say(&format!("{word} {n} {:x}", hash.finalize())),
+        Err(e) => say(&format!("ERR {n} {:?} {e}", e.kind())),
+    }
+    Ok(())
+}
+
+async fn read_line(addr: SocketAddr) -> Result<(), String> {
+    let connected =
+        tokio::time::timeout(std::time::Duration::from_secs(15), TcpStream::connect(addr)).await;
+    let mut conn = match connected {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            say(&format!("ERR {e}\n0"));
+            return Ok(());
+        }
+        Err(_) => {
+            say("ERR timed out\n0");
+            return Ok(());
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            if data.contains(&b'\n') {
+                return Ok(());
+            }
+            match conn.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => data.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(15), read)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    let took = started.elapsed().as_secs_f64();
+    match outcome {
+        Err(e) => say(&format!("ERR {e}\n0")),
+        Ok(()) if data.is_empty() => say(&format!("EOF\n{took}")),
+        Ok(()) => {
+            let line = data.split(|b| *b == b'\n').next().unwrap_or_default();
+            let line = String::from_utf8_lossy(line);
+            say(&format!("LINE {}\n{took}", line.trim()));
+        }
     }
     Ok(())
 }
