@@ -208,82 +208,20 @@ pub async fn serve(
             .set_service_status(*name, ServingStatus::Serving)
             .await;
     }
-    // List only what this port serves (the descriptor set holds every
-    // porthole service); symbols of the others still resolve.
-    let reflection = || {
-        app.grpc_names.iter().fold(
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .with_service_name(HEALTH),
-            |b, name| b.with_service_name(*name),
-        )
-    };
-    let routes = app
-        .grpc
-        .add_service(health_service)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?);
-
-    let policy = app.policy;
-    let router = routes
-        .into_axum_router()
-        .merge(app.http)
-        .fallback(not_found)
-        .layer(axum::middleware::from_fn(move |req, next| {
-            auth::check(policy.clone(), req, next)
-        }));
-
     let keepalive_timeout = match listen {
         Listen::Tcp(_) => KEEPALIVE_TIMEOUT,
         Listen::Stdio | Listen::StdioAndTcp(_) => STDIO_KEEPALIVE_TIMEOUT,
     };
-    let incoming = match listen {
-        Listen::Tcp(listener) => {
-            incoming(listener, app.limits, app.stats, app.raw, shutdown.clone())
-        }
-        Listen::Stdio => {
-            // The incoming stream ends only once the connection has (an
-            // ended stream makes the server send GOAWAY at once).
-            let (tx, rx) = mpsc::channel(1);
-            let (conn, ended) = stdio();
-            tx.try_send(Ok(conn)).expect("an empty channel of one");
-            tokio::spawn(async move {
-                let _ = ended.await;
-                drop(tx);
-            });
-            ReceiverStream::new(rx)
-        }
-        Listen::StdioAndTcp(listener) => {
-            let (conn, ended) = stdio();
-            let tcp = incoming(listener, app.limits, app.stats, app.raw, shutdown.clone());
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                let _ = ended.await;
-                stop.cancel();
-            });
-            let mut tcp = tcp.into_inner();
-            let (merged_tx, merged_rx) = mpsc::channel(64);
-            merged_tx
-                .try_send(Ok(conn))
-                .expect("an empty channel of 64");
-            tokio::spawn(async move {
-                while let Some(c) = tcp.recv().await {
-                    if merged_tx.send(c).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            ReceiverStream::new(merged_rx)
-        }
-    };
+    let max_streams = app.limits.max_streams;
+    let incoming = connections(listen, &app, &shutdown);
+    let router = router(app, health_service)?;
     let server = tonic::transport::Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(keepalive_timeout))
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
-        .max_concurrent_streams(Some(app.limits.max_streams))
+        .max_concurrent_streams(Some(max_streams))
         .add_routes(Routes::from(router))
         .serve_with_incoming_shutdown(incoming, {
             let shutdown = shutdown.clone();
@@ -302,6 +240,88 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Every route of `app`'s port: its gRPC services, health, reflection (of
+/// what this port serves) and its HTTP routes, behind its access policy.
+fn router(
+    app: App,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<axum::Router, ServeError> {
+    // List only what this port serves (the descriptor set holds every
+    // porthole service); symbols of the others still resolve.
+    let reflection = || {
+        app.grpc_names.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name(HEALTH),
+            |b, name| b.with_service_name(*name),
+        )
+    };
+    let routes = app
+        .grpc
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
+    let policy = app.policy;
+    Ok(routes
+        .into_axum_router()
+        .merge(app.http)
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            auth::check(policy.clone(), req, next)
+        })))
+}
+
+/// The connections the server takes from `listen`. With stdio, the stream
+/// ends only once that connection has (an ended stream makes the server
+/// send GOAWAY at once); with stdio and TCP, `shutdown` is cancelled then.
+fn connections(
+    listen: Listen,
+    app: &App,
+    shutdown: &CancellationToken,
+) -> ReceiverStream<std::io::Result<Conn>> {
+    let tcp = |listener| {
+        let (limits, stats, raw) = (app.limits, app.stats.clone(), app.raw.clone());
+        incoming(listener, limits, stats, raw, shutdown.clone())
+    };
+    match listen {
+        Listen::Tcp(listener) => tcp(listener),
+        Listen::Stdio => {
+            let (tx, rx) = mpsc::channel(1);
+            let (conn, ended) = stdio();
+            tx.try_send(Ok(conn)).expect("an empty channel of one");
+            tokio::spawn(async move {
+                let _ = ended.await;
+                drop(tx);
+            });
+            ReceiverStream::new(rx)
+        }
+        Listen::StdioAndTcp(listener) => {
+            let (conn, ended) = stdio();
+            let mut tcp = tcp(listener).into_inner();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = ended.await;
+                stop.cancel();
+            });
+            let (merged_tx, merged_rx) = mpsc::channel(64);
+            merged_tx
+                .try_send(Ok(conn))
+                .expect("an empty channel of 64");
+            tokio::spawn(async move {
+                while let Some(c) = tcp.recv().await {
+                    if merged_tx.send(c).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            ReceiverStream::new(merged_rx)
+        }
+    }
 }
 
 /// Accepts connections for the server: each is handed over once it has
@@ -373,42 +393,8 @@ fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// What a connection's first bytes say it is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Introduction {
-    /// A whole raw relay request line ([`crate::rawrelay::MAGIC`]...`\n`).
-    Raw,
-    /// The HTTP/2 preface, or an HTTP/1 request line.
-    Http,
-}
-
 /// The HTTP/2 client preface.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// What `first` (a connection's first bytes) is: `Ok(Some)` once whole,
-/// `Ok(None)` while it may still become one, `Err` when it cannot. An
-/// HTTP/1 request is introduced by its method and a space (hyper bounds
-/// and times the rest); bytes that start nothing known go to hyper too,
-/// which answers them at once.
-fn introduced(first: &[u8]) -> Result<Option<Introduction>, ()> {
-    use crate::rawrelay::{MAGIC, MAX_LINE};
-    if first.starts_with(MAGIC) || MAGIC.starts_with(first) {
-        return match first.iter().position(|b| *b == b'\n') {
-            Some(_) => Ok(Some(Introduction::Raw)),
-            None if first.len() > MAGIC.len() + MAX_LINE => Err(()),
-            None => Ok(None),
-        };
-    }
-    let openings = std::iter::once(PREFACE).chain(METHODS.iter().copied());
-    let mut could_be = false;
-    for opening in openings {
-        if first.starts_with(opening) {
-            return Ok(Some(Introduction::Http));
-        }
-        could_be |= opening.starts_with(first);
-    }
-    Ok((!could_be).then_some(Introduction::Http))
-}
 
 /// How HTTP/1 requests start.
 const METHODS: [&[u8]; 9] = [
@@ -426,210 +412,10 @@ const METHODS: [&[u8]; 9] = [
 /// Most bytes looked at for an introduction (a raw relay line).
 const INTRODUCTION_MAX: usize = crate::rawrelay::MAGIC.len() + crate::rawrelay::MAX_LINE + 1;
 
-/// Waits until the connection has introduced itself, within `timeout`;
-/// `None` when it did not (silence, a close, too long a line).
-async fn introduction(stream: &TcpStream, timeout: Duration) -> Option<Introduction> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut first = vec![0u8; INTRODUCTION_MAX];
-    // Legitimate clients send their introduction in one write, so the first
-    // look nearly always finds it whole; a trickle is looked at less and
-    // less often.
-    let mut pause = Duration::from_millis(5);
-    loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return None,
-        };
-        match introduced(&first[..n]) {
-            Ok(Some(kind)) => return Some(kind),
-            Err(()) => return None,
-            Ok(None) if tokio::time::Instant::now() + pause >= deadline => return None,
-            Ok(None) => tokio::time::sleep(pause).await,
-        }
-        pause = (pause * 2).min(Duration::from_millis(200));
-    }
-}
-
-/// Connections still introducing themselves, oldest first. A peer holds at
-/// most a quarter of the places; a new connection past that closes its own
-/// peer's oldest, and past the cap the oldest of the peer holding most. So
-/// a peer that trickles first lines only ever closes its own.
-struct Waiting {
-    cap: usize,
-    queue: std::sync::Mutex<Queue>,
-}
-
-#[derive(Default)]
-struct Queue {
-    next: u64,
-    turns: std::collections::VecDeque<(u64, std::net::IpAddr, CancellationToken)>,
-    per_peer: std::collections::HashMap<std::net::IpAddr, usize>,
-}
-
-impl Queue {
-    /// Closes the oldest waiting connection of `ip`.
-    fn evict(&mut self, ip: std::net::IpAddr) {
-        if let Some(i) = self.turns.iter().position(|(_, from, _)| *from == ip) {
-            let (_, _, cancel) = self.turns.remove(i).expect("found");
-            cancel.cancel();
-            self.left(ip);
-        }
-    }
-
-    fn left(&mut self, ip: std::net::IpAddr) {
-        if let Some(n) = self.per_peer.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_peer.remove(&ip);
-            }
-        }
-    }
-}
-
-/// A connection's place among the [`Waiting`]; leaves it when dropped.
-struct Turn {
-    waiting: Arc<Waiting>,
-    id: u64,
-    ip: std::net::IpAddr,
-    cancel: CancellationToken,
-}
-
-impl Waiting {
-    fn new(cap: usize) -> Waiting {
-        Waiting {
-            cap,
-            queue: Default::default(),
-        }
-    }
-
-    /// A place for a new connection from `ip`, and whether another was
-    /// closed for it.
-    fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> (Turn, bool) {
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let share = (self.cap / 4).max(1);
-        let mut evicted = false;
-        if q.per_peer.get(&ip).copied().unwrap_or(0) >= share {
-            q.evict(ip);
-            evicted = true;
-        } else if q.turns.len() >= self.cap {
-            let greediest = q
-                .per_peer
-                .iter()
-                .max_by_key(|(_, n)| **n)
-                .map(|(ip, _)| *ip);
-            if let Some(greediest) = greediest {
-                q.evict(greediest);
-                evicted = true;
-            }
-        }
-        q.next += 1;
-        let (id, cancel) = (q.next, CancellationToken::new());
-        q.turns.push_back((id, ip, cancel.clone()));
-        *q.per_peer.entry(ip).or_default() += 1;
-        let turn = Turn {
-            waiting: self.clone(),
-            id,
-            ip,
-            cancel,
-        };
-        (turn, evicted)
-    }
-}
-
-impl Drop for Turn {
-    fn drop(&mut self) {
-        let mut q = self.waiting.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = q.turns.iter().position(|(id, _, _)| *id == self.id) {
-            q.turns.remove(i);
-            q.left(self.ip);
-        }
-    }
-}
-
 /// Connections held per peer address.
 type Peers = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
 
-/// Releases a connection slot (and the peer's share) when the connection goes.
-struct Slot {
-    _permit: OwnedSemaphorePermit,
-    stats: Arc<ServerStats>,
-    peers: Peers,
-    ip: std::net::IpAddr,
-}
-
-impl Slot {
-    /// A slot for a connection from `ip`, within the global limit and the
-    /// peer's share; `None` when either is used up.
-    fn take(
-        slots: &Arc<Semaphore>,
-        per_peer: usize,
-        peers: &Peers,
-        ip: std::net::IpAddr,
-        stats: &Arc<ServerStats>,
-    ) -> Option<Slot> {
-        let mut held = peers.lock().unwrap_or_else(|e| e.into_inner());
-        let mine = held.entry(ip).or_default();
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(permit) if *mine < per_peer => permit,
-            _ => {
-                if *mine == 0 {
-                    held.remove(&ip);
-                }
-                return None;
-            }
-        };
-        *mine += 1;
-        stats.connections.fetch_add(1, Relaxed);
-        Some(Slot {
-            _permit: permit,
-            stats: stats.clone(),
-            peers: peers.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.stats.connections.fetch_sub(1, Relaxed);
-        let mut held = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = held.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.ip);
-            }
-        }
-    }
-}
-
 type StdioStream = tokio::io::Join<tokio::io::Stdin, tokio::io::Stdout>;
-
-/// A connection's bytes.
-enum Stream {
-    Tcp(TcpStream),
-    Stdio(StdioStream),
-}
-
-/// An accepted connection holding its slot (TCP), or the stdio one
-/// (dropping it says the connection ended).
-struct Conn {
-    stream: Stream,
-    _slot: Option<Slot>,
-    _done: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Connected for Conn {
-    type ConnectInfo = TcpConnectInfo;
-    fn connect_info(&self) -> TcpConnectInfo {
-        match &self.stream {
-            Stream::Tcp(s) => s.connect_info(),
-            Stream::Stdio(_) => TcpConnectInfo {
-                local_addr: None,
-                remote_addr: None,
-            },
-        }
-    }
-}
 
 /// Calls `$f` on whichever stream a [`Conn`] holds.
 macro_rules! on_stream {
@@ -639,45 +425,6 @@ macro_rules! on_stream {
             Stream::Stdio($s) => $e,
         }
     };
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        on_stream!(self, s => Pin::new(s).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        on_stream!(self, s => Pin::new(s).poll_write(cx, buf))
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        on_stream!(self, s => Pin::new(s).poll_flush(cx))
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        on_stream!(self, s => Pin::new(s).poll_shutdown(cx))
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        on_stream!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
-    }
-    fn is_write_vectored(&self) -> bool {
-        match &self.stream {
-            Stream::Tcp(s) => s.is_write_vectored(),
-            Stream::Stdio(s) => s.is_write_vectored(),
-        }
-    }
 }
 
 /// Unknown paths: `UNIMPLEMENTED` for gRPC callers, `404` for HTTP ones.
@@ -695,6 +442,12 @@ async fn not_found(req: Request) -> Response {
         .body(Body::from(format!("no such path {path}\n")))
         .expect("static response")
 }
+
+mod admit;
+mod conn;
+
+use admit::*;
+use conn::*;
 
 #[cfg(test)]
 mod tests {
