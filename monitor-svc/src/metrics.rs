@@ -67,12 +67,6 @@ impl Metrics {
             &[(&source_label, self.scans.load(Relaxed).to_string())],
         );
         metric(
-            "porthole_monitor_scan_errors_total",
-            "counter",
-            "Port scans that failed.",
-            &[("", self.scan_errors.load(Relaxed).to_string())],
-        );
-        metric(
             "porthole_monitor_scan_duration_seconds",
             "summary",
             "Time spent scanning sockets and resolving their processes.",
@@ -102,51 +96,69 @@ impl Metrics {
                 ),
             ],
         );
-        metric(
-            "porthole_monitor_ports",
-            "gauge",
-            "Ports listening now.",
-            &[("", self.ports.load(Relaxed).to_string())],
-        );
-        metric(
-            "porthole_monitor_subscribers",
-            "gauge",
-            "Open WatchEvents streams.",
-            &[("", self.subscribers.load(Relaxed).to_string())],
-        );
-        metric(
-            "porthole_monitor_subscriber_resyncs_total",
-            "counter",
-            "Times a subscriber fell behind and was sent a fresh snapshot.",
-            &[("", self.resyncs.load(Relaxed).to_string())],
-        );
-        metric(
-            "porthole_monitor_refused_subscribers_total",
-            "counter",
-            "WatchEvents streams refused because --max-subscribers were open.",
-            &[("", self.refused_subscribers.load(Relaxed).to_string())],
-        );
-        metric(
-            "porthole_monitor_relays_failed_total",
-            "counter",
-            "Relay.Dial connections that ended with an error (both ends reset).",
-            &[("", self.relays_failed.load(Relaxed).to_string())],
-        );
-        metric(
-            "porthole_monitor_relays_active",
-            "gauge",
-            "Relay.Dial connections open now.",
-            &[("", self.relays_active.load(Relaxed).to_string())],
-        );
-        metric(
-            "porthole_monitor_relays_total",
-            "counter",
-            "Relay.Dial connections made.",
-            &[("", self.relays_total.load(Relaxed).to_string())],
-        );
+        for (name, kind, help, value) in COUNTS {
+            metric(
+                name,
+                kind,
+                help,
+                &[("", value(self).load(Relaxed).to_string())],
+            );
+        }
         out
     }
 }
+
+/// The metrics that are one number each.
+const COUNTS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 8] = [
+    (
+        "porthole_monitor_scan_errors_total",
+        "counter",
+        "Port scans that failed.",
+        |m| &m.scan_errors,
+    ),
+    (
+        "porthole_monitor_ports",
+        "gauge",
+        "Ports listening now.",
+        |m| &m.ports,
+    ),
+    (
+        "porthole_monitor_subscribers",
+        "gauge",
+        "Open WatchEvents streams.",
+        |m| &m.subscribers,
+    ),
+    (
+        "porthole_monitor_subscriber_resyncs_total",
+        "counter",
+        "Times a subscriber fell behind and was sent a fresh snapshot.",
+        |m| &m.resyncs,
+    ),
+    (
+        "porthole_monitor_refused_subscribers_total",
+        "counter",
+        "WatchEvents streams refused because --max-subscribers were open.",
+        |m| &m.refused_subscribers,
+    ),
+    (
+        "porthole_monitor_relays_failed_total",
+        "counter",
+        "Relay.Dial connections that ended with an error (both ends reset).",
+        |m| &m.relays_failed,
+    ),
+    (
+        "porthole_monitor_relays_active",
+        "gauge",
+        "Relay.Dial connections open now.",
+        |m| &m.relays_active,
+    ),
+    (
+        "porthole_monitor_relays_total",
+        "counter",
+        "Relay.Dial connections made.",
+        |m| &m.relays_total,
+    ),
+];
 
 #[cfg(test)]
 mod tests {
