@@ -108,8 +108,16 @@ impl Metrics {
     }
 }
 
+/// A metric that is one number: name, type, help, where the number is.
+type Count = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Metrics) -> &AtomicU64,
+);
+
 /// The metrics that are one number each.
-const COUNTS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 8] = [
+const COUNTS: [Count; 8] = [
     (
         "porthole_monitor_scan_errors_total",
         "counter",
