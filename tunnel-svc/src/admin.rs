@@ -2,7 +2,7 @@
 //! the same port.
 
 use crate::model::{Origin, Proto, State as TunnelState, TargetView, TunnelView};
-use crate::reconcile::{AdminError, Handle};
+use crate::reconcile::{self, AdminError, Handle};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -202,7 +202,7 @@ impl TunnelAdmin for Admin {
                 "id is required, e.g. default:tcp:8080",
             ));
         }
-        let closed = self.reconciler.close(id).await?;
+        let closed = self.reconciler.close(reconcile::parse_id(&id)?).await?;
         Ok(GrpcResponse::new(CloseTunnelResponse {
             tunnel: Some(tunnel(closed)),
         }))
@@ -266,7 +266,7 @@ impl TunnelAdmin for Admin {
                 "id is required (at most 512 bytes), e.g. default:tcp:8080",
             ));
         }
-        let (view, reached) = self.reconciler.probe(id).await?;
+        let (view, reached) = self.reconciler.probe(reconcile::parse_id(&id)?).await?;
         Ok(GrpcResponse::new(pb::ProbeTunnelResponse {
             tunnel: Some(tunnel(view)),
             reachable: reached.is_ok(),

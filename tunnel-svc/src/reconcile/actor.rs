@@ -70,7 +70,7 @@ impl Reconciler {
                 let _ = reply.send(self.list(target));
             }
             Command::Close { id, reply } => {
-                let _ = reply.send(self.close(&id));
+                let _ = reply.send(self.close(id));
             }
             Command::Open {
                 target,
@@ -81,7 +81,7 @@ impl Reconciler {
                 let _ = reply.send(self.open(target, port, host_port));
             }
             Command::Probe { id, reply } => {
-                let _ = reply.send(self.probe(&id));
+                let _ = reply.send(self.probe(id));
             }
             Command::Watch(reply) => {
                 let _ = reply.send(self.subscribers.subscribe(self.all_events()));

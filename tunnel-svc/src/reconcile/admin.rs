@@ -20,9 +20,8 @@ impl Reconciler {
 
     /// Starts a dial to the container port of tunnel `id` through its
     /// backend (only an ACTIVE tunnel carries connections).
-    pub(super) fn probe(&self, id: &str) -> Result<Probing, AdminError> {
-        let not_found = || AdminError::NotFound(porthole::text::clip(id, 128).into());
-        let id: TunnelId = id.parse().map_err(|_| not_found())?;
+    pub(super) fn probe(&self, id: TunnelId) -> Result<Probing, AdminError> {
+        let not_found = || AdminError::NotFound(id.to_string());
         let Some(tunnel) = self.view(&id) else {
             return Err(self.not_forwarded(&id).unwrap_or_else(not_found));
         };
@@ -64,9 +63,8 @@ impl Reconciler {
         )))
     }
 
-    pub(super) fn close(&mut self, id: &str) -> Result<TunnelView, AdminError> {
-        let not_found = || AdminError::NotFound(porthole::text::clip(id, 128).into());
-        let id: TunnelId = id.parse().map_err(|_| not_found())?;
+    pub(super) fn close(&mut self, id: TunnelId) -> Result<TunnelView, AdminError> {
+        let not_found = || AdminError::NotFound(id.to_string());
         if self.statics.contains(&id) {
             return Err(AdminError::Precondition(format!(
                 "{id} cannot be closed: egress forwards come from the gate config"

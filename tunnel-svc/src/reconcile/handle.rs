@@ -25,7 +25,7 @@ pub(super) enum Command {
         reply: oneshot::Sender<Vec<TunnelView>>,
     },
     Close {
-        id: String,
+        id: TunnelId,
         reply: oneshot::Sender<Result<TunnelView, AdminError>>,
     },
     Open {
@@ -59,7 +59,7 @@ pub(super) enum Command {
     SetPolicy(PolicyUpdate),
     /// Dial the container port of a tunnel through its backend.
     Probe {
-        id: String,
+        id: TunnelId,
         reply: oneshot::Sender<Result<Probing, AdminError>>,
     },
     /// A backend finished preparing a port.
@@ -114,7 +114,7 @@ impl Handle {
     }
 
     /// Closes a tunnel; an automatic one stays closed until its port closes.
-    pub async fn close(&self, id: String) -> Result<TunnelView, AdminError> {
+    pub async fn close(&self, id: TunnelId) -> Result<TunnelView, AdminError> {
         self.ask(|reply| Command::Close { id, reply }).await?
     }
 
@@ -137,7 +137,10 @@ impl Handle {
 
     /// Whether a connection through tunnel `id` reaches its server now:
     /// the tunnel as it is, and the dial's outcome.
-    pub async fn probe(&self, id: String) -> Result<(TunnelView, Result<(), String>), AdminError> {
+    pub async fn probe(
+        &self,
+        id: TunnelId,
+    ) -> Result<(TunnelView, Result<(), String>), AdminError> {
         let Probing { tunnel, dial } = self.ask(|reply| Command::Probe { id, reply }).await??;
         let reached = match dial {
             None => Err(format!("the tunnel is {}", state_word(&tunnel.state))),

@@ -88,6 +88,13 @@ pub enum AdminError {
     Stopping,
 }
 
+/// Reads a tunnel id as the admin API is given it (`TARGET:tcp:PORT`); a
+/// mistyped one is not found (and not echoed whole).
+pub fn parse_id(id: &str) -> Result<TunnelId, AdminError> {
+    id.parse()
+        .map_err(|_| AdminError::NotFound(porthole::text::clip(id, 128).into()))
+}
+
 /// Whether a target's monitor stream is up.
 #[derive(Clone, Debug)]
 pub enum Link {

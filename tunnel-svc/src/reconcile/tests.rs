@@ -174,7 +174,7 @@ async fn a_renamed_target_keeps_its_tunnels_under_the_new_name() {
     let (h, _stop) = start(&["dev"], options());
     let (p, q) = (free_port(), free_port());
     h.ports("dev", open(&[p])).await;
-    let closed = h.close(format!("dev:tcp:{p}")).await.unwrap();
+    let closed = h.close(TunnelId::new("dev", p)).await.unwrap();
     assert_eq!(closed.state, State::Closed);
     h.ports("dev", open(&[p, q])).await;
     let before = tunnel(&h, "dev", q).await.unwrap();
@@ -343,7 +343,7 @@ async fn an_admin_close_holds_until_the_port_reopens() {
     let (h, _stop) = start(&["dev"], options());
     let p = free_port();
     h.ports("dev", open(&[p])).await;
-    let closed = h.close(format!("dev:tcp:{p}")).await.unwrap();
+    let closed = h.close(TunnelId::new("dev", p)).await.unwrap();
     assert_eq!(closed.state, State::Closed);
     assert!(freed(p).await);
     // The monitor reports the port again (a reconnect): still closed.
@@ -355,7 +355,7 @@ async fn an_admin_close_holds_until_the_port_reopens() {
     h.ports("dev", open(&[p])).await;
     assert_eq!(tunnel(&h, "dev", p).await.unwrap().state, State::Active);
     // Mistyped ids are refused, not echoed whole.
-    let err = h.close("dev:tcp:x".repeat(100)).await.unwrap_err();
+    let err = parse_id(&"dev:tcp:x".repeat(100)).unwrap_err();
     assert!(
         matches!(err, AdminError::NotFound(ref id) if id.len() < 200),
         "{err}"
@@ -484,7 +484,7 @@ async fn statics_always_exist_and_cannot_be_closed_or_reopened() {
         (t.origin, t.state, t.host_port),
         (Origin::Egress, State::Active, p)
     );
-    let err = h.close(format!("forge:tcp:{p}")).await.unwrap_err();
+    let err = h.close(TunnelId::new("forge", p)).await.unwrap_err();
     assert!(matches!(err, AdminError::Precondition(_)), "{err}");
     let err = h
         .open("forge".into(), (Proto::Tcp, 9), None)
@@ -544,13 +544,13 @@ async fn a_probe_dials_the_container_port_through_the_backend() {
     // The direct backend of these tests dials 127.0.0.1:PORT, where
     // `server` listens; the tunnel's host listener moves to another port.
     h.ports("dev", open(&[p])).await;
-    let (t, reached) = h.probe(format!("dev:tcp:{p}")).await.unwrap();
+    let (t, reached) = h.probe(TunnelId::new("dev", p)).await.unwrap();
     assert_ne!(t.host_port, p, "remapped: the server holds the port");
     assert_eq!(reached, Ok(()));
     drop(server);
-    let (_, reached) = h.probe(format!("dev:tcp:{p}")).await.unwrap();
+    let (_, reached) = h.probe(TunnelId::new("dev", p)).await.unwrap();
     assert!(reached.unwrap_err().contains("cannot reach"));
-    let err = h.probe("dev:tcp:1".into()).await.unwrap_err();
+    let err = h.probe(TunnelId::new("dev", 1)).await.unwrap_err();
     assert!(matches!(err, AdminError::NotFound(_)), "{err}");
 }
 
