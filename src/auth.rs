@@ -470,7 +470,8 @@ fn same_mac(want: &[u8; 32], given: &[u8]) -> bool {
     diff == 0
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

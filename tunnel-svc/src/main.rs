@@ -200,6 +200,12 @@ struct RunArgs {
         requires = "docker"
     )]
     docker_transport: tunnel_svc::docker::Transport,
+    /// The container engine to follow: unix:///PATH or tcp://HOST:PORT.
+    /// Default: the one your own CLI uses (DOCKER_HOST, CONTAINER_HOST,
+    /// the current docker context, Docker's socket, then Podman's rootless
+    /// and rootful sockets).
+    #[arg(long, value_name = "URL", requires = "docker")]
+    engine: Option<String>,
     /// The static monitor-svc put in each container. Default: monitor-svc
     /// beside tunnel-svc.
     #[arg(long, value_name = "PATH", requires = "docker")]
@@ -515,6 +521,7 @@ fn docker_options(args: &RunArgs) -> Result<Option<tunnel_svc::docker::Options>,
         archive,
         transport: args.docker_transport,
         raw_relay: !args.no_raw_relay,
+        engine: args.engine.clone(),
     }))
 }
 

@@ -22,6 +22,9 @@ pub(super) struct Shown(Arc<Mutex<ShownParts>>);
 
 #[derive(Debug)]
 pub(super) struct ShownParts {
+    /// Which engine: the scheme (`docker`, `podman`) and, unless it is
+    /// Docker's own socket, where (` on unix:///…`).
+    pub(super) engine: Arc<EngineShown>,
     pub(super) name: String,
     pub(super) short_id: String,
     pub(super) image: String,
@@ -29,8 +32,9 @@ pub(super) struct ShownParts {
 }
 
 impl Shown {
-    pub(super) fn new(name: &str, id: &str, image: &str) -> Shown {
+    pub(super) fn new(engine: &Arc<EngineShown>, name: &str, id: &str, image: &str) -> Shown {
         Shown(Arc::new(Mutex::new(ShownParts {
+            engine: engine.clone(),
             name: name.into(),
             short_id: id.chars().take(12).collect(),
             image: image.into(),
@@ -45,8 +49,8 @@ impl Shown {
     pub(super) fn url(&self) -> String {
         let p = self.parts();
         format!(
-            "docker://{} ({}, {}) via {}",
-            p.name, p.short_id, p.image, p.via
+            "{}://{} ({}, {}) via {}{}",
+            p.engine.scheme, p.name, p.short_id, p.image, p.via, p.engine.at
         )
     }
 
@@ -87,7 +91,10 @@ pub(super) struct Container {
 }
 
 impl Container {
-    pub(super) fn from_summary(c: bollard::models::ContainerSummary) -> Option<Container> {
+    pub(super) fn from_summary(
+        engine: &Arc<EngineShown>,
+        c: bollard::models::ContainerSummary,
+    ) -> Option<Container> {
         let id = c.id?;
         let name = c
             .names
@@ -115,7 +122,7 @@ impl Container {
         let image = c.image.unwrap_or_default();
         Some(Container {
             network_mode,
-            shown: Shown::new(&name, &id, &image),
+            shown: Shown::new(engine, &name, &id, &image),
             id,
             name,
             published,
@@ -148,21 +155,59 @@ impl Container {
     }
 }
 
-/// Connects to the engine (`DOCKER_HOST`, else the local socket) and checks
-/// that it answers.
-pub async fn connect() -> Result<Docker, DockerError> {
-    let docker = Docker::connect_with_defaults().map_err(|e| DockerError::Engine(e.to_string()))?;
-    docker
-        .ping()
-        .await
-        .map_err(|e| DockerError::Engine(e.to_string()))?;
-    Ok(docker)
+/// How targets show the engine they run on.
+#[derive(Debug)]
+pub(super) struct EngineShown {
+    /// `docker` or `podman`.
+    pub(super) scheme: &'static str,
+    /// ` on URL`, unless the engine is at Docker's own socket.
+    pub(super) at: String,
+}
+
+/// Connects to the engine at `endpoint`, checks that it answers, and says
+/// which engine it is.
+pub async fn connect(
+    endpoint: &super::discover::Endpoint,
+) -> Result<(Docker, Arc<EngineShown>), DockerError> {
+    use bollard::API_DEFAULT_VERSION;
+    let url = &endpoint.url;
+    let fail = |e: bollard::errors::Error| DockerError::Engine {
+        url: url.clone(),
+        from: endpoint.from.to_string(),
+        why: e.to_string(),
+    };
+    let docker = match url.strip_prefix("unix://") {
+        Some(path) => Docker::connect_with_unix(path, 120, API_DEFAULT_VERSION),
+        None => Docker::connect_with_http(url, 120, API_DEFAULT_VERSION),
+    }
+    .map_err(fail)?;
+    docker.ping().await.map_err(fail)?;
+    let version = docker.version().await.map_err(fail)?;
+    let podman = version
+        .components
+        .iter()
+        .flatten()
+        .any(|c| c.name.to_lowercase().contains("podman"));
+    let product = if podman { "Podman" } else { "Docker" };
+    tracing::info!(
+        engine = %url,
+        from = %endpoint.from,
+        version = version.version.as_deref().unwrap_or("?"),
+        "following {product}'s containers"
+    );
+    let at = match url.as_str() {
+        "unix:///var/run/docker.sock" | "unix:///run/docker.sock" => String::new(),
+        other => format!(" on {other}"),
+    };
+    let scheme = if podman { "podman" } else { "docker" };
+    Ok((docker, Arc::new(EngineShown { scheme, at })))
 }
 
 /// Follows the engine until `shutdown`: every running container that
 /// matches the filters gets a monitor and is a target while it runs.
 pub async fn follow(
     docker: Docker,
+    engine: Arc<EngineShown>,
     opts: Options,
     reconciler: Handle,
     shutdown: CancellationToken,
@@ -173,6 +218,7 @@ pub async fn follow(
     }
     let follower = Follower {
         docker,
+        engine,
         filters,
         archive: opts.archive.0.clone(),
         reconciler,
@@ -223,6 +269,7 @@ pub async fn follow(
 
 pub(super) struct Follower {
     pub(super) docker: Docker,
+    pub(super) engine: Arc<EngineShown>,
     pub(super) filters: HashMap<String, Vec<String>>,
     pub(super) archive: Bytes,
     pub(super) reconciler: Handle,
@@ -365,7 +412,7 @@ impl Follower {
             .await?;
         Ok(list
             .into_iter()
-            .filter_map(Container::from_summary)
+            .filter_map(|c| Container::from_summary(&self.engine, c))
             .collect())
     }
 

@@ -14,6 +14,8 @@
 //! through its lives and `exec` carries its gRPC API over the exec stream.
 
 #[cfg(feature = "docker")]
+mod discover;
+#[cfg(feature = "docker")]
 mod engine;
 #[cfg(feature = "docker")]
 mod exec;
@@ -53,6 +55,9 @@ pub struct Options {
     /// Give the grpc backend the raw relay path where the container's
     /// address is reached (`--no-raw-relay` turns it off).
     pub raw_relay: bool,
+    /// `--engine URL`: the engine to follow (else the one the user's CLI
+    /// would use, see `discover`).
+    pub engine: Option<String>,
 }
 
 /// The monitor as a tar archive (see [`monitor_archive`]).
@@ -84,8 +89,14 @@ pub enum Transport {
 pub enum DockerError {
     #[error("{}: {why}; `cargo dist` builds a static one beside tunnel-svc in dist/ (or: RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu -p monitor-svc, then --monitor-binary PATH)", path.display())]
     Binary { path: PathBuf, why: String },
-    #[error("cannot reach the Docker engine (DOCKER_HOST or /var/run/docker.sock): {0}")]
-    Engine(String),
+    #[error("cannot reach the container engine at {url} ({from}): {why}")]
+    Engine {
+        url: String,
+        from: String,
+        why: String,
+    },
+    #[error("{0}")]
+    NoEngine(String),
     #[error("bad --docker-filter {0:?}: use KEY=VALUE with KEY one of label, name, id")]
     Filter(String),
     #[error("this tunnel-svc was built without Docker support (cargo feature \"docker\")")]
@@ -184,9 +195,11 @@ pub async fn start(
     reconciler: Handle,
     shutdown: CancellationToken,
 ) -> Result<(), DockerError> {
-    let docker = engine::connect().await?;
-    tracing::info!(filters = ?opts.filters, monitor = %opts.monitor_binary.display(), "following Docker containers");
-    tokio::spawn(engine::follow(docker, opts, reconciler, shutdown));
+    let endpoint = discover::find_here(opts.engine.as_deref())
+        .map_err(|e| DockerError::NoEngine(e.to_string()))?;
+    let (docker, engine) = engine::connect(&endpoint).await?;
+    tracing::info!(filters = ?opts.filters, monitor = %opts.monitor_binary.display(), "following containers");
+    tokio::spawn(engine::follow(docker, engine, opts, reconciler, shutdown));
     Ok(())
 }
 
