@@ -1,7 +1,8 @@
-//! Real Docker containers for the Docker-mode tests: an image made from
-//! Debian's `busybox-static` (nothing else in it: no libc, no shell but
-//! busybox's), a network of the test's own in 198.19.0.0/16, and containers
-//! on it. Everything is made through the `docker` CLI and removed on drop.
+//! Real containers for the Docker-mode tests: an image made from Debian's
+//! `busybox-static` (nothing else in it: no libc, no shell but busybox's),
+//! a network of the test's own in 198.19.0.0/16, and containers on it.
+//! Everything is made through the engine's CLI (`docker`, or `podman` for
+//! the Podman tests) and removed on drop.
 
 use crate::{skip_or_fail, which, TunnelProc};
 use porthole::pb::v1::Tunnel;
@@ -24,25 +25,47 @@ pub fn unique(what: &str) -> String {
     format!("ph-{}-{n}-{what}", std::process::id())
 }
 
-/// Runs `docker ARGS`; its output, or the reason it failed.
-pub fn docker(args: &[&str]) -> Result<String, String> {
-    let out: Output = Command::new("docker")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run docker: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(format!(
-            "`docker {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+/// Which engine's CLI makes the images, networks and containers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cli {
+    Docker,
+    /// Rootful Podman, with `runc`: Debian's `crun` refuses every
+    /// container on a host whose cgroups are mounted in hybrid mode (as on
+    /// these test machines).
+    Podman,
+}
+
+impl Cli {
+    /// Runs the CLI with `args`; its output, or the reason it failed.
+    pub fn run(self, args: &[&str]) -> Result<String, String> {
+        let (program, global): (&str, &[&str]) = match self {
+            Cli::Docker => ("docker", &[]),
+            Cli::Podman => ("podman", &["--runtime", "runc"]),
+        };
+        let out: Output = Command::new(program)
+            .args(global)
+            .args(args)
+            .output()
+            .map_err(|e| format!("cannot run {program}: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(format!(
+                "`{program} {}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    fn must(self, args: &[&str]) -> String {
+        self.run(args).unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
-fn must(args: &[&str]) -> String {
-    docker(args).unwrap_or_else(|e| panic!("{e}"))
+/// Runs `docker ARGS`; its output, or the reason it failed.
+pub fn docker(args: &[&str]) -> Result<String, String> {
+    Cli::Docker.run(args)
 }
 
 /// Whether the Docker tests can run: root, a `docker` client, an engine
@@ -70,15 +93,91 @@ pub fn have_docker(test: &str) -> bool {
     }
 }
 
+/// Whether the Podman tests can run: root, `podman`, `runc` and
+/// `busybox-static`. Otherwise says the test was skipped (or fails it
+/// under CI).
+pub fn have_podman(test: &str) -> bool {
+    if !crate::require_root() {
+        return false;
+    }
+    let why = if which("podman").is_none() {
+        Some("needs podman (apt-get install podman)")
+    } else if which("runc").is_none() {
+        Some("needs runc (apt-get install runc)")
+    } else if !Path::new(BUSYBOX).is_file() {
+        Some("needs busybox-static (apt-get install busybox-static)")
+    } else {
+        None
+    };
+    match why {
+        None => true,
+        Some(why) => {
+            skip_or_fail(test, why);
+            false
+        }
+    }
+}
+
+/// Podman's Docker-compatible API service on a socket of its own (rootful:
+/// the containers of this machine's Podman), stopped on drop.
+pub struct PodmanService {
+    child: std::process::Child,
+    dir: PathBuf,
+    /// `unix:///…/podman.sock`.
+    pub url: String,
+}
+
+impl PodmanService {
+    pub fn start() -> PodmanService {
+        let dir = crate::target_dir().join("tmp").join(unique("podman"));
+        std::fs::create_dir_all(&dir).expect("make the socket's directory");
+        let socket = dir.join("podman.sock");
+        let url = format!("unix://{}", socket.display());
+        let log = std::fs::File::create(dir.join("service.log")).expect("the service's log");
+        let child = Command::new("podman")
+            .args(["--runtime", "runc", "system", "service", "--time=0", &url])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("run podman system service");
+        let service = PodmanService { child, dir, url };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "podman system service made no socket in 20 s: {}",
+                std::fs::read_to_string(service.dir.join("service.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        service
+    }
+}
+
+impl Drop for PodmanService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// An image holding only `/bin/busybox` (and `/bin/sh` linked to it).
 pub struct Image {
     pub name: String,
+    cli: Cli,
 }
 
 impl Image {
     /// `/bin/busybox`, `/bin/sh` linked to it, `/tmp`.
     pub fn busybox() -> Image {
-        Image::build("busybox", |root| {
+        Image::busybox_on(Cli::Docker)
+    }
+
+    /// [`Image::busybox`] in `cli`'s engine.
+    pub fn busybox_on(cli: Cli) -> Image {
+        Image::build(cli, "busybox", |root| {
             std::fs::create_dir_all(root.join("bin"))?;
             std::fs::copy(BUSYBOX, root.join("bin/busybox"))?;
             std::os::unix::fs::symlink("busybox", root.join("bin/sh"))
@@ -89,7 +188,7 @@ impl Image {
     /// its httpd applet) and `/www/index.html` saying `text`, as a
     /// distroless image holds only its program.
     pub fn httpd_only(text: &str) -> Image {
-        Image::build("httpd-only", |root| {
+        Image::build(Cli::Docker, "httpd-only", |root| {
             std::fs::create_dir_all(root.join("www"))?;
             std::fs::write(root.join("www/index.html"), format!("{text}\n"))?;
             std::fs::copy(BUSYBOX, root.join("httpd")).map(drop)
@@ -98,7 +197,7 @@ impl Image {
 
     /// An image of a rootfs that `fill` makes (plus a `/tmp` anyone may
     /// write to, as in every image), imported with `docker import`.
-    fn build(what: &str, fill: impl FnOnce(&Path) -> std::io::Result<()>) -> Image {
+    fn build(cli: Cli, what: &str, fill: impl FnOnce(&Path) -> std::io::Result<()>) -> Image {
         use std::os::unix::fs::PermissionsExt;
         let name = format!("{}:latest", unique(what));
         let root = crate::target_dir().join("tmp").join(name.replace(':', "-"));
@@ -117,29 +216,41 @@ impl Image {
             .status()
             .expect("run tar");
         assert!(status.success(), "tar of the {what} rootfs");
-        must(&["import", &tar.display().to_string(), &name]);
+        let name = match cli {
+            Cli::Docker => name,
+            // Podman names an image without a registry localhost/NAME.
+            Cli::Podman => format!("localhost/{name}"),
+        };
+        cli.must(&["import", &tar.display().to_string(), &name]);
         let _ = std::fs::remove_dir_all(&root);
         let _ = std::fs::remove_file(&tar);
-        Image { name }
+        Image { name, cli }
     }
 }
 
 impl Drop for Image {
     fn drop(&mut self) {
-        let _ = docker(&["rmi", "-f", &self.name]);
+        let _ = self.cli.run(&["rmi", "-f", &self.name]);
     }
 }
 
-/// A user-defined network with a /24 of 198.19.0.0/16 that no other
-/// Docker network has (the engine refuses overlapping pools, which makes
-/// it the lock).
+/// A user-defined network with a /24 that no other network of its engine
+/// has (the engine refuses overlapping pools, which makes it the lock):
+/// Docker's in 198.19.0.0/17, Podman's in 198.19.128.0/17, so the two
+/// engines never make the same one.
 pub struct Network {
     pub name: String,
     pub subnet: String,
+    cli: Cli,
 }
 
 impl Network {
     pub fn new() -> Network {
+        Network::new_on(Cli::Docker)
+    }
+
+    /// [`Network::new`] in `cli`'s engine.
+    pub fn new_on(cli: Cli) -> Network {
         porthole::netns::keep_test_ranges_local()
             .unwrap_or_else(|e| panic!("keeping 198.18.0.0/15 on this machine: {e}"));
         let name = unique("net");
@@ -147,14 +258,18 @@ impl Network {
             .wrapping_mul(7)
             .wrapping_add(NEXT.load(Ordering::Relaxed));
         let mut last = String::new();
-        for i in 0..256 {
-            let subnet = format!("198.19.{}.0/24", (start + i) % 256);
-            match docker(&["network", "create", "--subnet", &subnet, &name]) {
-                Ok(_) => return Network { name, subnet },
+        let base = match cli {
+            Cli::Docker => 0,
+            Cli::Podman => 128,
+        };
+        for i in 0..128 {
+            let subnet = format!("198.19.{}.0/24", base + (start + i) % 128);
+            match cli.run(&["network", "create", "--subnet", &subnet, &name]) {
+                Ok(_) => return Network { name, subnet, cli },
                 Err(e) => last = e,
             }
         }
-        panic!("no free /24 in 198.19.0.0/16 for a Docker network: {last}");
+        panic!("no free /24 in 198.19.{base}.0/17 for a {cli:?} network: {last}");
     }
 }
 
@@ -166,7 +281,7 @@ impl Default for Network {
 
 impl Drop for Network {
     fn drop(&mut self) {
-        let _ = docker(&["network", "rm", &self.name]);
+        let _ = self.cli.run(&["network", "rm", &self.name]);
     }
 }
 
@@ -185,6 +300,7 @@ pub struct Container {
     pub name: String,
     /// Removed by id, which a `docker rename` does not change.
     id: String,
+    cli: Cli,
 }
 
 impl Container {
@@ -197,18 +313,30 @@ impl Container {
     /// network's name, `none`, `host`, `container:NAME`).
     pub fn run_on(image: &Image, networks: &[&str], extra: &[&str], args: &[&str]) -> Container {
         let name = unique("c");
+        let cli = image.cli;
         let mut all = vec!["run", "-d", "--name", &name];
+        if cli == Cli::Podman {
+            // Podman asks for more open files and processes than this
+            // process may have, and a host without CAP_SYS_RESOURCE cannot
+            // raise them: ask for less.
+            all.extend([
+                "--ulimit",
+                "nofile=4096:4096",
+                "--ulimit",
+                "nproc=4096:4096",
+            ]);
+        }
         for n in networks {
             all.extend(["--network", n]);
         }
         all.extend_from_slice(extra);
         all.push(&image.name);
         all.extend_from_slice(args);
-        match docker(&all) {
-            Ok(id) => Container { name, id },
+        match cli.run(&all) {
+            Ok(id) => Container { name, id, cli },
             Err(e) => {
                 // A container that was created but could not start.
-                let _ = docker(&["rm", "-f", &name]);
+                let _ = cli.run(&["rm", "-f", &name]);
                 panic!("{e}");
             }
         }
@@ -234,7 +362,7 @@ impl Container {
             args.extend(["-t", "1"]);
         }
         args.push(&self.name);
-        must(&args);
+        self.cli.must(&args);
     }
 
     /// The line `busybox ps` shows for porthole's monitor inside (`PID
@@ -250,13 +378,13 @@ impl Container {
     pub fn exec(&self, args: &[&str]) -> String {
         let mut all = vec!["exec", self.name.as_str(), "/bin/busybox"];
         all.extend_from_slice(args);
-        must(&all)
+        self.cli.must(&all)
     }
 }
 
 impl Drop for Container {
     fn drop(&mut self) {
-        let _ = docker(&["rm", "-f", &self.id]);
+        let _ = self.cli.run(&["rm", "-f", &self.id]);
     }
 }
 
@@ -367,14 +495,23 @@ pub struct World {
     pub label: String,
     /// Holds the logs of tunnel-svc (which runs on the host).
     pub ns: crate::Netns,
+    /// Podman's API service, for a Podman world (tunnel-svc is given
+    /// `--engine` with its socket).
+    pub podman: Option<PodmanService>,
 }
 
 impl World {
     #[allow(clippy::new_without_default)] // Each call makes an image, a network, a namespace.
     pub fn new() -> World {
+        World::on(Cli::Docker)
+    }
+
+    /// A world in `cli`'s engine.
+    pub fn on(cli: Cli) -> World {
         World {
-            image: Image::busybox(),
-            net: Network::new(),
+            podman: (cli == Cli::Podman).then(PodmanService::start),
+            image: Image::busybox_on(cli),
+            net: Network::new_on(cli),
             label: format!("porthole.test={}", crate::docker::unique("t")),
             ns: crate::Netns::new(),
         }
@@ -407,6 +544,9 @@ impl World {
             "--docker-filter",
             &filter,
         ];
+        if let Some(podman) = &self.podman {
+            args.extend(["--engine", podman.url.as_str()]);
+        }
         args.extend_from_slice(extra);
         TunnelProc::start(&self.ns, &args).await
     }
