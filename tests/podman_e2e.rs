@@ -96,3 +96,54 @@ async fn a_podman_container_without_a_network_is_reached_over_exec() {
     let t = targets.iter().find(|t| t.name == c.name).expect("a target");
     assert!(t.url.contains(" via exec"), "no address to reach: {t:?}");
 }
+
+/// Rootless Podman, as a user without root ([`common::docker::ROOTLESS_USER`],
+/// made if missing, with a runtime directory as a login makes it): its API
+/// service on its default socket, tunnel-svc as the same user finding it
+/// with no flag. The containers have no network (`--network none`): this
+/// host's `/dev/net/tun` is root's only, so slirp4netns cannot give a
+/// rootless container one; the exec stream is what carries the bytes, as
+/// it would for slirp4netns' unreachable addresses.
+#[tokio::test(flavor = "multi_thread")]
+async fn rootless_podman_as_its_user_with_tunnel_svc_as_that_user_too() {
+    if !have_podman(&test_name()) {
+        return;
+    }
+    let w = World::on(Cli::RootlessPodman);
+    let port = common::unused_local_port();
+    let cmd = http_server("127.0.0.1", port, "rootless");
+    let c = Container::run_on(
+        &w.image,
+        &["none"],
+        &["--label", w.label.as_str()],
+        &cmd.each_ref().map(String::as_str),
+    );
+    let mut tunnel = w.tunnel_svc(&[]).await;
+    let body = poll_until("the rootless container's server", DEADLINE, || get(port)).await;
+    assert_eq!(body, "rootless");
+    let user = w.rootless.as_ref().expect("a rootless world");
+    let socket = format!("unix://{}/podman/podman.sock", user.runtime_dir.display());
+    let targets = tunnel.targets().await;
+    let t = targets.iter().find(|t| t.name == c.name).expect("a target");
+    assert!(
+        t.url.starts_with(&format!("podman://{} (", c.name))
+            && t.url.contains(" via exec")
+            && t.url.ends_with(&format!(" on {socket}")),
+        "found the user's own Podman: {t:?}"
+    );
+    assert!(
+        tunnel.log().contains("Podman's rootless socket"),
+        "says where it found the engine:\n{}",
+        tunnel.log()
+    );
+    let status = tunnel.terminate_within(DEADLINE).await;
+    assert!(status.success(), "tunnel-svc on SIGTERM: {status}");
+    wait_for("the monitor to leave the container", DEADLINE, || {
+        c.monitor_ps().is_none()
+    });
+    let root = c.exec(&["ls", "-a", "/"]);
+    assert!(!root.contains("porthole"), "left in the container:\n{root}");
+    wait_for("the host port to be free", DEADLINE, || {
+        common::host_port_is_free(port)
+    });
+}

@@ -33,6 +33,150 @@ pub enum Cli {
     /// container on a host whose cgroups are mounted in hybrid mode (as on
     /// these test machines).
     Podman,
+    /// Podman as [`ROOTLESS_USER`], with `runc` too.
+    RootlessPodman,
+}
+
+/// The user the rootless Podman tests run Podman and tunnel-svc as.
+pub const ROOTLESS_USER: &str = "ph-rootless";
+
+/// A user of this machine without root, for the rootless tests: made if
+/// missing (`useradd` gives it subordinate ids), with its runtime
+/// directory (`/run/user/UID`, as a login would make it) and a directory
+/// of the programs it runs (copies any user may run: the build's own
+/// directory may not be open to others).
+pub struct Rootless {
+    pub uid: u32,
+    pub home: PathBuf,
+    pub runtime_dir: PathBuf,
+    /// Copies of tunnel-svc and the static monitor (see
+    /// [`Rootless::with_programs`]).
+    pub bin: PathBuf,
+    /// Ends the user's processes when dropped (the world's user does).
+    owns_processes: bool,
+}
+
+impl Rootless {
+    pub fn get() -> Rootless {
+        let known = Command::new("id").arg(ROOTLESS_USER).output();
+        if !known.is_ok_and(|o| o.status.success()) {
+            let made = Command::new("useradd")
+                .args(["-m", "-s", "/bin/sh", ROOTLESS_USER])
+                .output()
+                .expect("run useradd");
+            assert!(made.status.success(), "useradd: {made:?}");
+        }
+        let id = Command::new("id")
+            .args(["-u", ROOTLESS_USER])
+            .output()
+            .expect("id -u");
+        let uid: u32 = String::from_utf8_lossy(&id.stdout)
+            .trim()
+            .parse()
+            .expect("a uid");
+        let subuids = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+        if !subuids
+            .lines()
+            .any(|l| l.starts_with(&format!("{ROOTLESS_USER}:")))
+        {
+            let added = Command::new("usermod")
+                .args([
+                    "--add-subuids",
+                    "300000-365535",
+                    "--add-subgids",
+                    "300000-365535",
+                ])
+                .arg(ROOTLESS_USER)
+                .output()
+                .expect("run usermod");
+            assert!(added.status.success(), "usermod: {added:?}");
+        }
+        let runtime_dir = PathBuf::from(format!("/run/user/{uid}"));
+        std::fs::create_dir_all(&runtime_dir).expect("the user's runtime directory");
+        let chown = Command::new("chown")
+            .arg(format!("{uid}:{uid}"))
+            .arg(&runtime_dir)
+            .status()
+            .expect("chown");
+        assert!(chown.success());
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&runtime_dir, std::fs::Permissions::from_mode(0o700))
+            .expect("chmod the runtime directory");
+        Rootless {
+            uid,
+            home: PathBuf::from(format!("/home/{ROOTLESS_USER}")),
+            runtime_dir,
+            bin: PathBuf::new(),
+            owns_processes: false,
+        }
+    }
+
+    /// The user, with the programs it runs copied where it may run them,
+    /// and every process of it ended when dropped: Podman leaves some
+    /// behind (its rootless pause process, exec sessions' conmon for 5
+    /// minutes), and the user exists only for these tests.
+    pub fn with_programs(mut self) -> Rootless {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = std::env::temp_dir().join(unique("rootless-bin"));
+        std::fs::create_dir_all(&bin).expect("the programs' directory");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        for from in [crate::binary("tunnel-svc"), static_monitor()] {
+            let to = bin.join(from.file_name().expect("a name"));
+            std::fs::copy(&from, &to).expect("copy a program for the user");
+        }
+        self.bin = bin;
+        self.owns_processes = true;
+        self
+    }
+
+    /// The pids of the user's processes.
+    fn processes(&self) -> Vec<i32> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                (e.metadata().ok()?.uid() == self.uid).then_some(pid)
+            })
+            .collect()
+    }
+
+    /// `program ARGS` as the user, with its login's environment (its
+    /// primary group has the user's id, as `useradd` makes it).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        // setpriv execs the program itself: its pid is the program's, so
+        // killing it by pid kills the program.
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.uid))
+            .args(["--init-groups", "--", "env", "-i"])
+            .arg(format!("HOME={}", self.home.display()))
+            .arg(format!("XDG_RUNTIME_DIR={}", self.runtime_dir.display()))
+            .arg(format!("USER={ROOTLESS_USER}"))
+            .arg("PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .arg(program)
+            // The user's own directory, not the test's (which it may not
+            // enter).
+            .current_dir(&self.home);
+        cmd
+    }
+}
+
+impl Drop for Rootless {
+    fn drop(&mut self) {
+        if !self.owns_processes {
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.bin);
+        for pid in self.processes() {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
 }
 
 impl Cli {
@@ -40,9 +184,13 @@ impl Cli {
     pub fn run(self, args: &[&str]) -> Result<String, String> {
         let (program, global): (&str, &[&str]) = match self {
             Cli::Docker => ("docker", &[]),
-            Cli::Podman => ("podman", &["--runtime", "runc"]),
+            Cli::Podman | Cli::RootlessPodman => ("podman", &["--runtime", "runc"]),
         };
-        let out: Output = Command::new(program)
+        let mut cmd = match self {
+            Cli::RootlessPodman => rootless_command(program),
+            _ => Command::new(program),
+        };
+        let out: Output = cmd
             .args(global)
             .args(args)
             .output()
@@ -93,6 +241,12 @@ pub fn have_docker(test: &str) -> bool {
     }
 }
 
+/// `program` as [`ROOTLESS_USER`] (see [`Rootless::command`]).
+fn rootless_command(program: &str) -> Command {
+    static USER: std::sync::OnceLock<Rootless> = std::sync::OnceLock::new();
+    USER.get_or_init(Rootless::get).command(program)
+}
+
 /// Whether the Podman tests can run: root, `podman`, `runc` and
 /// `busybox-static`. Otherwise says the test was skipped (or fails it
 /// under CI).
@@ -129,12 +283,39 @@ pub struct PodmanService {
 
 impl PodmanService {
     pub fn start() -> PodmanService {
+        PodmanService::start_on(Cli::Podman)
+    }
+
+    /// Rootful: on a socket of its own. Rootless: as [`ROOTLESS_USER`], on
+    /// its default socket (`$XDG_RUNTIME_DIR/podman/podman.sock`), where
+    /// tunnel-svc finds it with no flag.
+    pub fn start_on(cli: Cli) -> PodmanService {
         let dir = crate::target_dir().join("tmp").join(unique("podman"));
         std::fs::create_dir_all(&dir).expect("make the socket's directory");
-        let socket = dir.join("podman.sock");
+        let (mut cmd, socket) = match cli {
+            Cli::RootlessPodman => {
+                let runtime = PathBuf::from(format!(
+                    "/run/user/{}",
+                    String::from_utf8_lossy(
+                        &Command::new("id")
+                            .args(["-u", ROOTLESS_USER])
+                            .output()
+                            .expect("id -u")
+                            .stdout
+                    )
+                    .trim()
+                ));
+                let _ = std::fs::remove_file(runtime.join("podman/podman.sock"));
+                (
+                    rootless_command("podman"),
+                    runtime.join("podman/podman.sock"),
+                )
+            }
+            _ => (Command::new("podman"), dir.join("podman.sock")),
+        };
         let url = format!("unix://{}", socket.display());
         let log = std::fs::File::create(dir.join("service.log")).expect("the service's log");
-        let child = Command::new("podman")
+        let child = cmd
             .args(["--runtime", "runc", "system", "service", "--time=0", &url])
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -200,7 +381,12 @@ impl Image {
     fn build(cli: Cli, what: &str, fill: impl FnOnce(&Path) -> std::io::Result<()>) -> Image {
         use std::os::unix::fs::PermissionsExt;
         let name = format!("{}:latest", unique(what));
-        let root = crate::target_dir().join("tmp").join(name.replace(':', "-"));
+        // Where the user a rootless engine runs as may read it.
+        let scratch = match cli {
+            Cli::RootlessPodman => std::env::temp_dir(),
+            _ => crate::target_dir().join("tmp"),
+        };
+        let root = scratch.join(name.replace(':', "-"));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(root.join("tmp")).expect("make the rootfs");
         std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
@@ -219,8 +405,9 @@ impl Image {
         let name = match cli {
             Cli::Docker => name,
             // Podman names an image without a registry localhost/NAME.
-            Cli::Podman => format!("localhost/{name}"),
+            Cli::Podman | Cli::RootlessPodman => format!("localhost/{name}"),
         };
+
         cli.must(&["import", &tar.display().to_string(), &name]);
         let _ = std::fs::remove_dir_all(&root);
         let _ = std::fs::remove_file(&tar);
@@ -260,7 +447,7 @@ impl Network {
         let mut last = String::new();
         let base = match cli {
             Cli::Docker => 0,
-            Cli::Podman => 128,
+            Cli::Podman | Cli::RootlessPodman => 128,
         };
         for i in 0..128 {
             let subnet = format!("198.19.{}.0/24", base + (start + i) % 128);
@@ -315,7 +502,7 @@ impl Container {
         let name = unique("c");
         let cli = image.cli;
         let mut all = vec!["run", "-d", "--name", &name];
-        if cli == Cli::Podman {
+        if cli != Cli::Docker {
             // Podman asks for more open files and processes than this
             // process may have, and a host without CAP_SYS_RESOURCE cannot
             // raise them: ask for less.
@@ -496,8 +683,10 @@ pub struct World {
     /// Holds the logs of tunnel-svc (which runs on the host).
     pub ns: crate::Netns,
     /// Podman's API service, for a Podman world (tunnel-svc is given
-    /// `--engine` with its socket).
+    /// `--engine` with its socket, except rootless, where it finds it).
     pub podman: Option<PodmanService>,
+    /// The user a rootless world's Podman and tunnel-svc run as.
+    pub rootless: Option<Rootless>,
 }
 
 impl World {
@@ -509,7 +698,8 @@ impl World {
     /// A world in `cli`'s engine.
     pub fn on(cli: Cli) -> World {
         World {
-            podman: (cli == Cli::Podman).then(PodmanService::start),
+            rootless: (cli == Cli::RootlessPodman).then(|| Rootless::get().with_programs()),
+            podman: (cli != Cli::Docker).then(|| PodmanService::start_on(cli)),
             image: Image::busybox_on(cli),
             net: Network::new_on(cli),
             label: format!("porthole.test={}", crate::docker::unique("t")),
@@ -535,7 +725,11 @@ impl World {
 
     /// tunnel-svc --docker following this world's containers.
     pub async fn tunnel_svc(&self, extra: &[&str]) -> TunnelProc {
-        let monitor = static_monitor().display().to_string();
+        let monitor = match &self.rootless {
+            Some(user) => user.bin.join("monitor-svc"),
+            None => static_monitor(),
+        };
+        let monitor = monitor.display().to_string();
         let filter = format!("label={}", self.label);
         let mut args = vec![
             "--docker",
@@ -544,11 +738,11 @@ impl World {
             "--docker-filter",
             &filter,
         ];
-        if let Some(podman) = &self.podman {
+        if let (Some(podman), None) = (&self.podman, &self.rootless) {
             args.extend(["--engine", podman.url.as_str()]);
         }
         args.extend_from_slice(extra);
-        TunnelProc::start(&self.ns, &args).await
+        TunnelProc::start_as(&self.ns, self.rootless.as_ref(), &args).await
     }
 }
 

@@ -1329,6 +1329,16 @@ impl TunnelProc {
     /// ARGS, else the one tunnel-svc made in its state directory.
     /// The caller's `PORTHOLE_*` variables are not passed on.
     pub async fn start(ns: &Netns, args: &[&str]) -> TunnelProc {
+        TunnelProc::start_as(ns, None, args).await
+    }
+
+    /// [`TunnelProc::start`] as `user` (its state directory is the user's
+    /// own), or as this process's user.
+    pub async fn start_as(
+        ns: &Netns,
+        user: Option<&docker::Rootless>,
+        args: &[&str],
+    ) -> TunnelProc {
         let flag = |name: &str| -> Option<String> {
             args.iter().enumerate().find_map(|(i, a)| {
                 if *a == name {
@@ -1356,8 +1366,14 @@ impl TunnelProc {
             all.extend(["--log-level".into(), "info,tunnel_svc=debug".into()]);
         }
         let token_file = flag("--admin-token-file").or_else(|| flag("--token-file"));
-        let state_home = ns.log_dir().to_path_buf();
-        let mut cmd = Command::new(binary("tunnel-svc"));
+        let state_home = match user {
+            Some(u) => u.home.join(".local/state"),
+            None => ns.log_dir().to_path_buf(),
+        };
+        let mut cmd = match user {
+            Some(u) => u.command(u.bin.join("tunnel-svc")),
+            None => Command::new(binary("tunnel-svc")),
+        };
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("PORTHOLE_") {
                 cmd.env_remove(key);
@@ -1397,8 +1413,15 @@ impl TunnelProc {
         let token_file = token_file
             .map(PathBuf::from)
             .unwrap_or_else(|| state_dir.join("admin.token"));
-        let token = porthole::auth::Token::from_file(&token_file)
-            .unwrap_or_else(|e| panic!("tunnel-svc's admin token: {e}"));
+        let token = match user {
+            // Another user's file: Token::from_file refuses it (rightly, for
+            // a service); this test reads it as root.
+            Some(_) => std::fs::read_to_string(&token_file)
+                .map_err(|e| e.to_string())
+                .and_then(|t| porthole::auth::Token::new(t.trim()).map_err(|e| e.to_string())),
+            None => porthole::auth::Token::from_file(&token_file).map_err(|e| e.to_string()),
+        }
+        .unwrap_or_else(|e| panic!("tunnel-svc's admin token: {e}"));
         let channel = Channel::from_shared(format!("http://{admin}"))
             .expect("valid url")
             .connect_timeout(DEADLINE)

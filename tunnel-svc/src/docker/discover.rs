@@ -1,9 +1,9 @@
 //! Which container engine `--docker` follows: the one the user's own CLI
 //! would use. `--engine URL` first, then `DOCKER_HOST`, `CONTAINER_HOST`
 //! (Podman's), the current `docker context` (`DOCKER_CONTEXT`, else
-//! `currentContext` in `~/.docker/config.json`), then the sockets that
-//! exist: Docker's, Podman's rootless (`$XDG_RUNTIME_DIR/podman/`), then
-//! Podman's rootful.
+//! `currentContext` in `~/.docker/config.json`), then the first socket
+//! this user can connect to: Docker's, Podman's rootless
+//! (`$XDG_RUNTIME_DIR/podman/`), then Podman's rootful.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -48,7 +48,7 @@ impl fmt::Display for From {
 pub enum NoEngine {
     #[error(
         "no container engine found: no --engine, DOCKER_HOST, CONTAINER_HOST or docker \
-         context, and none of {} exists",
+         context, and none of {} answers",
         .0.join(", ")
     )]
     NoSocket(Vec<String>),
@@ -68,11 +68,11 @@ pub enum NoEngine {
 }
 
 /// What discovery looks at: the environment, the home directory, which
-/// sockets exist (so it can be tested without them).
+/// sockets answer (so it can be tested without them).
 pub struct Look<'a> {
     pub env: &'a dyn Fn(&str) -> Option<String>,
     pub home: Option<PathBuf>,
-    pub exists: &'a dyn Fn(&Path) -> bool,
+    pub answers: &'a dyn Fn(&Path) -> bool,
 }
 
 impl Look<'_> {
@@ -84,11 +84,13 @@ impl Look<'_> {
 /// The engine for `--engine flag` as this process's user would find it.
 pub fn find_here(flag: Option<&str>) -> Result<Endpoint, NoEngine> {
     let env = |name: &str| std::env::var(name).ok();
-    let exists = |p: &Path| p.exists();
+    // A socket that is there but not this user's (Docker's, for a user
+    // outside the docker group) is passed over.
+    let answers = |p: &Path| std::os::unix::net::UnixStream::connect(p).is_ok();
     let look = Look {
         env: &env,
         home: std::env::var_os("HOME").map(PathBuf::from),
-        exists: &exists,
+        answers: &answers,
     };
     find(flag, &look)
 }
@@ -121,7 +123,7 @@ pub fn find(flag: Option<&str>, look: &Look) -> Result<Endpoint, NoEngine> {
         From::PodmanRootful,
     ));
     for (path, from) in sockets {
-        if (look.exists)(&path) {
+        if (look.answers)(&path) {
             return chosen(format!("unix://{}", path.display()), from);
         }
         tried.push(path.display().to_string());
@@ -206,11 +208,11 @@ mod tests {
             .collect();
         let env = move |name: &str| vars.get(name).cloned();
         let existing: Vec<PathBuf> = existing.iter().map(PathBuf::from).collect();
-        let exists = move |p: &Path| existing.iter().any(|e| e == p);
+        let answers = move |p: &Path| existing.iter().any(|e| e == p);
         let look = Look {
             env: &env,
             home: home.map(Path::to_path_buf),
-            exists: &exists,
+            answers: &answers,
         };
         find(flag, &look)
     }
