@@ -147,3 +147,106 @@ async fn rootless_podman_as_its_user_with_tunnel_svc_as_that_user_too() {
         common::host_port_is_free(port)
     });
 }
+
+/// The pid of tunnel-svc's ssh master (its child running `ssh -M`), other
+/// than `not`.
+fn ssh_master(tunnel_pid: u32, not: Option<u32>) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let master = cmdline.split(|b| *b == 0).any(|a| a == b"-M");
+        (ppid == tunnel_pid && master && Some(pid) != not).then_some(pid)
+    })
+}
+
+/// A "remote machine": a network namespace running sshd and Podman's API
+/// service, whose socket the host reaches only through that sshd, as
+/// `--engine ssh://root@ADDRESS/SOCKET` (what `DOCKER_HOST` or a docker
+/// context would say) with the user's ssh options. Its container has no
+/// network: the exec stream, over the same ssh forward, carries the bytes.
+/// The ssh master is killed: it comes back, and so does the tunnel.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_podman_over_ssh_is_followed_and_its_master_comes_back() {
+    if !have_podman(&test_name()) {
+        return;
+    }
+    let remote = common::Netns::new();
+    let sshd = common::Sshd::start_with(&remote, remote.addr().into(), 22, true).await;
+    let service = common::docker::PodmanService::start_in(Cli::Podman, Some(&remote));
+    let image = common::docker::Image::busybox_on(Cli::Podman);
+    let label = format!("porthole.test={}", common::docker::unique("remote"));
+    let port = common::unused_local_port();
+    let cmd = http_server("127.0.0.1", port, "far-away");
+    let c = Container::run_on(
+        &image,
+        &["none"],
+        &["--label", label.as_str()],
+        &cmd.each_ref().map(String::as_str),
+    );
+    let socket = service.url.trim_start_matches("unix://");
+    let engine = format!("ssh://root@{}{socket}", remote.addr());
+    let monitor = common::docker::static_monitor().display().to_string();
+    let filter = format!("label={label}");
+    let mut args = vec![
+        "--docker",
+        "--engine",
+        engine.as_str(),
+        "--monitor-binary",
+        monitor.as_str(),
+        "--docker-filter",
+        filter.as_str(),
+    ];
+    let options = sshd.options();
+    for o in &options {
+        args.extend(["--ssh-option", o.as_str()]);
+    }
+    let host_side = common::Netns::new();
+    let tunnel = common::TunnelProc::start(&host_side, &args).await;
+    let body = poll_until(
+        "the remote container's server on localhost",
+        DEADLINE,
+        || get(port),
+    )
+    .await;
+    assert_eq!(body, "far-away");
+    let targets = tunnel.targets().await;
+    let t = targets.iter().find(|t| t.name == c.name).expect("a target");
+    assert!(
+        t.url.starts_with(&format!("podman://{} (", c.name))
+            && t.url.contains(" via exec")
+            && t.url.ends_with(&format!(" on {engine}")),
+        "{t:?}"
+    );
+
+    let master = poll_until("tunnel-svc's ssh master", DEADLINE, || async {
+        ssh_master(tunnel.pid(), None)
+    })
+    .await;
+    let killed = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(master as i32).expect("a pid"),
+        rustix::process::Signal::KILL,
+    );
+    assert!(killed.is_ok(), "kill -KILL {master}");
+    let again = Instant::now();
+    poll_until("a new ssh master", DEADLINE, || async {
+        ssh_master(tunnel.pid(), Some(master))
+    })
+    .await;
+    let body = poll_until("the tunnel after the master came back", DEADLINE, || {
+        get(port)
+    })
+    .await;
+    assert_eq!(body, "far-away");
+    eprintln!(
+        "usable again {} ms after the master was killed",
+        again.elapsed().as_millis()
+    );
+}

@@ -200,7 +200,8 @@ struct RunArgs {
         requires = "docker"
     )]
     docker_transport: tunnel_svc::docker::Transport,
-    /// The container engine to follow: unix:///PATH or tcp://HOST:PORT.
+    /// The container engine to follow: unix:///PATH, tcp://HOST:PORT or
+    /// ssh://[USER@]HOST[:PORT][/SOCKET] (through your OpenSSH).
     /// Default: the one your own CLI uses (DOCKER_HOST, CONTAINER_HOST,
     /// the current docker context, Docker's socket, then Podman's rootless
     /// and rootful sockets).
@@ -493,6 +494,7 @@ fn targets(args: &RunArgs, file: &config::ConfigFile) -> Result<Vec<config::Targ
         },
     )?;
     if !args.ssh_options.is_empty()
+        && !args.docker
         && !targets
             .iter()
             .any(|t| t.backend == config::BackendKind::Ssh)
@@ -522,6 +524,7 @@ fn docker_options(args: &RunArgs) -> Result<Option<tunnel_svc::docker::Options>,
         transport: args.docker_transport,
         raw_relay: !args.no_raw_relay,
         engine: args.engine.clone(),
+        ssh_options: args.ssh_options.clone(),
     }))
 }
 

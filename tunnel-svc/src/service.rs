@@ -212,6 +212,7 @@ async fn backend_of(
                 host: t.ssh_host.clone(),
                 options: opts.ssh_options.clone(),
                 runtime_dir: dir.join(&t.name),
+                socket_forwards: Vec::new(),
             }))
         }
     })

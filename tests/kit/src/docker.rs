@@ -290,6 +290,12 @@ impl PodmanService {
     /// its default socket (`$XDG_RUNTIME_DIR/podman/podman.sock`), where
     /// tunnel-svc finds it with no flag.
     pub fn start_on(cli: Cli) -> PodmanService {
+        PodmanService::start_in(cli, None)
+    }
+
+    /// [`PodmanService::start_on`], run inside `ns` (a "remote machine":
+    /// only that namespace's sshd is meant to reach its socket).
+    pub fn start_in(cli: Cli, ns: Option<&crate::Netns>) -> PodmanService {
         let dir = crate::target_dir().join("tmp").join(unique("podman"));
         std::fs::create_dir_all(&dir).expect("make the socket's directory");
         let (mut cmd, socket) = match cli {
@@ -311,7 +317,17 @@ impl PodmanService {
                     runtime.join("podman/podman.sock"),
                 )
             }
-            _ => (Command::new("podman"), dir.join("podman.sock")),
+            _ => match ns {
+                // Only the network namespace: `ip netns exec` would also
+                // mount a sysfs of its own, hiding the cgroups runc needs.
+                Some(ns) => {
+                    let mut cmd = Command::new("nsenter");
+                    cmd.arg(format!("--net=/run/netns/{}", ns.name()))
+                        .args(["--", "podman"]);
+                    (cmd, dir.join("podman.sock"))
+                }
+                None => (Command::new("podman"), dir.join("podman.sock")),
+            },
         };
         let url = format!("unix://{}", socket.display());
         let log = std::fs::File::create(dir.join("service.log")).expect("the service's log");

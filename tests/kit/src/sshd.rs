@@ -69,6 +69,13 @@ impl Sshd {
     /// Listens on `listen:port` in `ns` (`0.0.0.0`, or the namespace's own
     /// address); returns once it sends its banner.
     pub async fn start(ns: &Netns, listen: IpAddr, port: u16) -> Sshd {
+        Sshd::start_with(ns, listen, port, false).await
+    }
+
+    /// [`Sshd::start`]; with `sockets`, clients may also reach the
+    /// machine's UNIX sockets (`AllowStreamLocalForwarding`), as the user
+    /// of a remote container engine does.
+    pub async fn start_with(ns: &Netns, listen: IpAddr, port: u16, sockets: bool) -> Sshd {
         // sshd refuses to start without its privilege separation directory
         // (the Debian package makes it at boot; a container may not have it).
         std::fs::create_dir_all("/run/sshd").expect("create /run/sshd");
@@ -80,7 +87,9 @@ impl Sshd {
         std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))
             .expect("write authorized_keys");
         // Forwarding to a UNIX socket on the client side needs only TCP
-        // forwarding on the server: stream-local forwarding stays off.
+        // forwarding on the server: stream-local forwarding stays off
+        // unless asked for.
+        let stream_local = if sockets { "yes" } else { "no" };
         let config = format!(
             "ListenAddress {listen}\n\
              Port {port}\n\
@@ -94,7 +103,7 @@ impl Sshd {
              PasswordAuthentication no\n\
              KbdInteractiveAuthentication no\n\
              AllowTcpForwarding yes\n\
-             AllowStreamLocalForwarding no\n\
+             AllowStreamLocalForwarding {stream_local}\n\
              MaxStartups 100\n\
              LogLevel VERBOSE\n",
             dir = dir.display(),

@@ -55,14 +55,8 @@ pub enum NoEngine {
     #[error("docker context {name:?} ({why}); `docker context ls` lists them")]
     Context { name: String, why: String },
     #[error(
-        "engine {url:?} ({from}): use unix:///PATH or tcp://HOST:PORT{}",
-        if url.starts_with("ssh://") {
-            "; an ssh:// engine is not followed yet (forward its socket with \
-             `ssh -nNT -L /tmp/engine.sock:/var/run/docker.sock HOST` and use \
-             unix:///tmp/engine.sock)"
-        } else {
-            ""
-        }
+        "engine {url:?} ({from}): use unix:///PATH, tcp://HOST:PORT or \
+         ssh://[USER@]HOST[:PORT][/SOCKET]"
     )]
     Unsupported { url: String, from: String },
 }
@@ -182,7 +176,8 @@ fn context(look: &Look) -> Result<Option<Endpoint>, NoEngine> {
 /// The endpoint, if tunnel-svc can speak to it.
 fn checked(endpoint: Endpoint) -> Result<Endpoint, NoEngine> {
     let url = &endpoint.url;
-    if url.starts_with("unix://") || url.starts_with("tcp://") || url.starts_with("http://") {
+    let known = ["unix://", "tcp://", "http://", "ssh://"];
+    if known.iter().any(|scheme| url.starts_with(scheme)) {
         return Ok(endpoint);
     }
     Err(NoEngine::Unsupported {
@@ -300,12 +295,19 @@ mod tests {
     }
 
     #[test]
-    fn an_ssh_engine_says_how_to_reach_it_meanwhile() {
-        let e = find_with(None, &[("DOCKER_HOST", "ssh://me@box")], None, &[]);
+    fn an_engine_url_of_another_kind_is_refused_with_the_kinds_there_are() {
+        let e = find_with(
+            None,
+            &[("DOCKER_HOST", "npipe:////./pipe/docker")],
+            None,
+            &[],
+        );
         let why = e.unwrap_err().to_string();
         assert!(
-            why.contains("DOCKER_HOST") && why.contains("ssh -nNT -L"),
+            why.contains("DOCKER_HOST") && why.contains("ssh://"),
             "{why}"
         );
+        let e = find_with(None, &[("DOCKER_HOST", "ssh://me@box")], None, &[]);
+        assert_eq!(e.unwrap().from, From::DockerHost);
     }
 }

@@ -156,18 +156,28 @@ impl Container {
 }
 
 /// How targets show the engine they run on.
-#[derive(Debug)]
 pub(super) struct EngineShown {
     /// `docker` or `podman`.
     pub(super) scheme: &'static str,
     /// ` on URL`, unless the engine is at Docker's own socket.
     pub(super) at: String,
+    /// On another machine, over ssh.
+    pub(super) remote: bool,
+    /// The ssh master that forwards a remote engine's socket.
+    _forward: Option<super::remote::Remote>,
+}
+
+impl std::fmt::Debug for EngineShown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.scheme, self.at)
+    }
 }
 
 /// Connects to the engine at `endpoint`, checks that it answers, and says
 /// which engine it is.
 pub async fn connect(
     endpoint: &super::discover::Endpoint,
+    ssh_options: &[String],
 ) -> Result<(Docker, Arc<EngineShown>), DockerError> {
     use bollard::API_DEFAULT_VERSION;
     let url = &endpoint.url;
@@ -176,9 +186,18 @@ pub async fn connect(
         from: endpoint.from.to_string(),
         why: e.to_string(),
     };
-    let docker = match url.strip_prefix("unix://") {
-        Some(path) => Docker::connect_with_unix(path, 120, API_DEFAULT_VERSION),
-        None => Docker::connect_with_http(url, 120, API_DEFAULT_VERSION),
+    let forward = match url.starts_with("ssh://") {
+        true => Some(super::remote::open(url, ssh_options).await?),
+        false => None,
+    };
+    let docker = match (&forward, url.strip_prefix("unix://")) {
+        (Some(remote), _) => Docker::connect_with_unix(
+            &remote.local.display().to_string(),
+            120,
+            API_DEFAULT_VERSION,
+        ),
+        (None, Some(path)) => Docker::connect_with_unix(path, 120, API_DEFAULT_VERSION),
+        (None, None) => Docker::connect_with_http(url, 120, API_DEFAULT_VERSION),
     }
     .map_err(fail)?;
     docker.ping().await.map_err(fail)?;
@@ -200,7 +219,16 @@ pub async fn connect(
         other => format!(" on {other}"),
     };
     let scheme = if podman { "podman" } else { "docker" };
-    Ok((docker, Arc::new(EngineShown { scheme, at })))
+    let remote = forward.is_some();
+    Ok((
+        docker,
+        Arc::new(EngineShown {
+            scheme,
+            at,
+            remote,
+            _forward: forward,
+        }),
+    ))
 }
 
 /// Follows the engine until `shutdown`: every running container that

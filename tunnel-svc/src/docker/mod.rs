@@ -21,6 +21,8 @@ mod engine;
 mod exec;
 #[cfg(feature = "docker")]
 mod monitor;
+#[cfg(feature = "docker")]
+mod remote;
 
 use crate::reconcile::Handle;
 use bytes::Bytes;
@@ -58,6 +60,8 @@ pub struct Options {
     /// `--engine URL`: the engine to follow (else the one the user's CLI
     /// would use, see `discover`).
     pub engine: Option<String>,
+    /// `--ssh-option`s, for an engine reached over ssh.
+    pub ssh_options: Vec<String>,
 }
 
 /// The monitor as a tar archive (see [`monitor_archive`]).
@@ -197,7 +201,13 @@ pub async fn start(
 ) -> Result<(), DockerError> {
     let endpoint = discover::find_here(opts.engine.as_deref())
         .map_err(|e| DockerError::NoEngine(e.to_string()))?;
-    let (docker, engine) = engine::connect(&endpoint).await?;
+    let (docker, engine) = engine::connect(&endpoint, &opts.ssh_options).await?;
+    let mut opts = opts;
+    if engine.remote && opts.transport == Transport::Auto {
+        // The remote machine's container addresses are not this host's
+        // to reach.
+        opts.transport = Transport::Exec;
+    }
     tracing::info!(filters = ?opts.filters, monitor = %opts.monitor_binary.display(), "following containers");
     tokio::spawn(engine::follow(docker, engine, opts, reconciler, shutdown));
     Ok(())

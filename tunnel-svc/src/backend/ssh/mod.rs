@@ -105,6 +105,10 @@ pub struct SshConfig {
     pub options: Vec<String>,
     /// Private directory for the control socket and forward sockets.
     pub runtime_dir: PathBuf,
+    /// UNIX sockets of the remote machine forwarded to local paths for
+    /// the master's whole life (every master started again has them): a
+    /// remote container engine's API.
+    pub socket_forwards: Vec<(PathBuf, String)>,
 }
 
 /// The master as the rest of the backend sees it.
@@ -169,6 +173,12 @@ impl Ssh {
             cancel,
             supervisor: std::sync::Mutex::new(Some(task)),
         }
+    }
+
+    /// Waits (at most `timeout`) until a master is up, with its socket
+    /// forwards; or says why there is none.
+    pub async fn ready(&self, timeout: Duration) -> Result<(), SshError> {
+        self.shared.wait_up(timeout, None).await.map(drop)
     }
 
     /// Adds the forward for container `port`, waiting (bounded) for the
@@ -417,6 +427,20 @@ impl Shared {
     /// The master `child` answers: every wanted forward is added back,
     /// then it counts as up (a new generation).
     async fn up(&self, child: &Child, generation: &mut u64) {
+        // Its own forwards (a remote engine's socket) before it counts as up:
+        // the master runs with ClearAllForwardings, so they are added here.
+        for (local, remote) in &self.config.socket_forwards {
+            let _ = std::fs::remove_file(local);
+            let mut spec = escape_percent(local);
+            spec.push(":");
+            spec.push(remote);
+            if let Err(e) = self
+                .control_os(&[os("-O"), os("forward"), os("-L"), spec])
+                .await
+            {
+                tracing::warn!(socket = %remote, error = %e, "cannot forward the remote socket");
+            }
+        }
         let wanted = self.wanted.lock().await;
         for &port in wanted.iter() {
             if let Err(e) = self.forward(port).await {
@@ -588,6 +612,7 @@ pub(super) mod tests {
             host: "box".into(),
             options: vec!["User=me".into()],
             runtime_dir: dir.to_path_buf(),
+            socket_forwards: Vec::new(),
         }
     }
 
