@@ -111,13 +111,7 @@ async fn rootless_podman_as_its_user_with_tunnel_svc_as_that_user_too() {
     }
     let w = World::on(Cli::RootlessPodman);
     let port = common::unused_local_port();
-    let cmd = http_server("127.0.0.1", port, "rootless");
-    let c = Container::run_on(
-        &w.image,
-        &["none"],
-        &["--label", w.label.as_str()],
-        &cmd.each_ref().map(String::as_str),
-    );
+    let c = w.http("127.0.0.1", port, "rootless");
     let mut tunnel = w.tunnel_svc(&[]).await;
     let body = poll_until("the rootless container's server", DEADLINE, || get(port)).await;
     assert_eq!(body, "rootless");
@@ -178,38 +172,11 @@ async fn a_remote_podman_over_ssh_is_followed_and_its_master_comes_back() {
     if !have_podman(&test_name()) {
         return;
     }
-    let remote = common::Netns::new();
-    let sshd = common::Sshd::start_with(&remote, remote.addr().into(), 22, true).await;
-    let service = common::docker::PodmanService::start_in(Cli::Podman, Some(&remote));
-    let image = common::docker::Image::busybox_on(Cli::Podman);
-    let label = format!("porthole.test={}", common::docker::unique("remote"));
+    let w = World::remote().await;
     let port = common::unused_local_port();
-    let cmd = http_server("127.0.0.1", port, "far-away");
-    let c = Container::run_on(
-        &image,
-        &["none"],
-        &["--label", label.as_str()],
-        &cmd.each_ref().map(String::as_str),
-    );
-    let socket = service.url.trim_start_matches("unix://");
-    let engine = format!("ssh://root@{}{socket}", remote.addr());
-    let monitor = common::docker::static_monitor().display().to_string();
-    let filter = format!("label={label}");
-    let mut args = vec![
-        "--docker",
-        "--engine",
-        engine.as_str(),
-        "--monitor-binary",
-        monitor.as_str(),
-        "--docker-filter",
-        filter.as_str(),
-    ];
-    let options = sshd.options();
-    for o in &options {
-        args.extend(["--ssh-option", o.as_str()]);
-    }
-    let host_side = common::Netns::new();
-    let tunnel = common::TunnelProc::start(&host_side, &args).await;
+    let c = w.http("127.0.0.1", port, "far-away");
+    let engine = w.remote_engine().expect("a remote world");
+    let tunnel = w.tunnel_svc(&[]).await;
     let body = poll_until(
         "the remote container's server on localhost",
         DEADLINE,

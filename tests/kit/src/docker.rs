@@ -703,6 +703,9 @@ pub struct World {
     pub podman: Option<PodmanService>,
     /// The user a rootless world's Podman and tunnel-svc run as.
     pub rootless: Option<Rootless>,
+    /// A remote world's "machine": a namespace with its own sshd, in which
+    /// Podman's API service runs; tunnel-svc reaches it only over ssh.
+    pub remote: Option<(crate::Netns, crate::Sshd)>,
 }
 
 impl World {
@@ -711,9 +714,55 @@ impl World {
         World::on(Cli::Docker)
     }
 
+    /// A "remote machine" (a namespace with its own sshd and Podman's API
+    /// service inside) that tunnel-svc reaches as `--engine
+    /// ssh://root@ADDRESS/SOCKET`, with the ssh options a user's config
+    /// would hold.
+    pub async fn remote() -> World {
+        let machine = crate::Netns::new();
+        let sshd = crate::Sshd::start_with(&machine, machine.addr().into(), 22, true).await;
+        let service = PodmanService::start_in(Cli::Podman, Some(&machine));
+        World {
+            podman: Some(service),
+            remote: Some((machine, sshd)),
+            rootless: None,
+            image: Image::busybox_on(Cli::Podman),
+            net: Network::new_on(Cli::Podman),
+            label: format!("porthole.test={}", crate::docker::unique("t")),
+            ns: crate::Netns::new(),
+        }
+    }
+
+    /// The `--engine` URL of a remote world.
+    pub fn remote_engine(&self) -> Option<String> {
+        let (machine, _) = self.remote.as_ref()?;
+        let socket = self
+            .podman
+            .as_ref()?
+            .url
+            .trim_start_matches("unix://")
+            .to_string();
+        Some(format!("ssh://root@{}{socket}", machine.addr()))
+    }
+
+    /// A labelled container running `args`, on the world's network — or
+    /// none where a container can have none this host reaches (rootless
+    /// here, and remote): the exec stream carries those.
+    pub fn run(&self, extra: &[&str], args: &[&str]) -> Container {
+        let mut all = vec!["--label", self.label.as_str()];
+        all.extend_from_slice(extra);
+        let network = if self.rootless.is_some() || self.remote.is_some() {
+            "none"
+        } else {
+            self.net.name.as_str()
+        };
+        Container::run_on(&self.image, &[network], &all, args)
+    }
+
     /// A world in `cli`'s engine.
     pub fn on(cli: Cli) -> World {
         World {
+            remote: None,
             rootless: (cli == Cli::RootlessPodman).then(|| Rootless::get().with_programs()),
             podman: (cli != Cli::Docker).then(|| PodmanService::start_on(cli)),
             image: Image::busybox_on(cli),
@@ -725,8 +774,8 @@ impl World {
 
     /// A labelled busybox HTTP server on `addr:port` saying `text`.
     pub fn http(&self, addr: &str, port: u16, text: &str) -> Container {
-        let extra = ["--label", self.label.as_str()];
-        Container::http(&self.image, &self.net, &extra, addr, port, text)
+        let cmd = http_server(addr, port, text);
+        self.run(&[], &cmd.each_ref().map(String::as_str))
     }
 
     /// A container whose HTTP server is the kit's static helper (`serve`):
@@ -754,8 +803,15 @@ impl World {
             "--docker-filter",
             &filter,
         ];
-        if let (Some(podman), None) = (&self.podman, &self.rootless) {
-            args.extend(["--engine", podman.url.as_str()]);
+        let engine = self.remote_engine();
+        let ssh_options = self.remote.as_ref().map(|(_, sshd)| sshd.options());
+        match (&engine, &self.podman, &self.rootless) {
+            (Some(remote), _, _) => args.extend(["--engine", remote.as_str()]),
+            (None, Some(podman), None) => args.extend(["--engine", podman.url.as_str()]),
+            _ => {}
+        }
+        for option in ssh_options.iter().flatten() {
+            args.extend(["--ssh-option", option.as_str()]);
         }
         args.extend_from_slice(extra);
         TunnelProc::start_as(&self.ns, self.rootless.as_ref(), &args).await
