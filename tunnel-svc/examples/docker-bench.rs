@@ -4,6 +4,11 @@
 //! what the exec-stream transport carries beside the container's own
 //! address (no relay).
 //!
+//! Then the same `run` latency and one download on every engine there
+//! is: Docker, Podman rootful, Podman rootless (as a user without root)
+//! and a remote Podman reached over `ssh://` (a namespace with its own
+//! sshd), each in one run beside the others.
+//!
 //! ```text
 //! cargo build --release -p tunnel-svc --example docker-bench
 //! sudo ./target/release/examples/docker-bench
@@ -17,7 +22,9 @@
 //! everything is measured.
 #![forbid(unsafe_code)]
 
-use porthole_testkit::docker::{docker, have_docker, static_monitor, Container, Image, Network};
+use porthole_testkit::docker::{
+    docker, have_docker, have_podman, static_monitor, Cli, Container, Image, Network, World,
+};
 use porthole_testkit::measure::{ms, nproc, Stats};
 use porthole_testkit::{unused_local_port, Netns, TunnelProc};
 use std::net::SocketAddr;
@@ -32,6 +39,18 @@ const OPENS: usize = 20;
 const BYTES: u64 = 512 << 20;
 /// How long a port may take to become usable before it counts as failed.
 const DEADLINE: Duration = Duration::from_secs(10);
+/// Containers started one after another on each engine.
+const ENGINE_RUNS: usize = 10;
+
+/// One engine's row: `run` → usable on localhost, and one download.
+struct EngineRow {
+    engine: &'static str,
+    /// How tunnel bytes went (the target's `via`).
+    via: String,
+    run: Vec<Duration>,
+    run_failed: usize,
+    download: Result<f64, String>,
+}
 
 struct Results {
     run: Vec<Duration>,
@@ -46,6 +65,7 @@ struct Results {
     /// tunnel-svc's RSS: idle, with [`RUNS`] containers at once, after
     /// they are gone.
     rss: [u64; 3],
+    engines: Vec<EngineRow>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -139,6 +159,7 @@ async fn measure() -> Results {
         open_failed: 0,
         throughput: Vec::new(),
         rss: [porthole_testkit::rss(tunnel.pid()), 0, 0],
+        engines: Vec::new(),
     };
 
     eprintln!("docker run → localhost, {RUNS} containers");
@@ -265,7 +286,69 @@ async fn measure() -> Results {
         }
     }
     drop(big);
+    r.engines = engines().await;
     r
+}
+
+/// The engine rows: Docker, then each Podman there is.
+async fn engines() -> Vec<EngineRow> {
+    let mut rows = vec![engine_row("Docker", World::new()).await];
+    if have_podman("docker-bench: Podman rows") {
+        rows.push(engine_row("Podman, rootful", World::on(Cli::Podman)).await);
+        rows.push(engine_row("Podman, rootless", World::on(Cli::RootlessPodman)).await);
+        rows.push(engine_row("Podman over ssh://", World::remote().await).await);
+    }
+    rows
+}
+
+/// [`ENGINE_RUNS`] containers started one after another on `w`'s engine
+/// (a busybox httpd on the container's 127.0.0.1), each until it answers
+/// on the host's localhost; then one download of [`BYTES`].
+async fn engine_row(engine: &'static str, w: World) -> EngineRow {
+    eprintln!("{engine}: run → localhost, {ENGINE_RUNS} containers, then a download");
+    let tunnel = w
+        .tunnel_svc(&["--log-level", "warn", "--max-tunnels", "1000"])
+        .await;
+    let mut row = EngineRow {
+        engine,
+        via: String::new(),
+        run: Vec::new(),
+        run_failed: 0,
+        download: Err("not measured".into()),
+    };
+    for _ in 0..ENGINE_RUNS {
+        let port = unused_local_port();
+        let started = Instant::now();
+        let c = w.http("127.0.0.1", port, "bench");
+        match usable(port, started).await {
+            Some(took) => row.run.push(took),
+            None => row.run_failed += 1,
+        }
+        drop(c);
+    }
+    let port = unused_local_port();
+    let script = format!(
+        "mkdir -p /tmp/w && /bin/busybox dd if=/dev/zero of=/tmp/w/big bs=1M count={} 2>/dev/null \
+         && exec /bin/busybox httpd -f -p 127.0.0.1:{port} -h /tmp/w",
+        BYTES >> 20
+    );
+    let big = w.run(&[], &["/bin/sh", "-c", &script]);
+    row.download = match usable(port, Instant::now()).await {
+        Some(_) => download(SocketAddr::from(([127, 0, 0, 1], port))).await,
+        None => Err("the tunnel never answered".into()),
+    };
+    row.via = tunnel
+        .targets()
+        .await
+        .into_iter()
+        .find(|t| t.name == big.name)
+        .and_then(|t| {
+            let via = t.url.split(" via ").nth(1)?;
+            Some(via.split(" on ").next().unwrap_or(via).to_string())
+        })
+        .unwrap_or_default();
+    drop(big);
+    row
 }
 
 /// tunnel-svc --docker following the bench's containers, with `transport`.
@@ -352,5 +435,30 @@ fn report(r: &Results) {
             Ok(g) => println!("| {path} | {g:.2} |"),
             Err(e) => println!("| {path} | not measured: {e} |"),
         }
+    }
+    println!();
+    println!(
+        "Engines, one run: `run` (busybox httpd on the container's 127.0.0.1) → answers on the \
+         host's localhost, {ENGINE_RUNS} containers, and one download of {} MiB:\n",
+        BYTES >> 20
+    );
+    println!("| engine | tunnel bytes via | n | p50 | p99 | failed | download Gbit/s |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
+    for e in &r.engines {
+        let mut s = e.run.clone();
+        let st = Stats::of(&mut s);
+        let download = match &e.download {
+            Ok(g) => format!("{g:.2}"),
+            Err(why) => format!("not measured: {why}"),
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {download} |",
+            e.engine,
+            e.via,
+            e.run.len(),
+            ms(st.p50),
+            ms(st.p99),
+            e.run_failed
+        );
     }
 }
