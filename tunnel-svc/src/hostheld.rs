@@ -160,9 +160,15 @@ mod tests {
 
     #[test]
     fn this_machines_listeners_are_seen_and_ours_are_not() {
-        // Below the ephemeral range: no other test's socket takes its port
-        // once it is closed.
+        let bind = ["127.0.0.1".parse().unwrap()];
+        // Below the ephemeral range (no other test's socket takes its port
+        // once it is closed), and one no process holds on any address that
+        // conflicts (a `[::]` listener lets 127.0.0.1 bind, yet holds it).
+        let mut before = HostHeld::default();
+        let start = Instant::now();
+        before.scan(&HashSet::new(), &bind, start);
         let (port, held) = (20_000..30_000)
+            .filter(|p| before.recently(Proto::Tcp, *p, start).is_none())
             .find_map(|p| Some((p, std::net::TcpListener::bind(("127.0.0.1", p)).ok()?)))
             .expect("a free port below the ephemeral range");
         let ours = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -170,7 +176,6 @@ mod tests {
         // Elsewhere on loopback: no conflict with tunnels on 127.0.0.1.
         let aside = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
         let aside_port = aside.local_addr().unwrap().port();
-        let bind = ["127.0.0.1".parse().unwrap()];
         let mut h = HostHeld::default();
         let now = Instant::now();
         h.scan(&HashSet::from([(Proto::Tcp, our_port)]), &bind, now);
