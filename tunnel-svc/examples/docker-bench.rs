@@ -344,7 +344,8 @@ async fn engine_row(engine: &'static str, w: World) -> EngineRow {
         .find(|t| t.name == big.name)
         .and_then(|t| {
             let via = t.url.split(" via ").nth(1)?;
-            Some(via.split(" on ").next().unwrap_or(via).to_string())
+            // `ip ADDRESS:PORT on ENGINE` or `exec …`: the kind.
+            Some(via.split_whitespace().next().unwrap_or(via).to_string())
         })
         .unwrap_or_default();
     drop(big);
