@@ -14,31 +14,43 @@ fn test_name() -> String {
     std::thread::current().name().unwrap_or("test").to_string()
 }
 
+/// A container of `w` serving `text` on its 127.0.0.1, and tunnel-svc
+/// following `w`, once the server answers on the host's localhost; the
+/// container's target as `ls` shows it.
+async fn serving(
+    w: &World,
+    text: &str,
+) -> (Container, common::TunnelProc, u16, porthole::pb::v1::Target) {
+    let port = common::unused_local_port();
+    let c = w.http("127.0.0.1", port, text);
+    let tunnel = w.tunnel_svc(&[]).await;
+    let started = Instant::now();
+    let body = poll_until("the container's server on localhost", DEADLINE, || {
+        get(port)
+    })
+    .await;
+    assert_eq!(body, text);
+    eprintln!(
+        "usable on localhost {} ms after tunnel-svc started",
+        started.elapsed().as_millis()
+    );
+    let target = tunnel
+        .targets()
+        .await
+        .into_iter()
+        .find(|t| t.name == c.name)
+        .expect("the container is a target");
+    (c, tunnel, port, target)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_podman_containers_loopback_server_is_on_localhost_through_restart_and_stop() {
     if !have_podman(&test_name()) {
         return;
     }
     let w = World::on(Cli::Podman);
-    let port = common::unused_local_port();
-    let c = w.http("127.0.0.1", port, "in-podman");
-    let mut tunnel = w.tunnel_svc(&[]).await;
-    let started = Instant::now();
-    let body = poll_until("the container's server on localhost", DEADLINE, || {
-        get(port)
-    })
-    .await;
-    assert_eq!(body, "in-podman");
-    eprintln!(
-        "usable on localhost {} ms after tunnel-svc started",
-        started.elapsed().as_millis()
-    );
+    let (c, mut tunnel, port, t) = serving(&w, "in-podman").await;
     let engine = &w.podman.as_ref().expect("a Podman world").url;
-    let targets = tunnel.targets().await;
-    let t = targets
-        .iter()
-        .find(|t| t.name == c.name)
-        .expect("the container is a target");
     assert!(
         t.url.starts_with(&format!("podman://{} (", c.name))
             && t.url.ends_with(&format!(" on {engine}")),
@@ -110,15 +122,9 @@ async fn rootless_podman_as_its_user_with_tunnel_svc_as_that_user_too() {
         return;
     }
     let w = World::on(Cli::RootlessPodman);
-    let port = common::unused_local_port();
-    let c = w.http("127.0.0.1", port, "rootless");
-    let mut tunnel = w.tunnel_svc(&[]).await;
-    let body = poll_until("the rootless container's server", DEADLINE, || get(port)).await;
-    assert_eq!(body, "rootless");
+    let (c, mut tunnel, port, t) = serving(&w, "rootless").await;
     let user = w.rootless.as_ref().expect("a rootless world");
     let socket = format!("unix://{}/podman/podman.sock", user.runtime_dir.display());
-    let targets = tunnel.targets().await;
-    let t = targets.iter().find(|t| t.name == c.name).expect("a target");
     assert!(
         t.url.starts_with(&format!("podman://{} (", c.name))
             && t.url.contains(" via exec")
@@ -173,19 +179,8 @@ async fn a_remote_podman_over_ssh_is_followed_and_its_master_comes_back() {
         return;
     }
     let w = World::remote().await;
-    let port = common::unused_local_port();
-    let c = w.http("127.0.0.1", port, "far-away");
+    let (c, tunnel, port, t) = serving(&w, "far-away").await;
     let engine = w.remote_engine().expect("a remote world");
-    let tunnel = w.tunnel_svc(&[]).await;
-    let body = poll_until(
-        "the remote container's server on localhost",
-        DEADLINE,
-        || get(port),
-    )
-    .await;
-    assert_eq!(body, "far-away");
-    let targets = tunnel.targets().await;
-    let t = targets.iter().find(|t| t.name == c.name).expect("a target");
     assert!(
         t.url.starts_with(&format!("podman://{} (", c.name))
             && t.url.contains(" via exec")
