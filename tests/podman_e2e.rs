@@ -212,3 +212,38 @@ async fn a_remote_podman_over_ssh_is_followed_and_its_master_comes_back() {
         again.elapsed().as_millis()
     );
 }
+
+/// What Docker mode does for Docker containers, on Podman's events and
+/// states: a renamed container keeps its tunnel under the new name, and a
+/// port the container publishes itself (`-p`) is listed, not forwarded.
+#[tokio::test(flavor = "multi_thread")]
+async fn podman_renames_and_published_ports_are_followed_as_dockers() {
+    if !have_podman(&test_name()) {
+        return;
+    }
+    let w = World::on(Cli::Podman);
+    let (c, tunnel, port, _) = serving(&w, "renamed").await;
+    let renamed = common::docker::unique("renamed");
+    Cli::Podman
+        .run(&["rename", &c.name, &renamed])
+        .expect("podman rename");
+    let id = format!("{renamed}:tcp:{port}");
+    tunnel.wait_active(&id).await;
+    assert_eq!(get(port).await.as_deref(), Some("renamed"));
+
+    let (inside, published) = (common::unused_local_port(), common::unused_local_port());
+    let mapping = format!("{published}:{inside}");
+    let cmd = http_server("0.0.0.0", inside, "published");
+    let p = w.run(
+        &["-p", mapping.as_str()],
+        &cmd.each_ref().map(String::as_str),
+    );
+    let tunnel_id = format!("{}:tcp:{inside}", p.name);
+    let t = poll_until("the published port, listed", DEADLINE, || async {
+        tunnel.tunnel(&tunnel_id).await
+    })
+    .await;
+    assert_eq!(t.host_port, u32::from(published), "{t:?}");
+    assert!(t.note.contains("published"), "{t:?}");
+    assert!(common::host_port_is_free(inside) || inside == published);
+}
