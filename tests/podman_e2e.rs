@@ -214,10 +214,11 @@ async fn a_remote_podman_over_ssh_is_followed_and_its_master_comes_back() {
 }
 
 /// What Docker mode does for Docker containers, on Podman's events and
-/// states: a renamed container keeps its tunnel under the new name, and a
-/// port the container publishes itself (`-p`) is listed, not forwarded.
+/// states: a renamed container keeps its tunnel under the new name, a
+/// port the container publishes itself (`-p`) is listed, not forwarded,
+/// and `porthole.*` labels are its rules.
 #[tokio::test(flavor = "multi_thread")]
-async fn podman_renames_and_published_ports_are_followed_as_dockers() {
+async fn podman_renames_published_ports_and_labels_are_followed_as_dockers() {
     if !have_podman(&test_name()) {
         return;
     }
@@ -246,4 +247,30 @@ async fn podman_renames_and_published_ports_are_followed_as_dockers() {
     assert_eq!(t.host_port, u32::from(published), "{t:?}");
     assert!(t.note.contains("published"), "{t:?}");
     assert!(common::host_port_is_free(inside) || inside == published);
+
+    // Its labels are its rules: one port ignored, another labelled.
+    let (ignored, labelled) = (common::unused_local_port(), common::unused_local_port());
+    let script = format!(
+        "mkdir -p /tmp/w && /bin/busybox httpd -p 127.0.0.1:{ignored} -h /tmp/w && \
+         exec /bin/busybox httpd -f -p 127.0.0.1:{labelled} -h /tmp/w"
+    );
+    let (ignore, label) = (
+        format!("porthole.ignore={ignored}"),
+        format!("porthole.label.{labelled}=site"),
+    );
+    let r = w.run(
+        &["--label", ignore.as_str(), "--label", label.as_str()],
+        &["/bin/sh", "-c", &script],
+    );
+    let t = tunnel
+        .wait_active(&format!("{}:tcp:{labelled}", r.name))
+        .await;
+    assert_eq!(t.label, "site", "{t:?}");
+    assert!(
+        tunnel
+            .tunnel(&format!("{}:tcp:{ignored}", r.name))
+            .await
+            .is_none(),
+        "the ignored port has no tunnel"
+    );
 }
