@@ -189,6 +189,11 @@ async fn no_network_goes_over_the_exec_stream() {
     };
     let t = r.target().await;
     assert!(t.url.ends_with(" via exec"), "{t:?}");
+    let monitor = r.c.monitor_ps().expect("the monitor runs");
+    assert!(
+        !monitor.contains("--stdio-listen"),
+        "no address, no listener: {monitor}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -107,6 +107,11 @@ async fn a_podman_container_without_a_network_is_reached_over_exec() {
     let targets = tunnel.targets().await;
     let t = targets.iter().find(|t| t.name == c.name).expect("a target");
     assert!(t.url.contains(" via exec"), "no address to reach: {t:?}");
+    let monitor = c.monitor_ps().expect("the monitor runs");
+    assert!(
+        !monitor.contains("--stdio-listen"),
+        "no address, no listener: {monitor}"
+    );
 }
 
 /// Rootless Podman, as a user without root ([`common::docker::ROOTLESS_USER`],

@@ -354,6 +354,9 @@ impl Follower {
             .await
             .map_err(|e| StartError::Inspect(engine_error(&e)))?;
         let addresses = addresses(&info);
+        // No address of its own (`--network none`): nothing to listen on,
+        // and nothing the host could reach; the exec stream it is.
+        let token = token.filter(|_| !addresses.is_empty());
         let user = info.config.and_then(|c| c.user).unwrap_or_default();
         self.copy_in(c).await?;
         let (mut io, ended) = self.exec_monitor(c, token, non_root(&user)).await?;
