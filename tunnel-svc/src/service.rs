@@ -260,8 +260,13 @@ pub async fn run(
         tokio::spawn(reload_on_hangup(reload, handle.clone(), shutdown.clone()));
     }
     if let Some(docker_opts) = &opts.docker {
+        // Where an engine reached over ssh keeps its master's sockets.
+        let dir = match &runtime {
+            Some(d) => d.clone(),
+            None => runtime.insert(runtime_dir().await?).clone(),
+        };
         // Checked before anything runs: no engine is said at once.
-        docker::start(docker_opts.clone(), handle.clone(), shutdown.clone()).await?;
+        docker::start(docker_opts.clone(), &dir, handle.clone(), shutdown.clone()).await?;
     }
     tracing::info!(addr = %admin.local_addr()?, "tunnel-svc admin API listening");
     tokio::spawn(trim_after_connections_end(shutdown.clone()));

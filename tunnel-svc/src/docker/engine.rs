@@ -178,6 +178,7 @@ impl std::fmt::Debug for EngineShown {
 pub async fn connect(
     endpoint: &super::discover::Endpoint,
     ssh_options: &[String],
+    runtime: &std::path::Path,
 ) -> Result<(Docker, Arc<EngineShown>), DockerError> {
     use bollard::API_DEFAULT_VERSION;
     let url = &endpoint.url;
@@ -187,7 +188,7 @@ pub async fn connect(
         why: e.to_string(),
     };
     let forward = match url.starts_with("ssh://") {
-        true => Some(super::remote::open(url, ssh_options).await?),
+        true => Some(super::remote::open(url, ssh_options, runtime).await?),
         false => None,
     };
     let docker = match (&forward, url.strip_prefix("unix://")) {

@@ -192,16 +192,19 @@ pub fn default_monitor_binary() -> PathBuf {
 }
 
 /// Connects to the engine and follows it until `shutdown` (see
-/// [`engine::follow`]); fails at once when no engine answers.
+/// [`engine::follow`]); fails at once when no engine answers. An engine
+/// reached over ssh keeps its master's sockets in `runtime` (this
+/// tunnel-svc's private directory, removed when it stops).
 #[cfg(feature = "docker")]
 pub async fn start(
     opts: Options,
+    runtime: &Path,
     reconciler: Handle,
     shutdown: CancellationToken,
 ) -> Result<(), DockerError> {
     let endpoint = discover::find_here(opts.engine.as_deref())
         .map_err(|e| DockerError::NoEngine(e.to_string()))?;
-    let (docker, engine) = engine::connect(&endpoint, &opts.ssh_options).await?;
+    let (docker, engine) = engine::connect(&endpoint, &opts.ssh_options, runtime).await?;
     let mut opts = opts;
     if engine.remote && opts.transport == Transport::Auto {
         // The remote machine's container addresses are not this host's
@@ -217,6 +220,7 @@ pub async fn start(
 #[cfg(not(feature = "docker"))]
 pub async fn start(
     _opts: Options,
+    _runtime: &Path,
     _reconciler: Handle,
     _shutdown: CancellationToken,
 ) -> Result<(), DockerError> {

@@ -9,7 +9,7 @@
 
 use super::DockerError;
 use crate::backend::ssh::{Ssh, SshConfig};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// How long the first connection to the remote machine may take.
@@ -61,9 +61,13 @@ impl SshUrl {
     }
 }
 
-/// Starts the master for `url` with the user's `ssh_options` and waits
-/// until the engine's socket is forwarded.
-pub(super) async fn open(url: &str, ssh_options: &[String]) -> Result<Remote, DockerError> {
+/// Starts the master for `url` with the user's `ssh_options`, its sockets
+/// in `runtime/.engine`, and waits until the engine's socket is forwarded.
+pub(super) async fn open(
+    url: &str,
+    ssh_options: &[String],
+    runtime: &Path,
+) -> Result<Remote, DockerError> {
     let fail = |why: String| DockerError::Engine {
         url: url.to_string(),
         from: "ssh".into(),
@@ -71,8 +75,9 @@ pub(super) async fn open(url: &str, ssh_options: &[String]) -> Result<Remote, Do
     };
     let parsed =
         SshUrl::parse(url).ok_or_else(|| fail("want ssh://[USER@]HOST[:PORT][/SOCKET]".into()))?;
-    let base = std::env::var_os("XDG_RUNTIME_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
-    let dir = base.join(format!("porthole-engine-{}", std::process::id()));
+    // Beside the ssh targets' directories, under a name no target can
+    // have (target names take no dots).
+    let dir = runtime.join(".engine");
     let local = dir.join("engine.sock");
     let mut options = ssh_options.to_vec();
     if let Some(port) = parsed.port {

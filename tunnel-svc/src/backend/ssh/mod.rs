@@ -430,7 +430,6 @@ impl Shared {
         // Its own forwards (a remote engine's socket) before it counts as up:
         // the master runs with ClearAllForwardings, so they are added here.
         for (local, remote) in &self.config.socket_forwards {
-            let _ = std::fs::remove_file(local);
             let mut spec = escape_percent(local);
             spec.push(":");
             spec.push(remote);
