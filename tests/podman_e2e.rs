@@ -153,25 +153,6 @@ async fn rootless_podman_as_its_user_with_tunnel_svc_as_that_user_too() {
     });
 }
 
-/// The pid of tunnel-svc's ssh master (its child running `ssh -M`), other
-/// than `not`.
-fn ssh_master(tunnel_pid: u32, not: Option<u32>) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let ppid: u32 = stat
-            .rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let master = cmdline.split(|b| *b == 0).any(|a| a == b"-M");
-        (ppid == tunnel_pid && master && Some(pid) != not).then_some(pid)
-    })
-}
-
 /// A "remote machine": a network namespace running sshd and Podman's API
 /// service, whose socket the host reaches only through that sshd, as
 /// `--engine ssh://root@ADDRESS/SOCKET` (what `DOCKER_HOST` or a docker
@@ -194,7 +175,7 @@ async fn a_remote_podman_over_ssh_is_followed_and_its_master_comes_back() {
     );
 
     let master = poll_until("tunnel-svc's ssh master", DEADLINE, || async {
-        ssh_master(tunnel.pid(), None)
+        common::ssh_master(tunnel.pid(), None)
     })
     .await;
     let killed = rustix::process::kill_process(
@@ -204,7 +185,7 @@ async fn a_remote_podman_over_ssh_is_followed_and_its_master_comes_back() {
     assert!(killed.is_ok(), "kill -KILL {master}");
     let again = Instant::now();
     poll_until("a new ssh master", DEADLINE, || async {
-        ssh_master(tunnel.pid(), Some(master))
+        common::ssh_master(tunnel.pid(), Some(master))
     })
     .await;
     let body = poll_until("the tunnel after the master came back", DEADLINE, || {

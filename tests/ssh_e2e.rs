@@ -10,8 +10,8 @@
 use porthole_testkit as common;
 
 use common::{
-    have_openssh, poll_until, require_root, send_signal, within, MonitorProc, Netns, Proc, Sshd,
-    TunnelProc, DEADLINE,
+    argv, have_openssh, poll_until, require_root, send_signal, ssh_children, ssh_master, within,
+    MonitorProc, Netns, Proc, Sshd, TunnelProc, DEADLINE,
 };
 use porthole::pb::v1::{Backend, Tunnel, TunnelState};
 use std::fs;
@@ -173,50 +173,6 @@ impl TunnelSvc {
     }
 }
 
-/// `(pid, argv)` of every ssh process whose parent is `parent`.
-fn ssh_children(parent: u32) -> Vec<(u32, Vec<String>)> {
-    let mut found = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = &stat[open + 1..close];
-        let ppid = stat[close + 1..]
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse::<u32>().ok());
-        if comm == "ssh" && ppid == Some(parent) {
-            found.push((pid, argv(pid)));
-        }
-    }
-    found
-}
-
-fn argv(pid: u32) -> Vec<String> {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|raw| {
-            raw.split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// A connection through the tunnel that has carried one byte each way and
 /// stays open.
 async fn echoing_connection(addr: SocketAddr) -> TcpStream {
@@ -235,10 +191,7 @@ async fn echoing_connection(addr: SocketAddr) -> TcpStream {
 /// The pid of tunnel-svc's ControlMaster (`ssh -M ...`), once it runs.
 async fn master_pid(tunnel: &TunnelSvc, other_than: Option<u32>) -> u32 {
     poll_until("tunnel-svc's ssh master", DEADLINE, || async {
-        ssh_children(tunnel.pid())
-            .into_iter()
-            .find(|(pid, args)| Some(*pid) != other_than && args.iter().any(|a| a == "-M"))
-            .map(|(pid, _)| pid)
+        ssh_master(tunnel.pid(), other_than)
     })
     .await
 }

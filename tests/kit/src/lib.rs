@@ -19,7 +19,7 @@ mod sshd;
 
 pub use measure::{crc32, XorShift};
 use porthole::pb::v1::port_events_client::PortEventsClient;
-pub use sshd::{banner, have_openssh, Sshd, SSHD};
+pub use sshd::{argv, banner, have_openssh, ssh_children, ssh_master, Sshd, SSHD};
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::future::Future;

@@ -200,3 +200,57 @@ impl Sshd {
         format!("root@{}", self.addr.ip())
     }
 }
+
+/// `(pid, argv)` of every ssh process whose parent is `parent`.
+pub fn ssh_children(parent: u32) -> Vec<(u32, Vec<String>)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let ppid = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if comm == "ssh" && ppid == Some(parent) {
+            found.push((pid, argv(pid)));
+        }
+    }
+    found
+}
+
+/// A process's command line.
+pub fn argv(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The pid of the ssh ControlMaster (`ssh -M ...`) whose parent is
+/// `parent` (a tunnel-svc), other than `other_than`.
+pub fn ssh_master(parent: u32, other_than: Option<u32>) -> Option<u32> {
+    ssh_children(parent)
+        .into_iter()
+        .find(|(pid, args)| Some(*pid) != other_than && args.iter().any(|a| a == "-M"))
+        .map(|(pid, _)| pid)
+}
