@@ -1,10 +1,11 @@
 //! `tunnel-svc --docker` with the container set-ups users have: a user
 //! that is not root, capabilities dropped, no new privileges, no network,
-//! several networks, an image without a shell, an app on the port the
-//! monitor used to take, a paused container; and the two whose ports are
-//! not their own (`--network host`, `--network container:OTHER`). Each
-//! works, checked as a user would (`curl localhost:PORT`, `docker exec ps`,
-//! nothing left in `/`), or says why in the log.
+//! several networks, an image without a shell, a read-only root, an app on
+//! the port the monitor used to take, a paused container; and the two
+//! whose ports are not their own (`--network host`, `--network
+//! container:OTHER`). Each works, checked as a user would (`curl
+//! localhost:PORT`, `docker exec ps`, nothing left in `/`), or says why in
+//! the log.
 
 use porthole_testkit as common;
 
@@ -176,6 +177,37 @@ async fn no_new_privileges() {
     .await;
 }
 
+/// The engine refuses to copy into a read-only root: the monitor is
+/// streamed in over exec to the first place that is writable and
+/// executable. Docker mounts `--tmpfs` `noexec`, so it is written to
+/// `/tmp`, does not run there, and moves on to `/dev` (Docker's own tmpfs,
+/// not `noexec`); it removes itself from there too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_root_gets_the_monitor_streamed_in() {
+    let Some(mut r) = works(Setup {
+        extra: &["--read-only", "--tmpfs", "/tmp"],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let line = monitor_ps(&r.c);
+    assert!(line.contains("/dev/.porthole-monitor-svc"), "{line}");
+    assert!(
+        !r.c.exec(&["ls", "-a", "/dev", "/tmp"]).contains("porthole"),
+        "the monitor removed its file"
+    );
+    assert!(
+        r.tunnel.log().contains("streamed in over exec"),
+        "the log says how it got in"
+    );
+    assert!(r.tunnel.terminate().await.success());
+    wait_for("the monitor to exit with its exec stream", DEADLINE, || {
+        !r.c.exec(&["ps"]).contains("--stdio")
+    });
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn no_network_goes_over_the_exec_stream() {
     let Some(r) = works(Setup {
@@ -337,7 +369,8 @@ async fn a_published_port_docker_cannot_reach_is_forwarded() {
 }
 
 /// A directory of the container's own at the monitor's path is never
-/// replaced: the container gets no monitor, and its target says why.
+/// replaced: the engine refuses the archive, and the monitor is streamed
+/// in to `/tmp` instead.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_directory_at_the_monitors_path_is_left_alone() {
     if !have_docker(&test_name()) {
@@ -359,11 +392,12 @@ async fn a_directory_at_the_monitors_path_is_left_alone() {
         .is_ok_and(|s| s == "mine")
     });
     let tunnel = w.tunnel_svc(&[]).await;
-    let t = tunnel
-        .wait_target("the target's reason", |t| {
-            t.name == c.name && t.error.contains("cannot copy monitor-svc")
+    tunnel
+        .wait_target("the container's monitor", |t| {
+            t.name == c.name && t.connected
         })
         .await;
-    assert!(!t.connected, "{t:?}");
+    let line = monitor_ps(&c);
+    assert!(line.contains("/tmp/.porthole-monitor-svc"), "{line}");
     assert_eq!(c.exec(&["cat", "/.porthole-monitor-svc/keep"]), "mine");
 }

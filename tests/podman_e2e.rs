@@ -84,8 +84,11 @@ async fn a_podman_containers_loopback_server_is_on_localhost_through_restart_and
     assert!(tunnels_of(&tunnel, &c.name).await.is_empty());
 }
 
+/// No network and a read-only root: Podman refuses the monitor's archive,
+/// so it is streamed in over exec to `/tmp` (Podman's `--read-only` mounts
+/// a tmpfs there), and the bytes go over the exec stream.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_podman_container_without_a_network_is_reached_over_exec() {
+async fn a_podman_container_without_a_network_or_a_writable_root_is_reached_over_exec() {
     if !have_podman(&test_name()) {
         return;
     }
@@ -95,7 +98,7 @@ async fn a_podman_container_without_a_network_is_reached_over_exec() {
     let c = Container::run_on(
         &w.image,
         &["none"],
-        &["--label", w.label.as_str()],
+        &["--read-only", "--label", w.label.as_str()],
         &cmd.each_ref().map(String::as_str),
     );
     let tunnel = w.tunnel_svc(&[]).await;
@@ -112,6 +115,10 @@ async fn a_podman_container_without_a_network_is_reached_over_exec() {
         !monitor.contains("--stdio-listen"),
         "no address, no listener: {monitor}"
     );
+    assert!(monitor.contains("/tmp/.porthole-monitor-svc"), "{monitor}");
+    assert!(tunnel.log().contains("streamed in over exec"));
+    let tmp = c.exec(&["ls", "-a", "/tmp"]);
+    assert!(!tmp.contains("porthole"), "left in /tmp:\n{tmp}");
 }
 
 /// Rootless Podman, as a user without root ([`common::docker::ROOTLESS_USER`],

@@ -182,8 +182,9 @@ struct RunArgs {
     /// (overrides --token-file for monitors). Repeatable.
     #[arg(long = "monitor-token-file", value_name = "[TARGET=]PATH")]
     monitor_token_files: Vec<String>,
-    /// Follow the Docker engine (DOCKER_HOST, else /var/run/docker.sock):
-    /// every running container gets a monitor and its ports on localhost.
+    /// Follow a container engine (Docker or Podman, local or over ssh; see
+    /// --engine): every running container gets a monitor and its ports on
+    /// localhost.
     #[arg(long)]
     docker: bool,
     /// Only containers matching KEY=VALUE (label, name or id, as `docker ps

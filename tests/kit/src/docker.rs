@@ -311,6 +311,14 @@ impl PodmanService {
                     )
                     .trim()
                 ));
+                // Podman makes the socket, not its directory (a login's
+                // podman.socket unit would).
+                let made = rootless_command("mkdir")
+                    .arg("-p")
+                    .arg(runtime.join("podman"))
+                    .status()
+                    .expect("mkdir as the user");
+                assert!(made.success(), "mkdir {}/podman: {made}", runtime.display());
                 let _ = std::fs::remove_file(runtime.join("podman/podman.sock"));
                 (
                     rootless_command("podman"),

@@ -7,7 +7,6 @@ use crate::model::{PortKey, Proto};
 use crate::reconcile::{Handle, Link};
 use bollard::query_parameters::{EventsOptions, ListContainersOptions};
 use bollard::Docker;
-use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -249,7 +248,7 @@ pub async fn follow(
         docker,
         engine,
         filters,
-        archive: opts.archive.0.clone(),
+        archive: opts.archive.clone(),
         reconciler,
         transport: opts.transport,
         raw_relay: opts.raw_relay,
@@ -300,7 +299,7 @@ pub(super) struct Follower {
     pub(super) docker: Docker,
     pub(super) engine: Arc<EngineShown>,
     pub(super) filters: HashMap<String, Vec<String>>,
-    pub(super) archive: Bytes,
+    pub(super) archive: super::Archive,
     pub(super) reconciler: Handle,
     pub(super) transport: Transport,
     pub(super) raw_relay: bool,

@@ -10,8 +10,9 @@
 //!
 //! Its rooms: this module holds what needs no engine (options, the
 //! monitor's archive); with the `docker` cargo feature (on by default),
-//! `engine` follows containers, `monitor` runs one container's monitor
-//! through its lives and `exec` carries its gRPC API over the exec stream.
+//! `engine` follows containers, `inject` puts the monitor's file in one,
+//! `monitor` runs that container's monitor through its lives and `exec`
+//! carries its gRPC API over the exec stream.
 
 #[cfg(feature = "docker")]
 mod discover;
@@ -19,6 +20,8 @@ mod discover;
 mod engine;
 #[cfg(feature = "docker")]
 mod exec;
+#[cfg(feature = "docker")]
+mod inject;
 #[cfg(feature = "docker")]
 mod monitor;
 #[cfg(feature = "docker")]
@@ -64,13 +67,18 @@ pub struct Options {
     pub ssh_options: Vec<String>,
 }
 
-/// The monitor as a tar archive (see [`monitor_archive`]).
+/// The monitor as a tar archive (see [`monitor_archive`]), and its file
+/// alone (a slice of the same bytes) for engines that refuse the archive.
 #[derive(Clone)]
-pub struct Archive(Bytes);
+pub struct Archive {
+    tar: Bytes,
+    #[cfg_attr(not(feature = "docker"), allow(dead_code))]
+    binary: Bytes,
+}
 
 impl std::fmt::Debug for Archive {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Archive({} bytes)", self.0.len())
+        write!(f, "Archive({} bytes)", self.tar.len())
     }
 }
 
@@ -179,7 +187,16 @@ pub fn monitor_archive(path: &Path) -> Result<Archive, DockerError> {
         path: path.into(),
         why: format!("cannot archive it ({e})"),
     })?;
-    Ok(Archive(Bytes::from(archive)))
+    Ok(Archive::new(Bytes::from(archive), binary.len()))
+}
+
+impl Archive {
+    /// `tar` from [`tar_one`], whose file of `len` bytes follows the one
+    /// 512-byte header.
+    fn new(tar: Bytes, len: usize) -> Archive {
+        let binary = tar.slice(512..512 + len);
+        Archive { tar, binary }
+    }
 }
 
 /// The monitor for `--docker`: `--monitor-binary`, else `monitor-svc`
@@ -279,6 +296,8 @@ mod tests {
     #[test]
     fn the_archive_is_one_executable_file() {
         let tar = tar_one(".porthole-monitor-svc", b"hello").unwrap();
+        let whole = Archive::new(Bytes::from(tar.clone()), 5);
+        assert_eq!(&whole.binary[..], b"hello", "the file alone");
         let mut archive = tar::Archive::new(&tar[..]);
         let mut entries = archive.entries().unwrap();
         let mut entry = entries.next().unwrap().unwrap();

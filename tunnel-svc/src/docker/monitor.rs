@@ -4,14 +4,11 @@
 
 use super::engine::{Container, Follower};
 use super::exec::{exec_channel, Current, ExecIo, Said, Slot, MONITOR_START};
-use super::{Transport, MONITOR_PATH};
+use super::Transport;
 use crate::backend::{grpc::Grpc, Backend};
 use crate::reconcile::{Link, TargetSpec};
 use crate::watch::Watcher;
 use bollard::exec::{CreateExecOptions, StartExecResults};
-use bollard::query_parameters::UploadToContainerOptions;
-use bytes::Bytes;
-use futures_util::Stream;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -358,8 +355,8 @@ impl Follower {
         // and nothing the host could reach; the exec stream it is.
         let token = token.filter(|_| !addresses.is_empty());
         let user = info.config.and_then(|c| c.user).unwrap_or_default();
-        self.copy_in(c).await?;
-        let (mut io, ended) = self.exec_monitor(c, token, non_root(&user)).await?;
+        let path = self.copy_in(c).await.map_err(StartError::Upload)?;
+        let (mut io, ended) = self.exec_monitor(c, &path, token, non_root(&user)).await?;
         let port = match tokio::time::timeout(MONITOR_START, io.hello()).await {
             Err(_) => return Err(StartError::Timeout),
             Ok(hello) => hello.map_err(StartError::Said)?,
@@ -374,29 +371,12 @@ impl Follower {
         })
     }
 
-    /// Puts the monitor's file at [`MONITOR_PATH`] in `c`.
-    async fn copy_in(&self, c: &Container) -> Result<(), StartError> {
-        // Never replaces a directory of the container's with the file.
-        let upload = UploadToContainerOptions {
-            path: "/".into(),
-            no_overwrite_dir_non_dir: Some("true".into()),
-            ..Default::default()
-        };
-        self.docker
-            .upload_to_container(
-                &c.id,
-                Some(upload),
-                bollard::body_stream(upload_body(&self.archive)),
-            )
-            .await
-            .map_err(|e| StartError::Upload(engine_error(&e)))
-    }
-
-    /// Runs the monitor in `c` on an exec stream (started as root when
+    /// Runs the monitor (its file at `path`) in `c` on an exec stream (started as root when
     /// the container's `user` is another), hands it `token` there.
     async fn exec_monitor(
         &self,
         c: &Container,
+        path: &str,
         token: Option<&porthole::auth::Token>,
         user: Option<&str>,
     ) -> Result<(ExecIo, tokio::sync::oneshot::Receiver<()>), StartError> {
@@ -408,7 +388,7 @@ impl Follower {
                     attach_stdin: Some(true),
                     attach_stdout: Some(true),
                     attach_stderr: Some(true),
-                    cmd: Some(command(token.is_some(), user)),
+                    cmd: Some(command(path, token.is_some(), user)),
                     user: user.map(|_| "0".to_string()),
                     ..Default::default()
                 },
@@ -436,12 +416,12 @@ impl Follower {
     }
 }
 
-/// The monitor's command line: on stdio, and (with `listen`) also on a
+/// The monitor's command line (its file at `path`): on stdio, and (with `listen`) also on a
 /// free port of the container's address with the token it reads from
 /// stdin; as `user` once it has removed itself.
-pub(super) fn command(listen: bool, user: Option<&str>) -> Vec<String> {
+pub(super) fn command(path: &str, listen: bool, user: Option<&str>) -> Vec<String> {
     let mut cmd = vec![
-        MONITOR_PATH.to_string(),
+        path.to_string(),
         "--stdio".into(),
         "--replace".into(),
         "--remove-self".into(),
@@ -538,20 +518,6 @@ pub(super) struct Started {
 pub(super) fn non_root(user: &str) -> Option<&str> {
     let uid = user.split(':').next().unwrap_or_default();
     (!matches!(uid, "" | "0" | "root")).then_some(user)
-}
-
-/// The archive as a request body of 64 KiB slices of the one shared copy.
-/// Given whole, the HTTP client copies it into the connection's write
-/// buffer (a Unix socket takes no vectored writes), and the pooled
-/// connection keeps that 8 MiB buffer: 20 containers started at once held
-/// 170 MiB.
-pub(super) fn upload_body(archive: &Bytes) -> impl Stream<Item = Bytes> + Send + 'static {
-    const CHUNK: usize = 64 << 10;
-    let archive = archive.clone();
-    let chunks = (0..archive.len())
-        .step_by(CHUNK)
-        .map(move |at| archive.slice(at..(at + CHUNK).min(archive.len())));
-    futures_util::stream::iter(chunks)
 }
 
 /// Why a monitor stopped, in its own words when it left any.
