@@ -49,6 +49,7 @@ fn backend(kind: crate::config::BackendKind) -> pb::Backend {
 /// A tunnel on the wire. `error` holds why it failed, else why its latest
 /// connection did; a capped tunnel is PENDING with a note.
 pub fn tunnel(t: TunnelView) -> pb::Tunnel {
+    let url = url_of(&t);
     let (state, failed) = match t.state {
         TunnelState::Pending | TunnelState::Capped => (pb::TunnelState::Pending, None),
         TunnelState::Active => (pb::TunnelState::Active, None),
@@ -90,7 +91,23 @@ pub fn tunnel(t: TunnelView) -> pb::Tunnel {
         datagrams_dropped: t.counters.datagrams_dropped,
         note: t.note.unwrap_or_default(),
         label: t.label.unwrap_or_default(),
+        settings_from: t.settings.from.map(|f| f.short()).unwrap_or_default(),
+        url,
     }
+}
+
+/// `SCHEME://HOST:PORT` of a tunnel whose settings give its scheme, with
+/// `localhost` for the loopback addresses.
+fn url_of(t: &TunnelView) -> String {
+    let (Some(scheme), port @ 1..) = (t.settings.scheme, t.host_port) else {
+        return String::new();
+    };
+    let host = match t.host_addresses.iter().find(|a| !a.ip().is_loopback()) {
+        None => "localhost".to_string(),
+        Some(a) if a.is_ipv6() => format!("[{}]", a.ip()),
+        Some(a) => a.ip().to_string(),
+    };
+    format!("{scheme}://{host}:{port}")
 }
 
 fn target(t: TargetView) -> pb::Target {

@@ -5,7 +5,7 @@ use crate::model::Proto;
 use anyhow::Context;
 use porthole::pb::v1::{
     tunnel_admin_client::TunnelAdminClient, CloseTunnelRequest, ListTargetsRequest,
-    ListTunnelsRequest, Target, Tunnel, TunnelState,
+    ListTunnelsRequest, Origin, Target, Tunnel, TunnelState,
 };
 use std::net::SocketAddr;
 
@@ -215,12 +215,24 @@ pub fn host_of(t: &Tunnel) -> String {
     }
 }
 
+/// Why a tunnel is as it is, in a word or two: opened by hand, the egress
+/// gate's, or automatic with the settings that matched its port.
+fn from_of(t: &Tunnel) -> String {
+    match Origin::try_from(t.origin) {
+        Ok(Origin::Manual) => "manual".into(),
+        Ok(Origin::Egress) => "egress".into(),
+        _ if !t.settings_from.is_empty() => porthole::text::printable(&t.settings_from).into_owned(),
+        _ => "auto".into(),
+    }
+}
+
 /// The table `tunnel-svc ls` prints.
 pub fn table(tunnels: &[Tunnel]) -> String {
     let mut rows = vec![[
         "ID".to_string(),
         "LABEL".into(),
         "STATE".into(),
+        "FROM".into(),
         "HOST".into(),
         "PROCESS".into(),
         "CONNS".into(),
@@ -245,7 +257,8 @@ pub fn table(tunnels: &[Tunnel]) -> String {
                 safe(&t.label)
             },
             state_name(t).into(),
-            safe(&host),
+            from_of(t).into(),
+            safe(if t.url.is_empty() { &host } else { &t.url }),
             safe(&process),
             format!("{}/{}", t.active_connections, t.total_connections),
             human_bytes(t.bytes_in),

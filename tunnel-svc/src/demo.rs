@@ -194,6 +194,7 @@ fn options(
         },
         admin_token: Some(admin_token),
         monitor_tokens: [("demo".to_string(), token)].into(),
+        devcontainers: Default::default(),
         ssh_options: Vec::new(),
         raw_relay: true,
         docker: None,

@@ -306,6 +306,8 @@ pub async fn run(
             fixed: true,
             published: Default::default(),
             rules: Vec::new(),
+            dev: None,
+            compose: None,
         });
         statics.push((u.alias.clone(), u.port));
     }

@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod devcontainer;
 pub mod docker;
 pub mod gate;
 pub mod hostheld;

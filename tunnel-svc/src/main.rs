@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use porthole::telemetry::LogFormat;
+use std::collections::BTreeMap;
 use std::{net::IpAddr, net::SocketAddr, path::PathBuf};
 use tunnel_svc::config;
 
@@ -182,6 +183,12 @@ struct RunArgs {
     /// (overrides --token-file for monitors). Repeatable.
     #[arg(long = "monitor-token-file", value_name = "[TARGET=]PATH")]
     monitor_token_files: Vec<String>,
+    /// A devcontainer.json whose forwardPorts, portsAttributes and
+    /// otherPortsAttributes apply to every --monitor/--target target, or
+    /// TARGET=PATH to one (containers of --docker carry their own).
+    /// Repeatable.
+    #[arg(long = "devcontainer", value_name = "[TARGET=]PATH")]
+    devcontainers: Vec<String>,
     /// Follow a container engine (Docker or Podman, local or over ssh; see
     /// --engine): every running container gets a monitor and its ports on
     /// localhost.
@@ -451,7 +458,12 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
     };
     reload.check(&file)?;
     let docker = docker_options(&args)?;
+    if !args.devcontainers.is_empty() && targets.is_empty() {
+        return Err(config::ConfigError::NoTarget.into());
+    }
+    let devcontainers = devcontainers(&args.devcontainers, &targets)?;
     let opts = tunnel_svc::service::Options {
+        devcontainers,
         targets,
         reconcile: reconcile_options(&args, &file, &reload),
         admin_token: args.service.admin_token()?,
@@ -503,6 +515,48 @@ fn targets(args: &RunArgs, file: &config::ConfigFile) -> Result<Vec<config::Targ
         return Err(config::ConfigError::SshOnly("--ssh-option").into());
     }
     Ok(targets)
+}
+
+/// `--devcontainer [TARGET=]PATH`: each file read and checked once, by
+/// target (a file for every target first, then those for one).
+fn devcontainers(
+    flags: &[String],
+    targets: &[config::Target],
+) -> Result<BTreeMap<String, std::sync::Arc<tunnel_svc::devcontainer::Settings>>, Failure> {
+    let mut out = BTreeMap::new();
+    for scoped in [false, true] {
+        for v in flags {
+            let (target, path) = config::split_scoped(v);
+            if target.is_some() != scoped {
+                continue;
+            }
+            let file = |why: String| config::ConfigError::File {
+                path: path.into(),
+                why,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
+            let settings = tunnel_svc::devcontainer::Settings::from_file(&text).map_err(file)?;
+            if let Some(first) = settings.rules(None).1.into_iter().next() {
+                return Err(file(first).into());
+            }
+            let dev = std::sync::Arc::new(settings);
+            let names: Vec<&str> = match target {
+                Some(name) if targets.iter().any(|t| t.name == name) => vec![name],
+                Some(name) => {
+                    return Err(config::ConfigError::UnknownTarget {
+                        flag: "--devcontainer",
+                        target: name.into(),
+                    }
+                    .into())
+                }
+                None => targets.iter().map(|t| t.name.as_str()).collect(),
+            };
+            for name in names {
+                out.insert(name.to_string(), dev.clone());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `--docker`'s options. A monitor that cannot run in containers is a

@@ -3,9 +3,10 @@
 //! reconciler applies the steps. No I/O here, so every rule is unit-tested
 //! without root.
 
+use crate::devcontainer::DevRules;
 use crate::model::{
-    Excluded, Holder, Listener, Note, Origin, PortKey, PortSet, Proto, State as TunnelState,
-    TunnelId,
+    Excluded, Holder, Listener, Note, Origin, PortKey, PortSet, Proto, RuleFrom, Settings,
+    State as TunnelState, TunnelId,
 };
 use crate::rules::Rule;
 use porthole::pb::v1::Process;
@@ -53,6 +54,7 @@ pub struct Want {
     pub held_by: Option<TunnelId>,
     /// From the rule that matched the port.
     pub label: Option<String>,
+    pub settings: Settings,
 }
 
 impl Want {
@@ -70,6 +72,7 @@ impl Want {
             note: None,
             held_by: None,
             label: None,
+            settings: Settings::default(),
         }
     }
 }
@@ -86,6 +89,8 @@ pub struct TargetPorts<'a> {
     pub ports: &'a BTreeMap<PortKey, Vec<Listener>>,
     /// This target's own rules (a container's labels), before the global ones.
     pub rules: &'a [Rule],
+    /// Its dev-container settings, after the global rules.
+    pub dev: &'a DevRules,
 }
 
 /// The flags that shape tunnels.
@@ -110,6 +115,7 @@ pub struct Existing {
     pub process: Option<Process>,
     pub listening: bool,
     pub label: Option<String>,
+    pub settings: Settings,
 }
 
 impl Existing {
@@ -209,10 +215,21 @@ fn automatic(
     state: &State,
     want: &mut BTreeMap<TunnelId, Want>,
 ) -> bool {
+    // Dev containers' forwardPorts are forwarded listening or not.
+    static NONE: Vec<Listener> = Vec::new();
+    let idle = t
+        .dev
+        .forward
+        .iter()
+        .map(|p| (Proto::Tcp, *p))
+        .filter(|key| !t.ports.contains_key(key))
+        .map(|key| (key, &NONE));
     let eligible: Vec<(TunnelId, &Vec<Listener>, Option<&Rule>)> = t
         .ports
         .iter()
-        .map(|(&key, listeners)| {
+        .map(|(&key, listeners)| (key, listeners))
+        .chain(idle)
+        .map(|(key, listeners)| {
             let rule = rule_for(t, policy, key, listeners);
             (TunnelId::of(t.name, key), listeners, rule)
         })
@@ -246,16 +263,18 @@ fn automatic(
             .published
             .get(&id.key())
             .map(|&published| Note::Unreached { published });
-        let exact = rule.and_then(|r| r.host_port);
+        let exact = rule.and_then(|r| r.exact_host_port(id.port));
+        let privileged = policy.allow_privileged || rule.is_some_and(|r| r.privileged);
         let host_port = exact
             .or_else(|| state.remembered.get(&id).copied())
-            .unwrap_or(host_port_for(id.port, policy.allow_privileged));
+            .unwrap_or(host_port_for(id.port, privileged));
         let w = Want {
             capped: !keep,
             exact: exact.is_some(),
             pinned_by: exact.and(rule.map(|r| r.from)),
             label: rule.and_then(|r| r.label.clone()),
             note: unreached,
+            settings: rule.map(Rule::settings).unwrap_or_default(),
             ..Want::new(Origin::Auto, host_port, listeners)
         };
         want.insert(id, w);
@@ -264,7 +283,8 @@ fn automatic(
 }
 
 /// The rule that decides about `key` in `t`: the target's own rules
-/// first, then the policy's; the first that matches.
+/// first, then the policy's, then the target's dev-container settings;
+/// the first that matches.
 pub fn rule_for<'a>(
     t: &TargetPorts<'a>,
     policy: &Policy<'a>,
@@ -273,6 +293,7 @@ pub fn rule_for<'a>(
 ) -> Option<&'a Rule> {
     crate::rules::first(t.rules, t.name, key, listeners)
         .or_else(|| crate::rules::first(policy.rules, t.name, key, listeners))
+        .or_else(|| crate::rules::first(&t.dev.rules, t.name, key, listeners))
 }
 
 /// Why an open port `key` of `t` gets no automatic tunnel, if it gets
@@ -283,11 +304,18 @@ pub fn excluded(
     key: PortKey,
     rule: Option<&Rule>,
 ) -> Option<Excluded> {
+    let ignores = rule.is_some_and(|r| r.action == crate::rules::Action::Ignore);
+    let porthole_rule = rule.is_some_and(|r| r.from != RuleFrom::DevContainer);
     if key == (Proto::Tcp, t.monitor_port) {
         Some(Excluded::MonitorPort)
+    } else if ignores && porthole_rule {
+        Some(Excluded::Ignored)
+    } else if key.0 == Proto::Tcp && t.dev.forward.contains(&key.1) {
+        // forwardPorts: always, whatever the skip list and onAutoForward.
+        None
     } else if policy.skip.contains(key.1) {
         Some(Excluded::Skipped)
-    } else if rule.is_some_and(|r| r.action == crate::rules::Action::Ignore) {
+    } else if ignores {
         Some(Excluded::Ignored)
     } else {
         None
@@ -436,6 +464,7 @@ pub fn diff(desired: BTreeMap<TunnelId, Want>, state: &State, retry: bool) -> Ve
             || e.process != want.process
             || e.listening != want.listening
             || e.label != want.label
+            || e.settings != want.settings
         {
             actions.push(Action::Update(id, want));
         }
@@ -487,6 +516,8 @@ mod tests {
         published: BTreeMap<PortKey, u16>,
         rules: Vec<Rule>,
         remembered: BTreeMap<TunnelId, u16>,
+        /// Every target's dev-container rules.
+        dev: DevRules,
     }
 
     impl World {
@@ -504,6 +535,7 @@ mod tests {
                 published: BTreeMap::new(),
                 rules: Vec::new(),
                 remembered: BTreeMap::new(),
+                dev: DevRules::default(),
             }
         }
 
@@ -531,6 +563,7 @@ mod tests {
                     published: &self.published,
                     ports,
                     rules: &[],
+                    dev: &self.dev,
                 })
                 .collect();
             let policy = Policy {
@@ -587,6 +620,7 @@ mod tests {
                     process: None,
                     listening: false,
                     label: None,
+                    settings: Settings::default(),
                 });
                 if !keep {
                     e.state = state;
@@ -596,6 +630,7 @@ mod tests {
                 e.process = w.process;
                 e.listening = w.listening;
                 e.label = w.label;
+                e.settings = w.settings;
             }
         }
     }

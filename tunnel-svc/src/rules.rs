@@ -4,7 +4,7 @@
 //! target; the first rule that matches a port decides.
 
 use crate::model::PortSet;
-pub use crate::model::RuleFrom;
+pub use crate::model::{OnForward, RuleFrom, Scheme};
 use crate::model::{Listener, PortKey, Proto};
 use regex::Regex;
 use serde::Deserialize;
@@ -47,6 +47,12 @@ pub struct Rule {
     pub action: Action,
     pub label: Option<String>,
     pub host_port: Option<u16>,
+    /// The container port's own number on the host, or FAILED.
+    pub same_port: bool,
+    /// May take a host port below 1024 (the container port's own).
+    pub privileged: bool,
+    pub on_forward: OnForward,
+    pub scheme: Option<Scheme>,
     pub from: RuleFrom,
 }
 
@@ -88,8 +94,32 @@ impl Rule {
             action: f.action,
             label: f.label,
             host_port: f.host_port,
+            same_port: false,
+            privileged: false,
+            on_forward: OnForward::Notify,
+            scheme: None,
             from: RuleFrom::Config(n),
         })
+    }
+
+    /// Matches these ports (all when `None`) and command lines.
+    pub fn set_ports(&mut self, ports: Option<PortSet>, process: Option<Regex>) {
+        self.ports = ports;
+        self.process = process;
+    }
+
+    /// What it says beyond forwarding the port.
+    pub fn settings(&self) -> crate::model::Settings {
+        crate::model::Settings {
+            from: Some(self.from),
+            scheme: self.scheme,
+            on_forward: self.on_forward,
+        }
+    }
+
+    /// The host port this rule asks for `port`, exactly, if it asks.
+    pub fn exact_host_port(&self, port: u16) -> Option<u16> {
+        self.host_port.or(self.same_port.then_some(port))
     }
 
     /// Whether this rule is about `port` of `target`, with these listeners

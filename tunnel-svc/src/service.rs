@@ -25,6 +25,9 @@ pub struct Options {
     pub admin_token: Option<porthole::auth::Token>,
     /// Sent to each target's monitor, by target name.
     pub monitor_tokens: std::collections::BTreeMap<String, porthole::auth::Token>,
+    /// `--devcontainer` settings, by target name.
+    pub devcontainers:
+        std::collections::BTreeMap<String, Arc<crate::devcontainer::Settings>>,
     /// Extra `-o` options for every ssh command.
     pub ssh_options: Vec<String>,
     /// grpc targets reached over TCP carry each connection on its own raw
@@ -241,6 +244,8 @@ pub async fn run(
             fixed: false,
             published: Default::default(),
             rules: Vec::new(),
+            dev: opts.devcontainers.get(&t.name).cloned(),
+            compose: None,
         });
         watchers.push((t.name.clone(), channel, has_token));
     }

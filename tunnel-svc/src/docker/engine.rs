@@ -84,6 +84,11 @@ pub(super) struct Container {
     pub(super) published: BTreeMap<PortKey, u16>,
     /// `porthole.*` labels.
     pub(super) labels: HashMap<String, String>,
+    /// Its dev-container settings (labels, its devcontainer.json).
+    pub(super) dev: Option<Arc<crate::devcontainer::Settings>>,
+    /// What of them could not be read.
+    pub(super) dev_wrong: Vec<String>,
+    pub(super) compose: Option<crate::devcontainer::Compose>,
     /// `--network`: a network's name, `host`, `none` or `container:ID`.
     pub(super) network_mode: String,
     pub(super) shown: Shown,
@@ -119,15 +124,18 @@ impl Container {
             .and_then(|h| h.network_mode)
             .unwrap_or_default();
         let image = c.image.unwrap_or_default();
+        let labels = c.labels.unwrap_or_default();
+        let (dev, dev_wrong) = crate::devcontainer::from_labels(&labels, !engine.remote);
         Some(Container {
+            dev: dev.map(Arc::new),
+            dev_wrong,
+            compose: crate::devcontainer::compose_of(&labels),
             network_mode,
             shown: Shown::new(engine, &name, &id, &image),
             id,
             name,
             published,
-            labels: c
-                .labels
-                .unwrap_or_default()
+            labels: labels
                 .into_iter()
                 .filter(|(k, _)| k.starts_with("porthole."))
                 .collect(),

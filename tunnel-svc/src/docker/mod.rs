@@ -257,7 +257,7 @@ mod tests {
         assert_eq!(level, tracing::Level::WARN);
         assert_eq!(
             text,
-            "cannot run as the container's user error=setgroups: Operation not permitted user=1000"
+            "cannot run as the container's user user=1000 error=setgroups: Operation not permitted"
         );
         assert_eq!(
             monitor_line("Error: cannot listen on 0.0.0.0:0"),

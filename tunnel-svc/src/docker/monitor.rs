@@ -134,7 +134,7 @@ impl Follower {
         let channel = exec_channel(current.clone());
         let (rules, wrong) =
             crate::rules::from_labels(c.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        for why in wrong {
+        for why in wrong.iter().chain(&c.dev_wrong) {
             tracing::warn!(error = %why, "container label ignored");
         }
         let exec_backend = Arc::new(Backend::Grpc(Grpc {
@@ -152,6 +152,8 @@ impl Follower {
                 fixed: false,
                 published: c.published.clone(),
                 rules,
+                dev: c.dev.clone(),
+                compose: c.compose.clone(),
             })
             .await;
         let watcher = Watcher {
@@ -530,7 +532,7 @@ pub(super) fn exited(said: &Said) -> String {
 
 /// A monitor's log line (its `--log-format json`: an event's fields at the
 /// top level) as a level and a text: the message, then the other fields as
-/// `key=value`. Anything else (a last `Error: ...` line, the engine's own
+/// `key=value` in the order written. Anything else (a last `Error: ...` line, the engine's own
 /// words) is a warning as it is.
 pub(super) fn monitor_line(line: &str) -> (tracing::Level, String) {
     const NOT_FIELDS: [&str; 6] = ["timestamp", "level", "message", "target", "span", "spans"];

@@ -130,6 +130,51 @@ impl FromStr for TunnelId {
     }
 }
 
+/// What tunnel-svc does when a port's automatic tunnel becomes active
+/// (dev containers' `onAutoForward`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnForward {
+    /// A log line (and the WatchTunnels event every change makes); a
+    /// desktop notification where tunnel-svc's environment has a session
+    /// bus.
+    #[default]
+    Notify,
+    /// Opens its URL in the browser, each time the tunnel opens.
+    OpenBrowser,
+    /// Opens its URL in the browser, the first time only in this run.
+    OpenBrowserOnce,
+    /// Nothing but the WatchTunnels event.
+    Silent,
+}
+
+/// The scheme of a port's URL (dev containers' `protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl std::fmt::Display for Scheme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        })
+    }
+}
+
+/// What the rule that decided an automatic tunnel says beyond forwarding
+/// it (its label aside): where it was written, the scheme of the port's
+/// URL, what to do when the tunnel opens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// `None`: no rule matched.
+    pub from: Option<RuleFrom>,
+    pub scheme: Option<Scheme>,
+    pub on_forward: OnForward,
+}
+
 /// Why a tunnel exists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
@@ -220,6 +265,7 @@ pub struct TunnelView {
     pub note: Option<String>,
     /// From the rule that matched the port.
     pub label: Option<String>,
+    pub settings: Settings,
     /// Its connections fail, until one gets through again.
     pub failing: Option<Failing>,
     pub counters: Counters,

@@ -14,6 +14,20 @@ pub enum RuleFrom {
     Config(usize),
     /// A container's `porthole.*` labels.
     Label,
+    /// A dev container's settings (`devcontainer.metadata`,
+    /// devcontainer.json).
+    DevContainer,
+}
+
+impl RuleFrom {
+    /// As `Tunnel.settings_from` and `ls` show it.
+    pub fn short(&self) -> String {
+        match self {
+            RuleFrom::Config(n) => format!("rule {n}"),
+            RuleFrom::Label => "label".into(),
+            RuleFrom::DevContainer => "devcontainer".into(),
+        }
+    }
 }
 
 impl fmt::Display for RuleFrom {
@@ -21,6 +35,7 @@ impl fmt::Display for RuleFrom {
         match self {
             RuleFrom::Config(n) => write!(f, "rule {n} of --config"),
             RuleFrom::Label => f.write_str("a container label"),
+            RuleFrom::DevContainer => f.write_str("the dev container settings"),
         }
     }
 }

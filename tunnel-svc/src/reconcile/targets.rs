@@ -24,6 +24,11 @@ pub struct TargetSpec {
     /// The target's own rules (a container's `porthole.*` labels), matched
     /// before `--config`'s.
     pub rules: Vec<crate::rules::Rule>,
+    /// Its dev-container settings, matched after `--config`'s rules.
+    pub dev: Option<Arc<crate::devcontainer::Settings>>,
+    /// Its compose project and service (a container's compose labels):
+    /// its siblings' `"SERVICE:PORT"` settings are about its ports.
+    pub compose: Option<crate::devcontainer::Compose>,
 }
 
 pub(super) struct Target {
@@ -34,6 +39,11 @@ pub(super) struct Target {
     pub(super) monitor_port: u16,
     pub(super) published: BTreeMap<PortKey, u16>,
     pub(super) rules: Vec<crate::rules::Rule>,
+    pub(super) dev_settings: Option<Arc<crate::devcontainer::Settings>>,
+    pub(super) compose: Option<crate::devcontainer::Compose>,
+    /// The rules `dev_settings` and its siblings' make (see
+    /// [`Reconciler::resolve_dev`]).
+    pub(super) dev: crate::devcontainer::DevRules,
     pub(super) ports: BTreeMap<PortKey, Vec<Listener>>,
     pub(super) up: bool,
     pub(super) capped: bool,
@@ -66,6 +76,9 @@ impl Target {
             monitor_port: spec.monitor_port,
             published: spec.published,
             rules: spec.rules,
+            dev_settings: spec.dev,
+            compose: spec.compose,
+            dev: Default::default(),
             ports: BTreeMap::new(),
             up: spec.fixed,
             capped: false,
@@ -87,6 +100,7 @@ impl Target {
             published: &self.published,
             ports: &self.ports,
             rules: &self.rules,
+            dev: &self.dev,
         }
     }
 }
@@ -188,17 +202,67 @@ impl Reconciler {
         }
         tracing::info!(target = %spec.name, url = %spec.url, "target added");
         let name = spec.name.clone();
+        let project = spec.compose.as_ref().map(|c| c.project.clone());
         let target = Target::new(spec, &self.commands);
-        self.targets.insert(name, target);
+        self.targets.insert(name.clone(), target);
+        self.resolve_dev(&name, project.as_deref(), true);
         self.last_added = Some(std::time::Instant::now());
         self.reconcile(false);
+    }
+
+    /// Works out the dev-container rules of target `name` and, when it is
+    /// in compose `project`, of every target in that project (a sibling's
+    /// `"SERVICE:PORT"` settings are about the service's ports). `say`:
+    /// log what does not parse in `name`'s settings.
+    fn resolve_dev(&mut self, name: &str, project: Option<&str>, say: bool) {
+        let in_project = |t: &Target| {
+            project.is_some() && t.compose.as_ref().map(|c| c.project.as_str()) == project
+        };
+        let members: Vec<String> = self
+            .targets
+            .iter()
+            .filter(|(n, t)| *n == name || in_project(t))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for member in members {
+            let t = &self.targets[&member];
+            let siblings = self
+                .targets
+                .iter()
+                .filter(|(n, s)| **n != member && in_project(s))
+                .filter_map(|(_, s)| s.dev_settings.as_deref());
+            let (dev, wrong) = crate::devcontainer::resolve(
+                t.dev_settings.as_deref(),
+                t.compose.as_ref(),
+                siblings,
+            );
+            if say && member == name {
+                for why in wrong {
+                    tracing::warn!(target = %name, error = %why, "dev container setting ignored");
+                }
+            }
+            self.targets.get_mut(&member).expect("listed").dev = dev;
+        }
     }
 
     /// Removes target `name` (as it was called when the command was sent).
     pub(super) fn remove_target_named(&mut self, name: String) {
         let name = self.current_name(name);
+        let project = self.targets.get(&name).and_then(|t| t.compose.clone());
         if self.remove_target(&name) {
             tracing::info!(target = %name, "target removed");
+        }
+        if let Some(c) = project {
+            // Its siblings lose what its settings said about them.
+            let sibling = self
+                .targets
+                .iter()
+                .find(|(_, t)| t.compose.as_ref().is_some_and(|s| s.project == c.project))
+                .map(|(n, _)| n.clone());
+            if let Some(sibling) = sibling {
+                self.resolve_dev(&sibling, Some(&c.project), false);
+                self.reconcile(false);
+            }
         }
         self.renamed.retain(|_, to| *to != name);
     }

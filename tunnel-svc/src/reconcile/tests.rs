@@ -60,6 +60,8 @@ fn target(name: &str) -> TargetSpec {
         fixed: false,
         published: BTreeMap::new(),
         rules: Vec::new(),
+        dev: None,
+        compose: None,
     }
 }
 

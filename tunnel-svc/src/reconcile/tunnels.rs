@@ -23,6 +23,7 @@ pub(super) struct Entry {
     pub(super) listening: bool,
     pub(super) opened_at: Option<chrono::DateTime<chrono::Utc>>,
     pub(super) label: Option<String>,
+    pub(super) settings: crate::model::Settings,
     pub(super) stats: Arc<Stats>,
     /// Set while the host listeners run.
     pub(super) cancel: Option<CancellationToken>,
@@ -40,7 +41,7 @@ impl Entry {
     pub(super) fn view(&self, id: &TunnelId, backend: crate::config::BackendKind) -> TunnelView {
         let s = &self.stats;
         let mut note = join_notes(&self.notes);
-        if self.origin == Origin::Manual
+        if self.origin != Origin::Egress
             && !self.listening
             && self.state.is_open()
             && note.is_none()
@@ -62,6 +63,7 @@ impl Entry {
             opened_at: self.opened_at,
             note,
             label: self.label.clone(),
+            settings: self.settings,
             failing: s.failing(),
             counters: Counters {
                 active: s.active.load(Relaxed),
@@ -83,6 +85,7 @@ impl Entry {
             process: self.process.clone(),
             listening: self.listening,
             label: self.label.clone(),
+            settings: self.settings,
         }
     }
 
@@ -173,6 +176,7 @@ impl Reconciler {
                     e.process = want.process;
                     e.listening = want.listening;
                     e.label = want.label;
+                    e.settings = want.settings;
                     self.publish(&id);
                 }
             }
@@ -212,6 +216,7 @@ impl Reconciler {
             listening: want.listening,
             opened_at: None,
             label: want.label.clone(),
+            settings: want.settings,
             stats: Arc::new(Stats::default()),
             cancel: None,
             prepared: false,
