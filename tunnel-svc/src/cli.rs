@@ -221,7 +221,9 @@ fn from_of(t: &Tunnel) -> String {
     match Origin::try_from(t.origin) {
         Ok(Origin::Manual) => "manual".into(),
         Ok(Origin::Egress) => "egress".into(),
-        _ if !t.settings_from.is_empty() => porthole::text::printable(&t.settings_from).into_owned(),
+        _ if !t.settings_from.is_empty() => {
+            porthole::text::printable(&t.settings_from).into_owned()
+        }
         _ => "auto".into(),
     }
 }
@@ -257,7 +259,7 @@ pub fn table(tunnels: &[Tunnel]) -> String {
                 safe(&t.label)
             },
             state_name(t).into(),
-            from_of(t).into(),
+            from_of(t),
             safe(if t.url.is_empty() { &host } else { &t.url }),
             safe(&process),
             format!("{}/{}", t.active_connections, t.total_connections),

@@ -35,7 +35,10 @@ pub fn from_labels(
             Err(e) => wrong.push(format!("{METADATA_LABEL}: {e}")),
         }
     }
-    let file = match (labels.get(CONFIG_FILE_LABEL), labels.get(LOCAL_FOLDER_LABEL)) {
+    let file = match (
+        labels.get(CONFIG_FILE_LABEL),
+        labels.get(LOCAL_FOLDER_LABEL),
+    ) {
         (Some(path), _) => Some(std::path::PathBuf::from(path)),
         (None, Some(folder)) => {
             let folder = std::path::Path::new(folder);
@@ -53,7 +56,9 @@ pub fn from_labels(
                 Err(e) => wrong.push(format!("{}: {e}", path.display())),
             },
             // A folder on another machine, or not this user's to read.
-            Err(e) => tracing::debug!(path = %path.display(), error = %e, "devcontainer.json not read"),
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "devcontainer.json not read")
+            }
         }
     }
     (all, wrong)
@@ -151,7 +156,8 @@ impl Settings {
         let s: Snippet = serde_json::from_value(value).map_err(|e| e.to_string())?;
         let mut forward_ports = Vec::new();
         for v in s.forward_ports {
-            let f = forward(&v).ok_or_else(|| format!("forwardPorts: {v} is not a port or \"host:port\""))?;
+            let f = forward(&v)
+                .ok_or_else(|| format!("forwardPorts: {v} is not a port or \"host:port\""))?;
             if !forward_ports.contains(&f) {
                 forward_ports.push(f);
             }
@@ -200,9 +206,8 @@ impl Settings {
     pub fn rules(&self, own_service: Option<&str>) -> (DevRules, Vec<String>) {
         let mut out = DevRules::default();
         let mut wrong = Vec::new();
-        let mine = |host: &str| {
-            matches!(host, "localhost" | "127.0.0.1") || Some(host) == own_service
-        };
+        let mine =
+            |host: &str| matches!(host, "localhost" | "127.0.0.1") || Some(host) == own_service;
         for f in &self.forward_ports {
             match f {
                 Forward::Port(p) => {
@@ -222,7 +227,11 @@ impl Settings {
             match Key::parse(key) {
                 Ok(Key::Ports(ports, single)) => {
                     let r = rule(Some(ports), None, a);
-                    if single { exact.push(r) } else { rest.push(r) }
+                    if single {
+                        exact.push(r)
+                    } else {
+                        rest.push(r)
+                    }
                 }
                 Ok(Key::HostPort(host, port)) if mine(&host) => {
                     exact.push(rule(Some(single(port)), None, a));
@@ -324,8 +333,14 @@ enum Key {
 impl Key {
     fn parse(key: &str) -> Result<Key, String> {
         let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-        if digits(key) || key.split_once('-').is_some_and(|(a, b)| digits(a) && digits(b)) {
-            let ports: PortSet = key.parse().map_err(|e: crate::model::BadValue| e.to_string())?;
+        if digits(key)
+            || key
+                .split_once('-')
+                .is_some_and(|(a, b)| digits(a) && digits(b))
+        {
+            let ports: PortSet = key
+                .parse()
+                .map_err(|e: crate::model::BadValue| e.to_string())?;
             return Ok(Key::Ports(ports, digits(key)));
         }
         if let Some((host, port)) = key.rsplit_once(':') {
@@ -474,4 +489,203 @@ fn drop_trailing_commas(text: &str) -> String {
         out.push(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Listener, Proto};
+    use porthole::pb::v1::Process;
+
+    /// In the style of the public templates: comments, trailing commas.
+    const NODE_POSTGRES: &str = r#"// For format details, see https://aka.ms/devcontainer.json.
+{
+	"name": "Node.js & PostgreSQL",
+	"dockerComposeFile": "docker-compose.yml",
+	"service": "app",
+	"workspaceFolder": "/workspaces/${localWorkspaceFolderBasename}",
+
+	// Features to add to the dev container. More info: https://containers.dev/features.
+	// "features": {},
+
+	// Use 'forwardPorts' to make a list of ports inside the container available locally.
+	"forwardPorts": [3000, "db:5432"],
+	"portsAttributes": {
+		"3000": { "label": "Application", "onAutoForward": "openBrowser", },
+		"db:5432": { "label": "Database", "onAutoForward": "silent" },
+		/* the debugger */ "9229": { "label": "inspector", "onAutoForward": "ignore" },
+		"40000-55000": { "onAutoForward": "ignore" },
+		".+\\/server.js": { "label": "server.js", "protocol": "https" },
+	},
+	"otherPortsAttributes": { "onAutoForward": "silent", },
+	"postCreateCommand": "yarn install", // a comment after a value
+	"remoteUser": "node", "customizations": { "vscode": { "settings": { "url": "http://x//y" } } },
+}
+"#;
+
+    fn listener(cmdline: &[&str]) -> Vec<Listener> {
+        vec![Listener {
+            port: 0,
+            address: "0.0.0.0".parse().unwrap(),
+            dual_stack: false,
+            process: Some(Process {
+                pid: 1,
+                name: "node".into(),
+                cmdline: cmdline.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+        }]
+    }
+
+    fn first<'a>(d: &'a DevRules, port: u16, cmd: &[&str]) -> Option<&'a Rule> {
+        crate::rules::first(&d.rules, "app", (Proto::Tcp, port), &listener(cmd))
+    }
+
+    #[test]
+    fn a_template_style_file_parses_with_comments_and_trailing_commas() {
+        let s = Settings::from_file(NODE_POSTGRES).unwrap();
+        assert_eq!(
+            s.forward_ports,
+            vec![Forward::Port(3000), Forward::Service("db".into(), 5432)]
+        );
+        let keys: Vec<&str> = s.ports_attributes.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["3000", "db:5432", "9229", "40000-55000", ".+\\/server.js"],
+            "in the order written"
+        );
+        assert_eq!(
+            s.other.as_ref().unwrap().on_auto_forward,
+            Some(OnAutoForward::Silent)
+        );
+        // Strings keep their `//` and `/*`.
+        assert!(strip_jsonc(NODE_POSTGRES).contains("http://x//y"));
+    }
+
+    #[test]
+    fn keys_match_ports_ranges_command_lines_and_the_rest() {
+        let (d, wrong) = Settings::from_file(NODE_POSTGRES)
+            .unwrap()
+            .rules(Some("app"));
+        assert!(wrong.is_empty(), "{wrong:?}");
+        assert_eq!(d.forward, [3000].into(), "db:5432 is the db service's");
+        let app = first(&d, 3000, &["node", "/app/server.js"]).unwrap();
+        assert_eq!(
+            app.label.as_deref(),
+            Some("Application"),
+            "its own key first"
+        );
+        assert_eq!(app.on_forward, OnForward::OpenBrowser);
+        assert_eq!(app.from, RuleFrom::DevContainer);
+        assert_eq!(first(&d, 9229, &["node"]).unwrap().action, Action::Ignore);
+        assert_eq!(first(&d, 41000, &["node"]).unwrap().action, Action::Ignore);
+        let server = first(&d, 8080, &["node", "/app/server.js"]).unwrap();
+        assert_eq!(
+            (server.label.as_deref(), server.scheme),
+            (Some("server.js"), Some(Scheme::Https)),
+            "a regular expression on the command line"
+        );
+        let other = first(&d, 8081, &["python3", "-m", "http.server"]).unwrap();
+        assert_eq!(
+            (other.on_forward, other.label.as_deref()),
+            (OnForward::Silent, None),
+            "otherPortsAttributes for the rest"
+        );
+    }
+
+    #[test]
+    fn a_service_gets_what_its_siblings_say_about_it() {
+        let app = Settings::from_file(NODE_POSTGRES).unwrap();
+        let compose = Compose {
+            project: "p".into(),
+            service: "db".into(),
+        };
+        let (db, _) = resolve(None, Some(&compose), [&app].into_iter());
+        assert_eq!(db.forward, [5432].into());
+        let pg = first(&db, 5432, &["postgres"]).unwrap();
+        assert_eq!(
+            (pg.label.as_deref(), pg.on_forward),
+            (Some("Database"), OnForward::Silent)
+        );
+        assert!(
+            first(&db, 3000, &["x"]).is_none(),
+            "the app's own keys stay the app's"
+        );
+        let web = Compose {
+            service: "web".into(),
+            ..compose
+        };
+        assert!(resolve(None, Some(&web), [&app].into_iter()).0.is_empty());
+    }
+
+    #[test]
+    fn metadata_snippets_merge_as_the_spec_says() {
+        let label = r#"[
+            {"id": "ghcr.io/devcontainers/features/node:1"},
+            {"forwardPorts": [3000, 8080], "portsAttributes": {"3000": {"label": "first"}, "8080": {"label": "web"}},
+             "otherPortsAttributes": {"onAutoForward": "notify"}},
+            {"forwardPorts": [3000, "5432"], "portsAttributes": {"3000": {"label": "last", "requireLocalPort": true}},
+             "otherPortsAttributes": {"onAutoForward": "ignore"}}
+        ]"#;
+        let mut s = Settings::from_label(label).unwrap();
+        assert_eq!(
+            s.forward_ports,
+            vec![
+                Forward::Port(3000),
+                Forward::Port(8080),
+                Forward::Port(5432)
+            ],
+            "the union"
+        );
+        assert_eq!(
+            s.ports_attributes[0].1.label.as_deref(),
+            Some("last"),
+            "last wins per key"
+        );
+        assert_eq!(s.ports_attributes[1].1.label.as_deref(), Some("web"));
+        assert_eq!(
+            s.other.as_ref().unwrap().on_auto_forward,
+            Some(OnAutoForward::Ignore)
+        );
+        // devcontainer.json last.
+        s.merge(
+            Settings::from_file(r#"{"portsAttributes": {"8080": {"elevateIfNeeded": true}}}"#)
+                .unwrap(),
+        );
+        let (d, _) = s.rules(None);
+        let r = first(&d, 3000, &["x"]).unwrap();
+        assert_eq!(r.exact_host_port(3000), Some(3000), "requireLocalPort");
+        let web = first(&d, 8080, &["x"]).unwrap();
+        assert!(
+            web.privileged && web.label.is_none(),
+            "the file's value replaced the label's"
+        );
+        assert_eq!(first(&d, 9000, &["x"]).unwrap().action, Action::Ignore);
+    }
+
+    #[test]
+    fn mistakes_say_where() {
+        for (text, says) in [
+            (r#"{"forwardPorts": [70000]}"#, "forwardPorts"),
+            (r#"{"forwardPorts": ["db:"]}"#, "forwardPorts"),
+            (
+                r#"{"portsAttributes": {"3000": {"onAutoForward": "explode"}}}"#,
+                "3000",
+            ),
+            (
+                r#"{"portsAttributes": {"3000": {"protocol": "gopher"}}}"#,
+                "gopher",
+            ),
+            ("{\"forwardPorts\": [3000", "EOF"),
+        ] {
+            let e = Settings::from_file(text).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+        let s =
+            Settings::from_file(r#"{"portsAttributes": {"(": {}, "0-10": {}, "db:99999": {}}}"#)
+                .unwrap();
+        let (_, wrong) = s.rules(None);
+        assert_eq!(wrong.len(), 3, "{wrong:?}");
+        assert!(Settings::from_label("not json").is_err());
+    }
 }

@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod announce;
 pub mod backend;
 pub mod backoff;
 pub mod cli;

@@ -944,6 +944,64 @@ mod tests {
     }
 
     #[test]
+    fn dev_container_settings_come_after_porthole_rules() {
+        let file = crate::config::ConfigFile::parse(
+            "[[rule]]\nports = \"3000\"\nlabel = \"from-config\"\n[[rule]]\nports = \"5000\"\naction = \"ignore\"",
+        )
+        .unwrap();
+        let dev = crate::devcontainer::Settings::from_file(
+            r#"{
+              "forwardPorts": [22, 4000, 5000],
+              "portsAttributes": {
+                "3000": {"label": "from-devcontainer"},
+                "80": {"elevateIfNeeded": true, "protocol": "http"},
+                "8080": {"requireLocalPort": true}
+              },
+              "otherPortsAttributes": {"onAutoForward": "ignore"}
+            }"#,
+        )
+        .unwrap();
+        let mut w = World::new(&[22, 80, 3000, 5000, 8080, 9000]);
+        w.skip = "22".parse().unwrap();
+        w.rules = file.rules;
+        w.dev = dev.rules(None).0;
+        let (want, _) = w.plan();
+        let label = |p: u16| want[&id("dev", p)].label.clone();
+        assert_eq!(
+            label(3000).as_deref(),
+            Some("from-config"),
+            "porthole's rule wins"
+        );
+        assert!(
+            !want.contains_key(&id("dev", 5000)),
+            "porthole's ignore beats forwardPorts"
+        );
+        assert!(
+            want.contains_key(&id("dev", 22)),
+            "forwardPorts beats the skip list"
+        );
+        let idle = &want[&id("dev", 4000)];
+        assert!(
+            !idle.listening,
+            "forwardPorts: forwarded before anything listens"
+        );
+        let web = &want[&id("dev", 80)];
+        assert_eq!((web.host_port, web.exact), (80, false), "elevateIfNeeded");
+        assert_eq!(web.settings.scheme, Some(crate::model::Scheme::Http));
+        assert_eq!(web.settings.from, Some(RuleFrom::DevContainer));
+        let exact = &want[&id("dev", 8080)];
+        assert_eq!(
+            (exact.host_port, exact.exact),
+            (8080, true),
+            "requireLocalPort"
+        );
+        assert!(
+            !want.contains_key(&id("dev", 9000)),
+            "otherPortsAttributes: ignore"
+        );
+    }
+
+    #[test]
     fn failed_tunnels_are_retried_only_when_asked() {
         let mut w = World::new(&[8000, 8001]);
         w.apply();

@@ -4,8 +4,8 @@
 //! target; the first rule that matches a port decides.
 
 use crate::model::PortSet;
-pub use crate::model::{OnForward, RuleFrom, Scheme};
 use crate::model::{Listener, PortKey, Proto};
+pub use crate::model::{OnForward, RuleFrom, Scheme};
 use regex::Regex;
 use serde::Deserialize;
 

@@ -26,8 +26,7 @@ pub struct Options {
     /// Sent to each target's monitor, by target name.
     pub monitor_tokens: std::collections::BTreeMap<String, porthole::auth::Token>,
     /// `--devcontainer` settings, by target name.
-    pub devcontainers:
-        std::collections::BTreeMap<String, Arc<crate::devcontainer::Settings>>,
+    pub devcontainers: std::collections::BTreeMap<String, Arc<crate::devcontainer::Settings>>,
     /// Extra `-o` options for every ssh command.
     pub ssh_options: Vec<String>,
     /// grpc targets reached over TCP carry each connection on its own raw

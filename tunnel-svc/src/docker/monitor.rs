@@ -532,8 +532,8 @@ pub(super) fn exited(said: &Said) -> String {
 
 /// A monitor's log line (its `--log-format json`: an event's fields at the
 /// top level) as a level and a text: the message, then the other fields as
-/// `key=value` in the order written. Anything else (a last `Error: ...` line, the engine's own
-/// words) is a warning as it is.
+/// `key=value` in the order written. Anything else (a last `Error: ...`
+/// line, the engine's own words) is a warning as it is.
 pub(super) fn monitor_line(line: &str) -> (tracing::Level, String) {
     const NOT_FIELDS: [&str; 6] = ["timestamp", "level", "message", "target", "span", "spans"];
     let Ok(serde_json::Value::Object(v)) = serde_json::from_str::<serde_json::Value>(line) else {

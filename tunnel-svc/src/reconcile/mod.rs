@@ -182,6 +182,8 @@ struct Reconciler {
     /// When the latest target was added after start.
     last_added: Option<std::time::Instant>,
     started: std::time::Instant,
+    /// Tunnels opened in the browser once (`openBrowserOnce`).
+    opened: crate::announce::Opened,
 }
 
 /// Starts the reconciler with static tunnels `(target, port)` that exist
@@ -222,7 +224,16 @@ pub fn spawn(
         settled: false,
         last_added: None,
         started: std::time::Instant::now(),
+        opened: Default::default(),
     };
+    let names: Vec<(String, Option<String>)> = r
+        .targets
+        .iter()
+        .map(|(n, t)| (n.clone(), t.compose.as_ref().map(|c| c.project.clone())))
+        .collect();
+    for (name, project) in names {
+        r.resolve_dev(&name, project.as_deref(), true);
+    }
     // Before the admin API answers: what the host held at start is known.
     r.scan_host();
     (Handle { commands: tx }, tokio::spawn(r.run(rx, shutdown)))

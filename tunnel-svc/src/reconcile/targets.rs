@@ -214,7 +214,7 @@ impl Reconciler {
     /// in compose `project`, of every target in that project (a sibling's
     /// `"SERVICE:PORT"` settings are about the service's ports). `say`:
     /// log what does not parse in `name`'s settings.
-    fn resolve_dev(&mut self, name: &str, project: Option<&str>, say: bool) {
+    pub(super) fn resolve_dev(&mut self, name: &str, project: Option<&str>, say: bool) {
         let in_project = |t: &Target| {
             project.is_some() && t.compose.as_ref().map(|c| c.project.as_str()) == project
         };

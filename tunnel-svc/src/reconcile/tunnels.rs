@@ -33,6 +33,8 @@ pub(super) struct Entry {
     pub(super) generation: u64,
     /// Whether its connections were failing when it was last published.
     pub(super) published_failing: bool,
+    /// Whether its becoming active was said (see [`crate::announce`]).
+    pub(super) announced: bool,
     /// `tunnel{id}`: its log lines and its connections' are inside it.
     pub(super) span: tracing::Span,
 }
@@ -222,6 +224,7 @@ impl Reconciler {
             prepared: false,
             generation: self.generation,
             published_failing: false,
+            announced: false,
             span: span.clone(),
         };
         let _in = span.enter();
@@ -339,6 +342,20 @@ impl Reconciler {
     pub(super) fn publish(&mut self, id: &TunnelId) {
         if let Some(e) = self.entries.get_mut(id) {
             e.published_failing = e.stats.failing().is_some();
+            // What its settings (a rule's, a dev container's) ask for when
+            // it opens; a tunnel no rule shaped has its "tunnel active".
+            let shaped = e.origin == Origin::Auto && e.settings.from.is_some();
+            if shaped && e.state == State::Active && !e.announced {
+                e.announced = true;
+                let _in = e.span.enter();
+                crate::announce::active(
+                    id,
+                    e.label.as_deref(),
+                    &e.settings,
+                    e.host_port,
+                    &mut self.opened,
+                );
+            }
         }
         if let Some(tunnel) = self.view(id) {
             self.broadcast(TunnelEvent {
