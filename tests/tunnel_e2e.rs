@@ -1691,6 +1691,84 @@ async fn config_rules_label_ignore_and_pin_and_sighup_reloads_them() {
 // UDP
 
 /// A UDP client on the host, connected to `to`.
+/// `--devcontainer FILE` for a `--monitor` target: the file's
+/// portsAttributes label a port and ignore another, its forwardPorts
+/// brings one the skip list holds; `ls` shows where each came from.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_devcontainer_json_shapes_a_monitor_targets_tunnels() {
+    if !require_root() {
+        return;
+    }
+    let block = ports(8, Backend::Grpc);
+    let (web, ignored, skipped) = (block.base, block.base + 1, block.base + 2);
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let _servers = [
+        Server::start(&ns, "127.0.0.1", web, "web").await,
+        Server::start(&ns, "127.0.0.1", ignored, "ignored").await,
+        Server::start(&ns, "127.0.0.1", skipped, "skipped").await,
+    ];
+    let file = ns.log_dir().join("devcontainer.json");
+    std::fs::write(
+        &file,
+        format!(
+            "// as a template writes it\n{{\n  \"forwardPorts\": [{skipped}],\n  \
+             \"portsAttributes\": {{\n    \"{web}\": {{ \"label\": \"Web\", \"protocol\": \"http\" }}, \
+             /* not this one */ \"{ignored}\": {{ \"onAutoForward\": \"ignore\" }},\n  }},\n}}\n"
+        ),
+    )
+    .unwrap();
+    let file_arg = file.display().to_string();
+    let skip = skipped.to_string();
+    let tunnel = TunnelProc::follow(
+        &ns,
+        &monitor,
+        &["--devcontainer", &file_arg, "--skip", &skip],
+    )
+    .await;
+    let w = tunnel.wait_active(&format!("default:tcp:{web}")).await;
+    assert_eq!(
+        (w.label.as_str(), w.settings_from.as_str()),
+        ("Web", "devcontainer")
+    );
+    assert_eq!(w.url, format!("http://localhost:{web}"));
+    tunnel.wait_active(&format!("default:tcp:{skipped}")).await;
+    assert_eq!(
+        ping(SocketAddr::from(([127, 0, 0, 1], skipped))).await,
+        "skipped"
+    );
+    let ids: Vec<String> = tunnel.tunnels().await.into_iter().map(|t| t.id).collect();
+    assert!(!ids.contains(&format!("default:tcp:{ignored}")), "{ids:?}");
+    let out = within("tunnel-svc ls", tunnel.cli(&["ls"]).output())
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&format!("default:tcp:{web} ")))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        table.contains("FROM")
+            && row.contains(" devcontainer ")
+            && row.contains("http://localhost:"),
+        "{table}"
+    );
+    // A file that does not parse is refused at start, with its name.
+    std::fs::write(&file, "{ \"forwardPorts\": [\"x\"] }").unwrap();
+    let out = run_cli(&[
+        "--monitor",
+        "http://127.0.0.1:1",
+        "--devcontainer",
+        &file_arg,
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("devcontainer.json"),
+        "{out:?}"
+    );
+}
+
 async fn udp_client(to: SocketAddr) -> tokio::net::UdpSocket {
     let local: SocketAddr = if to.is_ipv4() {
         (Ipv4Addr::LOCALHOST, 0).into()

@@ -798,6 +798,11 @@ impl World {
 
     /// tunnel-svc --docker following this world's containers.
     pub async fn tunnel_svc(&self, extra: &[&str]) -> TunnelProc {
+        self.tunnel_svc_with_env(extra, &[]).await
+    }
+
+    /// [`World::tunnel_svc`] with these environment variables set too.
+    pub async fn tunnel_svc_with_env(&self, extra: &[&str], env: &[(&str, &str)]) -> TunnelProc {
         let monitor = match &self.rootless {
             Some(user) => user.bin.join("monitor-svc"),
             None => static_monitor(),
@@ -822,7 +827,7 @@ impl World {
             args.extend(["--ssh-option", option.as_str()]);
         }
         args.extend_from_slice(extra);
-        TunnelProc::start_as(&self.ns, self.rootless.as_ref(), &args).await
+        TunnelProc::start_with_env(&self.ns, self.rootless.as_ref(), &args, env).await
     }
 }
 

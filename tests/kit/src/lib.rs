@@ -1339,6 +1339,16 @@ impl TunnelProc {
         user: Option<&docker::Rootless>,
         args: &[&str],
     ) -> TunnelProc {
+        TunnelProc::start_with_env(ns, user, args, &[]).await
+    }
+
+    /// [`TunnelProc::start_as`] with these environment variables set too.
+    pub async fn start_with_env(
+        ns: &Netns,
+        user: Option<&docker::Rootless>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> TunnelProc {
         let flag = |name: &str| -> Option<String> {
             args.iter().enumerate().find_map(|(i, a)| {
                 if *a == name {
@@ -1387,7 +1397,8 @@ impl TunnelProc {
             .env("NO_COLOR", "1")
             .env("XDG_STATE_HOME", &state_home)
             .env_remove("XDG_RUNTIME_DIR")
-            .env_remove("TMPDIR");
+            .env_remove("TMPDIR")
+            .envs(env.iter().copied());
         let mut proc = ns.spawn_command("tunnel-svc", cmd);
         let deadline = Instant::now() + DEADLINE;
         loop {
