@@ -15,6 +15,8 @@ pub mod docker;
 pub mod gate;
 pub mod hostheld;
 pub mod hostports;
+pub mod json;
+pub mod mcp;
 pub mod model;
 pub mod plan;
 pub mod reconcile;

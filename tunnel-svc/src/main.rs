@@ -19,12 +19,26 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// List tunnels of a running tunnel-svc as a table.
-    Ls(ClientArgs),
+    /// List the targets and tunnels of a running tunnel-svc.
+    Ls {
+        /// table, or json (ListTargets' and ListTunnels' messages in
+        /// protobuf's JSON mapping: {"targets": [...], "tunnels": [...]}).
+        #[arg(short, long, value_enum, default_value_t)]
+        output: tunnel_svc::cli::Output,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print every tunnel, then each change, one JSON object per line
+    /// (WatchTunnels' messages) until interrupted.
+    Watch(ClientArgs),
+    /// Serve the Model Context Protocol on stdin/stdout for coding agents:
+    /// tools that list, wait for, open, close and explain ports, through
+    /// the admin API of the running tunnel-svc.
+    Mcp(ClientArgs),
     /// Wait until container port PORT (of TARGET, if several) is forwarded
     /// and a connection through it reaches the server; print the host
-    /// address (e.g. localhost:8000). Exits non-zero with the reason on
-    /// timeout or a failed tunnel.
+    /// address (e.g. localhost:8000). Exit status 3 on timeout, 1 with the
+    /// reason when it will not be (failed, closed, not forwarded).
     Wait {
         /// [TARGET:]PORT
         #[arg(value_name = "[TARGET:]PORT")]
@@ -37,6 +51,10 @@ enum Cmd {
         /// Give up after this long (e.g. 500ms, 30s, 2m).
         #[arg(long, default_value = "30s", value_parser = porthole::time::parse_duration)]
         timeout: std::time::Duration,
+        /// table (the host address), or json ({"ready", "host", "url",
+        /// "tunnel"}, or {"ready": false, "error"}).
+        #[arg(short, long, value_enum, default_value_t)]
+        output: tunnel_svc::cli::Output,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -345,6 +363,8 @@ enum Failure {
     Config(anyhow::Error),
     /// Anything else: status 1.
     Runtime(anyhow::Error),
+    /// `wait` ran out of time: status 3.
+    TimedOut(anyhow::Error),
 }
 
 impl Failure {
@@ -352,6 +372,7 @@ impl Failure {
         match self {
             Failure::Config(_) => 2,
             Failure::Runtime(_) => 1,
+            Failure::TimedOut(_) => 3,
         }
     }
 }
@@ -359,7 +380,9 @@ impl Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Config(e) | Failure::Runtime(e) => write!(f, "{e:#}"),
+            Failure::Config(e) | Failure::Runtime(e) | Failure::TimedOut(e) => {
+                write!(f, "{e:#}")
+            }
         }
     }
 }
@@ -408,18 +431,51 @@ fn main() -> std::process::ExitCode {
 async fn real_main() -> Result<(), Failure> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Cmd::Ls(c)) => Ok(tunnel_svc::cli::ls(c.admin, c.token()?).await?),
+        Some(Cmd::Ls { output, client }) => {
+            Ok(tunnel_svc::cli::ls(client.admin, client.token()?, output).await?)
+        }
+        Some(Cmd::Mcp(c)) => Ok(tunnel_svc::mcp::serve(c.admin, c.token()?).await?),
+        Some(Cmd::Watch(c)) => {
+            let stop = porthole::shutdown::on_signal()?;
+            Ok(tunnel_svc::cli::watch(c.admin, c.token()?, stop).await?)
+        }
         Some(Cmd::Wait {
             port,
             protocol,
             timeout,
+            output,
             client,
         }) => {
             let token = client.token()?;
             let what = tunnel_svc::cli::WaitFor { protocol, ..port };
-            let addr = tunnel_svc::cli::wait(client.admin, token, &what, timeout).await?;
-            tunnel_svc::cli::out(&format!("{addr}\n"));
-            Ok(())
+            let result = tunnel_svc::cli::wait(client.admin, token, &what, timeout).await;
+            let json = output == tunnel_svc::cli::Output::Json;
+            match result {
+                Ok(ready) if json => {
+                    let v = serde_json::json!({
+                        "ready": true,
+                        "host": ready.host,
+                        "url": ready.tunnel.url,
+                        "tunnel": tunnel_svc::json::tunnel(&ready.tunnel),
+                    });
+                    tunnel_svc::cli::out(&format!("{v}\n"));
+                    Ok(())
+                }
+                Ok(ready) => {
+                    tunnel_svc::cli::out(&format!("{}\n", ready.host));
+                    Ok(())
+                }
+                Err(e) => {
+                    if json {
+                        let v = serde_json::json!({"ready": false, "error": format!("{e:#}")});
+                        tunnel_svc::cli::out(&format!("{v}\n"));
+                    }
+                    match e.downcast_ref::<tunnel_svc::cli::TimedOut>() {
+                        Some(_) => Err(Failure::TimedOut(e)),
+                        None => Err(Failure::Runtime(e)),
+                    }
+                }
+            }
         }
         Some(Cmd::Close { id, client }) => {
             Ok(tunnel_svc::cli::close(client.admin, client.token()?, id).await?)

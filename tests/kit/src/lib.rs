@@ -1480,6 +1480,11 @@ impl TunnelProc {
     /// `tunnel-svc ARGS... --admin ADMIN` as this tunnel-svc's user runs
     /// it: the same state directory, so it finds the admin token where
     /// tunnel-svc made it; no `PORTHOLE_*` from the test's environment.
+    /// Its state directory (the admin token the CLI reads).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
     pub fn cli(&self, args: &[&str]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(binary("tunnel-svc"));
         for (key, _) in std::env::vars_os() {
