@@ -290,6 +290,27 @@ impl Token {
         }
     }
 
+    /// A secret made from this token for `context` (e.g. the panel's
+    /// session cookie): HMAC-SHA256 keyed with the token over
+    /// `porthole-derived-v1`, a NUL and `context`, in hex. It proves the
+    /// token was known without being it.
+    pub fn derived(&self, context: &str) -> String {
+        hex(&self.derived_mac(context))
+    }
+
+    fn derived_mac(&self, context: &str) -> [u8; 32] {
+        hmac_sha256(
+            self.0.as_bytes(),
+            &[b"porthole-derived-v1\0", context.as_bytes()],
+        )
+    }
+
+    /// Whether `given` is [`Token::derived`] for `context`, compared in
+    /// constant time.
+    pub fn is_derived(&self, context: &str, given: &str) -> bool {
+        unhex::<32>(given).is_some_and(|g| same_mac(&self.derived_mac(context), &g))
+    }
+
     /// What a server holding this token answers to `nonce` in
     /// `TunnelAdmin.Prove`: HMAC-SHA256 keyed with the token over
     /// [`PROOF_CONTEXT`] then the nonce. It shows the server holds the

@@ -211,3 +211,157 @@ async fn an_mcp_client_waits_for_a_port_and_gets_its_url() {
     );
     drop(server);
 }
+
+/// The panel in a real headless Chromium: an existing tunnel is listed with
+/// its link; a port opened in the container appears without a reload
+/// within a second of the admin API having it; "Close" closes it. And what
+/// a hostile page could send is refused: a foreign `Host` (DNS rebinding),
+/// a foreign `Origin` (CSRF), no cookie, a used login link.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_panel_is_live_in_chromium_and_refuses_strangers() {
+    if !require_root() {
+        return;
+    }
+    if common::webdriver::chromium().is_none() {
+        skip_or_fail(
+            "the_panel_is_live_in_chromium_and_refuses_strangers",
+            "needs chromium and chromium-driver (apt-get install chromium chromium-driver)",
+        );
+        return;
+    }
+    let (first, later) = (unused_local_port(), unused_local_port());
+    let ns = Netns::new();
+    let monitor = MonitorProc::start(&ns, &[]).await;
+    let tunnel = TunnelProc::follow(&ns, &monitor, &[]).await;
+    let _one = Server::start(&ns, "127.0.0.1", first, "first").await;
+    tunnel.wait_active(&format!("default:tcp:{first}")).await;
+    let admin = tunnel.admin();
+
+    // Strangers first, with plain HTTP.
+    let get = |path: &'static str, headers: Vec<(&'static str, String)>| async move {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        common::http_request(admin, "GET", path, &h, b"")
+            .await
+            .unwrap()
+            .status
+    };
+    assert_eq!(
+        get("/", vec![("Host", "evil.example".into())]).await,
+        403,
+        "DNS rebinding"
+    );
+    assert_eq!(
+        get(
+            "/",
+            vec![("Host", format!("evil.example:{}", admin.port()))]
+        )
+        .await,
+        403
+    );
+    assert_eq!(get("/api/events", vec![]).await, 401, "no cookie");
+    let (_, url) = run(&tunnel, &["ui"]).await;
+    let url = url.trim().to_string();
+    let path = url
+        .trim_start_matches(&format!("http://{admin}"))
+        .to_string();
+    let login = common::http_request(admin, "GET", &path, &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(login.status, 303, "{login:?}");
+    let cookie = login
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+        .map(|(_, v)| v.split(';').next().unwrap().to_string())
+        .expect("a cookie");
+    let again = common::http_request(admin, "GET", &path, &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(again.status, 401, "a login link works once");
+    let close_body = format!(r#"{{"id":"default:tcp:{first}"}}"#);
+    let post = |origin: String| {
+        let cookie = cookie.clone();
+        let body = close_body.clone();
+        async move {
+            let h = [
+                ("Cookie", cookie.as_str()),
+                ("Origin", origin.as_str()),
+                ("Content-Type", "application/json"),
+            ];
+            common::http_request(admin, "POST", "/api/close", &h, body.as_bytes())
+                .await
+                .unwrap()
+                .status
+        }
+    };
+    assert_eq!(post("http://evil.example".into()).await, 403, "CSRF");
+    assert_eq!(post("null".into()).await, 403);
+
+    // The browser, signed in with a fresh link.
+    let browser = common::webdriver::Browser::start(ns.log_dir(), 1280, 800).await;
+    let (_, url) = run(&tunnel, &["ui"]).await;
+    browser.go(url.trim()).await;
+    browser
+        .run("window.loadedOnce = performance.timeOrigin; return 1")
+        .await;
+    let row = |port: u16| format!(r#"tr[data-id="default:tcp:{port}"]"#);
+    let link = browser
+        .wait_for(
+            "the existing tunnel's row",
+            &format!(
+                r#"const a = document.querySelector('{} a'); return a && a.getAttribute('href')"#,
+                row(first)
+            ),
+        )
+        .await;
+    assert_eq!(link, format!("http://localhost:{first}"));
+
+    // A port opened in the container: on the page within a second of the
+    // admin API having it, without a reload.
+    let _two = Server::start(&ns, "127.0.0.1", later, "later").await;
+    tunnel.wait_active(&format!("default:tcp:{later}")).await;
+    let listed = std::time::Instant::now();
+    browser
+        .wait_for(
+            "the new port's row",
+            &format!(
+                r#"const r = document.querySelector('{}'); return r && r.dataset.state === "active""#,
+                row(later)
+            ),
+        )
+        .await;
+    let took = listed.elapsed();
+    eprintln!(
+        "on the page {} ms after ListTunnels had it",
+        took.as_millis()
+    );
+    assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+    let same = browser
+        .run("return window.loadedOnce === performance.timeOrigin")
+        .await;
+    assert_eq!(same, serde_json::json!(true), "no reload");
+
+    // Close, clicked: CLOSED in ListTunnels, and on the page.
+    browser
+        .click(&format!(r#"{} button[data-action="close"]"#, row(later)))
+        .await;
+    tunnel
+        .wait_tunnel(
+            &format!("default:tcp:{later}"),
+            "closed by the panel",
+            |t| t.state == porthole::pb::v1::TunnelState::Closed as i32,
+        )
+        .await;
+    browser
+        .wait_for(
+            "the closed row",
+            &format!(
+                r#"const r = document.querySelector('{}'); return r && r.dataset.state === "closed""#,
+                row(later)
+            ),
+        )
+        .await;
+    let png = browser.screenshot().await;
+    assert!(png.starts_with(b"\x89PNG"), "a screenshot");
+    std::fs::write(ns.log_dir().join("panel.png"), png).unwrap();
+}

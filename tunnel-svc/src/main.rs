@@ -31,6 +31,9 @@ enum Cmd {
     /// Print every tunnel, then each change, one JSON object per line
     /// (WatchTunnels' messages) until interrupted.
     Watch(ClientArgs),
+    /// Print a one-time URL that opens the ports panel in your browser
+    /// (good for one use within a minute; it sets a cookie for the panel).
+    Ui(ClientArgs),
     /// Serve the Model Context Protocol on stdin/stdout for coding agents:
     /// tools that list, wait for, open, close and explain ports, through
     /// the admin API of the running tunnel-svc.
@@ -433,6 +436,12 @@ async fn real_main() -> Result<(), Failure> {
     match cli.command {
         Some(Cmd::Ls { output, client }) => {
             Ok(tunnel_svc::cli::ls(client.admin, client.token()?, output).await?)
+        }
+        Some(Cmd::Ui(c)) => {
+            let auth = c.token()?;
+            let url = tunnel_svc::admin::panel::login_url(c.admin, auth.token.as_ref());
+            tunnel_svc::cli::out(&format!("{url}\n"));
+            Ok(())
         }
         Some(Cmd::Mcp(c)) => Ok(tunnel_svc::mcp::serve(c.admin, c.token()?).await?),
         Some(Cmd::Watch(c)) => {

@@ -16,6 +16,7 @@ pub mod docker;
 pub mod load;
 pub mod measure;
 mod sshd;
+pub mod webdriver;
 
 pub use measure::{crc32, XorShift};
 use porthole::pb::v1::port_events_client::PortEventsClient;
@@ -1215,19 +1216,46 @@ pub async fn http(
     path: &str,
     headers: &[(&str, &str)],
 ) -> std::io::Result<HttpResponse> {
+    http_request(addr, method, path, headers, b"").await
+}
+
+/// [`http`] with a body; a `Host` among `headers` replaces the address.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpResponse> {
     let io = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req.push_str(&format!("Host: {addr}\r\n"));
+        }
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
         if method != "GET" && method != "HEAD" {
-            req.push_str("Content-Length: 0\r\n");
+            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
         }
         req.push_str("\r\n");
         stream.write_all(req.as_bytes()).await?;
+        stream.write_all(body).await?;
+        // To the end, or to Content-Length: some servers (chromedriver)
+        // keep the connection open whatever the request said.
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
+        let mut buf = [0u8; 16 << 10];
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+            if complete(&raw) {
+                break;
+            }
+        }
         parse_response(&raw)
     };
     tokio::time::timeout(DEADLINE, io)
@@ -1240,6 +1268,18 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
     http(addr, "GET", path, &[])
         .await
         .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+/// Whether `raw` holds a whole response with a `Content-Length`.
+fn complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .is_some_and(|len| raw.len() >= split + 4 + len)
 }
 
 fn parse_response(raw: &[u8]) -> std::io::Result<HttpResponse> {

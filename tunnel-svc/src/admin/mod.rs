@@ -1,6 +1,8 @@
 //! `porthole.v1.TunnelAdmin` over gRPC, plus `/healthz` and `/metrics` on
 //! the same port.
 
+pub mod panel;
+
 use crate::model::{Origin, Proto, State as TunnelState, TargetView, TunnelView};
 use crate::reconcile::{self, AdminError, Handle};
 use axum::extract::State;
@@ -110,7 +112,7 @@ fn url_of(t: &TunnelView) -> String {
     format!("{scheme}://{host}:{port}")
 }
 
-fn target(t: TargetView) -> pb::Target {
+pub fn target(t: TargetView) -> pb::Target {
     pb::Target {
         name: t.name,
         url: t.url,
@@ -140,12 +142,24 @@ impl Admin {
     pub fn new(reconciler: Handle, token: Option<porthole::auth::Token>) -> Admin {
         Admin { reconciler, token }
     }
+
+    /// The admin token, if the API needs one.
+    pub fn token(&self) -> Option<&porthole::auth::Token> {
+        self.token.as_ref()
+    }
+
+    pub fn reconciler(&self) -> &Handle {
+        &self.reconciler
+    }
 }
 
 /// What is served without the token: health, the schema (grpcurl's
-/// `list` and `describe`) and `Prove`; nothing about tunnels.
+/// `list` and `describe`) and `Prove`; nothing about tunnels. The panel's
+/// paths check their callers themselves (a browser holds a cookie, not the
+/// token).
 fn public(path: &str) -> bool {
-    path == "/healthz"
+    panel::is_panel(path)
+        || path == "/healthz"
         || path == "/porthole.v1.TunnelAdmin/Prove"
         || [
             "/grpc.health.v1.Health/",
@@ -349,10 +363,13 @@ pub async fn serve(
 ) -> Result<(), porthole::server::ServeError> {
     use porthole::pb::v1::tunnel_admin_server::{TunnelAdminServer, SERVICE_NAME};
     let admin = Admin::new(reconciler, token.clone());
+    let listen = listener
+        .local_addr()
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     let app = porthole::server::App {
         grpc: tonic::service::Routes::new(TunnelAdminServer::new(admin.clone())),
         grpc_names: vec![SERVICE_NAME],
-        http: http_router(admin),
+        http: http_router(admin.clone()).merge(panel::router(admin, listen)),
         policy: porthole::auth::Policy { token, public },
         limits: porthole::server::Limits::default(),
         stats: Default::default(),
