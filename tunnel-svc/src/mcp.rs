@@ -32,22 +32,39 @@ pub async fn serve(admin: SocketAddr, auth: Credentials) -> anyhow::Result<()> {
     let server = Server {
         admin,
         auth,
-        version: VERSIONS[0],
+        version: Default::default(),
     };
     server.run().await
 }
 
+#[derive(Clone)]
 struct Server {
     admin: SocketAddr,
     auth: Credentials,
-    /// The version agreed at `initialize`.
-    version: &'static str,
+    /// The version agreed at `initialize` (until then, the newest).
+    version: std::sync::Arc<std::sync::Mutex<Option<&'static str>>>,
 }
 
+/// Requests being answered at once; more wait for one to finish.
+const IN_FLIGHT: usize = 32;
+
 impl Server {
-    async fn run(mut self) -> anyhow::Result<()> {
+    /// Reads messages until stdin ends; each request is answered as soon
+    /// as it is done (a `wait_for_port` does not hold up a `ping`).
+    async fn run(self) -> anyhow::Result<()> {
         let mut lines = BufReader::new(tokio::io::stdin());
-        let mut stdout = tokio::io::stdout();
+        let (answers, mut out) = tokio::sync::mpsc::channel::<Value>(IN_FLIGHT);
+        let writer = tokio::spawn(async move {
+            let mut stdout = tokio::io::stdout();
+            while let Some(answer) = out.recv().await {
+                let mut line = serde_json::to_vec(&answer)?;
+                line.push(b'\n');
+                stdout.write_all(&line).await?;
+                stdout.flush().await?;
+            }
+            anyhow::Ok(())
+        });
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
         let mut line = Vec::new();
         loop {
             line.clear();
@@ -56,29 +73,43 @@ impl Server {
                 .read_until(b'\n', &mut line)
                 .await?;
             if n == 0 {
-                return Ok(());
+                break;
             }
-            let answer = if line.len() > MAX_LINE {
+            if line.len() > MAX_LINE {
                 // The rest of the line is read and dropped with it.
                 let mut rest = Vec::new();
                 lines.read_until(b'\n', &mut rest).await?;
-                Some(error(Value::Null, -32600, "request too large"))
-            } else if line.iter().all(u8::is_ascii_whitespace) {
-                None
-            } else {
-                self.handle(&line).await
-            };
-            if let Some(answer) = answer {
-                let mut out = serde_json::to_vec(&answer)?;
-                out.push(b'\n');
-                stdout.write_all(&out).await?;
-                stdout.flush().await?;
+                let _ = answers
+                    .send(error(Value::Null, -32600, "request too large"))
+                    .await;
+                continue;
             }
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let slot = slots.clone().acquire_owned().await?;
+            let (me, answers, msg) = (self.clone(), answers.clone(), line.clone());
+            tokio::spawn(async move {
+                if let Some(answer) = me.handle(&msg).await {
+                    let _ = answers.send(answer).await;
+                }
+                drop(slot);
+            });
         }
+        // Stdin ended: what is being answered still is, then the writer ends.
+        drop(answers);
+        writer.await?
+    }
+
+    fn version(&self) -> &'static str {
+        self.version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or(VERSIONS[0])
     }
 
     /// The answer to one message; none for a notification.
-    async fn handle(&mut self, line: &[u8]) -> Option<Value> {
+    async fn handle(&self, line: &[u8]) -> Option<Value> {
         let msg: Value = match serde_json::from_slice(line) {
             Ok(v) => v,
             Err(e) => return Some(error(Value::Null, -32700, &format!("parse error: {e}"))),
@@ -108,18 +139,19 @@ impl Server {
         })
     }
 
-    fn initialize(&mut self, params: &Value) -> Value {
+    fn initialize(&self, params: &Value) -> Value {
         let asked = params
             .get("protocolVersion")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        self.version = VERSIONS
+        let version = VERSIONS
             .iter()
             .find(|v| **v == asked)
             .copied()
             .unwrap_or(VERSIONS[0]);
+        *self.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(version);
         json!({
-            "protocolVersion": self.version,
+            "protocolVersion": version,
             "capabilities": { "tools": { "listChanged": false } },
             "serverInfo": { "name": "porthole", "version": env!("CARGO_PKG_VERSION") },
             "instructions": "porthole forwards the ports that servers open inside containers to \
@@ -154,7 +186,7 @@ impl Server {
             "content": [{ "type": "text", "text": value.to_string() }],
             "isError": is_error,
         });
-        if self.version >= "2025-06-18" {
+        if self.version() >= "2025-06-18" {
             result["structuredContent"] = value;
         }
         result
@@ -403,13 +435,13 @@ mod tests {
         Server {
             admin: "127.0.0.1:1".parse().unwrap(),
             auth: Credentials::default(),
-            version: VERSIONS[0],
+            version: Default::default(),
         }
     }
 
     #[tokio::test]
     async fn speaks_json_rpc() {
-        let mut s = server();
+        let s = server();
         let init = s
             .handle(br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-03-26"}}"#)
             .await
