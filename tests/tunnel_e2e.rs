@@ -1917,6 +1917,71 @@ per_backend! {
         udp_datagrams_round_trip_whole_per_client_direct => (Backend::Direct),
 }
 
+/// As many clients as the flow bound (256 by default, each its own flow),
+/// all sending at once, interleaved: every flow opens (the grpc backend's
+/// Relay streams fit on the monitor's connection beside the event stream),
+/// and each client gets back only its own datagrams.
+async fn udp_flows_to_the_bound_and_replies_never_cross(backend: Backend) {
+    if !require_root() {
+        return;
+    }
+    const CLIENTS: usize = 256;
+    const EACH: u8 = 8;
+    let block = ports(4, backend);
+    let port = block.base + 1;
+    let w = World::start(backend, &[]).await;
+    let udp_id = format!("default:udp:{port}");
+    let _echo = Server::udp_echo(&w.ns, "0.0.0.0", port).await;
+    w.tunnel.wait_active(&udp_id).await;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(udp_client(v4(port)).await);
+    }
+    // Each datagram says whose it is and which: [client hi, lo, seq].
+    let tag = |i: usize, seq: u8| [(i >> 8) as u8, i as u8, seq];
+    let mut missing: Vec<BTreeSet<u8>> = vec![(0..EACH).collect(); CLIENTS];
+    for round in 0..5 {
+        for seq in 0..EACH {
+            for (i, c) in clients.iter().enumerate() {
+                if missing[i].contains(&seq) {
+                    c.send(&tag(i, seq)).await.unwrap();
+                }
+            }
+        }
+        for (i, c) in clients.iter().enumerate() {
+            let mut buf = [0u8; 16];
+            while !missing[i].is_empty() {
+                let wait = Duration::from_millis(if round == 0 { 2000 } else { 500 });
+                let Ok(got) = tokio::time::timeout(wait, c.recv(&mut buf)).await else {
+                    break;
+                };
+                let n = got.unwrap();
+                assert_eq!(n, 3, "a datagram stays whole");
+                assert_eq!(&buf[..2], &tag(i, 0)[..2], "client {i} got another's reply");
+                missing[i].remove(&buf[2]);
+            }
+        }
+        if missing.iter().all(BTreeSet::is_empty) {
+            break;
+        }
+    }
+    let lost: usize = missing.iter().map(BTreeSet::len).sum();
+    assert_eq!(lost, 0, "datagrams never answered in 5 rounds");
+    let t = w
+        .tunnel
+        .wait_tunnel(&udp_id, "every flow counted", |t| {
+            t.total_connections == CLIENTS as u64
+        })
+        .await;
+    assert_eq!(t.active_connections, CLIENTS as u64, "{t:?}");
+}
+
+per_backend! {
+    udp_flows_to_the_bound_and_replies_never_cross:
+        udp_256_flows_and_replies_never_cross_grpc => (Backend::Grpc),
+        udp_256_flows_and_replies_never_cross_direct => (Backend::Direct),
+}
+
 // ---------------------------------------------------------------------------
 // Flow control
 

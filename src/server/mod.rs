@@ -60,7 +60,9 @@ pub struct Limits {
     /// more are closed. One peer address may hold a quarter of them, so a
     /// single neighbour cannot take every slot.
     pub max_connections: usize,
-    /// Concurrent HTTP/2 streams per connection.
+    /// Concurrent HTTP/2 streams per connection: a tunnel-svc's relay
+    /// streams (one per UDP flow, up to its 256 by default, and its TCP
+    /// connections where they ride the connection) beside its event stream.
     pub max_streams: u32,
     /// A connection must introduce itself whole — the HTTP/2 preface, an
     /// HTTP/1 request line or a raw relay line — within this time of being
@@ -75,7 +77,7 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_connections: 256,
-            max_streams: 256,
+            max_streams: 1024,
             handshake_timeout: Duration::from_secs(5),
         }
     }

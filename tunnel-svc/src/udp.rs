@@ -5,7 +5,10 @@
 //! stays one datagram end to end; replies go back to the client whose flow
 //! they came in on. A flow ends after `idle` without a datagram either way,
 //! and a tunnel carries at most `max_flows` at once: datagrams from a new
-//! client beyond that are dropped (and counted) until a flow ends.
+//! client beyond that are dropped (and counted) until a flow ends, and the
+//! flow whose client has been quiet longest gives way to it (see
+//! [`give_way`]). Once a flow's upstream is up, the socket's task sends the
+//! client's datagrams on it itself; the flow's task carries the replies.
 
 use crate::backend::{Backend, BackendCell, UdpUpstream};
 use crate::tunnel::{Carry, CarryError};
@@ -16,8 +19,8 @@ use porthole::telemetry::RateLimit;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -36,6 +39,10 @@ const FLOW_QUEUE: usize = 64;
 /// Bytes of datagrams waiting in all of one tunnel's flows: with large
 /// datagrams the byte bound, not the count, is what holds memory down.
 const QUEUED_BYTES: usize = 4 << 20;
+
+/// A flow whose client sent nothing for this long (or a quarter of the idle
+/// timeout, if shorter) gives way to a new client when the tunnel is full.
+const QUIET: Duration = Duration::from_secs(5);
 
 /// Room for any datagram (IPv6 loopback carries up to 65,527 bytes).
 const DATAGRAM_BUF: usize = 65_536;
@@ -65,6 +72,66 @@ struct Shared {
     dropped: RateLimit,
 }
 
+/// What the receive task hands a flow's task.
+enum In {
+    /// A datagram for the upstream (while it is dialled, or while the
+    /// receive task cannot send it itself).
+    Datagram(Bytes),
+    /// Sending on the flow's upstream failed in the receive task (say, the
+    /// container port refused an earlier datagram): the flow ends with it.
+    Failed(io::Error),
+}
+
+/// A flow's upstream, once dialled: where the receive task sends the
+/// client's datagrams itself, without a hop through the flow's task.
+enum Upstream {
+    Socket(Arc<UdpSocket>),
+    Relay(mpsc::Sender<RelayFrame>),
+}
+
+/// The receive task's side of one flow.
+struct Flow {
+    queue: mpsc::Sender<In>,
+    /// Set by the flow's task once its upstream is up and its queue empty.
+    up: Arc<OnceLock<Upstream>>,
+    /// When the receive task last sent one itself: the flow's idle clock.
+    sent: Arc<LastSent>,
+    /// When its client last sent a datagram.
+    heard: tokio::time::Instant,
+}
+
+/// When a datagram last went out by the receive task: milliseconds after
+/// the flow began, plus one (0: none yet).
+struct LastSent {
+    born: tokio::time::Instant,
+    at: AtomicU64,
+}
+
+impl Default for LastSent {
+    fn default() -> LastSent {
+        LastSent {
+            born: tokio::time::Instant::now(),
+            at: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LastSent {
+    fn now(&self) {
+        let ms = self.born.elapsed().as_millis() as u64 + 1;
+        self.at.fetch_max(ms, Relaxed);
+    }
+
+    /// When the flow's idle time ends, counting only what the receive task
+    /// sent.
+    fn idle_until(&self, idle: Duration) -> Option<tokio::time::Instant> {
+        match self.at.load(Relaxed) {
+            0 => None,
+            ms => Some(self.born + Duration::from_millis(ms - 1) + idle),
+        }
+    }
+}
+
 /// Receives datagrams on `sockets` until `carry.cancel`, carrying each
 /// client's to the container through `backend` on that client's flow.
 /// Flows end at once when the tunnel closes (UDP has nothing to drain).
@@ -86,8 +153,9 @@ pub fn serve(sockets: Vec<UdpSocket>, backend: Arc<BackendCell>, carry: Carry, l
 /// one for a new client while the tunnel has room.
 async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
     let stats = &shared.carry.stats;
-    // The only owner of the senders: a flow that ended has a closed one.
-    let mut flows: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
+    // The only owner of the queues' senders: a flow that ended has a
+    // closed one.
+    let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
     let mut buf = vec![0u8; DATAGRAM_BUF];
     loop {
         let received = tokio::select! {
@@ -103,14 +171,14 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let datagram = Bytes::copy_from_slice(&buf[..n]);
-        if flows.get(&peer).is_none_or(|tx| tx.is_closed()) {
-            flows.retain(|_, tx| !tx.is_closed());
+        if flows.get(&peer).is_none_or(|f| f.queue.is_closed()) {
+            flows.retain(|_, f| !f.queue.is_closed());
             let max = shared.limits.max_flows as u64;
             let room = stats
                 .active
                 .fetch_update(Relaxed, Relaxed, |a| (a < max).then_some(a + 1));
             if room.is_err() {
+                give_way(&mut flows, shared.limits.idle);
                 stats.datagrams_dropped.fetch_add(1, Relaxed);
                 if let Some(suppressed) = shared.dropped.check() {
                     tracing::warn!(%peer, max, suppressed, "udp flow limit reached; datagrams from new clients are dropped");
@@ -119,14 +187,26 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
             }
             stats.total.fetch_add(1, Relaxed);
             crate::tunnel::LIVE.fetch_add(1, Relaxed);
-            let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+            let (queue, rx) = mpsc::channel(FLOW_QUEUE);
+            let f = Flow {
+                queue,
+                up: Arc::default(),
+                sent: Arc::default(),
+                heard: tokio::time::Instant::now(),
+            };
             let span = tracing::info_span!("flow", %peer);
-            let work = flow(socket.clone(), peer, rx, shared.clone());
+            let ends = (rx, f.up.clone(), f.sent.clone());
+            let work = flow(socket.clone(), peer, ends, shared.clone());
             shared.carry.tracker.spawn(work.instrument(span));
-            flows.insert(peer, tx);
+            flows.insert(peer, f);
         }
-        let tx = &flows[&peer];
-        let n = datagram.len();
+        let f = flows.get_mut(&peer).expect("made above");
+        f.heard = tokio::time::Instant::now();
+        if send_direct(f, &buf[..n], stats) {
+            continue;
+        }
+        let datagram = Bytes::copy_from_slice(&buf[..n]);
+        let tx = &f.queue;
         let room = shared
             .carry
             .stats
@@ -137,11 +217,72 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
             .is_ok();
         if !room {
             stats.datagrams_dropped.fetch_add(1, Relaxed);
-        } else if tx.try_send(datagram).is_err() {
+        } else if tx.try_send(In::Datagram(datagram)).is_err() {
             shared.carry.stats.queued.fetch_sub(n, Relaxed);
             stats.datagrams_dropped.fetch_add(1, Relaxed);
         }
     }
+}
+
+/// The tunnel is full: the flow whose client has been quiet longest ends,
+/// if that is at least [`QUIET`] (or a quarter of `idle`), so that a client
+/// resending on many source ports within the idle timeout cannot keep
+/// every new client out. Its slot frees as its task ends; the new client's
+/// next datagram finds it.
+fn give_way(flows: &mut HashMap<SocketAddr, Flow>, idle: Duration) {
+    let quiet = QUIET.min(idle / 4);
+    let oldest = flows
+        .iter()
+        .filter(|(_, f)| !f.queue.is_closed())
+        .min_by_key(|(_, f)| f.heard)
+        .filter(|(_, f)| f.heard.elapsed() >= quiet)
+        .map(|(peer, _)| *peer);
+    if let Some(peer) = oldest {
+        tracing::debug!(%peer, "udp flow ended to make room for a new client");
+        flows.remove(&peer);
+    }
+}
+
+/// Sends `datagram` on flow `f`'s upstream from the receive task, when it
+/// is up and nothing queued is still to go before it; whether it is done
+/// with (sent, or dropped as a full socket buffer drops it).
+fn send_direct(f: &Flow, datagram: &[u8], stats: &crate::tunnel::Stats) -> bool {
+    let Some(up) = f.up.get() else {
+        return false;
+    };
+    if f.queue.capacity() != f.queue.max_capacity() {
+        return false;
+    }
+    let sent = match up {
+        Upstream::Socket(s) => match s.try_send(datagram) {
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                // The flow's task ends the flow with it.
+                let _ = f.queue.try_send(In::Failed(e));
+                return true;
+            }
+        },
+        Upstream::Relay(tx) => {
+            let frame = RelayFrame {
+                kind: Some(Kind::Data(Bytes::copy_from_slice(datagram))),
+            };
+            match tx.try_send(frame) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => false,
+                // The stream ended: the flow's task sees it.
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+    };
+    if sent {
+        f.sent.now();
+        stats.datagrams_in.fetch_add(1, Relaxed);
+        stats.bytes_in.fetch_add(datagram.len() as u64, Relaxed);
+    } else {
+        stats.datagrams_dropped.fetch_add(1, Relaxed);
+    }
+    true
 }
 
 /// Carries one client's flow until it is idle, the tunnel closes, or
@@ -149,13 +290,21 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
 async fn flow(
     socket: Arc<UdpSocket>,
     peer: SocketAddr,
-    mut rx: mpsc::Receiver<Bytes>,
+    (mut rx, up, direct): (mpsc::Receiver<In>, Arc<OnceLock<Upstream>>, Arc<LastSent>),
     shared: Arc<Shared>,
 ) {
     let stats = &shared.carry.stats;
     let backend = shared.backend.get();
     let port = shared.carry.container_port;
-    let work = carry_flow(&socket, peer, &mut rx, &shared, &backend, port);
+    let ends = FlowEnds {
+        socket: &socket,
+        peer,
+        rx: &mut rx,
+        stats,
+        up,
+        direct,
+    };
+    let work = carry_flow(ends, &shared, &backend, port);
     let result = tokio::select! {
         result = work => result,
         _ = shared.carry.cancel.cancelled() => Ok(()),
@@ -175,31 +324,24 @@ async fn flow(
     }
     // What is still queued is dropped, and its bytes given back.
     rx.close();
-    while let Ok(datagram) = rx.try_recv() {
-        shared.carry.stats.queued.fetch_sub(datagram.len(), Relaxed);
-        stats.datagrams_dropped.fetch_add(1, Relaxed);
+    while let Ok(queued) = rx.try_recv() {
+        if let In::Datagram(datagram) = queued {
+            shared.carry.stats.queued.fetch_sub(datagram.len(), Relaxed);
+            stats.datagrams_dropped.fetch_add(1, Relaxed);
+        }
     }
     stats.active.fetch_sub(1, Relaxed);
     crate::tunnel::LIVE.fetch_sub(1, Relaxed);
 }
 
 async fn carry_flow(
-    socket: &UdpSocket,
-    peer: SocketAddr,
-    rx: &mut mpsc::Receiver<Bytes>,
+    mut ends: FlowEnds<'_>,
     shared: &Shared,
     backend: &Backend,
     port: u16,
 ) -> Result<(), CarryError> {
     let upstream = backend.dial_udp(port).await?;
-    let stats = &*shared.carry.stats;
-    stats.connected();
-    let mut ends = FlowEnds {
-        socket,
-        peer,
-        rx,
-        stats,
-    };
+    shared.carry.stats.connected();
     let timer = tokio::time::sleep(shared.limits.idle);
     tokio::pin!(timer);
     let idle = shared.limits.idle;
@@ -208,10 +350,11 @@ async fn carry_flow(
     };
     match upstream {
         UdpUpstream::Relay(mut relay) => {
+            ends.hand_over(Upstream::Relay(relay.tx.clone()));
             loop {
                 tokio::select! {
                     datagram = ends.next() => {
-                        let Some(datagram) = datagram else { break };
+                        let Some(datagram) = datagram? else { break };
                         let n = datagram.len();
                         let frame = RelayFrame { kind: Some(Kind::Data(datagram)) };
                         relay.tx.send(frame).await.map_err(|_| PumpError::PeerGone)?;
@@ -224,7 +367,10 @@ async fn carry_flow(
                             Some(_) => return Err(PumpError::Protocol("not a datagram").into()),
                         }
                     }
-                    _ = &mut timer => break,
+                    _ = &mut timer => match ends.still_busy(idle) {
+                        Some(until) => { timer.as_mut().reset(until); continue }
+                        None => break,
+                    },
                 }
                 rearm(timer.as_mut());
             }
@@ -236,18 +382,23 @@ async fn carry_flow(
             relay.finish().await?;
         }
         UdpUpstream::Socket(up) => {
+            let up = Arc::new(up);
+            ends.hand_over(Upstream::Socket(up.clone()));
             let mut buf = vec![0u8; DATAGRAM_BUF];
             loop {
                 tokio::select! {
                     datagram = ends.next() => {
-                        let Some(datagram) = datagram else { break };
+                        let Some(datagram) = datagram? else { break };
                         up.send(&datagram).await?;
                         ends.sent(datagram.len());
                     }
                     // The port refused a datagram (ICMP unreachable): the
                     // flow ends with that error.
                     got = up.recv(&mut buf) => ends.reply(&buf[..got?]).await?,
-                    _ = &mut timer => break,
+                    _ = &mut timer => match ends.still_busy(idle) {
+                        Some(until) => { timer.as_mut().reset(until); continue }
+                        None => break,
+                    },
                 }
                 rearm(timer.as_mut());
             }
@@ -261,17 +412,41 @@ async fn carry_flow(
 struct FlowEnds<'a> {
     socket: &'a UdpSocket,
     peer: SocketAddr,
-    rx: &'a mut mpsc::Receiver<Bytes>,
+    rx: &'a mut mpsc::Receiver<In>,
     stats: &'a crate::tunnel::Stats,
+    /// Where the receive task sends datagrams itself once it is set.
+    up: Arc<OnceLock<Upstream>>,
+    /// When the receive task last sent a datagram itself.
+    direct: Arc<LastSent>,
 }
 
 impl FlowEnds<'_> {
-    /// The client's next datagram, its bytes given back to the queue's
-    /// bound; none once the flow is over.
-    async fn next(&mut self) -> Option<Bytes> {
-        let datagram = self.rx.recv().await?;
-        self.stats.queued.fetch_sub(datagram.len(), Relaxed);
-        Some(datagram)
+    /// The client's next queued datagram, its bytes given back to the
+    /// queue's bound; none once the flow is over; an error the receive task
+    /// met sending for it.
+    async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        match self.rx.recv().await {
+            None => Ok(None),
+            Some(In::Datagram(datagram)) => {
+                self.stats.queued.fetch_sub(datagram.len(), Relaxed);
+                Ok(Some(datagram))
+            }
+            Some(In::Failed(e)) => Err(e),
+        }
+    }
+
+    /// The upstream is up: from now on the receive task sends the client's
+    /// datagrams on it itself (once what is queued has gone).
+    fn hand_over(&self, up: Upstream) {
+        let _ = self.up.set(up);
+    }
+
+    /// The idle timer fired: when it should fire instead, if the receive
+    /// task sent a datagram itself since it was armed.
+    fn still_busy(&self, idle: Duration) -> Option<tokio::time::Instant> {
+        self.direct
+            .idle_until(idle)
+            .filter(|until| *until > tokio::time::Instant::now())
     }
 
     /// A datagram of `n` bytes went to the container.
@@ -471,6 +646,43 @@ mod tests {
         assert_eq!(t.stats.active.load(Relaxed), 2);
         // The first two carry on.
         assert_eq!(ask(&a, b"a2").await, b"a2");
+    }
+
+    #[tokio::test]
+    async fn a_full_tunnel_gives_a_new_client_the_quietest_flow() {
+        // Idle flows end after 2 s; a quiet one gives way after 0.5 s.
+        let idle = Duration::from_secs(2);
+        let t = tunnel(echo().await, Limits { idle, max_flows: 2 });
+        let (a, b, c) = (
+            client(t.addr).await,
+            client(t.addr).await,
+            client(t.addr).await,
+        );
+        assert_eq!(ask(&a, b"a").await, b"a");
+        let a_quiet_since = tokio::time::Instant::now();
+        // b stays busy; c asks again and again until it gets a flow.
+        let mut buf = [0u8; 16];
+        let got = loop {
+            assert_eq!(ask(&b, b"b").await, b"b");
+            c.send(b"c").await.unwrap();
+            let reply = tokio::time::timeout(Duration::from_millis(50), c.recv(&mut buf));
+            if let Ok(Ok(n)) = reply.await {
+                break buf[..n].to_vec();
+            }
+            assert!(
+                a_quiet_since.elapsed() < Duration::from_secs(10),
+                "c never got a flow"
+            );
+        };
+        assert_eq!(got, b"c");
+        assert!(
+            a_quiet_since.elapsed() < idle,
+            "a's flow gave way before it would have expired ({:?})",
+            a_quiet_since.elapsed()
+        );
+        assert!(t.stats.datagrams_dropped.load(Relaxed) >= 1, "c waited");
+        assert_eq!(t.stats.total.load(Relaxed), 3);
+        assert_eq!(ask(&b, b"b").await, b"b", "the busy flow kept going");
     }
 
     #[tokio::test]
