@@ -1592,6 +1592,20 @@ async fn wait_fails_with_the_reason() {
 // ---------------------------------------------------------------------------
 // --config rules and labels, reloaded on SIGHUP
 
+/// `tunnel-svc ls`'s output, and its row of `default:tcp:PORT`.
+async fn ls_row(tunnel: &TunnelProc, port: u16) -> (String, String) {
+    let out = within("tunnel-svc ls", tunnel.cli(&["ls"]).output())
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&format!("default:tcp:{port} ")))
+        .unwrap_or_else(|| panic!("{table}"))
+        .to_string();
+    (table, row)
+}
+
 fn rules_file(web: u16, ignored: u16, pinned: u16, pin_host: u16, web_label: &str) -> String {
     format!(
         "[[rule]]\nports = \"{web}\"\nlabel = \"{web_label}\"\n\
@@ -1647,14 +1661,7 @@ async fn config_rules_label_ignore_and_pin_and_sighup_reloads_them() {
     }
     assert!(host_port_is_free(ignored) && host_port_is_free(pg));
     // `ls` shows the label.
-    let out = within("tunnel-svc ls", tunnel.cli(&["ls"]).output())
-        .await
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    let row = table
-        .lines()
-        .find(|l| l.starts_with(&format!("default:tcp:{web} ")))
-        .unwrap_or_else(|| panic!("{table}"));
+    let (table, row) = ls_row(&tunnel, web).await;
     assert!(table.contains("LABEL") && row.contains(" web "), "{table}");
 
     // SIGHUP with a good file: the label changes in place.
@@ -1739,14 +1746,7 @@ async fn a_devcontainer_json_shapes_a_monitor_targets_tunnels() {
     );
     let ids: Vec<String> = tunnel.tunnels().await.into_iter().map(|t| t.id).collect();
     assert!(!ids.contains(&format!("default:tcp:{ignored}")), "{ids:?}");
-    let out = within("tunnel-svc ls", tunnel.cli(&["ls"]).output())
-        .await
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    let row = table
-        .lines()
-        .find(|l| l.starts_with(&format!("default:tcp:{web} ")))
-        .unwrap_or_else(|| panic!("{table}"));
+    let (table, row) = ls_row(&tunnel, web).await;
     assert!(
         table.contains("FROM")
             && row.contains(" devcontainer ")

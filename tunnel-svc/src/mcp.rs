@@ -291,17 +291,7 @@ impl Server {
         let port = port(args, "port")?;
         let proto = protocol(args)?;
         let mut client = self.client().await?;
-        let targets: Vec<String> = match opt_str(args, "target")? {
-            Some(t) => vec![t],
-            None => client
-                .list_targets(ListTargetsRequest::default())
-                .await?
-                .into_inner()
-                .targets
-                .into_iter()
-                .map(|t| t.name)
-                .collect(),
-        };
+        let targets = cli::target_names(&mut client, opt_str(args, "target")?).await?;
         let mut said = Vec::new();
         for target in targets {
             let id = format!("{target}:{proto}:{port}");

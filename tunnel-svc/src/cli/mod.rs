@@ -9,7 +9,7 @@ use porthole::pb::v1::{
 use std::net::SocketAddr;
 
 mod wait;
-pub use wait::{wait, Ready, TimedOut, WaitFor};
+pub use wait::{target_names, wait, Ready, TimedOut, WaitFor};
 
 /// How a command prints what it found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -143,18 +143,7 @@ async fn refuse_if_not_forwarded(
     what: &WaitFor,
 ) -> anyhow::Result<()> {
     use porthole::pb::v1::ProbeTunnelRequest;
-    let targets: Vec<String> = match &what.target {
-        Some(t) => vec![t.clone()],
-        None => client
-            .list_targets(ListTargetsRequest::default())
-            .await?
-            .into_inner()
-            .targets
-            .into_iter()
-            .map(|t| t.name)
-            .collect(),
-    };
-    for target in targets {
+    for target in target_names(client, what.target.clone()).await? {
         let id = format!("{target}:{}:{}", what.protocol, what.port);
         if let Err(s) = client.probe_tunnel(ProbeTunnelRequest { id }).await {
             if s.code() == tonic::Code::FailedPrecondition {
@@ -163,6 +152,24 @@ async fn refuse_if_not_forwarded(
         }
     }
     Ok(())
+}
+
+/// `target`, or every target's name when it is `None`.
+pub async fn target_names(
+    client: &mut TunnelAdminClient<porthole::auth::AuthChannel>,
+    target: Option<String>,
+) -> Result<Vec<String>, tonic::Status> {
+    Ok(match target {
+        Some(t) => vec![t],
+        None => client
+            .list_targets(ListTargetsRequest::default())
+            .await?
+            .into_inner()
+            .targets
+            .into_iter()
+            .map(|t| t.name)
+            .collect(),
+    })
 }
 
 /// Where a tunnel `wait` watches stands.
