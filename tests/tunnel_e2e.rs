@@ -1540,7 +1540,11 @@ async fn wait_fails_with_the_reason() {
     .await
     .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "a timeout's own status: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a timeout's own status: {stderr}"
+    );
     assert!(
         stderr.contains("timed out after 300ms")
             && stderr.contains(&format!("no tunnel for container port {port}")),

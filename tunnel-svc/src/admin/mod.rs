@@ -369,7 +369,7 @@ pub async fn serve(
     let app = porthole::server::App {
         grpc: tonic::service::Routes::new(TunnelAdminServer::new(admin.clone())),
         grpc_names: vec![SERVICE_NAME],
-        http: http_router(admin.clone()).merge(panel::router(admin, listen)),
+        http: http_router(admin.clone()).merge(panel::router(admin, listen, shutdown.clone())),
         policy: porthole::auth::Policy { token, public },
         limits: porthole::server::Limits::default(),
         stats: Default::default(),

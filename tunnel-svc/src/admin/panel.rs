@@ -43,11 +43,22 @@ pub struct Panel {
     admin: Admin,
     /// Where the admin API listens: its address is a Host the panel takes.
     listen: SocketAddr,
+    /// tunnel-svc is stopping: event streams end (rather than hold the
+    /// server's shutdown for its grace).
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 /// The panel's routes, for the admin server's router.
-pub fn router(admin: Admin, listen: SocketAddr) -> axum::Router {
-    let panel = Panel { admin, listen };
+pub fn router(
+    admin: Admin,
+    listen: SocketAddr,
+    stopping: tokio_util::sync::CancellationToken,
+) -> axum::Router {
+    let panel = Panel {
+        admin,
+        listen,
+        stopping,
+    };
     axum::Router::new()
         .route("/", get(page))
         .route(LOGIN, get(login))
@@ -260,7 +271,10 @@ async fn events(State(p): State<Panel>) -> Response {
         ))
     });
     let stats = stats(p.clone());
-    let stream = first.chain(futures_util::stream::select(changes, stats));
+    let stopping = p.stopping.clone().cancelled_owned();
+    let stream = first
+        .chain(futures_util::stream::select(changes, stats))
+        .take_until(stopping);
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
