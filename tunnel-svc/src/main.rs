@@ -191,10 +191,6 @@ struct RunArgs {
     #[arg(long, default_value_t = tunnel_svc::udp::DEFAULT_MAX_FLOWS as u64,
           value_parser = clap::value_parser!(u64).range(1..=65536))]
     udp_max_flows: u64,
-    /// Send every UDP datagram through its flow's task (the path before the
-    /// socket's task sent them itself): for benchmarks only.
-    #[arg(long, hide = true)]
-    udp_relay_hop: bool,
     /// How long a new TCP connection waits while its path comes back (a
     /// monitor restarting, a container paused or reconnected) before it is
     /// reset; 0 fails it at the first failed dial. At most 256 wait per
@@ -674,7 +670,6 @@ fn reconcile_options(
         udp: tunnel_svc::udp::Limits {
             idle: args.udp_idle_timeout,
             max_flows: args.udp_max_flows as usize,
-            hop: args.udp_relay_hop,
         },
         park: tunnel_svc::tunnel::Park {
             wait: args.park,

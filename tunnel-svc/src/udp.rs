@@ -7,8 +7,7 @@
 //! and a tunnel carries at most `max_flows` at once: datagrams from a new
 //! client beyond that are dropped (and counted) until a flow ends, and the
 //! flow whose client has been quiet longest gives way to it (see
-//! [`give_way`]). Once a flow's upstream is up, the socket's task sends the
-//! client's datagrams on it itself; the flow's task carries the replies.
+//! [`give_way`]).
 
 use crate::backend::{Backend, BackendCell, UdpUpstream};
 use crate::tunnel::{Carry, CarryError};
@@ -19,8 +18,8 @@ use porthole::telemetry::RateLimit;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -52,9 +51,6 @@ const DATAGRAM_BUF: usize = 65_536;
 pub struct Limits {
     pub idle: Duration,
     pub max_flows: usize,
-    /// Every datagram through its flow's task, as before the socket's task
-    /// sent them itself (for the benchmark's before-and-after rows).
-    pub hop: bool,
 }
 
 impl Default for Limits {
@@ -62,7 +58,6 @@ impl Default for Limits {
         Limits {
             idle: DEFAULT_IDLE,
             max_flows: DEFAULT_MAX_FLOWS,
-            hop: false,
         }
     }
 }
@@ -74,66 +69,6 @@ struct Shared {
     limits: Limits,
     failures: RateLimit,
     dropped: RateLimit,
-}
-
-/// What the receive task hands a flow's task.
-enum In {
-    /// A datagram for the upstream (while it is dialled, or while the
-    /// receive task cannot send it itself).
-    Datagram(Bytes),
-    /// Sending on the flow's upstream failed in the receive task (say, the
-    /// container port refused an earlier datagram): the flow ends with it.
-    Failed(io::Error),
-}
-
-/// A flow's upstream, once dialled: where the receive task sends the
-/// client's datagrams itself, without a hop through the flow's task.
-enum Upstream {
-    Socket(Arc<UdpSocket>),
-    Relay(mpsc::Sender<RelayFrame>),
-}
-
-/// The receive task's side of one flow.
-struct Flow {
-    queue: mpsc::Sender<In>,
-    /// Set by the flow's task once its upstream is up and its queue empty.
-    up: Arc<OnceLock<Upstream>>,
-    /// When the receive task last sent one itself: the flow's idle clock.
-    sent: Arc<LastSent>,
-    /// When its client last sent a datagram.
-    heard: tokio::time::Instant,
-}
-
-/// When a datagram last went out by the receive task: milliseconds after
-/// the flow began, plus one (0: none yet).
-struct LastSent {
-    born: tokio::time::Instant,
-    at: AtomicU64,
-}
-
-impl Default for LastSent {
-    fn default() -> LastSent {
-        LastSent {
-            born: tokio::time::Instant::now(),
-            at: AtomicU64::new(0),
-        }
-    }
-}
-
-impl LastSent {
-    fn now(&self) {
-        let ms = self.born.elapsed().as_millis() as u64 + 1;
-        self.at.fetch_max(ms, Relaxed);
-    }
-
-    /// When the flow's idle time ends, counting only what the receive task
-    /// sent.
-    fn idle_until(&self, idle: Duration) -> Option<tokio::time::Instant> {
-        match self.at.load(Relaxed) {
-            0 => None,
-            ms => Some(self.born + Duration::from_millis(ms - 1) + idle),
-        }
-    }
 }
 
 /// Receives datagrams on `sockets` until `carry.cancel`, carrying each
@@ -157,8 +92,8 @@ pub fn serve(sockets: Vec<UdpSocket>, backend: Arc<BackendCell>, carry: Carry, l
 /// one for a new client while the tunnel has room.
 async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
     let stats = &shared.carry.stats;
-    // The only owner of the queues' senders: a flow that ended has a
-    // closed one.
+    // The only owner of the senders (a flow that ended has a closed one),
+    // and when each client last sent.
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
     let mut buf = vec![0u8; DATAGRAM_BUF];
     loop {
@@ -175,6 +110,7 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
                 continue;
             }
         };
+        let datagram = Bytes::copy_from_slice(&buf[..n]);
         if flows.get(&peer).is_none_or(|f| f.queue.is_closed()) {
             flows.retain(|_, f| !f.queue.is_closed());
             let max = shared.limits.max_flows as u64;
@@ -191,26 +127,17 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
             }
             stats.total.fetch_add(1, Relaxed);
             crate::tunnel::LIVE.fetch_add(1, Relaxed);
-            let (queue, rx) = mpsc::channel(FLOW_QUEUE);
-            let f = Flow {
-                queue,
-                up: Arc::default(),
-                sent: Arc::default(),
-                heard: tokio::time::Instant::now(),
-            };
+            let (tx, rx) = mpsc::channel(FLOW_QUEUE);
             let span = tracing::info_span!("flow", %peer);
-            let ends = (rx, f.up.clone(), f.sent.clone());
-            let work = flow(socket.clone(), peer, ends, shared.clone());
+            let work = flow(socket.clone(), peer, rx, shared.clone());
             shared.carry.tracker.spawn(work.instrument(span));
-            flows.insert(peer, f);
+            let heard = tokio::time::Instant::now();
+            flows.insert(peer, Flow { queue: tx, heard });
         }
         let f = flows.get_mut(&peer).expect("made above");
         f.heard = tokio::time::Instant::now();
-        if !shared.limits.hop && send_direct(f, &buf[..n], stats) {
-            continue;
-        }
-        let datagram = Bytes::copy_from_slice(&buf[..n]);
         let tx = &f.queue;
+        let n = datagram.len();
         let room = shared
             .carry
             .stats
@@ -221,11 +148,18 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
             .is_ok();
         if !room {
             stats.datagrams_dropped.fetch_add(1, Relaxed);
-        } else if tx.try_send(In::Datagram(datagram)).is_err() {
+        } else if tx.try_send(datagram).is_err() {
             shared.carry.stats.queued.fetch_sub(n, Relaxed);
             stats.datagrams_dropped.fetch_add(1, Relaxed);
         }
     }
+}
+
+/// The receive task's side of one flow.
+struct Flow {
+    queue: mpsc::Sender<Bytes>,
+    /// When its client last sent a datagram.
+    heard: tokio::time::Instant,
 }
 
 /// The tunnel is full: the flow whose client has been quiet longest ends,
@@ -247,68 +181,18 @@ fn give_way(flows: &mut HashMap<SocketAddr, Flow>, idle: Duration) {
     }
 }
 
-/// Sends `datagram` on flow `f`'s upstream from the receive task, when it
-/// is up and nothing queued is still to go before it; whether it is done
-/// with (sent, or dropped as a full socket buffer drops it).
-fn send_direct(f: &Flow, datagram: &[u8], stats: &crate::tunnel::Stats) -> bool {
-    let Some(up) = f.up.get() else {
-        return false;
-    };
-    if f.queue.capacity() != f.queue.max_capacity() {
-        return false;
-    }
-    let sent = match up {
-        Upstream::Socket(s) => match s.try_send(datagram) {
-            Ok(_) => true,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            Err(e) => {
-                // The flow's task ends the flow with it.
-                let _ = f.queue.try_send(In::Failed(e));
-                return true;
-            }
-        },
-        Upstream::Relay(tx) => {
-            let frame = RelayFrame {
-                kind: Some(Kind::Data(Bytes::copy_from_slice(datagram))),
-            };
-            match tx.try_send(frame) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => false,
-                // The stream ended: the flow's task sees it.
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            }
-        }
-    };
-    if sent {
-        f.sent.now();
-        stats.datagrams_in.fetch_add(1, Relaxed);
-        stats.bytes_in.fetch_add(datagram.len() as u64, Relaxed);
-    } else {
-        stats.datagrams_dropped.fetch_add(1, Relaxed);
-    }
-    true
-}
-
 /// Carries one client's flow until it is idle, the tunnel closes, or
 /// either end fails; counts it.
 async fn flow(
     socket: Arc<UdpSocket>,
     peer: SocketAddr,
-    (mut rx, up, direct): (mpsc::Receiver<In>, Arc<OnceLock<Upstream>>, Arc<LastSent>),
+    mut rx: mpsc::Receiver<Bytes>,
     shared: Arc<Shared>,
 ) {
     let stats = &shared.carry.stats;
     let backend = shared.backend.get();
     let port = shared.carry.container_port;
-    let ends = FlowEnds {
-        socket: &socket,
-        peer,
-        rx: &mut rx,
-        stats,
-        up,
-        direct,
-    };
-    let work = carry_flow(ends, &shared, &backend, port);
+    let work = carry_flow(&socket, peer, &mut rx, &shared, &backend, port);
     let result = tokio::select! {
         result = work => result,
         _ = shared.carry.cancel.cancelled() => Ok(()),
@@ -328,24 +212,31 @@ async fn flow(
     }
     // What is still queued is dropped, and its bytes given back.
     rx.close();
-    while let Ok(queued) = rx.try_recv() {
-        if let In::Datagram(datagram) = queued {
-            shared.carry.stats.queued.fetch_sub(datagram.len(), Relaxed);
-            stats.datagrams_dropped.fetch_add(1, Relaxed);
-        }
+    while let Ok(datagram) = rx.try_recv() {
+        shared.carry.stats.queued.fetch_sub(datagram.len(), Relaxed);
+        stats.datagrams_dropped.fetch_add(1, Relaxed);
     }
     stats.active.fetch_sub(1, Relaxed);
     crate::tunnel::LIVE.fetch_sub(1, Relaxed);
 }
 
 async fn carry_flow(
-    mut ends: FlowEnds<'_>,
+    socket: &UdpSocket,
+    peer: SocketAddr,
+    rx: &mut mpsc::Receiver<Bytes>,
     shared: &Shared,
     backend: &Backend,
     port: u16,
 ) -> Result<(), CarryError> {
     let upstream = backend.dial_udp(port).await?;
-    shared.carry.stats.connected();
+    let stats = &*shared.carry.stats;
+    stats.connected();
+    let mut ends = FlowEnds {
+        socket,
+        peer,
+        rx,
+        stats,
+    };
     let timer = tokio::time::sleep(shared.limits.idle);
     tokio::pin!(timer);
     let idle = shared.limits.idle;
@@ -354,11 +245,10 @@ async fn carry_flow(
     };
     match upstream {
         UdpUpstream::Relay(mut relay) => {
-            ends.hand_over(Upstream::Relay(relay.tx.clone()));
             loop {
                 tokio::select! {
                     datagram = ends.next() => {
-                        let Some(datagram) = datagram? else { break };
+                        let Some(datagram) = datagram else { break };
                         let n = datagram.len();
                         let frame = RelayFrame { kind: Some(Kind::Data(datagram)) };
                         relay.tx.send(frame).await.map_err(|_| PumpError::PeerGone)?;
@@ -371,10 +261,7 @@ async fn carry_flow(
                             Some(_) => return Err(PumpError::Protocol("not a datagram").into()),
                         }
                     }
-                    _ = &mut timer => match ends.still_busy(idle) {
-                        Some(until) => { timer.as_mut().reset(until); continue }
-                        None => break,
-                    },
+                    _ = &mut timer => break,
                 }
                 rearm(timer.as_mut());
             }
@@ -386,23 +273,18 @@ async fn carry_flow(
             relay.finish().await?;
         }
         UdpUpstream::Socket(up) => {
-            let up = Arc::new(up);
-            ends.hand_over(Upstream::Socket(up.clone()));
             let mut buf = vec![0u8; DATAGRAM_BUF];
             loop {
                 tokio::select! {
                     datagram = ends.next() => {
-                        let Some(datagram) = datagram? else { break };
+                        let Some(datagram) = datagram else { break };
                         up.send(&datagram).await?;
                         ends.sent(datagram.len());
                     }
                     // The port refused a datagram (ICMP unreachable): the
                     // flow ends with that error.
                     got = up.recv(&mut buf) => ends.reply(&buf[..got?]).await?,
-                    _ = &mut timer => match ends.still_busy(idle) {
-                        Some(until) => { timer.as_mut().reset(until); continue }
-                        None => break,
-                    },
+                    _ = &mut timer => break,
                 }
                 rearm(timer.as_mut());
             }
@@ -416,41 +298,17 @@ async fn carry_flow(
 struct FlowEnds<'a> {
     socket: &'a UdpSocket,
     peer: SocketAddr,
-    rx: &'a mut mpsc::Receiver<In>,
+    rx: &'a mut mpsc::Receiver<Bytes>,
     stats: &'a crate::tunnel::Stats,
-    /// Where the receive task sends datagrams itself once it is set.
-    up: Arc<OnceLock<Upstream>>,
-    /// When the receive task last sent a datagram itself.
-    direct: Arc<LastSent>,
 }
 
 impl FlowEnds<'_> {
-    /// The client's next queued datagram, its bytes given back to the
-    /// queue's bound; none once the flow is over; an error the receive task
-    /// met sending for it.
-    async fn next(&mut self) -> io::Result<Option<Bytes>> {
-        match self.rx.recv().await {
-            None => Ok(None),
-            Some(In::Datagram(datagram)) => {
-                self.stats.queued.fetch_sub(datagram.len(), Relaxed);
-                Ok(Some(datagram))
-            }
-            Some(In::Failed(e)) => Err(e),
-        }
-    }
-
-    /// The upstream is up: from now on the receive task sends the client's
-    /// datagrams on it itself (once what is queued has gone).
-    fn hand_over(&self, up: Upstream) {
-        let _ = self.up.set(up);
-    }
-
-    /// The idle timer fired: when it should fire instead, if the receive
-    /// task sent a datagram itself since it was armed.
-    fn still_busy(&self, idle: Duration) -> Option<tokio::time::Instant> {
-        self.direct
-            .idle_until(idle)
-            .filter(|until| *until > tokio::time::Instant::now())
+    /// The client's next datagram, its bytes given back to the queue's
+    /// bound; none once the flow is over.
+    async fn next(&mut self) -> Option<Bytes> {
+        let datagram = self.rx.recv().await?;
+        self.stats.queued.fetch_sub(datagram.len(), Relaxed);
+        Some(datagram)
     }
 
     /// A datagram of `n` bytes went to the container.
@@ -576,14 +434,7 @@ mod tests {
     #[tokio::test]
     async fn idle_flows_end_and_the_client_gets_a_new_one() {
         let idle = Duration::from_millis(200);
-        let t = tunnel(
-            echo().await,
-            Limits {
-                idle,
-                max_flows: 8,
-                ..Default::default()
-            },
-        );
+        let t = tunnel(echo().await, Limits { idle, max_flows: 8 });
         let c = client(t.addr).await;
         assert_eq!(ask(&c, b"one").await, b"one");
         assert_eq!(t.stats.active.load(Relaxed), 1);
@@ -642,7 +493,6 @@ mod tests {
             Limits {
                 idle: Duration::from_secs(60),
                 max_flows: 2,
-                hop: false,
             },
         );
         let (a, b, c) = (
@@ -664,14 +514,7 @@ mod tests {
     async fn a_full_tunnel_gives_a_new_client_the_quietest_flow() {
         // Idle flows end after 2 s; a quiet one gives way after 0.5 s.
         let idle = Duration::from_secs(2);
-        let t = tunnel(
-            echo().await,
-            Limits {
-                idle,
-                max_flows: 2,
-                ..Default::default()
-            },
-        );
+        let t = tunnel(echo().await, Limits { idle, max_flows: 2 });
         let (a, b, c) = (
             client(t.addr).await,
             client(t.addr).await,
