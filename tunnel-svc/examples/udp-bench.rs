@@ -1,7 +1,7 @@
 //! Benchmark for UDP tunnels: datagrams per second and Gbit/s through
 //! `tunnel-svc --backend grpc` and `--backend direct`, beside the direct
-//! UDP path (host → the container's address, no relay), for a few datagram
-//! sizes.
+//! UDP path (host → the container's address, no relay) and socat relaying
+//! the same hop (when socat is installed), for a few datagram sizes.
 //!
 //! ```text
 //! cargo build --release -p tunnel-svc -p monitor-svc -p porthole-testkit --bins --examples
@@ -19,7 +19,7 @@
 #![forbid(unsafe_code)]
 
 use porthole_testkit::measure::nproc;
-use porthole_testkit::{MonitorProc, Netns, Server, TunnelProc};
+use porthole_testkit::{unused_local_port, which, MonitorProc, Netns, Server, TunnelProc};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -126,6 +126,49 @@ async fn measure(to: SocketAddr, size: usize) -> anyhow::Result<Rate> {
     })
 }
 
+/// Sends a probe to `to` until one comes back (a relay that binds its
+/// socket after it starts), for up to 5 s.
+async fn ready(to: SocketAddr) -> anyhow::Result<()> {
+    let client = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
+    client.connect(to).await?;
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        client.send(b"ready?").await?;
+        let reply = tokio::time::timeout(Duration::from_millis(100), client.recv(&mut buf));
+        if let Ok(Ok(_)) = reply.await {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("no reply from {to} within 5 s")
+}
+
+/// A single-hop relay written in C for the same path, one datagram at a
+/// time: socat, a child per client, `-b 65536`.
+async fn socat_row(ns: &Netns, rows: &mut Vec<(String, usize, anyhow::Result<Rate>)>) {
+    if which("socat").is_none() {
+        eprintln!("no socat: its row is left out");
+        return;
+    }
+    let port = unused_local_port();
+    let mut cmd = std::process::Command::new("socat");
+    cmd.args(["-b", "65536"])
+        .arg(format!("UDP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
+        .arg(format!("UDP4:{}:{PORT}", ns.addr()));
+    let mut socat = ns.spawn_command("socat-udp", cmd);
+    let to = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    let up = ready(to).await;
+    for size in SIZES {
+        eprintln!("socat, {size} B");
+        let rate = match &up {
+            Ok(()) => measure(to, size).await,
+            Err(e) => Err(anyhow::anyhow!("{e:#}")),
+        };
+        rows.push(("socat UDP relay (`-b 65536`, fork)".into(), size, rate));
+    }
+    socat.terminate().await;
+}
+
 async fn run() -> anyhow::Result<()> {
     let ns = Netns::new();
     let monitor = MonitorProc::start(&ns, &["--log-level", "warn"]).await;
@@ -145,6 +188,7 @@ async fn run() -> anyhow::Result<()> {
             measure(container, size).await,
         ));
     }
+    socat_row(&ns, &mut rows).await;
     for backend in ["grpc", "direct"] {
         let args = ["--backend", backend, "--log-level", "warn"];
         let mut tunnel = TunnelProc::follow(&ns, &monitor, &args).await;
