@@ -86,6 +86,10 @@ async fn json_for_scripts_ls_watch_and_wait() {
     assert_eq!(t["state"], "TUNNEL_STATE_ACTIVE");
     assert_eq!(t["protocol"], "PROTOCOL_TCP");
     assert!(t["bytesIn"].is_string(), "uint64 as a string: {t}");
+    // It opened while watched: how long from listening to usable is known.
+    let usable: u64 = t["usableAfterMs"].as_str().unwrap().parse().unwrap();
+    assert!((1..10_000).contains(&usable), "{t}");
+    eprintln!("usable {usable} ms after the port started listening");
 
     // wait -o json: ready, with the host address.
     let (code, out) = run(&tunnel, &["wait", &port.to_string(), "-o", "json"]).await;
@@ -336,6 +340,16 @@ async fn the_panel_is_live_in_chromium_and_refuses_strangers() {
         took.as_millis()
     );
     assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+    let usable = browser
+        .run(&format!(
+            r#"const c = document.querySelector('{} td:nth-last-child(2)'); return c && c.textContent"#,
+            row(later)
+        ))
+        .await;
+    assert!(
+        usable.as_str().is_some_and(|u| u.ends_with(" ms")),
+        "the page shows how long the port took to be usable: {usable}"
+    );
     let same = browser
         .run("return window.loadedOnce === performance.timeOrigin")
         .await;

@@ -525,6 +525,7 @@ mod tests {
 
     fn listener(cmdline: &[&str]) -> Vec<Listener> {
         vec![Listener {
+            since: None,
             port: 0,
             address: "0.0.0.0".parse().unwrap(),
             dual_stack: false,

@@ -60,6 +60,7 @@ pub fn tunnel(t: &Tunnel) -> Value {
         "failingSince": time(&t.failing_since),
         "settingsFrom": t.settings_from,
         "url": t.url,
+        "usableAfterMs": t.usable_after_ms.to_string(),
     })
 }
 

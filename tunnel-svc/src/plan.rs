@@ -55,6 +55,8 @@ pub struct Want {
     /// From the rule that matched the port.
     pub label: Option<String>,
     pub settings: Settings,
+    /// When the port started listening (the monitor's clock), if known.
+    pub listening_since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Want {
@@ -73,6 +75,7 @@ impl Want {
             held_by: None,
             label: None,
             settings: Settings::default(),
+            listening_since: listeners.iter().filter_map(|l| l.since).min(),
         }
     }
 }
@@ -478,6 +481,7 @@ mod tests {
 
     fn listener(port: u16) -> Listener {
         Listener {
+            since: None,
             port,
             address: "0.0.0.0".parse().unwrap(),
             dual_stack: false,

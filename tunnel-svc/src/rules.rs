@@ -231,6 +231,7 @@ mod tests {
 
     fn listener(cmdline: &[&str]) -> Listener {
         Listener {
+            since: None,
             port: 0,
             address: "0.0.0.0".parse().unwrap(),
             dual_stack: false,

@@ -60,6 +60,7 @@ pub fn listener(p: &Port) -> Result<Listener, String> {
         address,
         dual_stack: p.dual_stack,
         process: p.process.clone(),
+        since: None,
     })
 }
 
@@ -235,8 +236,9 @@ impl Watcher {
                 if let Some(port) = e.port {
                     if e.r#type == EventType::Closed as i32 {
                         pos.ports.remove(&port.key);
-                    } else if let Some(l) = self.checked(&port) {
-                        pos.ports.insert(port.key, l);
+                    } else if let Some((proto, mut l)) = self.checked(&port) {
+                        l.since = e.timestamp.as_ref().and_then(porthole::time::from_proto);
+                        pos.ports.insert(port.key, (proto, l));
                     }
                 }
             }

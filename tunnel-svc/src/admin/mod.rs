@@ -95,6 +95,7 @@ pub fn tunnel(t: TunnelView) -> pb::Tunnel {
         label: t.label.unwrap_or_default(),
         settings_from: t.settings.from.map(|f| f.short()).unwrap_or_default(),
         url,
+        usable_after_ms: t.usable_after.map_or(0, |d| d.as_millis().max(1) as u64),
     }
 }
 

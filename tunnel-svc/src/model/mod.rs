@@ -219,6 +219,9 @@ pub struct Listener {
     /// An IPv6 wildcard that accepts IPv4 too.
     pub dual_stack: bool,
     pub process: Option<Process>,
+    /// When the monitor saw it start listening (its clock), if it opened
+    /// while watched (ports open when the monitor started have no time).
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Listener {
@@ -266,6 +269,9 @@ pub struct TunnelView {
     /// From the rule that matched the port.
     pub label: Option<String>,
     pub settings: Settings,
+    /// From the port starting to listen in the container to the tunnel
+    /// being usable, when both are known.
+    pub usable_after: Option<std::time::Duration>,
     /// Its connections fail, until one gets through again.
     pub failing: Option<Failing>,
     pub counters: Counters,

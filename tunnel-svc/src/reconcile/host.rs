@@ -5,7 +5,7 @@
 use super::targets::PortOp;
 use super::tunnels::Entry;
 use super::Reconciler;
-use crate::model::{Failure, Holder, Note, Origin, Proto, State, TunnelId};
+use crate::model::{Failure, Holder, Note, Origin, Proto, TunnelId};
 use crate::plan::{Want, PRIVILEGED};
 use crate::sockets::Sockets;
 use crate::tunnel;
@@ -111,7 +111,7 @@ impl Reconciler {
                     generation: entry.generation,
                 });
             }
-            None => entry.state = State::Active,
+            None => entry.active(),
         }
     }
 

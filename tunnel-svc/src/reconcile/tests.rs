@@ -77,6 +77,7 @@ fn open(ports: &[u16]) -> BTreeMap<PortKey, Vec<Listener>> {
         .iter()
         .map(|&port| {
             let l = Listener {
+                since: None,
                 port,
                 address: "0.0.0.0".parse().unwrap(),
                 dual_stack: false,

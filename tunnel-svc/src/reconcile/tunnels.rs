@@ -24,6 +24,10 @@ pub(super) struct Entry {
     pub(super) opened_at: Option<chrono::DateTime<chrono::Utc>>,
     pub(super) label: Option<String>,
     pub(super) settings: crate::model::Settings,
+    /// When its port started listening, if the monitor said.
+    pub(super) listening_since: Option<chrono::DateTime<chrono::Utc>>,
+    /// From then to becoming active, once it did.
+    pub(super) usable_after: Option<std::time::Duration>,
     pub(super) stats: Arc<Stats>,
     /// Set while the host listeners run.
     pub(super) cancel: Option<CancellationToken>,
@@ -66,6 +70,7 @@ impl Entry {
             note,
             label: self.label.clone(),
             settings: self.settings,
+            usable_after: self.usable_after,
             failing: s.failing(),
             counters: Counters {
                 active: s.active.load(Relaxed),
@@ -77,6 +82,15 @@ impl Entry {
                 datagrams_dropped: s.datagrams_dropped.load(Relaxed),
             },
         }
+    }
+
+    /// It carries connections now: how long after its port started
+    /// listening, when that is known (and the clocks agree it is after).
+    pub(super) fn active(&mut self) {
+        self.state = State::Active;
+        self.usable_after = self
+            .listening_since
+            .and_then(|since| (chrono::Utc::now() - since).to_std().ok());
     }
 
     pub(super) fn existing(&self) -> plan::Existing {
@@ -219,6 +233,8 @@ impl Reconciler {
             opened_at: None,
             label: want.label.clone(),
             settings: want.settings,
+            listening_since: want.listening_since,
+            usable_after: None,
             stats: Arc::new(Stats::default()),
             cancel: None,
             prepared: false,
@@ -294,7 +310,7 @@ impl Reconciler {
         let _in = e.span.clone().entered();
         match result {
             Ok(()) => {
-                e.state = State::Active;
+                e.active();
                 let t = self.targets.get_mut(&id.target).expect("a target's tunnel");
                 if logs(t, &id.target) {
                     tracing::info!(host_port = e.host_port, "tunnel active");
