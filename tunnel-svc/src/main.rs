@@ -187,7 +187,8 @@ struct RunArgs {
     #[arg(long, default_value = "60s", value_parser = porthole::time::parse_duration)]
     udp_idle_timeout: std::time::Duration,
     /// Most UDP flows one UDP tunnel carries at once; datagrams from further
-    /// clients are dropped (and counted) until one ends.
+    /// clients are dropped (and counted) until one ends, or the flow whose
+    /// client has been quiet longest (at least 5 s) gives way.
     #[arg(long, default_value_t = tunnel_svc::udp::DEFAULT_MAX_FLOWS as u64,
           value_parser = clap::value_parser!(u64).range(1..=65536))]
     udp_max_flows: u64,
