@@ -15,25 +15,24 @@ fn test_name() -> String {
     std::thread::current().name().unwrap_or("test").to_string()
 }
 
+/// A busybox httpd on `127.0.0.1:PORT` whose page says `name` and whose
+/// command line holds `/tmp/www-NAME`, as a shell command.
+fn httpd(port: u16, name: &str) -> String {
+    format!(
+        "mkdir -p /tmp/www-{name} && echo {name} > /tmp/www-{name}/index.html && \
+         /bin/busybox httpd -p 127.0.0.1:{port} -h /tmp/www-{name}"
+    )
+}
+
 /// A container of `w` with `metadata` as its `devcontainer.metadata` label
-/// (and `extra` flags), running a busybox httpd on `127.0.0.1:PORT` for
-/// each `(port, name)`, its page saying `name` and its command line
-/// holding `/tmp/www-NAME`; `then` runs after them.
-fn servers(
-    w: &World,
-    metadata: &str,
-    extra: &[&str],
-    servers: &[(u16, &str)],
-    then: &str,
-) -> Container {
+/// (and `extra` flags), running [`httpd`] for each `(port, name)`.
+fn servers(w: &World, metadata: &str, extra: &[&str], servers: &[(u16, &str)]) -> Container {
     let mut script = String::new();
     for (port, name) in servers {
-        script.push_str(&format!(
-            "mkdir -p /tmp/www-{name} && echo {name} > /tmp/www-{name}/index.html && \
-             /bin/busybox httpd -p 127.0.0.1:{port} -h /tmp/www-{name} && "
-        ));
+        script.push_str(&httpd(*port, name));
+        script.push_str(" && ");
     }
-    script.push_str(then);
+    script.push_str("exec /bin/busybox sleep 600");
     let label = format!("devcontainer.metadata={metadata}");
     let mut all = vec!["--label", label.as_str()];
     all.extend_from_slice(extra);
@@ -90,7 +89,6 @@ async fn labels_ranges_command_lines_forward_ports_and_other_ports() {
             (api, "api"),
             (other, "other"),
         ],
-        "exec /bin/busybox sleep 600",
     );
     let tunnel = w.tunnel_svc(&[]).await;
     assert_eq!(poll_until("web", DEADLINE, || get(web)).await, "web");
@@ -114,14 +112,7 @@ async fn labels_ranges_command_lines_forward_ports_and_other_ports() {
         )
         .await;
     assert!(idle.note.contains("nothing listens"), "{idle:?}");
-    c.exec(&[
-        "sh",
-        "-c",
-        &format!(
-            "mkdir -p /tmp/www-later && echo later > /tmp/www-later/index.html && \
-             /bin/busybox httpd -p 127.0.0.1:{later} -h /tmp/www-later"
-        ),
-    ]);
+    c.exec(&["sh", "-c", &httpd(later, "later")]);
     assert_eq!(poll_until("later", DEADLINE, || get(later)).await, "later");
 
     // Ignored by its range and by otherPortsAttributes: no tunnel, the
@@ -152,13 +143,7 @@ async fn require_local_port_fails_when_busy_and_elevate_takes_port_80() {
               "80": {{"elevateIfNeeded": true, "label": "site"}}
            }}}}]"#
     );
-    let c = servers(
-        &w,
-        &metadata,
-        &[],
-        &[(exact, "exact"), (80, "eighty")],
-        "exec /bin/busybox sleep 600",
-    );
+    let c = servers(&w, &metadata, &[], &[(exact, "exact"), (80, "eighty")]);
     let tunnel = w.tunnel_svc(&[]).await;
     assert_eq!(
         poll_until("port 80 on the host's 80", DEADLINE, || get(80)).await,
@@ -201,14 +186,12 @@ async fn a_compose_sibling_port_named_by_service() {
         &metadata,
         &[&project, "--label=com.docker.compose.service=app"],
         &[],
-        "exec /bin/busybox sleep 600",
     );
     let web = servers(
         &w,
         "[]",
         &[&project, "--label=com.docker.compose.service=web"],
         &[(port, "web")],
-        "exec /bin/busybox sleep 600",
     );
     let skip = port.to_string();
     let tunnel = w.tunnel_svc(&["--skip", &skip]).await;
@@ -262,13 +245,7 @@ async fn open_browser_runs_xdg_open_in_tunnel_svcs_own_session() {
               "{once}": {{"onAutoForward": "openBrowserOnce", "protocol": "https"}}
            }}}}]"#
     );
-    let c = servers(
-        &w,
-        &metadata,
-        &[],
-        &[(every, "every"), (once, "once")],
-        "exec /bin/busybox sleep 600",
-    );
+    let c = servers(&w, &metadata, &[], &[(every, "every"), (once, "once")]);
     let env = [
         ("PATH", path.as_str()),
         ("DISPLAY", ":99"),

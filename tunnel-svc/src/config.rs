@@ -135,6 +135,8 @@ pub struct Target {
     pub ssh_host: String,
     /// The monitor's bearer token (`--monitor-token-file`, else `--token-file`).
     pub token_file: Option<std::path::PathBuf>,
+    /// Its devcontainer.json (`--devcontainer`).
+    pub devcontainer: Option<std::path::PathBuf>,
 }
 
 /// `[TARGET=]VALUE` flags: a value for every target, or for one.
@@ -181,6 +183,7 @@ pub fn targets(
             url,
             backend: BackendKind::Grpc,
             token_file: None,
+            devcontainer: None,
         })
         .collect();
     apply_scoped(&mut out, "--backend", backend_flags, &|t, v| {

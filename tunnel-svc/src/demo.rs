@@ -179,6 +179,7 @@ fn options(
             url,
             backend: config::BackendKind::Grpc,
             token_file: Some(token_file),
+            devcontainer: None,
         }],
         reconcile: crate::reconcile::Options {
             bind: config::default_bind(),

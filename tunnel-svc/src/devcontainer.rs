@@ -5,7 +5,7 @@
 //! as the spec merges them, and turned into the rules the plan applies.
 
 use crate::model::{PortSet, RuleFrom};
-use crate::rules::{Action, OnForward, Rule, RuleFile, Scheme};
+use crate::rules::{Action, OnForward, Rule, Scheme};
 use regex::Regex;
 use serde::Deserialize;
 use std::collections::BTreeSet;
@@ -195,11 +195,6 @@ impl Settings {
         }
     }
 
-    /// Whether nothing is said about ports.
-    pub fn is_empty(&self) -> bool {
-        self.forward_ports.is_empty() && self.ports_attributes.is_empty() && self.other.is_none()
-    }
-
     /// The rules for the container these settings are of, and for
     /// `service:PORT` entries of siblings naming `own_service`. Keys that
     /// do not parse come back as messages.
@@ -313,12 +308,6 @@ pub struct DevRules {
     pub forward: BTreeSet<u16>,
 }
 
-impl DevRules {
-    pub fn is_empty(&self) -> bool {
-        self.rules.is_empty() && self.forward.is_empty()
-    }
-}
-
 /// A `portsAttributes` key.
 enum Key {
     /// A port or a range (and whether it is one port).
@@ -368,15 +357,7 @@ fn single(port: u16) -> PortSet {
 /// The rule for one key's attributes (TCP: forwarded ports are TCP).
 fn rule(ports: Option<PortSet>, process: Option<Regex>, a: &Attributes) -> Rule {
     let on = a.on_auto_forward.unwrap_or(OnAutoForward::Notify);
-    let mut r = Rule::new(
-        0,
-        RuleFile {
-            protocol: Some("tcp".into()),
-            ..Default::default()
-        },
-    )
-    .expect("a plain TCP rule");
-    r.set_ports(ports, process);
+    let mut r = Rule::tcp(ports, process, RuleFrom::DevContainer);
     r.action = if on == OnAutoForward::Ignore {
         Action::Ignore
     } else {
@@ -395,7 +376,6 @@ fn rule(ports: Option<PortSet>, process: Option<Regex>, a: &Attributes) -> Rule 
     r.scheme = a.protocol;
     r.same_port = a.require_local_port == Some(true);
     r.privileged = a.elevate_if_needed == Some(true);
-    r.from = RuleFrom::DevContainer;
     r
 }
 
@@ -495,7 +475,6 @@ fn drop_trailing_commas(text: &str) -> String {
 mod tests {
     use super::*;
     use crate::model::{Listener, Proto};
-    use porthole::pb::v1::Process;
 
     /// In the style of the public templates: comments, trailing commas.
     const NODE_POSTGRES: &str = r#"// For format details, see https://aka.ms/devcontainer.json.
@@ -523,23 +502,9 @@ mod tests {
 }
 "#;
 
-    fn listener(cmdline: &[&str]) -> Vec<Listener> {
-        vec![Listener {
-            since: None,
-            port: 0,
-            address: "0.0.0.0".parse().unwrap(),
-            dual_stack: false,
-            process: Some(Process {
-                pid: 1,
-                name: "node".into(),
-                cmdline: cmdline.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            }),
-        }]
-    }
-
     fn first<'a>(d: &'a DevRules, port: u16, cmd: &[&str]) -> Option<&'a Rule> {
-        crate::rules::first(&d.rules, "app", (Proto::Tcp, port), &listener(cmd))
+        let listeners = [Listener::of_command(cmd)];
+        crate::rules::first(&d.rules, "app", (Proto::Tcp, port), &listeners)
     }
 
     #[test]
@@ -616,7 +581,8 @@ mod tests {
             service: "web".into(),
             ..compose
         };
-        assert!(resolve(None, Some(&web), [&app].into_iter()).0.is_empty());
+        let (none, _) = resolve(None, Some(&web), [&app].into_iter());
+        assert!(none.rules.is_empty() && none.forward.is_empty());
     }
 
     #[test]

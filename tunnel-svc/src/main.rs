@@ -459,33 +459,13 @@ async fn real_main() -> Result<(), Failure> {
             let token = client.token()?;
             let what = tunnel_svc::cli::WaitFor { protocol, ..port };
             let result = tunnel_svc::cli::wait(client.admin, token, &what, timeout).await;
-            let json = output == tunnel_svc::cli::Output::Json;
-            match result {
-                Ok(ready) if json => {
-                    let v = serde_json::json!({
-                        "ready": true,
-                        "host": ready.host,
-                        "url": ready.tunnel.url,
-                        "tunnel": tunnel_svc::json::tunnel(&ready.tunnel),
-                    });
-                    tunnel_svc::cli::out(&format!("{v}\n"));
-                    Ok(())
-                }
-                Ok(ready) => {
-                    tunnel_svc::cli::out(&format!("{}\n", ready.host));
-                    Ok(())
-                }
-                Err(e) => {
-                    if json {
-                        let v = serde_json::json!({"ready": false, "error": format!("{e:#}")});
-                        tunnel_svc::cli::out(&format!("{v}\n"));
-                    }
-                    match e.downcast_ref::<tunnel_svc::cli::TimedOut>() {
-                        Some(_) => Err(Failure::TimedOut(e)),
-                        None => Err(Failure::Runtime(e)),
-                    }
-                }
-            }
+            tunnel_svc::cli::print_wait(&result, output);
+            result
+                .map(drop)
+                .map_err(|e| match e.downcast_ref::<tunnel_svc::cli::TimedOut>() {
+                    Some(_) => Failure::TimedOut(e),
+                    None => Failure::Runtime(e),
+                })
         }
         Some(Cmd::Close { id, client }) => {
             Ok(tunnel_svc::cli::close(client.admin, client.token()?, id).await?)
@@ -527,7 +507,7 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
     if !args.devcontainers.is_empty() && targets.is_empty() {
         return Err(config::ConfigError::NoTarget.into());
     }
-    let devcontainers = devcontainers(&args.devcontainers, &targets)?;
+    let devcontainers = devcontainers(&targets)?;
     let opts = tunnel_svc::service::Options {
         devcontainers,
         targets,
@@ -572,6 +552,15 @@ fn targets(args: &RunArgs, file: &config::ConfigFile) -> Result<Vec<config::Targ
             Ok(())
         },
     )?;
+    config::apply_scoped(
+        &mut targets,
+        "--devcontainer",
+        &args.devcontainers,
+        &|t, path| {
+            t.devcontainer = Some(path.into());
+            Ok(())
+        },
+    )?;
     if !args.ssh_options.is_empty()
         && !args.docker
         && !targets
@@ -583,21 +572,20 @@ fn targets(args: &RunArgs, file: &config::ConfigFile) -> Result<Vec<config::Targ
     Ok(targets)
 }
 
-/// `--devcontainer [TARGET=]PATH`: each file read and checked once, by
-/// target (a file for every target first, then those for one).
+/// Each target's `--devcontainer` file, read and checked once however
+/// many targets it is for.
 fn devcontainers(
-    flags: &[String],
     targets: &[config::Target],
 ) -> Result<BTreeMap<String, std::sync::Arc<tunnel_svc::devcontainer::Settings>>, Failure> {
+    let mut read: BTreeMap<&std::path::Path, std::sync::Arc<_>> = BTreeMap::new();
     let mut out = BTreeMap::new();
-    for scoped in [false, true] {
-        for v in flags {
-            let (target, path) = config::split_scoped(v);
-            if target.is_some() != scoped {
-                continue;
-            }
+    for t in targets {
+        let Some(path) = t.devcontainer.as_deref() else {
+            continue;
+        };
+        if !read.contains_key(path) {
             let file = |why: String| config::ConfigError::File {
-                path: path.into(),
+                path: path.display().to_string(),
                 why,
             };
             let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
@@ -605,22 +593,9 @@ fn devcontainers(
             if let Some(first) = settings.rules(None).1.into_iter().next() {
                 return Err(file(first).into());
             }
-            let dev = std::sync::Arc::new(settings);
-            let names: Vec<&str> = match target {
-                Some(name) if targets.iter().any(|t| t.name == name) => vec![name],
-                Some(name) => {
-                    return Err(config::ConfigError::UnknownTarget {
-                        flag: "--devcontainer",
-                        target: name.into(),
-                    }
-                    .into())
-                }
-                None => targets.iter().map(|t| t.name.as_str()).collect(),
-            };
-            for name in names {
-                out.insert(name.to_string(), dev.clone());
-            }
+            read.insert(path, std::sync::Arc::new(settings));
         }
+        out.insert(t.name.clone(), read[path].clone());
     }
     Ok(out)
 }

@@ -11,8 +11,7 @@
 use crate::cli::{self, Credentials, WaitFor};
 use crate::json;
 use porthole::pb::v1::{
-    CloseTunnelRequest, ListTargetsRequest, ListTunnelsRequest, OpenTunnelRequest,
-    ProbeTunnelRequest, TunnelState,
+    CloseTunnelRequest, ListTargetsRequest, OpenTunnelRequest, ProbeTunnelRequest, TunnelState,
 };
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -202,22 +201,8 @@ impl Server {
 
     async fn list_tunnels(&self, args: &Value) -> anyhow::Result<Value> {
         let target = opt_str(args, "target")?.unwrap_or_default();
-        let mut client = self.client().await?;
-        let mut all = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let req = ListTunnelsRequest {
-                target: target.clone(),
-                page_token,
-                ..Default::default()
-            };
-            let page = client.list_tunnels(req).await?.into_inner();
-            all.extend(page.tunnels.iter().map(json::tunnel));
-            if page.next_page_token.is_empty() {
-                return Ok(json!({ "tunnels": all }));
-            }
-            page_token = page.next_page_token;
-        }
+        let tunnels = cli::all_tunnels(&mut self.client().await?, &target).await?;
+        Ok(json!({ "tunnels": tunnels.iter().map(json::tunnel).collect::<Vec<_>>() }))
     }
 
     async fn list_targets(&self) -> anyhow::Result<Value> {

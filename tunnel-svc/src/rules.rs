@@ -102,10 +102,24 @@ impl Rule {
         })
     }
 
-    /// Matches these ports (all when `None`) and command lines.
-    pub fn set_ports(&mut self, ports: Option<PortSet>, process: Option<Regex>) {
-        self.ports = ports;
-        self.process = process;
+    /// A TCP rule from `from` about `ports` (all when `None`) of processes
+    /// whose command line `process` matches (any when `None`), forwarding
+    /// them with nothing more said: the caller sets the rest.
+    pub fn tcp(ports: Option<PortSet>, process: Option<Regex>, from: RuleFrom) -> Rule {
+        Rule {
+            ports,
+            protocol: Some(Proto::Tcp),
+            process,
+            target: None,
+            action: Action::Forward,
+            label: None,
+            host_port: None,
+            same_port: false,
+            privileged: false,
+            on_forward: OnForward::Notify,
+            scheme: None,
+            from,
+        }
     }
 
     /// What it says beyond forwarding the port.
@@ -227,22 +241,6 @@ pub fn first<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use porthole::pb::v1::Process;
-
-    fn listener(cmdline: &[&str]) -> Listener {
-        Listener {
-            since: None,
-            port: 0,
-            address: "0.0.0.0".parse().unwrap(),
-            dual_stack: false,
-            process: Some(Process {
-                pid: 1,
-                name: cmdline.first().copied().unwrap_or("x").into(),
-                cmdline: cmdline.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            }),
-        }
-    }
 
     fn rules(text: &str) -> Result<Vec<Rule>, String> {
         #[derive(Deserialize)]
@@ -282,8 +280,8 @@ mod tests {
             "#,
         )
         .unwrap();
-        let web = listener(&["python3", "-m", "http.server"]);
-        let pg = listener(&["/usr/lib/postgresql/bin/postgres", "-D", "/data"]);
+        let web = Listener::of_command(&["python3", "-m", "http.server"]);
+        let pg = Listener::of_command(&["/usr/lib/postgresql/bin/postgres", "-D", "/data"]);
         let hit =
             |t: &str, p: u16, l: &Listener| first(&r, t, (Proto::Tcp, p), std::slice::from_ref(l));
         assert_eq!(
@@ -325,7 +323,7 @@ mod tests {
         ]);
         assert_eq!(wrong.len(), 3, "{wrong:?}");
         assert!(wrong.iter().any(|w| w.contains("privileged")), "{wrong:?}");
-        let l = listener(&["srv"]);
+        let l = Listener::of_command(&["srv"]);
         let hit = |p: u16| first(&r, "c", (Proto::Tcp, p), std::slice::from_ref(&l));
         assert_eq!(hit(5432).unwrap().action, Action::Ignore);
         assert_eq!(hit(8003).unwrap().action, Action::Ignore);

@@ -9,7 +9,7 @@ use porthole::pb::v1::{
 use std::net::SocketAddr;
 
 mod wait;
-pub use wait::{target_names, wait, Ready, TimedOut, WaitFor};
+pub use wait::{print_wait, target_names, wait, Ready, TimedOut, WaitFor};
 
 /// How a command prints what it found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -307,7 +307,7 @@ pub async fn ls(admin: SocketAddr, auth: Credentials, output: Output) -> anyhow:
             .await?
             .into_inner()
             .targets;
-        let tunnels = all_tunnels(&mut client).await?;
+        let tunnels = all_tunnels(&mut client, "").await?;
         let all = serde_json::json!({
             "targets": targets.iter().map(crate::json::target).collect::<Vec<_>>(),
             "tunnels": tunnels.iter().map(crate::json::tunnel).collect::<Vec<_>>(),
@@ -324,7 +324,7 @@ pub async fn ls(admin: SocketAddr, auth: Credentials, output: Output) -> anyhow:
         Err(s) if s.code() == tonic::Code::Unimplemented => {}
         Err(s) => return Err(s.into()),
     }
-    let tunnels = all_tunnels(&mut client).await?;
+    let tunnels = all_tunnels(&mut client, "").await?;
     if tunnels.is_empty() {
         out("no tunnels\n");
     } else {
@@ -357,14 +357,16 @@ pub async fn watch(
     }
 }
 
-/// Every tunnel, page by page.
-async fn all_tunnels(
+/// Every tunnel (of `target`, when not empty), page by page.
+pub(crate) async fn all_tunnels(
     client: &mut TunnelAdminClient<porthole::auth::AuthChannel>,
+    target: &str,
 ) -> Result<Vec<Tunnel>, tonic::Status> {
     let mut tunnels = Vec::new();
     let mut page_token = String::new();
     loop {
         let req = ListTunnelsRequest {
+            target: target.to_string(),
             page_token,
             ..Default::default()
         };

@@ -154,6 +154,26 @@ async fn refuse_if_not_forwarded(
     Ok(())
 }
 
+/// Prints what [`wait`] found as `output` asks: the host address, or in
+/// JSON `{"ready": true, "host", "url", "tunnel"}` or `{"ready": false,
+/// "error"}` (the error also goes to stderr, as every failure does).
+pub fn print_wait(result: &anyhow::Result<Ready>, output: super::Output) {
+    let json = match (result, output) {
+        (Ok(ready), super::Output::Table) => return super::out(&format!("{}\n", ready.host)),
+        (Err(_), super::Output::Table) => return,
+        (Ok(ready), super::Output::Json) => serde_json::json!({
+            "ready": true,
+            "host": ready.host,
+            "url": ready.tunnel.url,
+            "tunnel": crate::json::tunnel(&ready.tunnel),
+        }),
+        (Err(e), super::Output::Json) => {
+            serde_json::json!({"ready": false, "error": format!("{e:#}")})
+        }
+    };
+    super::out(&format!("{json}\n"));
+}
+
 /// `target`, or every target's name when it is `None`.
 pub async fn target_names(
     client: &mut TunnelAdminClient<porthole::auth::AuthChannel>,

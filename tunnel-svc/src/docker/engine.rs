@@ -82,13 +82,9 @@ pub(super) struct Container {
     /// Container ports published on the host with `-p`, with the host
     /// port.
     pub(super) published: BTreeMap<PortKey, u16>,
-    /// `porthole.*` labels.
+    /// The labels porthole reads: `porthole.*` (its rules),
+    /// `devcontainer.*` and `com.docker.compose.*` (dev-container settings).
     pub(super) labels: HashMap<String, String>,
-    /// Its dev-container settings (labels, its devcontainer.json).
-    pub(super) dev: Option<Arc<crate::devcontainer::Settings>>,
-    /// What of them could not be read.
-    pub(super) dev_wrong: Vec<String>,
-    pub(super) compose: Option<crate::devcontainer::Compose>,
     /// `--network`: a network's name, `host`, `none` or `container:ID`.
     pub(super) network_mode: String,
     pub(super) shown: Shown,
@@ -124,20 +120,21 @@ impl Container {
             .and_then(|h| h.network_mode)
             .unwrap_or_default();
         let image = c.image.unwrap_or_default();
-        let labels = c.labels.unwrap_or_default();
-        let (dev, dev_wrong) = crate::devcontainer::from_labels(&labels, !engine.remote);
         Some(Container {
-            dev: dev.map(Arc::new),
-            dev_wrong,
-            compose: crate::devcontainer::compose_of(&labels),
             network_mode,
             shown: Shown::new(engine, &name, &id, &image),
             id,
             name,
             published,
-            labels: labels
+            labels: c
+                .labels
+                .unwrap_or_default()
                 .into_iter()
-                .filter(|(k, _)| k.starts_with("porthole."))
+                .filter(|(k, _)| {
+                    ["porthole.", "devcontainer.", "com.docker.compose."]
+                        .iter()
+                        .any(|p| k.starts_with(p))
+                })
                 .collect(),
         })
     }

@@ -5,7 +5,7 @@
 
 use super::engine::{Container, Follower};
 use super::monitor::engine_error;
-use super::{Archive, MONITOR_PATH};
+use super::MONITOR_PATH;
 use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::query_parameters::UploadToContainerOptions;
@@ -55,29 +55,35 @@ const STREAM_IN: Duration = Duration::from_secs(60);
 const SAID_MAX: usize = 4096;
 
 impl Follower {
-    /// Puts the monitor's file into `c`; where it is.
-    pub(super) async fn copy_in(&self, c: &Container) -> Result<String, String> {
-        // Never replaces a directory of the container's with the file.
-        let upload = UploadToContainerOptions {
-            path: "/".into(),
-            no_overwrite_dir_non_dir: Some("true".into()),
-            ..Default::default()
-        };
-        let refused = match self
-            .docker
-            .upload_to_container(
-                &c.id,
-                Some(upload),
-                bollard::body_stream(futures_util::stream::iter(chunks(&self.archive.tar))),
-            )
-            .await
-        {
-            Ok(()) => return Ok(MONITOR_PATH.into()),
-            Err(e) => engine_error(&e),
-        };
+    /// Puts the monitor's file into `c`; where it is. `refused`: why the
+    /// engine refused the archive for `c` before, if it did, so that it is
+    /// not sent again (set here when it refuses).
+    pub(super) async fn copy_in(
+        &self,
+        c: &Container,
+        refused: &mut Option<String>,
+    ) -> Result<String, String> {
+        if refused.is_none() {
+            // Never replaces a directory of the container's with the file.
+            let upload = UploadToContainerOptions {
+                path: "/".into(),
+                no_overwrite_dir_non_dir: Some("true".into()),
+                ..Default::default()
+            };
+            let body = futures_util::stream::iter(chunks(&self.archive.tar));
+            match self
+                .docker
+                .upload_to_container(&c.id, Some(upload), bollard::body_stream(body))
+                .await
+            {
+                Ok(()) => return Ok(MONITOR_PATH.into()),
+                Err(e) => *refused = Some(engine_error(&e)),
+            }
+        }
+        let refused = refused.as_deref().unwrap_or_default();
         tracing::debug!(container = %c.name, error = %refused,
             "the engine refused the monitor's archive; streaming it in over exec");
-        match tokio::time::timeout(STREAM_IN, self.stream_in(c, &self.archive)).await {
+        match tokio::time::timeout(STREAM_IN, self.stream_in(c)).await {
             Ok(Ok(path)) => {
                 tracing::info!(container = %c.name, path = %path, archive = %refused,
                     "monitor-svc streamed in over exec (the engine refused the archive)");
@@ -93,7 +99,7 @@ impl Follower {
 
     /// Runs [`SCRIPT`] in `c` (as root: `/` is root's) with the monitor's
     /// file on its stdin; the path it printed.
-    async fn stream_in(&self, c: &Container, archive: &Archive) -> Result<String, String> {
+    async fn stream_in(&self, c: &Container) -> Result<String, String> {
         let name = MONITOR_PATH.trim_start_matches('/');
         let exec = self
             .docker
@@ -127,7 +133,7 @@ impl Follower {
         };
         // Written and read at once: a script that fails early stops reading.
         let write = async {
-            for chunk in chunks(&archive.binary) {
+            for chunk in chunks(&self.archive.binary) {
                 input.write_all(&chunk).await?;
             }
             // Half-closed: the script's `cat` sees the end.

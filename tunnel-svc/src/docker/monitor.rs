@@ -48,6 +48,9 @@ struct Lives {
     last_error: String,
     /// The next monitor is asked to listen on the container's address too.
     listen: bool,
+    /// Why the engine refused the monitor's archive, once it did: the next
+    /// monitors are streamed in over exec at once (see `inject`).
+    refused: Option<String>,
 }
 
 /// How a container's tunnel bytes go, as `ls` shows it after `via`.
@@ -134,7 +137,10 @@ impl Follower {
         let channel = exec_channel(current.clone());
         let (rules, wrong) =
             crate::rules::from_labels(c.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        for why in wrong.iter().chain(&c.dev_wrong) {
+        // Read when the container is attached, not at every listing: a
+        // devcontainer.json on this machine is a file to read.
+        let (dev, dev_wrong) = crate::devcontainer::from_labels(&c.labels, !self.engine.remote);
+        for why in wrong.iter().chain(&dev_wrong) {
             tracing::warn!(error = %why, "container label ignored");
         }
         let exec_backend = Arc::new(Backend::Grpc(Grpc {
@@ -152,8 +158,8 @@ impl Follower {
                 fixed: false,
                 published: c.published.clone(),
                 rules,
-                dev: c.dev.clone(),
-                compose: c.compose.clone(),
+                dev: dev.map(Arc::new),
+                compose: crate::devcontainer::compose_of(&c.labels),
             })
             .await;
         let watcher = Watcher {
@@ -174,6 +180,7 @@ impl Follower {
             ),
             last_error: String::new(),
             listen: self.transport != Transport::Exec,
+            refused: None,
         }
     }
 
@@ -192,7 +199,10 @@ impl Follower {
                 None
             }
         };
-        match self.start_monitor(&lives.c, token.as_ref()).await {
+        match self
+            .start_monitor(&lives.c, token.as_ref(), &mut lives.refused)
+            .await
+        {
             Ok(started) => Life::Running {
                 started: Box::new(started),
                 token,
@@ -339,13 +349,14 @@ impl Follower {
         Ok(addresses(&info))
     }
 
-    /// Copies the monitor into `c` and starts it on an exec stream; the
-    /// stream, what fires when it ends, and the port the monitor listens
-    /// on when it was handed a token.
+    /// Copies the monitor into `c` (`refused`: see [`Follower::copy_in`])
+    /// and starts it on an exec stream; the stream, what fires when it
+    /// ends, and the port the monitor listens on when it was handed a token.
     pub(super) async fn start_monitor(
         &self,
         c: &Container,
         token: Option<&porthole::auth::Token>,
+        refused: &mut Option<String>,
     ) -> Result<Started, StartError> {
         let info = self
             .docker
@@ -357,7 +368,7 @@ impl Follower {
         // and nothing the host could reach; the exec stream it is.
         let token = token.filter(|_| !addresses.is_empty());
         let user = info.config.and_then(|c| c.user).unwrap_or_default();
-        let path = self.copy_in(c).await.map_err(StartError::Upload)?;
+        let path = self.copy_in(c, refused).await.map_err(StartError::Upload)?;
         let (mut io, ended) = self.exec_monitor(c, &path, token, non_root(&user)).await?;
         let port = match tokio::time::timeout(MONITOR_START, io.hello()).await {
             Err(_) => return Err(StartError::Timeout),
@@ -373,8 +384,9 @@ impl Follower {
         })
     }
 
-    /// Runs the monitor (its file at `path`) in `c` on an exec stream (started as root when
-    /// the container's `user` is another), hands it `token` there.
+    /// Runs the monitor (its file at `path`) in `c` on an exec stream
+    /// (started as root when the container's `user` is another), hands it
+    /// `token` there.
     async fn exec_monitor(
         &self,
         c: &Container,
@@ -418,9 +430,9 @@ impl Follower {
     }
 }
 
-/// The monitor's command line (its file at `path`): on stdio, and (with `listen`) also on a
-/// free port of the container's address with the token it reads from
-/// stdin; as `user` once it has removed itself.
+/// The monitor's command line (its file at `path`): on stdio, and (with
+/// `listen`) also on a free port of the container's address with the
+/// token it reads from stdin; as `user` once it has removed itself.
 pub(super) fn command(path: &str, listen: bool, user: Option<&str>) -> Vec<String> {
     let mut cmd = vec![
         path.to_string(),

@@ -225,6 +225,24 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// A listener on `0.0.0.0` of a process with command line `cmdline`
+    /// (for tests of what matches command lines).
+    #[cfg(test)]
+    pub fn of_command(cmdline: &[&str]) -> Listener {
+        Listener {
+            since: None,
+            port: 0,
+            address: std::net::Ipv4Addr::UNSPECIFIED.into(),
+            dual_stack: false,
+            process: Some(Process {
+                pid: 1,
+                name: cmdline.first().copied().unwrap_or("x").into(),
+                cmdline: cmdline.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+        }
+    }
+
     /// The addresses the listener accepts connections on: its own, plus
     /// IPv4's wildcard for a dual-stack `::` socket.
     pub fn reachable_on(&self) -> Vec<IpAddr> {

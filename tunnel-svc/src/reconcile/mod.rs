@@ -226,13 +226,10 @@ pub fn spawn(
         started: std::time::Instant::now(),
         opened: Default::default(),
     };
-    let names: Vec<(String, Option<String>)> = r
-        .targets
-        .iter()
-        .map(|(n, t)| (n.clone(), t.compose.as_ref().map(|c| c.project.clone())))
-        .collect();
-    for (name, project) in names {
-        r.resolve_dev(&name, project.as_deref(), true);
+    // Every target's dev-container rules, each worked out once.
+    let names: Vec<String> = r.targets.keys().cloned().collect();
+    for name in &names {
+        r.resolve_dev(std::slice::from_ref(name), Some(name));
     }
     // Before the admin API answers: what the host held at start is known.
     r.scan_host();

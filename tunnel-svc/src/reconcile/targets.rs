@@ -202,67 +202,72 @@ impl Reconciler {
         }
         tracing::info!(target = %spec.name, url = %spec.url, "target added");
         let name = spec.name.clone();
-        let project = spec.compose.as_ref().map(|c| c.project.clone());
         let target = Target::new(spec, &self.commands);
         self.targets.insert(name.clone(), target);
-        self.resolve_dev(&name, project.as_deref(), true);
+        let group = self.dev_group(&name);
+        self.resolve_dev(&group, Some(&name));
         self.last_added = Some(std::time::Instant::now());
         self.reconcile(false);
     }
 
-    /// Works out the dev-container rules of target `name` and, when it is
-    /// in compose `project`, of every target in that project (a sibling's
-    /// `"SERVICE:PORT"` settings are about the service's ports). `say`:
-    /// log what does not parse in `name`'s settings.
-    pub(super) fn resolve_dev(&mut self, name: &str, project: Option<&str>, say: bool) {
-        let in_project = |t: &Target| {
-            project.is_some() && t.compose.as_ref().map(|c| c.project.as_str()) == project
-        };
-        let members: Vec<String> = self
-            .targets
+    /// Target `name` and the other targets of its compose project: those
+    /// whose dev-container rules its settings shape (a sibling's
+    /// `"SERVICE:PORT"` settings are about the service's ports).
+    fn dev_group(&self, name: &str) -> Vec<String> {
+        let project = |t: &Target| t.compose.as_ref().map(|c| c.project.clone());
+        let own = self.targets.get(name).and_then(project);
+        self.targets
             .iter()
-            .filter(|(n, t)| *n == name || in_project(t))
+            .filter(|(n, t)| *n == name || (own.is_some() && project(t) == own))
             .map(|(n, _)| n.clone())
-            .collect();
+            .collect()
+    }
+
+    /// Works out the dev-container rules of each of `members`: its own
+    /// settings, then what its compose siblings' say about its service's
+    /// ports. What does not parse in `new`'s settings (a target just
+    /// added) is logged.
+    pub(super) fn resolve_dev(&mut self, members: &[String], new: Option<&str>) {
         for member in members {
-            let t = &self.targets[&member];
+            let Some(t) = self.targets.get(member) else {
+                continue;
+            };
+            let project = t.compose.as_ref().map(|c| &c.project);
             let siblings = self
                 .targets
                 .iter()
-                .filter(|(n, s)| **n != member && in_project(s))
+                .filter(|(n, s)| {
+                    *n != member
+                        && project.is_some()
+                        && s.compose.as_ref().map(|c| &c.project) == project
+                })
                 .filter_map(|(_, s)| s.dev_settings.as_deref());
             let (dev, wrong) = crate::devcontainer::resolve(
                 t.dev_settings.as_deref(),
                 t.compose.as_ref(),
                 siblings,
             );
-            if say && member == name {
+            if new == Some(member.as_str()) {
                 for why in wrong {
-                    tracing::warn!(target = %name, error = %why, "dev container setting ignored");
+                    tracing::warn!(target = %member, error = %why, "dev container setting ignored");
                 }
             }
-            self.targets.get_mut(&member).expect("listed").dev = dev;
+            self.targets.get_mut(member).expect("listed").dev = dev;
         }
     }
 
     /// Removes target `name` (as it was called when the command was sent).
     pub(super) fn remove_target_named(&mut self, name: String) {
         let name = self.current_name(name);
-        let project = self.targets.get(&name).and_then(|t| t.compose.clone());
+        let group = self.dev_group(&name);
         if self.remove_target(&name) {
             tracing::info!(target = %name, "target removed");
         }
-        if let Some(c) = project {
-            // Its siblings lose what its settings said about them.
-            let sibling = self
-                .targets
-                .iter()
-                .find(|(_, t)| t.compose.as_ref().is_some_and(|s| s.project == c.project))
-                .map(|(n, _)| n.clone());
-            if let Some(sibling) = sibling {
-                self.resolve_dev(&sibling, Some(&c.project), false);
-                self.reconcile(false);
-            }
+        // Its compose siblings lose what its settings said about them.
+        let siblings: Vec<String> = group.into_iter().filter(|n| *n != name).collect();
+        if !siblings.is_empty() {
+            self.resolve_dev(&siblings, None);
+            self.reconcile(false);
         }
         self.renamed.retain(|_, to| *to != name);
     }
