@@ -375,6 +375,36 @@ async fn the_panel_is_live_in_chromium_and_refuses_strangers() {
             ),
         )
         .await;
+    // "Tell me when ready" on a port opened by hand before anything
+    // listens: forwarded but not ready, then ready once its server answers.
+    let third = unused_local_port();
+    browser
+        .run(&format!(
+            "document.getElementById('open-port').value = '{third}'; \
+             document.getElementById('ready-port').value = '{third}'; return 1"
+        ))
+        .await;
+    browser.click("#open-form button").await;
+    tunnel.wait_active(&format!("default:tcp:{third}")).await;
+    browser.click("#ready-form button").await;
+    let ready_text = "return document.getElementById('ready').textContent";
+    let said = browser
+        .wait_for(
+            "the page to say it is not ready",
+            &format!("const t = (function() {{ {ready_text} }})(); return t.includes('but') && t"),
+        )
+        .await;
+    assert!(said.as_str().unwrap().contains("forwarded, but"), "{said}");
+    let _three = Server::start(&ns, "127.0.0.1", third, "third").await;
+    let said = browser
+        .wait_for(
+            "the page to say it is ready",
+            &format!(
+                "const t = (function() {{ {ready_text} }})(); return t.startsWith('ready:') && t"
+            ),
+        )
+        .await;
+    assert_eq!(said, format!("ready: http://localhost:{third}"));
     let png = browser.screenshot().await;
     assert!(png.starts_with(b"\x89PNG"), "a screenshot");
     std::fs::write(ns.log_dir().join("panel.png"), png).unwrap();

@@ -1,7 +1,7 @@
 //! The ports panel: a page on the admin address (`GET /`), live from the
 //! reconciler's tunnel events over server-sent events (`GET /api/events`),
-//! with close and open (`POST /api/close`, `POST /api/open`) through the
-//! admin API's own handlers.
+//! with close, open and probe (`POST /api/close`, `/api/open`,
+//! `/api/probe`) through the admin API's own handlers.
 //!
 //! Safe by default: every request must name a loopback host (or the admin
 //! address itself) in `Host`, so a DNS-rebound name cannot reach it; a
@@ -65,6 +65,7 @@ pub fn router(
         .route("/api/events", get(events))
         .route("/api/close", post(close))
         .route("/api/open", post(open))
+        .route("/api/probe", post(probe))
         .layer(axum::middleware::from_fn_with_state(panel.clone(), guard))
         .with_state(panel)
 }
@@ -324,6 +325,21 @@ async fn close(State(p): State<Panel>, Json(b): Json<CloseBody>) -> Response {
             .await
             .map(|r| r.into_inner().tunnel),
     )
+}
+
+/// Whether a connection through tunnel `id` reaches its server now (the
+/// ProbeTunnel call `wait` makes): what "tell me when ready" asks once the
+/// tunnel is active, since an active tunnel of a port nothing listens on
+/// yet (a dev container's `forwardPorts`) is not ready.
+async fn probe(State(p): State<Panel>, Json(b): Json<CloseBody>) -> Response {
+    let req = tonic::Request::new(porthole::pb::v1::ProbeTunnelRequest { id: b.id });
+    match p.admin.probe_tunnel(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            Json(json!({"reachable": r.reachable, "error": r.error})).into_response()
+        }
+        Err(s) => answer(Err(s)),
+    }
 }
 
 #[derive(serde::Deserialize)]
