@@ -9,7 +9,7 @@
 //! user's session: as root under `sudo` (whose environment names none of
 //! its own) it logs the URL instead.
 
-use crate::model::{OnForward, Scheme, Settings, TunnelId};
+use crate::model::{OnForward, Scheme, TunnelId, TunnelView};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -20,21 +20,21 @@ const HELPER_WAIT: Duration = Duration::from_secs(10);
 #[derive(Default)]
 pub struct Opened(BTreeSet<TunnelId>);
 
-/// Says that tunnel `id` (its `label`, its settings) is active on host
-/// port `host_port`, the way its settings ask.
-pub fn active(
-    id: &TunnelId,
-    label: Option<&str>,
-    settings: &Settings,
-    host_port: u16,
-    opened: &mut Opened,
-) {
-    let scheme = settings.scheme;
-    let shown = match scheme {
-        Some(s) => format!("{s}://localhost:{host_port}"),
-        None => format!("localhost:{host_port}"),
+/// Says that tunnel `t` is active, the way its settings ask.
+pub fn active(t: &TunnelView, opened: &mut Opened) {
+    let (id, settings) = (&t.id, &t.settings);
+    let url = t
+        .url(settings.scheme.unwrap_or(Scheme::Http))
+        .unwrap_or_default();
+    // Shown with its scheme when the settings give one.
+    let shown = match settings.scheme {
+        Some(_) => url.clone(),
+        None => url
+            .split_once("://")
+            .map_or(&*url, |(_, rest)| rest)
+            .to_string(),
     };
-    let label = label.unwrap_or_default();
+    let label = t.label.as_deref().unwrap_or_default();
     match settings.on_forward {
         OnForward::Silent => {
             tracing::debug!(tunnel = %id, url = %shown, label, "port forwarded");
@@ -53,7 +53,6 @@ pub fn active(
                 tracing::info!(tunnel = %id, url = %shown, label, "port forwarded (opened in the browser before)");
                 return;
             }
-            let url = format!("{}://localhost:{host_port}", scheme.unwrap_or(Scheme::Http));
             if own_session(&["DISPLAY", "WAYLAND_DISPLAY", "BROWSER"]) {
                 tracing::info!(tunnel = %id, url = %url, label, "port forwarded; opening it in the browser");
                 run_helper("xdg-open", &[&url]);

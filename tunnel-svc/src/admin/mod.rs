@@ -102,15 +102,7 @@ pub fn tunnel(t: TunnelView) -> pb::Tunnel {
 /// `SCHEME://HOST:PORT` of a tunnel whose settings give its scheme, with
 /// `localhost` for the loopback addresses.
 fn url_of(t: &TunnelView) -> String {
-    let (Some(scheme), port @ 1..) = (t.settings.scheme, t.host_port) else {
-        return String::new();
-    };
-    let host = match t.host_addresses.iter().find(|a| !a.ip().is_loopback()) {
-        None => "localhost".to_string(),
-        Some(a) if a.is_ipv6() => format!("[{}]", a.ip()),
-        Some(a) => a.ip().to_string(),
-    };
-    format!("{scheme}://{host}:{port}")
+    t.settings.scheme.and_then(|s| t.url(s)).unwrap_or_default()
 }
 
 pub fn target(t: TargetView) -> pb::Target {

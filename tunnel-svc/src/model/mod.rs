@@ -295,6 +295,22 @@ pub struct TunnelView {
     pub counters: Counters,
 }
 
+impl TunnelView {
+    /// `SCHEME://HOST:PORT` of the tunnel's host side, with `localhost` for
+    /// the loopback addresses; none while it has no host listeners.
+    pub fn url(&self, scheme: Scheme) -> Option<String> {
+        if self.host_port == 0 {
+            return None;
+        }
+        let host = match self.host_addresses.iter().find(|a| !a.ip().is_loopback()) {
+            None => "localhost".to_string(),
+            Some(a) if a.is_ipv6() => format!("[{}]", a.ip()),
+            Some(a) => a.ip().to_string(),
+        };
+        Some(format!("{scheme}://{host}:{}", self.host_port))
+    }
+}
+
 /// A tunnel whose connections fail: how many in a row, since when, and
 /// why the latest did. The first one that gets through clears it.
 #[derive(Clone, Debug, PartialEq)]

@@ -356,7 +356,8 @@ impl Reconciler {
     }
 
     pub(super) fn publish(&mut self, id: &TunnelId) {
-        if let Some(e) = self.entries.get_mut(id) {
+        let view = self.view(id);
+        if let (Some(e), Some(view)) = (self.entries.get_mut(id), &view) {
             e.published_failing = e.stats.failing().is_some();
             // What its settings (a rule's, a dev container's) ask for when
             // it opens; a tunnel no rule shaped has its "tunnel active".
@@ -364,16 +365,10 @@ impl Reconciler {
             if shaped && e.state == State::Active && !e.announced {
                 e.announced = true;
                 let _in = e.span.enter();
-                crate::announce::active(
-                    id,
-                    e.label.as_deref(),
-                    &e.settings,
-                    e.host_port,
-                    &mut self.opened,
-                );
+                crate::announce::active(view, &mut self.opened);
             }
         }
-        if let Some(tunnel) = self.view(id) {
+        if let Some(tunnel) = view {
             self.broadcast(TunnelEvent {
                 tunnel,
                 removed: false,
