@@ -1,20 +1,39 @@
 //! Sockets as both services use them: accepting without spinning when file
 //! descriptors run out, the file-descriptor limit, and TCP connections that
-//! end with a reset unless they finished cleanly; and [`Proto`], TCP or UDP,
-//! as tunnel-svc and the test kit name a port's transport.
+//! end with a reset unless they finished cleanly; UDP sockets with room for
+//! bursts; and [`Proto`], TCP or UDP, as tunnel-svc and the test kit name a
+//! port's transport.
 
 use crate::telemetry::RateLimit;
 use std::io;
 use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 /// HTTP/2 keepalive on every connection a porthole server accepts: a peer
 /// that stops answering (killed, its link down) is noticed within about
 /// 15 s and its streams fail instead of waiting forever.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// UDP socket buffers asked for: a burst of large datagrams fits (a
+/// reassembled 8 KiB datagram takes about 16 KiB of buffer, so the
+/// kernel's default 208 KiB holds only a dozen). The kernel caps them at
+/// `net.core.rmem_max`/`wmem_max`.
+const UDP_BUFFER: usize = 4 << 20;
+
+/// A UDP socket bound to `addr`, with large buffers.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    // Best effort: the kernel's limits apply.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
 
 /// How long an accept loop pauses when the process or the system is out of
 /// file descriptors (or socket memory): the pending connection waits in the

@@ -359,7 +359,7 @@ impl RelayService {
                 (Ipv6Addr::UNSPECIFIED, 0).into()
             };
             let socket = async {
-                let s = tokio::net::UdpSocket::bind(local).await?;
+                let s = porthole::net::bind_udp(local)?;
                 s.connect(addr).await?;
                 std::io::Result::Ok(s)
             };

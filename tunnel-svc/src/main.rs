@@ -422,7 +422,21 @@ impl From<tunnel_svc::gate::GateError> for Failure {
 }
 
 fn main() -> std::process::ExitCode {
-    let runtime = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
+    // One worker thread unless TOKIO_WORKER_THREADS asks for more: with
+    // several, each datagram or read that wakes one worker also wakes
+    // another to take the task it scheduled, which costs more than the
+    // relaying (udp-bench and tunnel-bench, docs/performance.md). The
+    // kernel moves TCP bytes (splice); one thread keeps up with it.
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime");
     match runtime.block_on(real_main()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(failure) => {

@@ -6,10 +6,6 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 
-/// Socket buffers asked for: a burst of large datagrams fits. The kernel
-/// caps them at `net.core.rmem_max`/`wmem_max`.
-const SOCKET_BUFFER: usize = 4 << 20;
-
 /// A tunnel's host side: TCP listeners or UDP sockets.
 pub enum Sockets {
     Tcp(Vec<TcpListener>),
@@ -124,14 +120,4 @@ pub fn allocate<L>(
     Err(first_err)
 }
 
-/// A UDP socket bound to `addr`, with large buffers.
-pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
-    // Best effort: the kernel's limits apply.
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
-}
+pub use porthole::net::bind_udp;
