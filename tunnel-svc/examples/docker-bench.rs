@@ -2,7 +2,8 @@
 //! how soon a container's server answers on the host's localhost after
 //! `docker run`, how soon a port opened in a running container does, and
 //! what the exec-stream transport carries beside the container's own
-//! address (no relay).
+//! address (no relay) and beside the engine's exec stream alone, in one
+//! stream and in four at once.
 //!
 //! Then the same `run` latency and one download on every engine there
 //! is: Docker, Podman rootful, Podman rootless (as a user without root)
@@ -139,6 +140,58 @@ async fn download(addr: SocketAddr) -> Result<f64, String> {
         total += n as u64;
     }
     if total < BYTES {
+        return Err(format!("only {total} bytes arrived"));
+    }
+    Ok(total as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e9)
+}
+
+/// Reads [`BYTES`] of `/tmp/w/big` out of `container` through `streams`
+/// `docker exec` processes at once, each its share; Gbit/s together.
+fn exec_read(container: &str, streams: u64) -> Result<f64, String> {
+    use std::io::Read;
+    let share = BYTES / streams;
+    let started = Instant::now();
+    let readers: Vec<_> = (0..streams)
+        .map(|i| {
+            let args = [
+                "exec".to_string(),
+                container.to_string(),
+                "/bin/busybox".into(),
+                "sh".into(),
+                "-c".into(),
+                format!(
+                    "/bin/busybox tail -c +{} /tmp/w/big | /bin/busybox head -c {share}",
+                    i * share + 1
+                ),
+            ];
+            std::thread::spawn(move || -> Result<u64, String> {
+                let mut child = std::process::Command::new("docker")
+                    .args(&args)
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .map_err(|e| format!("docker exec: {e}"))?;
+                let mut out = child.stdout.take().expect("piped");
+                let mut buf = vec![0u8; 1 << 20];
+                let mut total = 0u64;
+                loop {
+                    match out.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => total += n as u64,
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                let _ = child.wait();
+                Ok(total)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for reader in readers {
+        total += reader
+            .join()
+            .map_err(|_| "a reader panicked".to_string())??;
+    }
+    if total < share * streams {
         return Err(format!("only {total} bytes arrived"));
     }
     Ok(total as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e9)
@@ -285,6 +338,17 @@ async fn measure() -> Results {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    // The engine's exec stream by itself: the file read by `docker exec`,
+    // in one stream and split over several at once (what a pool of exec
+    // streams per container would carry together).
+    for streams in [1u64, 4] {
+        let path = if streams == 1 {
+            "`docker exec … head -c` (the engine's exec stream, no tunnel-svc)"
+        } else {
+            "`docker exec … head -c`, 4 streams at once, a quarter each (together)"
+        };
+        r.throughput.push((path, exec_read(&big.name, streams)));
+    }
     drop(big);
     r.engines = engines().await;
     r
@@ -427,7 +491,8 @@ fn report(r: &Results) {
     );
     println!();
     println!(
-        "Throughput, one HTTP download of {} MiB from the container to a client on the host:\n",
+        "Throughput, {} MiB from the container to the host: an HTTP download by a client on \
+         the host, or read by `docker exec`:\n",
         BYTES >> 20
     );
     println!("| path | Gbit/s |\n| --- | ---: |");
